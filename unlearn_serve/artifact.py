@@ -1,0 +1,197 @@
+"""The unlearning artifact format shared by the trainers (`training/`) and the server (`server/`).
+
+An artifact is a directory:
+  unlearning.json             manifest (method, format version, base fingerprint, defaults, details, training)
+  adapter_model.safetensors   ULD: the assistant's LoRA weights (peft layout, with adapter_config.json)
+  expert_patch.safetensors    UOE: one expert's weights plus the router weight
+
+No pickles. Writes go through `atomic_artifact_dir`: a temp dir in the same parent, renamed into
+place only when complete, so a crashed run leaves an earlier artifact intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "unlearning.json"
+METHODS = ("uld", "uoe")
+WEIGHT_FILES = {"uld": "adapter_model.safetensors", "uoe": "expert_patch.safetensors"}
+
+
+class ArtifactError(ValueError):
+    """An artifact directory is missing, malformed, corrupted, or made for another base model."""
+
+
+@dataclass
+class Manifest:
+    method: str
+    base_fingerprint: dict[str, Any]
+    defaults: dict[str, Any] = field(default_factory=dict)  # ULD: alpha, filter
+    details: dict[str, Any] = field(default_factory=dict)  # ULD: layers; UOE: layer, expert, family
+    training: dict[str, Any] = field(default_factory=dict)  # data hashes, final losses, timings
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<manifest>") -> Manifest:
+        if not isinstance(data, dict):
+            raise ArtifactError(f"{source}: manifest must be a JSON object")
+        method = data.get("method")
+        if method not in METHODS:
+            raise ArtifactError(f"{source}: unknown method {method!r} (expected one of {', '.join(METHODS)})")
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ArtifactError(
+                f"{source}: format_version {version!r} is not supported (this build reads {FORMAT_VERSION})"
+            )
+        if not isinstance(data.get("base_fingerprint"), dict):
+            raise ArtifactError(f"{source}: base_fingerprint missing")
+        return cls(
+            method=method,
+            base_fingerprint=data["base_fingerprint"],
+            defaults=dict(data.get("defaults") or {}),
+            details=dict(data.get("details") or {}),
+            training=dict(data.get("training") or {}),
+            format_version=version,
+        )
+
+
+def save_manifest(manifest: Manifest, directory: str | Path) -> Path:
+    path = Path(directory) / MANIFEST_NAME
+    path.write_text(manifest.to_json() + "\n")
+    return path
+
+
+def load_manifest(directory: str | Path) -> Manifest:
+    """Read and validate `directory/unlearning.json` and check the weights file is present."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ArtifactError(f"{directory}: not a directory")
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        raise ArtifactError(f"{directory}: not an unlearning artifact (no {MANIFEST_NAME})")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path}: unreadable manifest ({exc})") from None
+    manifest = Manifest.from_dict(data, str(path))
+    weights = directory / WEIGHT_FILES[manifest.method]
+    if not weights.is_file():
+        raise ArtifactError(f"{directory}: manifest says {manifest.method!r} but {weights.name} is missing")
+    return manifest
+
+
+def load_weights(directory: str | Path, method: str) -> dict[str, torch.Tensor]:
+    """Load an artifact's safetensors weights; a truncated or tampered file is an ArtifactError."""
+    from safetensors.torch import load_file
+
+    path = Path(directory) / WEIGHT_FILES[method]
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises several error types for corrupt headers/data
+        raise ArtifactError(f"{path}: corrupted or unreadable safetensors file ({exc})") from None
+
+
+# ----------------------------------------------------------------------------- fingerprint
+
+_FINGERPRINT_SLICE = 64  # elements hashed from each probed tensor: cheap, yet checkpoint-specific
+
+
+def _tensor_digest(t: torch.Tensor) -> str:
+    flat = t.detach().reshape(-1)[:_FINGERPRINT_SLICE].to("cpu", torch.float32)
+    # Round so that bf16/fp16/fp32 loads of one checkpoint agree, while other checkpoints differ.
+    return hashlib.sha256(
+        json.dumps([round(float(x), 2) for x in flat.tolist()]).encode()
+    ).hexdigest()[:16]
+
+
+def fingerprint_model(model: torch.nn.Module) -> dict[str, Any]:
+    """Architecture, shapes and a hash of a few fixed weight slices of `model` (a causal LM).
+
+    Computed on the base model without adapters/patches. Stable across dtypes of one checkpoint.
+    """
+    base = model
+    # Unwrap peft so that a PeftModel and its base model fingerprint identically.
+    while hasattr(base, "get_base_model") and callable(base.get_base_model):
+        inner = base.get_base_model()
+        if inner is base:
+            break
+        base = inner
+    config = base.config
+    params = dict(base.named_parameters())
+    names = sorted(n for n in params if "lora_" not in n)
+    shapes_hash = hashlib.sha256(
+        "\n".join(f"{n}:{tuple(params[n].shape)}" for n in names).encode()
+    ).hexdigest()[:16]
+    probe = [names[0], names[len(names) // 2], names[-1]] if names else []
+    weights_hash = hashlib.sha256("".join(_tensor_digest(params[n]) for n in probe).encode()).hexdigest()[:16]
+    return {
+        "model_type": getattr(config, "model_type", "unknown"),
+        "architecture": (getattr(config, "architectures", None) or [type(base).__name__])[0],
+        "num_hidden_layers": getattr(config, "num_hidden_layers", None),
+        "hidden_size": getattr(config, "hidden_size", None),
+        "vocab_size": getattr(config, "vocab_size", None),
+        "shapes_hash": shapes_hash,
+        "weights_hash": weights_hash,
+        "name_or_path": getattr(config, "_name_or_path", "") or "",
+    }
+
+
+def check_fingerprint(manifest: Manifest, model_fingerprint: dict[str, Any], artifact: str, model: str) -> None:
+    """Refuse an artifact trained on another base model, naming both."""
+    want = manifest.base_fingerprint
+    keys = ("model_type", "num_hidden_layers", "hidden_size", "vocab_size", "shapes_hash", "weights_hash")
+    diffs = [k for k in keys if want.get(k) != model_fingerprint.get(k)]
+    if diffs:
+        raise ArtifactError(
+            f"artifact {artifact} was trained on base model {want.get('name_or_path') or '?'} "
+            f"({want.get('model_type')}, {want.get('num_hidden_layers')} layers, weights {want.get('weights_hash')}) "
+            f"but the loaded model is {model} ({model_fingerprint.get('model_type')}, "
+            f"{model_fingerprint.get('num_hidden_layers')} layers, weights {model_fingerprint.get('weights_hash')}); "
+            f"mismatched: {', '.join(diffs)}. Load the base model the artifact was trained on."
+        )
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+@contextlib.contextmanager
+def atomic_artifact_dir(out_dir: str | Path) -> Iterator[Path]:
+    """Yield a temp dir next to `out_dir`; on success replace `out_dir` with it, on error delete it."""
+    out = Path(out_dir).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
