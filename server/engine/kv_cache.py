@@ -1,0 +1,164 @@
+"""Preallocated, slot-indexed KV cache and the attention function that reads and writes it.
+
+Each decoder layer owns K and V tensors of shape [slots, kv_heads, max_len, head_dim]. A sequence
+keeps one slot for its whole life. Rows of a decode batch map 1:1 onto a contiguous slot range, so
+attention reads a *view* of the cache (no gather, no concatenation). Slots are allocated lowest
+first, which keeps that range dense.
+
+The stacked batch of a step may hold several *groups* of rows with their own cache regions: the
+target rows (slots [0, M)) and, for ULD, the assistant rows (slots [M, 2M), layers < K only).
+
+The attention function is registered with transformers' AttentionInterface; the decoder layers
+hand it our per-step `slot_ctx` through their **kwargs. Without a `slot_ctx` (an ordinary
+`model(...)` call) it falls back to SDPA, so the same model object still works for plain forwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTN_IMPLEMENTATION = "unlearn_slots"
+
+
+@dataclass
+class AttnGroup:
+    """Consecutive rows [row_start, row_end) of the stacked batch that share one cache region."""
+
+    row_start: int
+    row_end: int
+    slot_offset: int  # first slot of this group's region
+    # decode: rows map onto slots slot_offset + i; prefill: rows map onto `slots`
+    slots: torch.Tensor | None = None  # [rows] absolute slot ids (prefill)
+    positions: torch.Tensor | None = None  # [rows] write position (decode)
+    mask: torch.Tensor | None = None  # decode: [rows,1,1,L] bool; prefill: [rows,1,T,T] bool
+    view_len: int = 0  # decode: number of cache positions attended
+
+
+@dataclass
+class StepContext:
+    """What the attention function needs to know about the current forward."""
+
+    cache: SlotKVCache
+    prefill: bool
+    groups_by_layer: list[list[AttnGroup]]  # groups present at each layer (assistant rows leave at K)
+
+
+class SlotKVCache:
+    def __init__(self, num_layers: int, slots_per_layer: list[int], max_len: int, device, dtype):
+        self.num_layers = num_layers
+        self.slots_per_layer = slots_per_layer
+        self.max_len = max_len
+        self.device = device
+        self.dtype = dtype
+        # Allocated on first write, when the layer's real K/V head shapes are known (MLA differs).
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+
+    def _ensure(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        if self.keys[layer] is None:
+            n = self.slots_per_layer[layer]
+            self.keys[layer] = torch.zeros(
+                n, key.shape[1], self.max_len, key.shape[3], device=self.device, dtype=self.dtype
+            )
+            self.values[layer] = torch.zeros(
+                n, value.shape[1], self.max_len, value.shape[3], device=self.device, dtype=self.dtype
+            )
+
+    def resize_layers(self, slots_per_layer: list[int]) -> None:
+        """Change slot counts (e.g. when the first assistant is loaded); reallocates lazily."""
+        for layer, n in enumerate(slots_per_layer):
+            if n != self.slots_per_layer[layer]:
+                self.keys[layer] = None
+                self.values[layer] = None
+        self.slots_per_layer = list(slots_per_layer)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
+
+
+def _attend_group(
+    ctx: StepContext, layer: int, group: AttnGroup, q, k, v, scaling: float | None
+) -> torch.Tensor:
+    cache = ctx.cache
+    cache._ensure(layer, k, v)
+    kc, vc = cache.keys[layer], cache.values[layer]
+    if ctx.prefill:
+        t = k.shape[2]
+        kc[group.slots, :, :t] = k.to(kc.dtype)
+        vc[group.slots, :, :t] = v.to(vc.dtype)
+        keys, values = k, v
+    else:
+        n = group.row_end - group.row_start
+        rows = torch.arange(n, device=k.device)
+        region_k = kc[group.slot_offset : group.slot_offset + n]
+        region_v = vc[group.slot_offset : group.slot_offset + n]
+        region_k[rows, :, group.positions] = k[:, :, 0].to(kc.dtype)
+        region_v[rows, :, group.positions] = v[:, :, 0].to(vc.dtype)
+        keys = region_k[:, :, : group.view_len].to(q.dtype)
+        values = region_v[:, :, : group.view_len].to(q.dtype)
+    out = F.scaled_dot_product_attention(
+        q, keys, values, attn_mask=group.mask, scale=scaling, enable_gqa=q.shape[1] != keys.shape[1]
+    )
+    return out
+
+
+def slot_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    slot_ctx: StepContext | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    if slot_ctx is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    layer = module.layer_idx
+    groups = slot_ctx.groups_by_layer[layer]
+    if len(groups) == 1:
+        out = _attend_group(slot_ctx, layer, groups[0], query, key, value, scaling)
+    else:
+        out = torch.cat(
+            [
+                _attend_group(
+                    slot_ctx,
+                    layer,
+                    g,
+                    query[g.row_start : g.row_end],
+                    key[g.row_start : g.row_end],
+                    value[g.row_start : g.row_end],
+                    scaling,
+                )
+                for g in groups
+            ]
+        )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_slot_attention() -> None:
+    AttentionInterface.register(ATTN_IMPLEMENTATION, slot_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+def decode_mask(positions: torch.Tensor, view_len: int) -> torch.Tensor:
+    """[rows, 1, 1, view_len]: a decode query at position p sees keys 0..p."""
+    keys = torch.arange(view_len, device=positions.device)
+    return (keys[None, :] <= positions[:, None])[:, None, None, :]
+
+
+def prefill_mask(lengths: torch.Tensor, padded_len: int) -> torch.Tensor:
+    """[rows, 1, T, T]: causal, and keys beyond each row's prompt length hidden."""
+    idx = torch.arange(padded_len, device=lengths.device)
+    causal = idx[None, :] <= idx[:, None]  # [T(q), T(k)]
+    valid = idx[None, :] < lengths[:, None]  # [rows, T(k)]
+    return (causal[None] & valid[:, None, :])[:, None]

@@ -1,0 +1,128 @@
+"""One forward pass over the stacked batch: target rows, plus ULD assistant rows for layers < K.
+
+    rows [0, n_target)          target rows: all N layers -> norm -> LM head
+    rows [n_target, n_total)    assistant rows: layers 0..K_a-1 (+ their LoRA) -> norm -> LM head
+
+Assistant rows share the target's frozen weights and run in the same matmuls as the target rows
+for layers < K; after the last assistant layer they leave the batch, so an unlearned row costs
+about K/N of a target forward plus one LM head, and rows without unlearning pay nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from server.engine.kv_cache import (
+    ATTN_IMPLEMENTATION,
+    AttnGroup,
+    SlotKVCache,
+    StepContext,
+    register_slot_attention,
+)
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor  # [R, T]
+    position_ids: torch.Tensor  # [R, T]
+    prefill: bool
+    n_target: int
+    target_group: AttnGroup
+    assistant_group: AttnGroup | None = None
+    # assistant-local row indices leaving after layer K-1, per K (one entry per distinct K)
+    assistant_exits: dict[int, torch.Tensor] = field(default_factory=dict)
+    lora_groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # stacked-row indices
+    row_hooks_target: torch.Tensor | None = None  # per target row id for row hooks (UOE), -1 = none
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, max_num_seqs: int, max_model_len: int):
+        register_slot_attention()
+        model.config._attn_implementation = ATTN_IMPLEMENTATION
+        self.model = model
+        self.decoder = model.get_decoder()
+        self.layers = self.decoder.layers
+        self.num_layers = len(self.layers)
+        self.embed = self.decoder.get_input_embeddings()
+        self.norm = self.decoder.norm
+        self.rotary = self.decoder.rotary_emb
+        self.lm_head = model.get_output_embeddings()
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len
+        param = next(model.parameters())
+        self.device = param.device
+        self.dtype = param.dtype if param.dtype.is_floating_point else torch.float16
+        self.cache = SlotKVCache(self.num_layers, [max_num_seqs] * self.num_layers, max_model_len, self.device, self.dtype)
+        self.assistant_cache_layers = 0
+        # objects with set_rows(row_ids | None): per-row model patches (UOE expert patches)
+        self.row_hooks: list = []
+
+    def ensure_assistant_cache(self, num_layers: int) -> None:
+        """Give layers < num_layers a second slot region [M, 2M) for assistant rows."""
+        if num_layers <= self.assistant_cache_layers:
+            return
+        m = self.max_num_seqs
+        self.cache.resize_layers([2 * m if i < num_layers else m for i in range(self.num_layers)])
+        self.assistant_cache_layers = num_layers
+
+    def _set_row_hooks(self, row_ids: torch.Tensor | None) -> None:
+        for hook in self.row_hooks:
+            hook.set_rows(row_ids)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, lora_rows) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns final-normed hidden states (target [n_target, T, H], assistant [n_a, T, H] | None)."""
+        hidden = self.embed(batch.input_ids)
+        cos, sin = self.rotary(hidden, batch.position_ids)
+        n_t = batch.n_target
+        has_assistant = batch.assistant_group is not None
+        k_max = max(batch.assistant_exits, default=0) if has_assistant else 0
+        below = [batch.target_group] + ([batch.assistant_group] if has_assistant else [])
+        ctx = StepContext(
+            cache=self.cache,
+            prefill=batch.prefill,
+            groups_by_layer=[below if i < k_max else [batch.target_group] for i in range(self.num_layers)],
+        )
+        assistant_hidden = None
+        if has_assistant:
+            n_a = hidden.shape[0] - n_t
+            assistant_hidden = hidden.new_empty(n_a, *hidden.shape[1:])
+            lora_rows.groups = batch.lora_groups
+            if self.row_hooks:
+                pad = torch.full((n_a,), -1, dtype=torch.long, device=hidden.device)
+                self._set_row_hooks(
+                    torch.cat([batch.row_hooks_target, pad]) if batch.row_hooks_target is not None else None
+                )
+        else:
+            self._set_row_hooks(batch.row_hooks_target)
+        try:
+            for i, layer in enumerate(self.layers):
+                if has_assistant and i in batch.assistant_exits:
+                    rows = batch.assistant_exits[i]
+                    assistant_hidden[rows] = hidden[n_t:].index_select(0, rows)
+                    if i == k_max:  # the last assistant rows leave: continue with target rows only
+                        hidden = hidden[:n_t]
+                        cos, sin = cos[:n_t], sin[:n_t]
+                        lora_rows.groups = []
+                        self._set_row_hooks(batch.row_hooks_target)
+                hidden = layer(
+                    hidden,
+                    position_embeddings=(cos, sin),
+                    position_ids=batch.position_ids[: hidden.shape[0]],
+                    slot_ctx=ctx,
+                )
+            if has_assistant and k_max == self.num_layers:
+                rows = batch.assistant_exits[k_max]
+                assistant_hidden[rows] = hidden[n_t:].index_select(0, rows)
+                hidden = hidden[:n_t]
+        finally:
+            lora_rows.groups = []
+            self._set_row_hooks(None)
+        return hidden, assistant_hidden
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head on [S, H] hidden states -> float32 [S, V]."""
+        return self.lm_head(self.norm(hidden)).float()
