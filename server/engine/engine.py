@@ -346,6 +346,20 @@ class Engine:
             self.scheduler.release(seq)
         self._emit(request, request.sequences)
 
+    def fail_all(self, message: str) -> None:
+        """After an unexpected step failure: end every request with an error, free every slot."""
+        self._outputs = []
+        for request in list(self.requests.values()):
+            if request.finished:
+                continue
+            self.scheduler.remove_waiting(request)
+            for seq in request.sequences:
+                if seq.finish_reason is None:
+                    seq.finish_reason = "abort"
+                self.scheduler.release(seq)
+            self._emit(request, request.sequences, error=message)
+        self._decode_state = None
+
     def step(self) -> list[RequestOutput]:
         self._drain_inbox()
         self._outputs: list[RequestOutput] = []
@@ -690,7 +704,7 @@ class Engine:
         for request, group in by_request.values():
             self._emit(request, group)
 
-    def _emit(self, request: Request, seqs: list[Sequence]) -> None:
+    def _emit(self, request: Request, seqs: list[Sequence], error: str | None = None) -> None:
         outputs = []
         for seq in seqs:
             params = request.params
@@ -718,6 +732,7 @@ class Engine:
             prompt_logprobs=prompt_logprobs,
             finished=finished,
             num_generated_tokens=request.num_generated_tokens,
+            error=error,
         )
         if finished:
             request.finished_time = time.monotonic()

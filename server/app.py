@@ -1,0 +1,222 @@
+"""The FastAPI application: thin routes over `OpenAIServing`, auth, metrics, health and readiness."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from server.auth import check_api_key
+from server.config import ServerConfig
+from server.engine.async_engine import AsyncEngine
+from server.engine.engine import Engine, UnknownArtifactError
+from server.errors import APIError, bad_request, error_json, install_error_handlers, not_found, unavailable
+from server.metrics import Metrics
+from server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    LoadArtifactRequest,
+    ModelCard,
+    ModelList,
+    UnloadArtifactRequest,
+)
+from server.serving import OpenAIServing
+from unlearn_serve.artifact import ArtifactError, load_manifest
+
+logger = logging.getLogger("unlearn_serve.server")
+
+
+class ServerState:
+    """What the routes need; `serving` is None until the model is loaded."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.async_engine: AsyncEngine | None = None
+        self.serving: OpenAIServing | None = None
+        self.metrics: Metrics | None = None
+        self.load_error: str | None = None
+        self.draining = False
+
+    @property
+    def ready(self) -> bool:
+        return self.serving is not None and not self.draining
+
+    def attach(self, engine: Engine) -> None:
+        async_engine = AsyncEngine(engine)
+        self.metrics = Metrics(engine.num_running, engine.num_waiting)
+        name = self.config.served_model_name
+        metrics = self.metrics
+
+        def finished(request, out):
+            artifact = request.backend.name if request.backend is not None else "none"
+            metrics.observe_finished(name, artifact, request, [s.finish_reason for s in request.sequences])
+
+        async_engine.on_request_finished = finished
+        async_engine.start()
+        self.async_engine = async_engine
+        self.serving = OpenAIServing(async_engine, name, metrics, self.config.max_queue)
+
+
+def _serving(request: Request) -> OpenAIServing:
+    state: ServerState = request.app.state.server
+    if state.draining:
+        raise unavailable("server is shutting down", retry_after=5)
+    if state.serving is None:
+        if state.load_error:
+            raise unavailable(f"model failed to load: {state.load_error}")
+        raise unavailable("model is loading; retry shortly", retry_after=5)
+    return state.serving
+
+
+def _artifact_path(state: ServerState, raw: str) -> Path:
+    root = Path(state.config.artifact_root or ".").resolve()
+    candidate = Path(raw)
+    if ".." in candidate.parts:
+        raise bad_request("artifact path must not contain '..'", "path")
+    path = (candidate if candidate.is_absolute() else root / candidate).resolve()
+    if path != root and root not in path.parents:
+        raise bad_request(f"artifact path must be inside the artifact root {root}", "path")
+    return path
+
+
+def build_router() -> APIRouter:
+    router = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+
+    @router.get("/models")
+    async def list_models(request: Request) -> ModelList:
+        serving = _serving(request)
+        engine = serving.engine
+        base = serving.served_model_name
+        cards = [ModelCard(id=base, root=engine.model_name, max_model_len=engine.max_model_len)]
+        for name, assistant in engine.assistants.assistants.items():
+            if not assistant.unloading:
+                cards.append(
+                    ModelCard(
+                        id=name, root=assistant.path, parent=base, max_model_len=engine.max_model_len,
+                        unlearning={"method": "uld", "alpha": assistant.alpha, "filter": assistant.filter,
+                                    "assistant_layers": assistant.num_layers},
+                    )
+                )
+        if engine.patches is not None:
+            for name in engine.patches.names():
+                cards.append(
+                    ModelCard(id=name, parent=base, max_model_len=engine.max_model_len,
+                              unlearning={"method": "uoe", **engine.patches.describe(name)})
+                )
+        return ModelList(data=cards)
+
+    @router.post("/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        return await _serving(request).completions(body, request)
+
+    @router.post("/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await _serving(request).chat(body, request)
+
+    @router.post("/unlearning/load")
+    async def load_artifact(body: LoadArtifactRequest, request: Request):
+        serving = _serving(request)
+        state: ServerState = request.app.state.server
+        path = _artifact_path(state, body.path)
+        engine = serving.engine
+        if body.name == serving.served_model_name or body.name in engine.artifact_names():
+            raise bad_request(f"an artifact named {body.name!r} is already loaded", "name")
+        try:
+            manifest = load_manifest(path)
+            if body.method is not None and body.method != manifest.method:
+                raise ArtifactError(f"{path} is a {manifest.method!r} artifact, not {body.method!r}")
+            loader = engine.load_uld if manifest.method == "uld" else engine.load_uoe
+            await asyncio.to_thread(loader, body.name, path)
+        except ArtifactError as exc:
+            raise bad_request(str(exc), "path", "invalid_artifact") from None
+        return {"status": "loaded", "name": body.name, "method": manifest.method}
+
+    @router.post("/unlearning/unload")
+    async def unload_artifact(body: UnloadArtifactRequest, request: Request):
+        serving = _serving(request)
+        try:
+            done = await asyncio.to_thread(serving.engine.unload, body.name)
+        except UnknownArtifactError as exc:
+            raise not_found(str(exc), "name") from None
+        # In-flight requests using it finish first; wait for that.
+        await asyncio.to_thread(done.wait, request.app.state.server.config.drain_timeout_s)
+        return {"status": "unloaded" if done.is_set() else "unloading", "name": body.name}
+
+    return router
+
+
+def build_app(
+    config: ServerConfig,
+    engine: Engine | None = None,
+    engine_factory: Callable[[], Engine] | None = None,
+) -> FastAPI:
+    """An app serving `engine`, or one that loads it with `engine_factory` in the background."""
+    state = ServerState(config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if engine is not None:
+            state.attach(engine)
+        elif engine_factory is not None:
+
+            def load():
+                try:
+                    state.attach(engine_factory())
+                except Exception as exc:
+                    logger.exception("model load failed")
+                    state.load_error = f"{type(exc).__name__}: {exc}"
+
+            threading.Thread(target=load, name="unlearn-load", daemon=True).start()
+        yield
+        state.draining = True
+        if state.async_engine is not None:
+            state.async_engine.stop()
+
+    app = FastAPI(title="unlearn-serve", version="0.1.0", lifespan=lifespan)
+    app.state.server = state
+    app.state.config = config
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def limits_and_counts(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
+            response = error_json(
+                400, f"request body is {length} bytes; the limit is {config.max_body_bytes}", None, "body_too_large"
+            )
+        else:
+            try:
+                response = await call_next(request)
+            except APIError as exc:
+                response = error_json(exc.status, exc.message, exc.param, exc.code, exc.headers)
+        if state.metrics is not None:
+            route = request.scope.get("route")
+            endpoint = getattr(route, "path", "other")
+            state.metrics.http_requests.labels(endpoint, str(response.status_code)).inc()
+        return response
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        if state.ready:
+            return {"status": "ready", "model": config.served_model_name}
+        reason = "draining" if state.draining else ("load failed" if state.load_error else "loading")
+        return JSONResponse(status_code=503, content={"status": reason, "error": state.load_error})
+
+    @app.get("/metrics")
+    async def metrics():
+        if state.metrics is None:
+            return Response(b"", media_type="text/plain; version=0.0.4")
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    app.include_router(build_router())
+    return app
