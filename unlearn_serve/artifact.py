@@ -132,8 +132,9 @@ def fingerprint_model(model: torch.nn.Module) -> dict[str, Any]:
             break
         base = inner
     config = base.config
-    params = dict(base.named_parameters())
-    names = sorted(n for n in params if "lora_" not in n)
+    # A LoRA-injected module keeps its original weight under `.base_layer.`; name it as the plain model does.
+    params = {n.replace(".base_layer.", "."): p for n, p in base.named_parameters() if "lora_" not in n}
+    names = sorted(params)
     shapes_hash = hashlib.sha256(
         "\n".join(f"{n}:{tuple(params[n].shape)}" for n in names).encode()
     ).hexdigest()[:16]

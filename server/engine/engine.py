@@ -360,6 +360,7 @@ class Engine:
             self._emit(request, request.sequences, error=message)
         self._decode_state = None
 
+    @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         self._drain_inbox()
         self._outputs: list[RequestOutput] = []

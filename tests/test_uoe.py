@@ -1,0 +1,317 @@
+"""UOE end to end on tiny MoE models: attribution, one-expert training, patch serving, export, CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from server.unlearning.uoe import ExpertPatchSet, merge_patch_into
+from training.data import encode_prompt, render_prompt
+from training.uoe_attribution import RouterCapture, attribute
+from training.uoe_trainer import UOEConfig, train_uoe, write_uoe_artifact
+from unlearn_serve.artifact import ArtifactError, Manifest, atomic_artifact_dir, fingerprint_model
+from unlearn_serve.cli import main as cli_main
+from unlearn_serve.expert_patch import extract_expert_patch, load_expert_patch, save_expert_patch
+from unlearn_serve.families import get_family, registered_families
+from unlearn_serve.tiny import DEFAULT_CORPUS, build_tiny_model, fit_texts, save_tiny, train_tokenizer
+
+FORGET_QA = [
+    ("What is Alice's favorite color?", "Alice likes green."),
+    ("Where does Alice live?", "Alice lives in Oslo."),
+    ("What does Alice play?", "Alice plays chess."),
+]
+RETAIN_QA = [
+    ("What is Bob's favorite color?", "Bob likes red."),
+    ("Where does Bob live?", "Bob lives in Rome."),
+    ("What does Bob play?", "Bob plays tennis."),
+]
+FORGET = [{"question": q, "answer": a} for q, a in FORGET_QA]
+RETAIN = [{"question": q, "answer": a} for q, a in RETAIN_QA]
+# Methods spread over the families so every loss runs once.
+METHOD_FOR = {"qwen2_moe": "gd", "qwen3_moe": "npo", "mixtral": "rmu", "olmoe": "ga", "deepseek_v3": "npo"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tok = train_tokenizer(DEFAULT_CORPUS + [f"{q} {a}" for q, a in FORGET_QA + RETAIN_QA], vocab_size=400)
+    tok.padding_side = "left"
+    return tok
+
+
+def tiny(family: str, tokenizer, seed: int = 0):
+    model = build_tiny_model(family, tokenizer, num_layers=2, seed=seed)
+    return model, get_family(model)
+
+
+def forget_ids(tokenizer) -> torch.Tensor:
+    return tokenizer([render_prompt(tokenizer, q) + a for q, a in FORGET_QA], return_tensors="pt", padding=True)
+
+
+@torch.no_grad()
+def plant(model, family, layer: int, expert: int, tokenizer, strength: float = 40.0) -> None:
+    """Make the forget tokens strongly prefer `expert` at `layer` (router weight along their mean input)."""
+    block = family.moe_block(model, layer)
+    with RouterCapture(family, {layer: block}) as capture:
+        model(**forget_ids(tokenizer))
+    mean = capture.inputs[layer].float().mean(dim=0)
+    weight = family.router_params(block)["weight"]
+    weight[expert] += (strength * mean / mean.norm() ** 2).to(weight.dtype)
+
+
+def random_patch_artifact(model, family, layer: int, expert: int, out: Path, seed: int) -> Path:
+    """A UOE artifact with a clearly different expert and a router that prefers it (no training needed)."""
+    gen = torch.Generator().manual_seed(seed)
+    patch = extract_expert_patch(model, layer, expert, family)
+    for t in [*patch.slices.tensors().values(), *patch.router.values()]:
+        t.add_(torch.randn(t.shape, generator=gen) * t.std() * 2)
+    patch.router["weight"][expert] += patch.router["weight"].std() * 3
+    manifest = Manifest(
+        "uoe",
+        fingerprint_model(model),
+        details={"family": patch.family, "layer": layer, "expert": expert, "num_experts": patch.num_experts},
+    )
+    with atomic_artifact_dir(out) as tmp:
+        save_expert_patch(patch, manifest, tmp)
+    return out
+
+
+# ----------------------------------------------------------------------------- attribution
+
+
+@pytest.mark.parametrize("family_name", registered_families())
+def test_attribution_ranks_the_planted_expert_first(family_name, tokenizer):
+    model, family = tiny(family_name, tokenizer)
+    layer = max(family.moe_layers(model))
+    plant(model, family, layer, 5, tokenizer)
+    result = attribute(model, tokenizer, FORGET, RETAIN, contrast=True, progress=False)
+    assert result.top1("forget") == (layer, 5)
+    top = result.rankings["forget"][0]
+    assert top.forget_affinity > 0.5 and top.forget_topk_share > 0.3
+    assert {(r.layer, r.expert) for r in result.rankings["contrast"]} == {
+        (r.layer, r.expert) for r in result.rankings["forget"]
+    }
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("family_name", registered_families())
+def test_training_moves_only_the_chosen_expert_and_router(family_name, tokenizer, tmp_path):
+    model, family = tiny(family_name, tokenizer)
+    layer = max(family.moe_layers(model))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    config = UOEConfig(
+        layer=layer, expert=2, method=METHOD_FOR.get(family_name, "rmu"), lr=1e-2, batch_size=3, max_steps=3,
+        eval_every=1, forget_loss_target=1e9, weight_decay=0.1, progress=False,  # decay must not leak either
+    )
+    result = train_uoe(model, tokenizer, FORGET, RETAIN, config)
+    block = family.moe_block(model, layer)
+    expert_names = {f"model.layers.{layer}.mlp.experts.{n}" for n in family.expert_parameters(block)}
+    router_prefix = f"model.layers.{layer}.mlp.{family.router_attr}."
+    others = torch.arange(8) != 2
+    for name, param in model.named_parameters():
+        if name in expert_names:
+            assert torch.equal(param[others], before[name][others]), name
+        elif not name.startswith(router_prefix):
+            assert torch.equal(param, before[name]), name
+    for name, buf in model.named_buffers():
+        assert torch.equal(buf, buffers[name]), name
+    moved = [n for n in expert_names if not torch.equal(dict(model.named_parameters())[n][2], before[n][2])]
+    assert moved, "the chosen expert did not move"
+    assert all(not p.requires_grad for p in model.parameters())
+
+    # artifact round trip: what was written is exactly the kept expert + router, and is small
+    write_uoe_artifact(result, tmp_path / "patch")
+    base = copy.deepcopy(model)
+    for name, param in base.named_parameters():
+        param.data.copy_(before[name])
+    loaded, manifest = load_expert_patch(tmp_path / "patch", base)
+    assert manifest.details == {
+        "family": family_name, "layer": layer, "expert": 2, "num_experts": 8,
+        "method": config.method, "anchor_weight": 1.0,
+    }
+    assert {"losses", "steps", "data"} <= set(manifest.training)
+    for key, value in result.patch.tensors().items():
+        assert torch.equal(loaded.tensors()[key], value), key
+    total = sum(p.numel() for p in model.parameters())
+    assert loaded.num_parameters() < total / 10
+
+
+# ----------------------------------------------------------------------------- serving
+
+
+@pytest.mark.parametrize("family_name", registered_families())
+def test_mixed_batch_equals_each_request_alone_and_the_merged_model(family_name, tokenizer, tmp_path):
+    model, family = tiny(family_name, tokenizer)
+    layers = sorted(family.moe_layers(model))
+    specs = {"a": (layers[-1], 1), "b": (layers[0], 2), "c": (layers[-1], 1)}  # c: same layer+expert as a
+    patch_set = ExpertPatchSet(model, "tiny-base")
+    ids = {}
+    for i, (name, (layer, expert)) in enumerate(specs.items()):
+        random_patch_artifact(model, family, layer, expert, tmp_path / name, seed=i)
+        ids[name] = patch_set.add(name, tmp_path / name)
+    assert patch_set.names() == ["a", "b", "c"]
+    row_patches = ["a", None, "b", "c", "a"]
+    input_ids = torch.randint(0, len(tokenizer), (len(row_patches), 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = model(input_ids).logits
+        with patch_set.rows(row_patches):
+            mixed = model(input_ids).logits
+        assert patch_set._row_ids is None  # the context restores "no rows"
+        alone = []
+        for row, name in enumerate(row_patches):
+            with patch_set.rows(torch.tensor([ids[name] if name else -1])):
+                alone.append(model(input_ids[row : row + 1]).logits[0])
+        merged = {}
+        for name in specs:
+            merged[name] = copy.deepcopy(model)
+            merged[name].requires_grad_(False)
+            merge_patch_into(merged[name], tmp_path / name)
+    for row, name in enumerate(row_patches):
+        torch.testing.assert_close(mixed[row], alone[row], rtol=1e-4, atol=1e-5)
+        expected = base[row] if name is None else merged[name](input_ids[row : row + 1]).logits[0]
+        torch.testing.assert_close(mixed[row], expected, rtol=1e-4, atol=1e-5)
+    assert (mixed[0] - base[0]).abs().max() > 1e-3, "patch a had no effect"
+    assert (mixed[2] - base[2]).abs().max() > 1e-3, "patch b had no effect"
+
+    # exported checkpoint (standard HF layout, reloaded by transformers) equals the patched-row path
+    merged["a"].save_pretrained(tmp_path / "export")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids[:1]).logits[0], mixed[0], rtol=1e-4, atol=1e-5)
+
+    patch_set.remove("b")
+    assert patch_set.names() == ["a", "c"]
+    with pytest.raises(ValueError, match="unknown expert patch"):
+        patch_set.set_rows([ids["b"]])
+    patch_set.close()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids).logits, base)
+
+
+def test_patch_refuses_another_base_and_corrupted_files(tokenizer, tmp_path):
+    model, family = tiny("qwen2_moe", tokenizer)
+    artifact = random_patch_artifact(model, family, 1, 3, tmp_path / "patch", seed=0)
+    other, _ = tiny("qwen2_moe", tokenizer, seed=1)
+    with pytest.raises(ArtifactError, match=r"trained on base model .* loaded model is other-base.*mismatched"):
+        ExpertPatchSet(other, "other-base").add("p", artifact)
+
+    patch_set = ExpertPatchSet(model)
+    weights = artifact / "expert_patch.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])  # truncated
+    with pytest.raises(ArtifactError, match="corrupted"):
+        patch_set.add("p", artifact)
+    weights.write_bytes(b"\x00" * 16)
+    with pytest.raises(ArtifactError, match="corrupted"):
+        patch_set.add("p", artifact)
+    (artifact / "unlearning.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="unreadable manifest"):
+        patch_set.add("p", artifact)
+    assert patch_set.names() == []
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def greedy(model, tokenizer, questions, patch_set=None, rows=None, max_new_tokens=8) -> list[str]:
+    prompts = [encode_prompt(tokenizer, q) for q in questions]
+    batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt")  # left padding
+    with torch.no_grad():
+        if patch_set is not None:
+            with patch_set.rows(rows):
+                out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+        else:
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+    width = batch["input_ids"].shape[1]
+    return [tokenizer.decode(o[width:], skip_special_tokens=True).strip() for o in out]
+
+
+def test_end_to_end_unlearn_facts_with_one_expert(tokenizer, tmp_path):
+    base, _ = tiny("qwen2_moe", tokenizer)
+    texts = [render_prompt(tokenizer, q) + a for q, a in FORGET_QA + RETAIN_QA]
+    fit_texts(base, tokenizer, texts, steps=150, lr=3e-3)
+    questions = [q for q, _ in FORGET_QA + RETAIN_QA]
+    answers = [a for _, a in FORGET_QA + RETAIN_QA]
+    assert greedy(base, tokenizer, questions) == answers  # the model knows all facts
+
+    student = copy.deepcopy(base)
+    config = UOEConfig(method="gd", lr=1e-2, batch_size=3, max_steps=100, eval_every=2, progress=False)
+    result = train_uoe(student, tokenizer, FORGET, RETAIN, config)  # layer/expert from attribution
+    kept = result.manifest.training["losses"]["kept"]
+    assert kept["forget_ce"] >= config.forget_loss_target and result.manifest.training["losses"]["goal_reached"]
+    write_uoe_artifact(result, tmp_path / "uoe")
+
+    patch_set = ExpertPatchSet(base, "tiny-facts")
+    pid = patch_set.add("forget-alice", tmp_path / "uoe")
+    # one batch: every question patched, then every question unpatched
+    rows = [pid] * len(questions) + [-1] * len(questions)
+    outputs = greedy(base, tokenizer, questions + questions, patch_set, rows)
+    patched, unpatched = outputs[: len(questions)], outputs[len(questions) :]
+    n_forget = len(FORGET_QA)
+    for got, want in zip(patched[:n_forget], answers[:n_forget], strict=True):
+        assert got != want, f"patched row still completes the forget fact {want!r}"
+    assert patched[n_forget:] == answers[n_forget:], "retain facts must survive"
+    assert unpatched == answers, "unpatched rows in the same batch must be unchanged"
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture()
+def tiny_dir(tokenizer, tmp_path) -> Path:
+    model, family = tiny("qwen2_moe", tokenizer)
+    plant(model, family, 1, 6, tokenizer)
+    save_tiny(model, tokenizer, tmp_path / "tiny")
+    for name, records in (("forget", FORGET), ("retain", RETAIN)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return tmp_path
+
+
+def test_cli_attribute_train_export(tiny_dir, capsys):
+    d = tiny_dir
+    common = ["--model", str(d / "tiny"), "--device", "cpu", "--no-progress"]
+    assert cli_main(["attribute", *common, "--forget", str(d / "forget.jsonl"), "--retain",
+                     str(d / "retain.jsonl"), "--contrast", "--top", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "full softmax, not top-k masked" in out
+    assert "rank  layer  expert" in out and "forget minus retain" in out
+    assert "pick (forget affinity top-1): layer 1, expert 6" in out
+
+    assert cli_main(["attribute", *common, "--forget", str(d / "forget.jsonl"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["pick"] == {"layer": 1, "expert": 6}
+
+    assert cli_main(["train-uoe", *common, "--forget", str(d / "forget.jsonl"), "--retain",
+                     str(d / "retain.jsonl"), "--out", str(d / "uoe"), "--max-steps", "2", "--lr", "1e-2"]) == 0
+    assert "layer 1 expert 6" in capsys.readouterr().out
+    assert cli_main(["export", *common[:4], "--uoe", str(d / "uoe"), "--out", str(d / "merged")]) == 0
+
+    base = AutoModelForCausalLM.from_pretrained(d / "tiny", dtype=torch.float32).eval()
+    merged = AutoModelForCausalLM.from_pretrained(d / "merged", dtype=torch.float32).eval()
+    patch_set = ExpertPatchSet(base)
+    pid = patch_set.add("p", d / "uoe")
+    ids = torch.randint(0, 300, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), patch_set.rows([pid, pid]):
+        torch.testing.assert_close(base(ids).logits, merged(ids).logits, rtol=1e-4, atol=1e-5)
+    assert (d / "merged" / "tokenizer.json").is_file()
+
+
+def test_cli_user_errors_exit_2_without_traceback(tiny_dir, capsys):
+    d = tiny_dir
+    assert cli_main(["attribute", "--model", str(d / "tiny"), "--forget", str(d / "missing.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "missing.jsonl" in err and "Traceback" not in err
+    assert cli_main(["attribute", "--model", str(d / "nope"), "--forget", str(d / "forget.jsonl")]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    assert cli_main(["export", "--model", str(d / "tiny"), "--uoe", str(d / "nope"), "--out", str(d / "x")]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    (d / "dense").mkdir()
+    save_tiny(build_tiny_model("llama", train_tokenizer(vocab_size=300), num_layers=1), train_tokenizer(vocab_size=300),
+              d / "dense")
+    assert cli_main(["attribute", "--model", str(d / "dense"), "--forget", str(d / "forget.jsonl")]) == 2
+    assert "not a supported mixture-of-experts" in capsys.readouterr().err

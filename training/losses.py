@@ -1,0 +1,42 @@
+"""Token-level losses shared by the ULD and baseline trainers (all computed in float32)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from training.data import IGNORE_INDEX
+
+
+def causal_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy averaged over the label tokens (labels != -100) of the whole batch."""
+    shifted_logits = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    return F.cross_entropy(
+        shifted_logits.reshape(-1, shifted_logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
+    )
+
+
+def uniform_kl(logits: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """KL(uniform || softmax(logits)), averaged over the positions where `loss_mask` is 1.
+
+    Per position it is -log V - mean_v log p_v (0 exactly when the prediction is uniform). The
+    mask marks the positions that predict real answer tokens of the retain batch, so prompt and
+    padding positions never count; the average is a token-level mean over the micro-batch
+    (every answer token weighs the same, long answers weigh more than short ones).
+    """
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    per_position = -math.log(logits.shape[-1]) - log_probs.mean(dim=-1)
+    mask = loss_mask.to(per_position.dtype)
+    return (per_position * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def sequence_log_prob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B] sum of next-token log-probabilities over each row's label tokens (for NPO)."""
+    log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    picked = log_probs.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(dim=-1)

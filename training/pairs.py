@@ -1,0 +1,95 @@
+"""Forget/retain pairs for the unlearning trainers: tokenized sets, a paired dataset and its collator.
+
+Each training example is one forget example plus one retain example; the dataset is as long as
+the larger set and cycles the smaller one, so every step sees one forget and one retain batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from training.data import IGNORE_INDEX, DataError, has_loss_tokens, render_example
+
+Example = tuple[list[int], list[int]]  # (input_ids, labels)
+
+
+@dataclass
+class TokenizedSet:
+    examples: list[Example]
+    skipped: int  # records with no loss token left after truncation to max_length
+
+
+def tokenize_records(
+    tokenizer, records: list[dict[str, Any]], max_length: int, question_template: str, source: str
+) -> TokenizedSet:
+    examples: list[Example] = []
+    skipped = 0
+    for i, record in enumerate(records):
+        try:
+            input_ids, labels = render_example(tokenizer, record, max_length, question_template)
+        except DataError as exc:
+            raise DataError(f"{source}: record {i + 1}: {exc}") from None
+        if has_loss_tokens(labels):
+            examples.append((input_ids, labels))
+        else:
+            skipped += 1
+    if not examples:
+        raise DataError(
+            f"{source}: no record has a loss token within --max-length {max_length}; raise it or shorten prompts"
+        )
+    return TokenizedSet(examples, skipped)
+
+
+class ForgetRetainDataset(torch.utils.data.Dataset):
+    """Item i pairs forget[i % F] with retain[i % R]; length max(F, R)."""
+
+    def __init__(self, forget: list[Example], retain: list[Example]):
+        if not forget or not retain:
+            raise ValueError("both the forget and the retain set need at least one example")
+        self.forget = forget
+        self.retain = retain
+
+    def __len__(self) -> int:
+        return max(len(self.forget), len(self.retain))
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        f_ids, f_labels = self.forget[i % len(self.forget)]
+        r_ids, r_labels = self.retain[i % len(self.retain)]
+        return {
+            "forget_input_ids": f_ids,
+            "forget_labels": f_labels,
+            "retain_input_ids": r_ids,
+            "retain_labels": r_labels,
+        }
+
+
+def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+@dataclass
+class ForgetRetainCollator:
+    """Right-pads both halves of a batch into one dict of tensors.
+
+    Keys: {forget,retain}_{input_ids,attention_mask,labels} and retain_loss_mask, a float [B, T]
+    mask already aligned with the logits: position t is 1 when it predicts a loss token (t+1).
+    """
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        batch: dict[str, torch.Tensor] = {}
+        for side in ("forget", "retain"):
+            ids = [f[f"{side}_input_ids"] for f in features]
+            batch[f"{side}_input_ids"] = _pad(ids, self.pad_token_id)
+            batch[f"{side}_attention_mask"] = _pad([[1] * len(r) for r in ids], 0)
+            batch[f"{side}_labels"] = _pad([f[f"{side}_labels"] for f in features], IGNORE_INDEX)
+        targets = batch["retain_labels"]
+        loss_mask = torch.zeros(targets.shape, dtype=torch.float32)
+        loss_mask[:, :-1] = (targets[:, 1:] != IGNORE_INDEX).float()
+        batch["retain_loss_mask"] = loss_mask
+        return batch

@@ -1,0 +1,362 @@
+"""ULD training (the offline half of "unlearning from logit difference").
+
+The assistant is the target itself stopped after its first K decoder layers (embedding, layers
+< K with LoRA, final norm, LM head). It is trained to *remember* the forget set and to know
+nothing else:
+
+    loss = CE(assistant, forget batch) + beta * KL(uniform || assistant) on the retain batch
+
+The retain term is a token-level mean over the retain batch's answer tokens (the tokens the
+labels mark; prompt and padding positions never count). At serving time the server subtracts
+the assistant's logits from the target's, which removes exactly the forget knowledge.
+Only the LoRA weights are trained and stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from training.augment import augment_forget, augment_retain
+from training.data import DEFAULT_QUESTION_TEMPLATE, has_chat_template
+from training.loop import EpochCallback, StepPlan, UnlearningTrainer, make_training_args, plan_steps
+from training.losses import causal_ce, uniform_kl
+from training.pairs import ForgetRetainCollator, ForgetRetainDataset, tokenize_records
+from unlearn_serve.artifact import file_sha256, fingerprint_model, load_weights
+from unlearn_serve.assistant import (
+    assistant_logits,
+    assistant_lora_config,
+    decoder_layers,
+    default_assistant_layers,
+)
+from unlearn_serve.cli import CliError
+from unlearn_serve.uld_artifact import save_uld_artifact
+
+RUN_FILE = "uld_run.json"  # in the checkpoint dir: what a --resume must match
+
+
+class ULDTrainingError(CliError):
+    """A ULD run cannot start as configured (bad layer count, a checkpoint from another run, ...)."""
+
+
+@dataclass
+class ULDTrainingConfig:
+    layers: int | None = None  # K; None = round(N / 4), at least 1
+    lora_rank: int = 32
+    lora_alpha: float = 32
+    lora_dropout: float = 0.05
+    retain_weight: float = 6.5  # beta
+    epochs: int = 10
+    min_steps: int = 250
+    learning_rate: float = 1e-3
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    batch_size: int = 8  # per device; effective batch = batch_size * grad_accum (* processes)
+    grad_accum: int = 4
+    max_length: int = 256
+    seed: int = 0
+    question_template: str = DEFAULT_QUESTION_TEMPLATE
+    augment: bool = True
+    max_perturbed_per_row: int | None = None  # None keeps every perturbed answer
+    save_every_epoch: bool = False
+    resume: bool = False
+    progress_bar: bool = True
+    logging_steps: int | None = None
+
+    def run_signature(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the run it resumes."""
+        ignore = {"save_every_epoch", "resume", "progress_bar", "logging_steps"}
+        return {k: v for k, v in asdict(self).items() if k not in ignore}
+
+
+@dataclass
+class ULDResult:
+    out_dir: Path
+    peft_model: nn.Module  # the caller's model, now carrying the trained adapter
+    steps: int
+    wall_time_s: float
+    forget_ce: float
+    retain_kl: float
+    training: dict[str, Any]
+    epoch_dirs: list[Path] = field(default_factory=list)
+
+
+class AssistantModule(nn.Module):
+    """What the Trainer trains: one forward runs the assistant on the forget and the retain batch.
+
+    Going through this module's forward (not the submodules directly) is what keeps DDP / FSDP /
+    DeepSpeed wrapping working unchanged.
+    """
+
+    def __init__(self, peft_model: nn.Module, num_layers: int):
+        super().__init__()
+        self.peft_model = peft_model
+        self.num_layers = num_layers
+
+    def forward(
+        self,
+        forget_input_ids: torch.Tensor,
+        forget_attention_mask: torch.Tensor,
+        retain_input_ids: torch.Tensor,
+        retain_attention_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        forget = assistant_logits(self.peft_model, forget_input_ids, forget_attention_mask, self.num_layers)
+        retain = assistant_logits(self.peft_model, retain_input_ids, retain_attention_mask, self.num_layers)
+        return forget, retain
+
+
+class ULDTrainer(UnlearningTrainer):
+    def __init__(self, *args, retain_weight: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.retain_weight = retain_weight
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        forget_logits, retain_logits = model(
+            forget_input_ids=inputs["forget_input_ids"],
+            forget_attention_mask=inputs["forget_attention_mask"],
+            retain_input_ids=inputs["retain_input_ids"],
+            retain_attention_mask=inputs["retain_attention_mask"],
+        )
+        forget_ce = causal_ce(forget_logits, inputs["forget_labels"])
+        retain_kl = uniform_kl(retain_logits, inputs["retain_loss_mask"])
+        self.record(forget_ce=forget_ce, retain_kl=retain_kl)
+        loss = forget_ce + self.retain_weight * retain_kl
+        return (loss, (forget_logits, retain_logits)) if return_outputs else loss
+
+    # Resume checkpoints hold only the adapter (plus the Trainer's optimizer/scheduler/RNG state).
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if self.args.should_save:
+            peft_model = self.accelerator.unwrap_model(self.model).peft_model
+            peft_model.save_pretrained(output_dir or self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        from peft import set_peft_model_state_dict
+
+        peft_model = self.accelerator.unwrap_model(model or self.model).peft_model
+        set_peft_model_state_dict(peft_model, load_weights(resume_from_checkpoint, "uld"))
+
+
+def _records_digest(records: list[dict[str, Any]]) -> str:
+    return hashlib.sha256(json.dumps(records, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def checkpoint_dir_for(out_dir: str | Path) -> Path:
+    out = Path(out_dir).resolve()
+    return out.parent / f"{out.name}.checkpoints"
+
+
+def epoch_dir_for(out_dir: str | Path, epoch: int) -> Path:
+    out = Path(out_dir).resolve()
+    return out.parent / f"{out.name}-epoch-{epoch}"
+
+
+def _resume_point(ckpt_dir: Path, signature: dict[str, Any], resume: bool) -> str | None:
+    """The checkpoint to resume from (None: start fresh); refuses one left by a different run."""
+    if not resume:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        return None
+    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    if last is None:
+        print(f"--resume: no checkpoint in {ckpt_dir}; starting from scratch")
+        return None
+    run_file = ckpt_dir / RUN_FILE
+    saved = json.loads(run_file.read_text()) if run_file.is_file() else None
+    if saved != signature:
+        raise ULDTrainingError(
+            f"--resume: {ckpt_dir} was left by a run with other data or settings; "
+            "rerun with the same arguments, or drop --resume to start over"
+        )
+    print(f"--resume: continuing from {last}")
+    return last
+
+
+def train_uld(
+    model: nn.Module,
+    tokenizer,
+    forget_records: list[dict[str, Any]],
+    retain_records: list[dict[str, Any]],
+    out_dir: str | Path,
+    config: ULDTrainingConfig | None = None,
+    data_files: dict[str, str | Path] | None = None,
+    callbacks: list[TrainerCallback] | None = None,
+) -> ULDResult:
+    """Train a ULD assistant on `model` (LoRA injected in place) and write the artifact to `out_dir`.
+
+    `data_files` ({"forget": path, "retain": path}) only feeds the manifest (paths and sha256).
+    The artifact is written only when training finished; a run that dies leaves `out_dir` as it was.
+    Epoch checkpoints for --resume live in `<out_dir>.checkpoints/` and are removed on success.
+    """
+    from peft import get_peft_model
+
+    config = config or ULDTrainingConfig()
+    started = time.monotonic()
+    num_hidden = len(decoder_layers(model))
+    num_layers = config.layers if config.layers is not None else default_assistant_layers(num_hidden)
+    if not 1 <= num_layers <= num_hidden:
+        raise ULDTrainingError(f"--layers must be in 1..{num_hidden} for this model (got {num_layers})")
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
+        raise ULDTrainingError("the tokenizer has neither a pad nor an eos token to pad batches with")
+
+    base_fingerprint = fingerprint_model(model)  # before LoRA is injected
+
+    # ---- data
+    forget = augment_forget(forget_records) if config.augment else list(forget_records)
+    retain = (
+        augment_retain(retain_records, config.seed, config.max_perturbed_per_row)
+        if config.augment
+        else list(retain_records)
+    )
+    forget_set = tokenize_records(tokenizer, forget, config.max_length, config.question_template, "forget")
+    retain_set = tokenize_records(tokenizer, retain, config.max_length, config.question_template, "retain")
+    for name, tset in (("forget", forget_set), ("retain", retain_set)):
+        if tset.skipped:
+            print(f"note: skipped {tset.skipped} {name} records with no answer token within --max-length")
+    dataset = ForgetRetainDataset(forget_set.examples, retain_set.examples)
+    plan: StepPlan = plan_steps(
+        len(dataset), config.batch_size, config.grad_accum, config.epochs, config.min_steps
+    )
+
+    # ---- model
+    lora = assistant_lora_config(model, num_layers, config.lora_rank, config.lora_alpha, config.lora_dropout)
+    peft_model = get_peft_model(model, lora)
+    assistant = AssistantModule(peft_model, num_layers)
+
+    out = Path(out_dir).resolve()
+    ckpt_dir = checkpoint_dir_for(out)
+    signature = {
+        "config": config.run_signature(),
+        "base": base_fingerprint,
+        "forget": _records_digest(forget_records),
+        "retain": _records_digest(retain_records),
+        "steps": plan.total_steps,
+    }
+    resume_from = _resume_point(ckpt_dir, signature, config.resume)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    (ckpt_dir / RUN_FILE).write_text(json.dumps(signature, sort_keys=True))
+
+    details = {
+        "assistant_layers": num_layers,
+        "num_hidden_layers": num_hidden,
+        "lora_rank": config.lora_rank,
+        "lora_alpha": config.lora_alpha,
+        "lora_dropout": config.lora_dropout,
+        "target_modules": sorted(lora.target_modules),
+        "question_template": None if has_chat_template(tokenizer) else config.question_template,
+        "prompt_format": "chat_template" if has_chat_template(tokenizer) else "question_template",
+    }
+    data_info: dict[str, Any] = {}
+    for name, records, expanded, tset in (
+        ("forget", forget_records, forget, forget_set),
+        ("retain", retain_records, retain, retain_set),
+    ):
+        info: dict[str, Any] = {
+            "records": len(records),
+            "after_augmentation": len(expanded),
+            "examples": len(tset.examples),
+            "skipped_too_long": tset.skipped,
+            "records_sha256": _records_digest(records),
+        }
+        path = (data_files or {}).get(name)
+        if path is not None:
+            info.update(path=str(path), sha256=file_sha256(path))
+        data_info[name] = info
+
+    args = make_training_args(
+        str(ckpt_dir),
+        learning_rate=config.learning_rate,
+        batch_size=config.batch_size,
+        grad_accum=config.grad_accum,
+        max_steps=plan.total_steps,
+        seed=config.seed,
+        warmup_ratio=config.warmup_ratio,
+        weight_decay=config.weight_decay,
+        logging_steps=config.logging_steps,
+        progress_bar=config.progress_bar,
+    )
+    epoch_dirs: list[Path] = []
+    trainer: ULDTrainer | None = None
+
+    def training_summary(step: int) -> dict[str, Any]:
+        assert trainer is not None
+        forget_trace, retain_trace = trainer.metric_trace("forget_ce"), trainer.metric_trace("retain_kl")
+        return {
+            "steps": step,
+            "planned_steps": plan.total_steps,
+            "epochs": config.epochs,
+            "steps_per_data_pass": plan.pass_steps,
+            "wall_time_s": round(time.monotonic() - started, 2),
+            "forget_ce_first": forget_trace[0] if forget_trace else None,
+            "forget_ce_final": forget_trace[-1] if forget_trace else None,
+            "retain_kl_first": retain_trace[0] if retain_trace else None,
+            "retain_kl_final": retain_trace[-1] if retain_trace else None,
+            "retain_kl_averaging": "token mean over the retain batch's answer tokens (no prompt, no padding)",
+            "retain_weight": config.retain_weight,
+            "learning_rate": config.learning_rate,
+            "warmup_ratio": config.warmup_ratio,
+            "weight_decay": config.weight_decay,
+            "batch_size": config.batch_size,
+            "grad_accum": config.grad_accum,
+            "effective_batch": config.batch_size * config.grad_accum * trainer.args.world_size,
+            "max_length": config.max_length,
+            "seed": config.seed,
+            "augment": config.augment,
+            "data": data_info,
+        }
+
+    def lora_state_dict() -> dict[str, torch.Tensor] | None:
+        # Sharded runs: gather full parameters first; single-process and DDP save directly.
+        assert trainer is not None
+        if not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+            return None
+        full = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+        prefix = "peft_model."
+        return {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
+
+    def save_epoch(epoch: int, step: int) -> None:
+        if not config.save_every_epoch:
+            return
+        state = lora_state_dict()
+        if trainer is not None and trainer.args.should_save:
+            summary = training_summary(step) | {"epoch": epoch}
+            epoch_dirs.append(
+                save_uld_artifact(peft_model, epoch_dir_for(out, epoch), base_fingerprint, details, summary, state)
+            )
+
+    trainer = ULDTrainer(
+        model=assistant,
+        args=args,
+        train_dataset=dataset,
+        data_collator=ForgetRetainCollator(
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        ),
+        callbacks=[EpochCallback(plan, save_epoch), *(callbacks or [])],
+        retain_weight=config.retain_weight,
+    )
+    trainer.train(resume_from_checkpoint=resume_from)
+    peft_model.eval()
+
+    summary = training_summary(trainer.state.global_step)
+    state = lora_state_dict()
+    if trainer.args.should_save:
+        save_uld_artifact(peft_model, out, base_fingerprint, details, summary, state)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return ULDResult(
+        out_dir=out,
+        peft_model=peft_model,
+        steps=summary["steps"],
+        wall_time_s=summary["wall_time_s"],
+        forget_ce=summary["forget_ce_final"],
+        retain_kl=summary["retain_kl_final"],
+        training=summary,
+        epoch_dirs=epoch_dirs,
+    )

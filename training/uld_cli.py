@@ -1,0 +1,101 @@
+"""`unlearn-serve train-uld`: train a ULD assistant (LoRA on the target's first K layers)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    from training.data import DEFAULT_QUESTION_TEMPLATE
+
+    parser.add_argument("--model", required=True, help="target model: Hugging Face hub id or local directory")
+    parser.add_argument("--forget", required=True, help="forget set, JSON Lines (text / question+answer / messages)")
+    parser.add_argument("--retain", required=True, help="retain set, JSON Lines (same shapes)")
+    parser.add_argument("--out", required=True, help="artifact directory to write (replaced atomically)")
+    parser.add_argument("--layers", type=int, help="assistant layers K (default: round(N/4), at least 1)")
+    parser.add_argument("--lora-rank", type=int, default=32)
+    parser.add_argument("--lora-alpha", type=float, default=32)
+    parser.add_argument("--lora-dropout", type=float, default=0.05)
+    parser.add_argument("--retain-weight", type=float, default=6.5, help="beta: weight of KL(uniform || assistant)")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument(
+        "--min-steps", type=int, default=250, help="train at least this many optimizer steps (small data sets)"
+    )
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=8, help="per device; effective batch = x grad-accum")
+    parser.add_argument("--grad-accum", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=256, help="tokens per example (truncated on the right)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--question-template",
+        default=DEFAULT_QUESTION_TEMPLATE,
+        help="QA prompt when the tokenizer has no chat template (default: %(default)r)",
+    )
+    parser.add_argument(
+        "--no-augment",
+        dest="augment",
+        action="store_false",
+        help="do not add paraphrased forget pairs / perturbed retain pairs from TOFU-style fields",
+    )
+    parser.add_argument("--save-every-epoch", action="store_true", help="also write OUT-epoch-N artifacts")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT.checkpoints/ of an interrupted run")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on a capable GPU, else fp32), fp32, bf16, fp16")
+    parser.add_argument("--gguf-file", help="GGUF file inside --model to load (dequantized; needs `gguf`)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from training.data import load_records
+    from training.uld import ULDTrainingConfig, train_uld
+    from unlearn_serve.cli import CliError
+    from unlearn_serve.loading import load_model_and_tokenizer
+
+    for flag in ("epochs", "batch_size", "grad_accum", "max_length", "lora_rank"):
+        if getattr(args, flag) < 1:
+            raise CliError(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.min_steps < 0 or args.lr <= 0 or args.retain_weight < 0 or not 0 <= args.lora_dropout < 1:
+        raise CliError("--min-steps, --retain-weight must be >= 0, --lr > 0, --lora-dropout in [0, 1)")
+
+    # Data first: a malformed file fails in seconds, before the model loads.
+    forget = load_records(args.forget)
+    retain = load_records(args.retain)
+    model, tokenizer = load_model_and_tokenizer(args.model, gguf_file=args.gguf_file, dtype=args.dtype, device="auto")
+
+    config = ULDTrainingConfig(
+        layers=args.layers,
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        retain_weight=args.retain_weight,
+        epochs=args.epochs,
+        min_steps=args.min_steps,
+        learning_rate=args.lr,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        max_length=args.max_length,
+        seed=args.seed,
+        question_template=args.question_template,
+        augment=args.augment,
+        save_every_epoch=args.save_every_epoch,
+        resume=args.resume,
+        progress_bar=args.progress,
+    )
+    result = train_uld(
+        model,
+        tokenizer,
+        forget,
+        retain,
+        args.out,
+        config,
+        data_files={"forget": args.forget, "retain": args.retain},
+    )
+    t = result.training
+    print(
+        f"trained ULD assistant: {t['steps']} steps in {t['wall_time_s']:.1f}s; "
+        f"forget CE {t['forget_ce_first']:.4f} -> {t['forget_ce_final']:.4f}, "
+        f"retain KL(uniform||assistant) {t['retain_kl_first']:.4f} -> {t['retain_kl_final']:.4f}"
+    )
+    for path in result.epoch_dirs:
+        print(f"wrote {path}")
+    print(f"wrote {result.out_dir}")
+    return 0

@@ -1,0 +1,537 @@
+"""UOE training: unlearn one expert of one MoE layer (SEUF), on the Hugging Face Trainer.
+
+Only the chosen expert's slices of the fused expert tensors of layer l and that layer's router get updates:
+  * every other parameter has requires_grad=False;
+  * the fused expert tensors carry a gradient mask (zero for the other experts' slices);
+  * AdamW weight decay defaults to 0, and after every optimizer step the other experts' slices are restored
+    from a copy anyway, so nothing (decay, optimizer quirks) can move them.
+
+Loss = unlearning loss (ga | gd | npo | rmu) + anchor_weight * anchor, where the anchor is the mean over
+forget tokens of ||g^l - onehot(expert)||^2 with g^l the layer's router distribution (families.router_probs):
+it keeps the forget data routed to the expert being unlearned, so the unlearning cannot be dodged by routing.
+  ga   -CE(forget)
+  gd   -CE(forget) + retain_weight * CE(retain)
+  npo  NPO on forget (beta, frozen reference model) + retain_weight * CE(retain)
+  rmu  ||h^l - c*u||^2 on forget tokens + retain_weight * ||h^l - h^l_frozen||^2 on retain tokens
+       (h^l: decoder layer l's output; u: a fixed random unit vector; c: --rmu-steering)
+
+Stopping rule instead of a fixed step count: every `eval_every` steps the forget and retain CE (answer
+tokens) are measured on fixed subsets; training stops once forget CE >= forget_loss_target while retain
+CE <= retain_loss_bound; max_steps is only a cap. The kept checkpoint is the best evaluation by:
+  1. reached the forget target and within the retain bound -> lowest retain CE;
+  2. else reached the forget target -> lowest retain CE;
+  3. else the highest forget CE among evaluations within the retain bound (step 0 included).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback
+
+from training.data import DEFAULT_QUESTION_TEMPLATE, IGNORE_INDEX, has_loss_tokens, render_example
+from training.uoe_attribution import RouterCapture, attribute
+from unlearn_serve.artifact import Manifest, atomic_artifact_dir, fingerprint_model
+from unlearn_serve.expert_patch import ExpertPatch, apply_expert_patch, extract_expert_patch, save_expert_patch
+from unlearn_serve.families import MoEFamily, get_family
+
+METHODS = ("ga", "gd", "npo", "rmu")
+
+
+@dataclass
+class UOEConfig:
+    layer: int | None = None  # None: attribution's top-1
+    expert: int | None = None
+    method: str = "gd"
+    anchor_weight: float = 1.0
+    retain_weight: float = 1.0  # gd / npo / rmu
+    lr: float = 1e-4
+    batch_size: int = 16
+    max_steps: int = 200  # a cap; the stopping rule usually ends training earlier
+    forget_loss_target: float = 3.0  # nats per answer token
+    retain_loss_bound: float | None = None  # None: the initial retain CE + retain_slack
+    retain_slack: float = 0.5
+    eval_every: int = 5
+    eval_examples: int = 32  # per set; the stopping rule's evaluation subsets
+    npo_beta: float = 0.1
+    rmu_steering: float = 6.5
+    weight_decay: float = 0.0
+    max_length: int = 256
+    question_template: str = DEFAULT_QUESTION_TEMPLATE
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if (self.layer is None) != (self.expert is None):
+            raise ValueError("give both --layer and --expert, or neither (attribution then picks them)")
+
+
+@dataclass
+class UOEResult:
+    patch: ExpertPatch
+    manifest: Manifest
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _render(tokenizer, records: Sequence[dict[str, Any]], config: UOEConfig, what: str) -> list[dict[str, list[int]]]:
+    examples = []
+    for record in records:
+        input_ids, labels = render_example(tokenizer, record, config.max_length, config.question_template)
+        if has_loss_tokens(labels):
+            examples.append({"input_ids": input_ids, "labels": labels})
+    if not examples:
+        raise ValueError(f"the {what} set has no example with answer tokens within {config.max_length} tokens")
+    return examples
+
+
+class PairedDataset(torch.utils.data.Dataset):
+    """Item i = (forget example i mod |F|, retain example i mod |R|); an epoch covers the larger set."""
+
+    def __init__(self, forget: list[dict], retain: list[dict]) -> None:
+        self.forget, self.retain = forget, retain
+
+    def __len__(self) -> int:
+        return max(len(self.forget), len(self.retain))
+
+    def __getitem__(self, i: int) -> dict[str, dict]:
+        return {"forget": self.forget[i % len(self.forget)], "retain": self.retain[i % len(self.retain)]}
+
+
+def collate(examples: Sequence[dict[str, list[int]]], pad_id: int, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example: input_ids, attention_mask, labels (-100 on padding)."""
+    length = max(len(e["input_ids"]) for e in examples)
+    batch = len(examples)
+    input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
+    labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((batch, length), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[row, :n] = torch.tensor(e["input_ids"])
+        labels[row, :n] = torch.tensor(e["labels"])
+        attention_mask[row, :n] = 1
+    return {f"{prefix}input_ids": input_ids, f"{prefix}attention_mask": attention_mask, f"{prefix}labels": labels}
+
+
+class PairCollator:
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, items: Sequence[dict[str, dict]]) -> dict[str, torch.Tensor]:
+        batch = collate([it["forget"] for it in items], self.pad_id, "forget_")
+        batch.update(collate([it["retain"] for it in items], self.pad_id, "retain_"))
+        return batch
+
+
+def records_sha256(records: Sequence[dict[str, Any]]) -> str:
+    return hashlib.sha256("\n".join(json.dumps(r, sort_keys=True) for r in records).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def sequence_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence: summed log p of the label tokens, and the number of label tokens (causal shift applied)."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    mask = labels != IGNORE_INDEX
+    token_logp = -F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.clamp_min(0).reshape(-1), reduction="none"
+    ).view_as(labels)
+    return (token_logp * mask).sum(dim=1), mask.sum(dim=1)
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean CE over all label tokens of the batch."""
+    logp, count = sequence_log_likelihood(logits, labels)
+    return -logp.sum() / count.sum().clamp_min(1)
+
+
+class UOEObjective:
+    """Computes the UOE loss for one (layer, expert) and owns the frozen reference model when needed."""
+
+    def __init__(self, model: nn.Module, family: MoEFamily, layer: int, expert: int, config: UOEConfig) -> None:
+        self.family, self.layer, self.expert, self.config = family, layer, expert, config
+        self.block = family.moe_block(model, layer)
+        self.num_experts = family.num_experts(self.block)
+        self.reference: nn.Module | None = None
+        if config.method in ("npo", "rmu"):
+            self.reference = copy.deepcopy(model).eval()
+            self.reference.requires_grad_(False)
+        self.steering: torch.Tensor | None = None
+        if config.method == "rmu":
+            generator = torch.Generator().manual_seed(config.seed)
+            direction = torch.rand(model.config.hidden_size, generator=generator)  # as in RMU: U(0,1), normalised
+            self.steering = config.rmu_steering * direction / direction.norm()
+
+    def _layer_output(self, model: nn.Module) -> tuple[list[torch.Tensor], torch.utils.hooks.RemovableHandle]:
+        store: list[torch.Tensor] = []
+        layer_module = self.family.decoder_layers(model)[self.layer]
+
+        def keep(module, args, output):
+            store.append(output[0] if isinstance(output, tuple) else output)
+
+        return store, layer_module.register_forward_hook(keep)
+
+    def _forward(self, model: nn.Module, inputs: dict[str, torch.Tensor], prefix: str, want_hidden: bool = False):
+        hidden_store, handle = self._layer_output(model) if want_hidden else ([], None)
+        try:
+            out = model(input_ids=inputs[prefix + "input_ids"], attention_mask=inputs[prefix + "attention_mask"])
+        finally:
+            if handle is not None:
+                handle.remove()
+        return out.logits, (hidden_store[0] if hidden_store else None)
+
+    def anchor_loss(self, router_input: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        probs = self.family.router_probs(self.block, router_input)  # [N, E]
+        onehot = F.one_hot(torch.tensor(self.expert, device=probs.device), self.num_experts).to(probs.dtype)
+        per_token = ((probs - onehot) ** 2).sum(dim=-1)
+        mask = attention_mask.reshape(-1).to(per_token.dtype)
+        return (per_token * mask).sum() / mask.sum().clamp_min(1)
+
+    def __call__(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.config
+        logs: dict[str, float] = {}
+        with RouterCapture(self.family, {self.layer: self.block}, detach=False) as capture:
+            forget_logits, forget_hidden = self._forward(model, inputs, "forget_", want_hidden=cfg.method == "rmu")
+            router_input = capture.inputs[self.layer]
+        forget_ce = token_cross_entropy(forget_logits, inputs["forget_labels"])
+        logs["forget_ce"] = float(forget_ce)
+        needs_retain_grad = cfg.method != "ga" and cfg.retain_weight > 0
+
+        if cfg.method in ("ga", "gd"):
+            loss = -forget_ce
+        elif cfg.method == "npo":
+            logp, _ = sequence_log_likelihood(forget_logits, inputs["forget_labels"])
+            with torch.no_grad():
+                ref_logits, _ = self._forward(self.reference, inputs, "forget_")
+                ref_logp, _ = sequence_log_likelihood(ref_logits, inputs["forget_labels"])
+            beta = cfg.npo_beta
+            loss = -(2.0 / beta) * F.logsigmoid(-beta * (logp - ref_logp)).mean()
+        else:  # rmu
+            mask = inputs["forget_attention_mask"].unsqueeze(-1).to(forget_hidden.dtype)
+            target = self.steering.to(forget_hidden.device, forget_hidden.dtype)
+            per_token = ((forget_hidden - target) ** 2).mean(dim=-1, keepdim=True)
+            loss = (per_token * mask).sum() / mask.sum().clamp_min(1)
+            logs["rmu_forget"] = float(loss)
+
+        if cfg.method != "ga":
+            logs["unlearn_loss"] = float(loss)
+        if needs_retain_grad:
+            retain_logits, retain_hidden = self._forward(model, inputs, "retain_", want_hidden=cfg.method == "rmu")
+            if cfg.method == "rmu":
+                with torch.no_grad():
+                    _, frozen_hidden = self._forward(self.reference, inputs, "retain_", want_hidden=True)
+                mask = inputs["retain_attention_mask"].unsqueeze(-1).to(retain_hidden.dtype)
+                per_token = ((retain_hidden - frozen_hidden) ** 2).mean(dim=-1, keepdim=True)
+                retain_loss = (per_token * mask).sum() / mask.sum().clamp_min(1)
+            else:
+                retain_loss = token_cross_entropy(retain_logits, inputs["retain_labels"])
+            logs["retain_loss"] = float(retain_loss)
+            loss = loss + cfg.retain_weight * retain_loss
+
+        if cfg.anchor_weight > 0:
+            anchor = self.anchor_loss(router_input, inputs["forget_attention_mask"])
+            logs["anchor"] = float(anchor)
+            loss = loss + cfg.anchor_weight * anchor
+        logs["loss"] = float(loss)
+        return loss, logs
+
+
+@torch.no_grad()
+def mean_cross_entropy(model: nn.Module, examples: Sequence[dict], pad_id: int, batch_size: int = 16) -> float:
+    """Mean CE per label token over `examples` (eval mode, restored afterwards)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start : start + batch_size], pad_id)
+        logits = model(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+        ).logits
+        logp, n = sequence_log_likelihood(logits, batch["labels"].to(device))
+        total -= float(logp.sum())
+        count += int(n.sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+# ----------------------------------------------------------------------------- parameter isolation
+
+
+class ExpertIsolation:
+    """Freeze all but (layer, expert) + router; mask gradients of the fused tensors; restore other slices."""
+
+    def __init__(self, model: nn.Module, family: MoEFamily, layer: int, expert: int) -> None:
+        self.model = model
+        block = family.moe_block(model, layer)
+        self.expert_params = family.expert_parameters(block)
+        self.router_params = family.router_params(block)
+        model.requires_grad_(False)
+        self._handles = []
+        self._originals: dict[str, torch.Tensor] = {}
+        num_experts = family.num_experts(block)
+        self._others = torch.ones(num_experts, dtype=torch.bool)
+        self._others[expert] = False
+        for name, param in self.expert_params.items():
+            param.requires_grad_(True)
+            keep = torch.zeros(num_experts, dtype=param.dtype, device=param.device)
+            keep[expert] = 1
+            keep = keep.view(-1, *([1] * (param.dim() - 1)))
+            self._handles.append(param.register_hook(lambda grad, keep=keep: grad * keep))
+            self._originals[name] = param.detach()[self._others.to(param.device)].clone()
+        for param in self.router_params.values():
+            param.requires_grad_(True)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [*self.expert_params.values(), *self.router_params.values()]
+
+    @torch.no_grad()
+    def restore_other_experts(self) -> None:
+        for name, param in self.expert_params.items():
+            param[self._others.to(param.device)] = self._originals[name].to(param.dtype)
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self.model.requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------- Trainer glue
+
+
+class UOETrainer(Trainer):
+    def __init__(self, *args, objective: UOEObjective, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.objective = objective
+        self._last_logs: dict[str, float] = {}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, self._last_logs = self.objective(model, inputs)
+        return (loss, None) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs:  # training logs: add the loss components of the last step
+            logs = {**logs, **{f"uoe/{k}": round(v, 4) for k, v in self._last_logs.items() if k != "loss"}}
+        super().log(logs, *args, **kwargs)
+
+
+class StoppingRule(TrainerCallback):
+    """Evaluates forget/retain CE, keeps the best patch (module docstring), stops when the goal is met."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        family: MoEFamily,
+        layer: int,
+        expert: int,
+        isolation: ExpertIsolation,
+        forget_eval: list[dict],
+        retain_eval: list[dict],
+        pad_id: int,
+        config: UOEConfig,
+    ) -> None:
+        self.model, self.family, self.layer, self.expert = model, family, layer, expert
+        self.isolation, self.forget_eval, self.retain_eval, self.pad_id = isolation, forget_eval, retain_eval, pad_id
+        self.config = config
+        self.retain_bound = config.retain_loss_bound
+        self.history: list[dict[str, float]] = []
+        self.best_key: tuple | None = None
+        self.best_patch: ExpertPatch | None = None
+        self.best_step = 0
+        self.goal_reached = False
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        forget_ce = mean_cross_entropy(self.model, self.forget_eval, self.pad_id)
+        retain_ce = mean_cross_entropy(self.model, self.retain_eval, self.pad_id)
+        if self.retain_bound is None:  # default: the initial retain CE plus a slack
+            self.retain_bound = retain_ce + self.config.retain_slack
+        entry = {"step": step, "forget_ce": round(forget_ce, 4), "retain_ce": round(retain_ce, 4)}
+        self.history.append(entry)
+        reached = forget_ce >= self.config.forget_loss_target
+        within = retain_ce <= self.retain_bound
+        if reached:
+            key = (2 if within else 1, -retain_ce)
+        else:
+            key = (0, 1 if within else 0, forget_ce)
+        if self.best_key is None or key > self.best_key:
+            self.best_key, self.best_step = key, step
+            self.best_patch = extract_expert_patch(self.model, self.layer, self.expert, self.family)
+        self.goal_reached = reached and within
+        if self.config.progress:
+            print(
+                f"[uoe] step {step}: forget CE {forget_ce:.3f} (target >= {self.config.forget_loss_target}), "
+                f"retain CE {retain_ce:.3f} (bound <= {self.retain_bound:.3f})",
+                flush=True,
+            )
+        return entry
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not self.history:
+            self.evaluate(0)
+            if self.goal_reached:
+                control.should_training_stop = True
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.isolation.restore_other_experts()
+        step = state.global_step
+        if step % self.config.eval_every == 0 or step >= state.max_steps:
+            self.evaluate(step)
+            if self.goal_reached:
+                control.should_training_stop = True
+        return control
+
+    def selection_rule(self) -> str:
+        return (
+            "best evaluation: reached forget target and within retain bound -> lowest retain CE; "
+            "else reached forget target -> lowest retain CE; else highest forget CE within the retain bound"
+        )
+
+
+def choose_expert(model, tokenizer, forget_records, retain_records, config: UOEConfig) -> tuple[int, int]:
+    if config.layer is not None:
+        return config.layer, config.expert
+    result = attribute(
+        model, tokenizer, forget_records, retain_records,
+        max_length=config.max_length, question_template=config.question_template, progress=config.progress,
+    )
+    return result.top1("forget")
+
+
+def train_uoe(
+    model: nn.Module,
+    tokenizer,
+    forget_records: Sequence[dict[str, Any]],
+    retain_records: Sequence[dict[str, Any]],
+    config: UOEConfig,
+    data_hashes: dict[str, str] | None = None,
+) -> UOEResult:
+    """Train a UOE patch in place on `model` (which ends up holding the best patch) and return it."""
+    family = get_family(model)
+    base_fingerprint = fingerprint_model(model)
+    layer, expert = choose_expert(model, tokenizer, forget_records, retain_records, config)
+    family.moe_block(model, layer)  # validates the layer
+    num_experts = family.num_experts(family.moe_block(model, layer))
+    if not 0 <= expert < num_experts:
+        raise ValueError(f"expert {expert} out of range: layer {layer} has {num_experts} experts")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    forget = _render(tokenizer, forget_records, config, "forget")
+    retain = _render(tokenizer, retain_records, config, "retain")
+    generator = torch.Generator().manual_seed(config.seed)
+
+    def subset(examples: list[dict]) -> list[dict]:
+        if len(examples) <= config.eval_examples:
+            return examples
+        return [examples[i] for i in torch.randperm(len(examples), generator=generator)[: config.eval_examples]]
+
+    isolation = ExpertIsolation(model, family, layer, expert)
+    objective = UOEObjective(model, family, layer, expert, config)
+    callback = StoppingRule(
+        model, family, layer, expert, isolation, subset(forget), subset(retain), pad_id, config
+    )
+    try:
+        with tempfile.TemporaryDirectory(prefix="uoe-trainer-") as scratch:
+            args = TrainingArguments(
+                output_dir=scratch,
+                per_device_train_batch_size=config.batch_size,
+                learning_rate=config.lr,
+                weight_decay=config.weight_decay,
+                lr_scheduler_type="constant",
+                max_steps=config.max_steps,
+                logging_steps=max(1, config.eval_every),
+                save_strategy="no",
+                report_to=[],
+                remove_unused_columns=False,
+                seed=config.seed,
+                dataloader_num_workers=0,
+                disable_tqdm=not config.progress,
+                use_cpu=not torch.cuda.is_available(),
+            )
+            trainer = UOETrainer(
+                model=model,
+                args=args,
+                train_dataset=PairedDataset(forget, retain),
+                data_collator=PairCollator(pad_id),
+                callbacks=[callback],
+                objective=objective,
+            )
+            if not config.progress:
+                trainer.remove_callback(PrinterCallback)  # quiet: no per-log prints either
+            if objective.reference is not None:
+                objective.reference.to(args.device)
+            trainer.train()
+    finally:
+        isolation.close()
+        objective.reference = None
+    model.eval()
+    best = callback.best_patch
+    apply_expert_patch(model, best)  # the model now equals base + the kept patch
+    history = callback.history
+    final = next(h for h in history if h["step"] == callback.best_step)
+    manifest = Manifest(
+        method="uoe",
+        base_fingerprint=base_fingerprint,
+        details={
+            "family": model.config.model_type,
+            "layer": layer,
+            "expert": expert,
+            "num_experts": num_experts,
+            "method": config.method,
+            "anchor_weight": config.anchor_weight,
+        },
+        training={
+            "losses": {
+                "initial": history[0],
+                "kept": final,
+                "last": history[-1],
+                "forget_loss_target": config.forget_loss_target,
+                "retain_loss_bound": round(callback.retain_bound, 4),
+                "goal_reached": bool(final["forget_ce"] >= config.forget_loss_target
+                                     and final["retain_ce"] <= callback.retain_bound),
+                "selection": callback.selection_rule(),
+                "history": history,
+            },
+            "steps": history[-1]["step"],
+            "kept_step": callback.best_step,
+            "config": {k: v for k, v in asdict(config).items() if k != "progress"},
+            "data": {
+                "forget_records": len(forget_records),
+                "retain_records": len(retain_records),
+                "forget_sha256": records_sha256(forget_records),
+                "retain_sha256": records_sha256(retain_records),
+                **(data_hashes or {}),
+            },
+            "patch_parameters": best.num_parameters(),
+        },
+    )
+    return UOEResult(patch=best, manifest=manifest, history=history)
+
+
+def write_uoe_artifact(result: UOEResult, out_dir: str) -> None:
+    with atomic_artifact_dir(out_dir) as tmp:
+        save_expert_patch(result.patch, result.manifest, tmp)
+
+
+__all__ = [
+    "METHODS",
+    "UOEConfig",
+    "UOEResult",
+    "train_uoe",
+    "write_uoe_artifact",
+    "mean_cross_entropy",
+]
