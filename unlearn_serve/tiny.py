@@ -81,6 +81,7 @@ _FAMILY_CONFIGS: dict[str, dict] = {
         moe_intermediate_size=32,
         n_routed_experts=8,
         num_experts_per_tok=2,
+        num_key_value_heads=None,  # MLA has no grouped KV heads: None = one key per head (a padded batch breaks else)
         n_shared_experts=1,
         first_k_dense_replace=1,
         n_group=1,
