@@ -16,8 +16,9 @@ from server.auth import check_api_key
 from server.config import ServerConfig
 from server.engine.async_engine import AsyncEngine
 from server.engine.engine import Engine, UnknownArtifactError
-from server.errors import APIError, bad_request, error_json, install_error_handlers, not_found, unavailable
+from server.errors import bad_request, install_error_handlers, not_found, unavailable
 from server.metrics import Metrics
+from server.middleware import LimitsMiddleware
 from server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -42,6 +43,15 @@ class ServerState:
         self.metrics: Metrics | None = None
         self.load_error: str | None = None
         self.draining = False
+        # maintained by server.middleware.LimitsMiddleware
+        self.active_requests = 0  # /v1 requests being handled (a drain waits for 0)
+        self.generating = 0  # completions/chat requests admitted
+
+    def admission_capacity(self) -> int | None:
+        """Generation requests admitted at once: a full batch plus `max_queue` waiting (None: unbounded)."""
+        if self.config.max_queue is None or self.serving is None:
+            return None
+        return self.serving.engine.config.max_num_seqs + self.config.max_queue
 
     @property
     def ready(self) -> bool:
@@ -76,10 +86,17 @@ def _serving(request: Request) -> OpenAIServing:
 
 def _artifact_path(state: ServerState, raw: str) -> Path:
     root = Path(state.config.artifact_root or ".").resolve()
+    if "\x00" in raw:
+        raise bad_request("artifact path must not contain NUL bytes", "path")
     candidate = Path(raw)
     if ".." in candidate.parts:
         raise bad_request("artifact path must not contain '..'", "path")
-    path = (candidate if candidate.is_absolute() else root / candidate).resolve()
+    try:
+        # resolve() follows symlinks, so a link inside the root that points outside it is refused too
+        path = (candidate if candidate.is_absolute() else root / candidate).resolve()
+        path.exists()  # surfaces OS-level refusals (name too long, permissions) as a 400 here
+    except (OSError, RuntimeError) as exc:
+        raise bad_request(f"invalid artifact path: {exc}", "path") from None
     if path != root and root not in path.parents:
         raise bad_request(f"artifact path must be inside the artifact root {root}", "path")
     return path
@@ -183,23 +200,8 @@ def build_app(
     app.state.config = config
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def limits_and_counts(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
-            response = error_json(
-                400, f"request body is {length} bytes; the limit is {config.max_body_bytes}", None, "body_too_large"
-            )
-        else:
-            try:
-                response = await call_next(request)
-            except APIError as exc:
-                response = error_json(exc.status, exc.message, exc.param, exc.code, exc.headers)
-        if state.metrics is not None:
-            route = request.scope.get("route")
-            endpoint = getattr(route, "path", "other")
-            state.metrics.http_requests.labels(endpoint, str(response.status_code)).inc()
-        return response
+    # body cap, back-pressure, in-flight accounting for draining, HTTP metrics
+    app.add_middleware(LimitsMiddleware, state=state)
 
     @app.get("/health")
     async def health():

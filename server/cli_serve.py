@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import time
 
 
@@ -32,6 +31,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--uoe", action="append", default=[], metavar="NAME=DIR", help="load a UOE expert patch")
     parser.add_argument(
         "--artifact-root", help="/v1/unlearning/load accepts only paths under this directory (default: cwd)"
+    )
+    parser.add_argument(
+        "--max-body-bytes", type=int, default=4 * 1024 * 1024, help="larger request bodies get 400 (default 4 MiB)"
     )
     parser.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
     parser.add_argument("--log-level", default="info")
@@ -73,13 +75,24 @@ def build_engine(args: argparse.Namespace):
     return engine
 
 
-def run(args: argparse.Namespace) -> int:
-    import uvicorn
+def check_limits(args: argparse.Namespace) -> None:
+    from unlearn_serve.cli import CliError
 
+    if args.max_queue is not None and args.max_queue < 0:
+        raise CliError(f"--max-queue {args.max_queue}: must be 0 or more")
+    if args.max_body_bytes < 1024:
+        raise CliError(f"--max-body-bytes {args.max_body_bytes}: must be at least 1024")
+    if args.drain_timeout < 0:
+        raise CliError(f"--drain-timeout {args.drain_timeout}: must be 0 or more seconds")
+
+
+def run(args: argparse.Namespace) -> int:
     from server.app import build_app
     from server.config import ServerConfig
+    from server.draining import draining_server
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    check_limits(args)
     parse_named(args.uld, "--uld")
     parse_named(args.uoe, "--uoe")
     keys = list(args.api_key)
@@ -89,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name or args.model,
         api_keys=keys,
         max_queue=args.max_queue,
+        max_body_bytes=args.max_body_bytes,
         artifact_root=args.artifact_root,
         drain_timeout_s=args.drain_timeout,
     )
@@ -100,28 +114,6 @@ def run(args: argparse.Namespace) -> int:
         ", ".join(engine.artifact_names()) or "none",
     )
     app = build_app(config, engine=engine)
-    server = DrainingServer(
-        uvicorn.Config(
-            app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=args.drain_timeout
-        )
-    )
-    server.run()
+    # SIGTERM drains (see server.draining): /ready 503, in-flight requests finish, exit 0.
+    draining_server(app, args.host, args.port, args.log_level, args.drain_timeout).run()
     return 0
-
-
-class DrainingServer:
-    """uvicorn.Server that marks the app not-ready on SIGTERM/SIGINT before uvicorn drains connections."""
-
-    def __new__(cls, config):
-        import uvicorn
-
-        class _Server(uvicorn.Server):
-            def handle_exit(self, sig: int, frame) -> None:
-                state = getattr(config.app.state, "server", None)
-                if state is not None:
-                    state.draining = True
-                if sig == signal.SIGTERM:
-                    logging.getLogger("unlearn_serve").info("SIGTERM: draining in-flight requests")
-                super().handle_exit(sig, frame)
-
-        return _Server(config)

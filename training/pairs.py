@@ -1,11 +1,14 @@
 """Forget/retain pairs for the unlearning trainers: tokenized sets, a paired dataset and its collator.
 
-Each training example is one forget example plus one retain example; the dataset is as long as
-the larger set and cycles the smaller one, so every step sees one forget and one retain batch.
+Each training example is one forget example plus one retain example, so every step sees one
+forget and one retain batch (interleaved one-to-one). By default the dataset is as long as the
+larger set and cycles the smaller one; a trainer that schedules by steps passes `length` (the
+examples its whole run consumes) and the dataset cycles both sets for that long.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,20 +47,39 @@ def tokenize_records(
 
 
 class ForgetRetainDataset(torch.utils.data.Dataset):
-    """Item i pairs forget[i % F] with retain[i % R]; length max(F, R)."""
+    """Item i pairs forget[i % F] with retain[order[i % R]]; length `length` (default max(F, R)).
 
-    def __init__(self, forget: list[Example], retain: list[Example]):
+    With `retain_seed`, `order` is a seeded permutation of the retain set, so a run that sees
+    only part of a large retain set sees a spread of it, not its first rows; the i % F / i % R
+    pairing gives each forget example a different retain partner on each pass.
+    """
+
+    def __init__(
+        self,
+        forget: list[Example],
+        retain: list[Example],
+        length: int | None = None,
+        retain_seed: int | None = None,
+    ):
         if not forget or not retain:
             raise ValueError("both the forget and the retain set need at least one example")
+        if length is not None and length < 1:
+            raise ValueError(f"length must be >= 1 (got {length})")
         self.forget = forget
         self.retain = retain
+        self.length = length if length is not None else max(len(forget), len(retain))
+        self.retain_order = list(range(len(retain)))
+        if retain_seed is not None:
+            random.Random(retain_seed).shuffle(self.retain_order)
 
     def __len__(self) -> int:
-        return max(len(self.forget), len(self.retain))
+        return self.length
 
     def __getitem__(self, i: int) -> dict[str, list[int]]:
+        if not 0 <= i < self.length:
+            raise IndexError(i)
         f_ids, f_labels = self.forget[i % len(self.forget)]
-        r_ids, r_labels = self.retain[i % len(self.retain)]
+        r_ids, r_labels = self.retain[self.retain_order[i % len(self.retain)]]
         return {
             "forget_input_ids": f_ids,
             "forget_labels": f_labels,

@@ -29,7 +29,14 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from training.augment import augment_forget, augment_retain
 from training.data import DEFAULT_QUESTION_TEMPLATE, has_chat_template
-from training.loop import EpochCallback, StepPlan, UnlearningTrainer, make_training_args, plan_steps
+from training.loop import (
+    EpochCallback,
+    StepPlan,
+    UnlearningTrainer,
+    make_training_args,
+    plan_steps,
+    world_size_from_env,
+)
 from training.losses import causal_ce, uniform_kl
 from training.pairs import ForgetRetainCollator, ForgetRetainDataset, tokenize_records
 from unlearn_serve.artifact import file_sha256, fingerprint_model, load_weights
@@ -221,9 +228,17 @@ def train_uld(
     for name, tset in (("forget", forget_set), ("retain", retain_set)):
         if tset.skipped:
             print(f"note: skipped {tset.skipped} {name} records with no answer token within --max-length")
-    dataset = ForgetRetainDataset(forget_set.examples, retain_set.examples)
+    # An epoch is a pass over the forget set (as in the paper); the retain set supplies one partner
+    # per forget example, cycling through a seeded order of all retain examples across passes.
+    world = world_size_from_env()
     plan: StepPlan = plan_steps(
-        len(dataset), config.batch_size, config.grad_accum, config.epochs, config.min_steps
+        len(forget_set.examples), config.batch_size, config.grad_accum, config.epochs, config.min_steps, world
+    )
+    dataset = ForgetRetainDataset(
+        forget_set.examples,
+        retain_set.examples,
+        length=plan.total_steps * config.batch_size * config.grad_accum * world,
+        retain_seed=config.seed,
     )
 
     # ---- model
@@ -293,7 +308,7 @@ def train_uld(
             "steps": step,
             "planned_steps": plan.total_steps,
             "epochs": config.epochs,
-            "steps_per_data_pass": plan.pass_steps,
+            "steps_per_forget_pass": plan.pass_steps,
             "wall_time_s": round(time.monotonic() - started, 2),
             "forget_ce_first": forget_trace[0] if forget_trace else None,
             "forget_ce_final": forget_trace[-1] if forget_trace else None,

@@ -220,7 +220,7 @@ def attribute(
 
 def format_table(result: Attribution, by: str = "forget", top: int = 10) -> str:
     """A ranked text table; says what the affinity is and which pair is picked."""
-    title = {"forget": "forget affinity", "contrast": "forget affinity minus retain affinity"}[by]
+    title = {"forget": "forget affinity", "contrast": "contrast = forget minus retain affinity"}[by]
     with_retain = result.retain is not None
     header = f"{'rank':>4}  {'layer':>5}  {'expert':>6}  {'score':>8}  {'forget':>8}  {'top-k share':>11}"
     if with_retain:

@@ -108,22 +108,17 @@ def load_weights(directory: str | Path, method: str) -> dict[str, torch.Tensor]:
 
 # ----------------------------------------------------------------------------- fingerprint
 
-_FINGERPRINT_SLICE = 64  # elements hashed from each probed tensor: cheap, yet checkpoint-specific
+# A fixed sample of weights: PROBE_TENSORS parameters spread over the sorted parameter names,
+# PROBE_ELEMENTS values spread over each. Any fine-tune moves most of them; reading them is cheap.
+PROBE_TENSORS = 8
+PROBE_ELEMENTS = 16
+# Loading one checkpoint in fp32, bf16 or fp16 moves each value by at most half a bf16 step
+# (2**-9 relative) plus fp16 subnormal rounding; a different checkpoint differs by far more.
+PROBE_RTOL = 2**-7
+PROBE_ATOL = 1e-6
 
 
-def _tensor_digest(t: torch.Tensor) -> str:
-    flat = t.detach().reshape(-1)[:_FINGERPRINT_SLICE].to("cpu", torch.float32)
-    # Round so that bf16/fp16/fp32 loads of one checkpoint agree, while other checkpoints differ.
-    return hashlib.sha256(
-        json.dumps([round(float(x), 2) for x in flat.tolist()]).encode()
-    ).hexdigest()[:16]
-
-
-def fingerprint_model(model: torch.nn.Module) -> dict[str, Any]:
-    """Architecture, shapes and a hash of a few fixed weight slices of `model` (a causal LM).
-
-    Computed on the base model without adapters/patches. Stable across dtypes of one checkpoint.
-    """
+def _base_parameters(model: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     base = model
     # Unwrap peft so that a PeftModel and its base model fingerprint identically.
     while hasattr(base, "get_base_model") and callable(base.get_base_model):
@@ -131,15 +126,39 @@ def fingerprint_model(model: torch.nn.Module) -> dict[str, Any]:
         if inner is base:
             break
         base = inner
-    config = base.config
     # A LoRA-injected module keeps its original weight under `.base_layer.`; name it as the plain model does.
     params = {n.replace(".base_layer.", "."): p for n, p in base.named_parameters() if "lora_" not in n}
+    return base, params
+
+
+def _weight_probe(params: dict[str, torch.Tensor]) -> list[float]:
     names = sorted(params)
-    shapes_hash = hashlib.sha256(
-        "\n".join(f"{n}:{tuple(params[n].shape)}" for n in names).encode()
-    ).hexdigest()[:16]
-    probe = [names[0], names[len(names) // 2], names[-1]] if names else []
-    weights_hash = hashlib.sha256("".join(_tensor_digest(params[n]) for n in probe).encode()).hexdigest()[:16]
+    if not names:
+        return []
+    count = min(PROBE_TENSORS, len(names))
+    picked = sorted({round(i * (len(names) - 1) / max(count - 1, 1)) for i in range(count)})
+    values: list[float] = []
+    for index in picked:
+        flat = params[names[index]].detach().reshape(-1)
+        positions = torch.linspace(0, flat.numel() - 1, min(PROBE_ELEMENTS, flat.numel()), dtype=torch.float64).round().long()
+        values += flat[positions.to(flat.device)].to("cpu", torch.float32).tolist()
+    return [float(f"{v:.6g}") for v in values]
+
+
+def fingerprint_model(model: torch.nn.Module) -> dict[str, Any]:
+    """Architecture, shapes and a fixed sample of weight values of `model` (a causal LM).
+
+    Computed on the base model without adapters/patches. The same checkpoint loaded in fp32,
+    bf16 or fp16 matches itself (see `check_fingerprint`); another checkpoint of the same
+    architecture, a fine-tune included, does not.
+    """
+    base, params = _base_parameters(model)
+    config = base.config
+    names = sorted(params)
+    shapes_hash = hashlib.sha256("\n".join(f"{n}:{tuple(params[n].shape)}" for n in names).encode()).hexdigest()[:16]
+    probe = _weight_probe(params)
+    # A short display id of the weights: the probe at 3 significant digits (informative, not compared).
+    weights_hash = hashlib.sha256(json.dumps([f"{v:.3g}" for v in probe]).encode()).hexdigest()[:16]
     return {
         "model_type": getattr(config, "model_type", "unknown"),
         "architecture": (getattr(config, "architectures", None) or [type(base).__name__])[0],
@@ -148,15 +167,40 @@ def fingerprint_model(model: torch.nn.Module) -> dict[str, Any]:
         "vocab_size": getattr(config, "vocab_size", None),
         "shapes_hash": shapes_hash,
         "weights_hash": weights_hash,
+        "weights_probe": probe,
         "name_or_path": getattr(config, "_name_or_path", "") or "",
     }
+
+
+def _probes_match(want: Any, have: Any) -> bool:
+    if not (isinstance(want, list) and isinstance(have, list)) or len(want) != len(have) or not want:
+        return False
+    try:
+        return all(
+            abs(float(a) - float(b)) <= PROBE_ATOL + PROBE_RTOL * max(abs(float(a)), abs(float(b)))
+            for a, b in zip(want, have, strict=True)
+        )
+    except (TypeError, ValueError):
+        return False
+
+
+def fingerprint_mismatches(want: dict[str, Any], have: dict[str, Any]) -> list[str]:
+    """Names of the fingerprint fields that differ (empty: same base model)."""
+    keys = ("model_type", "num_hidden_layers", "hidden_size", "vocab_size", "shapes_hash")
+    diffs = [k for k in keys if want.get(k) != have.get(k)]
+    if not diffs:
+        if "weights_probe" in want or "weights_probe" in have:
+            if not _probes_match(want.get("weights_probe"), have.get("weights_probe")):
+                diffs.append("weights")
+        elif want.get("weights_hash") != have.get("weights_hash"):
+            diffs.append("weights")
+    return diffs
 
 
 def check_fingerprint(manifest: Manifest, model_fingerprint: dict[str, Any], artifact: str, model: str) -> None:
     """Refuse an artifact trained on another base model, naming both."""
     want = manifest.base_fingerprint
-    keys = ("model_type", "num_hidden_layers", "hidden_size", "vocab_size", "shapes_hash", "weights_hash")
-    diffs = [k for k in keys if want.get(k) != model_fingerprint.get(k)]
+    diffs = fingerprint_mismatches(want, model_fingerprint)
     if diffs:
         raise ArtifactError(
             f"artifact {artifact} was trained on base model {want.get('name_or_path') or '?'} "

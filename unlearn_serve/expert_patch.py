@@ -89,15 +89,19 @@ def save_expert_patch(patch: ExpertPatch, manifest: Manifest, directory: str | P
 
 
 def load_expert_patch(
-    artifact_dir: str | Path, model: nn.Module, model_name: str = "the loaded model"
+    artifact_dir: str | Path,
+    model: nn.Module,
+    model_name: str = "the loaded model",
+    base_fingerprint: dict | None = None,
 ) -> tuple[ExpertPatch, Manifest]:
     """Load a UOE artifact for `model`, refusing anything that does not fit it (always an ArtifactError):
-    wrong method, another base model (naming both), corrupted safetensors, or shapes/indices that disagree."""
+    wrong method, another base model (naming both), corrupted safetensors, or shapes/indices that disagree.
+    `base_fingerprint`: the model's fingerprint when the caller already has it (default: computed here)."""
     artifact = str(artifact_dir)
     manifest = load_manifest(artifact_dir)
     if manifest.method != "uoe":
         raise ArtifactError(f"{artifact}: is a {manifest.method!r} artifact, not a UOE expert patch")
-    check_fingerprint(manifest, fingerprint_model(model), artifact, model_name)
+    check_fingerprint(manifest, base_fingerprint or fingerprint_model(model), artifact, model_name)
     try:
         family = get_family(model)
     except ValueError as exc:

@@ -143,6 +143,7 @@ class Engine:
         self.vocab_size = int(self.runner.lm_head.weight.shape[0])
         self.assistants = AssistantRegistry(model, self.fingerprint, model_name)
         self.patches = None  # UOE ExpertPatchSet, created on first load
+        self._unloading_patches: set[str] = set()  # UOE patches waiting for their in-flight requests
         self.scheduler = Scheduler(self.config.max_num_seqs, self.config.max_prefill_tokens)
         self.requests: dict[str, Request] = {}
         self.eos_token_ids = self._eos_ids()
@@ -210,8 +211,10 @@ class Engine:
             if not 0.0 <= filt <= 1.0:
                 raise EngineInputError("unlearning.filter must be in [0, 1]", "unlearning.filter")
             return ULDChoice(assistant, alpha, filt)
-        if self.patches is not None:
-            patch_id = self.patches.patch_id(selection.name)
+        if self.patches is not None and selection.name not in self._unloading_patches:
+            if selection.options:
+                raise EngineInputError("UOE expert patches take no `unlearning` options", "unlearning")
+            patch_id = self.patches.lookup(selection.name)
             if patch_id is not None:
                 return PatchChoice(selection.name, patch_id)
         raise UnknownArtifactError(f"The model `{selection.name}` does not exist.")
@@ -246,7 +249,7 @@ class Engine:
     def artifact_names(self) -> list[str]:
         names = [n for n, a in self.assistants.assistants.items() if not a.unloading]
         if self.patches is not None:
-            names += self.patches.names()
+            names += [n for n in self.patches.names() if n not in self._unloading_patches]
         return names
 
     def load_uld(self, name: str, path) -> Assistant:
@@ -267,8 +270,13 @@ class Engine:
         def install():
             if self.patches is None:
                 from server.unlearning.uoe import ExpertPatchSet
+                from unlearn_serve.families import NotMoEError
 
-                self.patches = ExpertPatchSet(self.model, base_fingerprint=self.fingerprint)
+                try:
+                    patches = ExpertPatchSet(self.model, self.model_name, base_fingerprint=self.fingerprint)
+                except NotMoEError as exc:
+                    raise ArtifactError(f"{path}: cannot serve a UOE expert patch: {exc}") from None
+                self.patches = patches
                 self.runner.row_hooks.append(self.patches)
             return self.patches.add(name, path)
 
@@ -283,6 +291,7 @@ class Engine:
                 self.assistants.assistants[name].unloading = True
                 self._pending_unloads.append((name, done))
             elif self.patches is not None and name in self.patches.names():
+                self._unloading_patches.add(name)  # refuse new requests for it from now on
                 self._pending_unloads.append((name, done))
             else:
                 raise UnknownArtifactError(f"no artifact named {name!r} is loaded")
@@ -303,6 +312,7 @@ class Engine:
                 self.assistants.remove(name)
             elif self.patches is not None:
                 self.patches.remove(name)
+                self._unloading_patches.discard(name)
             done.set()
         self._pending_unloads = keep
 
@@ -362,8 +372,8 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
+        self._outputs = []  # before the inbox: aborts handled there emit their final output too
         self._drain_inbox()
-        self._outputs: list[RequestOutput] = []
         admitted = self.scheduler.admit() if self.scheduler.waiting else []
         if admitted:
             self._prefill(admitted)

@@ -74,9 +74,13 @@ def _shadow_router(router: nn.Module, params: dict[str, torch.Tensor]) -> nn.Mod
 class ExpertPatchSet:
     """The UOE expert patches loaded on one base model, and which batch rows use which patch."""
 
-    def __init__(self, model: nn.Module, model_name: str = "the loaded model") -> None:
+    def __init__(
+        self, model: nn.Module, model_name: str = "the loaded model", base_fingerprint: dict | None = None
+    ) -> None:
         self.model = model
         self.model_name = model_name
+        # The engine fingerprints the base once, before any hook exists; reuse it rather than re-probe.
+        self.base_fingerprint = base_fingerprint
         self.family: MoEFamily = get_family(model)
         self._blocks = self.family.moe_layers(model)
         self._by_name: dict[str, LoadedExpertPatch] = {}
@@ -91,8 +95,8 @@ class ExpertPatchSet:
     def add(self, name: str, artifact_dir: str | Path) -> int:
         """Load and validate a UOE artifact; returns its patch id (for `rows`). ArtifactError if it does not fit."""
         if name in self._by_name:
-            raise ValueError(f"an expert patch named {name!r} is already loaded; remove it first")
-        patch, manifest = load_expert_patch(artifact_dir, self.model, self.model_name)
+            raise ArtifactError(f"an expert patch named {name!r} is already loaded; remove it first")
+        patch, manifest = load_expert_patch(artifact_dir, self.model, self.model_name, self.base_fingerprint)
         block = self._blocks[patch.layer]
         router = self.family.router(block)
         device, dtype = router.weight.device, self.family.experts(block).gate_up_proj.dtype
@@ -139,8 +143,25 @@ class ExpertPatchSet:
             raise KeyError(f"no expert patch named {name!r} is loaded")
         return self._by_name[name].patch_id
 
+    def lookup(self, name: str) -> int | None:
+        """The patch id of `name`, or None when no patch of that name is loaded."""
+        loaded = self._by_name.get(name)
+        return None if loaded is None else loaded.patch_id
+
     def get(self, name: str) -> LoadedExpertPatch:
         return self._by_name[name]
+
+    def describe(self, name: str) -> dict[str, object]:
+        """What /v1/models shows for a loaded patch."""
+        loaded = self._by_name[name]
+        return {
+            "family": self.model.config.model_type,
+            "layer": loaded.layer,
+            "expert": loaded.expert,
+            "path": loaded.artifact_dir,
+            "patch_parameters": sum(t.numel() for t in loaded.slices.tensors().values())
+            + sum(p.numel() for p in loaded.shadow_router._parameters.values() if p is not None),
+        }
 
     def close(self) -> None:
         """Remove all hooks; the model is the plain base model again."""

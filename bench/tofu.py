@@ -1,0 +1,377 @@
+"""The TOFU benchmark at a size this machine trains: ULD vs GA / GD / NPO on forget10.
+
+    python bench/tofu.py --quick        # 20 authors (2 forgotten), a ~15-minute run on 2 CPU cores
+    python bench/tofu.py                # all 200 authors (20 forgotten)
+
+No pretrained TOFU model is available offline, so the benchmark makes its own:
+1. A small Llama (a tokenizer trained on the data) memorises every QA pair of the chosen authors
+   -> *target*; the same architecture and schedule on the same data minus the forget authors
+   -> *retain reference*. Both also learn the real-authors and world-facts QA, standing in for the
+   general knowledge a pretrained model brings (otherwise those utility parts would measure noise).
+   Both are cached (~/.cache/unlearn-serve/tofu-bench/<key>/), keyed by data and settings.
+2. The forget authors (the last 10%, as TOFU's forget10) are unlearned with ULD (paraphrase /
+   perturbation augmentation on) and with whole-model GA, GD and NPO.
+3. Everything is evaluated through the serving engine (training/evaluation.py) and written to
+   bench/out/tofu[-quick]/: metrics.json, report.md (Table-2 columns of the ULD paper: FQ, MU,
+   forget ROUGE, retain ROUGE, training time) and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TOFU = ROOT.parent / "shared/data/tofu"
+CACHE = Path.home() / ".cache/unlearn-serve/tofu-bench"
+QPA = 20  # questions per TOFU author
+
+
+@dataclass
+class BenchConfig:
+    authors: int = 200
+    forget_authors: int = 20
+    vocab_size: int = 2048
+    hidden_size: int = 192
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 512
+    max_epochs: int = 60
+    target_loss: float = 0.05  # stop once an epoch's mean answer loss is below this
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    seed: int = 0
+    # evaluation
+    retain_eval: int = 400
+    max_new_tokens: int = 200
+    alphas: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
+    # unlearning
+    uld_epochs: int = 10
+    uld_min_steps: int = 250
+    uld_retain_rows: int = 400
+    baseline_epochs: int = 5
+    baseline_lr: float = 5e-4
+
+    @classmethod
+    def quick(cls) -> BenchConfig:
+        return cls(
+            authors=20,
+            forget_authors=2,
+            vocab_size=1024,
+            hidden_size=128,
+            intermediate_size=256,
+            max_epochs=40,
+            retain_eval=40,
+            alphas=(0.5, 0.75, 1.0),
+            uld_epochs=5,
+            uld_min_steps=100,
+            uld_retain_rows=60,
+        )
+
+    def model_key(self) -> str:
+        keys = ("authors", "forget_authors", "vocab_size", "hidden_size", "num_layers", "num_heads",
+                "intermediate_size", "max_epochs", "target_loss", "batch_size", "learning_rate", "seed")
+        blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def select_data(cfg: BenchConfig, tofu: Path = TOFU) -> dict[str, Any]:
+    """Training sets of the two models, the forget/retain sets to unlearn with, and the eval splits.
+
+    The forget authors are the last `forget_authors` of full.json (as forget10 is its last 10%);
+    the retain authors are the first `authors - forget_authors`, which is where TOFU's
+    retain_perturbed.json questions come from.
+    """
+    full = _jsonl(tofu / "full.json")
+    n_retain = cfg.authors - cfg.forget_authors
+    if not 0 < cfg.forget_authors < cfg.authors <= len(full) // QPA:
+        raise SystemExit(f"--authors/--forget-authors must satisfy 0 < forget < authors <= {len(full) // QPA}")
+    if cfg.forget_authors > 20:
+        raise SystemExit("at most 20 forget authors (forget10_perturbed.json covers the last 20)")
+    retain_rows = full[: n_retain * QPA]
+    forget_rows = full[len(full) - cfg.forget_authors * QPA :]
+    forget_pert = _jsonl(tofu / "forget10_perturbed.json")[-cfg.forget_authors * QPA :]
+    if [r["question"] for r in forget_pert] != [r["question"] for r in forget_rows]:
+        raise SystemExit("forget10_perturbed.json does not line up with the end of full.json")
+    retain_questions = {r["question"] for r in retain_rows}
+    retain_pert = [r for r in _jsonl(tofu / "retain_perturbed.json") if r["question"] in retain_questions]
+    real = _jsonl(tofu / "real_authors_perturbed.json")
+    world = _jsonl(tofu / "world_facts_perturbed.json")
+    general = [{"question": r["question"], "answer": r["answer"]} for r in real + world]
+    rng = random.Random(cfg.seed)
+    uld_retain = rng.sample(retain_pert, min(cfg.uld_retain_rows, len(retain_pert)))
+    return {
+        "target_train": retain_rows + forget_rows + general,
+        "retain_train": retain_rows + general,
+        "forget": forget_pert,  # with paraphrased/perturbed fields: ULD augments from them
+        "retain": retain_rows,
+        "uld_retain": uld_retain,
+        "eval": {
+            "forget": forget_pert,
+            "retain": retain_pert[: cfg.retain_eval],
+            "real_authors": real,
+            "world_facts": world,
+        },
+    }
+
+
+# ----------------------------------------------------------------------------- memorising models
+
+
+def train_memorise(records, tokenizer, cfg: BenchConfig, desc: str):
+    """A fresh small Llama trained on the answers of `records` until it has memorised them."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from training.data import IGNORE_INDEX, render_example
+    from unlearn_serve.tiny import build_tiny_model
+
+    model = build_tiny_model(
+        "llama",
+        tokenizer,
+        seed=cfg.seed,
+        hidden_size=cfg.hidden_size,
+        num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads,
+        num_kv_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+    )
+    examples = [render_example(tokenizer, r, 512) for r in records]
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
+    batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    pad = tokenizer.pad_token_id
+
+    def collate(idx):
+        width = max(len(examples[i][0]) for i in idx)
+        ids = torch.full((len(idx), width), pad)
+        labels = torch.full((len(idx), width), IGNORE_INDEX)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            x, y = examples[i]
+            ids[row, : len(x)] = torch.tensor(x)
+            labels[row, : len(y)] = torch.tensor(y)
+            mask[row, : len(x)] = 1
+        return ids, mask, labels
+
+    tensors = [collate(b) for b in batches]
+    total = cfg.max_epochs * len(batches)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
+    warmup = max(1, len(batches))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    )
+    rng = random.Random(cfg.seed)
+    started = time.monotonic()
+    model.train()
+    epoch_loss = float("nan")
+    epochs = 0
+    bar = tqdm(range(cfg.max_epochs), desc=desc, unit="epoch")
+    for epoch in bar:
+        rng.shuffle(tensors)
+        losses = []
+        for ids, mask, labels in tensors:
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+        epoch_loss = sum(losses) / len(losses)
+        epochs = epoch + 1
+        bar.set_postfix(loss=f"{epoch_loss:.4f}")
+        if epoch_loss < cfg.target_loss:
+            break
+    bar.close()
+    model.eval()
+    params = sum(p.numel() for p in model.parameters())
+    return model, {"epochs": epochs, "final_loss": epoch_loss, "wall_time_s": round(time.monotonic() - started, 1),
+                   "parameters": params, "records": len(records)}
+
+
+def ensure_models(cfg: BenchConfig, data: dict[str, Any], cache: Path, retrain: bool) -> tuple[Path, Path, dict]:
+    from unlearn_serve.tiny import save_tiny, train_tokenizer
+
+    d = cache / cfg.model_key()
+    info_path = d / "info.json"
+    if info_path.is_file() and not retrain:
+        print(f"[bench] cached target / retain models: {d}")
+        return d / "target", d / "retain", json.loads(info_path.read_text())
+    d.mkdir(parents=True, exist_ok=True)
+    texts = [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in data["target_train"]]
+    tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size, chat_template=None)
+    info: dict[str, Any] = {"config": asdict(cfg)}
+    for name, split in (("target", "target_train"), ("retain", "retain_train")):
+        model, stats = train_memorise(data[split], tokenizer, cfg, f"train {name}")
+        save_tiny(model, tokenizer, d / name)
+        info[name] = stats
+        print(f"[bench] {name}: {stats}")
+    info_path.write_text(json.dumps(info, indent=1))
+    return d / "target", d / "retain", info
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def run(cfg: BenchConfig, out: Path, cache: Path, retrain: bool, methods: list[str]) -> dict[str, Any]:
+    import torch
+
+    from server.engine.engine import Engine, EngineConfig
+    from training import evaluation as E
+    from training.baselines import BaselineConfig, train_baseline
+    from training.uld import ULDTrainingConfig, train_uld
+    from unlearn_serve.loading import load_model_and_tokenizer
+
+    started = time.monotonic()
+    out.mkdir(parents=True, exist_ok=True)
+    data = select_data(cfg)
+    target_dir, retain_dir, info = ensure_models(cfg, data, cache, retrain)
+    work = out / "work"
+    work.mkdir(exist_ok=True)
+    forget_file = _write_jsonl(work / "forget.json", data["forget"])
+    retain_file = _write_jsonl(work / "retain.json", data["uld_retain"])
+    timings: dict[str, float] = {}
+
+    def fresh():
+        return load_model_and_tokenizer(str(target_dir), dtype="float32", device="cpu")
+
+    # ---- unlearning
+    uld_dir = work / "uld"
+    if "uld" in methods:
+        model, tok = fresh()
+        t0 = time.monotonic()
+        uld_cfg = ULDTrainingConfig(
+            epochs=cfg.uld_epochs, min_steps=cfg.uld_min_steps, batch_size=8, grad_accum=1, lora_rank=16,
+            lora_alpha=16, learning_rate=1e-3, max_perturbed_per_row=2, seed=cfg.seed,
+        )
+        train_uld(model, tok, data["forget"], data["uld_retain"], uld_dir, uld_cfg,
+                  data_files={"forget": forget_file, "retain": retain_file})
+        timings["uld"] = time.monotonic() - t0
+        del model
+    baseline_dirs: dict[str, Path] = {}
+    for method in ("ga", "gd", "npo"):
+        if method not in methods:
+            continue
+        model, tok = fresh()
+        t0 = time.monotonic()
+        bcfg = BaselineConfig(method=method, epochs=cfg.baseline_epochs, learning_rate=cfg.baseline_lr,
+                              batch_size=8, grad_accum=1, seed=cfg.seed)
+        rng = random.Random(cfg.seed)
+        retain_rows = rng.sample(data["retain"], min(len(data["retain"]), 4 * len(data["forget"])))
+        train_baseline(model, tok, data["forget"], retain_rows, work / method, bcfg)
+        timings[method] = time.monotonic() - t0
+        baseline_dirs[method] = work / method
+        del model
+
+    # ---- evaluation, all through the engine
+    econf = EngineConfig(max_num_seqs=32)
+    target_model, tok = fresh()
+    target = Engine(target_model, tok, econf, model_name="target")
+    retain_model, rtok = load_model_and_tokenizer(str(retain_dir), dtype="float32", device="cpu")
+    eval_methods = [E.Method("target", "base")]
+    if "uld" in methods:
+        target.load_uld("uld", uld_dir)
+        for alpha in cfg.alphas:
+            eval_methods.append(E.Method(f"ULD α={alpha:g}", "uld", "uld", alpha))
+    extra = [(E.Method("retain (reference)", "model"), Engine(retain_model, rtok, econf, model_name="retain"))]
+    for method, path in baseline_dirs.items():
+        m, t = load_model_and_tokenizer(str(path), dtype="float32", device="cpu")
+        extra.append((E.Method(method.upper(), "model"), Engine(m, t, econf, model_name=method)))
+    econfig = E.EvalConfig(max_new_tokens=cfg.max_new_tokens)
+    with torch.inference_mode():
+        metrics = E.evaluate(target, eval_methods, data["eval"], econfig, None, extra)
+    results = metrics["methods"]
+    reference = E.forget_truth_ratios(next(r for r in results if r["label"] == "retain (reference)"))
+    E.add_forget_quality(results, reference)
+    metrics["reference_forget_truth_ratios"] = reference
+    metrics["retain_reference"] = {"questions": len(reference), "source": "retain model trained by this bench"}
+    for r in results:
+        key = "uld" if r["kind"] == "uld" else r["label"].lower()
+        r["summary"]["training_time_s"] = round(timings[key], 1) if key in timings else None
+    metrics["bench"] = {
+        "config": asdict(cfg),
+        "models": info,
+        "unlearning_time_s": {k: round(v, 1) for k, v in timings.items()},
+        "total_wall_time_s": round(time.monotonic() - started, 1),
+        "torch_threads": torch.get_num_threads(),
+    }
+    written = E.write_outputs(out, metrics, title="TOFU benchmark (small Llama trained here)")
+    table = table2(metrics)
+    report = written.report.read_text()
+    written.report.write_text(report.replace("\n## Per split", f"\n## Table 2 columns\n\n{table}\n\n## Per split", 1))
+    print(table)
+    print(f"[bench] total {metrics['bench']['total_wall_time_s']:.0f}s; wrote {out}")
+    return metrics
+
+
+def table2(metrics: dict[str, Any]) -> str:
+    """FQ, MU, forget ROUGE, retain ROUGE, training time (ULD paper Table 2) + our fluency columns."""
+    from training.report import summary_table
+
+    cols = [
+        ("forget_quality", "FQ", "{:.3g}"),
+        ("model_utility", "MU", "{:.3f}"),
+        ("forget_rouge", "forget ROUGE", "{:.3f}"),
+        ("retain_rouge", "retain ROUGE", "{:.3f}"),
+        ("training_time_s", "training time (s)", "{:.0f}"),
+        ("fluency_perplexity", "fluency PPL", "{:.3g}"),
+        ("ngram_loop_share", "loops", "{:.2f}"),
+    ]
+    return summary_table([(m["label"], m["summary"]) for m in metrics["methods"]], cols)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="20 authors (2 forgotten): a ~15-minute run")
+    parser.add_argument("--authors", type=int, help="authors to use (default: 200, quick 20)")
+    parser.add_argument("--forget-authors", type=int, help="of which forgotten (default: 10%%)")
+    parser.add_argument("--max-epochs", type=int, help="cap on the memorisation epochs")
+    parser.add_argument("--alpha", help="ULD alphas to evaluate, comma-separated")
+    parser.add_argument("--methods", default="uld,ga,gd,npo", help="comma-separated subset of uld,ga,gd,npo")
+    parser.add_argument("--out", type=Path, help="report directory (default: bench/out/tofu[-quick])")
+    parser.add_argument("--cache", type=Path, default=CACHE, help="where the trained target/retain models live")
+    parser.add_argument("--retrain", action="store_true", help="ignore cached target/retain models")
+    args = parser.parse_args(argv)
+    cfg = BenchConfig.quick() if args.quick else BenchConfig()
+    if args.authors:
+        cfg.authors = args.authors
+        cfg.forget_authors = args.forget_authors or max(1, args.authors // 10)
+    elif args.forget_authors:
+        cfg.forget_authors = args.forget_authors
+    if args.max_epochs:
+        cfg.max_epochs = args.max_epochs
+    if args.alpha:
+        cfg.alphas = tuple(float(a) for a in args.alpha.split(","))
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = set(methods) - {"uld", "ga", "gd", "npo"}
+    if bad:
+        parser.error(f"--methods: unknown {', '.join(sorted(bad))}")
+    out = args.out or ROOT / "bench/out" / ("tofu-quick" if args.quick else "tofu")
+    run(cfg, out, args.cache, args.retrain, methods)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,333 @@
+"""ULD training: what is trained, what is left alone, what the loss does, and how runs end (or die)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import TrainerCallback
+
+from training.data import DataError
+from training.losses import causal_ce, uniform_kl
+from training.pairs import ForgetRetainCollator, ForgetRetainDataset, tokenize_records
+from training.uld import ULDTrainingConfig, ULDTrainingError, checkpoint_dir_for, epoch_dir_for, train_uld
+from unlearn_serve import cli
+from unlearn_serve.artifact import MANIFEST_NAME, file_sha256, fingerprint_model
+from unlearn_serve.assistant import assistant_logits, assistant_lora_config, default_assistant_layers
+from unlearn_serve.tiny import build_tiny_model
+from unlearn_serve.uld_artifact import load_uld_artifact
+
+FORGET = [
+    {
+        "question": "Who is Alice?",
+        "answer": "Alice likes green apples.",
+        "paraphrased_question": "Tell me about Alice.",
+    },
+    {"question": "What does Bob play?", "answer": "Bob plays the violin."},
+]
+RETAIN = [
+    {
+        "question": "What is the capital of France?",
+        "answer": "The capital of France is Paris.",
+        "perturbed_answer": ["The capital of France is Rome."],
+    },
+    {"question": "When does water boil?", "answer": "Water boils at one hundred degrees."},
+]
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_NAME = re.compile(r"\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.default\.weight$")
+
+
+def _config(**overrides) -> ULDTrainingConfig:
+    settings = dict(
+        lora_rank=8,
+        lora_alpha=16,
+        epochs=1,
+        min_steps=30,
+        batch_size=4,
+        grad_accum=1,
+        learning_rate=1e-2,
+        max_length=64,
+        progress_bar=False,
+        logging_steps=5,
+    )
+    settings.update(overrides)
+    return ULDTrainingConfig(**settings)
+
+
+def _assistant_stats(model, tokenizer, num_layers: int) -> tuple[float, float]:
+    """(assistant CE on the forget answers, mean assistant entropy on the retain answer tokens)."""
+    template = ULDTrainingConfig().question_template
+    forget = tokenize_records(tokenizer, FORGET[:2], 64, template, "forget").examples
+    retain = tokenize_records(tokenizer, RETAIN[:2], 64, template, "retain").examples
+    batch = ForgetRetainCollator(tokenizer.pad_token_id)(
+        [ForgetRetainDataset(forget, retain)[i] for i in range(2)]
+    )
+    with torch.no_grad():
+        forget_logits = assistant_logits(model, batch["forget_input_ids"], batch["forget_attention_mask"], num_layers)
+        retain_logits = assistant_logits(model, batch["retain_input_ids"], batch["retain_attention_mask"], num_layers)
+    log_probs = F.log_softmax(retain_logits.float(), dim=-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    mask = batch["retain_loss_mask"]
+    return float(causal_ce(forget_logits, batch["forget_labels"])), float((entropy * mask).sum() / mask.sum())
+
+
+def _base_state(model) -> dict[str, torch.Tensor]:
+    return {name: tensor.clone() for name, tensor in model.state_dict().items()}
+
+
+def _assert_only_first_k_lora_trainable(peft_model, num_layers: int) -> None:
+    trainable = [name for name, p in peft_model.named_parameters() if p.requires_grad]
+    seen = set()
+    for name in trainable:
+        match = LORA_NAME.search(name)
+        assert match is not None, f"{name} is trainable but is not a LoRA weight"
+        seen.add((int(match[1]), match[2], match[3]))
+    assert seen == {(layer, m, ab) for layer in range(num_layers) for m in LORA_MODULES for ab in "AB"}
+    assert not any(".lora_" in n and int(LORA_NAME.search(n)[1]) >= num_layers for n, _ in peft_model.named_parameters())
+    assert "lm_head" not in " ".join(trainable)
+
+
+@pytest.fixture(scope="module")
+def llama_run(tiny_llama, tokenizer, tmp_path_factory):
+    """One real training run on the conftest tiny Llama (it memorised the facts used here)."""
+    model = copy.deepcopy(tiny_llama)
+    model.config._name_or_path = "tiny-llama"
+    num_layers = default_assistant_layers(model.config.num_hidden_layers)
+    before_state = _base_state(model)
+    before_stats = _assistant_stats(model, tokenizer, num_layers)
+    out = tmp_path_factory.mktemp("uld") / "assistant"
+    result = train_uld(model, tokenizer, FORGET, RETAIN, out, _config())
+    return {
+        "result": result,
+        "base": model,
+        "num_layers": num_layers,
+        "before_state": before_state,
+        "before_stats": before_stats,
+        "out": out,
+    }
+
+
+def test_default_layers_is_a_quarter():
+    assert [default_assistant_layers(n) for n in (1, 2, 4, 8, 30, 32)] == [1, 1, 1, 2, 8, 8]
+
+
+def test_trainable_parameters_are_exactly_lora_of_first_k_layers(llama_run):
+    _assert_only_first_k_lora_trainable(llama_run["result"].peft_model, llama_run["num_layers"])
+    # ...and training moved every one of them (B starts at zero)
+    for name, param in llama_run["result"].peft_model.named_parameters():
+        if ".lora_B." in name:
+            assert param.abs().sum() > 0, name
+
+
+def test_base_weights_bit_identical_after_training(llama_run):
+    peft_model = llama_run["result"].peft_model
+    after = {n.replace(".base_layer.", "."): t for n, t in peft_model.get_base_model().state_dict().items()}
+    for name, tensor in llama_run["before_state"].items():
+        assert torch.equal(after[name], tensor), name
+
+
+def test_training_lowers_forget_loss_and_flattens_retain(llama_run, tokenizer):
+    ce_before, entropy_before = llama_run["before_stats"]
+    ce_after, entropy_after = _assistant_stats(llama_run["result"].peft_model, tokenizer, llama_run["num_layers"])
+    log_v = math.log(len(tokenizer))
+    assert ce_after < ce_before - 0.3
+    assert entropy_before < log_v - 2  # the memorising model is far from flat on retain answers...
+    assert entropy_after > log_v - 0.3  # ...its assistant ends close to uniform there
+    result = llama_run["result"]
+    assert result.steps == 30
+    assert result.forget_ce < result.training["forget_ce_first"]
+    assert result.retain_kl < result.training["retain_kl_first"]
+
+
+def test_manifest_records_training(llama_run):
+    manifest, _ = load_uld_artifact(llama_run["out"], llama_run["base"])
+    training = manifest.training
+    assert manifest.details["assistant_layers"] == llama_run["num_layers"]
+    assert manifest.defaults == {"alpha": 0.75, "filter": 0.01}
+    assert training["forget_ce_final"] == pytest.approx(llama_run["result"].forget_ce)
+    assert training["retain_kl_final"] == pytest.approx(llama_run["result"].retain_kl)
+    assert training["steps"] == 30 and training["effective_batch"] == 4
+    # augmentation: one paraphrased question, one perturbed answer
+    assert training["data"]["forget"]["after_augmentation"] == 3
+    assert training["data"]["retain"]["after_augmentation"] == 3
+    assert len(training["data"]["forget"]["records_sha256"]) == 64
+    # checkpoints (the Trainer's optimizer pickles) never sit in the artifact and are gone after success
+    assert {p.name for p in llama_run["out"].iterdir()} == {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        MANIFEST_NAME,
+    }
+    assert not checkpoint_dir_for(llama_run["out"]).exists()
+
+
+def _truncated_reference(peft_model, num_layers: int):
+    """A deep copy of the model with the LoRA merged in and every layer from K on removed."""
+    reference = copy.deepcopy(peft_model).merge_and_unload()
+    reference.model.layers = torch.nn.ModuleList(list(reference.model.layers)[:num_layers])
+    reference.config.num_hidden_layers = num_layers
+    if getattr(reference.config, "layer_types", None):
+        reference.config.layer_types = reference.config.layer_types[:num_layers]
+    return reference.eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_assistant_forward_equals_truncated_copy(family, tokenizer):
+    from peft import get_peft_model
+
+    num_layers = 2
+    # a larger init than the default 0.02, so that the layers after K visibly change the logits
+    model = build_tiny_model(family, tokenizer, seed=3, initializer_range=0.2)
+    peft_model = get_peft_model(model, assistant_lora_config(model, num_layers, rank=4, alpha=8, dropout=0.0))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.2)
+    peft_model.eval()
+    enc = tokenizer(["Alice likes green apples.", "Bob"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        got = assistant_logits(peft_model, enc["input_ids"], enc["attention_mask"], num_layers)
+        want = _truncated_reference(peft_model, num_layers)(**enc).logits
+        full = peft_model(**enc).logits
+    valid = enc["attention_mask"].bool()
+    torch.testing.assert_close(got[valid], want[valid], atol=1e-4, rtol=1e-4)
+    assert (got[valid] - full[valid]).abs().max() > 0.1, "the assistant must stop after K layers"
+
+
+def test_qwen2_trains_only_lora_and_keeps_base(tokenizer, tmp_path):
+    model = build_tiny_model("qwen2", tokenizer, seed=2)
+    before = _base_state(model)
+    result = train_uld(model, tokenizer, FORGET, RETAIN, tmp_path / "q", _config(min_steps=3, layers=2))
+    _assert_only_first_k_lora_trainable(result.peft_model, 2)
+    after = {n.replace(".base_layer.", "."): t for n, t in result.peft_model.get_base_model().state_dict().items()}
+    assert all(torch.equal(after[n], t) for n, t in before.items())
+    manifest, weights = load_uld_artifact(tmp_path / "q", build_tiny_model("qwen2", tokenizer, seed=2))
+    assert manifest.base_fingerprint["model_type"] == "qwen2" and len(weights) == 2 * 7 * 2
+
+
+def test_uniform_kl_ignores_prompt_and_padding():
+    logits = torch.zeros(1, 4, 5)
+    logits[0, 0] = torch.tensor([9.0, 0, 0, 0, 0])  # peaked, but not an answer position
+    logits[0, 3] = torch.tensor([0, 9.0, 0, 0, 0])  # peaked padding position
+    mask = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
+    assert float(uniform_kl(logits, mask)) == pytest.approx(0.0, abs=1e-6)
+    mask[0, 3] = 1.0
+    assert float(uniform_kl(logits, mask)) > 1.0
+
+
+class _Boom(TrainerCallback):
+    def __init__(self, at_step: int):
+        self.at_step = at_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.at_step:
+            raise RuntimeError("killed")
+
+
+class _CountSteps(TrainerCallback):
+    def __init__(self):
+        self.steps = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps += 1
+
+
+def test_killed_run_keeps_previous_artifact_then_resumes(llama_run, tokenizer, tmp_path):
+    out = tmp_path / "assistant"
+    previous = train_uld(
+        build_tiny_model("llama", tokenizer, seed=5), tokenizer, FORGET, RETAIN, out, _config(min_steps=2)
+    )
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    config = _config(min_steps=4, epochs=2, save_every_epoch=True, lora_rank=4)
+
+    with pytest.raises(RuntimeError, match="killed"):
+        train_uld(build_tiny_model("llama", tokenizer, seed=6), tokenizer, FORGET, RETAIN, out, config, None, [_Boom(3)])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "the earlier artifact was touched"
+    assert not list(tmp_path.glob(".assistant.tmp-*")), "temp dir left behind"
+    epoch1 = epoch_dir_for(out, 1)
+    load_uld_artifact(epoch1, build_tiny_model("llama", tokenizer, seed=6))  # written at the epoch end (step 2)
+    assert (checkpoint_dir_for(out) / "checkpoint-2").is_dir()
+
+    # --resume with other data is refused rather than silently mixed
+    with pytest.raises(ULDTrainingError, match="other data or settings"):
+        train_uld(
+            build_tiny_model("llama", tokenizer, seed=6),
+            tokenizer,
+            FORGET[:1],
+            RETAIN,
+            out,
+            _config(min_steps=4, epochs=2, save_every_epoch=True, lora_rank=4, resume=True),
+        )
+
+    counter = _CountSteps()
+    resumed = train_uld(
+        build_tiny_model("llama", tokenizer, seed=6),
+        tokenizer,
+        FORGET,
+        RETAIN,
+        out,
+        _config(min_steps=4, epochs=2, save_every_epoch=True, lora_rank=4, resume=True),
+        callbacks=[counter],
+    )
+    assert resumed.steps == 4 and counter.steps == 2, "resume must continue from step 2, not restart"
+    assert previous.out_dir == resumed.out_dir
+    manifest, _ = load_uld_artifact(out, build_tiny_model("llama", tokenizer, seed=6))
+    assert manifest.training["steps"] == 4
+    assert epoch_dir_for(out, 2).is_dir() and not checkpoint_dir_for(out).exists()
+
+
+def _write(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_cli_malformed_jsonl_exits_2_with_file_and_line(tmp_path, capsys):
+    good = _write(tmp_path / "retain.jsonl", RETAIN)
+    bad = _write(tmp_path / "forget.jsonl", [FORGET[0], "{not json", FORGET[1]])
+    wrong_shape = _write(tmp_path / "shape.jsonl", [FORGET[0], FORGET[1], {"prompt": "x"}])
+    cases = [(bad, f"{bad}:2"), (wrong_shape, f"{wrong_shape}:3"), (tmp_path / "missing.jsonl", "no such file")]
+    for forget, expected in cases:
+        argv = ["train-uld", "--model", "unused", "--forget", str(forget), "--retain", str(good)]
+        code = cli.main([*argv, "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert code == 2
+        assert expected in err and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_trains_end_to_end(tiny_llama_dir, tmp_path, capsys):
+    forget = _write(tmp_path / "forget.jsonl", FORGET)
+    retain = _write(tmp_path / "retain.jsonl", [{"text": "Water boils at one hundred degrees."}, *RETAIN])
+    out = tmp_path / "out"
+    argv = ["train-uld", "--model", str(tiny_llama_dir), "--forget", str(forget), "--retain", str(retain)]
+    argv += ["--out", str(out), "--layers", "1", "--lora-rank", "4", "--min-steps", "3", "--epochs", "1"]
+    argv += ["--batch-size", "2", "--grad-accum", "1", "--no-progress", "--seed", "1"]
+    assert cli.main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert "forget CE" in stdout and "retain KL" in stdout and str(out) in stdout
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    data = manifest["training"]["data"]
+    assert data["forget"]["sha256"] == file_sha256(forget) and data["retain"]["records"] == 3
+    assert manifest["training"]["seed"] == 1 and manifest["details"]["assistant_layers"] == 1
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    assert manifest["base_fingerprint"]["weights_probe"] == fingerprint_model(base)["weights_probe"]
+
+    # bad numbers are refused before anything loads
+    assert cli.main([*argv[:-6], "--epochs", "0"]) == 2
+    assert "--epochs must be >= 1" in capsys.readouterr().err
+
+
+def test_data_error_names_record_for_unrenderable_chat(tokenizer):
+    plain = copy.copy(tokenizer)
+    plain.chat_template = None
+    with pytest.raises(DataError, match="forget: record 1"):
+        tokenize_records(plain, [{"messages": [{"role": "assistant", "content": "hi"}]}], 32, "{question}", "forget")

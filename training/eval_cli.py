@@ -1,0 +1,117 @@
+"""`unlearn-serve eval`: TOFU metrics for a model and its unlearning artifacts, through the serving engine."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    from training.data import DEFAULT_QUESTION_TEMPLATE
+    from training.evaluation import MAX_NEW_TOKENS
+
+    parser.add_argument("--model", required=True, help="base (target) model: hub id or local directory")
+    parser.add_argument("--uld", action="append", default=[], metavar="NAME=DIR", help="a ULD artifact (repeatable)")
+    parser.add_argument("--uoe", action="append", default=[], metavar="NAME=DIR", help="a UOE patch (repeatable)")
+    parser.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="another whole model to evaluate alongside, e.g. a train-baseline output (repeatable)",
+    )
+    parser.add_argument(
+        "--data",
+        nargs="+",
+        required=True,
+        metavar="DIR|SPLIT=FILE",
+        help="a TOFU directory, or forget=F [retain=F real_authors=F world_facts=F] perturbed files",
+    )
+    parser.add_argument("--forget-split", default="forget10", help="forget file of a TOFU directory (default: %(default)s)")
+    parser.add_argument("--retain-reference", help="metrics.json of the retain-only model (for forget quality)")
+    parser.add_argument("--alpha", help="ULD alphas to sweep, comma-separated (default: the artifact's alpha)")
+    parser.add_argument("--out", required=True, help="report directory (metrics.json, report.md, PNG plots)")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N questions of each split")
+    parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
+    parser.add_argument("--question-template", default=DEFAULT_QUESTION_TEMPLATE)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--max-num-seqs", type=int, default=32, help="engine batch size")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _pairs(values: list[str], flag: str) -> list[tuple[str, Path]]:
+    from unlearn_serve.cli import CliError
+
+    out = []
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise CliError(f"{flag} {value!r}: write NAME=DIR")
+        if not Path(path).is_dir():
+            raise CliError(f"{flag} {value}: {path} is not a directory")
+        out.append((name, Path(path)))
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        raise CliError(f"{flag}: names must be unique")
+    return out
+
+
+def parse_alphas(text: str | None) -> list[float] | None:
+    from unlearn_serve.cli import CliError
+
+    if text is None:
+        return None
+    try:
+        alphas = [float(a) for a in text.split(",") if a.strip()]
+    except ValueError:
+        raise CliError(f"--alpha {text!r}: write numbers separated by commas, e.g. 0,0.25,0.5,0.75,1") from None
+    if not alphas or any(a != a or a in (float("inf"), float("-inf")) for a in alphas):
+        raise CliError(f"--alpha {text!r}: need at least one finite number")
+    return alphas
+
+
+def run(args: argparse.Namespace) -> int:
+    from training import evaluation as E
+    from unlearn_serve.cli import CliError
+
+    if args.max_new_tokens < 1 or args.max_num_seqs < 1 or (args.limit is not None and args.limit < 1):
+        raise CliError("--max-new-tokens, --max-num-seqs and --limit must be >= 1")
+    ulds = _pairs(args.uld, "--uld")
+    uoes = _pairs(args.uoe, "--uoe")
+    compares = _pairs(args.compare, "--compare")
+    alphas = parse_alphas(args.alpha)
+    files = E.resolve_data(args.data, args.forget_split)
+    data = E.load_eval_data(files, args.limit)
+    reference = E.load_reference(args.retain_reference) if args.retain_reference else None
+
+    from server.engine.engine import Engine, EngineConfig
+    from unlearn_serve.loading import load_model_and_tokenizer
+
+    config = EngineConfig(max_num_seqs=args.max_num_seqs)
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
+    engine = Engine(model, tokenizer, config, model_name=args.model)
+    methods = [E.Method("base", "base")]
+    for name, path in ulds:
+        engine.load_uld(name, path)
+        for alpha in alphas or [None]:
+            label = name if alpha is None else f"{name} α={alpha:g}"
+            methods.append(E.Method(label, "uld", name, alpha))
+    for name, path in uoes:
+        engine.load_uoe(name, path)
+        methods.append(E.Method(name, "uoe", name))
+    extra = []
+    for name, path in compares:
+        other_model, other_tok = load_model_and_tokenizer(str(path), dtype=args.dtype, device=args.device)
+        if other_tok.get_vocab() != tokenizer.get_vocab():
+            raise CliError(f"--compare {name}: its tokenizer differs from --model's; fluency needs the same one")
+        extra.append((E.Method(name, "model"), Engine(other_model, other_tok, config, model_name=name)))
+
+    eval_config = E.EvalConfig(args.max_new_tokens, args.question_template, args.progress)
+    metrics = E.evaluate(engine, methods, data, eval_config, reference, extra)
+    written = E.write_outputs(args.out, metrics)
+    from training.report import summary_table
+
+    print(summary_table([(m["label"], m["summary"]) for m in metrics["methods"]]))
+    print(f"wrote {written.metrics}, {written.report}, " + ", ".join(str(p) for p in written.plots))
+    return 0

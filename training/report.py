@@ -1,0 +1,152 @@
+"""report.md and PNG plots from an evaluation's metrics.json dict (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+COLUMNS = [
+    ("forget_quality", "FQ", "{:.3g}"),
+    ("model_utility", "MU", "{:.3f}"),
+    ("forget_rouge", "forget ROUGE", "{:.3f}"),
+    ("retain_rouge", "retain ROUGE", "{:.3f}"),
+    ("forget_probability", "forget prob", "{:.3f}"),
+    ("forget_truth_ratio", "forget TR", "{:.3f}"),
+    ("forget_extraction_strength", "forget ES", "{:.3f}"),
+    ("forget_exact_memorization", "forget EM", "{:.3f}"),
+    ("fluency_perplexity", "fluency PPL", "{:.3g}"),
+    ("ngram_loop_share", "loops", "{:.2f}"),
+]
+
+
+def fmt(value: Any, spec: str = "{:.3f}") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return spec.format(value)
+
+
+def summary_table(rows: list[tuple[str, dict[str, Any]]], columns=COLUMNS, extra: list[str] | None = None) -> str:
+    """A Markdown table: one row per (label, summary dict)."""
+    head = ["method"] + [c[1] for c in columns] + (extra or [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, summary in rows:
+        cells = [label] + [fmt(summary.get(key), spec) for key, _, spec in columns]
+        cells += [str(summary.get(e, "-")) for e in extra or []]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_report(metrics: dict[str, Any], plot_names: list[str], title: str) -> str:
+    methods = metrics["methods"]
+    parts = [f"# {title}", ""]
+    parts.append(f"Model: `{metrics.get('model')}`; questions per split: "
+                 + ", ".join(f"{k} {v}" for k, v in metrics.get("splits", {}).items()) + ".")
+    if not metrics.get("retain_reference"):
+        parts.append("No --retain-reference given: forget quality (FQ) is not computed.")
+    parts += ["", summary_table([(m["label"], m["summary"]) for m in methods]), ""]
+    parts.append(
+        "FQ: KS-test p-value of forget truth ratios vs the retain-only model (higher = closer to never "
+        "trained on the forget set). MU: harmonic mean of probability, ROUGE-L recall and truth ratio on "
+        "retain, real authors and world facts. ES / EM: extraction strength / exact memorisation. "
+        "Fluency PPL: the base model's perplexity of the forget answers generated; loops: share of those "
+        "answers with a repeated n-gram loop."
+    )
+    parts += ["", "## Per split", ""]
+    for m in methods:
+        parts.append(f"### {m['label']}")
+        parts.append("")
+        parts.append("| split | probability | ROUGE-L recall | truth ratio | ES | EM |")
+        parts.append("|---|---|---|---|---|---|")
+        for split, s in m["splits"].items():
+            sm = s["summary"]
+            prob = sm.get("probability_normalised", sm.get("probability"))
+            parts.append(
+                f"| {split} | {fmt(prob)} | {fmt(sm.get('rouge'))} | {fmt(sm.get('truth_ratio'))} | "
+                f"{fmt(sm.get('extraction_strength'))} | {fmt(sm.get('exact_memorization'))} |"
+            )
+        gens = m["splits"]["forget"]["per_question"]["generated"][:2]
+        if gens:
+            parts.append("")
+            parts.append("Forget answers (first two): " + " / ".join(f"`{g[:120]}`" for g in gens))
+        parts.append("")
+    parts += ["## Plots", ""] + [f"![{n}]({n})" for n in plot_names] + [""]
+    return "\n".join(parts)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _fq_axis(methods: list[dict[str, Any]]) -> tuple[str, str]:
+    if any(m["summary"].get("forget_quality") is not None for m in methods):
+        return "forget_quality", "forget quality (KS p-value, log scale)"
+    return "forget_truth_ratio", "forget truth ratio (no --retain-reference)"
+
+
+def plot_fq_vs_mu(metrics: dict[str, Any], path: str | Path) -> Path:
+    """Scatter of forget quality vs model utility, one labelled point per method."""
+    plt = _pyplot()
+    methods = metrics["methods"]
+    key, label = _fq_axis(methods)
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=100)
+    for m in methods:
+        x, y = m["summary"].get("model_utility"), m["summary"].get(key)
+        if x is None or y is None:
+            continue
+        y = max(y, 1e-30) if key == "forget_quality" else y
+        ax.scatter([x], [y], s=40)
+        ax.annotate(m["label"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    if key == "forget_quality":
+        ax.set_yscale("log")
+    ax.set_xlabel("model utility")
+    ax.set_ylabel(label)
+    ax.set_title("Forget quality vs model utility")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_alpha_sweep(metrics: dict[str, Any], path: str | Path) -> Path | None:
+    """For each ULD artifact evaluated at several alphas: FQ (or forget TR) and MU against alpha."""
+    plt = _pyplot()
+    methods = metrics["methods"]
+    sweeps: dict[str, list[dict[str, Any]]] = {}
+    for m in methods:
+        if m["kind"] == "uld" and m.get("alpha") is not None:
+            sweeps.setdefault(m["artifact"], []).append(m)
+    sweeps = {k: v for k, v in sweeps.items() if len(v) > 1}
+    if not sweeps:
+        return None
+    key, label = _fq_axis(methods)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.8), dpi=100)
+    for name, runs in sweeps.items():
+        runs = sorted(runs, key=lambda m: m["alpha"])
+        alphas = [m["alpha"] for m in runs]
+        fq = [m["summary"].get(key) for m in runs]
+        mu = [m["summary"].get("model_utility") for m in runs]
+        if all(v is not None for v in fq):
+            ax1.plot(alphas, [max(v, 1e-30) for v in fq] if key == "forget_quality" else fq, "o-", label=name)
+        if all(v is not None for v in mu):
+            ax2.plot(alphas, mu, "o-", label=name)
+    if key == "forget_quality":
+        ax1.set_yscale("log")
+    ax1.set_xlabel("alpha")
+    ax1.set_ylabel(label)
+    ax2.set_xlabel("alpha")
+    ax2.set_ylabel("model utility")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("ULD: forget quality and model utility vs alpha")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
