@@ -87,12 +87,12 @@ def check_limits(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_limits(args)  # before the heavy imports: a bad flag fails fast
     from server.app import build_app
     from server.config import ServerConfig
     from server.draining import draining_server
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    check_limits(args)
     parse_named(args.uld, "--uld")
     parse_named(args.uoe, "--uoe")
     keys = list(args.api_key)

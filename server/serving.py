@@ -120,14 +120,22 @@ class OpenAIServing:
             return Selection(model, options.model_dump(exclude_none=True) if options is not None else {})
         raise not_found(f"The model `{model}` does not exist.")
 
-    def _check_capacity(self) -> None:
-        if self.max_queue is not None and self.engine.num_waiting() >= self.max_queue:
+    def _check_capacity(self, sequences: int = 1, param: str = "n") -> None:
+        if self.max_queue is None:
+            return
+        # one request must not queue more than the server ever holds (a prompt list is not bounded otherwise)
+        most = self.engine.config.max_num_seqs + self.max_queue
+        if sequences > most:
+            raise bad_request(f"this request needs {sequences} sequences (prompts x n); at most {most} fit", param)
+        if self.engine.num_waiting() >= self.max_queue:
             raise unavailable(f"server is at capacity ({self.max_queue} requests waiting); retry later", retry_after=1)
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    async def _stream_request(self, ids: list[int], params, selection: Selection | None) -> AsyncIterator[RequestOutput]:
+    async def _stream_request(
+        self, ids: list[int], params, selection: Selection | None
+    ) -> AsyncIterator[RequestOutput]:
         started = time.monotonic()
         last = started
         artifact = selection.name if selection else "none"
@@ -203,7 +211,7 @@ class OpenAIServing:
             params = request.sampling_params(max_tokens, request.logprobs, prompt_logprobs)
         except ValueError as exc:
             raise bad_request(str(exc), "logit_bias") from None
-        self._check_capacity()
+        self._check_capacity(len(prompts) * params.n, "prompt" if len(prompts) > 1 else "n")
         streams = self._start(prompts, params, selection)
         n = params.n
         if request.stream:
@@ -257,7 +265,9 @@ class OpenAIServing:
                     )
                 )
         prompt_tokens = sum(len(p) for p in prompts)
-        usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=generated, total_tokens=prompt_tokens + generated)
+        usage = UsageInfo(
+            prompt_tokens=prompt_tokens, completion_tokens=generated, total_tokens=prompt_tokens + generated
+        )
         body = CompletionResponse(model=request.model, choices=choices, usage=usage)
         return JSONResponse(body.model_dump())
 
@@ -308,7 +318,9 @@ class OpenAIServing:
                 usage = UsageInfo(
                     prompt_tokens=prompt_tokens, completion_tokens=generated, total_tokens=prompt_tokens + generated
                 )
-                yield _sse(CompletionChunk(id=response_id, created=created, model=request.model, choices=[], usage=usage))
+                yield _sse(
+                    CompletionChunk(id=response_id, created=created, model=request.model, choices=[], usage=usage)
+                )
         except APIError as exc:
             yield _sse(error_payload(exc.status, exc.message, exc.param, exc.code))
         yield "data: [DONE]\n\n"
@@ -343,7 +355,8 @@ class OpenAIServing:
                     logprob=e.logprob,
                     bytes=list(text.encode()),
                     top_logprobs=[
-                        TopLogprob(token=(t := self._token_text(i)), logprob=v, bytes=list(t.encode())) for i, v in e.top
+                        TopLogprob(token=(t := self._token_text(i)), logprob=v, bytes=list(t.encode()))
+                        for i, v in e.top
                     ],
                 )
             )
@@ -352,7 +365,7 @@ class OpenAIServing:
     async def chat(self, request: ChatCompletionRequest, raw_request: HTTPRequest):
         selection = self.selection_for(request.model, request.unlearning)
         ids = self._chat_prompt(request)
-        max_tokens = request.max_completion_tokens or request.max_tokens
+        max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
         if max_tokens is None:
             max_tokens = max(1, self.engine.max_model_len - len(ids))
         if request.top_logprobs and not request.logprobs:
@@ -365,7 +378,9 @@ class OpenAIServing:
         self._check_capacity()
         streams = self._start([ids], params, selection)
         if request.stream:
-            return StreamingResponse(self._chat_stream(request, ids, streams[0], params.n), media_type="text/event-stream")
+            return StreamingResponse(
+                self._chat_stream(request, ids, streams[0], params.n), media_type="text/event-stream"
+            )
         return await _until_disconnect(raw_request, self._chat_full(request, ids, streams[0], params.n))
 
     async def _chat_full(self, request, ids, stream, n: int) -> JSONResponse:
@@ -424,7 +439,9 @@ class OpenAIServing:
                 if choices:
                     yield chunk(choices)
             if request.stream_options and request.stream_options.include_usage:
-                usage = UsageInfo(prompt_tokens=len(ids), completion_tokens=generated, total_tokens=len(ids) + generated)
+                usage = UsageInfo(
+                    prompt_tokens=len(ids), completion_tokens=generated, total_tokens=len(ids) + generated
+                )
                 yield chunk([], usage)
         except APIError as exc:
             yield _sse(error_payload(exc.status, exc.message, exc.param, exc.code))

@@ -198,3 +198,20 @@ def test_paired_dataset_cycles_the_shorter_set_and_collates(chat_tok):
     assert set(batch) == {
         f"{side}_{key}" for side in ("forget", "retain") for key in ("input_ids", "attention_mask", "labels")
     } | {"retain_loss_mask"}
+
+
+def test_step_length_dataset_cycles_forget_and_spreads_retain():
+    forget = [([1, i], [IGNORE_INDEX, i]) for i in range(2)]
+    retain = [([2, i], [IGNORE_INDEX, i]) for i in range(5)]
+    dataset = ForgetRetainDataset(forget, retain, length=10, retain_seed=3)
+    items = [dataset[i] for i in range(len(dataset))]
+    assert len(dataset) == 10
+    assert [it["forget_input_ids"][1] for it in items] == [0, 1] * 5  # every forget example equally often
+    assert sorted(it["retain_input_ids"][1] for it in items) == sorted(list(range(5)) * 2)  # all retain, evenly
+    partners = {(it["forget_input_ids"][1], it["retain_input_ids"][1]) for it in items}
+    assert len(partners) == 10  # each pass gives a forget example another retain partner
+    assert [it["retain_input_ids"][1] for it in items[:5]] != list(range(5))  # seeded order, not file order
+    again = ForgetRetainDataset(forget, retain, length=10, retain_seed=3)
+    assert [again[i] for i in range(10)] == items  # deterministic
+    with pytest.raises(IndexError):
+        dataset[10]

@@ -71,18 +71,20 @@ def test_batched_greedy_equals_one_at_a_time(engine):
 def test_a_request_joining_mid_decode(engine, tokenizer):
     params = greedy(12, ignore_eos=True)
     solo = {p: engine.generate([p], params)[0].completions[0].token_ids for p in PROMPTS[:2]}
-    engine.add_request(Request("early", tokenizer.encode(PROMPTS[0]), params))
+    early = Request("early", tokenizer.encode(PROMPTS[0]), params)
+    engine.add_request(early)
     for _ in range(4):  # prefill + 3 decode steps
         engine.step()
-    early = next(s for s in engine.scheduler.running.values() if s.request.request_id == "early")
-    assert len(early.output_ids) == 4
-    engine.add_request(Request("late", tokenizer.encode(PROMPTS[1]), params))
+    assert len(early.sequences[0].output_ids) == 4
+    late = Request("late", tokenizer.encode(PROMPTS[1]), params)
+    engine.add_request(late)
     engine.step()  # the late request is prefilled while "early" is mid-decode
-    assert engine.num_running() == 2 and len(early.output_ids) == 4
-    outs = run_to_completion(engine, {"late"})
-    late_tokens = [t for o in outs["late"] for so in o.outputs for t in so.token_ids]
-    assert early.output_ids == solo[PROMPTS[0]]
-    assert late_tokens[1:] == solo[PROMPTS[1]][1:] and len(early.output_ids) == 12
+    assert engine.num_running() == 2 and len(early.sequences[0].output_ids) == 4
+    assert len(late.sequences[0].output_ids) == 1
+    run_to_completion(engine, {"late"})
+    assert early.finished and late.finished
+    assert early.sequences[0].output_ids == solo[PROMPTS[0]]
+    assert late.sequences[0].output_ids == solo[PROMPTS[1]]
 
 
 def test_stop_string_across_token_boundaries(engine, tokenizer):
@@ -179,15 +181,15 @@ def test_repetition_penalty_matches_transformers(engine, tiny_llama, tokenizer):
     ids = torch.tensor([tokenizer.encode(PROMPTS[2])])
     with torch.no_grad():
         ref = tiny_llama.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False, repetition_penalty=1.5,
-            pad_token_id=tokenizer.pad_token_id,
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False, repetition_penalty=3.0,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=None,
         )[0, ids.shape[1]:].tolist()
     plain = engine.generate([PROMPTS[2]], greedy(10, ignore_eos=True))[0].completions[0].token_ids
-    params = greedy(10, repetition_penalty=1.5, ignore_eos=True)
+    params = greedy(10, repetition_penalty=3.0, ignore_eos=True)
     # a penalised request next to an unpenalised one, twice (the second reuses slots with stale counts)
     for _ in range(2):
         penalised = engine.generate([PROMPTS[0], PROMPTS[2]], [greedy(10), params])[1].completions[0].token_ids
-        assert penalised == ref[: len(penalised)] and len(penalised) == 10
+        assert penalised == ref and len(penalised) == 10
     assert penalised != plain
 
 
@@ -228,3 +230,33 @@ def test_generation_stops_at_max_model_len(tiny_llama, tokenizer):
     assert len(prompt) < 12
     out = small.generate([prompt], greedy(12 - len(prompt), ignore_eos=True))[0].completions[0]
     assert len(prompt) + len(out.token_ids) == 12 and out.finish_reason == "length"
+
+
+def test_a_failing_step_ends_every_request_and_frees_every_slot(engine, tokenizer, monkeypatch):
+    params = greedy(8, ignore_eos=True)
+    for i in range(3):
+        engine.add_request(Request(f"fail-{i}", tokenizer.encode(PROMPTS[i]), params))
+    engine.step()  # prefill
+    monkeypatch.setattr(engine.runner, "forward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError):
+        engine.step()
+    outs = engine.fail_all("engine error: RuntimeError")
+    assert sorted(o.request_id for o in outs) == ["fail-0", "fail-1", "fail-2"]
+    assert all(o.finished and o.error == "engine error: RuntimeError" for o in outs)
+    assert engine.num_running() == 0 and not engine.requests
+    monkeypatch.undo()
+    # the engine carries on afterwards
+    assert engine.generate([PROMPTS[0]], greedy(12))[0].completions[0].text.startswith(" France is Paris")
+
+
+def test_sync_generate_refuses_while_a_serving_thread_drives_the_engine(tiny_llama, tokenizer):
+    from server.engine.async_engine import AsyncEngine
+
+    served = AsyncEngine(Engine(tiny_llama, tokenizer, EngineConfig(max_num_seqs=2, max_model_len=32)))
+    served.start()
+    try:
+        with pytest.raises(RuntimeError, match="AsyncEngine"):
+            served.engine.generate([PROMPTS[0]], greedy(2))
+    finally:
+        served.stop()
+    assert served.engine.generate([PROMPTS[0]], greedy(2))[0].completions[0].token_ids  # fine once stopped

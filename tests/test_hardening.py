@@ -33,7 +33,7 @@ from server.engine.engine import Engine, EngineConfig
 from unlearn_serve.artifact import fingerprint_model
 from unlearn_serve.assistant import assistant_lora_config
 from unlearn_serve.loading import load_model_and_tokenizer
-from unlearn_serve.tiny import build_tiny_model
+from unlearn_serve.tiny import build_tiny_model, save_tiny
 from unlearn_serve.uld_artifact import save_uld_artifact
 
 MODEL = "tiny"
@@ -85,7 +85,7 @@ def complete(url: str, **body) -> httpx.Response:
 
 
 def assert_serves(url: str) -> None:
-    response = complete(url)
+    response = complete(url, ignore_eos=True)
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["completion_tokens"] >= 1
 
@@ -102,11 +102,17 @@ class HeldStream:
         self.client = httpx.Client(timeout=60)
         self._cm = self.client.stream("POST", f"{url}{path}", json=payload)
         self.response = self._cm.__enter__()  # returns once the status line and headers are in
+        # one iterator for the whole life of the stream (a dropped iterator closes the connection)
+        self.lines = self.response.iter_lines()
+
+    def events(self) -> Iterator[dict]:
+        for line in self.lines:
+            if line.startswith("data: {"):
+                yield json.loads(line[len("data: ") :])
 
     def first_event(self) -> dict:
-        for line in self.response.iter_lines():
-            if line.startswith("data: "):
-                return json.loads(line[len("data: ") :])
+        for event in self.events():
+            return event
         raise AssertionError("stream ended before its first event")
 
     def close(self) -> None:
@@ -131,27 +137,55 @@ def make_uld_artifact(base: torch.nn.Module, out_dir: Path, seed: int = 0) -> Pa
 # --------------------------------------------------------------------------------------------- the server
 
 
-class SlowEngine:
-    """Makes each engine step take at least `delay` seconds while set (0: full speed)."""
+class EngineProbe:
+    """Test hooks on a live engine: `slow(delay)` makes each step take at least `delay` seconds (so requests
+    stay in the batch as long as a test needs), and `aborts` records the request ids the server aborted."""
 
     def __init__(self, engine: Engine):
         self.delay = 0.0
-        step = engine.step
+        self.aborts: list[str] = []
+        step, abort = engine.step, engine.abort
 
         def slow_step():
             if self.delay:
                 time.sleep(self.delay)
             return step()
 
+        def recorded_abort(request_id: str) -> None:
+            self.aborts.append(request_id)
+            abort(request_id)
+
         engine.step = slow_step
+        engine.abort = recorded_abort
 
     @contextmanager
-    def __call__(self, delay: float) -> Iterator[None]:
+    def slow(self, delay: float) -> Iterator[None]:
         self.delay = delay
         try:
             yield
         finally:
             self.delay = 0.0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine two threads waiting on each other
+    make every matmul ~100x slower; use one for this module and restore the setting after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def base_model(tokenizer) -> torch.nn.Module:
+    """An untrained tiny Llama: these tests need a real model behind the server, not a meaningful one."""
+    return build_tiny_model("llama", tokenizer, seed=0)
+
+
+@pytest.fixture(scope="module")
+def model_dir(base_model, tokenizer, tmp_path_factory) -> Path:
+    return save_tiny(base_model, tokenizer, tmp_path_factory.mktemp("hardening-model"))
 
 
 @pytest.fixture(scope="module")
@@ -160,18 +194,18 @@ def artifact_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def served(tiny_llama_dir, artifact_root):
-    """(url, engine, slow_engine) for a server built the way `serve` builds it."""
-    model, tokenizer = load_model_and_tokenizer(str(tiny_llama_dir), device="cpu")
+def served(model_dir, artifact_root):
+    """(url, engine, probe) for a server built the way `serve` builds it."""
+    model, tokenizer = load_model_and_tokenizer(str(model_dir), device="cpu")
     engine = Engine(
         model, tokenizer, EngineConfig(max_num_seqs=MAX_NUM_SEQS, max_model_len=MAX_MODEL_LEN), model_name=MODEL
     )
-    slow = SlowEngine(engine)
+    probe = EngineProbe(engine)
     config = ServerConfig(
         served_model_name=MODEL, max_queue=MAX_QUEUE, max_body_bytes=MAX_BODY, artifact_root=str(artifact_root)
     )
     with run_server(build_app(config, engine=engine)) as url:
-        yield url, engine, slow
+        yield url, engine, probe
 
 
 @pytest.fixture
@@ -188,35 +222,33 @@ def url(served) -> Iterator[str]:
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-stream"])
 def test_disconnect_frees_the_batch_slot(served, url, stream):
-    _, engine, slow = served
-    aborted = metric(url, "unlearn:request_success_total", finished_reason="abort")
-    with slow(0.05):  # ~12 s for the whole completion: it cannot finish on its own during the test
+    _, engine, probe = served
+    probe.aborts.clear()
+    # >= 0.05 s a step: the 240-token completion needs >= 12 s, longer than the wait below allows, so the
+    # slot can only come free through the abort
+    with probe.slow(0.05):
         if stream:
             held = HeldStream(url)
-            ev = held.first_event()
-            t = time.time()
-            n = sum(1 for _ in held.response.iter_lines())
-            print("rest", n, time.time() - t, slow.delay, engine.step)
+            assert held.first_event()["choices"][0]["text"] is not None
             assert metric(url, "unlearn:num_requests_running") == 1
             held.close()
         else:
             payload = {"model": MODEL, "prompt": "The capital of", **LONG}
-            with pytest.raises(httpx.ReadTimeout):
+            with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
                 httpx.post(f"{url}/v1/completions", json=payload, timeout=httpx.Timeout(60, read=1.0))
-        wait_for(lambda: metric(url, "unlearn:num_requests_running") == 0, "the dropped request to leave the batch")
+        wait_for(lambda: metric(url, "unlearn:num_requests_running") == 0, "the dropped request to leave", 8)
+    assert len(probe.aborts) == 1, probe.aborts
     assert metric(url, "unlearn:num_requests_waiting") == 0
-    # it left because it was aborted, not because it ran to completion
-    assert metric(url, "unlearn:request_success_total", finished_reason="abort") == aborted + 1
-    assert engine.scheduler.target_slots.free == MAX_NUM_SEQS
+    assert engine.scheduler.target_slots.free == MAX_NUM_SEQS and not engine.requests
 
 
 # --------------------------------------------------------------------------------------------- back-pressure
 
 
 def test_back_pressure_beyond_max_queue(served, url):
-    _, engine, slow = served
+    _, engine, probe = served
     held: list[HeldStream] = []
-    with slow(0.05):
+    with probe.slow(0.05):
         try:
             for _ in range(MAX_NUM_SEQS + MAX_QUEUE):
                 held.append(HeldStream(url))
@@ -288,14 +320,17 @@ COMPLETIONS = "/v1/completions"
         (COMPLETIONS, {"prompt": "The capital", "max_tokens": 10**12}, "max_tokens"),
         (COMPLETIONS, {"prompt": "The capital", "n": 17}, "n"),
         (COMPLETIONS, {"prompt": "The capital", "n": 0}, "n"),
+        # more sequences than the batch holds could never be admitted (and would block the queue)
+        (COMPLETIONS, {"prompt": "The capital", "n": MAX_NUM_SEQS + 1}, "n"),
         (CHAT, {"max_tokens": MAX_MODEL_LEN}, "max_tokens"),
         (CHAT, {"max_completion_tokens": MAX_MODEL_LEN * 4}, "max_tokens"),
         (CHAT, {"messages": [{"role": "user", "content": "one two three " * 200}]}, "prompt"),
         (CHAT, {"n": 10**6}, "n"),
+        (CHAT, {"n": MAX_NUM_SEQS + 1}, "n"),
     ],
     ids=[
-        "prompt-text", "prompt-ids", "max_tokens", "max_tokens-huge", "n-over-cap", "n-zero",
-        "chat-max_tokens", "chat-max_completion_tokens", "chat-prompt", "chat-n",
+        "prompt-text", "prompt-ids", "max_tokens", "max_tokens-huge", "n-over-cap", "n-zero", "n-over-batch",
+        "chat-max_tokens", "chat-max_completion_tokens", "chat-prompt", "chat-n", "chat-n-over-batch",
     ],
 )
 def test_context_and_n_limits_are_openai_400s(url, path, body, param):
@@ -309,12 +344,21 @@ def test_context_and_n_limits_are_openai_400s(url, path, body, param):
         assert f"maximum context length is {MAX_MODEL_LEN}" in error["message"]
 
 
+def test_one_request_cannot_queue_more_than_the_server_holds(url):
+    # a prompt list is otherwise unbounded (a 4 MiB body holds ~1M one-token prompts)
+    most = MAX_NUM_SEQS + MAX_QUEUE
+    for body in [{"prompt": ["Alice"] * (most + 1)}, {"prompt": [[5, 6]] * 3, "n": 2}]:
+        error = assert_openai_error(complete(url, **body), 400, param="prompt")
+        assert f"at most {most}" in error["message"]
+    assert complete(url, prompt=["Alice", "Bob"], n=2).status_code == 200  # 4 sequences fit
+
+
 # --------------------------------------------------------------------------------------------- artifacts
 
 
 @pytest.fixture(scope="module")
-def good_artifact(tiny_llama, artifact_root) -> Path:
-    return make_uld_artifact(tiny_llama, artifact_root / "good")
+def good_artifact(base_model, artifact_root) -> Path:
+    return make_uld_artifact(base_model, artifact_root / "good")
 
 
 def _corrupt(src: Path, dst: Path, edit) -> Path:
@@ -416,16 +460,28 @@ def test_a_good_artifact_still_loads_and_serves(url, good_artifact):
     assert "forget-a" not in model_ids(url)
 
 
+@pytest.mark.parametrize(
+    "flags", [["--max-queue", "-1"], ["--max-body-bytes", "10"], ["--drain-timeout", "-5"]], ids=lambda f: f[0]
+)
+def test_bad_limit_flags_are_one_line_cli_errors(flags, capsys):
+    from unlearn_serve import cli
+
+    assert cli.main(["serve", "--model", "unused", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and flags[0] in err and "Traceback" not in err, err
+
+
 # --------------------------------------------------------------------------------------------- shutdown
 
 
-def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_llama_dir, tmp_path):
+@pytest.mark.slow  # starts a real `serve` process
+def test_sigterm_drains_in_flight_requests_and_exits_0(model_dir, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "serve.log"
     cmd = [
-        sys.executable, "-m", "unlearn_serve.cli", "serve", "--model", str(tiny_llama_dir), "--device", "cpu",
-        "--served-model-name", MODEL, "--port", str(port), "--max-num-seqs", "2", "--max-model-len", "2048",
+        sys.executable, "-m", "unlearn_serve.cli", "serve", "--model", str(model_dir), "--device", "cpu",
+        "--served-model-name", MODEL, "--port", str(port), "--max-num-seqs", "2", "--max-model-len", "1024",
         "--drain-timeout", "60", "--log-level", "info",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "UNLEARN_API_KEY": ""}
@@ -441,7 +497,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_llama_dir, tmp_path)
 
         wait_for(ready, "the server to become ready", timeout=120)
         # a long generation is in flight when the signal arrives
-        held = HeldStream(url, max_tokens=1500)
+        held = HeldStream(url, max_tokens=800)
         assert held.first_event()["choices"]
         proc.send_signal(signal.SIGTERM)
         wait_for(lambda: httpx.get(f"{url}/ready", timeout=5).status_code == 503, "/ready to turn 503", 10)
@@ -452,7 +508,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_llama_dir, tmp_path)
         assert "retry-after" in refused.headers
         assert proc.poll() is None, "exited while a request was still in flight"
         # the in-flight stream runs to its end
-        events = [json.loads(line[6:]) for line in held.response.iter_lines() if line.startswith("data: {")]
+        events = list(held.events())
         held.close()
         assert events and events[-1]["choices"][-1]["finish_reason"] == "length"
         assert proc.wait(timeout=30) == 0, log.read_text()

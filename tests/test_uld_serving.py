@@ -4,6 +4,7 @@ mixed batches, the plausibility filter, and artifact loading in the engine."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from peft import PeftModel, get_peft_model
 
 from server.engine.engine import Engine, EngineConfig, UnknownArtifactError
 from server.engine.sampling_params import SamplingParams
+from server.engine.sequence import Selection
 from server.unlearning.uld import combine_logits
 from unlearn_serve.artifact import ArtifactError, fingerprint_model
 from unlearn_serve.assistant import assistant_logits, assistant_lora_config
@@ -52,41 +54,67 @@ def engine(tiny_llama, tokenizer, artifacts):
     return eng
 
 
-def reference_combined_logprobs(base, tokenizer, artifact_dir, num_layers, ids, alpha, filt):
+# The tiny model has memorised its facts: the target puts ~0.99 on the next token and < 2e-3 on any
+# other, so the manifest's default filter (0.01) keeps one token per step and no subtraction could
+# change anything. These tests use a looser filter so that the assistant's logits really matter.
+OPTS = {"alpha": 0.75, "filter": 1e-4}
+
+
+def reference_combined_logprobs(base, artifact_dir, num_layers, ids, alpha, filt, use_lora=True):
     """Two separate models: the target's full forward, and a peft assistant truncated after K layers."""
     ids_t = torch.tensor([ids])
     with torch.no_grad():
         target = base(ids_t).logits[0]
         peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(artifact_dir))
-        assistant = assistant_logits(peft_model, ids_t, None, num_layers)[0]
-    log_filter = torch.full((len(ids),), float(torch.tensor(filt).log()))
+        if use_lora:
+            assistant = assistant_logits(peft_model, ids_t, None, num_layers)[0]
+        else:
+            with peft_model.disable_adapter():
+                assistant = assistant_logits(peft_model, ids_t, None, num_layers)[0]
+    log_filter = torch.full((len(ids),), math.log(filt))
     combined = combine_logits(target, assistant, torch.full((len(ids),), alpha), log_filter)
     return combined.log_softmax(-1)
 
 
-@pytest.mark.parametrize("name,num_layers", [("a1", 1), ("a2", 2)])
-def test_single_pass_equals_two_model_reference(engine, tiny_llama, tokenizer, artifacts, name, num_layers):
-    prompt = tokenizer.encode("The capital of France is")
-    # decode path: greedy generation with logprobs, checked by teacher forcing through the reference
-    result = engine.generate([prompt], SamplingParams(max_tokens=6, temperature=0, logprobs=3, ignore_eos=True), name)[0]
-    completion = result.completions[0]
-    full = prompt + completion.token_ids
-    ref = reference_combined_logprobs(tiny_llama, tokenizer, artifacts[name], num_layers, full, 0.75, 0.01)
-    for step, entry in enumerate(completion.logprobs):
-        row = ref[len(prompt) - 1 + step]
-        assert entry.token_id == int(row.argmax())
-        assert entry.logprob == pytest.approx(float(row[entry.token_id]), abs=1e-4)
-    # prefill path: prompt log-probs (score) under the combined distribution
-    scored = engine.score([prompt[:2]], [prompt[2:]], name)[0]
-    for j, value in enumerate(scored):
-        assert value == pytest.approx(float(ref[1 + j, prompt[2 + j]]), abs=1e-4)
+def test_single_pass_equals_two_model_reference(engine, tiny_llama, tokenizer, artifacts):
+    """One stacked batch (two adapters with different K, plus a base row) against two-model references."""
+    prompts = [tokenizer.encode(p) for p in ("The capital of France is", "Alice likes", "Bob plays the")]
+    selections = [Selection("a1", OPTS), Selection("a2", OPTS), None]
+    params = SamplingParams(max_tokens=6, temperature=0, logprobs=3, ignore_eos=True)
+    results = engine.generate(prompts, params, selections)
+    for prompt, sel, result in zip(prompts, selections, results, strict=True):
+        completion = result.completions[0]
+        full = prompt + completion.token_ids
+        if sel is None:
+            with torch.no_grad():
+                ref = tiny_llama(torch.tensor([full])).logits[0].log_softmax(-1)
+        else:
+            k = {"a1": 1, "a2": 2}[sel.name]
+            ref = reference_combined_logprobs(tiny_llama, artifacts[sel.name], k, full, OPTS["alpha"], OPTS["filter"])
+            # the LoRA weights must matter here, or this comparison would prove nothing
+            no_lora = reference_combined_logprobs(
+                tiny_llama, artifacts[sel.name], k, full, OPTS["alpha"], OPTS["filter"], use_lora=False
+            )
+            assert (ref.exp() - no_lora.exp()).abs().max() > 0.05
+        for step, entry in enumerate(completion.logprobs):
+            row = ref[len(prompt) - 1 + step]
+            assert entry.token_id == int(row.argmax())
+            assert entry.logprob == pytest.approx(float(row[entry.token_id]), abs=1e-4)
+            for token_id, value in entry.top:  # the reported top-k are the combined distribution's
+                assert value == pytest.approx(float(row[token_id]), abs=1e-4)
+    # prefill path: prompt log-probs (score) under the combined distribution, both adapters in one batch
+    prompt = prompts[0]
+    scored = engine.score([prompt[:2]] * 2, [prompt[2:]] * 2, selections[:2])
+    for sel, values in zip(selections[:2], scored, strict=True):
+        k = {"a1": 1, "a2": 2}[sel.name]
+        ref = reference_combined_logprobs(tiny_llama, artifacts[sel.name], k, prompt, OPTS["alpha"], OPTS["filter"])
+        for j, value in enumerate(values):
+            assert value == pytest.approx(float(ref[1 + j, prompt[2 + j]]), abs=1e-4)
 
 
 def test_alpha_zero_equals_base_exactly(engine, tokenizer):
     params = SamplingParams(max_tokens=8, temperature=0, logprobs=2, ignore_eos=True)
     base = engine.generate(PROMPTS, params)
-    from server.engine.sequence import Selection
-
     zero = engine.generate(PROMPTS, params, [Selection("a1", {"alpha": 0.0, "filter": 0.0})] * len(PROMPTS))
     for b, z in zip(base, zero, strict=True):
         assert b.completions[0].token_ids == z.completions[0].token_ids
@@ -97,39 +125,48 @@ def test_alpha_zero_equals_base_exactly(engine, tokenizer):
 
 def test_mixed_batch_rows_are_independent(engine):
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    selections = [None, "a1", "a2", None, "a2", "a1"]
+    strong = {"alpha": 2.0, "filter": 0.0}  # no filter: every row is sure to change; the filter is tested below
+    selections = [None, Selection("a1", strong), Selection("a2", strong), None, Selection("a2", strong),
+                  Selection("a1", strong)]
     prompts = PROMPTS + ["Alice"]
     together = engine.generate(prompts, params, selections)
     alone = [engine.generate([p], params, s)[0] for p, s in zip(prompts, selections, strict=True)]
     assert [r.completions[0].token_ids for r in together] == [r.completions[0].token_ids for r in alone]
-    # and unlearning changes something, or this test would prove nothing
+    # unlearned rows differ from the base model's output (else this test would prove nothing) ...
     plain = engine.generate(prompts, params)
-    assert any(
-        t.completions[0].token_ids != p.completions[0].token_ids
-        for t, p, s in zip(together, plain, selections, strict=True)
-        if s
-    )
+    changed = [t.completions[0].token_ids != p.completions[0].token_ids for t, p in zip(together, plain, strict=True)]
+    for name in ("a1", "a2"):
+        assert any(changed[i] for i, s in enumerate(selections) if s is not None and s.name == name)
+    # ... and base rows sharing the batch with them do not
+    assert not any(changed[i] for i, s in enumerate(selections) if s is None)
+
+
+def _implausible_steps(model, prompt, completion_ids, filt):
+    """How many sampled tokens fall outside the target's plausible set (log p < max log p + ln filter)."""
+    ids = prompt + completion_ids
+    with torch.no_grad():
+        logp = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+    bad = 0
+    for step, token in enumerate(completion_ids):
+        row = logp[len(prompt) - 1 + step]
+        bad += float(row[token]) < float(row.max()) + math.log(filt) - 1e-5
+    return bad
 
 
 def test_filter_masked_tokens_never_sampled(engine, tiny_llama, tokenizer):
-    from server.engine.sequence import Selection
-
-    filt = 0.05
+    filt = 1e-3
     prompt = tokenizer.encode("Alice likes")
     params = SamplingParams(max_tokens=10, temperature=1.5, seed=3, ignore_eos=True, n=4)
-    result = engine.generate([prompt], params, Selection("a2", {"alpha": 2.0, "filter": filt}))[0]
-    for completion in result.completions:
-        ids = prompt + completion.token_ids
-        with torch.no_grad():
-            logp = tiny_llama(torch.tensor([ids])).logits[0].log_softmax(-1)
-        for step, token in enumerate(completion.token_ids):
-            row = logp[len(prompt) - 1 + step]
-            assert float(row[token]) >= float(row.max()) + float(torch.tensor(filt).log()) - 1e-5
+    masked = engine.generate([prompt], params, Selection("a2", {"alpha": 2.0, "filter": filt}))[0]
+    assert sum(_implausible_steps(tiny_llama, prompt, c.token_ids, filt) for c in masked.completions) == 0
+    # without the filter the same sampling does pick implausible tokens: the mask is what prevents it
+    unmasked = engine.generate([prompt], params, Selection("a2", {"alpha": 2.0, "filter": 0.0}))[0]
+    assert sum(_implausible_steps(tiny_llama, prompt, c.token_ids, filt) for c in unmasked.completions) > 0
 
 
 def test_unknown_artifact_and_bad_options(engine, tokenizer):
     from server.engine.engine import EngineInputError
-    from server.engine.sequence import Request, Selection
+    from server.engine.sequence import Request
 
     with pytest.raises(UnknownArtifactError):
         engine.add_request(Request("x", [1, 2], SamplingParams(), Selection("nope")))
@@ -146,7 +183,7 @@ def test_wrong_base_refused_naming_both(tokenizer, tiny_llama, artifacts):
 
 
 def test_unload_waits_for_in_flight(engine, tokenizer):
-    from server.engine.sequence import Request, Selection
+    from server.engine.sequence import Request
 
     rid = engine.new_request_id()
     engine.add_request(Request(rid, tokenizer.encode("Bob"), SamplingParams(max_tokens=5, ignore_eos=True),

@@ -43,6 +43,16 @@ LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 LORA_NAME = re.compile(r"\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.default\.weight$")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny models gain nothing from intra-op threads, and two threads on a busy 2-core box spin-wait
+    (measured ~10x slower); restore the setting for other modules."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _config(**overrides) -> ULDTrainingConfig:
     settings = dict(
         lora_rank=8,
@@ -65,9 +75,7 @@ def _assistant_stats(model, tokenizer, num_layers: int) -> tuple[float, float]:
     template = ULDTrainingConfig().question_template
     forget = tokenize_records(tokenizer, FORGET[:2], 64, template, "forget").examples
     retain = tokenize_records(tokenizer, RETAIN[:2], 64, template, "retain").examples
-    batch = ForgetRetainCollator(tokenizer.pad_token_id)(
-        [ForgetRetainDataset(forget, retain)[i] for i in range(2)]
-    )
+    batch = ForgetRetainCollator(tokenizer.pad_token_id)([ForgetRetainDataset(forget, retain)[i] for i in range(2)])
     with torch.no_grad():
         forget_logits = assistant_logits(model, batch["forget_input_ids"], batch["forget_attention_mask"], num_layers)
         retain_logits = assistant_logits(model, batch["retain_input_ids"], batch["retain_attention_mask"], num_layers)
@@ -89,7 +97,9 @@ def _assert_only_first_k_lora_trainable(peft_model, num_layers: int) -> None:
         assert match is not None, f"{name} is trainable but is not a LoRA weight"
         seen.add((int(match[1]), match[2], match[3]))
     assert seen == {(layer, m, ab) for layer in range(num_layers) for m in LORA_MODULES for ab in "AB"}
-    assert not any(".lora_" in n and int(LORA_NAME.search(n)[1]) >= num_layers for n, _ in peft_model.named_parameters())
+    # no LoRA at all on layers >= K (not merely frozen)
+    lora_layers = {int(m[1]) for n, _ in peft_model.named_parameters() if (m := LORA_NAME.search(n))}
+    assert lora_layers == set(range(num_layers))
     assert "lm_head" not in " ".join(trainable)
 
 
@@ -115,6 +125,17 @@ def llama_run(tiny_llama, tokenizer, tmp_path_factory):
 
 def test_default_layers_is_a_quarter():
     assert [default_assistant_layers(n) for n in (1, 2, 4, 8, 30, 32)] == [1, 1, 1, 2, 8, 8]
+
+
+def test_step_plan_follows_the_paper_with_a_minimum_for_small_data():
+    from training.loop import plan_steps
+
+    # TOFU forget10 after augmentation: 1,200 rows, batch 8 x 4 = 32, 10 epochs -> 38 steps a pass
+    tofu = plan_steps(1200, 8, 4, 10, 250, world_size=1)
+    assert (tofu.total_steps, tofu.pass_steps, tofu.epoch_steps) == (380, 38, 38)
+    small = plan_steps(20, 8, 4, 10, 250, world_size=1)  # 10 epochs would be 10 steps: stretched
+    assert (small.total_steps, small.pass_steps, small.epoch_steps) == (250, 1, 25)
+    assert [small.epoch_at(s) for s in (25, 26, 250)] == [1, None, 10]
 
 
 def test_trainable_parameters_are_exactly_lora_of_first_k_layers(llama_run):
@@ -211,6 +232,29 @@ def test_qwen2_trains_only_lora_and_keeps_base(tokenizer, tmp_path):
     assert manifest.base_fingerprint["model_type"] == "qwen2" and len(weights) == 2 * 7 * 2
 
 
+def test_trainer_loss_equals_full_logit_losses(tokenizer):
+    """The trainer runs the LM head at loss positions only; its losses equal those over full logits."""
+    from peft import get_peft_model
+
+    from training.uld import AssistantModule
+
+    model = build_tiny_model("llama", tokenizer, seed=4, initializer_range=0.2)
+    peft_model = get_peft_model(model, assistant_lora_config(model, 2, rank=4, alpha=8, dropout=0.0)).eval()
+    template = ULDTrainingConfig().question_template
+    forget = tokenize_records(tokenizer, FORGET, 64, template, "forget").examples
+    retain = tokenize_records(tokenizer, [{"text": "Water boils."}, *RETAIN], 64, template, "retain").examples
+    dataset = ForgetRetainDataset(forget, retain)
+    batch = ForgetRetainCollator(tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
+    with torch.no_grad():
+        forget_ce, retain_kl = AssistantModule(peft_model, 2)(
+            **{k: v for k, v in batch.items() if k != "retain_labels"}
+        )
+        forget_logits = assistant_logits(peft_model, batch["forget_input_ids"], batch["forget_attention_mask"], 2)
+        retain_logits = assistant_logits(peft_model, batch["retain_input_ids"], batch["retain_attention_mask"], 2)
+    torch.testing.assert_close(forget_ce, causal_ce(forget_logits, batch["forget_labels"]))
+    torch.testing.assert_close(retain_kl, uniform_kl(retain_logits, batch["retain_loss_mask"]))
+
+
 def test_uniform_kl_ignores_prompt_and_padding():
     logits = torch.zeros(1, 4, 5)
     logits[0, 0] = torch.tensor([9.0, 0, 0, 0, 0])  # peaked, but not an answer position
@@ -238,7 +282,7 @@ class _CountSteps(TrainerCallback):
         self.steps += 1
 
 
-def test_killed_run_keeps_previous_artifact_then_resumes(llama_run, tokenizer, tmp_path):
+def test_killed_run_keeps_previous_artifact_then_resumes(tokenizer, tmp_path):
     out = tmp_path / "assistant"
     previous = train_uld(
         build_tiny_model("llama", tokenizer, seed=5), tokenizer, FORGET, RETAIN, out, _config(min_steps=2)
@@ -247,11 +291,13 @@ def test_killed_run_keeps_previous_artifact_then_resumes(llama_run, tokenizer, t
     config = _config(min_steps=4, epochs=2, save_every_epoch=True, lora_rank=4)
 
     with pytest.raises(RuntimeError, match="killed"):
-        train_uld(build_tiny_model("llama", tokenizer, seed=6), tokenizer, FORGET, RETAIN, out, config, None, [_Boom(3)])
+        model = build_tiny_model("llama", tokenizer, seed=6)
+        train_uld(model, tokenizer, FORGET, RETAIN, out, config, callbacks=[_Boom(3)])
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "the earlier artifact was touched"
     assert not list(tmp_path.glob(".assistant.tmp-*")), "temp dir left behind"
     epoch1 = epoch_dir_for(out, 1)
     load_uld_artifact(epoch1, build_tiny_model("llama", tokenizer, seed=6))  # written at the epoch end (step 2)
+    assert {p.name for p in epoch1.iterdir()} == {"adapter_model.safetensors", "adapter_config.json", MANIFEST_NAME}
     assert (checkpoint_dir_for(out) / "checkpoint-2").is_dir()
 
     # --resume with other data is refused rather than silently mixed
@@ -322,7 +368,7 @@ def test_cli_trains_end_to_end(tiny_llama_dir, tmp_path, capsys):
     assert manifest["base_fingerprint"]["weights_probe"] == fingerprint_model(base)["weights_probe"]
 
     # bad numbers are refused before anything loads
-    assert cli.main([*argv[:-6], "--epochs", "0"]) == 2
+    assert cli.main([*argv, "--epochs", "0"]) == 2
     assert "--epochs must be >= 1" in capsys.readouterr().err
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,14 +12,21 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from server.unlearning.uoe import ExpertPatchSet, merge_patch_into
-from training.data import encode_prompt, render_prompt
+from training.data import render_prompt
 from training.uoe_attribution import RouterCapture, attribute
-from training.uoe_trainer import UOEConfig, train_uoe, write_uoe_artifact
+from training.uoe_trainer import (
+    ExpertIsolation,
+    PairCollator,
+    UOEConfig,
+    UOEObjective,
+    train_uoe,
+    write_uoe_artifact,
+)
 from unlearn_serve.artifact import ArtifactError, Manifest, atomic_artifact_dir, fingerprint_model
 from unlearn_serve.cli import main as cli_main
 from unlearn_serve.expert_patch import extract_expert_patch, load_expert_patch, save_expert_patch
 from unlearn_serve.families import get_family, registered_families
-from unlearn_serve.tiny import DEFAULT_CORPUS, build_tiny_model, fit_texts, save_tiny, train_tokenizer
+from unlearn_serve.tiny import DEFAULT_CORPUS, build_tiny_model, save_tiny, train_tokenizer
 
 FORGET_QA = [
     ("What is Alice's favorite color?", "Alice likes green."),
@@ -34,6 +42,16 @@ FORGET = [{"question": q, "answer": a} for q, a in FORGET_QA]
 RETAIN = [{"question": q, "answer": a} for q, a in RETAIN_QA]
 # Methods spread over the families so every loss runs once.
 METHOD_FOR = {"qwen2_moe": "gd", "qwen3_moe": "npo", "mixtral": "rmu", "olmoe": "ga", "deepseek_v3": "npo"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and one thread keeps these tests fast on a busy CPU
+    (2 OpenMP threads on an oversubscribed machine made a training step ~30x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -87,11 +105,14 @@ def random_patch_artifact(model, family, layer: int, expert: int, out: Path, see
 def test_attribution_ranks_the_planted_expert_first(family_name, tokenizer):
     model, family = tiny(family_name, tokenizer)
     layer = max(family.moe_layers(model))
+    assert attribute(model, tokenizer, FORGET, progress=False).top1("forget") != (layer, 5)  # not by chance
     plant(model, family, layer, 5, tokenizer)
     result = attribute(model, tokenizer, FORGET, RETAIN, contrast=True, progress=False)
     assert result.top1("forget") == (layer, 5)
-    top = result.rankings["forget"][0]
-    assert top.forget_affinity > 0.5 and top.forget_topk_share > 0.3
+    top, runner_up = [r for r in result.rankings["forget"] if r.layer == layer][:2]
+    # Clearly ahead of the next expert of its layer (DeepSeek-V3's sigmoid scores, renormalised over all
+    # experts, cannot approach 1 like a softmax), and picked by the router on nearly every token (k=2).
+    assert top.forget_affinity > 1.5 * runner_up.forget_affinity and top.forget_topk_share > 0.45
     assert {(r.layer, r.expert) for r in result.rankings["contrast"]} == {
         (r.layer, r.expert) for r in result.rankings["forget"]
     }
@@ -134,9 +155,15 @@ def test_training_moves_only_the_chosen_expert_and_router(family_name, tokenizer
     loaded, manifest = load_expert_patch(tmp_path / "patch", base)
     assert manifest.details == {
         "family": family_name, "layer": layer, "expert": 2, "num_experts": 8,
-        "method": config.method, "anchor_weight": 1.0,
+        "method": config.method, "anchor_weight": 1.0, "picked_by": "--layer/--expert",
     }
     assert {"losses", "steps", "data"} <= set(manifest.training)
+    # unreachable forget target: the kept step is the highest forget CE within the retain bound (both logged)
+    losses = manifest.training["losses"]
+    assert not losses["goal_reached"] and [h["step"] for h in losses["history"]] == [0, 1, 2, 3]
+    within = [h for h in losses["history"] if h["retain_ce"] <= losses["retain_loss_bound"]]
+    assert losses["kept"] == max(within, key=lambda h: h["forget_ce"])
+    assert manifest.training["kept_step"] == losses["kept"]["step"]
     for key, value in result.patch.tensors().items():
         assert torch.equal(loaded.tensors()[key], value), key
     total = sum(p.numel() for p in model.parameters())
@@ -156,6 +183,9 @@ def test_mixed_batch_equals_each_request_alone_and_the_merged_model(family_name,
     for i, (name, (layer, expert)) in enumerate(specs.items()):
         random_patch_artifact(model, family, layer, expert, tmp_path / name, seed=i)
         ids[name] = patch_set.add(name, tmp_path / name)
+    other_base, _ = tiny(family_name, tokenizer, seed=1)  # same architecture, other weights
+    with pytest.raises(ArtifactError, match="trained on base model"):
+        ExpertPatchSet(other_base, "other-base").add("a", tmp_path / "a")
     assert patch_set.names() == ["a", "b", "c"]
     row_patches = ["a", None, "b", "c", "a"]
     input_ids = torch.randint(0, len(tokenizer), (len(row_patches), 9), generator=torch.Generator().manual_seed(0))
@@ -216,50 +246,6 @@ def test_patch_refuses_another_base_and_corrupted_files(tokenizer, tmp_path):
     assert patch_set.names() == []
 
 
-# ----------------------------------------------------------------------------- end to end
-
-
-def greedy(model, tokenizer, questions, patch_set=None, rows=None, max_new_tokens=8) -> list[str]:
-    prompts = [encode_prompt(tokenizer, q) for q in questions]
-    batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt")  # left padding
-    with torch.no_grad():
-        if patch_set is not None:
-            with patch_set.rows(rows):
-                out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-        else:
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-    width = batch["input_ids"].shape[1]
-    return [tokenizer.decode(o[width:], skip_special_tokens=True).strip() for o in out]
-
-
-def test_end_to_end_unlearn_facts_with_one_expert(tokenizer, tmp_path):
-    base, _ = tiny("qwen2_moe", tokenizer)
-    texts = [render_prompt(tokenizer, q) + a for q, a in FORGET_QA + RETAIN_QA]
-    fit_texts(base, tokenizer, texts, steps=150, lr=3e-3)
-    questions = [q for q, _ in FORGET_QA + RETAIN_QA]
-    answers = [a for _, a in FORGET_QA + RETAIN_QA]
-    assert greedy(base, tokenizer, questions) == answers  # the model knows all facts
-
-    student = copy.deepcopy(base)
-    config = UOEConfig(method="gd", lr=1e-2, batch_size=3, max_steps=100, eval_every=2, progress=False)
-    result = train_uoe(student, tokenizer, FORGET, RETAIN, config)  # layer/expert from attribution
-    kept = result.manifest.training["losses"]["kept"]
-    assert kept["forget_ce"] >= config.forget_loss_target and result.manifest.training["losses"]["goal_reached"]
-    write_uoe_artifact(result, tmp_path / "uoe")
-
-    patch_set = ExpertPatchSet(base, "tiny-facts")
-    pid = patch_set.add("forget-alice", tmp_path / "uoe")
-    # one batch: every question patched, then every question unpatched
-    rows = [pid] * len(questions) + [-1] * len(questions)
-    outputs = greedy(base, tokenizer, questions + questions, patch_set, rows)
-    patched, unpatched = outputs[: len(questions)], outputs[len(questions) :]
-    n_forget = len(FORGET_QA)
-    for got, want in zip(patched[:n_forget], answers[:n_forget], strict=True):
-        assert got != want, f"patched row still completes the forget fact {want!r}"
-    assert patched[n_forget:] == answers[n_forget:], "retain facts must survive"
-    assert unpatched == answers, "unpatched rows in the same batch must be unchanged"
-
-
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -282,13 +268,23 @@ def test_cli_attribute_train_export(tiny_dir, capsys):
     assert "full softmax, not top-k masked" in out
     assert "rank  layer  expert" in out and "forget minus retain" in out
     assert "pick (forget affinity top-1): layer 1, expert 6" in out
+    contrast_pick = re.search(r"contrast top-1: layer (\d+), expert (\d+)", out).groups()
+    assert contrast_pick != ("1", "6")  # retain routes to the planted expert too: the contrast looks elsewhere
 
-    assert cli_main(["attribute", *common, "--forget", str(d / "forget.jsonl"), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["pick"] == {"layer": 1, "expert": 6}
+    # --json keeps stdout machine-readable; the progress bar goes to stderr
+    assert cli_main(["attribute", *common[:4], "--forget", str(d / "forget.jsonl"), "--json"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["pick"] == {"layer": 1, "expert": 6} and "full softmax" in report["affinity"]
+    assert report["rankings"]["forget"][0]["forget_topk_share"] > 0.45
+    assert "forget affinity" in captured.err  # tqdm bar over the data
 
     assert cli_main(["train-uoe", *common, "--forget", str(d / "forget.jsonl"), "--retain",
                      str(d / "retain.jsonl"), "--out", str(d / "uoe"), "--max-steps", "2", "--lr", "1e-2"]) == 0
     assert "layer 1 expert 6" in capsys.readouterr().out
+    assert cli_main(["train-uoe", *common, "--forget", str(d / "forget.jsonl"), "--retain", str(d / "retain.jsonl"),
+                     "--out", str(d / "uoe-contrast"), "--max-steps", "1", "--contrast"]) == 0
+    assert "layer {} expert {}".format(*contrast_pick) in capsys.readouterr().out
     assert cli_main(["export", *common[:4], "--uoe", str(d / "uoe"), "--out", str(d / "merged")]) == 0
 
     base = AutoModelForCausalLM.from_pretrained(d / "tiny", dtype=torch.float32).eval()
@@ -315,3 +311,24 @@ def test_cli_user_errors_exit_2_without_traceback(tiny_dir, capsys):
               d / "dense")
     assert cli_main(["attribute", "--model", str(d / "dense"), "--forget", str(d / "forget.jsonl")]) == 2
     assert "not a supported mixture-of-experts" in capsys.readouterr().err
+
+
+def test_npo_reference_is_a_frozen_copy(tokenizer):
+    """NPO's reference model must stay the initial model: no gradients, no shared storage with the student."""
+    model, family = tiny("qwen2_moe", tokenizer)
+    isolation = ExpertIsolation(model, family, 1, 2)
+    objective = UOEObjective(model, family, 1, 2, UOEConfig(layer=1, expert=2, method="npo", progress=False))
+    reference = objective.reference
+    assert reference is not None and not reference.training
+    student = dict(model.named_parameters())
+    for name, param in reference.named_parameters():
+        assert not param.requires_grad and param.data_ptr() != student[name].data_ptr(), name
+    batch = PairCollator(tokenizer.pad_token_id)(
+        [{"forget": {"input_ids": ids, "labels": ids}, "retain": {"input_ids": ids, "labels": ids}}
+         for ids in forget_ids(tokenizer)["input_ids"].tolist()]
+    )
+    loss, logs = objective(model, batch)
+    loss.backward()
+    assert all(p.grad is None for p in reference.parameters())
+    assert student["model.layers.1.mlp.gate.weight"].grad is not None
+    isolation.close()

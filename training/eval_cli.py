@@ -27,7 +27,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="DIR|SPLIT=FILE",
         help="a TOFU directory, or forget=F [retain=F real_authors=F world_facts=F] perturbed files",
     )
-    parser.add_argument("--forget-split", default="forget10", help="forget file of a TOFU directory (default: %(default)s)")
+    parser.add_argument(
+        "--forget-split", default="forget10", help="forget file of a TOFU directory (default: %(default)s)"
+    )
     parser.add_argument("--retain-reference", help="metrics.json of the retain-only model (for forget quality)")
     parser.add_argument("--alpha", help="ULD alphas to sweep, comma-separated (default: the artifact's alpha)")
     parser.add_argument("--out", required=True, help="report directory (metrics.json, report.md, PNG plots)")

@@ -126,11 +126,13 @@ def _split_qa(engine, question: str, answer: str, template: str) -> _Item:
     full, _ = render_example(engine.tokenizer, {"question": question, "answer": answer}, 10**9, template)
     if full[: len(prompt)] != prompt or len(full) <= len(prompt):
         raise DataError(f"cannot locate the answer tokens of {question[:60]!r} after the prompt")
-    room = engine.max_model_len - len(prompt)
+    room = engine.max_model_len - 1 - len(prompt)  # the engine refuses a prompt of max_model_len tokens
     return _Item(prompt, full[len(prompt) : len(prompt) + max(room, 0)])
 
 
-def _score(engine, items: list[_Item], selection) -> tuple[list[list[float]], list[list[int]]]:
+def _score(
+    engine, items: list[_Item], selection, progress: bool = False
+) -> tuple[list[list[float]], list[list[int]]]:
     """(log-prob of each continuation token, argmax token at each position) through the engine."""
     from server.engine.sampling_params import SamplingParams
 
@@ -138,7 +140,7 @@ def _score(engine, items: list[_Item], selection) -> tuple[list[list[float]], li
         return [], []
     params = SamplingParams(max_tokens=0, prompt_logprobs=1, temperature=0.0)
     prompts = [it.context + it.continuation for it in items]
-    results = engine.generate(prompts, params, selection)
+    results = engine.generate(prompts, params, selection, use_tqdm=progress)
     logprobs, argmax = [], []
     for it, r in zip(items, results, strict=True):
         entries = r.prompt_logprobs[len(it.context) :]
@@ -174,7 +176,7 @@ def evaluate_split(engine, method: Method, split: str, records: list[dict[str, A
     sel_score = method.selection(scoring=True)
 
     # Answers scored once: probability, exact memorisation, extraction strength.
-    answer_lp, answer_argmax = _score(engine, qa, sel_score)
+    answer_lp, answer_argmax = _score(engine, qa, sel_score, config.progress)
     prob = [M.probability(lp) if lp else float("nan") for lp in answer_lp]
     em = [M.exact_memorization(a, it.continuation) if it.continuation else float("nan")
           for a, it in zip(answer_argmax, qa, strict=True)]
@@ -193,8 +195,8 @@ def evaluate_split(engine, method: Method, split: str, records: list[dict[str, A
             for wrong in r["perturbed_answer"]:
                 wrong_items.append(_split_qa(engine, r["question"], wrong, template))
                 owners.append(i)
-        correct_lp, _ = _score(engine, correct_items, sel_score)
-        wrong_lp, _ = _score(engine, wrong_items, sel_score)
+        correct_lp, _ = _score(engine, correct_items, sel_score, config.progress)
+        wrong_lp, _ = _score(engine, wrong_items, sel_score, config.progress)
         grouped: list[list[list[float]]] = [[] for _ in records]
         for i, lp in zip(owners, wrong_lp, strict=True):
             grouped[i].append(lp)
@@ -252,7 +254,7 @@ def evaluate_method(
     # method generated, and the share of those answers stuck in an n-gram loop.
     judge = fluency_engine or engine
     items = [_Item(c, g) for c, g in zip(forget.pop("_contexts"), forget.pop("_gen_ids"), strict=True) if g]
-    lp, _ = _score(judge, items, None)
+    lp, _ = _score(judge, items, None, config.progress)
     per_answer_ppl = [M.perplexity([x]) for x in lp]
     texts = forget["per_question"]["generated"]
     loops = [M.has_ngram_loop(t) for t in texts]

@@ -32,7 +32,9 @@ def probability(token_logprobs: Sequence[float]) -> float:
     return math.exp(-mean_nll(token_logprobs))
 
 
-def normalised_option_probability(correct_logprobs: Sequence[float], wrong_logprobs: Sequence[Sequence[float]]) -> float:
+def normalised_option_probability(
+    correct_logprobs: Sequence[float], wrong_logprobs: Sequence[Sequence[float]]
+) -> float:
     """p(correct) / (p(correct) + sum p(wrong)), each p the length-normalised probability.
 
     open-unlearning `probability_w_options` (used for real authors / world facts in model utility).

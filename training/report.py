@@ -94,14 +94,17 @@ def plot_fq_vs_mu(metrics: dict[str, Any], path: str | Path) -> Path:
     plt = _pyplot()
     methods = metrics["methods"]
     key, label = _fq_axis(methods)
-    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=100)
-    for m in methods:
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    markers = "osD^vP*Xh<>p"
+    for i, m in enumerate(methods):
         x, y = m["summary"].get("model_utility"), m["summary"].get(key)
         if x is None or y is None:
             continue
         y = max(y, 1e-30) if key == "forget_quality" else y
-        ax.scatter([x], [y], s=40)
-        ax.annotate(m["label"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        # a legend, not annotations: methods often land on top of each other
+        ax.scatter([x], [y], s=45, marker=markers[i % len(markers)], label=m["label"], alpha=0.85)
+    if ax.collections:
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     if key == "forget_quality":
         ax.set_yscale("log")
     ax.set_xlabel("model utility")

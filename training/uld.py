@@ -23,12 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from training.augment import augment_forget, augment_retain
-from training.data import DEFAULT_QUESTION_TEMPLATE, has_chat_template
+from training.data import DEFAULT_QUESTION_TEMPLATE, IGNORE_INDEX, has_chat_template
 from training.loop import (
     EpochCallback,
     StepPlan,
@@ -37,14 +38,15 @@ from training.loop import (
     plan_steps,
     world_size_from_env,
 )
-from training.losses import causal_ce, uniform_kl
+from training.losses import uniform_kl
 from training.pairs import ForgetRetainCollator, ForgetRetainDataset, tokenize_records
 from unlearn_serve.artifact import file_sha256, fingerprint_model, load_weights
 from unlearn_serve.assistant import (
-    assistant_logits,
+    assistant_hidden_states,
     assistant_lora_config,
     decoder_layers,
     default_assistant_layers,
+    unwrap_causal_lm,
 )
 from unlearn_serve.cli import CliError
 from unlearn_serve.uld_artifact import save_uld_artifact
@@ -99,10 +101,14 @@ class ULDResult:
 
 
 class AssistantModule(nn.Module):
-    """What the Trainer trains: one forward runs the assistant on the forget and the retain batch.
+    """What the Trainer trains: one forward runs the assistant on the forget and the retain batch
+    and returns (forget CE, retain KL).
 
-    Going through this module's forward (not the submodules directly) is what keeps DDP / FSDP /
-    DeepSpeed wrapping working unchanged.
+    The LM head (a large share of the assistant's cost: it is as wide as the vocabulary) runs only
+    at the positions that carry loss: those predicting a forget answer token and those predicting a
+    retain answer token. The values equal `causal_ce` / `uniform_kl` over full logits. Going
+    through this module's forward (not the submodules directly) keeps DDP / FSDP / DeepSpeed
+    wrapping working unchanged.
     """
 
     def __init__(self, peft_model: nn.Module, num_layers: int):
@@ -114,12 +120,21 @@ class AssistantModule(nn.Module):
         self,
         forget_input_ids: torch.Tensor,
         forget_attention_mask: torch.Tensor,
+        forget_labels: torch.Tensor,
         retain_input_ids: torch.Tensor,
         retain_attention_mask: torch.Tensor,
+        retain_loss_mask: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        forget = assistant_logits(self.peft_model, forget_input_ids, forget_attention_mask, self.num_layers)
-        retain = assistant_logits(self.peft_model, retain_input_ids, retain_attention_mask, self.num_layers)
-        return forget, retain
+        lm_head = unwrap_causal_lm(self.peft_model).lm_head
+        hidden = assistant_hidden_states(self.peft_model, forget_input_ids, forget_attention_mask, self.num_layers)
+        targets = forget_labels[:, 1:]
+        keep = targets != IGNORE_INDEX  # position t predicts token t + 1
+        forget_logits = lm_head(hidden[:, :-1][keep])
+        forget_ce = F.cross_entropy(forget_logits.float(), targets[keep])
+        hidden = assistant_hidden_states(self.peft_model, retain_input_ids, retain_attention_mask, self.num_layers)
+        retain_logits = lm_head(hidden[retain_loss_mask.bool()])
+        retain_kl = uniform_kl(retain_logits, torch.ones(retain_logits.shape[:-1], device=retain_logits.device))
+        return forget_ce, retain_kl
 
 
 class ULDTrainer(UnlearningTrainer):
@@ -128,17 +143,17 @@ class ULDTrainer(UnlearningTrainer):
         self.retain_weight = retain_weight
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        forget_logits, retain_logits = model(
+        forget_ce, retain_kl = model(
             forget_input_ids=inputs["forget_input_ids"],
             forget_attention_mask=inputs["forget_attention_mask"],
+            forget_labels=inputs["forget_labels"],
             retain_input_ids=inputs["retain_input_ids"],
             retain_attention_mask=inputs["retain_attention_mask"],
+            retain_loss_mask=inputs["retain_loss_mask"],
         )
-        forget_ce = causal_ce(forget_logits, inputs["forget_labels"])
-        retain_kl = uniform_kl(retain_logits, inputs["retain_loss_mask"])
         self.record(forget_ce=forget_ce, retain_kl=retain_kl)
         loss = forget_ce + self.retain_weight * retain_kl
-        return (loss, (forget_logits, retain_logits)) if return_outputs else loss
+        return (loss, (forget_ce, retain_kl)) if return_outputs else loss
 
     # Resume checkpoints hold only the adapter (plus the Trainer's optimizer/scheduler/RNG state).
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

@@ -92,10 +92,15 @@ def run(args: argparse.Namespace) -> int:
     t = result.training
     print(
         f"trained ULD assistant: {t['steps']} steps in {t['wall_time_s']:.1f}s; "
-        f"forget CE {t['forget_ce_first']:.4f} -> {t['forget_ce_final']:.4f}, "
-        f"retain KL(uniform||assistant) {t['retain_kl_first']:.4f} -> {t['retain_kl_final']:.4f}"
+        f"forget CE {_num(t['forget_ce_first'])} -> {_num(t['forget_ce_final'])} (lower: remembers the forget set), "
+        f"retain KL(uniform||assistant) {_num(t['retain_kl_first'])} -> {_num(t['retain_kl_final'])} "
+        "(near 0: flat on the retain set; if not, train longer with --min-steps)"
     )
     for path in result.epoch_dirs:
         print(f"wrote {path}")
     print(f"wrote {result.out_dir}")
     return 0
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

@@ -17,6 +17,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="artifact directory to write (replaced atomically)")
     parser.add_argument("--layer", type=int, help="MoE layer to unlearn (default: attribution's top-1)")
     parser.add_argument("--expert", type=int, help="expert to unlearn (default: attribution's top-1)")
+    parser.add_argument(
+        "--contrast", action="store_true",
+        help="without --layer/--expert: pick by forget minus retain affinity instead of forget affinity alone",
+    )
     parser.add_argument("--method", choices=METHODS, default=d.method, help="unlearning loss (default: %(default)s)")
     parser.add_argument("--anchor-weight", type=float, default=d.anchor_weight, help="router anchor loss weight")
     parser.add_argument("--retain-weight", type=float, default=d.retain_weight, help="gd/npo/rmu retain term")
@@ -54,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--lr must be > 0; --anchor-weight, --retain-weight, --weight-decay >= 0")
     try:
         config = UOEConfig(
-            layer=args.layer, expert=args.expert, method=args.method, anchor_weight=args.anchor_weight,
+            layer=args.layer, expert=args.expert, pick="contrast" if args.contrast else "forget",
+            method=args.method, anchor_weight=args.anchor_weight,
             retain_weight=args.retain_weight, lr=args.lr, batch_size=args.batch_size, max_steps=args.max_steps,
             forget_loss_target=args.forget_loss_target, retain_loss_bound=args.retain_loss_bound,
             eval_every=args.eval_every, eval_examples=args.eval_examples, npo_beta=args.npo_beta,

@@ -40,7 +40,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
 from training.data import DEFAULT_QUESTION_TEMPLATE, IGNORE_INDEX, has_loss_tokens, render_example
-from training.uoe_attribution import RouterCapture, attribute
+from training.uoe_attribution import RANKINGS, RouterCapture, attribute
 from unlearn_serve.artifact import Manifest, atomic_artifact_dir, fingerprint_model
 from unlearn_serve.expert_patch import ExpertPatch, apply_expert_patch, extract_expert_patch, save_expert_patch
 from unlearn_serve.families import MoEFamily, get_family
@@ -52,6 +52,7 @@ METHODS = ("ga", "gd", "npo", "rmu")
 class UOEConfig:
     layer: int | None = None  # None: attribution's top-1
     expert: int | None = None
+    pick: str = "forget"  # attribution ranking that picks (layer, expert): forget (paper) | contrast
     method: str = "gd"
     anchor_weight: float = 1.0
     retain_weight: float = 1.0  # gd / npo / rmu
@@ -74,6 +75,8 @@ class UOEConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.pick not in RANKINGS:
+            raise ValueError(f"unknown ranking {self.pick!r}; choose one of {', '.join(RANKINGS)}")
         if (self.layer is None) != (self.expert is None):
             raise ValueError("give both --layer and --expert, or neither (attribution then picks them)")
 
@@ -209,7 +212,7 @@ class UOEObjective:
             forget_logits, forget_hidden = self._forward(model, inputs, "forget_", want_hidden=cfg.method == "rmu")
             router_input = capture.inputs[self.layer]
         forget_ce = token_cross_entropy(forget_logits, inputs["forget_labels"])
-        logs["forget_ce"] = float(forget_ce)
+        logs["forget_ce"] = float(forget_ce.detach())
         needs_retain_grad = cfg.method != "ga" and cfg.retain_weight > 0
 
         if cfg.method in ("ga", "gd"):
@@ -226,10 +229,10 @@ class UOEObjective:
             target = self.steering.to(forget_hidden.device, forget_hidden.dtype)
             per_token = ((forget_hidden - target) ** 2).mean(dim=-1, keepdim=True)
             loss = (per_token * mask).sum() / mask.sum().clamp_min(1)
-            logs["rmu_forget"] = float(loss)
+            logs["rmu_forget"] = float(loss.detach())
 
         if cfg.method != "ga":
-            logs["unlearn_loss"] = float(loss)
+            logs["unlearn_loss"] = float(loss.detach())
         if needs_retain_grad:
             retain_logits, retain_hidden = self._forward(model, inputs, "retain_", want_hidden=cfg.method == "rmu")
             if cfg.method == "rmu":
@@ -240,14 +243,14 @@ class UOEObjective:
                 retain_loss = (per_token * mask).sum() / mask.sum().clamp_min(1)
             else:
                 retain_loss = token_cross_entropy(retain_logits, inputs["retain_labels"])
-            logs["retain_loss"] = float(retain_loss)
+            logs["retain_loss"] = float(retain_loss.detach())
             loss = loss + cfg.retain_weight * retain_loss
 
         if cfg.anchor_weight > 0:
             anchor = self.anchor_loss(router_input, inputs["forget_attention_mask"])
-            logs["anchor"] = float(anchor)
+            logs["anchor"] = float(anchor.detach())
             loss = loss + cfg.anchor_weight * anchor
-        logs["loss"] = float(loss)
+        logs["loss"] = float(loss.detach())
         return loss, logs
 
 
@@ -407,10 +410,10 @@ def choose_expert(model, tokenizer, forget_records, retain_records, config: UOEC
     if config.layer is not None:
         return config.layer, config.expert
     result = attribute(
-        model, tokenizer, forget_records, retain_records,
+        model, tokenizer, forget_records, retain_records, contrast=config.pick == "contrast",
         max_length=config.max_length, question_template=config.question_template, progress=config.progress,
     )
-    return result.top1("forget")
+    return result.top1(config.pick)
 
 
 def train_uoe(
@@ -493,6 +496,7 @@ def train_uoe(
             "num_experts": num_experts,
             "method": config.method,
             "anchor_weight": config.anchor_weight,
+            "picked_by": "--layer/--expert" if config.layer is not None else f"attribution ({config.pick})",
         },
         training={
             "losses": {

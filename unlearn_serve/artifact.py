@@ -140,7 +140,9 @@ def _weight_probe(params: dict[str, torch.Tensor]) -> list[float]:
     values: list[float] = []
     for index in picked:
         flat = params[names[index]].detach().reshape(-1)
-        positions = torch.linspace(0, flat.numel() - 1, min(PROBE_ELEMENTS, flat.numel()), dtype=torch.float64).round().long()
+        # float64: float32 rounds numel - 1 up to numel for tensors past 2**24 elements (an index error)
+        count = min(PROBE_ELEMENTS, flat.numel())
+        positions = torch.linspace(0, flat.numel() - 1, count, dtype=torch.float64).round().long()
         values += flat[positions.to(flat.device)].to("cpu", torch.float32).tolist()
     return [float(f"{v:.6g}") for v in values]
 

@@ -73,9 +73,7 @@ def lora_target_modules(model: nn.Module, num_layers: int | None = None) -> list
     return [n for n in LORA_CANDIDATE_NAMES if n in found]
 
 
-def assistant_lora_config(
-    model: nn.Module, num_layers: int, rank: int = 32, alpha: float = 32, dropout: float = 0.05
-):
+def assistant_lora_config(model: nn.Module, num_layers: int, rank: int = 32, alpha: float = 32, dropout: float = 0.05):
     """A peft LoraConfig restricted to the first `num_layers` decoder layers (never the LM head)."""
     from peft import LoraConfig
 

@@ -59,6 +59,10 @@ class ExpertSlices:
         return ExpertSlices.from_tensors({k: v.detach().clone() for k, v in self.tensors().items()})
 
 
+# (gate_up [2I, H], its bias [2I] | None, down [H, I], its bias [H] | None), see MoEFamily.prepare_expert
+PreparedExpert = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]
+
+
 class MoEFamily:
     """Adapter for one MoE family. Subclasses override the layout-specific parts."""
 
@@ -150,10 +154,17 @@ class MoEFamily:
         experts.gate_up_proj[expert].copy_(torch.cat([slices.gate, slices.up], dim=0).to(dtype))
         experts.down_proj[expert].copy_(slices.down.to(dtype))
 
-    def expert_forward(self, experts: nn.Module, x: torch.Tensor, slices: ExpertSlices) -> torch.Tensor:
-        """One expert applied to tokens x [n, H] -> [n, H], unweighted (reuses the class's gating)."""
-        gate_up = torch.cat([F.linear(x, slices.gate), F.linear(x, slices.up)], dim=-1)
-        return F.linear(experts._apply_gate(gate_up), slices.down)
+    def prepare_expert(self, slices: ExpertSlices) -> PreparedExpert:
+        """The expert as two matmuls in the layout the experts module's `_apply_gate` expects (done once per
+        patch when serving, so that a forward costs two matmuls and the gating): gate rows, then up rows."""
+        return torch.cat([slices.gate, slices.up], dim=0), None, slices.down, None
+
+    def expert_forward(
+        self, experts: nn.Module, x: torch.Tensor, slices: ExpertSlices, prepared: PreparedExpert | None = None
+    ) -> torch.Tensor:
+        """One expert applied to tokens x [n, H] -> [n, H], unweighted (reuses the module's own gating)."""
+        gate_up, gate_up_bias, down, down_bias = prepared or self.prepare_expert(slices)
+        return F.linear(experts._apply_gate(F.linear(x, gate_up, gate_up_bias)), down, down_bias)
 
 
 # ---------------------------------------------------------------------------- registry
@@ -260,8 +271,8 @@ class GptOssFamily(MoEFamily):
         experts.down_proj[expert].copy_(slices.down.T.to(dtype))
         experts.down_proj_bias[expert].copy_(slices.down_bias.to(dtype))
 
-    def expert_forward(self, experts: nn.Module, x: torch.Tensor, slices: ExpertSlices) -> torch.Tensor:
-        gate = F.linear(x, slices.gate, slices.gate_bias)
-        up = F.linear(x, slices.up, slices.up_bias)
-        gate_up = torch.stack([gate, up], dim=-1).flatten(-2)  # the interleaved layout _apply_gate expects
-        return F.linear(experts._apply_gate(gate_up), slices.down, slices.down_bias)
+    def prepare_expert(self, slices: ExpertSlices) -> PreparedExpert:
+        # rows g0, u0, g1, u1, ...: the interleaved layout GPT-OSS's _apply_gate expects
+        gate_up = torch.stack([slices.gate, slices.up], dim=1).flatten(0, 1)  # [2I, H]
+        gate_up_bias = torch.stack([slices.gate_bias, slices.up_bias], dim=-1).flatten(-2)  # [2I]
+        return gate_up, gate_up_bias, slices.down, slices.down_bias

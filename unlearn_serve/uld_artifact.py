@@ -81,9 +81,7 @@ def validate_lora_weights(
         module_name, part = match["module"], match["part"]
         layer = _LAYER.search(f".{module_name}.")
         if layer is None or int(layer[1]) >= num_layers:
-            raise ArtifactError(
-                f"{source}: {key!r} is outside the assistant's first {num_layers} decoder layers"
-            )
+            raise ArtifactError(f"{source}: {key!r} is outside the assistant's first {num_layers} decoder layers")
         try:
             shape = _linear_shape(causal_lm.get_submodule(module_name))
         except AttributeError:

@@ -181,7 +181,8 @@ class Engine:
 
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         try:
-            params.validate(self.vocab_size, self.config.max_n, self.config.max_logprobs)
+            # n above the batch size could never be admitted and would block the queue behind it
+            params.validate(self.vocab_size, min(self.config.max_n, self.config.max_num_seqs), self.config.max_logprobs)
         except SamplingParamsError as exc:
             raise EngineInputError(str(exc), exc.param) from None
         if not prompt_token_ids:
@@ -356,7 +357,7 @@ class Engine:
             self.scheduler.release(seq)
         self._emit(request, request.sequences)
 
-    def fail_all(self, message: str) -> None:
+    def fail_all(self, message: str) -> list[RequestOutput]:
         """After an unexpected step failure: end every request with an error, free every slot."""
         self._outputs = []
         for request in list(self.requests.values()):
@@ -369,6 +370,7 @@ class Engine:
                 self.scheduler.release(seq)
             self._emit(request, request.sequences, error=message)
         self._decode_state = None
+        return self._outputs
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
@@ -768,6 +770,9 @@ class Engine:
         use_tqdm: bool = False,
     ) -> list[GenerationResult]:
         """Generate for every prompt (batched); `unlearning` is an artifact name, one per prompt, or None."""
+        if self.engine_thread is not None and threading.current_thread() is not self.engine_thread:
+            # two threads stepping one engine would corrupt its batch state
+            raise RuntimeError("this engine is driven by a serving thread (AsyncEngine); use AsyncEngine.generate")
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         selections = unlearning if isinstance(unlearning, list) else [unlearning] * len(prompts)
         collected: dict[str, GenerationResult] = {}
@@ -779,7 +784,10 @@ class Engine:
             ids = self.encode_prompt(prompt)
             self.add_request(Request(rid, ids, p, sel))
             collected[rid] = GenerationResult(
-                rid, ids, None, [Completion(i, "", [], [] if p.logprobs is not None else None, None) for i in range(p.n)]
+                rid,
+                ids,
+                None,
+                [Completion(i, "", [], [] if p.logprobs is not None else None, None) for i in range(p.n)],
             )
             order.append(rid)
         bar = None

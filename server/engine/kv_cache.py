@@ -63,11 +63,12 @@ class SlotKVCache:
     def _ensure(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
         if self.keys[layer] is None:
             n = self.slots_per_layer[layer]
+            # on the layer's own device: with --device-map auto the layers are spread over several GPUs
             self.keys[layer] = torch.zeros(
-                n, key.shape[1], self.max_len, key.shape[3], device=self.device, dtype=self.dtype
+                n, key.shape[1], self.max_len, key.shape[3], device=key.device, dtype=self.dtype
             )
             self.values[layer] = torch.zeros(
-                n, value.shape[1], self.max_len, value.shape[3], device=self.device, dtype=self.dtype
+                n, value.shape[1], self.max_len, value.shape[3], device=value.device, dtype=self.dtype
             )
 
     def resize_layers(self, slots_per_layer: list[int]) -> None:
@@ -82,28 +83,36 @@ class SlotKVCache:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
 
 
+def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """`t` on `device` (a no-op on one device; with --device-map auto a layer may sit on another GPU)."""
+    return t if t is None or t.device == device else t.to(device)
+
+
 def _attend_group(
     ctx: StepContext, layer: int, group: AttnGroup, q, k, v, scaling: float | None
 ) -> torch.Tensor:
     cache = ctx.cache
     cache._ensure(layer, k, v)
     kc, vc = cache.keys[layer], cache.values[layer]
+    mask = _on(group.mask, k.device)
     if ctx.prefill:
         t = k.shape[2]
-        kc[group.slots, :, :t] = k.to(kc.dtype)
-        vc[group.slots, :, :t] = v.to(vc.dtype)
+        slots = _on(group.slots, k.device)
+        kc[slots, :, :t] = k.to(kc.dtype)
+        vc[slots, :, :t] = v.to(vc.dtype)
         keys, values = k, v
     else:
         n = group.row_end - group.row_start
         rows = torch.arange(n, device=k.device)
+        positions = _on(group.positions, k.device)
         region_k = kc[group.slot_offset : group.slot_offset + n]
         region_v = vc[group.slot_offset : group.slot_offset + n]
-        region_k[rows, :, group.positions] = k[:, :, 0].to(kc.dtype)
-        region_v[rows, :, group.positions] = v[:, :, 0].to(vc.dtype)
+        region_k[rows, :, positions] = k[:, :, 0].to(kc.dtype)
+        region_v[rows, :, positions] = v[:, :, 0].to(vc.dtype)
         keys = region_k[:, :, : group.view_len].to(q.dtype)
         values = region_v[:, :, : group.view_len].to(q.dtype)
     out = F.scaled_dot_product_attention(
-        q, keys, values, attn_mask=group.mask, scale=scaling, enable_gqa=q.shape[1] != keys.shape[1]
+        q, keys, values, attn_mask=mask, scale=scaling, enable_gqa=q.shape[1] != keys.shape[1]
     )
     return out
 

@@ -54,7 +54,9 @@ class ModelRunner:
         param = next(model.parameters())
         self.device = param.device
         self.dtype = param.dtype if param.dtype.is_floating_point else torch.float16
-        self.cache = SlotKVCache(self.num_layers, [max_num_seqs] * self.num_layers, max_model_len, self.device, self.dtype)
+        self.cache = SlotKVCache(
+            self.num_layers, [max_num_seqs] * self.num_layers, max_model_len, self.device, self.dtype
+        )
         self.assistant_cache_layers = 0
         # objects with set_rows(row_ids | None): per-row model patches (UOE expert patches)
         self.row_hooks: list = []
@@ -125,4 +127,5 @@ class ModelRunner:
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head on [S, H] hidden states -> float32 [S, V]."""
-        return self.lm_head(self.norm(hidden)).float()
+        # .to: with --device-map auto the head may sit on another GPU than the sampler state (self.device)
+        return self.lm_head(self.norm(hidden)).float().to(self.device)

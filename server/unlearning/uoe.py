@@ -32,7 +32,7 @@ from torch import nn
 
 from unlearn_serve.artifact import ArtifactError, Manifest
 from unlearn_serve.expert_patch import ExpertPatch, apply_expert_patch, load_expert_patch
-from unlearn_serve.families import ExpertSlices, MoEFamily, get_family
+from unlearn_serve.families import ExpertSlices, MoEFamily, PreparedExpert, get_family
 
 NO_PATCH = -1
 
@@ -47,6 +47,7 @@ class LoadedExpertPatch:
     layer: int
     expert: int
     slices: ExpertSlices  # on the model's device/dtype
+    prepared: PreparedExpert  # the same, laid out for two matmuls (families.prepare_expert)
     shadow_router: nn.Module  # the layer's router module with the patch's weights swapped in
     manifest: Manifest
 
@@ -89,6 +90,10 @@ class ExpertPatchSet:
         self._next_id = 0
         self._row_ids: torch.Tensor | None = None  # [L] on CPU, None = no patches in use
         self._layer_groups: dict[int, list[tuple[LoadedExpertPatch, torch.Tensor]]] = {}
+        self._token_index: dict[tuple[int, int], torch.Tensor] = {}  # (patch id, tokens per row) -> tokens
+        # The engine passes the same row-id tensor for every decode step of one running set: remember the
+        # grouping of the last tensor so that a step costs no re-grouping (and no device->host copy).
+        self._cached: tuple | None = None  # (spec tensor, row ids, layer groups, token index)
 
     # ------------------------------------------------------------------ registry
 
@@ -104,13 +109,15 @@ class ExpertPatchSet:
             key: patch.router[key].to(device=device, dtype=param.dtype)
             for key, param in self.family.router_params(block).items()
         }
+        slices = patch.slices.to(device, dtype)
         loaded = LoadedExpertPatch(
             patch_id=self._next_id,
             name=name,
             artifact_dir=str(artifact_dir),
             layer=patch.layer,
             expert=patch.expert,
-            slices=patch.slices.to(device, dtype),
+            slices=slices,
+            prepared=self.family.prepare_expert(slices),
             shadow_router=_shadow_router(router, router_params),
             manifest=manifest,
         )
@@ -132,6 +139,7 @@ class ExpertPatchSet:
             for handle in state.handles:
                 handle.remove()
             del self._layers[loaded.layer]
+        self._cached = None
         if self._row_ids is not None and bool((self._row_ids == loaded.patch_id).any()):
             self.clear_rows()  # rows pointing at a removed patch must not silently fall back
 
@@ -175,7 +183,10 @@ class ExpertPatchSet:
         """Say which patch each batch row (or token) of the next forward(s) uses: a LongTensor [B] or a list
         of patch ids, names, or None; -1/None = no patch. `None` as a whole = no row uses a patch."""
         if row_patch_ids is None:
-            self.clear_rows()
+            self._row_ids, self._layer_groups, self._token_index = None, {}, {}
+            return
+        if self._cached is not None and row_patch_ids is self._cached[0]:
+            self._row_ids, self._layer_groups, self._token_index = self._cached[1:]
             return
         if isinstance(row_patch_ids, torch.Tensor):
             ids = row_patch_ids.detach().reshape(-1).to("cpu", torch.long)
@@ -193,20 +204,24 @@ class ExpertPatchSet:
             groups.setdefault(loaded.layer, []).append((loaded, units))
         self._row_ids = ids if present else None
         self._layer_groups = groups
+        self._token_index = {}  # filled by the router hook, shared with the cache entry
+        if isinstance(row_patch_ids, torch.Tensor):
+            self._cached = (row_patch_ids, self._row_ids, groups, self._token_index)
 
     def clear_rows(self) -> None:
-        self._row_ids = None
-        self._layer_groups = {}
+        """No row uses a patch, and forget the cached grouping (after a patch was removed)."""
+        self._row_ids, self._layer_groups, self._token_index = None, {}, {}
+        self._cached = None
 
     @contextlib.contextmanager
     def rows(self, row_patch_ids: RowSpec | None) -> Iterator[ExpertPatchSet]:
         """`with patch_set.rows(ids): model(...)` -- ids as in `set_rows`; restores the previous rows after."""
-        previous = (self._row_ids, self._layer_groups)
+        previous = (self._row_ids, self._layer_groups, self._token_index)
         self.set_rows(row_patch_ids)
         try:
             yield self
         finally:
-            self._row_ids, self._layer_groups = previous
+            self._row_ids, self._layer_groups, self._token_index = previous
 
     def _resolve(self, item: int | str | None) -> int:
         if item is None:
@@ -247,18 +262,26 @@ class ExpertPatchSet:
                 f"expert patch rows: {num_units} row ids do not divide the {num_tokens} tokens of this forward"
             )
         per_unit = num_tokens // num_units
-        offsets = torch.arange(per_unit, device=x.device)
-        logits, weights, indices = (t.clone() for t in output[:3])
+        logits, weights, indices = output[:3]
+        if torch.is_grad_enabled():  # autograd may need the originals; serving (inference mode) edits in place
+            logits, weights, indices = logits.clone(), weights.clone(), indices.clone()
         for loaded, units in groups:
-            tokens = (units[:, None] * per_unit + offsets).reshape(-1)
-            p_logits, p_weights, p_indices = loaded.shadow_router.forward(x[tokens])[:3]
+            tokens = self._token_index.get((loaded.patch_id, per_unit))
+            if tokens is None:  # flattened token positions of this patch's rows (same in every layer)
+                tokens = (units[:, None] * per_unit + torch.arange(per_unit, device=x.device)).reshape(-1)
+                self._token_index[(loaded.patch_id, per_unit)] = tokens
+            every_token = tokens.numel() == num_tokens  # one patch for the whole batch: no gather/scatter
+            p_logits, p_weights, p_indices = loaded.shadow_router.forward(x if every_token else x[tokens])[:3]
             hit = p_indices == loaded.expert  # [n, k]; an expert is selected at most once per token
             slot_weight = (p_weights * hit).sum(dim=-1)
             # Keep the base expert's slot with weight 0: same cost as unpatched, contributes exactly 0.
             p_weights = p_weights.masked_fill(hit, 0)
-            logits[tokens] = p_logits.to(logits.dtype)
-            weights[tokens] = p_weights.to(weights.dtype)
-            indices[tokens] = p_indices.to(indices.dtype)
+            if every_token:
+                logits, weights, indices = p_logits, p_weights.to(weights.dtype), p_indices.to(indices.dtype)
+            else:
+                logits[tokens] = p_logits.to(logits.dtype)
+                weights[tokens] = p_weights.to(weights.dtype)
+                indices[tokens] = p_indices.to(indices.dtype)
             routed = hit.any(dim=-1)
             state.pending.append((loaded, tokens[routed], slot_weight[routed]))
         return (logits, weights, indices, *output[3:])
@@ -268,10 +291,14 @@ class ExpertPatchSet:
             return None
         pending, state.pending = state.pending, []
         hidden = args[0] if args else kwargs["hidden_states"]
+        in_place = not torch.is_grad_enabled()  # serving: no autograd graph to protect, skip the copies
         for loaded, tokens, slot_weight in pending:
-            expert_out = self.family.expert_forward(experts, hidden[tokens], loaded.slices)
+            expert_out = self.family.expert_forward(experts, hidden[tokens], loaded.slices, loaded.prepared)
             expert_out = expert_out * slot_weight[:, None].to(expert_out.dtype)
-            output = output.index_add(0, tokens, expert_out.to(output.dtype))
+            if in_place:
+                output.index_add_(0, tokens, expert_out.to(output.dtype))
+            else:
+                output = output.index_add(0, tokens, expert_out.to(output.dtype))
         return output
 
 

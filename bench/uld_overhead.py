@@ -1,0 +1,138 @@
+"""ULD serving overhead, one run, same load: output tok/s with unlearning off, all on, and 50/50 mixed;
+resident memory before and after loading an assistant.
+
+    python bench/uld_overhead.py                          # a small random Llama built in-process
+    python bench/uld_overhead.py --model DIR [--uld DIR]  # a real model (and a trained assistant)
+
+Without --uld a random-weight assistant (LoRA on the first K = N/4 layers) is made for the model:
+its cost does not depend on what it learnt. Goals: on >= 0.75x off, mixed >= 0.85x off, resident
+memory with the assistant <= base + adapter (+ its KV cache) + 5%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def rss_bytes() -> int:
+    """Current resident set size (Linux /proc; falls back to the peak from getrusage)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def small_model(layers: int, hidden: int):
+    from unlearn_serve.tiny import build_tiny_model, train_tokenizer
+
+    tok = train_tokenizer(vocab_size=2048)
+    model = build_tiny_model(
+        "llama", tok, seed=0, hidden_size=hidden, num_layers=layers, num_heads=8, num_kv_heads=4,
+        intermediate_size=hidden * 3, max_position_embeddings=2048,
+    )
+    return model, tok
+
+
+def random_assistant(model, out: Path, num_layers: int, rank: int) -> Path:
+    from peft import get_peft_model
+
+    from unlearn_serve.artifact import fingerprint_model
+    from unlearn_serve.assistant import assistant_lora_config
+    from unlearn_serve.uld_artifact import save_uld_artifact
+
+    fingerprint = fingerprint_model(model)
+    peft_model = get_peft_model(copy.deepcopy(model), assistant_lora_config(model, num_layers, rank=rank, alpha=rank))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.02)
+    save_uld_artifact(peft_model, out, fingerprint, {"assistant_layers": num_layers, "lora_rank": rank}, {})
+    del peft_model
+    gc.collect()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="local model directory (default: a random 8-layer Llama, hidden 512)")
+    parser.add_argument("--uld", help="a trained ULD artifact for --model (default: random LoRA, K = N/4)")
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=16, help="requests per configuration (one batch)")
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from server.engine.engine import Engine, EngineConfig
+    from server.engine.sampling_params import SamplingParams
+
+    if args.model:
+        from unlearn_serve.loading import load_model_and_tokenizer
+
+        model, tok = load_model_and_tokenizer(args.model, dtype="float32", device="cpu")
+    else:
+        model, tok = small_model(args.layers, args.hidden)
+    n_layers = model.config.num_hidden_layers
+    k = max(1, round(n_layers / 4))
+    with tempfile.TemporaryDirectory() as tmp:
+        artifact = Path(args.uld) if args.uld else random_assistant(model, Path(tmp) / "uld", k, args.rank)
+        engine = Engine(model, tok, EngineConfig(max_num_seqs=args.requests, max_model_len=1024), "bench")
+        gc.collect()
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
+        gen = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(10, len(tok) - 10, (args.prompt_len,), generator=gen).tolist()
+                   for _ in range(args.requests)]
+        engine.generate(prompts[:2], SamplingParams(max_tokens=4, ignore_eos=True))  # warm up
+        rss_base = rss_bytes()
+        assistant = engine.load_uld("forget", artifact)
+        gc.collect()
+        rss_loaded = rss_bytes()
+        engine.generate(prompts[:2], SamplingParams(max_tokens=4, ignore_eos=True), "forget")  # warm up
+        rss_used = rss_bytes()  # after the assistant's KV region has been touched
+
+        def tok_s(selections) -> float:
+            started = time.perf_counter()
+            results = engine.generate(prompts, params, selections)
+            elapsed = time.perf_counter() - started
+            return sum(len(r.completions[0].token_ids) for r in results) / elapsed
+
+        n = args.requests
+        # interleaved rounds so that load drift on a shared machine hits every configuration alike
+        runs: dict[str, list[float]] = {"off": [], "on": [], "mixed": []}
+        for _ in range(2):
+            runs["off"].append(tok_s([None] * n))
+            runs["on"].append(tok_s(["forget"] * n))
+            runs["mixed"].append(tok_s(["forget" if i % 2 else None for i in range(n)]))
+        best = {name: max(values) for name, values in runs.items()}
+
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    print(f"model: {n_layers} layers, {model_bytes / 2**20:.1f} MiB of weights; assistant K={assistant.num_layers}, "
+          f"LoRA {assistant.nbytes / 2**20:.2f} MiB; {n} requests x {args.max_tokens} tokens, "
+          f"torch threads {torch.get_num_threads()}")
+    print(f"output tok/s  off {best['off']:.1f}   on {best['on']:.1f} ({best['on'] / best['off']:.2f}x, goal >= 0.75x)"
+          f"   mixed 50/50 {best['mixed']:.1f} ({best['mixed'] / best['off']:.2f}x, goal >= 0.85x)")
+    allowed = assistant.nbytes + 0.05 * rss_base
+    print(f"resident memory  base {rss_base / 2**20:.1f} MiB   with assistant loaded {rss_loaded / 2**20:.1f} MiB "
+          f"(+{(rss_loaded - rss_base) / 2**20:.2f} MiB; adapter {assistant.nbytes / 2**20:.2f} MiB; "
+          f"{'within' if rss_loaded - rss_base <= allowed else 'OVER'} base + adapter + 5%)   "
+          f"after first unlearned batch {rss_used / 2**20:.1f} MiB (assistant KV rows for layers < K)")
+    print(f"KV cache (target slots + assistant slots for layers < K): {engine.runner.cache.nbytes() / 2**20:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
