@@ -258,6 +258,8 @@ def train_uld(
 
     # ---- model
     lora = assistant_lora_config(model, num_layers, config.lora_rank, config.lora_alpha, config.lora_dropout)
+    # LoRA A matrices are drawn from the global RNG: seed it so --seed fixes the assistant.
+    torch.manual_seed(config.seed)
     peft_model = get_peft_model(model, lora)
     assistant = AssistantModule(peft_model, num_layers)
 

@@ -82,4 +82,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as `python -m unlearn_serve.cli`, this module is __main__; commands raise
+    # unlearn_serve.cli.CliError, so dispatch through the imported module to catch it.
+    from unlearn_serve.cli import main as _main
+
+    sys.exit(_main())
