@@ -22,6 +22,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -32,7 +33,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-TOFU = ROOT.parent / "shared/data/tofu"
+# the read-only shared data: ../shared next to the repository, or $UNLEARN_SHARED_DIR
+TOFU = Path(os.environ.get("UNLEARN_SHARED_DIR") or Path(__file__).resolve().parents[2] / "shared") / "data" / "tofu"
 CACHE = Path.home() / ".cache/unlearn-serve/tofu-bench"
 QPA = 20  # questions per TOFU author
 

@@ -28,6 +28,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -45,7 +46,8 @@ from training.pairs import ForgetRetainCollator, ForgetRetainDataset, tokenize_r
 from training.uld import ULDTrainingConfig, train_uld  # noqa: E402
 from unlearn_serve.assistant import default_assistant_layers  # noqa: E402
 
-TOFU = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
+# the read-only shared data: ../shared next to the repository, or $UNLEARN_SHARED_DIR
+TOFU = Path(os.environ.get("UNLEARN_SHARED_DIR") or Path(__file__).resolve().parents[2] / "shared") / "data" / "tofu"
 
 
 # ----------------------------------------------------------------------------- full-model baselines

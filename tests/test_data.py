@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from shared_data import require_tofu
 
 from training.augment import augment_forget, augment_retain
 from training.data import (
@@ -20,8 +21,7 @@ from training.data import (
 from training.pairs import ForgetRetainCollator, ForgetRetainDataset, tokenize_records
 from unlearn_serve.tiny import train_tokenizer
 
-TOFU = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
-needs_tofu = pytest.mark.skipif(not TOFU.is_dir(), reason=f"shared TOFU data not found at {TOFU}")
+TOFU = require_tofu()
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,6 @@ def test_empty_and_missing_files(tmp_path):
         load_records(tmp_path / "missing.jsonl")
 
 
-@needs_tofu
 def test_tofu_json_is_json_lines():
     records = load_records(TOFU / "forget01_perturbed.json")
     assert len(records) == 40
@@ -173,7 +172,6 @@ def test_augmentation_adds_paraphrased_and_perturbed_pairs_deterministically():
     assert capped[0] == capped[1] and len(capped[0]) == 4
 
 
-@needs_tofu
 def test_augmentation_on_tofu_rows():
     forget = load_records(TOFU / "forget01_perturbed.json")[:5]
     retain = load_records(TOFU / "retain_perturbed.json")[:5]

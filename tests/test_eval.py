@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from shared_data import require_tofu
 
 from training import metrics as M
 
-TOFU = Path(__file__).resolve().parents[1].parent / "shared/data/tofu"
+TOFU = require_tofu()
 LN = math.log
 
 
