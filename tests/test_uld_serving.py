@@ -76,7 +76,46 @@ def reference_combined_logprobs(base, artifact_dir, num_layers, ids, alpha, filt
     return combined.log_softmax(-1)
 
 
-def test_single_pass_equals_two_model_reference(engine, tiny_llama, tokenizer, artifacts):
+@pytest.fixture(params=["plausible-only head", "full-vocabulary head"])
+def assistant_head_path(request, engine, monkeypatch):
+    """Run a test through both ways of scoring the assistant, and check that the chosen one ran."""
+    import server.engine.engine as engine_module
+
+    if request.param == "full-vocabulary head":
+        monkeypatch.setattr(engine_module, "ULD_MAX_CANDIDATES", 0)
+    calls = []
+    original = engine.runner.candidate_logits
+    monkeypatch.setattr(engine.runner, "candidate_logits", lambda h, ids: calls.append(ids.shape) or original(h, ids))
+    yield request.param
+    if request.param == "full-vocabulary head":
+        assert not calls
+    else:  # scored on a handful of plausible tokens, not the whole vocabulary
+        assert calls and max(shape[1] for shape in calls) < engine.vocab_size // 4
+
+
+def test_candidate_combination_equals_full_vocabulary():
+    """Scoring the assistant on the plausible tokens only gives exactly the full-vocabulary combination."""
+    from server.unlearning.uld import combine_on_candidates, plausible_mask
+
+    gen = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(16, 300, bias=True)
+    hidden = torch.randn(5, 16, generator=gen)
+    target = torch.randn(5, 300, generator=gen) * 3
+    alpha = torch.tensor([0.0, 0.5, 1.0, 2.0, 0.75])
+    log_filter = torch.log(torch.tensor([1e-1, 1e-2, 1e-3, 0.5, 1e-4]))
+    with torch.no_grad():
+        full = combine_logits(target, head(hidden), alpha, log_filter)
+        keep = plausible_mask(target, log_filter)
+        m = int(keep.sum(-1).max())
+        assert 1 < m < 300 and len(set(keep.sum(-1).tolist())) > 1  # rows keep different numbers of tokens
+        candidates = target.topk(m, dim=-1).indices
+        on_candidates = head(hidden).gather(-1, candidates)
+        sparse = combine_on_candidates(target, candidates, on_candidates, alpha, keep)
+    assert torch.equal(torch.isinf(sparse), torch.isinf(full))
+    assert torch.allclose(sparse[keep], full[keep], atol=1e-5)
+
+
+def test_single_pass_equals_two_model_reference(engine, tiny_llama, tokenizer, artifacts, assistant_head_path):
     """One stacked batch (two adapters with different K, plus a base row) against two-model references."""
     prompts = [tokenizer.encode(p) for p in ("The capital of France is", "Alice likes", "Bob plays the")]
     selections = [Selection("a1", OPTS), Selection("a2", OPTS), None]

@@ -36,7 +36,13 @@ from server.engine.sequence import (
     SequenceOutput,
     TokenLogprob,
 )
-from server.unlearning.uld import Assistant, AssistantRegistry, combine_logits
+from server.unlearning.uld import (
+    Assistant,
+    AssistantRegistry,
+    combine_logits,
+    combine_on_candidates,
+    plausible_mask,
+)
 from unlearn_serve.artifact import ArtifactError, fingerprint_model
 
 
@@ -50,6 +56,10 @@ class EngineInputError(ValueError):
 
 class UnknownArtifactError(LookupError):
     """A request named an unlearning artifact that is not loaded."""
+
+
+# Above this many plausible tokens in a row, the assistant's LM head runs on the whole vocabulary.
+ULD_MAX_CANDIDATES = 256
 
 
 @dataclass
@@ -453,9 +463,9 @@ class Engine:
                 alphas.extend([backend.alpha] * (end - start))
                 filters.extend([backend.filter] * (end - start))
             comb_t = torch.tensor(comb_index, device=dev)
-            a_logits = self.runner.logits(hidden_a[torch.tensor(a_rows, device=dev), torch.tensor(a_pos, device=dev)])
-            logits[comb_t] = combine_logits(
-                logits[comb_t], a_logits, torch.tensor(alphas, device=dev), _log(torch.tensor(filters, device=dev))
+            a_hidden = hidden_a[torch.tensor(a_rows, device=dev), torch.tensor(a_pos, device=dev)]
+            logits[comb_t] = self._combine_uld(
+                logits[comb_t], a_hidden, torch.tensor(alphas, device=dev), _log(torch.tensor(filters, device=dev))
             )
         for i, seq in enumerate(seqs):
             request = seq.request
@@ -487,6 +497,24 @@ class Engine:
                 continue
             self._append(seq, token, entries.get(i))
         self._emit_many(seqs)
+
+    def _combine_uld(
+        self, target_logits: torch.Tensor, assistant_hidden: torch.Tensor, alpha: torch.Tensor, log_filter: torch.Tensor
+    ) -> torch.Tensor:
+        """ULD logits for [S] unlearned rows: target - alpha * assistant on the target's plausible tokens.
+
+        The assistant's LM head runs only on the plausible tokens (the top-M by target logit, M the
+        largest plausible-set size in the batch; one host sync per step) unless M is large (a low
+        filter) or the head cannot be sliced; then it runs on the whole vocabulary.
+        """
+        keep = plausible_mask(target_logits, log_filter)
+        m = int(keep.sum(dim=-1).max())
+        if m <= ULD_MAX_CANDIDATES:
+            candidates = target_logits.topk(m, dim=-1).indices
+            assistant = self.runner.candidate_logits(assistant_hidden, candidates)
+            if assistant is not None:
+                return combine_on_candidates(target_logits, candidates, assistant, alpha, keep)
+        return combine_logits(target_logits, self.runner.logits(assistant_hidden), alpha, log_filter)
 
     # ------------------------------------------------------------------ decode
     def _decode(self) -> None:
@@ -538,9 +566,9 @@ class Engine:
         hidden_t, hidden_a = self.runner.forward(batch, self.assistants.rows)
         logits = self.runner.logits(hidden_t[:, 0])
         if state.uld_target_rows is not None:
-            a_logits = self.runner.logits(hidden_a[state.uld_assistant_rows, 0])
-            logits[state.uld_target_rows] = combine_logits(
-                logits[state.uld_target_rows], a_logits, state.uld_alpha, state.uld_log_filter
+            uld_rows = state.uld_target_rows
+            logits[uld_rows] = self._combine_uld(
+                logits[uld_rows], hidden_a[state.uld_assistant_rows, 0], state.uld_alpha, state.uld_log_filter
             )
         sampling = state.sampling
         processed = apply_penalties(logits, sampling, self._prompt_mask[:bt], self._output_counts[:bt])

@@ -129,3 +129,21 @@ class ModelRunner:
         """Final norm + LM head on [S, H] hidden states -> float32 [S, V]."""
         # .to: with --device-map auto the head may sit on another GPU than the sampler state (self.device)
         return self.lm_head(self.norm(hidden)).float().to(self.device)
+
+    @torch.inference_mode()
+    def candidate_logits(self, hidden: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor | None:
+        """Final norm + LM head on [S, H] hidden states for the given [S, M] token ids only -> float32 [S, M].
+
+        None when the head is not a plain float nn.Linear (e.g. bitsandbytes-quantized): use `logits`.
+        """
+        head = self.lm_head
+        if type(head) is not torch.nn.Linear or not head.weight.dtype.is_floating_point:
+            return None
+        weight = head.weight
+        ids = token_ids.to(weight.device)
+        rows = weight.index_select(0, ids.reshape(-1)).view(*ids.shape, weight.shape[-1])  # [S, M, H]
+        normed = self.norm(hidden).to(weight.device, weight.dtype)
+        out = torch.bmm(rows, normed[:, :, None])[:, :, 0]
+        if head.bias is not None:
+            out = out + head.bias[ids]
+        return out.float().to(self.device)

@@ -185,3 +185,28 @@ def combine_logits(
     keep = logp >= logp.max(dim=-1, keepdim=True).values + log_filter[:, None]
     combined = target - alpha[:, None] * assistant_logits.float()
     return combined.masked_fill(~keep, float("-inf"))
+
+
+def plausible_mask(target_logits: torch.Tensor, log_filter: torch.Tensor) -> torch.Tensor:
+    """[R, V] bool: the relative-top filter, log p_target >= max log p_target + ln(filter)."""
+    # log p - max log p == logit - max logit, so no softmax is needed
+    target = target_logits.float()
+    return target >= target.max(dim=-1, keepdim=True).values + log_filter[:, None]
+
+
+def combine_on_candidates(
+    target_logits: torch.Tensor,
+    candidates: torch.Tensor,
+    assistant_candidate_logits: torch.Tensor,
+    alpha: torch.Tensor,
+    keep: torch.Tensor,
+) -> torch.Tensor:
+    """`combine_logits` when the assistant was scored only on `candidates` [R, M] (a superset of `keep`).
+
+    Everything outside the plausible set is -inf anyway, so the assistant's LM head is needed on
+    the plausible tokens only: M columns instead of V (SmolLM2: tens instead of 49,152).
+    """
+    target = target_logits.float()
+    values = target.gather(-1, candidates) - alpha[:, None] * assistant_candidate_logits.float()
+    values = values.masked_fill(~keep.gather(-1, candidates), float("-inf"))
+    return torch.full_like(target, float("-inf")).scatter_(-1, candidates, values)
