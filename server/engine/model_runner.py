@@ -91,7 +91,7 @@ class ModelRunner:
         if has_assistant:
             n_a = hidden.shape[0] - n_t
             assistant_hidden = hidden.new_empty(n_a, *hidden.shape[1:])
-            lora_rows.groups = batch.lora_groups
+            lora_rows.set(batch.lora_groups, batch.input_ids.shape[1])
             if self.row_hooks:
                 pad = torch.full((n_a,), -1, dtype=torch.long, device=hidden.device)
                 self._set_row_hooks(
@@ -107,7 +107,7 @@ class ModelRunner:
                     if i == k_max:  # the last assistant rows leave: continue with target rows only
                         hidden = hidden[:n_t]
                         cos, sin = cos[:n_t], sin[:n_t]
-                        lora_rows.groups = []
+                        lora_rows.clear()
                         self._set_row_hooks(batch.row_hooks_target)
                 hidden = layer(
                     hidden,
@@ -120,7 +120,7 @@ class ModelRunner:
                 assistant_hidden[rows] = hidden[n_t:].index_select(0, rows)
                 hidden = hidden[:n_t]
         finally:
-            lora_rows.groups = []
+            lora_rows.clear()
             self._set_row_hooks(None)
         return hidden, assistant_hidden
 

@@ -43,10 +43,28 @@ class Assistant:
 
 
 class LoRARowContext:
-    """Which stacked-batch rows use which adapter during the current forward (set by the runner)."""
+    """Which stacked-batch rows use which adapter during the current forward (set by the runner).
+
+    Most linears see [rows, T, H]; some (MoE shared experts) see the batch flattened to tokens,
+    [rows * T, H]. `token_groups` holds the same groups as token indices for those.
+    """
 
     def __init__(self) -> None:
         self.groups: list[tuple[int, torch.Tensor]] = []  # (adapter_id, row indices)
+        self.token_groups: list[tuple[int, torch.Tensor]] = []  # (adapter_id, token indices)
+
+    def set(self, groups: list[tuple[int, torch.Tensor]], seq_len: int) -> None:
+        self.groups = groups
+        steps = None
+        self.token_groups = []
+        for adapter_id, rows in groups:
+            if steps is None:
+                steps = torch.arange(seq_len, device=rows.device)
+            self.token_groups.append((adapter_id, (rows[:, None] * seq_len + steps).reshape(-1)))
+
+    def clear(self) -> None:
+        self.groups = []
+        self.token_groups = []
 
 
 class AssistantRegistry:
@@ -157,6 +175,8 @@ class AssistantRegistry:
                 return output
             adapters = self._module_adapters.get(module_name)
             x = inputs[0]
+            if x.dim() == 2:  # flattened to tokens (e.g. an MoE shared expert)
+                groups = self.rows.token_groups
             for adapter_id, rows in groups:
                 ab = adapters.get(adapter_id) if adapters else None
                 if ab is None:
