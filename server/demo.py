@@ -40,6 +40,11 @@ class DemoTraining:
     retain_weight: float = 10.0
     max_length: int = 128
     seed: int = 0
+    # Serving default written to the artifact. 0.5, not the paper's 0.75: on SmolLM2 it already
+    # wipes the forget answers, and 0.75 knocked some general answers off course (README).
+    default_alpha: float = 0.5
+    # Bumped when the trainer changes what these settings produce (2: seeded LoRA initialisation).
+    recipe: int = 2
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -124,6 +129,7 @@ def ensure_assistant(
         max_length=training.max_length,
         seed=training.seed,
         progress_bar=progress,
+        default_alpha=training.default_alpha,
     )
     started = time.monotonic()
     train_uld(

@@ -355,13 +355,14 @@ def test_cli_trains_end_to_end(tiny_llama_dir, tmp_path, capsys):
     argv = ["train-uld", "--model", str(tiny_llama_dir), "--forget", str(forget), "--retain", str(retain)]
     argv += ["--out", str(out), "--layers", "1", "--lora-rank", "4", "--min-steps", "3", "--epochs", "1"]
     argv += ["--batch-size", "2", "--grad-accum", "1", "--no-progress", "--seed", "1"]
-    assert cli.main(argv) == 0
+    assert cli.main([*argv, "--default-alpha", "0.4"]) == 0
     stdout = capsys.readouterr().out
     assert "forget CE" in stdout and "retain KL" in stdout and str(out) in stdout
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     data = manifest["training"]["data"]
     assert data["forget"]["sha256"] == file_sha256(forget) and data["retain"]["records"] == 3
     assert manifest["training"]["seed"] == 1 and manifest["details"]["assistant_layers"] == 1
+    assert manifest["defaults"] == {"alpha": 0.4, "filter": 0.01}  # --default-alpha, the paper's filter
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
@@ -370,6 +371,8 @@ def test_cli_trains_end_to_end(tiny_llama_dir, tmp_path, capsys):
     # bad numbers are refused before anything loads
     assert cli.main([*argv, "--epochs", "0"]) == 2
     assert "--epochs must be >= 1" in capsys.readouterr().err
+    assert cli.main([*argv, "--default-filter", "2"]) == 2
+    assert "--default-filter must be in [0, 1]" in capsys.readouterr().err
 
 
 def test_data_error_names_record_for_unrenderable_chat(tokenizer):

@@ -81,10 +81,17 @@ class ULDTrainingConfig:
     resume: bool = False
     progress_bar: bool = True
     logging_steps: int | None = None
+    # serving defaults written to the manifest (None: the paper's alpha 0.75, filter 0.01)
+    default_alpha: float | None = None
+    default_filter: float | None = None
+
+    def serving_defaults(self) -> dict[str, float]:
+        values = {"alpha": self.default_alpha, "filter": self.default_filter}
+        return {k: v for k, v in values.items() if v is not None}
 
     def run_signature(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it resumes."""
-        ignore = {"save_every_epoch", "resume", "progress_bar", "logging_steps"}
+        ignore = {"save_every_epoch", "resume", "progress_bar", "logging_steps", "default_alpha", "default_filter"}
         return {k: v for k, v in asdict(self).items() if k not in ignore}
 
 
@@ -361,7 +368,10 @@ def train_uld(
         if trainer is not None and trainer.args.should_save:
             summary = training_summary(step) | {"epoch": epoch}
             epoch_dirs.append(
-                save_uld_artifact(peft_model, epoch_dir_for(out, epoch), base_fingerprint, details, summary, state)
+                save_uld_artifact(
+                    peft_model, epoch_dir_for(out, epoch), base_fingerprint, details, summary, state,
+                    config.serving_defaults(),
+                )
             )
 
     trainer = ULDTrainer(
@@ -380,7 +390,7 @@ def train_uld(
     summary = training_summary(trainer.state.global_step)
     state = lora_state_dict()
     if trainer.args.should_save:
-        save_uld_artifact(peft_model, out, base_fingerprint, details, summary, state)
+        save_uld_artifact(peft_model, out, base_fingerprint, details, summary, state, config.serving_defaults())
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     return ULDResult(
         out_dir=out,

@@ -42,6 +42,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on a capable GPU, else fp32), fp32, bf16, fp16")
     parser.add_argument("--gguf-file", help="GGUF file inside --model to load (dequantized; needs `gguf`)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.add_argument(
+        "--default-alpha", type=float, help="serving default alpha stored in the manifest (default: 0.75, the paper's)"
+    )
+    parser.add_argument(
+        "--default-filter", type=float, help="serving default plausibility filter in [0, 1] (default: 0.01)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,6 +61,10 @@ def run(args: argparse.Namespace) -> int:
             raise CliError(f"--{flag.replace('_', '-')} must be >= 1")
     if args.min_steps < 0 or args.lr <= 0 or args.retain_weight < 0 or not 0 <= args.lora_dropout < 1:
         raise CliError("--min-steps, --retain-weight must be >= 0, --lr > 0, --lora-dropout in [0, 1)")
+    if args.default_alpha is not None and args.default_alpha < 0:
+        raise CliError("--default-alpha must be >= 0")
+    if args.default_filter is not None and not 0 <= args.default_filter <= 1:
+        raise CliError("--default-filter must be in [0, 1]")
 
     # Data first: a malformed file fails in seconds, before the model loads.
     forget = load_records(args.forget)
@@ -79,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         save_every_epoch=args.save_every_epoch,
         resume=args.resume,
         progress_bar=args.progress,
+        default_alpha=args.default_alpha,
+        default_filter=args.default_filter,
     )
     result = train_uld(
         model,

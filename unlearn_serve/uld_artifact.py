@@ -39,10 +39,12 @@ def save_uld_artifact(
     details: dict[str, Any],
     training: dict[str, Any],
     state_dict: dict[str, torch.Tensor] | None = None,
+    defaults: dict[str, float] | None = None,
 ) -> Path:
     """Write the adapter and manifest atomically: a crash midway leaves any earlier artifact intact.
 
     `state_dict` (optional) is the peft model's gathered state dict, for sharded (FSDP/ZeRO-3) runs.
+    `defaults` overrides the serving defaults (alpha, filter) stored in the manifest.
     """
     out = Path(out_dir)
     with atomic_artifact_dir(out) as tmp:
@@ -51,7 +53,7 @@ def save_uld_artifact(
         manifest = Manifest(
             method="uld",
             base_fingerprint=base_fingerprint,
-            defaults=dict(ULD_DEFAULTS),
+            defaults={**ULD_DEFAULTS, **(defaults or {})},
             details=details,
             training=training,
         )
