@@ -187,3 +187,14 @@ def test_serving_refuses_a_patch_for_another_base(world, tmp_path):
     with pytest.raises(ArtifactError, match="not a supported mixture-of-experts"):
         engine.load_uoe("x", Path(world.root / "uoe"))
     assert engine.artifact_names() == []
+
+
+def test_make_tiny_moe_facts_command(tmp_path, capsys):
+    """The README's first UOE step: the CLI writes a model that completes all six facts, and the data."""
+    from unlearn_serve.cli import main as cli_main
+
+    assert cli_main(["make-tiny-moe-facts", "--out", str(tmp_path / "demo-moe")]) == 0
+    assert "completes 6/6 facts" in capsys.readouterr().out
+    assert (tmp_path / "demo-moe/model/config.json").is_file()
+    lines = (tmp_path / "demo-moe/forget.jsonl").read_text().splitlines()
+    assert [json.loads(line)["question"] for line in lines] == [q for q, _ in FORGET_QA]

@@ -54,13 +54,15 @@ def write_jsonl(path: Path, qa: list[tuple[str, str]]) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Write a tiny MoE that knows six facts, plus forget/retain sets.")
+def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="directory: model/, forget.jsonl, retain.jsonl")
     parser.add_argument("--family", default="qwen2_moe", help="MoE family of unlearn_serve.tiny (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=100, help="full-batch training steps on the facts")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`unlearn-serve make-tiny-moe-facts`: exit 0 when the model completes every fact, else 1."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = build_facts_model(args.family, steps=args.steps, seed=args.seed)
@@ -74,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out}/model (tiny {args.family}, {n:,} parameters; completes {known}/{len(qa)} facts), "
           f"{out}/forget.jsonl (Alice), {out}/retain.jsonl (Bob)")
     return 0 if known == len(qa) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Write a tiny MoE that knows six facts, plus forget/retain sets.")
+    configure(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("training.eval_cli", "TOFU metrics for a base model and its unlearning artifacts."),
     "train-baseline": ("training.baselines_cli", "Whole-model GA / GD / NPO unlearning baselines."),
     "make-tiny": ("unlearn_serve.tiny_cli", "Write a tiny random model + tokenizer of a given family."),
+    "make-tiny-moe-facts": ("training.uoe_tiny_facts", "Write a tiny MoE that knows six facts + forget/retain sets."),
 }
 
 
