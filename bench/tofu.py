@@ -358,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-epochs", type=int, help="cap on the memorisation epochs")
     parser.add_argument("--alpha", help="ULD alphas to evaluate, comma-separated")
     parser.add_argument("--methods", default="uld,ga,gd,npo", help="comma-separated subset of uld,ga,gd,npo")
+    parser.add_argument("--uld-epochs", type=int, help="ULD passes over the forget set (default: 10, quick 5)")
+    parser.add_argument("--uld-layers", type=int, help="ULD assistant layers K (default: 2 of 4)")
+    parser.add_argument("--uld-lr", type=float, help="ULD learning rate (default: 2e-3)")
     parser.add_argument("--out", type=Path, help="report directory (default: bench/out/tofu[-quick])")
     parser.add_argument("--cache", type=Path, default=CACHE, help="where the trained target/retain models live")
     parser.add_argument("--retrain", action="store_true", help="ignore cached target/retain models")
@@ -376,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg.forget_authors = args.forget_authors
     if args.max_epochs:
         cfg.max_epochs = args.max_epochs
+    for name in ("uld_epochs", "uld_layers", "uld_lr"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
     if args.alpha:
         cfg.alphas = tuple(float(a) for a in args.alpha.split(","))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
