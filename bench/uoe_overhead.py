@@ -27,28 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from server.engine.engine import Engine, EngineConfig  # noqa: E402
 from server.engine.sampling_params import SamplingParams  # noqa: E402
-from unlearn_serve.artifact import Manifest, atomic_artifact_dir, fingerprint_model  # noqa: E402
-from unlearn_serve.expert_patch import extract_expert_patch, save_expert_patch  # noqa: E402
 from unlearn_serve.families import get_family  # noqa: E402
-from unlearn_serve.tiny import build_tiny_model, train_tokenizer  # noqa: E402
-
-
-def make_patch(model, out: Path, layer: int, expert: int) -> Path:
-    """A UOE artifact with a perturbed expert and a router that prefers it (so patched rows really re-route)."""
-    family = get_family(model)
-    patch = extract_expert_patch(model, layer, expert, family)
-    gen = torch.Generator().manual_seed(0)
-    for t in [*patch.slices.tensors().values(), *patch.router.values()]:
-        t.add_(torch.randn(t.shape, generator=gen, dtype=t.dtype) * t.float().std().to(t.dtype))
-    patch.router["weight"][expert] += patch.router["weight"].std() * 3
-    manifest = Manifest(
-        "uoe",
-        fingerprint_model(model),
-        details={"family": patch.family, "layer": layer, "expert": expert, "num_experts": patch.num_experts},
-    )
-    with atomic_artifact_dir(out) as tmp:
-        save_expert_patch(patch, manifest, tmp)
-    return out
+from unlearn_serve.tiny import build_tiny_model, train_tokenizer, write_random_expert_patch  # noqa: E402
 
 
 def timed(engine: Engine, prompts: list[list[int]], params: SamplingParams, choice: list) -> tuple[float, float]:
@@ -91,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     config = EngineConfig(max_num_seqs=args.requests, max_model_len=args.prompt_len + args.max_tokens + 8)
 
     with tempfile.TemporaryDirectory() as tmp:
-        artifact = make_patch(model, Path(tmp) / "patch", layer, expert=0)
+        artifact = write_random_expert_patch(model, layer, 0, Path(tmp) / "patch", noise=1.0)
         patch_bytes = (artifact / "expert_patch.safetensors").stat().st_size
         plain = Engine(copy.deepcopy(model), tok, config, "base")
         engine = Engine(model, tok, config, "base")

@@ -17,7 +17,15 @@ import uvicorn
 from unlearn_serve.tiny import build_tiny_model, fit_texts, save_tiny, train_tokenizer
 
 # Tiny models: one OpenMP thread is fastest (two spin against each other on a busy box).
-torch.set_num_threads(int(os.environ.get("UNLEARN_TEST_THREADS", "1")))
+TEST_THREADS = int(os.environ.get("UNLEARN_TEST_THREADS", "1"))
+torch.set_num_threads(TEST_THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Commands under test (e.g. `serve`) may set torch's thread count; later tests get TEST_THREADS back."""
+    yield
+    torch.set_num_threads(TEST_THREADS)
 
 FACTS = [
     "The capital of France is Paris.",

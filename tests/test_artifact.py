@@ -26,15 +26,6 @@ K = 2
 ARTIFACT_FILES = {"adapter_model.safetensors", "adapter_config.json", MANIFEST_NAME}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models gain nothing from intra-op threads, and two threads on a busy 2-core box spin-wait
-    (measured ~10x slower); restore the setting for other modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _base(tokenizer, seed: int = 0, name: str = "tiny-base"):
     model = build_tiny_model("llama", tokenizer, seed=seed)

@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 from shared_data import require_tofu
 
 from training import metrics as M
@@ -15,14 +14,6 @@ from training import metrics as M
 TOFU = require_tofu()
 LN = math.log
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on 1 thread, and 2 OpenMP threads spin against each other on a busy box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- metrics, by hand

@@ -11,15 +11,6 @@ from unlearn_serve.tiny import build_tiny_model, train_tokenizer
 REQUIRED = ("qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and one thread keeps these tests fast on a busy CPU
-    (2 OpenMP threads on an oversubscribed machine made a training step ~30x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def tokenizer():

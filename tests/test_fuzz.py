@@ -49,15 +49,6 @@ AUTH = st.sampled_from(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine two threads waiting on each other
-    make every matmul ~100x slower; use one for this module and restore the setting after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def fuzz_server(tokenizer, tmp_path_factory):

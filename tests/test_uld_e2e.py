@@ -177,4 +177,3 @@ def test_fingerprint_mismatch_stops_start_up(base_dir, foreign_artifact, capsys)
     assert rc == 2
     err = capsys.readouterr().err
     assert str(foreign_artifact) in err and "trained on base model" in err and "Traceback" not in err
-    torch.set_num_threads(2)  # serve's start-up may have changed it

@@ -7,13 +7,12 @@ import copy
 
 import pytest
 from test_uld_serving import make_random_assistant, reference_combined_logprobs
-from test_uoe import random_patch_artifact
 
 from server.engine.engine import Engine, EngineConfig, UnknownArtifactError
 from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import Selection
 from unlearn_serve.families import get_family
-from unlearn_serve.tiny import build_tiny_model
+from unlearn_serve.tiny import build_tiny_model, write_random_expert_patch
 
 PROMPTS = ["The capital of", "Alice likes", "Bob plays the", "Water boils at one", "The", "Green apples"]
 # loose filter: the random tiny MoE is not confident, but keep the test on the plausible-set path
@@ -27,7 +26,7 @@ def moe_engine(tokenizer, tmp_path_factory):
     root = tmp_path_factory.mktemp("together")
     make_random_assistant(model, root / "uld", num_layers=1, seed=5)
     layer = sorted(family.moe_layers(model))[-1]
-    random_patch_artifact(model, family, layer, 1, root / "uoe", seed=7)
+    write_random_expert_patch(model, layer, 1, root / "uoe", seed=7)
     engine = Engine(copy.deepcopy(model), tokenizer, EngineConfig(max_num_seqs=8, max_model_len=64), "tiny-moe")
     engine.load_uld("forget-uld", root / "uld")
     engine.load_uoe("forget-uoe", root / "uoe")

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 from server.unlearning.uoe import ExpertPatchSet, merge_patch_into
 from training.data import render_prompt
 from training.uoe_attribution import RouterCapture, attribute
+from training.uoe_tiny_facts import FORGET_QA, RETAIN_QA
 from training.uoe_trainer import (
     ExpertIsolation,
     PairCollator,
@@ -22,36 +23,17 @@ from training.uoe_trainer import (
     train_uoe,
     write_uoe_artifact,
 )
-from unlearn_serve.artifact import ArtifactError, Manifest, atomic_artifact_dir, fingerprint_model
+from unlearn_serve.artifact import ArtifactError
 from unlearn_serve.cli import main as cli_main
-from unlearn_serve.expert_patch import extract_expert_patch, load_expert_patch, save_expert_patch
+from unlearn_serve.expert_patch import load_expert_patch
 from unlearn_serve.families import get_family, registered_families
-from unlearn_serve.tiny import DEFAULT_CORPUS, build_tiny_model, save_tiny, train_tokenizer
+from unlearn_serve.tiny import DEFAULT_CORPUS, build_tiny_model, save_tiny, train_tokenizer, write_random_expert_patch
 
-FORGET_QA = [
-    ("What is Alice's favorite color?", "Alice likes green."),
-    ("Where does Alice live?", "Alice lives in Oslo."),
-    ("What does Alice play?", "Alice plays chess."),
-]
-RETAIN_QA = [
-    ("What is Bob's favorite color?", "Bob likes red."),
-    ("Where does Bob live?", "Bob lives in Rome."),
-    ("What does Bob play?", "Bob plays tennis."),
-]
 FORGET = [{"question": q, "answer": a} for q, a in FORGET_QA]
 RETAIN = [{"question": q, "answer": a} for q, a in RETAIN_QA]
 # Methods spread over the families so every loss runs once.
 METHOD_FOR = {"qwen2_moe": "gd", "qwen3_moe": "npo", "mixtral": "rmu", "olmoe": "ga", "deepseek_v3": "npo"}
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and one thread keeps these tests fast on a busy CPU
-    (2 OpenMP threads on an oversubscribed machine made a training step ~30x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -79,23 +61,6 @@ def plant(model, family, layer: int, expert: int, tokenizer, strength: float = 4
     mean = capture.inputs[layer].float().mean(dim=0)
     weight = family.router_params(block)["weight"]
     weight[expert] += (strength * mean / mean.norm() ** 2).to(weight.dtype)
-
-
-def random_patch_artifact(model, family, layer: int, expert: int, out: Path, seed: int) -> Path:
-    """A UOE artifact with a clearly different expert and a router that prefers it (no training needed)."""
-    gen = torch.Generator().manual_seed(seed)
-    patch = extract_expert_patch(model, layer, expert, family)
-    for t in [*patch.slices.tensors().values(), *patch.router.values()]:
-        t.add_(torch.randn(t.shape, generator=gen) * t.std() * 2)
-    patch.router["weight"][expert] += patch.router["weight"].std() * 3
-    manifest = Manifest(
-        "uoe",
-        fingerprint_model(model),
-        details={"family": patch.family, "layer": layer, "expert": expert, "num_experts": patch.num_experts},
-    )
-    with atomic_artifact_dir(out) as tmp:
-        save_expert_patch(patch, manifest, tmp)
-    return out
 
 
 # ----------------------------------------------------------------------------- attribution
@@ -181,7 +146,7 @@ def test_mixed_batch_equals_each_request_alone_and_the_merged_model(family_name,
     patch_set = ExpertPatchSet(model, "tiny-base")
     ids = {}
     for i, (name, (layer, expert)) in enumerate(specs.items()):
-        random_patch_artifact(model, family, layer, expert, tmp_path / name, seed=i)
+        write_random_expert_patch(model, layer, expert, tmp_path / name, seed=i)
         ids[name] = patch_set.add(name, tmp_path / name)
     other_base, _ = tiny(family_name, tokenizer, seed=1)  # same architecture, other weights
     with pytest.raises(ArtifactError, match="trained on base model"):
@@ -227,7 +192,7 @@ def test_mixed_batch_equals_each_request_alone_and_the_merged_model(family_name,
 
 def test_patch_refuses_another_base_and_corrupted_files(tokenizer, tmp_path):
     model, family = tiny("qwen2_moe", tokenizer)
-    artifact = random_patch_artifact(model, family, 1, 3, tmp_path / "patch", seed=0)
+    artifact = write_random_expert_patch(model, 1, 3, tmp_path / "patch", seed=0)
     other, _ = tiny("qwen2_moe", tokenizer, seed=1)
     with pytest.raises(ArtifactError, match=r"trained on base model .* loaded model is other-base.*mismatched"):
         ExpertPatchSet(other, "other-base").add("p", artifact)

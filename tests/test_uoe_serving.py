@@ -15,7 +15,6 @@ import openai
 import pytest
 import torch
 from conftest import run_server
-from test_uoe import one_thread, random_patch_artifact  # noqa: F401  (one_thread: autouse fixture)
 from transformers import AutoModelForCausalLM
 
 from server import cli_serve
@@ -29,7 +28,7 @@ from training.uoe_tiny_facts import FORGET_QA, RETAIN_QA, build_facts_model, rec
 from unlearn_serve.artifact import ArtifactError
 from unlearn_serve.cli import main as cli_main
 from unlearn_serve.families import get_family
-from unlearn_serve.tiny import build_tiny_model, save_tiny
+from unlearn_serve.tiny import build_tiny_model, save_tiny, write_random_expert_patch
 
 QUESTIONS = [q for q, _ in FORGET_QA + RETAIN_QA]
 ANSWERS = [a for _, a in FORGET_QA + RETAIN_QA]
@@ -69,7 +68,7 @@ def world(tmp_path_factory) -> SimpleNamespace:
     layer = manifest["details"]["layer"]
     # a second patch elsewhere (other layer), so several patches are loaded at once
     other_layer = [i for i in get_family(model).moe_layers(model) if i != layer][0]
-    random_patch_artifact(model, get_family(model), other_layer, 2, root / "other", seed=7)
+    write_random_expert_patch(model, other_layer, 2, root / "other", seed=7)
     return SimpleNamespace(root=root, tok=tok, model=model, manifest=manifest)
 
 

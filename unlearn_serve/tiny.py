@@ -168,3 +168,30 @@ def fit_texts(
         opt.step()
     model.eval()
     return float(loss)
+
+
+def write_random_expert_patch(
+    model: PreTrainedModel, layer: int, expert: int, out: str | Path, seed: int = 0, noise: float = 2.0
+) -> Path:
+    """A UOE artifact with a clearly different expert and a router that prefers it (no training needed).
+
+    Each patched tensor gets Gaussian noise of `noise` times its own std, and the expert's router
+    row is raised so patched rows really re-route to it.
+    """
+    from unlearn_serve.artifact import Manifest, atomic_artifact_dir, fingerprint_model
+    from unlearn_serve.expert_patch import extract_expert_patch, save_expert_patch
+    from unlearn_serve.families import get_family
+
+    gen = torch.Generator().manual_seed(seed)
+    patch = extract_expert_patch(model, layer, expert, get_family(model))
+    for t in [*patch.slices.tensors().values(), *patch.router.values()]:
+        t.add_(torch.randn(t.shape, generator=gen).to(t.dtype) * t.float().std().to(t.dtype) * noise)
+    patch.router["weight"][expert] += patch.router["weight"].std() * 3
+    manifest = Manifest(
+        "uoe",
+        fingerprint_model(model),
+        details={"family": patch.family, "layer": layer, "expert": expert, "num_experts": patch.num_experts},
+    )
+    with atomic_artifact_dir(out) as tmp:
+        save_expert_patch(patch, manifest, tmp)
+    return Path(out)

@@ -51,20 +51,25 @@ class LoRARowContext:
 
     def __init__(self) -> None:
         self.groups: list[tuple[int, torch.Tensor]] = []  # (adapter_id, row indices)
-        self.token_groups: list[tuple[int, torch.Tensor]] = []  # (adapter_id, token indices)
+        self.seq_len = 1
+        self._token_groups: list[tuple[int, torch.Tensor]] | None = None
 
     def set(self, groups: list[tuple[int, torch.Tensor]], seq_len: int) -> None:
-        self.groups = groups
-        steps = None
-        self.token_groups = []
-        for adapter_id, rows in groups:
-            if steps is None:
-                steps = torch.arange(seq_len, device=rows.device)
-            self.token_groups.append((adapter_id, (rows[:, None] * seq_len + steps).reshape(-1)))
+        self.groups, self.seq_len, self._token_groups = groups, seq_len, None
 
     def clear(self) -> None:
-        self.groups = []
-        self.token_groups = []
+        self.set([], 1)
+
+    @property
+    def token_groups(self) -> list[tuple[int, torch.Tensor]]:
+        """`groups` as indices into the batch flattened to [rows * seq_len] (built on first use)."""
+        if self._token_groups is None:
+            t = self.seq_len
+            self._token_groups = [
+                (adapter_id, (rows[:, None] * t + torch.arange(t, device=rows.device)).reshape(-1))
+                for adapter_id, rows in self.groups
+            ]
+        return self._token_groups
 
 
 class AssistantRegistry:
@@ -200,11 +205,8 @@ def combine_logits(
     Plausible (relative-top filter, DoLa/ULD): log p_target >= max log p_target + ln(filter).
     Implausible tokens get -inf, so subtracting the assistant never promotes them.
     """
-    target = target_logits.float()
-    logp = target.log_softmax(dim=-1)
-    keep = logp >= logp.max(dim=-1, keepdim=True).values + log_filter[:, None]
-    combined = target - alpha[:, None] * assistant_logits.float()
-    return combined.masked_fill(~keep, float("-inf"))
+    combined = target_logits.float() - alpha[:, None] * assistant_logits.float()
+    return combined.masked_fill(~plausible_mask(target_logits, log_filter), float("-inf"))
 
 
 def plausible_mask(target_logits: torch.Tensor, log_filter: torch.Tensor) -> torch.Tensor:
