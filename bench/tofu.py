@@ -145,8 +145,8 @@ def train_memorise(records, tokenizer, cfg: BenchConfig, desc: str):
     """A fresh small Llama trained on the answers of `records` until it has memorised them."""
     import torch
     from tqdm.auto import tqdm
+    from unlearn_serve.training.data import IGNORE_INDEX, render_example
 
-    from training.data import IGNORE_INDEX, render_example
     from unlearn_serve.tiny import build_tiny_model
 
     model = build_tiny_model(
@@ -243,11 +243,11 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 def run(cfg: BenchConfig, out: Path, cache: Path, retrain: bool, methods: list[str]) -> dict[str, Any]:
     import torch
+    from unlearn_serve.server.engine.engine import Engine, EngineConfig
+    from unlearn_serve.training.baselines import BaselineConfig, train_baseline
+    from unlearn_serve.training.uld import ULDTrainingConfig, train_uld
 
-    from server.engine.engine import Engine, EngineConfig
-    from training import evaluation as E
-    from training.baselines import BaselineConfig, train_baseline
-    from training.uld import ULDTrainingConfig, train_uld
+    from unlearn_serve.evaluation import runner as E
     from unlearn_serve.loading import load_model_and_tokenizer
 
     started = time.monotonic()
@@ -336,7 +336,7 @@ def run(cfg: BenchConfig, out: Path, cache: Path, retrain: bool, methods: list[s
 
 def table2(metrics: dict[str, Any]) -> str:
     """FQ, MU, forget ROUGE, retain ROUGE, training time (ULD paper Table 2) + our fluency columns."""
-    from training.report import summary_table
+    from unlearn_serve.evaluation.report import summary_table
 
     cols = [
         ("forget_quality", "FQ", "{:.3g}"),

@@ -40,10 +40,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.data import DEFAULT_QUESTION_TEMPLATE, IGNORE_INDEX  # noqa: E402
-from training.loop import UnlearningTrainer, make_training_args, plan_steps  # noqa: E402
-from training.pairs import ForgetRetainCollator, ForgetRetainDataset, tokenize_records  # noqa: E402
-from training.uld import ULDTrainingConfig, train_uld  # noqa: E402
+from unlearn_serve.training.data import DEFAULT_QUESTION_TEMPLATE, IGNORE_INDEX  # noqa: E402
+from unlearn_serve.training.loop import UnlearningTrainer, make_training_args, plan_steps  # noqa: E402
+from unlearn_serve.training.pairs import ForgetRetainCollator, ForgetRetainDataset, tokenize_records  # noqa: E402
+from unlearn_serve.training.uld import ULDTrainingConfig, train_uld  # noqa: E402
+
 from unlearn_serve.assistant import default_assistant_layers  # noqa: E402
 
 # the read-only shared data: ../shared next to the repository, or $UNLEARN_SHARED_DIR

@@ -78,8 +78,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from server.engine.engine import Engine, EngineConfig
-    from server.engine.sampling_params import SamplingParams
+    from unlearn_serve.server.engine.engine import Engine, EngineConfig
+    from unlearn_serve.server.engine.sampling_params import SamplingParams
 
     if args.model:
         from unlearn_serve.loading import load_model_and_tokenizer

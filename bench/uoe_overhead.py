@@ -25,8 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from server.engine.engine import Engine, EngineConfig  # noqa: E402
-from server.engine.sampling_params import SamplingParams  # noqa: E402
+from unlearn_serve.server.engine.engine import Engine, EngineConfig  # noqa: E402
+from unlearn_serve.server.engine.sampling_params import SamplingParams  # noqa: E402
+
 from unlearn_serve.families import get_family  # noqa: E402
 from unlearn_serve.tiny import build_tiny_model, train_tokenizer, write_random_expert_patch  # noqa: E402
 

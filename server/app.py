@@ -11,15 +11,14 @@ from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-
-from server.auth import check_api_key
-from server.config import ServerConfig
-from server.engine.async_engine import AsyncEngine
-from server.engine.engine import Engine, UnknownArtifactError
-from server.errors import bad_request, install_error_handlers, not_found, unavailable
-from server.metrics import Metrics
-from server.middleware import LimitsMiddleware
-from server.protocol import (
+from unlearn_serve.server.auth import check_api_key
+from unlearn_serve.server.config import ServerConfig
+from unlearn_serve.server.engine.async_engine import AsyncEngine
+from unlearn_serve.server.engine.engine import Engine, UnknownArtifactError
+from unlearn_serve.server.errors import bad_request, install_error_handlers, not_found, unavailable
+from unlearn_serve.server.metrics import Metrics
+from unlearn_serve.server.middleware import LimitsMiddleware
+from unlearn_serve.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     LoadArtifactRequest,
@@ -27,7 +26,8 @@ from server.protocol import (
     ModelList,
     UnloadArtifactRequest,
 )
-from server.serving import OpenAIServing
+from unlearn_serve.server.serving import OpenAIServing
+
 from unlearn_serve.artifact import ArtifactError, load_manifest
 
 logger = logging.getLogger("unlearn_serve.server")

@@ -5,8 +5,7 @@ from __future__ import annotations
 import hmac
 
 from fastapi import Request
-
-from server.errors import APIError
+from unlearn_serve.server.errors import APIError
 
 
 def check_api_key(request: Request) -> None:

@@ -18,8 +18,7 @@ import signal
 import time
 
 import uvicorn
-
-from server.app import ServerState
+from unlearn_serve.server.app import ServerState
 
 logger = logging.getLogger("unlearn_serve.server")
 

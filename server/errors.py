@@ -6,8 +6,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from server.protocol import ErrorInfo, ErrorResponse
+from unlearn_serve.server.protocol import ErrorInfo, ErrorResponse
 
 _TYPES = {
     400: "BadRequestError",

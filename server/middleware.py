@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from server.errors import error_json
+from unlearn_serve.server.errors import error_json
 
 if TYPE_CHECKING:
-    from server.app import ServerState
+    from unlearn_serve.server.app import ServerState
 
 GENERATE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 # Probes and metrics are not "work": they must not hold a drain open.

@@ -12,8 +12,7 @@ import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from server.engine.sampling_params import SamplingParams
+from unlearn_serve.server.engine.sampling_params import SamplingParams
 
 
 class OpenAIModel(BaseModel):

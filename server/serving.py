@@ -10,12 +10,11 @@ from typing import Any
 
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
-
-from server.engine.async_engine import AsyncEngine
-from server.engine.engine import EngineInputError, UnknownArtifactError
-from server.engine.sequence import RequestOutput, Selection, TokenLogprob
-from server.errors import APIError, bad_request, error_payload, not_found, unavailable
-from server.protocol import (
+from unlearn_serve.server.engine.async_engine import AsyncEngine
+from unlearn_serve.server.engine.engine import EngineInputError, UnknownArtifactError
+from unlearn_serve.server.engine.sequence import RequestOutput, Selection, TokenLogprob
+from unlearn_serve.server.errors import APIError, bad_request, error_payload, not_found, unavailable
+from unlearn_serve.server.protocol import (
     AssistantMessage,
     ChatChoiceLogprobs,
     ChatCompletionChoice,

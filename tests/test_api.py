@@ -13,13 +13,13 @@ import httpx
 import openai
 import pytest
 import torch
+import unlearn_serve.server.auth as auth_module
 from conftest import run_server
+from unlearn_serve.server.app import build_app
+from unlearn_serve.server.auth import check_api_key
+from unlearn_serve.server.config import ServerConfig
+from unlearn_serve.server.engine.engine import Engine, EngineConfig
 
-import server.auth as auth_module
-from server.app import build_app
-from server.auth import check_api_key
-from server.config import ServerConfig
-from server.engine.engine import Engine, EngineConfig
 from unlearn_serve.cli import main as cli_main
 
 KEY = "sk-test-key"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from unlearn_serve.training.baselines import BaselineConfig, npo_loss, train_baseline
 
-from training.baselines import BaselineConfig, npo_loss, train_baseline
 from unlearn_serve.loading import load_model_and_tokenizer
 
 FORGET = [
@@ -27,8 +27,8 @@ def _state(model) -> dict[str, torch.Tensor]:
 
 
 def _forget_ce(model, tok) -> float:
-    from training.losses import causal_ce
-    from training.pairs import tokenize_records
+    from unlearn_serve.training.losses import causal_ce
+    from unlearn_serve.training.pairs import tokenize_records
 
     examples = tokenize_records(tok, FORGET, 128, "Question: {question}\nAnswer: ", "forget").examples
     total = 0.0
@@ -67,7 +67,7 @@ def test_baseline_changes_weights_and_forgets(method, tiny_llama_dir, tmp_path):
 
 
 def test_uld_leaves_target_untouched(tiny_llama_dir, tmp_path):
-    from training.uld import ULDTrainingConfig, train_uld
+    from unlearn_serve.training.uld import ULDTrainingConfig, train_uld
 
     def digest(d: Path) -> dict[str, str]:
         return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir()) if p.is_file()}

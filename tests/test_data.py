@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 from shared_data import require_tofu
-
-from training.augment import augment_forget, augment_retain
-from training.data import (
+from unlearn_serve.training.augment import augment_forget, augment_retain
+from unlearn_serve.training.data import (
     IGNORE_INDEX,
     DataError,
     encode_prompt,
@@ -18,7 +17,8 @@ from training.data import (
     render_example,
     render_prompt,
 )
-from training.pairs import ForgetRetainCollator, ForgetRetainDataset, tokenize_records
+from unlearn_serve.training.pairs import ForgetRetainCollator, ForgetRetainDataset, tokenize_records
+
 from unlearn_serve.tiny import train_tokenizer
 
 TOFU = require_tofu()

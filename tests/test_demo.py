@@ -11,9 +11,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from unlearn_serve.training.data import load_records, record_kind
 
-from server import demo
-from training.data import load_records, record_kind
+from unlearn_serve.cli import demo
 
 
 def test_demo_help_lists_its_options():

@@ -377,7 +377,8 @@ def test_torch_build_args_are_consistent():
 def test_dockerignore_keeps_the_build_inputs_and_drops_the_rest():
     project = pyproject()
     needed = ["pyproject.toml", project["project"]["readme"], "unlearn_serve/data/forget.jsonl"]
-    needed += [inc.rstrip("*") + "/__init__.py" for inc in project["tool"]["setuptools"]["packages"]["find"]["include"]]
+    package_dirs = project["tool"]["setuptools"]["package-dir"]
+    needed += [f"{folder}/__init__.py" for folder in package_dirs.values()]
     for path in needed:
         assert not dockerignored(path), f".dockerignore drops {path}, which the image build needs"
     for path in [".venv/bin/python", ".git/HEAD", "model.safetensors", "out/w.gguf", "ckpt/pytorch_model.bin",

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import server.engine.engine as engine_module
-from server.engine.engine import Engine, EngineConfig, EngineInputError, UnknownArtifactError
-from server.engine.sampling_params import SamplingParams
-from server.engine.sequence import Request
+import unlearn_serve.server.engine.engine as engine_module
+from unlearn_serve.server.engine.engine import Engine, EngineConfig, EngineInputError, UnknownArtifactError
+from unlearn_serve.server.engine.sampling_params import SamplingParams
+from unlearn_serve.server.engine.sequence import Request
 
 PROMPTS = [
     "The capital of",
@@ -250,7 +249,7 @@ def test_a_failing_step_ends_every_request_and_frees_every_slot(engine, tokenize
 
 
 def test_sync_generate_refuses_while_a_serving_thread_drives_the_engine(tiny_llama, tokenizer):
-    from server.engine.async_engine import AsyncEngine
+    from unlearn_serve.server.engine.async_engine import AsyncEngine
 
     served = AsyncEngine(Engine(tiny_llama, tokenizer, EngineConfig(max_num_seqs=2, max_model_len=32)))
     served.start()

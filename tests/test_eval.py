@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from shared_data import require_tofu
 
-from training import metrics as M
+from unlearn_serve.evaluation import metrics as M
 
 TOFU = require_tofu()
 LN = math.log
@@ -104,7 +104,8 @@ def _slice(tmp: Path, n: int = 2) -> list[str]:
 @pytest.fixture(scope="module")
 def uld_dir(tiny_llama_dir, tmp_path_factory) -> Path:
     """A ULD assistant trained for a few steps on the tiny model (enough to be a valid artifact)."""
-    from training.uld import ULDTrainingConfig, train_uld
+    from unlearn_serve.training.uld import ULDTrainingConfig, train_uld
+
     from unlearn_serve.loading import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(str(tiny_llama_dir), dtype="float32")
@@ -117,8 +118,8 @@ def uld_dir(tiny_llama_dir, tmp_path_factory) -> Path:
 
 
 def test_eval_end_to_end(tiny_llama_dir, uld_dir, tmp_path):
-    from training.evaluation import load_reference
     from unlearn_serve.cli import main
+    from unlearn_serve.evaluation.runner import load_reference
 
     data = _slice(tmp_path)
     reference = tmp_path / "ref.json"

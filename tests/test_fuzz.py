@@ -23,10 +23,10 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from peft import get_peft_model
 from schemathesis import GenerationMode
+from unlearn_serve.server.app import build_app
+from unlearn_serve.server.config import ServerConfig
+from unlearn_serve.server.engine.engine import Engine, EngineConfig
 
-from server.app import build_app
-from server.config import ServerConfig
-from server.engine.engine import Engine, EngineConfig
 from unlearn_serve.artifact import fingerprint_model
 from unlearn_serve.assistant import assistant_lora_config
 from unlearn_serve.tiny import build_tiny_model

@@ -26,10 +26,10 @@ import pytest
 import torch
 from conftest import free_port, run_server
 from peft import get_peft_model
+from unlearn_serve.server.app import build_app
+from unlearn_serve.server.config import ServerConfig
+from unlearn_serve.server.engine.engine import Engine, EngineConfig
 
-from server.app import build_app
-from server.config import ServerConfig
-from server.engine.engine import Engine, EngineConfig
 from unlearn_serve.artifact import fingerprint_model
 from unlearn_serve.assistant import assistant_lora_config
 from unlearn_serve.loading import load_model_and_tokenizer

@@ -6,9 +6,8 @@ import math
 
 import pytest
 import torch
-
-from server.engine.sampler import SamplingBatch, apply_penalties, gather_logprobs, sample
-from server.engine.sampling_params import SamplingParams, SamplingParamsError
+from unlearn_serve.server.engine.sampler import SamplingBatch, apply_penalties, gather_logprobs, sample
+from unlearn_serve.server.engine.sampling_params import SamplingParams, SamplingParamsError
 
 V = 8
 # Probabilities 0.4, 0.3, 0.15, 0.1, 0.05 and ~0 for the last three tokens.

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
-
-from server.engine.engine import Engine, EngineConfig
-from server.engine.sampling_params import SamplingParams
-from server.engine.scheduler import Scheduler, SlotPool
-from server.engine.sequence import Request
+from unlearn_serve.server.engine.engine import Engine, EngineConfig
+from unlearn_serve.server.engine.sampling_params import SamplingParams
+from unlearn_serve.server.engine.scheduler import Scheduler, SlotPool
+from unlearn_serve.server.engine.sequence import Request
 
 
 def req(rid: str, prompt_len: int = 4, n: int = 1) -> Request:

@@ -11,10 +11,10 @@ import argparse
 import openai
 import pytest
 from conftest import run_server
+from unlearn_serve.server.app import build_app
+from unlearn_serve.server.config import ServerConfig
 
-from server.app import build_app
-from server.cli_serve import build_engine, configure
-from server.config import ServerConfig
+from unlearn_serve.cli.serve import build_engine, configure
 from unlearn_serve.smollm2 import smollm2_gguf_path
 
 

@@ -17,14 +17,14 @@ import pytest
 import torch
 from conftest import run_server
 from peft import get_peft_model
+from unlearn_serve.server.app import build_app
+from unlearn_serve.server.config import ServerConfig
 
-from server.app import build_app
-from server.cli_serve import build_engine
-from server.cli_serve import configure as configure_serve
-from server.config import ServerConfig
 from unlearn_serve.artifact import fingerprint_model
 from unlearn_serve.assistant import assistant_lora_config
 from unlearn_serve.cli import main as cli_main
+from unlearn_serve.cli.serve import build_engine
+from unlearn_serve.cli.serve import configure as configure_serve
 from unlearn_serve.tiny import build_tiny_model, fit_texts, save_tiny
 from unlearn_serve.uld_artifact import save_uld_artifact
 

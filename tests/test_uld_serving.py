@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
+from unlearn_serve.server.engine.engine import Engine, EngineConfig, UnknownArtifactError
+from unlearn_serve.server.engine.sampling_params import SamplingParams
+from unlearn_serve.server.engine.sequence import Selection
+from unlearn_serve.server.unlearning.uld import combine_logits
 
-from server.engine.engine import Engine, EngineConfig, UnknownArtifactError
-from server.engine.sampling_params import SamplingParams
-from server.engine.sequence import Selection
-from server.unlearning.uld import combine_logits
 from unlearn_serve.artifact import ArtifactError, fingerprint_model
 from unlearn_serve.assistant import assistant_logits, assistant_lora_config
 from unlearn_serve.tiny import build_tiny_model
@@ -79,7 +79,7 @@ def reference_combined_logprobs(base, artifact_dir, num_layers, ids, alpha, filt
 @pytest.fixture(params=["plausible-only head", "full-vocabulary head"])
 def assistant_head_path(request, engine, monkeypatch):
     """Run a test through both ways of scoring the assistant, and check that the chosen one ran."""
-    import server.engine.engine as engine_module
+    import unlearn_serve.server.engine.engine as engine_module
 
     if request.param == "full-vocabulary head":
         monkeypatch.setattr(engine_module, "ULD_MAX_CANDIDATES", 0)
@@ -95,7 +95,7 @@ def assistant_head_path(request, engine, monkeypatch):
 
 def test_candidate_combination_equals_full_vocabulary():
     """Scoring the assistant on the plausible tokens only gives exactly the full-vocabulary combination."""
-    from server.unlearning.uld import combine_on_candidates, plausible_mask
+    from unlearn_serve.server.unlearning.uld import combine_on_candidates, plausible_mask
 
     gen = torch.Generator().manual_seed(0)
     head = torch.nn.Linear(16, 300, bias=True)
@@ -204,8 +204,8 @@ def test_filter_masked_tokens_never_sampled(engine, tiny_llama, tokenizer):
 
 
 def test_unknown_artifact_and_bad_options(engine, tokenizer):
-    from server.engine.engine import EngineInputError
-    from server.engine.sequence import Request
+    from unlearn_serve.server.engine.engine import EngineInputError
+    from unlearn_serve.server.engine.sequence import Request
 
     with pytest.raises(UnknownArtifactError):
         engine.add_request(Request("x", [1, 2], SamplingParams(), Selection("nope")))
@@ -222,7 +222,7 @@ def test_wrong_base_refused_naming_both(tokenizer, tiny_llama, artifacts):
 
 
 def test_unload_waits_for_in_flight(engine, tokenizer):
-    from server.engine.sequence import Request
+    from unlearn_serve.server.engine.sequence import Request
 
     rid = engine.new_request_id()
     engine.add_request(Request(rid, tokenizer.encode("Bob"), SamplingParams(max_tokens=5, ignore_eos=True),

@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback
+from unlearn_serve.training.data import DataError
+from unlearn_serve.training.losses import causal_ce, uniform_kl
+from unlearn_serve.training.pairs import ForgetRetainCollator, ForgetRetainDataset, tokenize_records
+from unlearn_serve.training.uld import ULDTrainingConfig, ULDTrainingError, checkpoint_dir_for, epoch_dir_for, train_uld
 
-from training.data import DataError
-from training.losses import causal_ce, uniform_kl
-from training.pairs import ForgetRetainCollator, ForgetRetainDataset, tokenize_records
-from training.uld import ULDTrainingConfig, ULDTrainingError, checkpoint_dir_for, epoch_dir_for, train_uld
 from unlearn_serve import cli
 from unlearn_serve.artifact import MANIFEST_NAME, file_sha256, fingerprint_model
 from unlearn_serve.assistant import assistant_logits, assistant_lora_config, default_assistant_layers
@@ -119,7 +119,7 @@ def test_default_layers_is_a_quarter():
 
 
 def test_step_plan_follows_the_paper_with_a_minimum_for_small_data():
-    from training.loop import plan_steps
+    from unlearn_serve.training.loop import plan_steps
 
     # TOFU forget10 after augmentation: 1,200 rows, batch 8 x 4 = 32, 10 epochs -> 38 steps a pass
     tofu = plan_steps(1200, 8, 4, 10, 250, world_size=1)
@@ -226,8 +226,7 @@ def test_qwen2_trains_only_lora_and_keeps_base(tokenizer, tmp_path):
 def test_trainer_loss_equals_full_logit_losses(tokenizer):
     """The trainer runs the LM head at loss positions only; its losses equal those over full logits."""
     from peft import get_peft_model
-
-    from training.uld import AssistantModule
+    from unlearn_serve.training.uld import AssistantModule
 
     model = build_tiny_model("llama", tokenizer, seed=4, initializer_range=0.2)
     peft_model = get_peft_model(model, assistant_lora_config(model, 2, rank=4, alpha=8, dropout=0.0)).eval()

@@ -7,10 +7,10 @@ import copy
 
 import pytest
 from test_uld_serving import make_random_assistant, reference_combined_logprobs
+from unlearn_serve.server.engine.engine import Engine, EngineConfig, UnknownArtifactError
+from unlearn_serve.server.engine.sampling_params import SamplingParams
+from unlearn_serve.server.engine.sequence import Selection
 
-from server.engine.engine import Engine, EngineConfig, UnknownArtifactError
-from server.engine.sampling_params import SamplingParams
-from server.engine.sequence import Selection
 from unlearn_serve.families import get_family
 from unlearn_serve.tiny import build_tiny_model, write_random_expert_patch
 

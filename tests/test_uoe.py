@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
-
-from server.unlearning.uoe import ExpertPatchSet, merge_patch_into
-from training.data import render_prompt
-from training.uoe_attribution import RouterCapture, attribute
-from training.uoe_tiny_facts import FORGET_QA, RETAIN_QA
-from training.uoe_trainer import (
+from unlearn_serve.server.unlearning.uoe import ExpertPatchSet
+from unlearn_serve.training.data import render_prompt
+from unlearn_serve.training.uoe_attribution import RouterCapture, attribute
+from unlearn_serve.training.uoe_tiny_facts import FORGET_QA, RETAIN_QA
+from unlearn_serve.training.uoe_trainer import (
     ExpertIsolation,
     PairCollator,
     UOEConfig,
@@ -23,9 +22,10 @@ from training.uoe_trainer import (
     train_uoe,
     write_uoe_artifact,
 )
+
 from unlearn_serve.artifact import ArtifactError
 from unlearn_serve.cli import main as cli_main
-from unlearn_serve.expert_patch import load_expert_patch
+from unlearn_serve.expert_patch import load_expert_patch, merge_patch_into
 from unlearn_serve.families import get_family, registered_families
 from unlearn_serve.tiny import DEFAULT_CORPUS, build_tiny_model, save_tiny, train_tokenizer, write_random_expert_patch
 

@@ -16,17 +16,17 @@ import pytest
 import torch
 from conftest import run_server
 from transformers import AutoModelForCausalLM
+from unlearn_serve.server.app import build_app
+from unlearn_serve.server.config import ServerConfig
+from unlearn_serve.server.engine.engine import Engine, EngineConfig, EngineInputError
+from unlearn_serve.server.engine.sampling_params import SamplingParams
+from unlearn_serve.server.engine.sequence import Selection
+from unlearn_serve.training.data import encode_prompt
+from unlearn_serve.training.uoe_tiny_facts import FORGET_QA, RETAIN_QA, build_facts_model, recall, write_jsonl
 
-from server import cli_serve
-from server.app import build_app
-from server.config import ServerConfig
-from server.engine.engine import Engine, EngineConfig, EngineInputError
-from server.engine.sampling_params import SamplingParams
-from server.engine.sequence import Selection
-from training.data import encode_prompt
-from training.uoe_tiny_facts import FORGET_QA, RETAIN_QA, build_facts_model, recall, write_jsonl
 from unlearn_serve.artifact import ArtifactError
 from unlearn_serve.cli import main as cli_main
+from unlearn_serve.cli import serve as cli_serve
 from unlearn_serve.families import get_family
 from unlearn_serve.tiny import build_tiny_model, save_tiny, write_random_expert_patch
 

@@ -25,13 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import TrainerCallback
+from unlearn_serve.training.data import DEFAULT_QUESTION_TEMPLATE
+from unlearn_serve.training.loop import UnlearningTrainer, make_training_args, plan_steps
+from unlearn_serve.training.losses import causal_ce, sequence_log_prob
+from unlearn_serve.training.pairs import ForgetRetainCollator, ForgetRetainDataset, tokenize_records
 
-from training.data import DEFAULT_QUESTION_TEMPLATE
-from training.loop import UnlearningTrainer, make_training_args, plan_steps
-from training.losses import causal_ce, sequence_log_prob
-from training.pairs import ForgetRetainCollator, ForgetRetainDataset, tokenize_records
 from unlearn_serve.artifact import atomic_artifact_dir, fingerprint_model
-from unlearn_serve.cli import CliError
+from unlearn_serve.errors import ConfigError
 
 METHODS = ("ga", "gd", "npo")
 RUN_FILE = "baseline.json"
@@ -141,9 +141,9 @@ def train_baseline(
     """Unlearn the forget set from every weight of `model` (in place) and save a Hugging Face model dir."""
     config = config or BaselineConfig()
     if config.method not in METHODS:
-        raise CliError(f"--method {config.method!r}: choose one of {', '.join(METHODS)}")
+        raise ConfigError(f"--method {config.method!r}: choose one of {', '.join(METHODS)}")
     if config.beta <= 0:
-        raise CliError("--beta must be > 0")
+        raise ConfigError("--beta must be > 0")
     started = time.monotonic()
     base_fingerprint = fingerprint_model(model)
     retain_weight = config.effective_retain_weight()

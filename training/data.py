@@ -17,13 +17,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from unlearn_serve.errors import DataError  # noqa: F401  (re-exported)
+
 IGNORE_INDEX = -100
 DEFAULT_QUESTION_TEMPLATE = "Question: {question}\nAnswer: "
 SHAPE_HINT = "expected a JSON object with 'text', 'question'+'answer' or 'messages'"
 
 
-class DataError(ValueError):
-    """A data file is missing, malformed, or cannot be rendered; the message names the file (and line)."""
 
 
 # ----------------------------------------------------------------------------- loading

@@ -6,8 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-
-from training.data import IGNORE_INDEX
+from unlearn_serve.training.data import IGNORE_INDEX
 
 
 def causal_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-
-from training.data import IGNORE_INDEX, DataError, has_loss_tokens, render_example
+from unlearn_serve.training.data import IGNORE_INDEX, DataError, has_loss_tokens, render_example
 
 Example = tuple[list[int], list[int]]  # (input_ids, labels)
 

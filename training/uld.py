@@ -27,10 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
-
-from training.augment import augment_forget, augment_retain
-from training.data import DEFAULT_QUESTION_TEMPLATE, IGNORE_INDEX, has_chat_template
-from training.loop import (
+from unlearn_serve.training.augment import augment_forget, augment_retain
+from unlearn_serve.training.data import DEFAULT_QUESTION_TEMPLATE, IGNORE_INDEX, has_chat_template
+from unlearn_serve.training.loop import (
     EpochCallback,
     StepPlan,
     UnlearningTrainer,
@@ -38,8 +37,9 @@ from training.loop import (
     plan_steps,
     world_size_from_env,
 )
-from training.losses import uniform_kl
-from training.pairs import ForgetRetainCollator, ForgetRetainDataset, tokenize_records
+from unlearn_serve.training.losses import uniform_kl
+from unlearn_serve.training.pairs import ForgetRetainCollator, ForgetRetainDataset, tokenize_records
+
 from unlearn_serve.artifact import file_sha256, fingerprint_model, load_weights
 from unlearn_serve.assistant import (
     assistant_hidden_states,
@@ -48,13 +48,13 @@ from unlearn_serve.assistant import (
     default_assistant_layers,
     unwrap_causal_lm,
 )
-from unlearn_serve.cli import CliError
+from unlearn_serve.errors import TrainingError
 from unlearn_serve.uld_artifact import save_uld_artifact
 
 RUN_FILE = "uld_run.json"  # in the checkpoint dir: what a --resume must match
 
 
-class ULDTrainingError(CliError):
+class ULDTrainingError(TrainingError):
     """A ULD run cannot start as configured (bad layer count, a checkpoint from another run, ...)."""
 
 

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from unlearn_serve.training.data import DEFAULT_QUESTION_TEMPLATE, render_example
 
-from training.data import DEFAULT_QUESTION_TEMPLATE, render_example
 from unlearn_serve.families import MoEFamily, get_family
 
 RANKINGS = ("forget", "contrast")

@@ -3,20 +3,19 @@
 The UOE walk-through (README) and the serving tests use it: the base model completes every fact, so after
 `train-uoe` one can watch the forget facts go while the retain facts stay.
 
-    python -m training.uoe_tiny_facts --out demo-moe
+    unlearn-serve make-tiny-moe-facts --out demo-moe
     # -> demo-moe/model (Hugging Face layout), demo-moe/forget.jsonl, demo-moe/retain.jsonl
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import torch
+from unlearn_serve.training.data import encode_prompt, render_prompt
 
-from training.data import encode_prompt, render_prompt
-from unlearn_serve.tiny import DEFAULT_CORPUS, build_tiny_model, fit_texts, save_tiny, train_tokenizer
+from unlearn_serve.tiny import DEFAULT_CORPUS, build_tiny_model, fit_texts, train_tokenizer
 
 FORGET_QA = [
     ("What is Alice's favorite color?", "Alice likes green."),
@@ -52,37 +51,3 @@ def recall(model, tokenizer, qa: list[tuple[str, str]], max_new_tokens: int = 10
 def write_jsonl(path: Path, qa: list[tuple[str, str]]) -> Path:
     path.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in qa), encoding="utf-8")
     return path
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="directory: model/, forget.jsonl, retain.jsonl")
-    parser.add_argument("--family", default="qwen2_moe", help="MoE family of unlearn_serve.tiny (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=100, help="full-batch training steps on the facts")
-    parser.add_argument("--seed", type=int, default=0)
-
-
-def run(args: argparse.Namespace) -> int:
-    """`unlearn-serve make-tiny-moe-facts`: exit 0 when the model completes every fact, else 1."""
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = build_facts_model(args.family, steps=args.steps, seed=args.seed)
-    save_tiny(model, tokenizer, out / "model")
-    write_jsonl(out / "forget.jsonl", FORGET_QA)
-    write_jsonl(out / "retain.jsonl", RETAIN_QA)
-    qa = FORGET_QA + RETAIN_QA
-    answers = recall(model, tokenizer, qa)
-    known = sum(got == want for got, (_, want) in zip(answers, qa, strict=True))
-    n = sum(p.numel() for p in model.parameters())
-    print(f"wrote {out}/model (tiny {args.family}, {n:,} parameters; completes {known}/{len(qa)} facts), "
-          f"{out}/forget.jsonl (Alice), {out}/retain.jsonl (Bob)")
-    return 0 if known == len(qa) else 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Write a tiny MoE that knows six facts, plus forget/retain sets.")
-    configure(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

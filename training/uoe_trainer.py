@@ -38,9 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
+from unlearn_serve.training.data import DEFAULT_QUESTION_TEMPLATE, IGNORE_INDEX, has_loss_tokens, render_example
+from unlearn_serve.training.uoe_attribution import RANKINGS, RouterCapture, attribute
 
-from training.data import DEFAULT_QUESTION_TEMPLATE, IGNORE_INDEX, has_loss_tokens, render_example
-from training.uoe_attribution import RANKINGS, RouterCapture, attribute
 from unlearn_serve.artifact import Manifest, atomic_artifact_dir, fingerprint_model
 from unlearn_serve.expert_patch import ExpertPatch, apply_expert_patch, extract_expert_patch, save_expert_patch
 from unlearn_serve.families import MoEFamily, get_family

@@ -24,14 +24,14 @@ from typing import Any
 
 import torch
 
+from unlearn_serve.errors import ArtifactError  # noqa: F401  (re-exported)
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "unlearning.json"
 METHODS = ("uld", "uoe")
 WEIGHT_FILES = {"uld": "adapter_model.safetensors", "uoe": "expert_patch.safetensors"}
 
 
-class ArtifactError(ValueError):
-    """An artifact directory is missing, malformed, corrupted, or made for another base model."""
 
 
 @dataclass

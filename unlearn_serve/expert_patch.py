@@ -157,3 +157,12 @@ def apply_expert_patch(model: nn.Module, patch: ExpertPatch) -> None:
     family.set_expert(block, patch.expert, patch.slices)
     for key, param in family.router_params(block).items():
         param.copy_(patch.router[key].to(param.dtype))
+
+
+def merge_patch_into(
+    model: nn.Module, artifact_dir: str | Path, model_name: str = "the loaded model"
+) -> tuple[ExpertPatch, Manifest]:
+    """Validate a UOE artifact against `model` and write it into the model's weights (for export)."""
+    patch, manifest = load_expert_patch(artifact_dir, model, model_name)
+    apply_expert_patch(model, patch)
+    return patch, manifest

@@ -29,8 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unlearn_serve.errors import UnlearnServeError
 
-class NotMoEError(ValueError):
+
+class NotMoEError(UnlearnServeError, ValueError):
     """The model is not a mixture-of-experts model of a supported family."""
 
 

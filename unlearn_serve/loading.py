@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from unlearn_serve.cli import CliError
+from unlearn_serve.errors import ModelLoadError
 
 DTYPES = {
     "float32": torch.float32,
@@ -22,10 +22,6 @@ DTYPES = {
     "fp16": torch.float16,
 }
 QUANTIZATIONS = ("none", "4bit", "8bit")
-
-
-class ModelLoadError(CliError):
-    """The model or tokenizer cannot be loaded as asked."""
 
 
 def resolve_device(device: str = "auto") -> torch.device:

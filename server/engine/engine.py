@@ -22,13 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-
-from server.engine.kv_cache import AttnGroup, decode_mask, prefill_mask
-from server.engine.model_runner import ForwardBatch, ModelRunner
-from server.engine.sampler import SamplingBatch, apply_penalties, gather_logprobs, sample
-from server.engine.sampling_params import SamplingParams, SamplingParamsError
-from server.engine.scheduler import Scheduler
-from server.engine.sequence import (
+from unlearn_serve.server.engine.kv_cache import AttnGroup, decode_mask, prefill_mask
+from unlearn_serve.server.engine.model_runner import ForwardBatch, ModelRunner
+from unlearn_serve.server.engine.sampler import SamplingBatch, apply_penalties, gather_logprobs, sample
+from unlearn_serve.server.engine.sampling_params import SamplingParams, SamplingParamsError
+from unlearn_serve.server.engine.scheduler import Scheduler
+from unlearn_serve.server.engine.sequence import (
     Request,
     RequestOutput,
     Selection,
@@ -36,13 +35,14 @@ from server.engine.sequence import (
     SequenceOutput,
     TokenLogprob,
 )
-from server.unlearning.uld import (
+from unlearn_serve.server.unlearning.uld import (
     Assistant,
     AssistantRegistry,
     combine_logits,
     combine_on_candidates,
     plausible_mask,
 )
+
 from unlearn_serve.artifact import ArtifactError, fingerprint_model
 
 
@@ -280,7 +280,8 @@ class Engine:
 
         def install():
             if self.patches is None:
-                from server.unlearning.uoe import ExpertPatchSet
+                from unlearn_serve.server.unlearning.uoe import ExpertPatchSet
+
                 from unlearn_serve.families import NotMoEError
 
                 try:

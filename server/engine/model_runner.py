@@ -13,8 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-
-from server.engine.kv_cache import (
+from unlearn_serve.server.engine.kv_cache import (
     ATTN_IMPLEMENTATION,
     AttnGroup,
     SlotKVCache,

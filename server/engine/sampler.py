@@ -9,8 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from server.engine.sampling_params import SamplingParams
+from unlearn_serve.server.engine.sampling_params import SamplingParams
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 
-from server.engine.sequence import Request, Sequence
+from unlearn_serve.server.engine.sequence import Request, Sequence
 
 
 class SlotPool:

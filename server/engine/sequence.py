@@ -8,8 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-
-from server.engine.sampling_params import SamplingParams
+from unlearn_serve.server.engine.sampling_params import SamplingParams
 
 
 @dataclass

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from unlearn_serve.artifact import ArtifactError, Manifest
-from unlearn_serve.expert_patch import ExpertPatch, apply_expert_patch, load_expert_patch
+from unlearn_serve.expert_patch import load_expert_patch
 from unlearn_serve.families import ExpertSlices, MoEFamily, PreparedExpert, get_family
 
 NO_PATCH = -1
@@ -302,13 +302,4 @@ class ExpertPatchSet:
         return output
 
 
-def merge_patch_into(
-    model: nn.Module, artifact_dir: str | Path, model_name: str = "the loaded model"
-) -> tuple[ExpertPatch, Manifest]:
-    """Validate a UOE artifact against `model` and write it into the model's weights (for export)."""
-    patch, manifest = load_expert_patch(artifact_dir, model, model_name)
-    apply_expert_patch(model, patch)
-    return patch, manifest
-
-
-__all__ = ["NO_PATCH", "ArtifactError", "ExpertPatchSet", "LoadedExpertPatch", "merge_patch_into"]
+__all__ = ["NO_PATCH", "ArtifactError", "ExpertPatchSet", "LoadedExpertPatch"]

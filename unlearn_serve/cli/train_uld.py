@@ -6,7 +6,7 @@ import argparse
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from training.data import DEFAULT_QUESTION_TEMPLATE
+    from unlearn_serve.training.data import DEFAULT_QUESTION_TEMPLATE
 
     parser.add_argument("--model", required=True, help="target model: Hugging Face hub id or local directory")
     parser.add_argument("--forget", required=True, help="forget set, JSON Lines (text / question+answer / messages)")
@@ -51,10 +51,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from training.data import load_records
-    from training.uld import ULDTrainingConfig, train_uld
     from unlearn_serve.cli import CliError
     from unlearn_serve.loading import load_model_and_tokenizer
+    from unlearn_serve.training.data import load_records
+    from unlearn_serve.training.uld import ULDTrainingConfig, train_uld
 
     for flag in ("epochs", "batch_size", "grad_accum", "max_length", "lora_rank"):
         if getattr(args, flag) < 1:

@@ -19,8 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from training import metrics as M
-from training.data import DEFAULT_QUESTION_TEMPLATE, DataError, encode_prompt, load_records, render_example
+from unlearn_serve.evaluation import metrics as M
+from unlearn_serve.training.data import (
+    DEFAULT_QUESTION_TEMPLATE,
+    DataError,
+    encode_prompt,
+    load_records,
+    render_example,
+)
 
 SPLITS = ("forget", "retain", "real_authors", "world_facts")
 UTILITY_SPLITS = ("retain", "real_authors", "world_facts")
@@ -94,7 +100,7 @@ class Method:
     alpha: float | None = None  # ULD only; None = the artifact's default
 
     def selection(self, scoring: bool):
-        from server.engine.sequence import Selection
+        from unlearn_serve.server.engine.sequence import Selection
 
         if self.artifact is None:
             return None
@@ -134,7 +140,7 @@ def _score(
     engine, items: list[_Item], selection, progress: bool = False
 ) -> tuple[list[list[float]], list[list[int]]]:
     """(log-prob of each continuation token, argmax token at each position) through the engine."""
-    from server.engine.sampling_params import SamplingParams
+    from unlearn_serve.server.engine.sampling_params import SamplingParams
 
     if not items:
         return [], []
@@ -150,7 +156,7 @@ def _score(
 
 
 def _generate(engine, prompts: list[list[int]], selection, max_new_tokens: int, progress: bool):
-    from server.engine.sampling_params import SamplingParams
+    from unlearn_serve.server.engine.sampling_params import SamplingParams
 
     params = [
         SamplingParams(max_tokens=max(1, min(max_new_tokens, engine.max_model_len - len(p))), temperature=0.0)
@@ -399,7 +405,7 @@ class Written:
 
 
 def write_outputs(out_dir: str | Path, metrics: dict[str, Any], title: str = "unlearn-serve evaluation") -> Written:
-    from training.report import plot_alpha_sweep, plot_fq_vs_mu, render_report
+    from unlearn_serve.evaluation.report import plot_alpha_sweep, plot_fq_vs_mu, render_report
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from training.uoe_cli_common import add_data_options, add_model_options
+from unlearn_serve.cli.uoe_common import add_data_options, add_model_options
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -23,10 +23,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from training.data import load_records
-    from training.uoe_attribution import attribute, format_table
-    from training.uoe_cli_common import load_moe_model
     from unlearn_serve.cli import CliError
+    from unlearn_serve.cli.uoe_common import load_moe_model
+    from unlearn_serve.training.data import load_records
+    from unlearn_serve.training.uoe_attribution import attribute, format_table
 
     if args.top < 1 or args.batch_size < 1 or args.max_length < 1:
         raise CliError("--top, --batch-size and --max-length must be >= 1")

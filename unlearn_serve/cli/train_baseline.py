@@ -6,7 +6,7 @@ import argparse
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from training.data import DEFAULT_QUESTION_TEMPLATE
+    from unlearn_serve.training.data import DEFAULT_QUESTION_TEMPLATE
 
     parser.add_argument("--method", required=True, choices=("ga", "gd", "npo"), help="ga, gd (ga + retain CE), npo")
     parser.add_argument("--model", required=True, help="model to unlearn from: hub id or local directory")
@@ -28,10 +28,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from training.baselines import BaselineConfig, train_baseline
-    from training.data import load_records
     from unlearn_serve.cli import CliError
     from unlearn_serve.loading import load_model_and_tokenizer
+    from unlearn_serve.training.baselines import BaselineConfig, train_baseline
+    from unlearn_serve.training.data import load_records
 
     for flag in ("epochs", "batch_size", "grad_accum", "max_length"):
         if getattr(args, flag) < 1:

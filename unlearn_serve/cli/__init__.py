@@ -11,40 +11,38 @@ import argparse
 import importlib
 import sys
 
+from unlearn_serve.errors import UnlearnServeError
+
 # subcommand -> module implementing configure(parser) and run(args) -> int
 COMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("server.cli_serve", "Serve a model (and unlearning artifacts) over an OpenAI-compatible API."),
-    "demo": ("server.demo", "Train (once, cached) and serve the SmolLM2 forget-a-topic demo."),
-    "train-uld": ("training.uld_cli", "Train a ULD assistant (LoRA on the first K layers)."),
-    "attribute": ("training.uoe_cli_attribute", "Rank MoE experts by router affinity to forget data."),
-    "train-uoe": ("training.uoe_cli_train", "Unlearn one MoE expert; write an expert patch."),
-    "export": ("training.uoe_cli_export", "Merge an expert patch into a full Hugging Face checkpoint."),
-    "eval": ("training.eval_cli", "TOFU metrics for a base model and its unlearning artifacts."),
-    "train-baseline": ("training.baselines_cli", "Whole-model GA / GD / NPO unlearning baselines."),
-    "make-tiny": ("unlearn_serve.tiny_cli", "Write a tiny random model + tokenizer of a given family."),
-    "make-tiny-moe-facts": ("training.uoe_tiny_facts", "Write a tiny MoE that knows six facts + forget/retain sets."),
+    "serve": ("unlearn_serve.cli.serve", "Serve a model (and unlearning artifacts) over an OpenAI-compatible API."),
+    "demo": ("unlearn_serve.cli.demo", "Train (once, cached) and serve the SmolLM2 forget-a-topic demo."),
+    "train-uld": ("unlearn_serve.cli.train_uld", "Train a ULD assistant (LoRA on the first K layers)."),
+    "attribute": ("unlearn_serve.cli.attribute", "Rank MoE experts by router affinity to forget data."),
+    "train-uoe": ("unlearn_serve.cli.train_uoe", "Unlearn one MoE expert; write an expert patch."),
+    "export": ("unlearn_serve.cli.export", "Merge an expert patch into a full Hugging Face checkpoint."),
+    "eval": ("unlearn_serve.cli.eval", "TOFU metrics for a base model and its unlearning artifacts."),
+    "train-baseline": ("unlearn_serve.cli.train_baseline", "Whole-model GA / GD / NPO unlearning baselines."),
+    "make-tiny": ("unlearn_serve.cli.make_tiny", "Write a tiny random model + tokenizer of a given family."),
+    "make-tiny-moe-facts": (
+        "unlearn_serve.cli.make_tiny_moe_facts",
+        "Write a tiny MoE that knows six facts, plus forget/retain sets.",
+    ),
 }
 
 
-class CliError(Exception):
-    """A user error: printed without a traceback, exit code 2."""
+DESCRIPTION = "Inference-time unlearning server for LLMs (ULD assistants, UOE expert patches)."
 
 
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    from unlearn_serve.artifact import ArtifactError
-
-    types: list[type[BaseException]] = [CliError, ArtifactError]
-    try:
-        from training.data import DataError
-
-        types.append(DataError)
-    except ImportError:
-        pass
-    return tuple(types)
+class CliError(UnlearnServeError):
+    """A bad command line: printed without a traceback, exit code 2."""
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="unlearn-serve", description=__doc__.splitlines()[0])
+    from unlearn_serve import __version__
+
+    parser = argparse.ArgumentParser(prog="unlearn-serve", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"unlearn-serve {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
@@ -75,16 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(module.run(args) or 0)
-    except _user_error_types() as exc:
+    except UnlearnServeError as exc:
         print(f"unlearn-serve {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-
-
-if __name__ == "__main__":
-    # Run as `python -m unlearn_serve.cli`, this module is __main__; commands raise
-    # unlearn_serve.cli.CliError, so dispatch through the imported module to catch it.
-    from unlearn_serve.cli import main as _main
-
-    sys.exit(_main())

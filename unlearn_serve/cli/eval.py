@@ -7,8 +7,8 @@ from pathlib import Path
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from training.data import DEFAULT_QUESTION_TEMPLATE
-    from training.evaluation import MAX_NEW_TOKENS
+    from unlearn_serve.evaluation.runner import MAX_NEW_TOKENS
+    from unlearn_serve.training.data import DEFAULT_QUESTION_TEMPLATE
 
     parser.add_argument("--model", required=True, help="base (target) model: hub id or local directory")
     parser.add_argument("--uld", action="append", default=[], metavar="NAME=DIR", help="a ULD artifact (repeatable)")
@@ -74,8 +74,8 @@ def parse_alphas(text: str | None) -> list[float] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from training import evaluation as E
     from unlearn_serve.cli import CliError
+    from unlearn_serve.evaluation import runner as E
 
     if args.max_new_tokens < 1 or args.max_num_seqs < 1 or (args.limit is not None and args.limit < 1):
         raise CliError("--max-new-tokens, --max-num-seqs and --limit must be >= 1")
@@ -87,8 +87,8 @@ def run(args: argparse.Namespace) -> int:
     data = E.load_eval_data(files, args.limit)
     reference = E.load_reference(args.retain_reference) if args.retain_reference else None
 
-    from server.engine.engine import Engine, EngineConfig
     from unlearn_serve.loading import load_model_and_tokenizer
+    from unlearn_serve.server.engine.engine import Engine, EngineConfig
 
     config = EngineConfig(max_num_seqs=args.max_num_seqs)
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     eval_config = E.EvalConfig(args.max_new_tokens, args.question_template, args.progress)
     metrics = E.evaluate(engine, methods, data, eval_config, reference, extra)
     written = E.write_outputs(args.out, metrics)
-    from training.report import summary_table
+    from unlearn_serve.evaluation.report import summary_table
 
     print(summary_table([(m["label"], m["summary"]) for m in metrics["methods"]]))
     print(f"wrote {written.metrics}, {written.report}, " + ", ".join(str(p) for p in written.plots))

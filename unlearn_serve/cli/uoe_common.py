@@ -13,7 +13,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_data_options(parser: argparse.ArgumentParser) -> None:
-    from training.data import DEFAULT_QUESTION_TEMPLATE
+    from unlearn_serve.training.data import DEFAULT_QUESTION_TEMPLATE
 
     parser.add_argument("--max-length", type=int, default=256, help="tokens per example (truncated on the right)")
     parser.add_argument(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from training.uoe_cli_common import add_model_options
+from unlearn_serve.cli.uoe_common import add_model_options
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -14,9 +14,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from server.unlearning.uoe import merge_patch_into
-    from training.uoe_cli_common import load_moe_model
     from unlearn_serve.artifact import atomic_artifact_dir, load_manifest
+    from unlearn_serve.cli.uoe_common import load_moe_model
+    from unlearn_serve.expert_patch import merge_patch_into
 
     load_manifest(args.uoe)  # a bad artifact path fails before the model loads
     model, tokenizer, _ = load_moe_model(args)

@@ -102,10 +102,10 @@ def ensure_assistant(
     model_dir: Path, cache_root: Path, topic: str, training: DemoTraining, retrain: bool, progress: bool
 ) -> Path:
     """The cached assistant for `topic`, trained first if there is none (or `retrain`)."""
-    from training.data import load_records
-    from training.uld import ULDTrainingConfig, train_uld
     from unlearn_serve.artifact import fingerprint_model
     from unlearn_serve.loading import load_model_and_tokenizer
+    from unlearn_serve.training.data import load_records
+    from unlearn_serve.training.uld import ULDTrainingConfig, train_uld
 
     forget_path, retain_path = (data_file(n) for n in TOPICS[topic])
     # Training injects LoRA into the model in place, so it gets its own copy (loading takes ~1 s).
@@ -167,11 +167,11 @@ def curl_lines(host: str, port: int, topic: str, api_key: str | None = None) -> 
 
 
 def run(args: argparse.Namespace) -> int:
-    from server.app import build_app
-    from server.config import ServerConfig
-    from server.draining import draining_server
-    from server.engine.engine import Engine, EngineConfig
     from unlearn_serve.loading import load_model_and_tokenizer
+    from unlearn_serve.server.app import build_app
+    from unlearn_serve.server.config import ServerConfig
+    from unlearn_serve.server.draining import draining_server
+    from unlearn_serve.server.engine.engine import Engine, EngineConfig
     from unlearn_serve.smollm2 import default_cache_root, ensure_smollm2
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from training.uoe_cli_common import add_data_options, add_model_options
+from unlearn_serve.cli.uoe_common import add_data_options, add_model_options
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from training.uoe_trainer import METHODS, UOEConfig
+    from unlearn_serve.training.uoe_trainer import METHODS, UOEConfig
 
     d = UOEConfig()
     add_model_options(parser)
@@ -45,11 +45,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from training.data import load_records
-    from training.uoe_cli_common import load_moe_model
-    from training.uoe_trainer import UOEConfig, train_uoe, write_uoe_artifact
     from unlearn_serve.artifact import file_sha256
     from unlearn_serve.cli import CliError
+    from unlearn_serve.cli.uoe_common import load_moe_model
+    from unlearn_serve.training.data import load_records
+    from unlearn_serve.training.uoe_trainer import UOEConfig, train_uoe, write_uoe_artifact
 
     for flag in ("batch_size", "max_steps", "eval_every", "eval_examples", "max_length"):
         if getattr(args, flag) < 1:

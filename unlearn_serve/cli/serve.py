@@ -53,8 +53,8 @@ def parse_named(values: list[str], flag: str) -> list[tuple[str, str]]:
 
 def build_engine(args: argparse.Namespace):
     """Load the model and the artifacts named on the command line (errors are user errors)."""
-    from server.engine.engine import Engine, EngineConfig
     from unlearn_serve.loading import load_model_and_tokenizer
+    from unlearn_serve.server.engine.engine import Engine, EngineConfig
 
     model, tokenizer = load_model_and_tokenizer(
         args.model,
@@ -88,9 +88,9 @@ def check_limits(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_limits(args)  # before the heavy imports: a bad flag fails fast
-    from server.app import build_app
-    from server.config import ServerConfig
-    from server.draining import draining_server
+    from unlearn_serve.server.app import build_app
+    from unlearn_serve.server.config import ServerConfig
+    from unlearn_serve.server.draining import draining_server
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parse_named(args.uld, "--uld")
