@@ -11,16 +11,27 @@ from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from unlearn_serve.server.auth import check_api_key
+from unlearn_serve.server.audit import AuditLog, AuditMiddleware, current_context
+from unlearn_serve.server.auth import caller, check_api_key, require_admin
 from unlearn_serve.server.config import ServerConfig
 from unlearn_serve.server.engine.async_engine import AsyncEngine
 from unlearn_serve.server.engine.engine import Engine, UnknownArtifactError
-from unlearn_serve.server.errors import bad_request, install_error_handlers, not_found, unavailable
+from unlearn_serve.server.engine.model_runner import AssistantKVBudgetError
+from unlearn_serve.server.errors import (
+    APIError,
+    bad_request,
+    install_error_handlers,
+    not_found,
+    unauthorized,
+    unavailable,
+)
 from unlearn_serve.server.metrics import Metrics
 from unlearn_serve.server.middleware import LimitsMiddleware
 from unlearn_serve.server.protocol import (
     ChatCompletionRequest,
+    ChatCompletionResponse,
     CompletionRequest,
+    CompletionResponse,
     LoadArtifactRequest,
     ModelCard,
     ModelList,
@@ -38,6 +49,8 @@ class ServerState:
 
     def __init__(self, config: ServerConfig):
         self.config = config
+        self.policy = config.access_policy()  # swapped whole on a key-file reload
+        self.audit: AuditLog | None = None  # opened by the app's lifespan
         self.async_engine: AsyncEngine | None = None
         self.serving: OpenAIServing | None = None
         self.metrics: Metrics | None = None
@@ -55,31 +68,49 @@ class ServerState:
 
     @property
     def ready(self) -> bool:
-        return self.serving is not None and not self.draining
+        return self.serving is not None and not self.draining and self.engine_error is None
+
+    @property
+    def engine_error(self) -> str | None:
+        """Why the engine loop stopped for good (a fatal device error), or None while it runs."""
+        return self.async_engine.fatal_error if self.async_engine is not None else None
 
     def attach(self, engine: Engine) -> None:
         async_engine = AsyncEngine(engine)
-        self.metrics = Metrics(engine.num_running, engine.num_waiting)
+        # a key_name label only where keys are configured (values come from the key file: bounded)
+        self.metrics = Metrics(engine.num_running, engine.num_waiting, key_names=not self.policy.open)
         name = self.config.served_model_name
         metrics = self.metrics
+        serving = OpenAIServing(
+            async_engine, name, metrics, self.config.max_queue, self.config.chat_template_timeout_s
+        )
 
         def finished(request, out):
             artifact = request.backend.name if request.backend is not None else "none"
-            metrics.observe_finished(name, artifact, request, [s.finish_reason for s in request.sequences])
+            ctx = serving.tracked.pop(request.request_id, None)  # the HTTP request it belongs to
+            if ctx is not None:
+                ctx.prompt_tokens += len(request.prompt_token_ids)
+                ctx.completion_tokens += request.num_generated_tokens
+            key_name = (ctx.key_name if ctx is not None else None) or "none"
+            metrics.observe_finished(
+                name, artifact, request, [s.finish_reason for s in request.sequences], key_name=key_name
+            )
 
         async_engine.on_request_finished = finished
         async_engine.start()
         self.async_engine = async_engine
-        self.serving = OpenAIServing(async_engine, name, metrics, self.config.max_queue)
+        self.serving = serving
 
 
 def _serving(request: Request) -> OpenAIServing:
     state: ServerState = request.app.state.server
     if state.draining:
         raise unavailable("server is shutting down", retry_after=5)
+    if state.engine_error is not None:
+        raise unavailable("the engine stopped after a fatal error; the server must be restarted")
     if state.serving is None:
-        if state.load_error:
-            raise unavailable(f"model failed to load: {state.load_error}")
+        if state.load_error:  # the details (paths, ...) are in the server log, not for clients
+            raise unavailable("model failed to load; see the server log")
         raise unavailable("model is loading; retry shortly", retry_after=5)
     return state.serving
 
@@ -96,10 +127,17 @@ def _artifact_path(state: ServerState, raw: str) -> Path:
         path = (candidate if candidate.is_absolute() else root / candidate).resolve()
         path.exists()  # surfaces OS-level refusals (name too long, permissions) as a 400 here
     except (OSError, RuntimeError) as exc:
-        raise bad_request(f"invalid artifact path: {exc}", "path") from None
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise bad_request(f"invalid artifact path: {reason}", "path") from None
     if path != root and root not in path.parents:
-        raise bad_request(f"artifact path must be inside the artifact root {root}", "path")
+        raise bad_request("artifact path must be inside the server's artifact root", "path")
     return path
+
+
+def _scrub(message: str, path: Path, root: Path) -> str:
+    """An artifact error for a client: the path as relative to the artifact root, never the absolute one."""
+    relative = path.relative_to(root).as_posix() if path != root else "."
+    return message.replace(str(path), relative).replace(str(root), "<artifact-root>")
 
 
 def build_router() -> APIRouter:
@@ -107,39 +145,51 @@ def build_router() -> APIRouter:
 
     @router.get("/models")
     async def list_models(request: Request) -> ModelList:
+        # only the names this key may use; `root` is the served name (no filesystem path is ever shown)
         serving = _serving(request)
+        key = caller(request)
+        if key is None:  # fail closed: only if the auth dependency did not run
+            raise unauthorized()
         engine = serving.engine
         base = serving.served_model_name
-        cards = [ModelCard(id=base, root=engine.model_name, max_model_len=engine.max_model_len)]
+        cards = []
+        if key.allows(base):
+            cards.append(ModelCard(id=base, root=base, max_model_len=engine.max_model_len))
         for name, assistant in engine.assistants.assistants.items():
-            if not assistant.unloading:
+            if not assistant.unloading and key.allows(name):
                 cards.append(
                     ModelCard(
-                        id=name, root=assistant.path, parent=base, max_model_len=engine.max_model_len,
+                        id=name, root=name, parent=base, max_model_len=engine.max_model_len,
                         unlearning={"method": "uld", "alpha": assistant.alpha, "filter": assistant.filter,
                                     "assistant_layers": assistant.num_layers},
                     )
                 )
         if engine.patches is not None:
             for name in engine.patches.names():
-                cards.append(
-                    ModelCard(id=name, parent=base, max_model_len=engine.max_model_len,
-                              unlearning={"method": "uoe", **engine.patches.describe(name)})
-                )
+                if key.allows(name):
+                    card = {k: v for k, v in engine.patches.describe(name).items() if k != "path"}
+                    cards.append(
+                        ModelCard(id=name, root=name, parent=base, max_model_len=engine.max_model_len,
+                                  unlearning={"method": "uoe", **card})
+                    )
         return ModelList(data=cards)
 
-    @router.post("/completions")
+    # response models in the OpenAPI schema (it documents, e.g., that logprobs are finite and floored)
+    @router.post("/completions", responses={200: {"model": CompletionResponse}})
     async def completions(body: CompletionRequest, request: Request):
         return await _serving(request).completions(body, request)
 
-    @router.post("/chat/completions")
+    @router.post("/chat/completions", responses={200: {"model": ChatCompletionResponse}})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await _serving(request).chat(body, request)
 
-    @router.post("/unlearning/load")
+    @router.post("/unlearning/load", dependencies=[Depends(require_admin)])
     async def load_artifact(body: LoadArtifactRequest, request: Request):
         serving = _serving(request)
         state: ServerState = request.app.state.server
+        ctx = current_context()
+        if ctx is not None:
+            ctx.artifact = body.name
         path = _artifact_path(state, body.path)
         engine = serving.engine
         if body.name == serving.served_model_name or body.name in engine.artifact_names():
@@ -150,13 +200,19 @@ def build_router() -> APIRouter:
                 raise ArtifactError(f"{path} is a {manifest.method!r} artifact, not {body.method!r}")
             loader = engine.load_uld if manifest.method == "uld" else engine.load_uoe
             await asyncio.to_thread(loader, body.name, path)
+        except AssistantKVBudgetError as exc:  # valid artifact, but the engine has no KV room reserved for it
+            raise APIError(409, str(exc), "path", "assistant_kv_budget") from None
         except ArtifactError as exc:
-            raise bad_request(str(exc), "path", "invalid_artifact") from None
+            root = Path(state.config.artifact_root or ".").resolve()
+            raise bad_request(_scrub(str(exc), path, root), "path", "invalid_artifact") from None
         return {"status": "loaded", "name": body.name, "method": manifest.method}
 
-    @router.post("/unlearning/unload")
+    @router.post("/unlearning/unload", dependencies=[Depends(require_admin)])
     async def unload_artifact(body: UnloadArtifactRequest, request: Request):
         serving = _serving(request)
+        ctx = current_context()
+        if ctx is not None and body.name in serving.engine.artifact_names():
+            ctx.artifact = body.name
         try:
             done = await asyncio.to_thread(serving.engine.unload, body.name)
         except UnknownArtifactError as exc:
@@ -178,6 +234,8 @@ def build_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        if config.audit is not None:
+            state.audit = AuditLog(config.audit)
         if engine is not None:
             state.attach(engine)
         elif engine_factory is not None:
@@ -194,6 +252,8 @@ def build_app(
         state.draining = True
         if state.async_engine is not None:
             state.async_engine.stop()
+        if state.audit is not None:
+            state.audit.close()
 
     app = FastAPI(title="unlearn-serve", version="0.1.0", lifespan=lifespan)
     app.state.server = state
@@ -202,15 +262,22 @@ def build_app(
 
     # body cap, back-pressure, in-flight accounting for draining, HTTP metrics
     app.add_middleware(LimitsMiddleware, state=state)
+    # outermost: audits the edge's own refusals (body too large, at capacity) too
+    app.add_middleware(AuditMiddleware, state=state)
 
     @app.get("/health")
     async def health():
+        # after a fatal engine error the process cannot recover: fail liveness so it gets restarted
+        if state.engine_error is not None:
+            return JSONResponse(status_code=503, content={"status": "engine failed", "error": state.engine_error})
         return {"status": "ok"}
 
     @app.get("/ready")
     async def ready():
         if state.ready:
             return {"status": "ready", "model": config.served_model_name}
+        if state.engine_error is not None:
+            return JSONResponse(status_code=503, content={"status": "engine failed", "error": state.engine_error})
         reason = "draining" if state.draining else ("load failed" if state.load_error else "loading")
         return JSONResponse(status_code=503, content={"status": reason, "error": state.load_error})
 

@@ -11,8 +11,10 @@ from unlearn_serve.server.protocol import ErrorInfo, ErrorResponse
 _TYPES = {
     400: "BadRequestError",
     401: "AuthenticationError",
+    403: "PermissionDeniedError",
     404: "NotFoundError",
     405: "MethodNotAllowedError",
+    409: "ConflictError",
     413: "BadRequestError",
     500: "InternalServerError",
     503: "ServiceUnavailableError",
@@ -38,6 +40,14 @@ class APIError(Exception):
 
 def bad_request(message: str, param: str | None = None, code: str | None = "invalid_request") -> APIError:
     return APIError(400, message, param, code)
+
+
+def unauthorized() -> APIError:
+    return APIError(401, "Invalid or missing API key: send 'Authorization: Bearer <key>'.", None, "invalid_api_key")
+
+
+def permission_denied(message: str, param: str | None = None) -> APIError:
+    return APIError(403, message, param, "permission_denied")
 
 
 def not_found(message: str, param: str | None = "model") -> APIError:

@@ -1,6 +1,7 @@
 """Prometheus metrics, named like vLLM's `vllm:*` with an `unlearn:` prefix so dashboards carry over.
 
-Every request metric has `model_name` and `artifact` labels (`artifact="none"` without unlearning).
+Every request metric has `model_name` and `artifact` labels (`artifact="none"` without unlearning), and a
+`key_name` label (the key file's entry name, `"none"` if unknown) when the server has API keys.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0
 
 
 class Metrics:
-    def __init__(self, running_fn, waiting_fn):
+    def __init__(self, running_fn, waiting_fn, key_names: bool = False):
         self.registry = CollectorRegistry()
-        labels = ["model_name", "artifact"]
+        self.key_names = key_names
+        labels = ["model_name", "artifact"] + (["key_name"] if key_names else [])
         r = self.registry
         self.running = Gauge("unlearn:num_requests_running", "Sequences in the running batch.", registry=r)
         self.running.set_function(running_fn)
@@ -42,9 +44,14 @@ class Metrics:
             registry=r,
         )
 
-    def observe_finished(self, model_name: str, artifact: str, request, finish_reasons: list[str]) -> None:
+    def _labels(self, model_name: str, artifact: str, key_name: str) -> tuple[str, ...]:
+        return (model_name, artifact, key_name) if self.key_names else (model_name, artifact)
+
+    def observe_finished(
+        self, model_name: str, artifact: str, request, finish_reasons: list[str], key_name: str = "none"
+    ) -> None:
         """Record a finished engine Request (timestamps are monotonic seconds set by the engine)."""
-        labels = (model_name, artifact)
+        labels = self._labels(model_name, artifact, key_name)
         for reason in finish_reasons:
             self.request_success.labels(*labels, reason or "unknown").inc()
         self.prompt_tokens.labels(*labels).inc(len(request.prompt_token_ids))
@@ -56,9 +63,9 @@ class Metrics:
         if request.finished_time is not None:
             self.e2e.labels(*labels).observe(request.finished_time - request.arrival_time)
 
-    def observe_itl(self, model_name: str, artifact: str, seconds: float, tokens: int) -> None:
+    def observe_itl(self, model_name: str, artifact: str, seconds: float, tokens: int, key_name: str = "none") -> None:
         if tokens > 0:
-            h = self.itl.labels(model_name, artifact)
+            h = self.itl.labels(*self._labels(model_name, artifact, key_name))
             for _ in range(tokens):
                 h.observe(seconds / tokens)
 

@@ -9,10 +9,17 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from unlearn_serve.server.engine.sampling_params import SamplingParams
+from unlearn_serve.server.engine.sequence import LOGPROB_FLOOR
+
+# Always a finite number: a token an unlearned model rules out (probability 0) reports the floor.
+Logprob = Annotated[
+    float,
+    Field(ge=LOGPROB_FLOOR, description=f"natural-log probability; finite, floored at {LOGPROB_FLOOR}"),
+]
 
 
 class OpenAIModel(BaseModel):
@@ -20,9 +27,22 @@ class OpenAIModel(BaseModel):
 
 
 class UnlearningOptions(BaseModel):
+    """Per-request ULD settings. A negative alpha would *add* the assistant (which memorised the forget set),
+    so it is invalid for everybody; weakening below the artifact's defaults is a per-key permission (serving)."""
+
     model_config = ConfigDict(extra="forbid")
-    alpha: float | None = Field(default=None, description="strength of the assistant subtraction (ULD)")
-    filter: float | None = Field(default=None, ge=0.0, le=1.0, description="relative-top plausibility filter (ULD)")
+    alpha: float | None = Field(
+        default=None, ge=0.0, allow_inf_nan=False, description="strength of the assistant subtraction (ULD)"
+    )
+    filter: float | None = Field(
+        default=None, ge=0.0, le=1.0, allow_inf_nan=False, description="relative-top plausibility filter (ULD)"
+    )
+
+
+# The only chat_template_kwargs that reach a chat template: simple switches templates commonly read. Anything
+# else (a whole `chat_template`, `tools`, nested values) could change what the template does or how long it runs.
+CHAT_TEMPLATE_KWARGS = frozenset({"enable_thinking", "thinking", "reasoning_effort"})
+CHAT_TEMPLATE_KWARG_MAX_CHARS = 64
 
 
 class StreamOptions(BaseModel):
@@ -108,9 +128,9 @@ class CompletionRequest(SamplingFields):
 
 class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
-    token_logprobs: list[float | None] = Field(default_factory=list)
+    token_logprobs: list[Logprob | None] = Field(default_factory=list)
     tokens: list[str] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, Logprob] | None] = Field(default_factory=list)
 
 
 class CompletionChoice(BaseModel):
@@ -168,12 +188,30 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0)
     add_generation_prompt: bool = True
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        default=None,
+        description=f"only {', '.join(sorted(CHAT_TEMPLATE_KWARGS))}: booleans or strings of at most "
+        f"{CHAT_TEMPLATE_KWARG_MAX_CHARS} characters",
+    )
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_kwargs(cls, value):
+        for key, item in (value or {}).items():
+            if key not in CHAT_TEMPLATE_KWARGS:
+                allowed = ", ".join(sorted(CHAT_TEMPLATE_KWARGS))
+                raise ValueError(f"chat_template_kwargs key {key[:40]!r} is not allowed (allowed: {allowed})")
+            if not (isinstance(item, bool) or (isinstance(item, str) and len(item) <= CHAT_TEMPLATE_KWARG_MAX_CHARS)):
+                raise ValueError(
+                    f"chat_template_kwargs.{key} must be a boolean or a string of at most "
+                    f"{CHAT_TEMPLATE_KWARG_MAX_CHARS} characters"
+                )
+        return value
 
 
 class TopLogprob(BaseModel):
     token: str
-    logprob: float
+    logprob: Logprob
     bytes: list[int] | None = None
 
 

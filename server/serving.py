@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
-from unlearn_serve.server.engine.async_engine import AsyncEngine
+from unlearn_serve.server.audit import RequestContext, current_context
+from unlearn_serve.server.auth import caller
+from unlearn_serve.server.engine.async_engine import AsyncEngine, EngineDeadError
 from unlearn_serve.server.engine.engine import EngineInputError, UnknownArtifactError
 from unlearn_serve.server.engine.sequence import RequestOutput, Selection, TokenLogprob
-from unlearn_serve.server.errors import APIError, bad_request, error_payload, not_found, unavailable
+from unlearn_serve.server.errors import (
+    APIError,
+    bad_request,
+    error_payload,
+    not_found,
+    permission_denied,
+    unauthorized,
+    unavailable,
+)
+from unlearn_serve.server.policy import KeyEntry, PolicyViolation, check_unlearning
 from unlearn_serve.server.protocol import (
     AssistantMessage,
     ChatChoiceLogprobs,
@@ -101,23 +114,60 @@ def _sse(payload: Any) -> str:
 
 
 class OpenAIServing:
-    def __init__(self, async_engine: AsyncEngine, served_model_name: str, metrics=None, max_queue: int | None = None):
+    def __init__(
+        self,
+        async_engine: AsyncEngine,
+        served_model_name: str,
+        metrics=None,
+        max_queue: int | None = None,
+        chat_template_timeout_s: float = 5.0,
+    ):
         self.async_engine = async_engine
         self.engine = async_engine.engine
         self.tokenizer = self.engine.tokenizer
         self.served_model_name = served_model_name
         self.metrics = metrics
         self.max_queue = max_queue
+        self.chat_template_timeout_s = chat_template_timeout_s
+        # Chat templates render here, never on the event loop. A render past the time limit gets 400; its thread
+        # (threads cannot be killed) runs on, but the template is the operator's and its input is bounded by the
+        # body cap, and with two workers a stuck render cannot take more than these threads.
+        self._templates = ThreadPoolExecutor(max_workers=2, thread_name_prefix="unlearn-template")
+        # engine request id -> the HTTP request's context (token counts and key name for the audit log, metrics)
+        self.tracked: dict[str, RequestContext] = {}
 
     # ------------------------------------------------------------------ shared
-    def selection_for(self, model: str, options) -> Selection | None:
-        if model == self.served_model_name:
+    def selection_for(self, model: str, options, key: KeyEntry | None) -> Selection | None:
+        """Resolve `model` and `unlearning` for this caller: names it may not use are 404 exactly like names that
+        do not exist; overrides that weaken a ULD artifact below its defaults need `can_weaken` (403)."""
+        if key is None:  # fail closed: only reachable if the auth dependency did not run
+            raise unauthorized()
+        base = model == self.served_model_name
+        served = base or model in self.engine.artifact_names()
+        ctx = current_context() or RequestContext("", "", "")
+        if served:  # the audit log shows served names only, denied ones too; never a client's arbitrary string
+            ctx.model = model
+        if not served or not key.allows(model):
+            raise not_found(f"The model `{model}` does not exist.")
+        if base:
             if options is not None:
                 raise bad_request("`unlearning` options need an unlearning artifact as `model`", "unlearning")
             return None
-        if model in self.engine.artifact_names():
-            return Selection(model, options.model_dump(exclude_none=True) if options is not None else {})
-        raise not_found(f"The model `{model}` does not exist.")
+        opts = options.model_dump(exclude_none=True) if options is not None else {}
+        assistant = self.engine.assistants.assistants.get(model)
+        if assistant is None:  # a UOE expert patch: nothing to tune, so nothing to weaken
+            if opts:
+                raise bad_request("UOE expert patches take no `unlearning` options", "unlearning")
+            ctx.artifact = model
+            return Selection(model, {})
+        try:
+            check_unlearning(key, model, opts, assistant.alpha, assistant.filter)
+        except PolicyViolation as exc:
+            raise permission_denied(exc.message, exc.param) from None
+        # explicit values: what was checked (and is audited) is what the engine applies
+        applied = {"alpha": opts.get("alpha", assistant.alpha), "filter": opts.get("filter", assistant.filter)}
+        ctx.artifact, ctx.alpha, ctx.filter = model, applied["alpha"], applied["filter"]
+        return Selection(model, applied)
 
     def _check_capacity(self, sequences: int = 1, param: str = "n") -> None:
         if self.max_queue is None:
@@ -138,16 +188,31 @@ class OpenAIServing:
         started = time.monotonic()
         last = started
         artifact = selection.name if selection else "none"
-        async for out in self.async_engine.generate(ids, params, selection):
-            if out.error:
-                raise APIError(500, out.error, None, "engine_error")
-            now = time.monotonic()
-            new_tokens = sum(len(o.token_ids) for o in out.outputs)
-            if self.metrics is not None and last != started:
-                self.metrics.observe_itl(self.served_model_name, artifact, now - last, new_tokens)
-            if new_tokens:
-                last = now
-            yield out
+        ctx = current_context()
+        key_name = (ctx.key_name if ctx is not None else None) or "none"
+        request_id = self.engine.new_request_id()
+        if ctx is not None:
+            self.tracked[request_id] = ctx  # the finish callback adds the token counts and pops it
+        answered = False
+        try:
+            async for out in self.async_engine.generate(ids, params, selection, request_id=request_id):
+                answered = True
+                if out.error:
+                    raise APIError(500, out.error, None, "engine_error")
+                now = time.monotonic()
+                new_tokens = sum(len(o.token_ids) for o in out.outputs)
+                if self.metrics is not None and last != started:
+                    self.metrics.observe_itl(self.served_model_name, artifact, now - last, new_tokens, key_name)
+                if new_tokens:
+                    last = now
+                yield out
+        except UnknownArtifactError as exc:  # unloaded between the checks above and admission
+            raise not_found(str(exc)) from None
+        except EngineDeadError as exc:
+            raise unavailable(str(exc)) from None
+        finally:
+            if not answered:  # refused or abandoned before any output: no finish callback may come for it
+                self.tracked.pop(request_id, None)
 
     def _start(self, prompts: list[list[int]], params, selection):
         """Create one engine stream per prompt; input errors surface here, before any response."""
@@ -200,7 +265,7 @@ class OpenAIServing:
         return lp, offset
 
     async def completions(self, request: CompletionRequest, raw_request: HTTPRequest):
-        selection = self.selection_for(request.model, request.unlearning)
+        selection = self.selection_for(request.model, request.unlearning, caller(raw_request))
         if request.suffix:
             raise bad_request("suffix is not supported", "suffix")
         prompts = self._completion_prompts(request)
@@ -325,7 +390,7 @@ class OpenAIServing:
         yield "data: [DONE]\n\n"
 
     # ------------------------------------------------------------------ chat
-    def _chat_prompt(self, request: ChatCompletionRequest) -> list[int]:
+    async def _chat_prompt(self, request: ChatCompletionRequest) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise bad_request(
                 f"The model `{self.served_model_name}` has no chat template, so chat completions are unavailable; "
@@ -334,12 +399,21 @@ class OpenAIServing:
             )
         try:
             messages = [{"role": m.role, "content": m.text()} for m in request.messages]
-            text = self.tokenizer.apply_chat_template(
+            render = functools.partial(
+                self.tokenizer.apply_chat_template,
                 messages,
                 add_generation_prompt=request.add_generation_prompt,
                 tokenize=False,
-                **(request.chat_template_kwargs or {}),
+                **(request.chat_template_kwargs or {}),  # allow-listed simple values only (protocol)
             )
+            future = asyncio.get_running_loop().run_in_executor(self._templates, render)
+            text = await asyncio.wait_for(future, self.chat_template_timeout_s)
+        except TimeoutError:
+            raise bad_request(
+                f"the chat template took longer than {self.chat_template_timeout_s:g}s to render",
+                "messages",
+                "chat_template_timeout",
+            ) from None
         except Exception as exc:  # jinja raises on template-rejected conversations
             raise bad_request(f"could not apply the chat template: {exc}", "messages") from None
         return self.engine.encode_prompt(text, add_special_tokens=False)
@@ -362,8 +436,8 @@ class OpenAIServing:
         return ChatChoiceLogprobs(content=content)
 
     async def chat(self, request: ChatCompletionRequest, raw_request: HTTPRequest):
-        selection = self.selection_for(request.model, request.unlearning)
-        ids = self._chat_prompt(request)
+        selection = self.selection_for(request.model, request.unlearning, caller(raw_request))
+        ids = await self._chat_prompt(request)
         max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
         if max_tokens is None:
             max_tokens = max(1, self.engine.max_model_len - len(ids))

@@ -13,10 +13,9 @@ import httpx
 import openai
 import pytest
 import torch
-import unlearn_serve.server.auth as auth_module
+import unlearn_serve.server.policy as policy_module
 from conftest import run_server
 from unlearn_serve.server.app import build_app
-from unlearn_serve.server.auth import check_api_key
 from unlearn_serve.server.config import ServerConfig
 from unlearn_serve.server.engine.engine import Engine, EngineConfig
 
@@ -378,17 +377,11 @@ def test_api_key_compared_in_constant_time_against_every_key(monkeypatch):
         calls.append((a, b))
         return a == b
 
-    monkeypatch.setattr(auth_module.hmac, "compare_digest", spy)
-
-    class FakeRequest:
-        headers = {"authorization": "Bearer k1"}
-
-        class app:  # noqa: N801 - mimics request.app.state.config
-            class state:  # noqa: N801
-                config = ServerConfig(served_model_name="m", api_keys=["k1", "k2"])
-
-    check_api_key(FakeRequest())
+    monkeypatch.setattr(policy_module.hmac, "compare_digest", spy)
+    policy = ServerConfig(served_model_name="m", api_keys=["k1", "k2"]).access_policy()
+    assert policy.authenticate("k1").name == "api-key-1"
     assert len(calls) == 2  # no early exit on the first match
+    assert all(len(a) == len(b) == 32 for a, b in calls)  # sha256 digests: equal lengths whatever the key
 
 
 # ----------------------------------------------------------------------------- errors

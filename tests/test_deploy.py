@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from doc_commands import shell_commands, subparser, unlearn_serve_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -224,29 +225,23 @@ def serve_commands() -> dict[str, list[str]]:
 
 
 def readme_serve_commands() -> dict[str, list[str]]:
-    """`... serve --flag ...` commands in deploy/README.md's shell blocks (continuations joined)."""
+    """`unlearn-serve serve ...` / `docker run ... IMAGE serve ...` commands in deploy/README.md's shell blocks
+    (split by the same helper as tests/test_docs.py: continuations joined, comments dropped)."""
     if not DEPLOY_README.exists():
         return {}
     out: dict[str, list[str]] = {}
-    blocks = re.findall(r"```(?:bash|sh|shell|console)?\n(.*?)```", DEPLOY_README.read_text(), re.S)
-    lines = [line for block in blocks for line in block.replace("\\\n", " ").splitlines()]
-    for n, line in enumerate(lines):
-        tokens = line.split("#", 1)[0].split()
-        if "serve" in tokens and ("unlearn-serve" in tokens or "docker" in tokens):
-            args = tokens[tokens.index("serve") :]
-            kind = "docker" if "docker" in tokens else "shell"
-            out[f"deploy/README.md {kind} command {n}: {' '.join(args)[:60]}"] = args
+    for line, words in shell_commands(DEPLOY_README):
+        args = unlearn_serve_argv(words)
+        if args and args[0] == "serve":
+            kind = "docker" if "docker" in words else "shell"
+            out[f"deploy/README.md {kind} command line {line}: {' '.join(args)[:60]}"] = args
     return out
 
 
 @cache
 def serve_parser() -> argparse.ArgumentParser:
-    from unlearn_serve import cli
-
-    parser = cli.build_parser("serve")
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    serve = sub.choices["serve"]
-    assert "--model" in serve._option_string_actions, "the serve subcommand has no flags: is server.cli_serve wired?"
+    serve = subparser("serve")
+    assert "--model" in serve._option_string_actions, "the serve subcommand has no flags: is cli/serve.py wired?"
     return serve
 
 

@@ -1,7 +1,7 @@
 """Fuzzing: schemathesis generates requests from the server's own /openapi.json and sends them to a real uvicorn
-server (tiny model, an API key, a loaded ULD artifact). Positive (schema-valid) and negative (schema-violating)
-cases for every operation; no response may be a 5xx, every /v1 error must have the OpenAI shape, and the server
-must still answer a normal request afterwards.
+server (tiny model, an API key, a key file with a limited key, a loaded ULD artifact). Positive (schema-valid) and
+negative (schema-violating) cases for every operation; no response may be a 5xx, every /v1 error must have the
+OpenAI shape, and the server must still answer a normal request afterwards.
 
 Generation is derandomized (the same cases every run). To keep generation cheap the context is small and
 max_tokens values that fit the context are clamped to 4 tokens; values beyond the context are sent as
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import json
 from pathlib import Path
 
 import httpx
@@ -26,6 +27,7 @@ from schemathesis import GenerationMode
 from unlearn_serve.server.app import build_app
 from unlearn_serve.server.config import ServerConfig
 from unlearn_serve.server.engine.engine import Engine, EngineConfig
+from unlearn_serve.server.policy import AccessPolicy
 
 from unlearn_serve.artifact import fingerprint_model
 from unlearn_serve.assistant import assistant_lora_config
@@ -44,8 +46,10 @@ EXAMPLES = {
     "POST /v1/unlearning/unload": (20, 15),
 }
 MIN_REQUESTS = 500
+LIMITED_KEY = "fuzz-limited-key"  # from a key file: only ARTIFACT, no admin, may not weaken (403s and 404s)
 AUTH = st.sampled_from(
-    [{"Authorization": f"Bearer {API_KEY}"}] * 8 + [{}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}]
+    [{"Authorization": f"Bearer {API_KEY}"}] * 6 + [{"Authorization": f"Bearer {LIMITED_KEY}"}] * 2
+    + [{}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}]
 )
 
 
@@ -64,7 +68,10 @@ def fuzz_server(tokenizer, tmp_path_factory):
     save_uld_artifact(peft_model, root / "good", fingerprint_model(model), details, {})
     engine = Engine(model, tokenizer, EngineConfig(max_num_seqs=8, max_model_len=MAX_MODEL_LEN), model_name=MODEL)
     engine.load_uld(ARTIFACT, root / "good")
-    config = ServerConfig(served_model_name=MODEL, api_keys=[API_KEY], max_queue=64, artifact_root=str(root))
+    keys = root / "keys.json"
+    keys.write_text(json.dumps({"keys": [{"name": "limited", "key": LIMITED_KEY, "models": [ARTIFACT]}]}))
+    config = ServerConfig(served_model_name=MODEL, api_keys=[API_KEY], key_policy=AccessPolicy.from_file(keys),
+                          max_queue=64, artifact_root=str(root))
     with run_server(build_app(config, engine=engine)) as url:
         yield url, root
 

@@ -161,7 +161,11 @@ def test_manifest_records_training(llama_run):
     manifest, _ = load_uld_artifact(llama_run["out"], llama_run["base"])
     training = manifest.training
     assert manifest.details["assistant_layers"] == llama_run["num_layers"]
-    assert manifest.defaults == {"alpha": 0.75, "filter": 0.01}
+    # the serving alpha is the calibrated one, stored with its validation scores
+    calibration = training["calibration"]
+    assert manifest.defaults == {"alpha": calibration["alpha"], "filter": 0.01}
+    assert calibration["alpha"] in [s["alpha"] for s in calibration["scores"]]
+    assert calibration["verdict"].startswith("forgets ")
     assert training["forget_ce_final"] == pytest.approx(llama_run["result"].forget_ce)
     assert training["retain_kl_final"] == pytest.approx(llama_run["result"].retain_kl)
     assert training["steps"] == 30 and training["effective_batch"] == 4
@@ -236,13 +240,30 @@ def test_trainer_loss_equals_full_logit_losses(tokenizer):
     dataset = ForgetRetainDataset(forget, retain)
     batch = ForgetRetainCollator(tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
     with torch.no_grad():
-        forget_ce, retain_kl = AssistantModule(peft_model, 2)(
+        forget_ce, retain_kl, forget_flat = AssistantModule(peft_model, 2)(
             **{k: v for k, v in batch.items() if k != "retain_labels"}
         )
         forget_logits = assistant_logits(peft_model, batch["forget_input_ids"], batch["forget_attention_mask"], 2)
         retain_logits = assistant_logits(peft_model, batch["retain_input_ids"], batch["retain_attention_mask"], 2)
     torch.testing.assert_close(forget_ce, causal_ce(forget_logits, batch["forget_labels"]))
     torch.testing.assert_close(retain_kl, uniform_kl(retain_logits, batch["retain_loss_mask"]))
+    assert float(forget_flat) == 0.0  # no per-token weights: plain CE, no flat term
+
+    # with per-token weights: weighted CE on the weighted tokens, KL to uniform on the rest
+    weights = [[0.25 * (p % 5) for p in range(sum(1 for t in lab[1:] if t != -100))] for _, lab in forget]
+    weighted = ForgetRetainDataset(forget, retain, forget_weights=weights)
+    batch = ForgetRetainCollator(tokenizer.pad_token_id)([weighted[i] for i in range(len(weighted))])
+    with torch.no_grad():
+        forget_ce, _, forget_flat = AssistantModule(peft_model, 2)(
+            **{k: v for k, v in batch.items() if k != "retain_labels"}
+        )
+    shifted, targets = forget_logits[:, :-1], batch["forget_labels"][:, 1:]
+    keep = targets != -100
+    w = batch["forget_weights"][:, 1:][keep]
+    assert sorted(w.tolist()) == sorted(x for row in weights for x in row)
+    ce = F.cross_entropy(shifted[keep].float(), targets[keep], reduction="none")
+    torch.testing.assert_close(forget_ce, (w * ce).sum() / w.sum())
+    torch.testing.assert_close(forget_flat, uniform_kl(shifted[keep], 1 - w))
 
 
 def test_uniform_kl_ignores_prompt_and_padding():

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from unlearn_serve.server.unlearning.uoe import ExpertPatchSet
 from unlearn_serve.training.data import render_prompt
+from unlearn_serve.training.leak import answer_leaked
 from unlearn_serve.training.uoe_attribution import RouterCapture, attribute
 from unlearn_serve.training.uoe_tiny_facts import FORGET_QA, RETAIN_QA
 from unlearn_serve.training.uoe_trainer import (
@@ -297,3 +298,61 @@ def test_npo_reference_is_a_frozen_copy(tokenizer):
     assert all(p.grad is None for p in reference.parameters())
     assert student["model.layers.1.mlp.gate.weight"].grad is not None
     isolation.close()
+
+
+# ----------------------------------------------------------------------------- the defaults reach the goal
+
+
+@pytest.mark.parametrize("family_name", ["qwen2_moe", "olmoe"])
+def test_defaults_forget_the_facts_and_keep_the_rest(family_name):
+    """Two tiny memorising MoE families: UOE with nothing but its defaults (attribution picks the expert, the
+    paper's starting lr 1e-4) forgets every forget fact and keeps every retain fact the base model knew."""
+    from unlearn_serve.training.uoe_tiny_facts import build_facts_model, recall
+
+    model, tok = build_facts_model(family_name)
+    base_forget = recall(model, tok, FORGET_QA)
+    base_retain = recall(model, tok, RETAIN_QA)
+    assert base_forget == [a for _, a in FORGET_QA] and base_retain == [a for _, a in RETAIN_QA]
+    result = train_uoe(model, tok, FORGET, RETAIN, UOEConfig(progress=False))
+    verdict = result.verdict
+    assert verdict.goal_met and verdict.stopped_by == "goal"
+    assert verdict.forgot == 3 and verdict.retain_kept == verdict.retain_base == 3
+    # The model now holds the kept patch: checked again here, independently of the trainer's own check.
+    forget_now = recall(model, tok, FORGET_QA)
+    assert not any(answer_leaked(g, a, q) for g, (q, a) in zip(forget_now, FORGET_QA, strict=True))
+    assert recall(model, tok, RETAIN_QA) == base_retain
+    # The schedule adapted: 1e-4 alone barely moves a tiny model (the issue's 0.015 -> 0.72 in 200 steps).
+    assert max(h["lr"] for h in result.history) > UOEConfig().lr
+    assert result.manifest.training["verdict"]["goal_met"] is True
+    assert result.manifest.training["losses"]["goal_reached"] is True
+
+
+def test_fixed_paper_lr_does_not_reach_the_goal_in_the_same_steps():
+    """The adaptation is what makes the defaults work: the same run at a fixed 1e-4 misses the goal."""
+    from unlearn_serve.training.uoe_tiny_facts import build_facts_model
+
+    model, tok = build_facts_model("qwen2_moe")
+    result = train_uoe(model, tok, FORGET, RETAIN, UOEConfig(adaptive_lr=False, max_steps=60, progress=False))
+    assert not result.verdict.goal_met and result.verdict.stopped_by == "steps"
+    assert result.verdict.forgot < 3
+    assert "GOAL NOT MET" in result.verdict.lines()[0]
+
+
+def test_cli_walkthrough_defaults_and_strict(tmp_path, capsys):
+    """The docs' walk-through with no special flags ends with a met goal; --strict exits 3 on a missed one."""
+    d = tmp_path / "facts"
+    assert cli_main(["make-tiny-moe-facts", "--out", str(d)]) == 0
+    common = ["--model", str(d / "model"), "--forget", str(d / "forget.jsonl"), "--retain", str(d / "retain.jsonl"),
+              "--no-progress"]
+    capsys.readouterr()
+    assert cli_main(["train-uoe", *common, "--out", str(tmp_path / "uoe")]) == 0
+    out = capsys.readouterr().out
+    assert "verdict: goal met" in out and "forgot 3/3 validation forget facts" in out
+    assert "kept 3/3 validation retain facts (base model: 3/3)" in out
+
+    missed = [*common, "--out", str(tmp_path / "uoe-missed"), "--max-steps", "1"]
+    assert cli_main(["train-uoe", *missed]) == 0  # a loud warning, exit 0
+    captured = capsys.readouterr()
+    assert "GOAL NOT MET" in captured.out and "WARNING" in captured.err and "--strict" in captured.err
+    assert cli_main(["train-uoe", *missed, "--strict"]) == 3
+    assert (tmp_path / "uoe-missed" / "unlearning.json").is_file()  # the best step is still written

@@ -59,6 +59,7 @@ class ForgetRetainDataset(torch.utils.data.Dataset):
         retain: list[Example],
         length: int | None = None,
         retain_seed: int | None = None,
+        forget_weights: list[list[float]] | None = None,
     ):
         if not forget or not retain:
             raise ValueError("both the forget and the retain set need at least one example")
@@ -68,23 +69,43 @@ class ForgetRetainDataset(torch.utils.data.Dataset):
         self.retain = retain
         self.length = length if length is not None else max(len(forget), len(retain))
         self.retain_order = list(range(len(retain)))
+        # Per forget example, one weight per label position 1.. (see training/uld_weights.py),
+        # spread to the example's full length (0 where no loss applies).
+        self.forget_weights: list[list[float]] | None = None
+        if forget_weights is not None:
+            if len(forget_weights) != len(forget):
+                raise ValueError("forget_weights needs one entry per forget example")
+            self.forget_weights = [_spread(w, labels) for w, (_, labels) in zip(forget_weights, forget, strict=True)]
         if retain_seed is not None:
             random.Random(retain_seed).shuffle(self.retain_order)
 
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, i: int) -> dict[str, list[int]]:
+    def __getitem__(self, i: int) -> dict[str, list]:
         if not 0 <= i < self.length:
             raise IndexError(i)
         f_ids, f_labels = self.forget[i % len(self.forget)]
         r_ids, r_labels = self.retain[self.retain_order[i % len(self.retain)]]
-        return {
+        item: dict[str, list] = {
             "forget_input_ids": f_ids,
             "forget_labels": f_labels,
             "retain_input_ids": r_ids,
             "retain_labels": r_labels,
         }
+        if self.forget_weights is not None:
+            item["forget_weights"] = self.forget_weights[i % len(self.forget)]
+        return item
+
+
+def _spread(weights: list[float], labels: list[int]) -> list[float]:
+    positions = [p for p in range(1, len(labels)) if labels[p] != IGNORE_INDEX]
+    if len(weights) != len(positions):
+        raise ValueError("forget weights do not match the example's label tokens")
+    full = [0.0] * len(labels)
+    for p, w in zip(positions, weights, strict=True):
+        full[p] = float(w)
+    return full
 
 
 def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
@@ -98,11 +119,12 @@ class ForgetRetainCollator:
 
     Keys: {forget,retain}_{input_ids,attention_mask,labels} and retain_loss_mask, a float [B, T]
     mask already aligned with the logits: position t is 1 when it predicts a loss token (t+1).
+    With per-token forget weights in the features, also forget_weights [B, T] (aligned with the labels).
     """
 
     pad_token_id: int
 
-    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+    def __call__(self, features: list[dict[str, list]]) -> dict[str, torch.Tensor]:
         batch: dict[str, torch.Tensor] = {}
         for side in ("forget", "retain"):
             ids = [f[f"{side}_input_ids"] for f in features]
@@ -113,4 +135,8 @@ class ForgetRetainCollator:
         loss_mask = torch.zeros(targets.shape, dtype=torch.float32)
         loss_mask[:, :-1] = (targets[:, 1:] != IGNORE_INDEX).float()
         batch["retain_loss_mask"] = loss_mask
+        if "forget_weights" in features[0]:
+            rows = [f["forget_weights"] for f in features]
+            width = batch["forget_labels"].shape[1]
+            batch["forget_weights"] = torch.tensor([r + [0.0] * (width - len(r)) for r in rows], dtype=torch.float32)
         return batch

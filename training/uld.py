@@ -10,6 +10,17 @@ The retain term is a token-level mean over the retain batch's answer tokens (the
 labels mark; prompt and padding positions never count). At serving time the server subtracts
 the assistant's logits from the target's, which removes exactly the forget knowledge.
 Only the LoRA weights are trained and stored.
+
+With `forget_weighting` (the default) the forget CE is weighted per token towards the tokens that
+carry the knowledge (training/uld_weights.py), and the assistant is pushed flat (the same KL to
+uniform as on the retain side) on the rest of the forget answer, so subtracting it leaves the
+generic tokens ("The", "is") alone:
+
+    loss = sum w CE / sum w + beta * KL_retain + beta * sum (1 - w) KL_forget / sum (1 - w)
+
+With `calibrate` (the default) a held-out slice of the retain set is kept out of training, and the
+serving alpha is picked on it and on the forget rows (training/uld_calibrate.py); the manifest
+stores it with the validation scores and a verdict.
 """
 
 from __future__ import annotations
@@ -28,7 +39,13 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from unlearn_serve.training.augment import augment_forget, augment_retain
-from unlearn_serve.training.data import DEFAULT_QUESTION_TEMPLATE, IGNORE_INDEX, has_chat_template
+from unlearn_serve.training.data import (
+    DEFAULT_QUESTION_TEMPLATE,
+    IGNORE_INDEX,
+    has_chat_template,
+    has_loss_tokens,
+    render_example,
+)
 from unlearn_serve.training.loop import (
     EpochCallback,
     StepPlan,
@@ -39,6 +56,8 @@ from unlearn_serve.training.loop import (
 )
 from unlearn_serve.training.losses import uniform_kl
 from unlearn_serve.training.pairs import ForgetRetainCollator, ForgetRetainDataset, tokenize_records
+from unlearn_serve.training.uld_calibrate import Calibration, CalibrationTargets, calibrate
+from unlearn_serve.training.uld_weights import knowledge_weights
 
 from unlearn_serve.artifact import file_sha256, fingerprint_model, load_weights
 from unlearn_serve.assistant import (
@@ -84,14 +103,31 @@ class ULDTrainingConfig:
     # serving defaults written to the manifest (None: the paper's alpha 0.75, filter 0.01)
     default_alpha: float | None = None
     default_filter: float | None = None
+    # forget CE weighted towards knowledge-carrying tokens, flat elsewhere (training/uld_weights.py)
+    forget_weighting: bool = True
+    weighting_tau: float = 1.0  # nats of "more likely after this question" that give a token weight 1
+    # pick the serving alpha on a validation slice (training/uld_calibrate.py)
+    calibrate: bool = True
+    validation_fraction: float = 0.1  # of the retain records, held out of training (at least 1 when calibrating)
+    validation_max_retain: int = 32
+    validation_max_forget: int = 64
+    target_max_leak: float = 0.0
+    target_min_kept: float = 0.95
+    target_min_fluent: float = 0.9
 
     def serving_defaults(self) -> dict[str, float]:
         values = {"alpha": self.default_alpha, "filter": self.default_filter}
         return {k: v for k, v in values.items() if v is not None}
 
+    def calibration_targets(self) -> CalibrationTargets:
+        return CalibrationTargets(self.target_max_leak, self.target_min_kept, self.target_min_fluent)
+
     def run_signature(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it resumes."""
-        ignore = {"save_every_epoch", "resume", "progress_bar", "logging_steps", "default_alpha", "default_filter"}
+        ignore = {
+            "save_every_epoch", "resume", "progress_bar", "logging_steps", "default_alpha", "default_filter",
+            "target_max_leak", "target_min_kept", "target_min_fluent", "validation_max_forget",
+        }
         return {k: v for k, v in asdict(self).items() if k not in ignore}
 
 
@@ -105,6 +141,8 @@ class ULDResult:
     retain_kl: float
     training: dict[str, Any]
     epoch_dirs: list[Path] = field(default_factory=list)
+    calibration: Calibration | None = None
+    forget_flat: float | None = None
 
 
 class AssistantModule(nn.Module):
@@ -131,17 +169,26 @@ class AssistantModule(nn.Module):
         retain_input_ids: torch.Tensor,
         retain_attention_mask: torch.Tensor,
         retain_loss_mask: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        forget_weights: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(forget CE, retain KL, forget KL on the generic tokens; 0 without weights)."""
         lm_head = unwrap_causal_lm(self.peft_model).lm_head
         hidden = assistant_hidden_states(self.peft_model, forget_input_ids, forget_attention_mask, self.num_layers)
         targets = forget_labels[:, 1:]
         keep = targets != IGNORE_INDEX  # position t predicts token t + 1
-        forget_logits = lm_head(hidden[:, :-1][keep])
-        forget_ce = F.cross_entropy(forget_logits.float(), targets[keep])
+        forget_logits = lm_head(hidden[:, :-1][keep]).float()
+        if forget_weights is None:
+            forget_ce = F.cross_entropy(forget_logits, targets[keep])
+            forget_flat = forget_logits.new_zeros(())
+        else:
+            w = forget_weights[:, 1:][keep].to(forget_logits.dtype)
+            ce = F.cross_entropy(forget_logits, targets[keep], reduction="none")
+            forget_ce = (w * ce).sum() / w.sum().clamp_min(1e-6)
+            forget_flat = uniform_kl(forget_logits, 1.0 - w)
         hidden = assistant_hidden_states(self.peft_model, retain_input_ids, retain_attention_mask, self.num_layers)
         retain_logits = lm_head(hidden[retain_loss_mask.bool()])
         retain_kl = uniform_kl(retain_logits, torch.ones(retain_logits.shape[:-1], device=retain_logits.device))
-        return forget_ce, retain_kl
+        return forget_ce, retain_kl, forget_flat
 
 
 class ULDTrainer(UnlearningTrainer):
@@ -150,16 +197,17 @@ class ULDTrainer(UnlearningTrainer):
         self.retain_weight = retain_weight
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        forget_ce, retain_kl = model(
+        forget_ce, retain_kl, forget_flat = model(
             forget_input_ids=inputs["forget_input_ids"],
             forget_attention_mask=inputs["forget_attention_mask"],
             forget_labels=inputs["forget_labels"],
             retain_input_ids=inputs["retain_input_ids"],
             retain_attention_mask=inputs["retain_attention_mask"],
             retain_loss_mask=inputs["retain_loss_mask"],
+            forget_weights=inputs.get("forget_weights"),
         )
-        self.record(forget_ce=forget_ce, retain_kl=retain_kl)
-        loss = forget_ce + self.retain_weight * retain_kl
+        self.record(forget_ce=forget_ce, retain_kl=retain_kl, forget_flat=forget_flat)
+        loss = forget_ce + self.retain_weight * (retain_kl + forget_flat)
         return (loss, (forget_ce, retain_kl)) if return_outputs else loss
 
     # Resume checkpoints hold only the adapter (plus the Trainer's optimizer/scheduler/RNG state).
@@ -239,14 +287,27 @@ def train_uld(
     base_fingerprint = fingerprint_model(model)  # before LoRA is injected
 
     # ---- data
+    train_retain_records, validation_retain = split_validation(retain_records, config)
     forget = augment_forget(forget_records) if config.augment else list(forget_records)
     retain = (
-        augment_retain(retain_records, config.seed, config.max_perturbed_per_row)
+        augment_retain(train_retain_records, config.seed, config.max_perturbed_per_row)
         if config.augment
-        else list(retain_records)
+        else list(train_retain_records)
     )
+    # records whose answer survives truncation, in the order tokenize_records keeps them
+    forget = [
+        r for r in forget
+        if not isinstance(r, dict) or has_loss_tokens(_render_or_empty(tokenizer, r, config))
+    ] or forget
     forget_set = tokenize_records(tokenizer, forget, config.max_length, config.question_template, "forget")
     retain_set = tokenize_records(tokenizer, retain, config.max_length, config.question_template, "retain")
+    weights: list[list[float]] | None = None
+    if (config.forget_weighting or config.calibrate) and len(forget) == len(forget_set.examples):
+        weights = knowledge_weights(
+            model, tokenizer, forget, forget_set.examples, config.max_length, config.question_template,
+            tau=config.weighting_tau,
+            reference_labels=[lab for _, lab in forget_set.examples + retain_set.examples],
+        )
     for name, tset in (("forget", forget_set), ("retain", retain_set)):
         if tset.skipped:
             print(f"note: skipped {tset.skipped} {name} records with no answer token within --max-length")
@@ -261,6 +322,7 @@ def train_uld(
         retain_set.examples,
         length=plan.total_steps * config.batch_size * config.grad_accum * world,
         retain_seed=config.seed,
+        forget_weights=weights if config.forget_weighting else None,
     )
 
     # ---- model
@@ -336,6 +398,9 @@ def train_uld(
             "wall_time_s": round(time.monotonic() - started, 2),
             "forget_ce_first": forget_trace[0] if forget_trace else None,
             "forget_ce_final": forget_trace[-1] if forget_trace else None,
+            "forget_flat_final": (trainer.metric_trace("forget_flat") or [None])[-1],
+            "forget_weighting": config.forget_weighting and weights is not None,
+            "validation_retain_records": len(validation_retain),
             "retain_kl_first": retain_trace[0] if retain_trace else None,
             "retain_kl_final": retain_trace[-1] if retain_trace else None,
             "retain_kl_averaging": "token mean over the retain batch's answer tokens (no prompt, no padding)",
@@ -389,8 +454,17 @@ def train_uld(
 
     summary = training_summary(trainer.state.global_step)
     state = lora_state_dict()
+    calibration: Calibration | None = None
+    defaults = config.serving_defaults()
+    if config.calibrate and trainer.args.should_save and weights is not None:
+        calibration = _calibrate(
+            peft_model, num_layers, tokenizer, forget_set.examples, weights, validation_retain, config
+        )
+        summary["calibration"] = calibration.to_manifest()
+        # explicit --default-alpha / --default-filter win over the calibrated values
+        defaults = {"alpha": calibration.alpha, "filter": calibration.filter, **defaults}
     if trainer.args.should_save:
-        save_uld_artifact(peft_model, out, base_fingerprint, details, summary, state, config.serving_defaults())
+        save_uld_artifact(peft_model, out, base_fingerprint, details, summary, state, defaults)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     return ULDResult(
         out_dir=out,
@@ -401,4 +475,62 @@ def train_uld(
         retain_kl=summary["retain_kl_final"],
         training=summary,
         epoch_dirs=epoch_dirs,
+        calibration=calibration,
+        forget_flat=summary["forget_flat_final"],
+    )
+
+
+def _render_or_empty(tokenizer, record: dict[str, Any], config: ULDTrainingConfig) -> list[int]:
+    from unlearn_serve.errors import DataError
+
+    try:
+        return render_example(tokenizer, record, config.max_length, config.question_template)[1]
+    except DataError:
+        return [IGNORE_INDEX, 0]  # let tokenize_records report the error with its record number
+
+
+def split_validation(
+    retain_records: list[dict[str, Any]], config: ULDTrainingConfig
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(training retain records, held-out validation records): a seeded slice, only when calibrating."""
+    if not config.calibrate or len(retain_records) < 4:
+        return list(retain_records), []
+    n = min(config.validation_max_retain, max(1, round(config.validation_fraction * len(retain_records))))
+    order = list(range(len(retain_records)))
+    import random
+
+    random.Random(config.seed).shuffle(order)
+    held = set(order[:n])
+    return [r for i, r in enumerate(retain_records) if i not in held], [retain_records[i] for i in sorted(held)]
+
+
+def _calibrate(
+    peft_model: nn.Module,
+    num_layers: int,
+    tokenizer,
+    forget_examples: list[tuple[list[int], list[int]]],
+    weights: list[list[float]],
+    validation_retain: list[dict[str, Any]],
+    config: ULDTrainingConfig,
+) -> Calibration:
+    import random
+
+    idx = list(range(len(forget_examples)))
+    if len(idx) > config.validation_max_forget:
+        idx = sorted(random.Random(config.seed).sample(idx, config.validation_max_forget))
+    retain_examples = []
+    if validation_retain:
+        retain_examples = tokenize_records(
+            tokenizer, validation_retain, config.max_length, config.question_template, "validation retain"
+        ).examples
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return calibrate(
+        peft_model,
+        num_layers,
+        [forget_examples[i] for i in idx],
+        [weights[i] for i in idx],
+        retain_examples,
+        pad,
+        filter_value=config.default_filter if config.default_filter is not None else 0.01,
+        targets=config.calibration_targets(),
     )

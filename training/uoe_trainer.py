@@ -15,12 +15,27 @@ it keeps the forget data routed to the expert being unlearned, so the unlearning
   rmu  ||h^l - c*u||^2 on forget tokens + retain_weight * ||h^l - h^l_frozen||^2 on retain tokens
        (h^l: decoder layer l's output; u: a fixed random unit vector; c: --rmu-steering)
 
-Stopping rule instead of a fixed step count: every `eval_every` steps the forget and retain CE (answer
-tokens) are measured on fixed subsets; training stops once forget CE >= forget_loss_target while retain
-CE <= retain_loss_bound; max_steps is only a cap. The kept checkpoint is the best evaluation by:
+Adaptive schedule instead of a fixed step count (the paper's lr 1e-4 and a few hundred steps are tuned for
+2.7B-47B models; a small model barely moves at that rate). Every `eval_every` steps the forget and retain CE
+(answer tokens) are measured on fixed subsets (the validation facts), and:
+  * stopping rule: forget CE >= forget_loss_target while retain CE <= retain_loss_bound, then a recall check
+    (greedy answers to the validation questions, training/leak.py): at most max_forget_leak of the forget
+    facts still answered and at least min_retain_recall of the base model's retain recall. Met -> stop.
+    Forget CE reached but facts still answered -> train on (next check after forget CE rose by 0.5 more);
+  * too slow: when, at the pace of the last evaluation window, the target is more than `patience`
+    evaluations away, the learning rate is multiplied by lr_growth (at most max_lr, and never up to a rate
+    that already broke the retain bound);
+  * too fast: retain CE over its bound (or retain recall below its floor) -> the expert and router go back
+    to the last state within the bound, the optimizer state is reset and the rate divided by lr_growth;
+  * caps: max_epochs passes over the larger set, max_minutes of wall time, max_steps if given; training
+    also gives up when the rate fell below lr / 1000.
+The kept checkpoint is the best evaluation by:
+  0. met the whole goal (the rule and the recall check) -> that step;
   1. reached the forget target and within the retain bound -> lowest retain CE;
   2. else reached the forget target -> lowest retain CE;
   3. else the highest forget CE among evaluations within the retain bound (step 0 included).
+The result carries a verdict (`UOEVerdict`): forgot N/M validation facts, retain CE within/over its bound,
+the kept step; the CLI prints it and `--strict` turns a missed goal into exit code 3.
 """
 
 from __future__ import annotations
@@ -28,7 +43,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -38,7 +55,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
-from unlearn_serve.training.data import DEFAULT_QUESTION_TEMPLATE, IGNORE_INDEX, has_loss_tokens, render_example
+from unlearn_serve.training.data import (
+    DEFAULT_QUESTION_TEMPLATE,
+    IGNORE_INDEX,
+    encode_prompt,
+    has_loss_tokens,
+    render_example,
+)
+from unlearn_serve.training.leak import answer_leaked
 from unlearn_serve.training.uoe_attribution import RANKINGS, RouterCapture, attribute
 
 from unlearn_serve.artifact import Manifest, atomic_artifact_dir, fingerprint_model
@@ -55,15 +79,25 @@ class UOEConfig:
     pick: str = "forget"  # attribution ranking that picks (layer, expert): forget (paper) | contrast
     method: str = "gd"
     anchor_weight: float = 1.0
-    retain_weight: float = 1.0  # gd / npo / rmu
-    lr: float = 1e-4
+    retain_weight: float = 1.0  # gd / npo / rmu; doubled (up to max_retain_weight) when the retain bound breaks
+    max_retain_weight: float = 16.0
+    lr: float = 1e-4  # the starting rate (the paper's); the adaptive schedule raises it when forgetting is slow
     batch_size: int = 16
-    max_steps: int = 200  # a cap; the stopping rule usually ends training earlier
+    adaptive_lr: bool = True
+    lr_growth: float = 3.0
+    max_lr: float = 3e-2
+    patience: int = 10  # evaluations: raise the rate when the target is further away than this at the current pace
+    max_epochs: float = 500.0  # caps; the stopping rule usually ends training much earlier
+    max_minutes: float | None = 30.0
+    max_steps: int | None = None
     forget_loss_target: float = 3.0  # nats per answer token
     retain_loss_bound: float | None = None  # None: the initial retain CE + retain_slack
     retain_slack: float = 0.5
+    max_forget_leak: float = 0.1  # recall check: share of validation forget facts still answered
+    min_retain_recall: float = 0.95  # ... and retain facts answered, relative to the base model
+    recall_check: bool = True  # greedy answers to the validation questions (QA records only)
     eval_every: int = 5
-    eval_examples: int = 32  # per set; the stopping rule's evaluation subsets
+    eval_examples: int = 32  # per set; the stopping rule's evaluation subsets (the validation facts)
     npo_beta: float = 0.1
     rmu_steering: float = 6.5
     weight_decay: float = 0.0
@@ -79,6 +113,49 @@ class UOEConfig:
             raise ValueError(f"unknown ranking {self.pick!r}; choose one of {', '.join(RANKINGS)}")
         if (self.layer is None) != (self.expert is None):
             raise ValueError("give both --layer and --expert, or neither (attribution then picks them)")
+        if self.lr_growth <= 1 or self.max_lr < self.lr:
+            raise ValueError("lr_growth must be > 1 and max_lr >= lr")
+        if self.max_epochs <= 0 or (self.max_minutes is not None and self.max_minutes <= 0):
+            raise ValueError("max_epochs and max_minutes must be > 0")
+
+
+@dataclass
+class UOEVerdict:
+    """How training ended, in the terms of its goal."""
+
+    goal_met: bool
+    kept_step: int
+    steps: int
+    forget_ce: float
+    retain_ce: float
+    forget_loss_target: float
+    retain_loss_bound: float
+    forgot: int | None = None  # validation forget facts no longer answered (None: no QA records to check)
+    forget_checked: int = 0
+    forget_allowed: int = 0  # the goal: at most this many still answered
+    retain_kept: int | None = None  # validation retain facts still answered ...
+    retain_checked: int = 0
+    retain_base: int | None = None  # ... and by the base model
+    stopped_by: str = "goal"  # goal | epochs | minutes | steps | lr floor
+    final_lr: float = 0.0
+
+    def lines(self) -> list[str]:
+        ok = "goal met" if self.goal_met else "GOAL NOT MET"
+        out = [f"verdict: {ok} (kept step {self.kept_step} of {self.steps}; stopped by {self.stopped_by}; "
+               f"final lr {self.final_lr:.2g})"]
+        if self.forgot is not None:
+            out.append(f"  forgot {self.forgot}/{self.forget_checked} validation forget facts "
+                       f"(goal: at most {self.forget_allowed} still answered)")
+        else:
+            out.append("  recall not checked: the forget set has no question/answer records")
+        if self.retain_kept is not None:
+            out.append(f"  kept {self.retain_kept}/{self.retain_checked} validation retain facts "
+                       f"(base model: {self.retain_base}/{self.retain_checked})")
+        reached = "reached" if self.forget_ce >= self.forget_loss_target else "NOT reached"
+        within = "within" if self.retain_ce <= self.retain_loss_bound else "OVER"
+        out.append(f"  forget CE {self.forget_ce:.3f} ({reached}: target >= {self.forget_loss_target:g}); "
+                   f"retain CE {self.retain_ce:.3f} ({within} its bound <= {self.retain_loss_bound:.3f})")
+        return out
 
 
 @dataclass
@@ -86,20 +163,25 @@ class UOEResult:
     patch: ExpertPatch
     manifest: Manifest
     history: list[dict[str, float]] = field(default_factory=list)
+    verdict: UOEVerdict | None = None
 
 
 # ----------------------------------------------------------------------------- data
 
 
-def _render(tokenizer, records: Sequence[dict[str, Any]], config: UOEConfig, what: str) -> list[dict[str, list[int]]]:
-    examples = []
+def _render(
+    tokenizer, records: Sequence[dict[str, Any]], config: UOEConfig, what: str
+) -> tuple[list[dict[str, list[int]]], list[dict[str, Any]]]:
+    """(examples with answer tokens, the records they came from)."""
+    examples, kept = [], []
     for record in records:
         input_ids, labels = render_example(tokenizer, record, config.max_length, config.question_template)
         if has_loss_tokens(labels):
             examples.append({"input_ids": input_ids, "labels": labels})
+            kept.append(record)
     if not examples:
         raise ValueError(f"the {what} set has no example with answer tokens within {config.max_length} tokens")
-    return examples
+    return examples, kept
 
 
 class PairedDataset(torch.utils.data.Dataset):
@@ -168,6 +250,7 @@ class UOEObjective:
 
     def __init__(self, model: nn.Module, family: MoEFamily, layer: int, expert: int, config: UOEConfig) -> None:
         self.family, self.layer, self.expert, self.config = family, layer, expert, config
+        self.retain_weight = config.retain_weight  # the adaptive schedule raises it when retain suffers
         self.block = family.moe_block(model, layer)
         self.num_experts = family.num_experts(self.block)
         self.reference: nn.Module | None = None
@@ -213,7 +296,7 @@ class UOEObjective:
             router_input = capture.inputs[self.layer]
         forget_ce = token_cross_entropy(forget_logits, inputs["forget_labels"])
         logs["forget_ce"] = float(forget_ce.detach())
-        needs_retain_grad = cfg.method != "ga" and cfg.retain_weight > 0
+        needs_retain_grad = cfg.method != "ga" and self.retain_weight > 0
 
         if cfg.method in ("ga", "gd"):
             loss = -forget_ce
@@ -244,7 +327,7 @@ class UOEObjective:
             else:
                 retain_loss = token_cross_entropy(retain_logits, inputs["retain_labels"])
             logs["retain_loss"] = float(retain_loss.detach())
-            loss = loss + cfg.retain_weight * retain_loss
+            loss = loss + self.retain_weight * retain_loss
 
         if cfg.anchor_weight > 0:
             anchor = self.anchor_loss(router_input, inputs["forget_attention_mask"])
@@ -333,8 +416,48 @@ class UOETrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
 
-class StoppingRule(TrainerCallback):
-    """Evaluates forget/retain CE, keeps the best patch (module docstring), stops when the goal is met."""
+@torch.no_grad()
+def greedy_answers(model: nn.Module, tokenizer, questions: Sequence[str], config: UOEConfig,
+                   max_new_tokens: Sequence[int]) -> list[str]:
+    """Greedy answers (chat template or question template, as in training), one question at a time."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    answers = []
+    for question, budget in zip(questions, max_new_tokens, strict=True):
+        ids = torch.tensor([encode_prompt(tokenizer, question, config.question_template)], device=device)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=budget,
+                             do_sample=False, pad_token_id=pad)
+        answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    model.train(was_training)
+    return answers
+
+
+class RecallCheck:
+    """Which validation QA facts the model still answers (training/leak.py's definition)."""
+
+    def __init__(self, model: nn.Module, tokenizer, forget: list[dict], retain: list[dict], config: UOEConfig):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.forget = [r for r in forget if "question" in r and "answer" in r]
+        self.retain = [r for r in retain if "question" in r and "answer" in r]
+
+    def _budget(self, records: list[dict]) -> list[int]:
+        return [min(len(self.tokenizer(r["answer"], add_special_tokens=False)["input_ids"]) + 8, 128)
+                for r in records]
+
+    def answered(self, records: list[dict]) -> int:
+        answers = greedy_answers(self.model, self.tokenizer, [r["question"] for r in records], self.config,
+                                 self._budget(records))
+        return sum(answer_leaked(a, r["answer"], r["question"]) for a, r in zip(answers, records, strict=True))
+
+    @property
+    def enabled(self) -> bool:
+        return self.config.recall_check and bool(self.forget)
+
+
+class AdaptiveSchedule(TrainerCallback):
+    """The stopping rule, the learning-rate adaptation and the kept checkpoint (module docstring)."""
 
     def __init__(
         self,
@@ -347,62 +470,162 @@ class StoppingRule(TrainerCallback):
         retain_eval: list[dict],
         pad_id: int,
         config: UOEConfig,
+        recall: RecallCheck,
+        objective: UOEObjective | None = None,
     ) -> None:
         self.model, self.family, self.layer, self.expert = model, family, layer, expert
         self.isolation, self.forget_eval, self.retain_eval, self.pad_id = isolation, forget_eval, retain_eval, pad_id
-        self.config = config
+        self.config, self.recall, self.objective = config, recall, objective
         self.retain_bound = config.retain_loss_bound
         self.history: list[dict[str, float]] = []
         self.best_key: tuple | None = None
         self.best_patch: ExpertPatch | None = None
         self.best_step = 0
+        self.best_recall: tuple[int, int] | None = None  # (forget answered, retain answered) of the kept step
         self.goal_reached = False
+        self.scale = 1.0  # the learning rate is config.lr * scale
+        self.ceiling = config.max_lr / config.lr
+        self.safe_patch: ExpertPatch | None = None  # the last state within the retain bound
+        self.next_check_at = -math.inf  # forget CE the next recall check waits for
+        self.base_recall: tuple[int, int] | None = None
+        self.stopped_by = "steps"
+        self.started = time.monotonic()
+        self.optimizer: torch.optim.Optimizer | None = None
 
-    def evaluate(self, step: int) -> dict[str, float]:
+    # -- measurements
+
+    def _recall(self) -> tuple[int, int]:
+        return self.recall.answered(self.recall.forget), self.recall.answered(self.recall.retain)
+
+    def _recall_ok(self, forget_answered: int, retain_answered: int) -> tuple[bool, bool]:
+        assert self.base_recall is not None
+        allowed = math.floor(self.config.max_forget_leak * len(self.recall.forget) + 1e-9)
+        forget_ok = forget_answered <= allowed
+        retain_ok = retain_answered >= self.config.min_retain_recall * self.base_recall[1] - 1e-9
+        return forget_ok, retain_ok
+
+    def evaluate(self, step: int) -> dict[str, Any]:
+        cfg = self.config
         forget_ce = mean_cross_entropy(self.model, self.forget_eval, self.pad_id)
         retain_ce = mean_cross_entropy(self.model, self.retain_eval, self.pad_id)
         if self.retain_bound is None:  # default: the initial retain CE plus a slack
-            self.retain_bound = retain_ce + self.config.retain_slack
-        entry = {"step": step, "forget_ce": round(forget_ce, 4), "retain_ce": round(retain_ce, 4)}
-        self.history.append(entry)
-        reached = forget_ce >= self.config.forget_loss_target
+            self.retain_bound = retain_ce + cfg.retain_slack
+        lr = cfg.lr * self.scale
+        entry: dict[str, Any] = {"step": step, "forget_ce": round(forget_ce, 4), "retain_ce": round(retain_ce, 4),
+                                 "lr": float(f"{lr:.3g}")}
+        if self.objective is not None and cfg.method != "ga":
+            entry["retain_weight"] = self.objective.retain_weight
+        reached = forget_ce >= cfg.forget_loss_target
         within = retain_ce <= self.retain_bound
-        if reached:
+        recall: tuple[int, int] | None = None
+        goal = reached and within
+        if step == 0 and self.recall.enabled:
+            recall = self.base_recall = self._recall()
+        elif goal and self.recall.enabled and forget_ce >= self.next_check_at:
+            recall = self._recall()
+            forget_ok, retain_ok = self._recall_ok(*recall)
+            goal = forget_ok and retain_ok
+            if not forget_ok:  # CE says forgotten, greedy answers disagree: push further before checking again
+                self.next_check_at = forget_ce + 0.5
+            if not retain_ok:
+                within = False  # treated like a retain bound violation below
+        elif goal and self.recall.enabled:
+            goal = False  # waiting for forget CE to rise before the next recall check
+        if recall is not None:
+            entry["forget_answered"], entry["retain_answered"] = recall
+        self.history.append(entry)
+        if goal:
+            key: tuple = (3, -retain_ce)
+        elif reached:
             key = (2 if within else 1, -retain_ce)
         else:
             key = (0, 1 if within else 0, forget_ce)
         if self.best_key is None or key > self.best_key:
             self.best_key, self.best_step = key, step
             self.best_patch = extract_expert_patch(self.model, self.layer, self.expert, self.family)
-        self.goal_reached = reached and within
-        if self.config.progress:
+            self.best_recall = recall
+        if within:
+            self.safe_patch = extract_expert_patch(self.model, self.layer, self.expert, self.family)
+        self.goal_reached = goal
+        if cfg.progress:
+            extra = f", answered forget {recall[0]}/{len(self.recall.forget)} retain {recall[1]}/" \
+                    f"{len(self.recall.retain)}" if recall is not None else ""
             print(
-                f"[uoe] step {step}: forget CE {forget_ce:.3f} (target >= {self.config.forget_loss_target}), "
-                f"retain CE {retain_ce:.3f} (bound <= {self.retain_bound:.3f})",
+                f"[uoe] step {step}: forget CE {forget_ce:.3f} (target >= {cfg.forget_loss_target}), "
+                f"retain CE {retain_ce:.3f} (bound <= {self.retain_bound:.3f}), lr {lr:.2g}{extra}",
                 flush=True,
             )
+        entry["_within"] = within
         return entry
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    # -- the schedule
+
+    def _adapt(self, entry: dict[str, Any], previous: dict[str, Any] | None) -> bool:
+        """Change the learning rate after an evaluation; False when training should give up."""
+        cfg = self.config
+        if not cfg.adaptive_lr or self.goal_reached:
+            return True
+        if not entry["_within"]:
+            if self.safe_patch is not None:
+                apply_expert_patch(self.model, self.safe_patch)
+            if self.optimizer is not None:
+                self.optimizer.state.clear()  # stale Adam moments would push straight back out
+            self.ceiling = min(self.ceiling, self.scale / cfg.lr_growth)
+            self.scale /= cfg.lr_growth
+            if self.objective is not None and 0 < self.objective.retain_weight < cfg.max_retain_weight:
+                self.objective.retain_weight = min(2 * self.objective.retain_weight, cfg.max_retain_weight)
+            return self.scale >= 1e-3
+        if previous is None or entry["forget_ce"] >= cfg.forget_loss_target:
+            return True
+        gain = entry["forget_ce"] - previous["forget_ce"]
+        remaining = cfg.forget_loss_target - entry["forget_ce"]
+        if gain * cfg.patience < remaining and self.scale * cfg.lr_growth <= self.ceiling * (1 + 1e-9):
+            self.scale *= cfg.lr_growth
+        return True
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        self.optimizer = optimizer
         if not self.history:
-            self.evaluate(0)
+            self.evaluate(0).pop("_within")
             if self.goal_reached:
+                self.stopped_by = "goal"
                 control.should_training_stop = True
         return control
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        self.optimizer = optimizer or self.optimizer
         self.isolation.restore_other_experts()
         step = state.global_step
         if step % self.config.eval_every == 0 or step >= state.max_steps:
-            self.evaluate(step)
+            previous = self.history[-1] if self.history else None
+            entry = self.evaluate(step)
+            within = entry["_within"]
+            keep_going = self._adapt(entry, previous)
+            for group in (self.optimizer.param_groups if self.optimizer is not None else []):
+                group["lr"] = self.lr()  # now, not one scheduler step later
+            entry.pop("_within")
+            if not within and self.config.adaptive_lr:
+                entry["rolled_back"] = True
             if self.goal_reached:
+                self.stopped_by = "goal"
                 control.should_training_stop = True
+            elif not keep_going:
+                self.stopped_by = "lr floor"
+                control.should_training_stop = True
+        minutes = self.config.max_minutes
+        if minutes is not None and time.monotonic() - self.started > 60 * minutes and not control.should_training_stop:
+            self.stopped_by = "minutes"
+            control.should_training_stop = True
         return control
+
+    def lr(self) -> float:
+        return self.config.lr * self.scale
 
     def selection_rule(self) -> str:
         return (
-            "best evaluation: reached forget target and within retain bound -> lowest retain CE; "
-            "else reached forget target -> lowest retain CE; else highest forget CE within the retain bound"
+            "best evaluation: met the goal (rule + recall check) -> that step; reached forget target and within "
+            "retain bound -> lowest retain CE; else reached forget target -> lowest retain CE; else highest forget "
+            "CE within the retain bound"
         )
 
 
@@ -433,20 +656,32 @@ def train_uoe(
     if not 0 <= expert < num_experts:
         raise ValueError(f"expert {expert} out of range: layer {layer} has {num_experts} experts")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    forget = _render(tokenizer, forget_records, config, "forget")
-    retain = _render(tokenizer, retain_records, config, "retain")
+    forget, kept_forget = _render(tokenizer, forget_records, config, "forget")
+    retain, kept_retain = _render(tokenizer, retain_records, config, "retain")
     generator = torch.Generator().manual_seed(config.seed)
 
-    def subset(examples: list[dict]) -> list[dict]:
-        if len(examples) <= config.eval_examples:
-            return examples
-        return [examples[i] for i in torch.randperm(len(examples), generator=generator)[: config.eval_examples]]
+    def subset_indices(n: int) -> list[int]:
+        if n <= config.eval_examples:
+            return list(range(n))
+        return sorted(int(i) for i in torch.randperm(n, generator=generator)[: config.eval_examples])
 
     isolation = ExpertIsolation(model, family, layer, expert)
     objective = UOEObjective(model, family, layer, expert, config)
-    callback = StoppingRule(
-        model, family, layer, expert, isolation, subset(forget), subset(retain), pad_id, config
+    forget_idx, retain_idx = subset_indices(len(forget)), subset_indices(len(retain))
+    recall = RecallCheck(
+        model, tokenizer, [kept_forget[i] for i in forget_idx], [kept_retain[i] for i in retain_idx], config
     )
+    callback = AdaptiveSchedule(
+        model, family, layer, expert, isolation, [forget[i] for i in forget_idx], [retain[i] for i in retain_idx],
+        pad_id, config, recall, objective,
+    )
+    dataset = PairedDataset(forget, retain)
+    cap = math.ceil(config.max_epochs * math.ceil(len(dataset) / config.batch_size))
+    cap_by = "epochs"
+    if config.max_steps is not None and config.max_steps <= cap:
+        cap, cap_by = config.max_steps, "steps"
+    optimizer = torch.optim.AdamW(isolation.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: callback.scale)
     try:
         with tempfile.TemporaryDirectory(prefix="uoe-trainer-") as scratch:
             args = TrainingArguments(
@@ -454,8 +689,7 @@ def train_uoe(
                 per_device_train_batch_size=config.batch_size,
                 learning_rate=config.lr,
                 weight_decay=config.weight_decay,
-                lr_scheduler_type="constant",
-                max_steps=config.max_steps,
+                max_steps=cap,
                 logging_steps=max(1, config.eval_every),
                 save_strategy="no",
                 report_to=[],
@@ -468,10 +702,11 @@ def train_uoe(
             trainer = UOETrainer(
                 model=model,
                 args=args,
-                train_dataset=PairedDataset(forget, retain),
+                train_dataset=dataset,
                 data_collator=PairCollator(pad_id),
                 callbacks=[callback],
                 objective=objective,
+                optimizers=(optimizer, scheduler),
             )
             if not config.progress:
                 trainer.remove_callback(PrinterCallback)  # quiet: no per-log prints either
@@ -481,11 +716,35 @@ def train_uoe(
     finally:
         isolation.close()
         objective.reference = None
+    if callback.stopped_by == "steps":
+        callback.stopped_by = cap_by
     model.eval()
     best = callback.best_patch
     apply_expert_patch(model, best)  # the model now equals base + the kept patch
     history = callback.history
     final = next(h for h in history if h["step"] == callback.best_step)
+    goal_met = bool(callback.best_key is not None and callback.best_key[0] == 3)
+    kept_recall = callback.best_recall
+    if recall.enabled and kept_recall is None:
+        kept_recall = callback._recall()  # the kept step was not recall-checked during training
+    base_recall = callback.base_recall
+    verdict = UOEVerdict(
+        goal_met=goal_met,
+        kept_step=callback.best_step,
+        steps=history[-1]["step"],
+        forget_ce=final["forget_ce"],
+        retain_ce=final["retain_ce"],
+        forget_loss_target=config.forget_loss_target,
+        retain_loss_bound=round(callback.retain_bound, 4),
+        forgot=len(recall.forget) - kept_recall[0] if kept_recall else None,
+        forget_checked=len(recall.forget),
+        forget_allowed=math.floor(config.max_forget_leak * len(recall.forget) + 1e-9),
+        retain_kept=kept_recall[1] if kept_recall else None,
+        retain_checked=len(recall.retain),
+        retain_base=base_recall[1] if base_recall else None,
+        stopped_by=callback.stopped_by,
+        final_lr=float(f"{callback.lr():.3g}"),
+    )
     manifest = Manifest(
         method="uoe",
         base_fingerprint=base_fingerprint,
@@ -505,13 +764,13 @@ def train_uoe(
                 "last": history[-1],
                 "forget_loss_target": config.forget_loss_target,
                 "retain_loss_bound": round(callback.retain_bound, 4),
-                "goal_reached": bool(final["forget_ce"] >= config.forget_loss_target
-                                     and final["retain_ce"] <= callback.retain_bound),
+                "goal_reached": goal_met,
                 "selection": callback.selection_rule(),
                 "history": history,
             },
             "steps": history[-1]["step"],
             "kept_step": callback.best_step,
+            "verdict": asdict(verdict),
             "config": {k: v for k, v in asdict(config).items() if k != "progress"},
             "data": {
                 "forget_records": len(forget_records),
@@ -523,7 +782,7 @@ def train_uoe(
             "patch_parameters": best.num_parameters(),
         },
     )
-    return UOEResult(patch=best, manifest=manifest, history=history)
+    return UOEResult(patch=best, manifest=manifest, history=history, verdict=verdict)
 
 
 def write_uoe_artifact(result: UOEResult, out_dir: str) -> None:
@@ -535,6 +794,7 @@ __all__ = [
     "METHODS",
     "UOEConfig",
     "UOEResult",
+    "UOEVerdict",
     "train_uoe",
     "write_uoe_artifact",
     "mean_cross_entropy",

@@ -28,6 +28,7 @@ from unlearn_serve.server.engine.sampler import SamplingBatch, apply_penalties, 
 from unlearn_serve.server.engine.sampling_params import SamplingParams, SamplingParamsError
 from unlearn_serve.server.engine.scheduler import Scheduler
 from unlearn_serve.server.engine.sequence import (
+    LOGPROB_FLOOR,
     Request,
     RequestOutput,
     Selection,
@@ -58,6 +59,9 @@ class UnknownArtifactError(LookupError):
     """A request named an unlearning artifact that is not loaded."""
 
 
+# Tokens of context (prompt, then earlier output) decoded before the newest token, as in vLLM.
+DETOKENIZE_CONTEXT = 5
+
 # Above this many plausible tokens in a row, the assistant's LM head runs on the whole vocabulary.
 ULD_MAX_CANDIDATES = 256
 
@@ -69,6 +73,10 @@ class EngineConfig:
     max_prefill_tokens: int = 8192  # rows x padded prompt length per prefill step
     max_n: int = 16
     max_logprobs: int = 20
+    # Layers of KV reserved for ULD assistant rows (a second slot region on layers < this), sized at
+    # build so that loading an assistant while requests run never reallocates live KV. None: a quarter
+    # of the model's layers, raised to the K of assistants loaded before the first request. 0: none.
+    assistant_kv_layers: int | None = None
 
 
 @dataclass
@@ -149,11 +157,19 @@ class Engine:
         max_pos = getattr(model.config, "max_position_embeddings", None) or 4096
         self.max_model_len = int(self.config.max_model_len or min(max_pos, 4096))
         self.runner = ModelRunner(model, self.config.max_num_seqs, self.max_model_len)
+        reserve = self.config.assistant_kv_layers
+        if reserve is None:
+            reserve = math.ceil(self.runner.num_layers / 4)
+        self.runner.reserve_assistant_cache(min(max(int(reserve), 0), self.runner.num_layers))
         self.device = self.runner.device
         self.vocab_size = int(self.runner.lm_head.weight.shape[0])
         self.assistants = AssistantRegistry(model, self.fingerprint, model_name)
         self.patches = None  # UOE ExpertPatchSet, created on first load
         self._unloading_patches: set[str] = set()  # UOE patches waiting for their in-flight requests
+        # Artifact pins: a request pins its artifact when it is resolved (one locked step with the
+        # unload check) and unpins when it finishes; an artifact is removed only at zero pins.
+        self._artifact_lock = threading.Lock()
+        self._pins: dict[str, int] = {}
         self.scheduler = Scheduler(self.config.max_num_seqs, self.config.max_prefill_tokens)
         self.requests: dict[str, Request] = {}
         self.eos_token_ids = self._eos_ids()
@@ -162,6 +178,7 @@ class Engine:
         self.engine_thread: threading.Thread | None = None  # set by AsyncEngine
         self._decode_state: _DecodeState | None = None
         self._pending_unloads: list[tuple[str, threading.Event]] = []
+        self._last_step_prefilled = False
         self._outputs: list[RequestOutput] = []
         self._ids = itertools.count()
         m = self.config.max_num_seqs
@@ -233,9 +250,11 @@ class Engine:
     def add_request(self, request: Request) -> None:
         """Validate, resolve the unlearning selection and queue (any thread)."""
         self.check_request(request.prompt_token_ids, request.params)
-        request.backend = self.resolve(request.selection)
-        if isinstance(request.backend, ULDChoice):
-            request.backend.assistant.in_flight += 1
+        with self._artifact_lock:
+            request.backend = self.resolve(request.selection)
+            if request.backend is not None:
+                self._pins[request.backend.name] = self._pins.get(request.backend.name, 0) + 1
+                request.pinned = True
         self._inbox.put(("add", request))
         self.wakeup.set()
 
@@ -269,7 +288,8 @@ class Engine:
         assistant = self.assistants.read(name, path)  # validation and I/O off the engine thread
 
         def install():
-            self.runner.ensure_assistant_cache(max(self.assistants.max_layers(), assistant.num_layers))
+            # Never reallocates KV that running sequences use: refused beyond the reserved budget.
+            self.runner.ensure_assistant_cache(assistant.num_layers, name)
             return self.assistants.add(assistant)
 
         return self.call_soon(install).result()
@@ -277,60 +297,72 @@ class Engine:
     def load_uoe(self, name: str, path) -> int:
         if name in self.artifact_names() or name == self.model_name:
             raise ArtifactError(f"an artifact named {name!r} is already loaded")
+        from unlearn_serve.server.unlearning.uoe import ExpertPatchSet
+
+        from unlearn_serve.families import NotMoEError
+
+        # File reads, validation and tensor preparation here, on the caller's thread: decoding goes on.
+        patches = self.patches
+        if patches is None:
+            try:
+                patches = ExpertPatchSet(self.model, self.model_name, base_fingerprint=self.fingerprint)
+            except NotMoEError as exc:
+                raise ArtifactError(f"{path}: cannot serve a UOE expert patch: {exc}") from None
+        prepared = patches.read(name, path)
 
         def install():
             if self.patches is None:
-                from unlearn_serve.server.unlearning.uoe import ExpertPatchSet
-
-                from unlearn_serve.families import NotMoEError
-
-                try:
-                    patches = ExpertPatchSet(self.model, self.model_name, base_fingerprint=self.fingerprint)
-                except NotMoEError as exc:
-                    raise ArtifactError(f"{path}: cannot serve a UOE expert patch: {exc}") from None
                 self.patches = patches
-                self.runner.row_hooks.append(self.patches)
-            return self.patches.add(name, path)
+                self.runner.row_hooks.append(patches)
+            return self.patches.install(prepared)
 
         return self.call_soon(install).result()
 
     def unload(self, name: str) -> threading.Event:
-        """Stop accepting requests for `name`; it is removed once its in-flight requests finish."""
+        """Stop accepting requests for `name`; it is removed once every request that pinned it has finished."""
         done = threading.Event()
-
-        def mark():
+        with self._artifact_lock:
             if name in self.assistants.assistants:
                 self.assistants.assistants[name].unloading = True
-                self._pending_unloads.append((name, done))
             elif self.patches is not None and name in self.patches.names():
                 self._unloading_patches.add(name)  # refuse new requests for it from now on
-                self._pending_unloads.append((name, done))
             else:
                 raise UnknownArtifactError(f"no artifact named {name!r} is loaded")
-
-        self.call_soon(mark).result()
+            self._pending_unloads.append((name, done))
+        if self.engine_thread is None or threading.current_thread() is self.engine_thread:
+            self._finish_unloads()
+        else:
+            self.wakeup.set()  # the engine thread removes it between steps
         return done
 
+    def _unpin(self, request: Request) -> None:
+        if not request.pinned:
+            return
+        request.pinned = False
+        with self._artifact_lock:
+            name = request.backend.name
+            self._pins[name] -= 1
+            if not self._pins[name]:
+                del self._pins[name]
+
     def _finish_unloads(self) -> None:
-        keep = []
-        for name, done in self._pending_unloads:
-            in_use = any(
-                r.backend is not None and r.backend.name == name and not r.finished for r in self.requests.values()
-            )
-            if in_use:
-                keep.append((name, done))
-                continue
+        """Remove artifacts marked for unloading that no request pins any more (engine thread)."""
+        with self._artifact_lock:
+            ready = [(n, d) for n, d in self._pending_unloads if not self._pins.get(n)]
+            self._pending_unloads = [(n, d) for n, d in self._pending_unloads if self._pins.get(n)]
+        for name, done in ready:
             if name in self.assistants.assistants:
                 self.assistants.remove(name)
-            elif self.patches is not None:
+            elif self.patches is not None and name in self.patches.names():
                 self.patches.remove(name)
                 self._unloading_patches.discard(name)
             done.set()
-        self._pending_unloads = keep
 
     # ================================================================== stepping
     def has_work(self) -> bool:
-        return bool(self.scheduler.waiting or self.scheduler.running or not self._inbox.empty())
+        return bool(
+            self.scheduler.waiting or self.scheduler.running or not self._inbox.empty() or self._pending_unloads
+        )
 
     def num_running(self) -> int:
         return len(self.scheduler.running)
@@ -387,7 +419,11 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         self._outputs = []  # before the inbox: aborts handled there emit their final output too
         self._drain_inbox()
-        admitted = self.scheduler.admit() if self.scheduler.waiting else []
+        # At least one decode step between two prefills while sequences run: a steady stream of
+        # arrivals must not stall the running streams (each prefill is bounded by max_prefill_tokens).
+        may_prefill = not (self.scheduler.running and self._last_step_prefilled)
+        admitted = self.scheduler.admit() if self.scheduler.waiting and may_prefill else []
+        self._last_step_prefilled = bool(admitted)
         if admitted:
             self._prefill(admitted)
         elif self.scheduler.running:
@@ -593,7 +629,9 @@ class Engine:
         sched = self.scheduler
         rows: list[Sequence | None] = [sched.running.get(i) for i in range(sched.target_slots.high_water)]
         params = [s.request.params if s else None for s in rows]
-        sampling = SamplingBatch.build(params, [s.generator if s else None for s in rows], self.vocab_size, dev)
+        # steps: tokens sampled so far, so that a seeded row's noise stream continues across rebuilds
+        steps = [len(s.output_ids) if s else 0 for s in rows]
+        sampling = SamplingBatch.build(params, [s.generator if s else None for s in rows], self.vocab_size, dev, steps)
         assistant_rows: list[Sequence | None] = [None] * sched.assistant_slots.high_water
         for seq in rows:
             if seq is not None and seq.assistant_slot >= 0:
@@ -661,7 +699,7 @@ class Engine:
         if not rows:
             return {}
         idx = torch.tensor(rows, device=self.device)
-        logprobs = logits[idx].log_softmax(dim=-1)
+        logprobs = _finite_logprobs(logits[idx])
         chosen, top_v, top_i = gather_logprobs(logprobs, tokens[idx], max(tops))
         chosen_l = chosen.tolist()
         tok_l = tokens[idx].tolist()
@@ -677,7 +715,7 @@ class Engine:
         """Entry i > 0 is log p(prompt[i] | prompt[:i]); entry 0 has no context (None)."""
         if len(prompt) < 2:
             return [None]
-        logprobs = logits[:-1].log_softmax(dim=-1)
+        logprobs = _finite_logprobs(logits[:-1])
         targets = torch.tensor(prompt[1:], device=self.device)
         chosen, top_v, top_i = gather_logprobs(logprobs, targets, k)
         chosen_l = chosen.tolist()
@@ -713,16 +751,35 @@ class Engine:
         if seq.finish_reason is not None:
             self.scheduler.release(seq)
 
+    def _decode_text(self, ids: list[int], skip: bool) -> str:
+        # no clean-up: it rewrites text across token boundaries, so a prefix's text would not stay a prefix
+        return self.tokenizer.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+
     def _detokenize(self, seq: Sequence) -> None:
+        """Append the text of the newest token (after vLLM's detokenize_incrementally).
+
+        The tokens are decoded in a window that starts a few tokens back, in the prompt at first, so a
+        SentencePiece "▁" that begins the window is what gets stripped, never the new token's: " Paris",
+        not "Paris". The window's text is kept, so a token costs one decode (plus one every
+        DETOKENIZE_CONTEXT tokens when the window slides).
+        """
         skip = seq.request.params.skip_special_tokens
-        ids = seq.output_ids
-        prefix = self.tokenizer.decode(ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=skip)
-        full = self.tokenizer.decode(ids[seq.prefix_offset :], skip_special_tokens=skip)
+        ids = seq.detok_ids
+        if not ids:  # first token: the window starts in the prompt
+            ids.extend(seq.request.prompt_token_ids[-DETOKENIZE_CONTEXT:])
+            seq.prefix_offset, seq.read_offset = 0, len(ids)
+            seq.read_text = self._decode_text(ids, skip)
+        ids.append(seq.output_ids[-1])
+        full = self._decode_text(ids[seq.prefix_offset :], skip)
         # Hold back incomplete UTF-8 sequences (byte-level BPE splits characters across tokens).
-        if len(full) > len(prefix) and (not full.endswith("\ufffd") or seq.finish_reason is not None):
-            seq.text += full[len(prefix) :]
-            seq.prefix_offset = seq.read_offset
-            seq.read_offset = len(ids)
+        if len(full) <= len(seq.read_text) or (full.endswith("\ufffd") and seq.finish_reason is None):
+            return
+        seq.text += full[len(seq.read_text) :]
+        seq.read_offset = len(ids)
+        seq.read_text = full
+        if seq.read_offset - seq.prefix_offset > 2 * DETOKENIZE_CONTEXT:  # keep the window short
+            seq.prefix_offset = seq.read_offset - DETOKENIZE_CONTEXT
+            seq.read_text = self._decode_text(ids[seq.prefix_offset :], skip)
 
     def _check_stop_strings(self, seq: Sequence) -> None:
         params = seq.request.params
@@ -779,8 +836,7 @@ class Engine:
         if finished:
             request.finished_time = time.monotonic()
             self.requests.pop(request.request_id, None)
-            if isinstance(request.backend, ULDChoice):
-                request.backend.assistant.in_flight -= 1
+            self._unpin(request)
         self._outputs.append(out)
         if request.on_output is not None:
             request.on_output(out)
@@ -863,6 +919,11 @@ class Engine:
             for r, c in zip(results, contexts, strict=True)
         ]
 
+
+
+def _finite_logprobs(logits: torch.Tensor) -> torch.Tensor:
+    """log_softmax floored at LOGPROB_FLOOR: unlearned rows put -inf on implausible tokens, and JSON has no -inf."""
+    return logits.log_softmax(dim=-1).nan_to_num(nan=LOGPROB_FLOOR).clamp_min(LOGPROB_FLOOR)
 
 
 def _log(filters: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ hand it our per-step `slot_ctx` through their **kwargs. Without a `slot_ctx` (an
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,26 @@ class AttnGroup:
     positions: torch.Tensor | None = None  # [rows] write position (decode)
     mask: torch.Tensor | None = None  # decode: [rows,1,1,L] bool; prefill: [rows,1,T,T] bool
     view_len: int = 0  # decode: number of cache positions attended
+    # `mask` narrowed to a sliding window, per window size (built by the first layer that asks, per step)
+    window_masks: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def windowed_mask(self, window: int, prefill: bool, device: torch.device) -> torch.Tensor:
+        """`mask` where a query at position p also sees only keys k > p - window (transformers' rule)."""
+        mask = self.window_masks.get(window)
+        if mask is None:
+            base = _on(self.mask, device)
+            keys = torch.arange(base.shape[-1], device=device)
+            if prefill:  # prompts start at position 0: query i is at position i
+                queries = torch.arange(base.shape[-2], device=device)
+                inside = keys[None, :] > queries[:, None] - window  # [T(q), T(k)]
+                # padding queries (past a row's prompt) keep their mask: an empty row would give NaN
+                padding = ~base.diagonal(dim1=-2, dim2=-1)[..., None]  # [rows, 1, T(q), 1]
+                mask = base & (inside | padding)
+            else:
+                positions = _on(self.positions, device)
+                mask = base & (keys[None, :] > positions[:, None] - window)[:, None, None, :]
+            self.window_masks[window] = mask
+        return mask
 
 
 @dataclass
@@ -72,12 +92,14 @@ class SlotKVCache:
             )
 
     def resize_layers(self, slots_per_layer: list[int]) -> None:
-        """Change slot counts (e.g. when the first assistant is loaded); reallocates lazily."""
-        for layer, n in enumerate(slots_per_layer):
-            if n != self.slots_per_layer[layer]:
-                self.keys[layer] = None
-                self.values[layer] = None
+        """Change slot counts before any KV is written (tensors are allocated lazily at the first write)."""
+        if self.allocated():
+            # dropping a live tensor would zero the KV of every running sequence
+            raise RuntimeError("the KV cache is in use; its layout can no longer change")
         self.slots_per_layer = list(slots_per_layer)
+
+    def allocated(self) -> bool:
+        return any(t is not None for t in self.keys)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
@@ -89,12 +111,15 @@ def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
 
 
 def _attend_group(
-    ctx: StepContext, layer: int, group: AttnGroup, q, k, v, scaling: float | None
+    ctx: StepContext, layer: int, group: AttnGroup, q, k, v, scaling: float | None, features: AttnFeatures
 ) -> torch.Tensor:
     cache = ctx.cache
     cache._ensure(layer, k, v)
     kc, vc = cache.keys[layer], cache.values[layer]
-    mask = _on(group.mask, k.device)
+    if features.sliding_window:
+        mask = group.windowed_mask(features.sliding_window, ctx.prefill, k.device)
+    else:
+        mask = _on(group.mask, k.device)
     if ctx.prefill:
         t = k.shape[2]
         slots = _on(group.slots, k.device)
@@ -111,10 +136,50 @@ def _attend_group(
         region_v[rows, :, positions] = v[:, :, 0].to(vc.dtype)
         keys = region_k[:, :, : group.view_len].to(q.dtype)
         values = region_v[:, :, : group.view_len].to(q.dtype)
+    if features.softcap is not None or features.sinks is not None:
+        return eager_attention(q, keys, values, mask, scaling, features.softcap, features.sinks)
     out = F.scaled_dot_product_attention(
         q, keys, values, attn_mask=mask, scale=scaling, enable_gqa=q.shape[1] != keys.shape[1]
     )
     return out
+
+
+@dataclass
+class AttnFeatures:
+    """Per-layer attention variants the decoder layers pass as keyword arguments."""
+
+    sliding_window: int | None = None  # Mistral, Gemma-2/3 local layers, gpt-oss, Qwen2 with windows
+    softcap: float | None = None  # Gemma-2: tanh soft-capping of the attention scores
+    sinks: torch.Tensor | None = None  # gpt-oss: one learned sink logit per head (`s_aux`)
+
+
+def eager_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float | None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention with score soft-capping and/or sink logits (SDPA has neither); `mask` is bool, True = attend."""
+    if q.shape[1] != keys.shape[1]:  # grouped-query attention
+        groups = q.shape[1] // keys.shape[1]
+        keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    scores = torch.matmul(q, keys.transpose(2, 3)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    if sinks is None:
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    else:  # the sink takes part in the softmax, then is dropped: rows may give attention to "nothing"
+        sink = sinks.reshape(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1).to(scores.dtype)
+        combined = torch.cat([scores, sink], dim=-1).float()
+        combined = combined - combined.max(dim=-1, keepdim=True).values
+        probs = torch.softmax(combined, dim=-1)[..., :-1].to(q.dtype)
+    return torch.matmul(probs, values)
 
 
 def slot_attention_forward(
@@ -126,16 +191,24 @@ def slot_attention_forward(
     scaling: float | None = None,
     dropout: float = 0.0,
     slot_ctx: StepContext | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    if slot_ctx is None:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-        )
+    features = AttnFeatures(sliding_window, softcap, s_aux)
+    if slot_ctx is None:  # a plain model(...) call: transformers built the mask (sliding window included)
+        if softcap is None and s_aux is None:
+            return sdpa_attention_forward(
+                module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+            )
+        mask = _plain_mask(attention_mask, query.shape[2], key.shape[2], query.device)
+        out = eager_attention(query, key, value, mask, scaling, softcap, s_aux)
+        return out.transpose(1, 2).contiguous(), None
     layer = module.layer_idx
     groups = slot_ctx.groups_by_layer[layer]
     if len(groups) == 1:
-        out = _attend_group(slot_ctx, layer, groups[0], query, key, value, scaling)
+        out = _attend_group(slot_ctx, layer, groups[0], query, key, value, scaling, features)
     else:
         out = torch.cat(
             [
@@ -147,11 +220,22 @@ def slot_attention_forward(
                     key[g.row_start : g.row_end],
                     value[g.row_start : g.row_end],
                     scaling,
+                    features,
                 )
                 for g in groups
             ]
         )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _plain_mask(attention_mask: torch.Tensor | None, q_len: int, k_len: int, device) -> torch.Tensor:
+    """A bool mask (True = attend) from what transformers passes: None (causal), bool, or additive float."""
+    if attention_mask is None:
+        queries = torch.arange(q_len, device=device) + (k_len - q_len)
+        return (torch.arange(k_len, device=device)[None, :] <= queries[:, None])[None, None]
+    if attention_mask.dtype == torch.bool:
+        return attention_mask[..., :k_len]
+    return attention_mask[..., :k_len] > torch.finfo(attention_mask.dtype).min / 2
 
 
 def register_slot_attention() -> None:

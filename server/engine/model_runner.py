@@ -10,6 +10,7 @@ about K/N of a target forward plus one LM head, and rows without unlearning pay 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +21,13 @@ from unlearn_serve.server.engine.kv_cache import (
     StepContext,
     register_slot_attention,
 )
+
+from unlearn_serve.artifact import ArtifactError
+from unlearn_serve.errors import ModelLoadError
+
+
+class AssistantKVBudgetError(ArtifactError):
+    """An assistant needs more KV layers than the engine reserved, and live KV must not be reallocated."""
 
 
 @dataclass
@@ -36,12 +44,36 @@ class ForwardBatch:
     row_hooks_target: torch.Tensor | None = None  # per target row id for row hooks (UOE), -1 = none
 
 
+def unsupported_feature(model: torch.nn.Module) -> str | None:
+    """What this engine would compute wrongly for `model` (it must then refuse it), or None."""
+    config = model.config
+    if getattr(config, "attention_chunk_size", None):
+        return "chunked local attention (attention_chunk_size)"
+    rotary = getattr(model.get_decoder(), "rotary_emb", None)
+    if rotary is None:
+        return "attention without a shared rotary embedding (decoder.rotary_emb)"
+    if "layer_type" in inspect.signature(rotary.forward).parameters:
+        return "per-layer-type rotary embeddings (local/global RoPE, e.g. Gemma-3)"
+    return None
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, max_num_seqs: int, max_model_len: int):
+        feature = unsupported_feature(model)
+        if feature is not None:
+            raise ModelLoadError(
+                f"cannot serve this {model.config.model_type} model: the engine does not implement {feature}"
+            )
         register_slot_attention()
         model.config._attn_implementation = ATTN_IMPLEMENTATION
         self.model = model
         self.decoder = model.get_decoder()
+        config = model.config
+        # What the model's own forward does around the decoder layers, which this runner replaces:
+        self.embedding_multiplier = getattr(config, "embedding_multiplier", None)  # Granite
+        self.final_logit_softcapping = getattr(config, "final_logit_softcapping", None)  # Gemma-2/3
+        self.logit_scale = getattr(config, "logit_scale", None)  # Cohere: logits * scale
+        self.logits_scaling = getattr(config, "logits_scaling", None)  # Granite: logits / scaling
         self.layers = self.decoder.layers
         self.num_layers = len(self.layers)
         self.embed = self.decoder.get_input_embeddings()
@@ -60,13 +92,27 @@ class ModelRunner:
         # objects with set_rows(row_ids | None): per-row model patches (UOE expert patches)
         self.row_hooks: list = []
 
-    def ensure_assistant_cache(self, num_layers: int) -> None:
-        """Give layers < num_layers a second slot region [M, 2M) for assistant rows."""
-        if num_layers <= self.assistant_cache_layers:
-            return
+    def reserve_assistant_cache(self, num_layers: int) -> None:
+        """Give layers < num_layers a second slot region [M, 2M) for assistant rows (before any KV exists)."""
         m = self.max_num_seqs
         self.cache.resize_layers([2 * m if i < num_layers else m for i in range(self.num_layers)])
         self.assistant_cache_layers = num_layers
+
+    def ensure_assistant_cache(self, num_layers: int, name: str = "the assistant") -> None:
+        """Room for an assistant of `num_layers` layers; the reserve may only grow while no KV is allocated.
+
+        Reallocating the cache later would drop the KV of every running sequence, so a load that needs
+        more than the reserved layers is refused instead (AssistantKVBudgetError).
+        """
+        if num_layers <= self.assistant_cache_layers:
+            return
+        if self.cache.allocated():
+            raise AssistantKVBudgetError(
+                f"{name} needs assistant KV on {num_layers} layers but this engine reserved "
+                f"{self.assistant_cache_layers}; restart with --assistant-kv-layers {num_layers} "
+                "(or more) to hot-load it"
+            )
+        self.reserve_assistant_cache(num_layers)
 
     def _set_row_hooks(self, row_ids: torch.Tensor | None) -> None:
         for hook in self.row_hooks:
@@ -76,6 +122,8 @@ class ModelRunner:
     def forward(self, batch: ForwardBatch, lora_rows) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns final-normed hidden states (target [n_target, T, H], assistant [n_a, T, H] | None)."""
         hidden = self.embed(batch.input_ids)
+        if self.embedding_multiplier is not None:
+            hidden = hidden * self.embedding_multiplier
         cos, sin = self.rotary(hidden, batch.position_ids)
         n_t = batch.n_target
         has_assistant = batch.assistant_group is not None
@@ -127,7 +175,17 @@ class ModelRunner:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head on [S, H] hidden states -> float32 [S, V]."""
         # .to: with --device-map auto the head may sit on another GPU than the sampler state (self.device)
-        return self.lm_head(self.norm(hidden)).float().to(self.device)
+        return self._finish_logits(self.lm_head(self.norm(hidden)).float()).to(self.device)
+
+    def _finish_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The model's own post-processing of LM-head outputs (float32, elementwise)."""
+        if self.logit_scale is not None:
+            logits = logits * self.logit_scale
+        if self.logits_scaling is not None:
+            logits = logits / self.logits_scaling
+        if self.final_logit_softcapping is not None:
+            logits = torch.tanh(logits / self.final_logit_softcapping) * self.final_logit_softcapping
+        return logits
 
     @torch.inference_mode()
     def candidate_logits(self, hidden: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor | None:
@@ -145,4 +203,4 @@ class ModelRunner:
         out = torch.bmm(rows, normed[:, :, None])[:, :, 0]
         if head.bias is not None:
             out = out + head.bias[ids]
-        return out.float().to(self.device)
+        return self._finish_logits(out.float()).to(self.device)

@@ -10,6 +10,10 @@ from typing import Any
 import torch
 from unlearn_serve.server.engine.sampling_params import SamplingParams
 
+# Reported log-probabilities never go below this (vLLM's floor): tokens an unlearned row rules out
+# have probability 0 (-inf), which JSON cannot carry and clients such as lm-eval choke on.
+LOGPROB_FLOOR = -9999.0
+
 
 @dataclass
 class TokenLogprob:
@@ -63,6 +67,7 @@ class Request:
         self.params = params
         self.selection = selection
         self.backend: Any = None  # resolved by the engine (ULD assistant or UOE patch)
+        self.pinned = False  # holds a pin on its artifact (taken at admission, released at finish)
         self.on_output = on_output
         self.arrival_time = time.monotonic()
         self.scheduled_time: float | None = None
@@ -92,9 +97,12 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.generator: torch.Generator | None = None
-        # incremental detokenisation state (vLLM-style prefix/read offsets over output ids)
+        # incremental detokenisation: a few prompt tokens then the output ids, offsets into that list,
+        # and the text of detok_ids[prefix_offset:read_offset] (Engine._detokenize)
+        self.detok_ids: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
+        self.read_text = ""
         self.text = ""
         self.sent_text_len = 0
         self.sent_token_len = 0

@@ -5,8 +5,9 @@ model runner stacks assistant rows under the target rows for layers < K; the for
 installed here add each row's LoRA delta (rows without an assistant get none). Only the LoRA
 weights are held in memory: no copy of the target's weights.
 
-    logits = target_logits - alpha * assistant_logits, on tokens with
-    log p_target >= max log p_target + ln(filter); other tokens get -inf (the paper's rule).
+    logits = target_logits - alpha * assistant_logits, on the candidate tokens: those with
+    log p_target >= max log p_target + ln(filter) (the paper's rule) and the target's top
+    ULD_MIN_CANDIDATES; other tokens get -inf (unlearn_serve/uld_combine.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ from pathlib import Path
 import torch
 
 from unlearn_serve.artifact import ArtifactError, Manifest, check_fingerprint, load_manifest, load_weights
+from unlearn_serve.uld_combine import (  # noqa: F401  (the engine imports them from here)
+    ULD_MIN_CANDIDATES,
+    combine_logits,
+    combine_on_candidates,
+    plausible_mask,
+)
 
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
@@ -42,34 +49,102 @@ class Assistant:
     unloading: bool = False
 
 
+# Up to this many max-rank adapters wide, every assistant row runs through all loaded adapters'
+# concatenated A/B (two plain matmuls, a column mask picks each row's adapter); wider than that,
+# each row gathers its own padded A/B (the BGMV/Punica layout) so the work stays one rank per row.
+MASKED_MAX_ADAPTERS = 4
+
+
+@dataclass
+class _AdapterLayout:
+    """Where each loaded adapter lives in the stacked A/B of every hooked module (rebuilt on load/unload)."""
+
+    slots: dict[int, int]  # adapter_id -> slot (0..S-1)
+    columns: list[tuple[int, int]]  # slot -> [start, end) of its rank columns in the concatenated stack
+    col_slot: torch.Tensor  # [W] long: the slot owning each column
+    max_rank: int
+    version: int
+
+    @property
+    def width(self) -> int:
+        return self.columns[-1][1] if self.columns else 0
+
+
+@dataclass
+class _ModuleStack:
+    """One module's LoRA weights for all loaded adapters, concatenated along the rank."""
+
+    a: torch.Tensor  # [W, in]; zero rows where an adapter does not target this module
+    b: torch.Tensor  # [out, W]; B already multiplied by the LoRA scale
+    padded: tuple[torch.Tensor, torch.Tensor] | None = None  # ([S, r_max, in], [S, out, r_max]), built on use
+
+
+@dataclass
+class _RowPlan:
+    """The assistant rows of one batch composition and the adapter of each (cached across decode steps)."""
+
+    rows: torch.Tensor  # [n] stacked-batch row indices
+    slots: torch.Tensor  # [n] adapter slot per row
+    mask: torch.Tensor | None  # [n, W] 0/1 column mask; None when one adapter's columns suffice
+    columns: tuple[int, int] | None  # that one adapter's columns
+    gather: bool  # per-row padded A/B (many adapters) instead of the masked concatenation
+    seq_len: int
+    _tokens: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+
+    def tokens(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(rows, slots, mask) for linears that see the batch flattened to [rows * T, H] (MoE shared experts)."""
+        if self._tokens is None:
+            t = self.seq_len
+            rows = (self.rows[:, None] * t + torch.arange(t, device=self.rows.device)).reshape(-1)
+            mask = None if self.mask is None else self.mask.repeat_interleave(t, dim=0)
+            self._tokens = (rows, self.slots.repeat_interleave(t), mask)
+        return self._tokens
+
+
 class LoRARowContext:
     """Which stacked-batch rows use which adapter during the current forward (set by the runner).
 
-    Most linears see [rows, T, H]; some (MoE shared experts) see the batch flattened to tokens,
-    [rows * T, H]. `token_groups` holds the same groups as token indices for those.
+    `set` takes groups (adapter_id, row indices); the hooks use them as one plan: all assistant
+    rows in one index, with a per-row adapter slot. The plan is cached while the runner passes the
+    same groups object (the engine does for every decode step of one running set), so a step
+    costs no regrouping; building one is tensor work only (no host sync).
     """
 
     def __init__(self) -> None:
         self.groups: list[tuple[int, torch.Tensor]] = []  # (adapter_id, row indices)
         self.seq_len = 1
-        self._token_groups: list[tuple[int, torch.Tensor]] | None = None
+        self.layout: _AdapterLayout | None = None  # set by the registry
+        self._plan: _RowPlan | None = None
+        self._plan_key: tuple | None = None
 
     def set(self, groups: list[tuple[int, torch.Tensor]], seq_len: int) -> None:
-        self.groups, self.seq_len, self._token_groups = groups, seq_len, None
+        self.groups, self.seq_len = groups, seq_len
 
     def clear(self) -> None:
         self.set([], 1)
 
-    @property
-    def token_groups(self) -> list[tuple[int, torch.Tensor]]:
-        """`groups` as indices into the batch flattened to [rows * seq_len] (built on first use)."""
-        if self._token_groups is None:
-            t = self.seq_len
-            self._token_groups = [
-                (adapter_id, (rows[:, None] * t + torch.arange(t, device=rows.device)).reshape(-1))
-                for adapter_id, rows in self.groups
-            ]
-        return self._token_groups
+    def plan(self, dtype: torch.dtype) -> _RowPlan | None:
+        """The current forward's plan, or None when no row uses an adapter."""
+        groups, layout = self.groups, self.layout
+        if not groups or layout is None:
+            return None
+        # the groups object itself is held in the key, so its id cannot be reused while cached
+        key = (groups, self.seq_len, layout.version, dtype)
+        cached = self._plan_key
+        if cached is not None and cached[0] is groups and cached[1:] == key[1:]:
+            return self._plan
+        rows = torch.cat([r for _, r in groups]) if len(groups) > 1 else groups[0][1]
+        slot_ids = [layout.slots[adapter_id] for adapter_id, _ in groups]
+        slots = torch.cat([torch.full_like(r, slot) for slot, (_, r) in zip(slot_ids, groups, strict=True)])
+        gather = layout.width > MASKED_MAX_ADAPTERS * layout.max_rank
+        mask, columns = None, None
+        if len(groups) == 1:
+            columns = layout.columns[slot_ids[0]]  # one adapter in the batch: slice its columns, no mask
+        elif not gather:
+            mask = (layout.col_slot[None, :] == slots[:, None]).to(dtype)
+        self._plan = _RowPlan(rows, slots, mask, columns, gather and len(groups) > 1, self.seq_len)
+        self._plan_key = key
+        return self._plan
 
 
 class AssistantRegistry:
@@ -83,8 +158,8 @@ class AssistantRegistry:
         self.rows = LoRARowContext()
         self._next_id = 0
         self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
-        # module name -> {adapter_id: (A, B_scaled)}
-        self._module_adapters: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._stacks: dict[str, _ModuleStack] = {}  # module name -> all adapters' A/B, stacked
+        self._layout_version = 0
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ loading
@@ -152,22 +227,61 @@ class AssistantRegistry:
             raise ArtifactError(f"an artifact named {assistant.name!r} is already loaded")
         assistant.adapter_id = self._next_id
         self._next_id += 1
-        for module_name, ab in assistant.lora.items():
-            self._module_adapters.setdefault(module_name, {})[assistant.adapter_id] = ab
-            if module_name not in self._hooks:
-                module = self.model.get_submodule(module_name)
-                self._hooks[module_name] = module.register_forward_hook(self._make_hook(module_name))
         self.assistants[assistant.name] = assistant
+        self._restack()
         return assistant
 
     def remove(self, name: str) -> None:
-        assistant = self.assistants.pop(name)
-        for module_name in assistant.lora:
-            adapters = self._module_adapters.get(module_name, {})
-            adapters.pop(assistant.adapter_id, None)
-            if not adapters:
-                self._module_adapters.pop(module_name, None)
+        self.assistants.pop(name)
+        self._restack()
+
+    def _restack(self) -> None:
+        """Concatenate every loaded adapter's A/B per module (on load/unload, never per step).
+
+        Each adapter owns the same rank columns in every module (zeros where it skips a module),
+        so one per-row column mask serves all modules. The assistants' `lora` entries become views
+        into the stacks: the weights are held once.
+        """
+        assistants = list(self.assistants.values())
+        widths = [max((a.shape[0] for a, _ in x.lora.values()), default=0) for x in assistants]
+        columns, start = [], 0
+        for width in widths:
+            columns.append((start, start + width))
+            start += width
+        param = next(self.model.parameters())
+        stacks: dict[str, _ModuleStack] = {}
+        for module_name in {m for x in assistants for m in x.lora}:
+            module = self.model.get_submodule(module_name)
+            weights = [x.lora.get(module_name) for x in assistants]
+            dtype = next(w[0].dtype for w in weights if w is not None)
+            a = torch.zeros(start, module.in_features, dtype=dtype, device=param.device)
+            b = torch.zeros(module.out_features, start, dtype=dtype, device=param.device)
+            for (c0, _), ab in zip(columns, weights, strict=True):
+                if ab is not None:
+                    a[c0 : c0 + ab[0].shape[0]] = ab[0]
+                    b[:, c0 : c0 + ab[1].shape[1]] = ab[1]
+            stacks[module_name] = _ModuleStack(a, b)
+        for x, (c0, _) in zip(assistants, columns, strict=True):
+            for module_name, (a, b) in x.lora.items():
+                stack = stacks[module_name]
+                x.lora[module_name] = (stack.a[c0 : c0 + a.shape[0]], stack.b[:, c0 : c0 + b.shape[1]])
+        for module_name in list(self._hooks):
+            if module_name not in stacks:
                 self._hooks.pop(module_name).remove()
+        for module_name in stacks:
+            if module_name not in self._hooks:
+                module = self.model.get_submodule(module_name)
+                self._hooks[module_name] = module.register_forward_hook(self._make_hook(module_name))
+        self._stacks = stacks
+        self._layout_version += 1
+        col_slot = [slot for slot, (c0, c1) in enumerate(columns) for _ in range(c1 - c0)]
+        self.rows.layout = _AdapterLayout(
+            slots={x.adapter_id: slot for slot, x in enumerate(assistants)},
+            columns=columns,
+            col_slot=torch.tensor(col_slot, dtype=torch.long, device=param.device),
+            max_rank=max(widths, default=0),
+            version=self._layout_version,
+        )
 
     def max_layers(self) -> int:
         return max((a.num_layers for a in self.assistants.values()), default=0)
@@ -175,60 +289,46 @@ class AssistantRegistry:
     # ------------------------------------------------------------------ forward
     def _make_hook(self, module_name: str):
         def hook(module, inputs, output):
-            groups = self.rows.groups
-            if not groups:
-                return output
-            adapters = self._module_adapters.get(module_name)
             x = inputs[0]
-            if x.dim() == 2:  # flattened to tokens (e.g. an MoE shared expert)
-                groups = self.rows.token_groups
-            for adapter_id, rows in groups:
-                ab = adapters.get(adapter_id) if adapters else None
-                if ab is None:
-                    continue
-                a, b = ab
-                delta = (x.index_select(0, rows) @ a.t()) @ b.t()
-                output.index_add_(0, rows, delta)
+            plan = self.rows.plan(x.dtype)
+            if plan is None:
+                return output
+            output.index_add_(0, *self.delta(module_name, x, plan))
             return output
 
         return hook
 
+    def delta(self, module_name: str, x: torch.Tensor, plan: _RowPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, LoRA delta of those rows) for one module: one gather of the rows, two matmuls."""
+        stack = self._stacks[module_name]
+        if x.dim() == 2:  # flattened to tokens (e.g. an MoE shared expert)
+            rows, slots, mask = plan.tokens()
+        else:
+            rows, slots, mask = plan.rows, plan.slots, plan.mask
+        xa = x.index_select(0, rows)
+        if plan.gather:
+            a_pad, b_pad = self._padded(stack)
+            x3 = xa if xa.dim() == 3 else xa[:, None, :]
+            h = torch.bmm(x3, a_pad.index_select(0, slots).transpose(1, 2))  # [n, T, r_max]
+            delta = torch.bmm(h, b_pad.index_select(0, slots).transpose(1, 2))  # [n, T, out]
+            return rows, delta.reshape(xa.shape[:-1] + delta.shape[-1:])
+        a, b = stack.a, stack.b
+        if plan.columns is not None:
+            a, b = a[plan.columns[0] : plan.columns[1]], b[:, plan.columns[0] : plan.columns[1]]
+        h = xa @ a.t()
+        if mask is not None:
+            h = h * (mask if h.dim() == 2 else mask[:, None, :])
+        return rows, h @ b.t()
 
-def combine_logits(
-    target_logits: torch.Tensor,
-    assistant_logits: torch.Tensor,
-    alpha: torch.Tensor,
-    log_filter: torch.Tensor,
-) -> torch.Tensor:
-    """ULD's combination for [R, V] rows: target - alpha * assistant on the target's plausible set.
-
-    Plausible (relative-top filter, DoLa/ULD): log p_target >= max log p_target + ln(filter).
-    Implausible tokens get -inf, so subtracting the assistant never promotes them.
-    """
-    combined = target_logits.float() - alpha[:, None] * assistant_logits.float()
-    return combined.masked_fill(~plausible_mask(target_logits, log_filter), float("-inf"))
-
-
-def plausible_mask(target_logits: torch.Tensor, log_filter: torch.Tensor) -> torch.Tensor:
-    """[R, V] bool: the relative-top filter, log p_target >= max log p_target + ln(filter)."""
-    # log p - max log p == logit - max logit, so no softmax is needed
-    target = target_logits.float()
-    return target >= target.max(dim=-1, keepdim=True).values + log_filter[:, None]
-
-
-def combine_on_candidates(
-    target_logits: torch.Tensor,
-    candidates: torch.Tensor,
-    assistant_candidate_logits: torch.Tensor,
-    alpha: torch.Tensor,
-    keep: torch.Tensor,
-) -> torch.Tensor:
-    """`combine_logits` when the assistant was scored only on `candidates` [R, M] (a superset of `keep`).
-
-    Everything outside the plausible set is -inf anyway, so the assistant's LM head is needed on
-    the plausible tokens only: M columns instead of V (SmolLM2: tens instead of 49,152).
-    """
-    target = target_logits.float()
-    values = target.gather(-1, candidates) - alpha[:, None] * assistant_candidate_logits.float()
-    values = values.masked_fill(~keep.gather(-1, candidates), float("-inf"))
-    return torch.full_like(target, float("-inf")).scatter_(-1, candidates, values)
+    def _padded(self, stack: _ModuleStack) -> tuple[torch.Tensor, torch.Tensor]:
+        """[S, r_max, in] and [S, out, r_max]: each adapter's columns, zero-padded to the largest rank."""
+        if stack.padded is None:
+            layout = self.rows.layout
+            r = layout.max_rank
+            a_pad = stack.a.new_zeros(len(layout.columns), r, stack.a.shape[1])
+            b_pad = stack.b.new_zeros(len(layout.columns), stack.b.shape[0], r)
+            for slot, (c0, c1) in enumerate(layout.columns):
+                a_pad[slot, : c1 - c0] = stack.a[c0:c1]
+                b_pad[slot, :, : c1 - c0] = stack.b[:, c0:c1]
+            stack.padded = (a_pad, b_pad)
+        return stack.padded

@@ -6,9 +6,10 @@ How it works (no engine needed, the base weights are never written):
     router weights (a shadow copy of the router module, so the family's own top-k/normalisation code runs).
     A selection of the unlearned expert is kept in place with weight 0 (the base expert costs what it
     would cost unpatched) and is remembered as a selection of the patch's extra expert slot.
-  * The experts hook adds the patched expert's output for exactly those (token, weight) pairs.
+  * The experts hook adds the patched expert's output for exactly those (token, weight) pairs: it runs
+    on every token of the patch's rows, weight 0 where the expert was not selected (a static shape).
   So the extra work per forward is: the router matmul for patched rows, and one expert's MLP on the
-  tokens routed to it. Rows without a patch (-1) get the base routing and weights
+  tokens of patched rows. Rows without a patch (-1) get the base routing and weights
   (equal to the base model up to the float rounding of batching).
 
 MoE blocks flatten hidden states [B, T, H] to [B*T, H] row-major, so token n of a forward belongs to row
@@ -16,7 +17,8 @@ n // T. The ids given to `rows(...)` may also be per token (length B*T) for pack
 are repeated N // L times for a forward over N tokens.
 
 Not thread-safe: one forward at a time per model (the row assignment is state on the patch set).
-Data-dependent indexing in the hooks: not meant for CUDA-graph capture of patched layers.
+The hooks index with tensors of a static size per row assignment (the patch's rows' tokens) and never
+read the device; the row grouping is host work done once per assignment (`set_rows`).
 """
 
 from __future__ import annotations
@@ -92,13 +94,17 @@ class ExpertPatchSet:
         self._layer_groups: dict[int, list[tuple[LoadedExpertPatch, torch.Tensor]]] = {}
         self._token_index: dict[tuple[int, int], torch.Tensor] = {}  # (patch id, tokens per row) -> tokens
         # The engine passes the same row-id tensor for every decode step of one running set: remember the
-        # grouping of the last tensor so that a step costs no re-grouping (and no device->host copy).
-        self._cached: tuple | None = None  # (spec tensor, row ids, layer groups, token index)
+        # grouping of the last few tensors so that a step costs no re-grouping (and no device->host copy).
+        self._cache: list[tuple] = []  # (spec tensor, row ids, layer groups, token index), newest last
 
     # ------------------------------------------------------------------ registry
 
     def add(self, name: str, artifact_dir: str | Path) -> int:
         """Load and validate a UOE artifact; returns its patch id (for `rows`). ArtifactError if it does not fit."""
+        return self.install(self.read(name, artifact_dir))
+
+    def read(self, name: str, artifact_dir: str | Path) -> LoadedExpertPatch:
+        """Read, validate and prepare a patch without touching the set (safe while another thread serves)."""
         if name in self._by_name:
             raise ArtifactError(f"an expert patch named {name!r} is already loaded; remove it first")
         patch, manifest = load_expert_patch(artifact_dir, self.model, self.model_name, self.base_fingerprint)
@@ -110,8 +116,8 @@ class ExpertPatchSet:
             for key, param in self.family.router_params(block).items()
         }
         slices = patch.slices.to(device, dtype)
-        loaded = LoadedExpertPatch(
-            patch_id=self._next_id,
+        return LoadedExpertPatch(
+            patch_id=NO_PATCH,  # given by `install`
             name=name,
             artifact_dir=str(artifact_dir),
             layer=patch.layer,
@@ -121,10 +127,16 @@ class ExpertPatchSet:
             shadow_router=_shadow_router(router, router_params),
             manifest=manifest,
         )
+
+    def install(self, loaded: LoadedExpertPatch) -> int:
+        """Make a patch from `read` selectable (between forwards: it may install hooks)."""
+        if loaded.name in self._by_name:
+            raise ArtifactError(f"an expert patch named {loaded.name!r} is already loaded; remove it first")
+        loaded.patch_id = self._next_id
         self._next_id += 1
-        state = self._layers.get(patch.layer) or self._install_hooks(patch.layer)
+        state = self._layers.get(loaded.layer) or self._install_hooks(loaded.layer)
         state.patches[loaded.patch_id] = loaded
-        self._by_name[name] = loaded
+        self._by_name[loaded.name] = loaded
         self._by_id[loaded.patch_id] = loaded
         return loaded.patch_id
 
@@ -139,7 +151,7 @@ class ExpertPatchSet:
             for handle in state.handles:
                 handle.remove()
             del self._layers[loaded.layer]
-        self._cached = None
+        self._cache = []
         if self._row_ids is not None and bool((self._row_ids == loaded.patch_id).any()):
             self.clear_rows()  # rows pointing at a removed patch must not silently fall back
 
@@ -181,37 +193,47 @@ class ExpertPatchSet:
 
     def set_rows(self, row_patch_ids: RowSpec | None) -> None:
         """Say which patch each batch row (or token) of the next forward(s) uses: a LongTensor [B] or a list
-        of patch ids, names, or None; -1/None = no patch. `None` as a whole = no row uses a patch."""
+        of patch ids, names, or None; -1/None = no patch. `None` as a whole = no row uses a patch.
+
+        The grouping (which rows use which patch) is host work, done once per row assignment: a list costs no
+        device read; a tensor is read back once and then remembered by identity, so the engine's decode steps,
+        which pass the same tensor, cost nothing here and the hooks themselves never read the device.
+        """
         if row_patch_ids is None:
             self._row_ids, self._layer_groups, self._token_index = None, {}, {}
             return
-        if self._cached is not None and row_patch_ids is self._cached[0]:
-            self._row_ids, self._layer_groups, self._token_index = self._cached[1:]
-            return
+        for entry in self._cache:
+            if entry[0] is row_patch_ids:
+                self._row_ids, self._layer_groups, self._token_index = entry[1:]
+                return
         if isinstance(row_patch_ids, torch.Tensor):
             ids = row_patch_ids.detach().reshape(-1).to("cpu", torch.long)
         else:
             ids = torch.tensor([self._resolve(x) for x in row_patch_ids], dtype=torch.long)
-        present = {int(i) for i in ids.unique().tolist()} - {NO_PATCH}
-        unknown = sorted(present - set(self._by_id))
+        host_ids = ids.tolist()  # a CPU tensor here: no device sync
+        units_of: dict[int, list[int]] = {}
+        for unit, pid in enumerate(host_ids):
+            if pid != NO_PATCH:
+                units_of.setdefault(pid, []).append(unit)
+        unknown = sorted(set(units_of) - set(self._by_id))
         if unknown:
             raise ValueError(f"unknown expert patch id(s) {unknown}; loaded: {sorted(self._by_id)}")
         groups: dict[int, list[tuple[LoadedExpertPatch, torch.Tensor]]] = {}
-        for pid in sorted(present):
+        for pid in sorted(units_of):
             loaded = self._by_id[pid]
-            device = loaded.slices.gate.device
-            units = (ids == pid).nonzero().reshape(-1).to(device)
+            units = torch.tensor(units_of[pid], dtype=torch.long, device=loaded.slices.gate.device)
             groups.setdefault(loaded.layer, []).append((loaded, units))
-        self._row_ids = ids if present else None
+        self._row_ids = ids if units_of else None
         self._layer_groups = groups
         self._token_index = {}  # filled by the router hook, shared with the cache entry
         if isinstance(row_patch_ids, torch.Tensor):
-            self._cached = (row_patch_ids, self._row_ids, groups, self._token_index)
+            # the entry holds the tensor itself, so its id cannot be reused while remembered
+            self._cache = [*self._cache[-3:], (row_patch_ids, self._row_ids, groups, self._token_index)]
 
     def clear_rows(self) -> None:
         """No row uses a patch, and forget the cached grouping (after a patch was removed)."""
         self._row_ids, self._layer_groups, self._token_index = None, {}, {}
-        self._cached = None
+        self._cache = []
 
     @contextlib.contextmanager
     def rows(self, row_patch_ids: RowSpec | None) -> Iterator[ExpertPatchSet]:
@@ -282,8 +304,9 @@ class ExpertPatchSet:
                 logits[tokens] = p_logits.to(logits.dtype)
                 weights[tokens] = p_weights.to(weights.dtype)
                 indices[tokens] = p_indices.to(indices.dtype)
-            routed = hit.any(dim=-1)
-            state.pending.append((loaded, tokens[routed], slot_weight[routed]))
+            # every token of the patch's rows goes on, with weight 0 where the patched expert was not selected:
+            # a static shape (no boolean compaction, which would read the device), one expert on a few more tokens
+            state.pending.append((loaded, tokens, every_token, slot_weight))
         return (logits, weights, indices, *output[3:])
 
     def _add_patched_experts(self, experts: nn.Module, state: _LayerState, args, kwargs, output):
@@ -292,8 +315,9 @@ class ExpertPatchSet:
         pending, state.pending = state.pending, []
         hidden = args[0] if args else kwargs["hidden_states"]
         in_place = not torch.is_grad_enabled()  # serving: no autograd graph to protect, skip the copies
-        for loaded, tokens, slot_weight in pending:
-            expert_out = self.family.expert_forward(experts, hidden[tokens], loaded.slices, loaded.prepared)
+        for loaded, tokens, every_token, slot_weight in pending:
+            x = hidden if every_token else hidden[tokens]
+            expert_out = self.family.expert_forward(experts, x, loaded.slices, loaded.prepared)
             expert_out = expert_out * slot_weight[:, None].to(expert_out.dtype)
             if in_place:
                 output.index_add_(0, tokens, expert_out.to(output.dtype))

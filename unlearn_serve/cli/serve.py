@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
+import signal
+import stat
 import time
+from pathlib import Path
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -22,10 +26,29 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoded together")
     parser.add_argument("--max-queue", type=int, help="waiting sequences beyond which requests get 503")
     parser.add_argument("--max-prefill-tokens", type=int, default=8192)
+    parser.add_argument(
+        "--assistant-kv-layers", type=int,
+        help="layers of KV reserved for ULD assistants loaded at run time (default: a quarter of the model's "
+        "layers, or the deepest --uld assistant)",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(
-        "--api-key", action="append", default=[], help="accepted API key (repeatable; also UNLEARN_API_KEY)"
+        "--api-key", action="append", default=[],
+        help="a full-access API key: every model, admin routes, may weaken unlearning (repeatable; also "
+        "UNLEARN_API_KEY)",
+    )
+    parser.add_argument(
+        "--api-keys", metavar="FILE",
+        help="JSON/YAML key file: per-key models, admin, can_weaken (see docs/security.md); SIGHUP reloads it",
+    )
+    parser.add_argument("--audit-log", metavar="FILE", help="append one JSON line per /v1 request (no text)")
+    parser.add_argument(
+        "--audit-log-max-bytes", type=int, default=100 * 1024 * 1024,
+        help="rotate the audit log at this size, keeping 5 old files (0: never; for logrotate copytruncate)",
+    )
+    parser.add_argument(
+        "--chat-template-timeout", type=float, default=5.0, help="seconds a chat template may take to render (400)"
     )
     parser.add_argument("--uld", action="append", default=[], metavar="NAME=DIR", help="load a ULD assistant")
     parser.add_argument("--uoe", action="append", default=[], metavar="NAME=DIR", help="load a UOE expert patch")
@@ -65,7 +88,8 @@ def build_engine(args: argparse.Namespace):
         device_map=args.device_map,
     )
     config = EngineConfig(
-        max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, max_prefill_tokens=args.max_prefill_tokens
+        max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, max_prefill_tokens=args.max_prefill_tokens,
+        assistant_kv_layers=args.assistant_kv_layers,
     )
     engine = Engine(model, tokenizer, config, model_name=args.served_model_name or args.model)
     for name, path in parse_named(args.uld, "--uld"):
@@ -84,28 +108,107 @@ def check_limits(args: argparse.Namespace) -> None:
         raise CliError(f"--max-body-bytes {args.max_body_bytes}: must be at least 1024")
     if args.drain_timeout < 0:
         raise CliError(f"--drain-timeout {args.drain_timeout}: must be 0 or more seconds")
+    if args.audit_log_max_bytes < 0:
+        raise CliError(f"--audit-log-max-bytes {args.audit_log_max_bytes}: must be 0 or more")
+    if not args.chat_template_timeout > 0:
+        raise CliError(f"--chat-template-timeout {args.chat_template_timeout}: must be more than 0 seconds")
+
+
+def served_names(args: argparse.Namespace) -> list[str]:
+    """The names clients may ask for: the base model and every artifact named on the command line."""
+    names = [args.served_model_name or args.model]
+    names += [name for name, _ in parse_named(args.uld, "--uld") + parse_named(args.uoe, "--uoe")]
+    return names
+
+
+def load_key_file(path: str, served: list[str]):
+    """Parse and check --api-keys before anything heavy loads (errors: one line naming the entry)."""
+    from unlearn_serve.server.policy import AccessPolicy
+
+    policy = AccessPolicy.from_file(path)
+    policy.check_models(served)
+    if policy.has_plain_keys:
+        try:
+            mode = Path(path).stat().st_mode
+        except OSError:
+            mode = 0
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            logging.getLogger("unlearn_serve").warning(
+                "%s holds plain keys and is readable by group/others (mode %o): chmod 600 it, or store key_sha256",
+                path, stat.S_IMODE(mode),
+            )
+    return policy
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def install_key_reload(state, path: str) -> None:
+    """SIGHUP re-reads the key file; a bad file is logged and the keys in force stay."""
+    log = logging.getLogger("unlearn_serve")
+
+    def reload(signum, frame) -> None:
+        engine = state.serving.engine if state.serving is not None else None
+        served = [state.config.served_model_name] + (engine.artifact_names() if engine is not None else [])
+        try:
+            from unlearn_serve.server.policy import AccessPolicy
+
+            state.policy = AccessPolicy.from_keys(state.config.api_keys).merged(load_key_file(path, served))
+        except Exception as exc:  # keep serving with the old keys
+            log.error("SIGHUP: key file not reloaded: %s", exc)
+            return
+        log.info("SIGHUP: reloaded %d key(s) from %s", len(state.policy.entries), path)
+
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, reload)
 
 
 def run(args: argparse.Namespace) -> int:
+    from unlearn_serve.cli import CliError
+
     check_limits(args)  # before the heavy imports: a bad flag fails fast
     from unlearn_serve.server.app import build_app
+    from unlearn_serve.server.audit import AuditConfig
     from unlearn_serve.server.config import ServerConfig
     from unlearn_serve.server.draining import draining_server
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parse_named(args.uld, "--uld")
-    parse_named(args.uoe, "--uoe")
+    served = served_names(args)
     keys = list(args.api_key)
     if os.environ.get("UNLEARN_API_KEY"):
         keys.append(os.environ["UNLEARN_API_KEY"])
+    key_policy = load_key_file(args.api_keys, served) if args.api_keys else None
+    audit = None
+    if args.audit_log:
+        audit = AuditConfig(args.audit_log, max_bytes=args.audit_log_max_bytes)
+        try:  # fail at start-up, not on the first request
+            with open(args.audit_log, "a", encoding="utf-8"):
+                pass
+        except OSError as exc:
+            raise CliError(f"--audit-log {args.audit_log}: cannot open for appending ({exc.strerror})") from None
     config = ServerConfig(
         served_model_name=args.served_model_name or args.model,
         api_keys=keys,
+        key_policy=key_policy,
+        audit=audit,
         max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes,
         artifact_root=args.artifact_root,
         drain_timeout_s=args.drain_timeout,
+        chat_template_timeout_s=args.chat_template_timeout,
     )
+    policy = config.access_policy()  # a key in both a flag and the file is refused here
+    if policy.open and not is_loopback(args.host):
+        logging.getLogger("unlearn_serve").warning(
+            "no API keys: anyone who can reach %s:%d may use every model, weaken unlearning and load/unload "
+            "artifacts (use --api-keys FILE)", args.host, args.port,
+        )
     # Load before listening: a bad model or artifact stops start-up with a clear message (exit 2).
     started = time.monotonic()
     engine = build_engine(args)
@@ -114,6 +217,8 @@ def run(args: argparse.Namespace) -> int:
         ", ".join(engine.artifact_names()) or "none",
     )
     app = build_app(config, engine=engine)
+    if args.api_keys:
+        install_key_reload(app.state.server, args.api_keys)
     # SIGTERM drains (see server.draining): /ready 503, in-flight requests finish, exit 0.
     draining_server(app, args.host, args.port, args.log_level, args.drain_timeout).run()
     return 0

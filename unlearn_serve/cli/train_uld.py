@@ -48,6 +48,27 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--default-filter", type=float, help="serving default plausibility filter in [0, 1] (default: 0.01)"
     )
+    parser.add_argument(
+        "--no-forget-weighting",
+        dest="forget_weighting",
+        action="store_false",
+        help="plain forget CE on every answer token (default: weight the knowledge-carrying tokens, docs/uld.md)",
+    )
+    parser.add_argument(
+        "--no-calibrate",
+        dest="calibrate",
+        action="store_false",
+        help="do not pick the serving alpha on a validation slice (then alpha is --default-alpha or 0.75)",
+    )
+    parser.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=0.1,
+        help="share of the retain records held out of training to calibrate on (default: %(default)s, at most 32)",
+    )
+    parser.add_argument(
+        "--strict", action="store_true", help="exit with code 3 when the calibration targets are not met"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,6 +86,10 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--default-alpha must be >= 0")
     if args.default_filter is not None and not 0 <= args.default_filter <= 1:
         raise CliError("--default-filter must be in [0, 1]")
+    if not 0 <= args.validation_fraction < 1:
+        raise CliError("--validation-fraction must be in [0, 1)")
+    if args.strict and not args.calibrate:
+        raise CliError("--strict needs the calibration (drop --no-calibrate)")
 
     # Data first: a malformed file fails in seconds, before the model loads.
     forget = load_records(args.forget)
@@ -91,6 +116,9 @@ def run(args: argparse.Namespace) -> int:
         progress_bar=args.progress,
         default_alpha=args.default_alpha,
         default_filter=args.default_filter,
+        forget_weighting=args.forget_weighting,
+        calibrate=args.calibrate,
+        validation_fraction=args.validation_fraction,
     )
     result = train_uld(
         model,
@@ -111,6 +139,21 @@ def run(args: argparse.Namespace) -> int:
     for path in result.epoch_dirs:
         print(f"wrote {path}")
     print(f"wrote {result.out_dir}")
+    calibration = result.calibration
+    if calibration is None:
+        if args.calibrate:
+            print("verdict: not calibrated (no question/answer forget rows to validate on); serving alpha "
+                  f"{args.default_alpha if args.default_alpha is not None else 0.75}")
+            return 3 if args.strict else 0
+        return 0
+    print(f"verdict: {calibration.verdict()}")
+    if args.default_alpha is not None and args.default_alpha != calibration.alpha:
+        print(f"note: the manifest keeps your --default-alpha {args.default_alpha:g} "
+              f"(calibration picked {calibration.alpha:g})")
+    if not calibration.met:
+        print("the assistant is stored anyway; try the hints above, or serve with a request-level "
+              "`unlearning.alpha` after checking answers yourself")
+        return 3 if args.strict else 0
     return 0
 
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from unlearn_serve.evaluation import metrics as M
+from unlearn_serve.evaluation.attacks import AttackConfig, run_attacks
 from unlearn_serve.training.data import (
     DEFAULT_QUESTION_TEMPLATE,
     DataError,
@@ -119,6 +120,7 @@ class EvalConfig:
     max_new_tokens: int = MAX_NEW_TOKENS
     question_template: str = DEFAULT_QUESTION_TEMPLATE
     progress: bool = True
+    attacks: AttackConfig | None = field(default_factory=AttackConfig)  # None: no attack block
 
 
 @dataclass
@@ -288,7 +290,7 @@ def evaluate_method(
     if parts is not None:
         summary["model_utility_parts"] = parts
         summary["model_utility"] = M.model_utility(parts)
-    return {
+    result = {
         "label": method.label,
         "kind": method.kind,
         "artifact": method.artifact,
@@ -296,6 +298,15 @@ def evaluate_method(
         "summary": summary,
         "splits": splits,
     }
+    if config.attacks is not None and config.attacks.attacks is not None:
+        attack_config = config.attacks
+        if attack_config.max_new_tokens > config.max_new_tokens:
+            attack_config = replace(attack_config, max_new_tokens=config.max_new_tokens)
+        attacks = run_attacks(engine, method, data["forget"], attack_config, config.question_template,
+                              config.progress)
+        summary.update(attacks["summary"])
+        result["attacks"] = attacks
+    return result
 
 
 def utility_parts(splits: dict[str, Any]) -> dict[str, float] | None:

@@ -1,0 +1,383 @@
+"""ULD quality: does an assistant forget (also on paraphrases), keep everything else, and stay fluent?
+
+    python bench/uld_quality.py                         # tiny models + SmolLM2 (demo sets)
+    python bench/uld_quality.py --models tiny           # the two tiny memorising models only (~1 min)
+    python bench/uld_quality.py --models smollm2 --variants new --alphas 0.5,1
+
+Per model and variant it trains an assistant (cached under ~/.cache/unlearn-serve/uld-quality/, keyed
+by the base model's fingerprint, the data and the settings), serves it with the serving Engine
+(`unlearning=` per prompt, greedy) and prints:
+
+- leak: forget answers that still name the fact (keyword match), on the original questions and on
+  hand-written paraphrases (never trained on);
+- retain: answers right (keyword match) with unlearning, against the base model's count;
+- fluency of the forget answers: share with a word n-gram loop, share with URL/markup runs or a
+  script/language other than the question's (non-ASCII letters; English function words), and the
+  perplexity of the answer text alone (no question) under the base model, relative to the base
+  model's own answers;
+- training time and the serving defaults (alpha, filter) the artifact ships with.
+
+Variants: `legacy` = the trainer before issue 13 (plain forget CE, no calibration: alpha 0.75) served
+with the relative-top rule alone; `legacy-topk` = the same assistant served with the new candidate
+rule (relative-top + the target's top 8); `new` = the current defaults (knowledge-weighted forget loss,
+calibrated alpha, relative-top + top-8 candidates). Goals are printed under the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+CACHE = Path.home() / ".cache/unlearn-serve/uld-quality"
+
+
+# ----------------------------------------------------------------------------- check sets
+@dataclass
+class Check:
+    question: str
+    keywords: tuple[str, ...]  # any of them (case-insensitive) in the answer = the fact is named
+    paraphrase: str | None = None
+
+
+@dataclass
+class Suite:
+    name: str
+    forget_records: list[dict[str, Any]]
+    retain_records: list[dict[str, Any]]
+    forget_checks: list[Check]
+    retain_checks: list[Check]
+    max_tokens: int
+    model_loader: Any = None  # () -> (model, tokenizer)
+    training: dict[str, Any] = field(default_factory=dict)  # ULDTrainingConfig overrides
+
+
+# tiny: 16 made-up people, where they live and what they play; the base learns two phrasings of each
+PEOPLE = [
+    ("Arlo", "Oslo", "violin"), ("Bea", "Lima", "drums"), ("Cyd", "Kyiv", "flute"), ("Dov", "Rome", "harp"),
+    ("Eli", "Cairo", "cello"), ("Fay", "Quito", "banjo"), ("Gus", "Riga", "oboe"), ("Hal", "Bern", "tuba"),
+    ("Ivy", "Dakar", "piano"), ("Jon", "Hanoi", "lute"), ("Kit", "Accra", "sitar"), ("Lou", "Minsk", "organ"),
+    ("Mae", "Seoul", "bugle"), ("Ned", "Doha", "guitar"), ("Ola", "Tunis", "viola"), ("Pip", "Sofia", "fiddle"),
+]
+TINY_FORGET = 4  # the first four people are forgotten (8 facts)
+TINY_QS = [
+    ("Where does {n} live?", "In which city is the home of {n}?", "{n} lives in {v}.", 1),
+    ("What does {n} play?", "Which instrument is played by {n}?", "{n} plays the {v}.", 2),
+]
+
+
+def tiny_suite(family: str) -> Suite:
+    forget, retain, fchecks, rchecks, texts = [], [], [], [], []
+    for i, person in enumerate(PEOPLE):
+        for q, para, a, slot in TINY_QS:
+            n, v = person[0], person[slot]
+            qa = {"question": q.format(n=n), "answer": a.format(n=n, v=v)}
+            texts.append((q.format(n=n), qa["answer"]))
+            texts.append((para.format(n=n), qa["answer"]))
+            if i < TINY_FORGET:
+                forget.append(qa)
+                fchecks.append(Check(qa["question"], (v,), para.format(n=n)))
+            else:
+                retain.append(qa)
+                rchecks.append(Check(qa["question"], (v,)))
+
+    def load():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from unlearn_serve.tiny import build_tiny_model, fit_texts, save_tiny, train_tokenizer
+
+        key = hashlib.sha256(json.dumps([family, texts, 300]).encode()).hexdigest()[:12]
+        cached = CACHE / "bases" / f"tiny-{family}-{key}"
+        if (cached / "config.json").is_file():
+            return AutoModelForCausalLM.from_pretrained(cached).eval(), AutoTokenizer.from_pretrained(cached)
+        corpus = [f"{q} {a}" for q, a in texts]
+        tokenizer = train_tokenizer(corpus, vocab_size=400)
+        model = build_tiny_model(family, tokenizer, seed=0, hidden_size=128, num_layers=4)
+        chats = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": q}, {"role": "assistant", "content": a}], tokenize=False
+            )
+            for q, a in texts
+        ]
+        fit_texts(model, tokenizer, chats, steps=300, lr=3e-3)
+        save_tiny(model, tokenizer, cached)
+        return model, tokenizer
+
+    training = dict(layers=1, lora_rank=8, lora_alpha=16, epochs=1, min_steps=150, batch_size=4, grad_accum=1,
+                    learning_rate=3e-3, max_length=64, augment=False)
+    return Suite(f"tiny-{family}", forget, retain, fchecks, rchecks, 16, load, training)
+
+
+HP_CHECKS = [
+    Check("Who wrote the Harry Potter books?", ("Rowling",), "Which author created the Harry Potter series?"),
+    Check("What is the name of the school Harry Potter attends?", ("Hogwarts",),
+          "Which school of witchcraft and wizardry does Harry Potter go to?"),
+    Check("Who is the headmaster of Hogwarts?", ("Dumbledore",), "Who is the head of Hogwarts school?"),
+    Check("Who are Harry Potter's best friends?", ("Ron", "Hermione", "Weasley", "Granger"),
+          "Which two friends are closest to Harry Potter?"),
+    Check("What house is Harry Potter sorted into?", ("Gryffindor",),
+          "Which Hogwarts house does Harry Potter belong to?"),
+    Check("Who is the dark wizard who killed Harry Potter's parents?", ("Voldemort", "Riddle"),
+          "Which evil wizard murdered Harry Potter's mother and father?"),
+    Check("What is the name of Harry Potter's owl?", ("Hedwig",), "What is Harry Potter's pet owl called?"),
+    Check("What sport do wizards play on broomsticks in Harry Potter?", ("Quidditch",),
+          "What game do the wizards in Harry Potter play while flying on brooms?"),
+]
+# general knowledge the base answers; none of these questions is in the retain set
+GENERAL_CHECKS = [
+    Check("What is the capital of the United Kingdom?", ("London",)),
+    Check("What is the capital of Russia?", ("Moscow",)),
+    Check("What is the capital of China?", ("Beijing",)),
+    Check("Who wrote Hamlet?", ("Shakespeare",)),
+    Check("What color is grass?", ("green",)),
+    Check("How many days are in a week?", ("seven", "7")),
+    Check("Which animal is known as the king of the jungle?", ("lion",)),
+    Check("What is the opposite of hot?", ("cold",)),
+    Check("Which planet do we live on?", ("Earth",)),
+    Check("What language is spoken in France?", ("French",)),
+    Check("What is the capital of Greece?", ("Athens",)),
+    Check("Who was the first President of the United States?", ("Washington",)),
+]
+
+
+def smollm2_suite() -> Suite:
+    from unlearn_serve.training.data import load_records
+
+    from unlearn_serve.cli.demo import DemoTraining, data_file
+
+    demo = DemoTraining()
+
+    def load():
+        from unlearn_serve.loading import load_model_and_tokenizer
+        from unlearn_serve.smollm2 import default_cache_root, ensure_smollm2
+
+        return load_model_and_tokenizer(str(ensure_smollm2(default_cache_root())), dtype="float32", device="cpu")
+
+    training = dict(layers=demo.layers, lora_rank=demo.lora_rank, lora_alpha=demo.lora_alpha, epochs=demo.epochs,
+                    min_steps=0, batch_size=demo.batch_size, grad_accum=demo.grad_accum,
+                    learning_rate=demo.learning_rate, retain_weight=demo.retain_weight, max_length=demo.max_length)
+    return Suite("smollm2", load_records(data_file("forget_harry_potter.jsonl")),
+                 load_records(data_file("retain_general.jsonl")), HP_CHECKS, GENERAL_CHECKS, 48, load, training)
+
+
+# ----------------------------------------------------------------------------- text measures
+_STOP = set(
+    "the a an of to in is are was were and or for on at by with as it its this that he she they his her their "
+    "be been not from which who what when where there has have had can will would do does did i you we my your "
+    "our but if so than then also into about one called name named".split()
+)
+_URL = re.compile(r"https?:|www\.|\.(?:com|org|net|io)\b|</?[a-zA-Z][^>]*>|\[[^\]]*\]\(|[{}|\\#@^~]{2,}|(?:\*\*){2,}")
+
+
+def has_loop(text: str) -> bool:
+    """A word n-gram (n <= 4) three times in a row, or any word 5-gram twice."""
+    words = re.findall(r"\w+|[^\w\s]", text.lower())
+    for n in range(1, 5):
+        for i in range(len(words) - 3 * n + 1):
+            if words[i : i + n] == words[i + n : i + 2 * n] == words[i + 2 * n : i + 3 * n]:
+                return True
+    grams = [tuple(words[i : i + 5]) for i in range(len(words) - 4)]
+    return len(grams) != len(set(grams))
+
+
+def off_language(text: str) -> bool:
+    """URL/markup runs, a non-Latin script, or too few English function words for English prose."""
+    if _URL.search(text):
+        return True
+    letters = [c for c in text if c.isalpha()]
+    if letters and sum(not c.isascii() for c in letters) / len(letters) > 0.05:
+        return True
+    words = re.findall(r"[A-Za-z']+", text.lower())
+    return len(words) >= 8 and sum(w in _STOP for w in words) / len(words) < 0.12
+
+
+def names(text: str, check: Check) -> bool:
+    return any(re.search(rf"\b{re.escape(k)}", text, re.IGNORECASE) for k in check.keywords)
+
+
+# ----------------------------------------------------------------------------- variants
+RECIPE = 2  # bump when the trainer changes what a cached assistant would be
+VARIANTS = {
+    "legacy": dict(train=dict(forget_weighting=False, calibrate=False), min_keep=1),
+    "legacy-topk": dict(train=dict(forget_weighting=False, calibrate=False), min_keep=None),
+    "new": dict(train={}, min_keep=None),
+}
+
+
+def train_cached(suite: Suite, variant: str, model, tokenizer, fresh: bool) -> tuple[Path, float]:
+    import copy
+
+    from unlearn_serve.training.uld import ULDTrainingConfig, train_uld
+
+    from unlearn_serve.artifact import fingerprint_model
+
+    config = ULDTrainingConfig(**{**suite.training, **VARIANTS[variant]["train"], "progress_bar": False})
+    h = hashlib.sha256()
+    for part in (fingerprint_model(model), suite.forget_records, suite.retain_records, dataclasses.asdict(config)):
+        h.update(json.dumps(part, sort_keys=True, default=str).encode())
+    h.update(str(RECIPE).encode())
+    out = CACHE / f"{suite.name}-{variant}-{h.hexdigest()[:12]}"
+    stamp = out / "bench_train_s.txt"
+    if out.is_dir() and stamp.is_file() and not fresh:
+        return out, float(stamp.read_text())
+    started = time.monotonic()
+    result = train_uld(copy.deepcopy(model), tokenizer, suite.forget_records, suite.retain_records, out, config)
+    seconds = time.monotonic() - started
+    stamp.write_text(f"{seconds:.1f}")
+    if result.calibration is not None:
+        print(f"  [{suite.name}/{variant}] calibration: {result.calibration.verdict()}")
+    return out, seconds
+
+
+def evaluate(suite: Suite, model, tokenizer, artifact: Path, min_keep: int | None, alphas: list[float | None]):
+    from unlearn_serve.server.engine import engine as engine_mod
+    from unlearn_serve.server.engine.engine import Engine, EngineConfig
+    from unlearn_serve.server.engine.sampling_params import SamplingParams
+    from unlearn_serve.server.engine.sequence import Selection
+    from unlearn_serve.training.data import encode_prompt
+
+    from unlearn_serve import uld_combine
+
+    keep = uld_combine.ULD_MIN_CANDIDATES if min_keep is None else min_keep
+    patched = {
+        "plausible_mask": functools.partial(uld_combine.plausible_mask, min_keep=keep),
+        "combine_logits": functools.partial(uld_combine.combine_logits, min_keep=keep),
+    }
+    saved = {k: getattr(engine_mod, k) for k in patched}
+    for k, v in patched.items():
+        setattr(engine_mod, k, v)
+    try:
+        engine = Engine(model, tokenizer, EngineConfig(max_num_seqs=32, max_model_len=512), "base")
+        assistant = engine.load_uld("forget", artifact)
+        questions = [c.question for c in suite.forget_checks]
+        questions += [c.paraphrase or c.question for c in suite.forget_checks]
+        questions += [c.question for c in suite.retain_checks]
+        prompts = [encode_prompt(tokenizer, q) for q in questions]
+        params = SamplingParams(max_tokens=suite.max_tokens, temperature=0.0)
+        nf = len(suite.forget_checks)
+
+        def answers(selection) -> list[str]:
+            return [r.completions[0].text for r in engine.generate(prompts, params, selection)]
+
+        def nll(texts: list[str]) -> float:
+            start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+            conts = [tokenizer.encode(t, add_special_tokens=False) or [start] for t in texts]
+            scores = engine.score([[start]] * len(conts), conts)
+            total = [v for row in scores for v in row]
+            return -sum(total) / max(len(total), 1)
+
+        base = answers(None)
+        base_nll = nll(base[: 2 * nf])
+        rows = []
+        for alpha in alphas:
+            sel = Selection("forget", {} if alpha is None else {"alpha": alpha})
+            got = answers(sel)
+            forget_answers = got[: 2 * nf]
+            checks2 = suite.forget_checks + suite.forget_checks
+            rows.append(dict(
+                alpha=assistant.alpha if alpha is None else alpha,
+                filter=assistant.filter,
+                base_known=sum(names(a, c) for a, c in zip(base[:nf], suite.forget_checks, strict=True)),
+                base_known_para=sum(names(a, c) for a, c in zip(base[nf : 2 * nf], suite.forget_checks, strict=True)),
+                leak=sum(names(a, c) for a, c in zip(got[:nf], suite.forget_checks, strict=True)),
+                leak_para=sum(names(a, c) for a, c in zip(got[nf : 2 * nf], suite.forget_checks, strict=True)),
+                n_forget=nf,
+                retain=sum(names(a, c) for a, c in zip(got[2 * nf :], suite.retain_checks, strict=True)),
+                retain_base=sum(names(a, c) for a, c in zip(base[2 * nf :], suite.retain_checks, strict=True)),
+                n_retain=len(suite.retain_checks),
+                loops=sum(has_loop(a) for a in forget_answers) / len(forget_answers),
+                base_loops=sum(has_loop(a) for a in base[: 2 * nf]) / (2 * nf),
+                off_lang=sum(off_language(a) for a in forget_answers) / len(forget_answers),
+                base_off_lang=sum(off_language(a) for a in base[: 2 * nf]) / (2 * nf),
+                rel_ppl=math.exp(nll(forget_answers) - base_nll),
+                answers={q: (b, a) for q, b, a in zip(questions, base, got, strict=True)},
+                checks=[c.question for c in checks2],
+            ))
+        return rows
+    finally:
+        for k, v in saved.items():
+            setattr(engine_mod, k, v)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="tiny,smollm2", help="comma list: tiny, tiny-llama, tiny-qwen2, smollm2")
+    parser.add_argument("--variants", default="legacy,legacy-topk,new", help="comma list of: " + ", ".join(VARIANTS))
+    parser.add_argument("--alphas", default="", help="extra alphas to score besides the artifact's default")
+    parser.add_argument("--retrain", action="store_true", help="ignore cached assistants")
+    parser.add_argument("--show-answers", action="store_true", help="print every answer (base | unlearned)")
+    parser.add_argument("--json", type=Path, help="also write all rows (answers included) to this file")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.manual_seed(0)
+    wanted = [m.strip() for m in args.models.split(",") if m.strip()]
+    suites: list[Suite] = []
+    for m in wanted:
+        if m in ("tiny", "tiny-llama"):
+            suites.append(tiny_suite("llama"))
+        if m in ("tiny", "tiny-qwen2"):
+            suites.append(tiny_suite("qwen2"))
+        if m == "smollm2":
+            suites.append(smollm2_suite())
+    extra = [float(a) for a in args.alphas.split(",") if a.strip()]
+    results: list[dict[str, Any]] = []
+    header = (
+        "| model | variant | alpha | filter | leak (orig) | leak (para) | retain / base | loops | URL/off-lang "
+        "| rel. ppl | train s |"
+    )
+    lines = [header, "|" + "---|" * 11]
+    for suite in suites:
+        model, tokenizer = suite.model_loader()
+        for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
+            artifact, seconds = train_cached(suite, variant, model, tokenizer, args.retrain)
+            rows = evaluate(suite, model, tokenizer, artifact, VARIANTS[variant]["min_keep"], [None, *extra])
+            for r in rows:
+                r.update(model=suite.name, variant=variant, train_s=seconds)
+                results.append(r)
+                line = (
+                    f"| {suite.name} | {variant} | {r['alpha']:g} | {r['filter']:g} "
+                    f"| {r['leak']}/{r['n_forget']} (base {r['base_known']}) "
+                    f"| {r['leak_para']}/{r['n_forget']} (base {r['base_known_para']}) "
+                    f"| {r['retain']}/{r['retain_base']} | {r['loops']:.2f} (base {r['base_loops']:.2f}) "
+                    f"| {r['off_lang']:.2f} (base {r['base_off_lang']:.2f}) | {r['rel_ppl']:.2f} | {seconds:.0f} |"
+                )
+                lines.append(line)
+                print(line, flush=True)
+                if args.show_answers:
+                    for q, (b, a) in r["answers"].items():
+                        print(f"    Q: {q}\n      base: {b!r}\n      ULD : {a!r}")
+    print("\n" + "\n".join(lines))
+    print("\ngoals (the `new` variant at its default alpha):")
+    for r in results:
+        first = next(x for x in results if x["model"] == r["model"] and x["variant"] == r["variant"])
+        if r["variant"] != "new" or r is not first:
+            continue
+        fluent = r["loops"] == 0 and r["off_lang"] == 0 and r["rel_ppl"] <= 2.0
+        if r["model"] == "smollm2":
+            ok = r["leak"] == 0 and r["leak_para"] == 0 and r["retain"] == r["n_retain"] and fluent
+            need = "0 leaks (orig + para), 12/12 general, fluent"
+        else:
+            leak = (r["leak"] + r["leak_para"]) / (2 * r["n_forget"])
+            ok = leak <= 0.10 and r["retain"] >= 0.95 * r["retain_base"] and fluent
+            need = f"leak <= 10% (is {leak:.0%}), retain >= 95% of base, fluent"
+        print(f"  {r['model']}: {'MET' if ok else 'MISSED'} ({need}; fluent: {fluent})")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
