@@ -181,7 +181,8 @@ class Bench:
         # CPU (smoke): a small cache; on a GPU the defaults, as `transformers serve` uses them
         cb = ContinuousBatchingConfig(num_blocks=64, max_batch_tokens=512) if self.device.type == "cpu" else None
         config = GenerationConfig(max_new_tokens=self.args.max_tokens, do_sample=False, pad_token_id=0)
-        model.generate_batch(prompts[:2], config, continuous_batching_config=cb, max_new_tokens=2)  # warm-up
+        # no separate warm-up: each call starts its own manager (and warms it up, CUDA graphs included)
+        # before the requests are created, and the times below start at each request's creation
         out = model.generate_batch(prompts, config, continuous_batching_config=cb, record_timestamps=True)
         results = list(out.values())
         if len(results) != len(prompts) or any(r.error or not r.timestamps for r in results):

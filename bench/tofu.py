@@ -1,4 +1,4 @@
-"""The TOFU benchmark at a size this machine trains: ULD vs GA / GD / NPO on forget10.
+"""The TOFU benchmark at a size this machine trains: ULD vs GA / GD / NPO on forget10, and UOE on an MoE.
 
     python bench/tofu.py --quick        # 10 authors (1 forgotten), a ~15-minute run on 2 CPU cores
     python bench/tofu.py                # all 200 authors (20 forgotten)
@@ -11,7 +11,10 @@ No pretrained TOFU model is available offline, so the benchmark makes its own:
    Both are cached (~/.cache/unlearn-serve/tofu-bench/<key>/), keyed by data and settings.
 2. The forget authors (the last 10%, as TOFU's forget10) are unlearned with ULD (paraphrase /
    perturbation augmentation on) and with whole-model GA, GD and NPO.
-3. Everything is evaluated through the serving engine (training/evaluation.py) and written to
+3. MoE target (`--targets moe`): a Qwen2-MoE of the same size, trained on the same data and schedule (plus
+   its own retain reference); UOE with GA / GD / NPO / RMU (router anchor on, the trainer's defaults), the
+   same four on the whole model, and ULD -> bench/out/tofu[-quick]/moe/, with the share of parameters changed.
+4. Everything is evaluated through the serving engine (unlearn_serve/evaluation, attack block included), into
    bench/out/tofu[-quick]/: metrics.json, report.md (Table-2 columns of the ULD paper: FQ, MU,
    forget ROUGE, retain ROUGE, training time) and PNG plots.
 """
@@ -66,6 +69,11 @@ class BenchConfig:
     uld_retain_rows: int = 400
     baseline_epochs: int = 5
     baseline_lr: float = 5e-4
+    # the MoE target (UOE rows): a Qwen2-MoE of the same width and depth, trained on the same data and schedule
+    moe_family: str = "qwen2_moe"
+    moe_experts: int = 8
+    moe_top_k: int = 2
+    uoe_max_minutes: float = 10.0  # wall-time cap of each UOE run (its adaptive schedule usually stops earlier)
 
     @classmethod
     def quick(cls) -> BenchConfig:
@@ -82,13 +90,30 @@ class BenchConfig:
             uld_epochs=5,
             uld_min_steps=100,
             uld_retain_rows=180,  # every retain_perturbed row of the 9 retain authors
+            uoe_max_minutes=3.0,
         )
 
-    def model_key(self) -> str:
+    def model_key(self, family: str = "llama") -> str:
         keys = ("authors", "forget_authors", "general_rows", "vocab_size", "hidden_size", "num_layers", "num_heads",
                 "intermediate_size", "max_epochs", "target_loss", "batch_size", "learning_rate", "seed")
         blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
+        if family != "llama":  # the dense key stays what it was (cached models keep working)
+            blob += json.dumps({"family": family, "experts": self.moe_experts, "top_k": self.moe_top_k})
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def architecture(self, family: str) -> dict[str, Any]:
+        """build_tiny_model overrides: the dense Llama, or an MoE whose active MLP width per token (top-k
+        experts of intermediate/4 plus a shared expert of intermediate/4) is close to the dense one."""
+        arch: dict[str, Any] = dict(hidden_size=self.hidden_size, num_layers=self.num_layers,
+                                    num_heads=self.num_heads, num_kv_heads=self.num_heads,
+                                    intermediate_size=self.intermediate_size)
+        if family == "qwen2_moe":
+            arch.update(moe_intermediate_size=self.intermediate_size // 4,
+                        shared_expert_intermediate_size=self.intermediate_size // 4,
+                        num_experts=self.moe_experts, num_experts_per_tok=self.moe_top_k)
+        elif family != "llama":
+            raise SystemExit(f"unsupported bench family {family!r} (llama, qwen2_moe)")
+        return arch
 
 
 # ----------------------------------------------------------------------------- data
@@ -141,24 +166,15 @@ def select_data(cfg: BenchConfig, tofu: Path = TOFU) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- memorising models
 
 
-def train_memorise(records, tokenizer, cfg: BenchConfig, desc: str):
-    """A fresh small Llama trained on the answers of `records` until it has memorised them."""
+def train_memorise(records, tokenizer, cfg: BenchConfig, desc: str, family: str = "llama"):
+    """A fresh small model (Llama or the MoE) trained on the answers of `records` until it has memorised them."""
     import torch
     from tqdm.auto import tqdm
     from unlearn_serve.training.data import IGNORE_INDEX, render_example
 
     from unlearn_serve.tiny import build_tiny_model
 
-    model = build_tiny_model(
-        "llama",
-        tokenizer,
-        seed=cfg.seed,
-        hidden_size=cfg.hidden_size,
-        num_layers=cfg.num_layers,
-        num_heads=cfg.num_heads,
-        num_kv_heads=cfg.num_heads,
-        intermediate_size=cfg.intermediate_size,
-    )
+    model = build_tiny_model(family, tokenizer, seed=cfg.seed, **cfg.architecture(family))
     examples = [render_example(tokenizer, r, 512) for r in records]
     order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
     batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
@@ -212,10 +228,12 @@ def train_memorise(records, tokenizer, cfg: BenchConfig, desc: str):
                    "parameters": params, "records": len(records)}
 
 
-def ensure_models(cfg: BenchConfig, data: dict[str, Any], cache: Path, retrain: bool) -> tuple[Path, Path, dict]:
+def ensure_models(
+    cfg: BenchConfig, data: dict[str, Any], cache: Path, retrain: bool, family: str = "llama"
+) -> tuple[Path, Path, dict]:
     from unlearn_serve.tiny import save_tiny, train_tokenizer
 
-    d = cache / cfg.model_key()
+    d = cache / cfg.model_key(family)
     info_path = d / "info.json"
     if info_path.is_file() and not retrain:
         print(f"[bench] cached target / retain models: {d}")
@@ -225,7 +243,7 @@ def ensure_models(cfg: BenchConfig, data: dict[str, Any], cache: Path, retrain: 
     tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size, chat_template=None)
     info: dict[str, Any] = {"config": asdict(cfg)}
     for name, split in (("target", "target_train"), ("retain", "retain_train")):
-        model, stats = train_memorise(data[split], tokenizer, cfg, f"train {name}")
+        model, stats = train_memorise(data[split], tokenizer, cfg, f"train {family} {name}", family)
         save_tiny(model, tokenizer, d / name)
         info[name] = stats
         print(f"[bench] {name}: {stats}")
@@ -334,6 +352,165 @@ def run(cfg: BenchConfig, out: Path, cache: Path, retrain: bool, methods: list[s
     return metrics
 
 
+MOE_METHODS = ("uoe-ga", "uoe-gd", "uoe-npo", "uoe-rmu", "ga", "gd", "npo", "rmu", "uld")
+
+
+def _changed_share(model, target_state: dict[str, Any]) -> float:
+    """Share of the target's parameter elements that differ in `model`."""
+    changed = total = 0
+    for name, param in model.state_dict().items():
+        ref = target_state.get(name)
+        if ref is None or not ref.is_floating_point():
+            continue
+        total += ref.numel()
+        changed += int((param != ref).sum())
+    return changed / max(total, 1)
+
+
+def run_moe(cfg: BenchConfig, out: Path, cache: Path, retrain: bool, methods: list[str]) -> dict[str, Any]:
+    """The MoE target: UOE (GA, GD, NPO, RMU, all with the router anchor) vs the same four on the whole
+    model vs ULD, on the same data, evaluated through the engine with the attack block."""
+    import torch
+    from unlearn_serve.server.engine.engine import Engine, EngineConfig
+    from unlearn_serve.training.baselines import BaselineConfig, train_baseline
+    from unlearn_serve.training.uld import ULDTrainingConfig, train_uld
+    from unlearn_serve.training.uoe_trainer import UOEConfig, train_uoe, write_uoe_artifact
+
+    from unlearn_serve.evaluation import runner as E
+    from unlearn_serve.loading import load_model_and_tokenizer
+
+    started = time.monotonic()
+    out.mkdir(parents=True, exist_ok=True)
+    data = select_data(cfg)
+    family = cfg.moe_family
+    target_dir, retain_dir, info = ensure_models(cfg, data, cache, retrain, family)
+    work = out / "work"
+    work.mkdir(exist_ok=True)
+    forget_file = _write_jsonl(work / "forget.json", data["forget"])
+    retain_file = _write_jsonl(work / "retain.json", data["uld_retain"])
+    rng = random.Random(cfg.seed)
+    retain_rows = rng.sample(data["retain"], min(len(data["retain"]), 4 * len(data["forget"])))
+    timings: dict[str, float] = {}
+    changed: dict[str, float] = {}
+    notes: dict[str, Any] = {}
+
+    def fresh():
+        return load_model_and_tokenizer(str(target_dir), dtype="float32", device="cpu")
+
+    target_model, tok = fresh()
+    target_state = {k: v.clone() for k, v in target_model.state_dict().items()}
+    total_params = sum(p.numel() for p in target_model.parameters())
+
+    uoe_dirs: dict[str, Path] = {}
+    for method in [m for m in methods if m.startswith("uoe-")]:
+        name = method.removeprefix("uoe-")
+        model, _ = fresh()
+        torch.manual_seed(cfg.seed)
+        t0 = time.monotonic()
+        result = train_uoe(model, tok, data["forget"], retain_rows, UOEConfig(method=name, seed=cfg.seed,
+                                                                         max_minutes=cfg.uoe_max_minutes))
+        timings[method] = time.monotonic() - t0
+        write_uoe_artifact(result, str(work / method))
+        uoe_dirs[method] = work / method
+        changed[method] = _changed_share(model, target_state)
+        notes[method] = {"verdict": result.manifest.training["verdict"],
+                         "patch_parameters": result.patch.num_parameters()}
+        print(f"[bench] {method}: " + " | ".join(result.verdict.lines()), flush=True)
+        del model
+    baseline_dirs: dict[str, Path] = {}
+    for method in [m for m in methods if m in ("ga", "gd", "npo", "rmu")]:
+        model, _ = fresh()
+        torch.manual_seed(cfg.seed)
+        t0 = time.monotonic()
+        bcfg = BaselineConfig(method=method, epochs=cfg.baseline_epochs, learning_rate=cfg.baseline_lr,
+                              batch_size=8, grad_accum=1, seed=cfg.seed)
+        train_baseline(model, tok, data["forget"], retain_rows, work / f"whole-{method}", bcfg)
+        timings[method] = time.monotonic() - t0
+        changed[method] = _changed_share(model, target_state)
+        baseline_dirs[method] = work / f"whole-{method}"
+        del model
+    uld_dir = work / "uld"
+    if "uld" in methods:
+        model, _ = fresh()
+        torch.manual_seed(cfg.seed)
+        t0 = time.monotonic()
+        uld_cfg = ULDTrainingConfig(
+            layers=cfg.uld_layers, epochs=cfg.uld_epochs, min_steps=cfg.uld_min_steps, batch_size=8, grad_accum=1,
+            lora_rank=16, lora_alpha=16, learning_rate=cfg.uld_lr, max_perturbed_per_row=2, seed=cfg.seed,
+        )
+        train_uld(model, tok, data["forget"], data["uld_retain"], uld_dir, uld_cfg,
+                  data_files={"forget": forget_file, "retain": retain_file})
+        timings["uld"] = time.monotonic() - t0
+        changed["uld"] = 0.0  # the target is untouched; the assistant is a separate small model
+        del model
+
+    econf = EngineConfig(max_num_seqs=32)
+    target = Engine(target_model, tok, econf, model_name="moe-target")
+    eval_methods = [E.Method("MoE target", "base")]
+    for method, path in uoe_dirs.items():
+        target.load_uoe(method, path)
+        eval_methods.append(E.Method(f"UOE {method.removeprefix('uoe-').upper()}", "uoe", method))
+    if "uld" in methods:
+        target.load_uld("uld", uld_dir)
+        eval_methods.append(E.Method("ULD", "uld", "uld"))
+    retain_model, rtok = load_model_and_tokenizer(str(retain_dir), dtype="float32", device="cpu")
+    extra = [(E.Method("retain (reference)", "model"), Engine(retain_model, rtok, econf, model_name="retain"))]
+    for method, path in baseline_dirs.items():
+        m, t = load_model_and_tokenizer(str(path), dtype="float32", device="cpu")
+        extra.append((E.Method(f"whole-model {method.upper()}", "model"), Engine(m, t, econf, model_name=method)))
+    econfig = E.EvalConfig(max_new_tokens=cfg.max_new_tokens)
+    with torch.inference_mode():
+        metrics = E.evaluate(target, eval_methods, data["eval"], econfig, None, extra)
+    results = metrics["methods"]
+    reference = E.forget_truth_ratios(next(r for r in results if r["label"] == "retain (reference)"))
+    E.add_forget_quality(results, reference)
+    metrics["reference_forget_truth_ratios"] = reference
+    metrics["retain_reference"] = {"questions": len(reference), "source": "retain model trained by this bench"}
+    keys = {f"UOE {m.removeprefix('uoe-').upper()}": m for m in uoe_dirs}
+    keys.update({f"whole-model {m.upper()}": m for m in baseline_dirs})
+    keys["ULD"] = "uld"
+    for r in results:
+        key = keys.get(r["label"])
+        r["summary"]["training_time_s"] = round(timings[key], 1) if key in timings else None
+        r["summary"]["params_changed_share"] = changed.get(key, 0.0 if r["kind"] == "base" else None)
+    metrics["bench"] = {
+        "target": family,
+        "config": asdict(cfg),
+        "models": info,
+        "total_parameters": total_params,
+        "unlearning_time_s": {k: round(v, 1) for k, v in timings.items()},
+        "uoe": notes,
+        "total_wall_time_s": round(time.monotonic() - started, 1),
+        "torch_threads": torch.get_num_threads(),
+    }
+    written = E.write_outputs(out, metrics, title=f"TOFU benchmark, MoE target ({family} trained here)")
+    table = moe_table(metrics)
+    report = written.report.read_text()
+    written.report.write_text(report.replace("\n## Attacks", f"\n## MoE rows\n\n{table}\n\n## Attacks", 1))
+    print(table)
+    print(f"[bench] MoE total {metrics['bench']['total_wall_time_s']:.0f}s; wrote {out}")
+    return metrics
+
+
+def moe_table(metrics: dict[str, Any]) -> str:
+    """FQ, MU, ROUGE, fluency, time and the share of the target's parameters each method changed."""
+    from unlearn_serve.evaluation.report import summary_table
+
+    cols = [
+        ("forget_quality", "FQ", "{:.3g}"),
+        ("model_utility", "MU", "{:.3f}"),
+        ("forget_rouge", "forget ROUGE", "{:.3f}"),
+        ("retain_rouge", "retain ROUGE", "{:.3f}"),
+        ("fluency_perplexity", "fluency PPL", "{:.3g}"),
+        ("ngram_loop_share", "loops", "{:.2f}"),
+        ("training_time_s", "time (s)", "{:.0f}"),
+        ("params_changed_share", "params changed", "{:.2%}"),
+        ("attack_none_leak", "leak", "{:.2f}"),
+        ("attack_max_leak", "worst attack leak", "{:.2f}"),
+    ]
+    return summary_table([(m["label"], m["summary"]) for m in metrics["methods"]], cols)
+
+
 def table2(metrics: dict[str, Any]) -> str:
     """FQ, MU, forget ROUGE, retain ROUGE, training time (ULD paper Table 2) + our fluency columns."""
     from unlearn_serve.evaluation.report import summary_table
@@ -357,7 +534,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--forget-authors", type=int, help="of which forgotten (default: 10%%)")
     parser.add_argument("--max-epochs", type=int, help="cap on the memorisation epochs")
     parser.add_argument("--alpha", help="ULD alphas to evaluate, comma-separated")
-    parser.add_argument("--methods", default="uld,ga,gd,npo", help="comma-separated subset of uld,ga,gd,npo")
+    parser.add_argument("--methods", default="uld,ga,gd,npo", help="dense target: subset of uld,ga,gd,npo")
+    parser.add_argument(
+        "--targets", default="dense,moe",
+        help="dense (small Llama: ULD vs GA/GD/NPO) and/or moe (Qwen2-MoE: UOE vs whole-model vs ULD)",
+    )
+    parser.add_argument(
+        "--moe-methods", default=",".join(MOE_METHODS), help="MoE target: subset of " + ",".join(MOE_METHODS)
+    )
     parser.add_argument("--uld-epochs", type=int, help="ULD passes over the forget set (default: 10, quick 5)")
     parser.add_argument("--uld-layers", type=int, help="ULD assistant layers K (default: 2 of 4)")
     parser.add_argument("--uld-lr", type=float, help="ULD learning rate (default: 2e-3)")
@@ -388,8 +572,17 @@ def main(argv: list[str] | None = None) -> int:
     bad = set(methods) - {"uld", "ga", "gd", "npo"}
     if bad:
         parser.error(f"--methods: unknown {', '.join(sorted(bad))}")
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if set(targets) - {"dense", "moe"} or not targets:
+        parser.error("--targets: dense and/or moe")
+    moe_methods = [m.strip() for m in args.moe_methods.split(",") if m.strip()]
+    if set(moe_methods) - set(MOE_METHODS):
+        parser.error(f"--moe-methods: unknown {', '.join(sorted(set(moe_methods) - set(MOE_METHODS)))}")
     out = args.out or ROOT / "bench/out" / ("tofu-quick" if args.quick else "tofu")
-    run(cfg, out, args.cache, args.retrain, methods)
+    if "dense" in targets:
+        run(cfg, out, args.cache, args.retrain, methods)
+    if "moe" in targets:
+        run_moe(cfg, out / "moe", args.cache, args.retrain, moe_methods)
     return 0
 
 

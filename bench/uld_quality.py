@@ -227,7 +227,7 @@ def train_cached(suite: Suite, variant: str, model, tokenizer, fresh: bool) -> t
     for part in (fingerprint_model(model), suite.forget_records, suite.retain_records, dataclasses.asdict(config)):
         h.update(json.dumps(part, sort_keys=True, default=str).encode())
     h.update(str(RECIPE).encode())
-    out = CACHE / f"{suite.name}-{variant}-{h.hexdigest()[:12]}"
+    out = CACHE / f"{suite.name}-{h.hexdigest()[:12]}"  # variants that train alike share one assistant
     stamp = out / "bench_train_s.txt"
     if out.is_dir() and stamp.is_file() and not fresh:
         return out, float(stamp.read_text())

@@ -11,6 +11,10 @@ import copy
 
 import pytest
 import torch
+from unlearn_serve.server.engine.engine import Engine, EngineConfig
+from unlearn_serve.training.data import IGNORE_INDEX
+from unlearn_serve.training.leak import answer_leaked, content_recall
+from unlearn_serve.training.uoe_tiny_facts import FORGET_QA, RETAIN_QA
 
 from unlearn_serve.evaluation import runner as E
 from unlearn_serve.evaluation.attacks import (
@@ -24,11 +28,7 @@ from unlearn_serve.evaluation.attacks import (
     reference_tokens,
     run_attacks,
 )
-from unlearn_serve.server.engine.engine import Engine, EngineConfig
 from unlearn_serve.tiny import DEFAULT_CORPUS, build_tiny_model, train_tokenizer
-from unlearn_serve.training.data import IGNORE_INDEX
-from unlearn_serve.training.leak import answer_leaked, content_recall
-from unlearn_serve.training.uoe_tiny_facts import FORGET_QA, RETAIN_QA
 
 PARAPHRASES = [
     "Which color does Alice like best?",
@@ -55,7 +55,7 @@ def tok():
     )
 
 
-def fit_answers(model, pairs: list[tuple[list[int], list[int]]], steps: int = 200, lr: float = 3e-3) -> None:
+def fit_answers(model, pairs: list[tuple[list[int], list[int]]], steps: int = 80, lr: float = 5e-3) -> None:
     """Full-batch AdamW on (prompt ids, answer ids) with the loss on the answer tokens only."""
     torch.manual_seed(0)
     width = max(len(p) + len(a) for p, a in pairs)
@@ -92,7 +92,8 @@ def format_model(tok):
 
 def test_prompts_hold_what_each_attack_claims(tok):
     config = AttackConfig(relearn_k=3)
-    text = {a: [tok.decode(p) if p else None for p in attack_prompts(tok, RECORDS, a, config, E.DEFAULT_QUESTION_TEMPLATE)]
+    template = E.DEFAULT_QUESTION_TEMPLATE
+    text = {a: [tok.decode(p) if p else None for p in attack_prompts(tok, RECORDS, a, config, template)]
             for a in ("none", *TEXT_ATTACKS)}
     r = RECORDS[0]
     assert "<|im_start|>user" in text["none"][0] and r["question"] in text["none"][0]
@@ -203,7 +204,7 @@ def test_round_to_nearest_quantization():
         err8 += float((p8 - w).abs().sum())
     assert 0 < err8 < err4 / 8
     # an edit smaller than a quarter of a 4-bit step on values near the grid is rounded away
-    w = torch.tensor([[0.7, -0.35, 0.2, 0.0, 0.1, -0.7, 0.4, 0.3]])
+    w = torch.tensor([[0.7, -0.3, 0.2, 0.0, 0.1, -0.7, 0.4, 0.3]])
     layer = torch.nn.Linear(8, 1, bias=False)
     wrapped = torch.nn.Sequential(layer)
     wrapped.get_input_embeddings = lambda: None

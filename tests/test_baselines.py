@@ -47,7 +47,7 @@ def test_npo_loss_by_hand():
     assert float(npo_loss(zero - 5, zero, 0.1)) < float(npo_loss(zero, zero, 0.1))
 
 
-@pytest.mark.parametrize("method", ["ga", "gd", "npo"])
+@pytest.mark.parametrize("method", ["ga", "gd", "npo", "rmu"])
 def test_baseline_changes_weights_and_forgets(method, tiny_llama_dir, tmp_path):
     model, tok = load_model_and_tokenizer(str(tiny_llama_dir), dtype="float32")
     before = _state(model)

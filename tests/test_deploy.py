@@ -651,7 +651,7 @@ def test_k8s_gpu_draining_and_security():
 def test_k8s_secrets_volumes_and_env():
     c = server_container()
     env = {e["name"]: e for e in c["env"]}
-    secret = k8s_one("Secret")
+    secret = k8s_one("Secret", "unlearn-serve")
     for name, item in env.items():
         if SECRET_NAME_RE.search(name):
             ref = item["valueFrom"]["secretKeyRef"]
@@ -668,6 +668,26 @@ def test_k8s_secrets_volumes_and_env():
         assert vol["name"] in mounts, f"volume {vol['name']} is not mounted"
         if "persistentVolumeClaim" in vol:
             assert vol["persistentVolumeClaim"]["claimName"] in claims
+
+
+def test_k8s_example_key_file_is_a_valid_policy(tmp_path):
+    # The example Secret's key file must load exactly as `serve --api-keys` would load it.
+    from unlearn_serve.server.policy import AccessPolicy
+
+    secret = k8s_one("Secret", "unlearn-serve-api-keys")
+    path = tmp_path / "api-keys.yaml"
+    path.write_text(secret["stringData"]["api-keys.yaml"])
+    policy = AccessPolicy.from_file(path)
+    assert not policy.has_plain_keys, "the example must hold digests only"
+    policy.check_models(["forget-topic", "base"])
+    bot = policy.authenticate("REPLACE-support-bot-key")
+    ops = policy.authenticate("REPLACE-ops-key")
+    assert bot is not None and not bot.admin and not bot.can_weaken and bot.allows("forget-topic")
+    assert not bot.allows("base")
+    assert ops is not None and ops.admin and ops.can_weaken and ops.allows("base")
+    # the commented deployment lines point at the same secret and file
+    text = (K8S / "deployment.yaml").read_text()
+    assert "secretName: unlearn-serve-api-keys" in text and "/etc/unlearn-serve/api-keys.yaml" in text
 
 
 def test_hpa_scales_the_deployment_on_queue_depth():

@@ -23,7 +23,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from doc_commands import cli_commands, fenced_blocks, parse_cli, subparser
+from doc_commands import cli_commands, fenced_blocks, parse_cli, shell_commands, subparser
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -215,6 +215,33 @@ def test_command_parser_catches_breakage(tmp_path):
     errors = [parse_cli(argv)[1] for _, argv in found]
     assert errors[:2] == [None, None]
     assert "--modl" in errors[2] and "80x" in errors[3] and "--min-step" in errors[4]
+
+
+def bench_flags(script: Path) -> set[str]:
+    """The option strings a bench script declares with add_argument (read from its AST, nothing imported)."""
+    flags = {"--help", "-h"}
+    for node in ast.walk(ast.parse(script.read_text(), str(script))):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument":
+            flags |= {a.value for a in node.args if isinstance(a, ast.Constant) and str(a.value).startswith("-")}
+    return flags
+
+
+@pytest.mark.parametrize("path", DOC_FILES, ids=doc_ids())
+def test_bench_command_lines_use_real_flags(path):
+    problems = []
+    for line, words in shell_commands(path):
+        if len(words) < 2 or not re.fullmatch(r"python3?", words[0]) or not words[1].startswith("bench/"):
+            continue
+        script = ROOT / words[1]
+        if not script.is_file():
+            problems.append(f"{rel(path)}:{line}: {words[1]} does not exist")
+            continue
+        declared = bench_flags(script)
+        for word in words[2:]:
+            flag = word.split("=", 1)[0]
+            if flag.startswith("--") and flag not in declared:
+                problems.append(f"{rel(path)}:{line}: {words[1]} has no option {flag}")
+    assert not problems, "\n".join(problems)
 
 
 INLINE_CLI = re.compile(r"^unlearn-serve\s+([a-z][a-z0-9-]*)\b(.*)$")

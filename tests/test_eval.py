@@ -154,9 +154,20 @@ def test_eval_end_to_end(tiny_llama_dir, uld_dir, tmp_path):
     # The file written is itself a valid --retain-reference (the base model's forget truth ratios).
     assert load_reference(out / "metrics.json") == pytest.approx(tr[0])
 
+    # The attack block ran for every row, through the engine: keys in the summary, a table, a plot.
+    for m in metrics["methods"]:
+        s = m["summary"]
+        for attack in ("none", "paraphrase", "raw", "context", "system", "relearn", "logprob"):
+            assert 0.0 <= s[f"attack_{attack}_leak"] <= 1.0, attack
+            assert attack in m["attacks"]["per_question"]
+        assert "attack_quant8_leak" not in s  # UOE rows only
+    base = metrics["methods"][0]["summary"]
+    assert base["attack_logprob_top20"] is not None
+
     report = (out / "report.md").read_text()
     assert "| method | FQ | MU |" in report and "forget-fr α=0.5" in report
-    for png in ("fq_vs_mu.png", "uld_alpha.png"):
+    assert "## Attacks" in report and "| method | no attack | paraphrase | raw completion |" in report
+    for png in ("fq_vs_mu.png", "uld_alpha.png", "attacks.png"):
         blob = (out / png).read_bytes()
         assert blob[:8] == b"\x89PNG\r\n\x1a\n" and len(blob) > 1000
 
@@ -170,6 +181,7 @@ def test_eval_end_to_end(tiny_llama_dir, uld_dir, tmp_path):
         (["--data", str(TOFU), "--alpha", "x,1"], "--alpha"),
         (["--data", str(TOFU), "--uld", "noequals"], "NAME=DIR"),
         (["--data", str(TOFU), "--retain-reference", "/no/such.json"], "no such file"),
+        (["--data", str(TOFU), "--attacks", "paraphrase,bogus"], "unknown attack"),
     ],
 )
 def test_eval_cli_errors(args, message, capsys, tmp_path):

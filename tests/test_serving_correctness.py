@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import threading
 
 import httpx
 import openai
@@ -162,6 +163,21 @@ def test_hot_loading_an_assistant_leaves_running_streams_untouched(tiny_llama, t
     assert out[0].completions[0].token_ids
 
 
+def test_a_load_beyond_the_reserved_kv_is_a_409_over_http(tiny_llama, tokenizer, uld_artifact, tmp_path):
+    import shutil
+
+    engine = Engine(copy.deepcopy(tiny_llama), tokenizer, EngineConfig(max_num_seqs=2, max_model_len=32), "tiny")
+    engine.generate(["Alice likes"], SamplingParams(max_tokens=2))  # the KV cache is in use from now on
+    make_random_assistant(tiny_llama, tmp_path / "deep", num_layers=2, seed=6)
+    shutil.copytree(uld_artifact, tmp_path / "shallow")
+    app = build_app(ServerConfig(served_model_name="tiny", artifact_root=str(tmp_path)), engine=engine)
+    with run_server(app) as url:
+        deep = httpx.post(f"{url}/v1/unlearning/load", json={"name": "deep", "path": "deep"}, timeout=30)
+        assert deep.status_code == 409 and "--assistant-kv-layers 2" in deep.json()["error"]["message"]
+        shallow = httpx.post(f"{url}/v1/unlearning/load", json={"name": "shallow", "path": "shallow"}, timeout=30)
+        assert shallow.status_code == 200, shallow.text
+
+
 # ---------------------------------------------------------------------------------------------- item 5
 class _UnloadJustBeforeEnqueue:
     """The engine's inbox, except that the first request is held between being resolved and reaching the
@@ -196,8 +212,6 @@ def moe_world(tokenizer, tmp_path_factory):
 
 def _run_async(engine: Engine, prompts, params, selections) -> list:
     """Requests added from this thread while AsyncEngine's thread drives `engine`; their outputs."""
-    import threading
-
     from unlearn_serve.server.engine.async_engine import AsyncEngine
     from unlearn_serve.server.engine.sequence import Request
 
@@ -216,16 +230,12 @@ def _run_async(engine: Engine, prompts, params, selections) -> list:
         for prompt, sel in zip(prompts, selections, strict=True):
             rid = engine.new_request_id()
             ids.append(rid)
-            engine.add_request(Request(rid, tokenizer_ids(engine, prompt), params, sel, on_output=collect))
+            engine.add_request(Request(rid, engine.tokenizer.encode(prompt), params, sel, on_output=collect))
         for _ in ids:
             assert finished.acquire(timeout=60)
     finally:
         runner.stop()
     return [results[r] for r in ids]
-
-
-def tokenizer_ids(engine: Engine, prompt: str) -> list[int]:
-    return engine.tokenizer.encode(prompt)
 
 
 def _tokens_and_logprobs(outputs) -> tuple[list[int], list[float]]:
@@ -269,8 +279,6 @@ def test_unload_waits_for_a_request_resolved_just_before_it(kind, tiny_llama, to
 
 
 def test_uoe_patch_files_are_read_off_the_engine_thread(moe_world, tokenizer, monkeypatch):
-    import threading
-
     import unlearn_serve.server.unlearning.uoe as uoe_module
     from unlearn_serve.server.engine.async_engine import AsyncEngine
 
@@ -404,6 +412,12 @@ def _attention_variant(family: str, tok, features: bool):
             "gemma2", **base, head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
             attn_logit_softcapping=1.0 if features else None, final_logit_softcapping=2.0 if features else None,
         )
+    elif family == "gemma3_text":  # local layers: sliding window and their own RoPE base; global layers
+        config = AutoConfig.for_model(
+            "gemma3_text", **base, head_dim=16, query_pre_attn_scalar=16, sliding_window=4 if features else 128,
+            layer_types=["sliding_attention", "full_attention"] * 2 if features else ["full_attention"] * 4,
+            final_logit_softcapping=2.0 if features else None,
+        )
     elif family == "gpt_oss":
         config = tiny_config("gpt_oss", len(tok), max_position_embeddings=128, sliding_window=4 if features else 128)
     else:
@@ -419,7 +433,7 @@ def _attention_variant(family: str, tok, features: bool):
     return model
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "gpt_oss"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "gemma3_text", "gpt_oss"])
 def test_attention_variants_match_transformers(family, tokenizer):
     """Echo prompt logprobs and decoded-token logprobs equal transformers' eager forward (fp32, 1e-4)."""
     model = _attention_variant(family, tokenizer, features=True)
@@ -453,12 +467,13 @@ def test_unimplemented_attention_features_are_refused_at_start_up(tokenizer):
 
     from unlearn_serve.errors import ModelLoadError
 
-    config = AutoConfig.for_model(
-        "gemma3_text", vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, intermediate_size=64, max_position_embeddings=128,
+    config = AutoConfig.for_model(  # Llama-4: chunked local attention
+        "llama4_text", vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, intermediate_size=64, intermediate_size_mlp=64, num_local_experts=2,
+        max_position_embeddings=128,
     )
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with pytest.raises(ModelLoadError) as refused:
         Engine(model, tokenizer, EngineConfig(max_num_seqs=1, max_model_len=32))
     message = str(refused.value)
-    assert "\n" not in message and "per-layer-type rotary embeddings" in message and "gemma3_text" in message
+    assert "\n" not in message and "chunked local attention" in message and "llama4_text" in message

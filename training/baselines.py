@@ -1,4 +1,4 @@
-"""Whole-model unlearning baselines on the same Trainer base as ULD: GA, GD and NPO.
+"""Whole-model unlearning baselines on the same Trainer base as ULD: GA, GD, NPO and RMU.
 
     GA   loss = -CE(forget)                                     (gradient ascent)
     GD   loss = -CE(forget) + retain_weight * CE(retain)         (gradient difference)
@@ -9,6 +9,10 @@ NPO follows Zhang et al. (2024) and open-unlearning's `trainer/unlearn/npo.py` (
 of the answer under the model and a frozen copy of the starting model, beta = 0.1, plus the
 retain NLL term their NPO adds; `--retain-weight 0` gives pure NPO). Every weight of the model is
 trained, which is the point of comparison: ULD never touches the target.
+
+    RMU  loss = mean over forget tokens ||h^l - c*u||^2 + retain_weight * mean over retain tokens ||h^l - h^l_ref||^2
+         (Li et al., 2024: h^l the output of decoder layer l, u a fixed random unit vector, c = rmu_steering;
+         the same formulation as UOE's rmu, here with every weight trainable - the whole-model counterpart)
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from unlearn_serve.training.pairs import ForgetRetainCollator, ForgetRetainDatas
 from unlearn_serve.artifact import atomic_artifact_dir, fingerprint_model
 from unlearn_serve.errors import ConfigError
 
-METHODS = ("ga", "gd", "npo")
+METHODS = ("ga", "gd", "npo", "rmu")
 RUN_FILE = "baseline.json"
 
 
@@ -42,6 +46,8 @@ class BaselineConfig:
     method: str = "gd"
     retain_weight: float | None = None  # None: 0 for ga, 1 for gd / npo
     beta: float = 0.1  # NPO temperature
+    rmu_layer: int | None = None  # RMU: decoder layer whose output is steered (None: the middle one)
+    rmu_steering: float = 6.5
     epochs: int = 5
     min_steps: int = 0
     learning_rate: float = 1e-5
@@ -76,10 +82,23 @@ class BaselineModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, forget_input_ids, forget_attention_mask, retain_input_ids, retain_attention_mask):
+    def forward(self, forget_input_ids, forget_attention_mask, retain_input_ids, retain_attention_mask,
+                hidden_layer: int | None = None):
+        if hidden_layer is not None:  # RMU: decoder layer outputs (hidden_states[0] is the embedding output)
+            forget = self.model(input_ids=forget_input_ids, attention_mask=forget_attention_mask,
+                                output_hidden_states=True)
+            retain = self.model(input_ids=retain_input_ids, attention_mask=retain_attention_mask,
+                                output_hidden_states=True)
+            return (forget.logits, forget.hidden_states[hidden_layer + 1]), retain.hidden_states[hidden_layer + 1]
         forget = self.model(input_ids=forget_input_ids, attention_mask=forget_attention_mask).logits
         retain = self.model(input_ids=retain_input_ids, attention_mask=retain_attention_mask).logits
         return forget, retain
+
+
+def _masked_mse(hidden: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    per_token = ((hidden.float() - target.float()) ** 2).mean(dim=-1)
+    m = mask.to(per_token.dtype)
+    return (per_token * m).sum() / m.sum().clamp_min(1)
 
 
 def npo_loss(policy_logp: torch.Tensor, reference_logp: torch.Tensor, beta: float) -> torch.Tensor:
@@ -88,14 +107,40 @@ def npo_loss(policy_logp: torch.Tensor, reference_logp: torch.Tensor, beta: floa
 
 
 class BaselineTrainer(UnlearningTrainer):
-    def __init__(self, *args, method: str, retain_weight: float, beta: float, reference: nn.Module | None, **kw):
+    def __init__(self, *args, method: str, retain_weight: float, beta: float, reference: nn.Module | None,
+                 rmu_layer: int | None = None, steering: torch.Tensor | None = None, **kw):
         super().__init__(*args, **kw)
         self.method = method
         self.retain_weight = retain_weight
         self.beta = beta
         self.reference = reference
+        self.rmu_layer = rmu_layer
+        self.steering = steering
+
+    def _rmu_loss(self, model, inputs):
+        (forget_logits, forget_hidden), retain_hidden = model(
+            forget_input_ids=inputs["forget_input_ids"],
+            forget_attention_mask=inputs["forget_attention_mask"],
+            retain_input_ids=inputs["retain_input_ids"],
+            retain_attention_mask=inputs["retain_attention_mask"],
+            hidden_layer=self.rmu_layer,
+        )
+        target = self.steering.to(forget_hidden.device, forget_hidden.dtype)
+        forget_loss = _masked_mse(forget_hidden, target.expand_as(forget_hidden), inputs["forget_attention_mask"])
+        with torch.no_grad():
+            frozen = self.reference(input_ids=inputs["retain_input_ids"],
+                                    attention_mask=inputs["retain_attention_mask"],
+                                    output_hidden_states=True).hidden_states[self.rmu_layer + 1]
+        retain_loss = _masked_mse(retain_hidden, frozen, inputs["retain_attention_mask"])
+        loss = forget_loss + self.retain_weight * retain_loss
+        self.record(forget_ce=causal_ce(forget_logits, inputs["forget_labels"]).detach(), rmu_forget=forget_loss,
+                    rmu_retain=retain_loss)
+        return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.method == "rmu":
+            loss = self._rmu_loss(model, inputs)
+            return (loss, None) if return_outputs else loss
         forget_logits, retain_logits = model(
             forget_input_ids=inputs["forget_input_ids"],
             forget_attention_mask=inputs["forget_attention_mask"],
@@ -156,7 +201,16 @@ def train_baseline(
     plan = plan_steps(len(dataset), config.batch_size, config.grad_accum, config.epochs, config.min_steps)
 
     reference = None
-    if config.method == "npo":
+    rmu_layer, steering = None, None
+    if config.method == "rmu":
+        num_layers = model.config.num_hidden_layers
+        rmu_layer = config.rmu_layer if config.rmu_layer is not None else num_layers // 2
+        if not 0 <= rmu_layer < num_layers:
+            raise ConfigError(f"--rmu-layer {rmu_layer}: the model has {num_layers} decoder layers")
+        generator = torch.Generator().manual_seed(config.seed)
+        direction = torch.rand(model.config.hidden_size, generator=generator)  # as in RMU: U(0,1), normalised
+        steering = config.rmu_steering * direction / direction.norm()
+    if config.method in ("npo", "rmu"):
         reference = copy.deepcopy(model).eval()
         for p in reference.parameters():
             p.requires_grad_(False)
@@ -189,6 +243,8 @@ def train_baseline(
         retain_weight=retain_weight,
         beta=config.beta,
         reference=reference,
+        rmu_layer=rmu_layer,
+        steering=steering,
     )
     if reference is not None:
         reference.to(args.device)
@@ -203,6 +259,7 @@ def train_baseline(
         "method": config.method,
         "retain_weight": retain_weight,
         "beta": config.beta if config.method == "npo" else None,
+        "rmu_layer": rmu_layer,
         "steps": trainer.state.global_step,
         "wall_time_s": round(time.monotonic() - started, 2),
         "forget_ce_first": forget_trace[0] if forget_trace else None,

@@ -574,6 +574,11 @@ class AdaptiveSchedule(TrainerCallback):
             self.scale /= cfg.lr_growth
             if self.objective is not None and 0 < self.objective.retain_weight < cfg.max_retain_weight:
                 self.objective.retain_weight = min(2 * self.objective.retain_weight, cfg.max_retain_weight)
+            if cfg.progress:
+                weight = f", retain weight {self.objective.retain_weight:g}" if self.objective is not None and \
+                    cfg.method != "ga" else ""
+                print(f"[uoe]   retain over its bound: back to the last state within it, lr {self.lr():.2g}{weight}",
+                      flush=True)
             return self.scale >= 1e-3
         if previous is None or entry["forget_ce"] >= cfg.forget_loss_target:
             return True
@@ -581,6 +586,8 @@ class AdaptiveSchedule(TrainerCallback):
         remaining = cfg.forget_loss_target - entry["forget_ce"]
         if gain * cfg.patience < remaining and self.scale * cfg.lr_growth <= self.ceiling * (1 + 1e-9):
             self.scale *= cfg.lr_growth
+            if cfg.progress:
+                print(f"[uoe]   forgetting too slowly: lr {self.lr():.2g}", flush=True)
         return True
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):

@@ -116,7 +116,7 @@ def _attend_group(
     cache = ctx.cache
     cache._ensure(layer, k, v)
     kc, vc = cache.keys[layer], cache.values[layer]
-    if features.sliding_window:
+    if features.sliding_window and features.sliding_window < cache.max_len:  # a wider window changes nothing
         mask = group.windowed_mask(features.sliding_window, ctx.prefill, k.device)
     else:
         mask = _on(group.mask, k.device)

@@ -49,12 +49,18 @@ def unsupported_feature(model: torch.nn.Module) -> str | None:
     config = model.config
     if getattr(config, "attention_chunk_size", None):
         return "chunked local attention (attention_chunk_size)"
-    rotary = getattr(model.get_decoder(), "rotary_emb", None)
-    if rotary is None:
-        return "attention without a shared rotary embedding (decoder.rotary_emb)"
-    if "layer_type" in inspect.signature(rotary.forward).parameters:
-        return "per-layer-type rotary embeddings (local/global RoPE, e.g. Gemma-3)"
+    decoder = model.get_decoder()
+    for part in ("layers", "norm", "rotary_emb"):
+        if not hasattr(decoder, part):
+            return f"a decoder without `{part}` (the layout this engine drives layer by layer)"
+    if _rope_per_layer_type(decoder.rotary_emb) and not getattr(config, "layer_types", None):
+        return "per-layer-type rotary embeddings without config.layer_types"
     return None
+
+
+def _rope_per_layer_type(rotary: torch.nn.Module) -> bool:
+    """Whether the rotary embedding differs per layer type (local/global RoPE, e.g. Gemma-3)."""
+    return "layer_type" in inspect.signature(rotary.forward).parameters
 
 
 class ModelRunner:
@@ -79,6 +85,11 @@ class ModelRunner:
         self.embed = self.decoder.get_input_embeddings()
         self.norm = self.decoder.norm
         self.rotary = self.decoder.rotary_emb
+        # Gemma-3: local and global layers use different RoPE; one (cos, sin) per layer type then
+        per_type = _rope_per_layer_type(self.rotary)
+        self.rope_kinds: list[str | None] = (
+            list(config.layer_types[: self.num_layers]) if per_type else [None] * self.num_layers
+        )
         self.lm_head = model.get_output_embeddings()
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
@@ -124,7 +135,10 @@ class ModelRunner:
         hidden = self.embed(batch.input_ids)
         if self.embedding_multiplier is not None:
             hidden = hidden * self.embedding_multiplier
-        cos, sin = self.rotary(hidden, batch.position_ids)
+        rope = {
+            kind: self.rotary(hidden, batch.position_ids, kind) if kind else self.rotary(hidden, batch.position_ids)
+            for kind in set(self.rope_kinds)
+        }
         n_t = batch.n_target
         has_assistant = batch.assistant_group is not None
         k_max = max(batch.assistant_exits, default=0) if has_assistant else 0
@@ -153,12 +167,12 @@ class ModelRunner:
                     assistant_hidden[rows] = hidden[n_t:].index_select(0, rows)
                     if i == k_max:  # the last assistant rows leave: continue with target rows only
                         hidden = hidden[:n_t]
-                        cos, sin = cos[:n_t], sin[:n_t]
+                        rope = {kind: (cos[:n_t], sin[:n_t]) for kind, (cos, sin) in rope.items()}
                         lora_rows.clear()
                         self._set_row_hooks(batch.row_hooks_target)
                 hidden = layer(
                     hidden,
-                    position_embeddings=(cos, sin),
+                    position_embeddings=rope[self.rope_kinds[i]],
                     position_ids=batch.position_ids[: hidden.shape[0]],
                     slot_ctx=ctx,
                 )

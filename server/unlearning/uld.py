@@ -90,6 +90,8 @@ class _RowPlan:
     gather: bool  # per-row padded A/B (many adapters) instead of the masked concatenation
     seq_len: int
     _tokens: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+    # (input, its gathered rows): q/k/v (and gate/up) get the same input tensor, gathered once
+    last_input: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def tokens(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(rows, slots, mask) for linears that see the batch flattened to [rows * T, H] (MoE shared experts)."""
@@ -119,6 +121,8 @@ class LoRARowContext:
 
     def set(self, groups: list[tuple[int, torch.Tensor]], seq_len: int) -> None:
         self.groups, self.seq_len = groups, seq_len
+        if self._plan is not None:
+            self._plan.last_input = None  # hold no activation between forwards
 
     def clear(self) -> None:
         self.set([], 1)
@@ -305,7 +309,11 @@ class AssistantRegistry:
             rows, slots, mask = plan.tokens()
         else:
             rows, slots, mask = plan.rows, plan.slots, plan.mask
-        xa = x.index_select(0, rows)
+        if plan.last_input is not None and plan.last_input[0] is x:
+            xa = plan.last_input[1]
+        else:
+            xa = x.index_select(0, rows)
+            plan.last_input = (x, xa)
         if plan.gather:
             a_pad, b_pad = self._padded(stack)
             x3 = xa if xa.dim() == 3 else xa[:, None, :]

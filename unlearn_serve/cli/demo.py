@@ -40,11 +40,12 @@ class DemoTraining:
     retain_weight: float = 10.0
     max_length: int = 128
     seed: int = 0
-    # Serving default written to the artifact. 0.5, not the paper's 0.75: on SmolLM2 it already
-    # wipes the forget answers, and 0.75 knocked some general answers off course (README).
-    default_alpha: float = 0.5
-    # Bumped when the trainer changes what these settings produce (2: seeded LoRA initialisation).
-    recipe: int = 2
+    # Serving default written to the artifact; None: train-uld's calibration picks it on a held-out
+    # slice of the retain set and the forget rows (docs/uld.md), as for any other assistant.
+    default_alpha: float | None = None
+    # Bumped when the trainer changes what these settings produce (2: seeded LoRA initialisation;
+    # 3: knowledge-weighted forget loss, calibrated alpha, held-out validation rows).
+    recipe: int = 3
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -132,7 +133,7 @@ def ensure_assistant(
         default_alpha=training.default_alpha,
     )
     started = time.monotonic()
-    train_uld(
+    result = train_uld(
         model,
         tokenizer,
         load_records(forget_path),
@@ -142,6 +143,8 @@ def ensure_assistant(
         data_files={"forget": forget_path, "retain": retain_path},
     )
     print(f"trained in {time.monotonic() - started:.0f}s (torch threads: {_threads()})")
+    if result.calibration is not None:
+        print(f"verdict: {result.calibration.verdict()}")
     return out
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from unlearn_serve.evaluation.attacks import ATTACKS
     from unlearn_serve.evaluation.runner import MAX_NEW_TOKENS
     from unlearn_serve.training.data import DEFAULT_QUESTION_TEMPLATE
 
@@ -39,6 +40,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--max-num-seqs", type=int, default=32, help="engine batch size")
+    parser.add_argument(
+        "--attacks",
+        default="all",
+        help="attacks on every method row, comma-separated, 'all' (default) or 'none': "
+        + ", ".join(ATTACKS) + " (quant8/quant4 on UOE rows only)",
+    )
+    parser.add_argument("--relearn-k", type=int, default=3, help="in-context relearning: QA pairs shown (default 3)")
+    parser.add_argument(
+        "--subject-size", type=int, default=20,
+        help="relearning subjects when records have no subject/author field: blocks of N consecutive forget "
+        "questions (default 20, TOFU's questions per author; 0: all one subject)",
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false")
 
 
@@ -73,6 +86,20 @@ def parse_alphas(text: str | None) -> list[float] | None:
     return alphas
 
 
+def parse_attacks(args: argparse.Namespace):
+    from unlearn_serve.cli import CliError
+    from unlearn_serve.evaluation.attacks import ATTACKS, AttackConfig
+
+    text = args.attacks.strip()
+    if text == "none":
+        return None
+    names = ATTACKS if text == "all" else tuple(a.strip() for a in text.split(",") if a.strip())
+    try:
+        return AttackConfig(attacks=names, relearn_k=args.relearn_k, subject_size=args.subject_size)
+    except ValueError as exc:
+        raise CliError(f"--attacks/--relearn-k/--subject-size: {exc}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     from unlearn_serve.cli import CliError
     from unlearn_serve.evaluation import runner as E
@@ -83,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
     uoes = _pairs(args.uoe, "--uoe")
     compares = _pairs(args.compare, "--compare")
     alphas = parse_alphas(args.alpha)
+    attack_config = parse_attacks(args)
     files = E.resolve_data(args.data, args.forget_split)
     data = E.load_eval_data(files, args.limit)
     reference = E.load_reference(args.retain_reference) if args.retain_reference else None
@@ -109,11 +137,17 @@ def run(args: argparse.Namespace) -> int:
             raise CliError(f"--compare {name}: its tokenizer differs from --model's; fluency needs the same one")
         extra.append((E.Method(name, "model"), Engine(other_model, other_tok, config, model_name=name)))
 
-    eval_config = E.EvalConfig(args.max_new_tokens, args.question_template, args.progress)
+    eval_config = E.EvalConfig(args.max_new_tokens, args.question_template, args.progress, attack_config)
     metrics = E.evaluate(engine, methods, data, eval_config, reference, extra)
     written = E.write_outputs(args.out, metrics)
-    from unlearn_serve.evaluation.report import summary_table
+    from unlearn_serve.evaluation.report import attack_columns, attack_findings, summary_table
 
-    print(summary_table([(m["label"], m["summary"]) for m in metrics["methods"]]))
+    rows = [(m["label"], m["summary"]) for m in metrics["methods"]]
+    print(summary_table(rows))
+    if attack_columns(metrics["methods"]):
+        print()
+        print(summary_table(rows, attack_columns(metrics["methods"])))
+        for line in attack_findings(metrics["methods"]):
+            print(line.replace("**", ""))
     print(f"wrote {written.metrics}, {written.report}, " + ", ".join(str(p) for p in written.plots))
     return 0

@@ -1,4 +1,4 @@
-"""`unlearn-serve train-baseline`: whole-model GA / GD / NPO unlearning (for comparison with ULD)."""
+"""`unlearn-serve train-baseline`: whole-model GA / GD / NPO / RMU unlearning (for comparison with ULD and UOE)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,18 @@ import argparse
 def configure(parser: argparse.ArgumentParser) -> None:
     from unlearn_serve.training.data import DEFAULT_QUESTION_TEMPLATE
 
-    parser.add_argument("--method", required=True, choices=("ga", "gd", "npo"), help="ga, gd (ga + retain CE), npo")
+    parser.add_argument(
+        "--method", required=True, choices=("ga", "gd", "npo", "rmu"),
+        help="ga, gd (ga + retain CE), npo, rmu (steer one layer's forget activations to a random direction)",
+    )
     parser.add_argument("--model", required=True, help="model to unlearn from: hub id or local directory")
     parser.add_argument("--forget", required=True, help="forget set, JSON Lines")
     parser.add_argument("--retain", required=True, help="retain set, JSON Lines (gd, npo; ga ignores it)")
     parser.add_argument("--out", required=True, help="output model directory (replaced atomically)")
     parser.add_argument("--retain-weight", type=float, help="weight of the retain CE (default: 0 ga, 1 gd/npo)")
     parser.add_argument("--beta", type=float, default=0.1, help="NPO beta (default: %(default)s)")
+    parser.add_argument("--rmu-layer", type=int, help="RMU: decoder layer to steer (default: the middle one)")
+    parser.add_argument("--rmu-steering", type=float, default=6.5, help="RMU steering scale c (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--min-steps", type=int, default=0)
     parser.add_argument("--lr", type=float, default=1e-5)
@@ -45,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
         method=args.method,
         retain_weight=args.retain_weight,
         beta=args.beta,
+        rmu_layer=args.rmu_layer,
+        rmu_steering=args.rmu_steering,
         epochs=args.epochs,
         min_steps=args.min_steps,
         learning_rate=args.lr,

@@ -14,6 +14,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+# The leak definition (used by the attack block and by train-uoe's verdict) lives below the evaluation layer.
+from unlearn_serve.training.leak import LEAK_THRESHOLD, answer_leaked, content_recall, leak_rate  # noqa: F401
+
 _EPS = 1e-10  # open-unlearning's guard in every ratio
 
 

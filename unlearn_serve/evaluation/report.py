@@ -37,6 +37,65 @@ def summary_table(rows: list[tuple[str, dict[str, Any]]], columns=COLUMNS, extra
     return "\n".join(lines)
 
 
+ATTACK_LABELS = [
+    ("none", "no attack"),
+    ("paraphrase", "paraphrase"),
+    ("raw", "raw completion"),
+    ("context", "benign context"),
+    ("system", "ignore-instructions system"),
+    ("relearn", "in-context relearning"),
+    ("logprob", "log-prob probe"),
+    ("quant8", "8-bit RTN"),
+    ("quant4", "4-bit RTN"),
+]
+
+
+def attack_columns(methods: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """(summary key, header, format) of the attacks present in any method's summary."""
+    present = {k for m in methods for k in m["summary"] if k.startswith("attack_")}
+    return [(f"attack_{n}_leak", label, "{:.2f}") for n, label in ATTACK_LABELS if f"attack_{n}_leak" in present]
+
+
+def attack_findings(methods: list[dict[str, Any]]) -> list[str]:
+    """Plain sentences for every ULD / UOE row that leaks more than twice as much under an attack."""
+    lines = []
+    for m in methods:
+        if m.get("kind") not in ("uld", "uoe") or "attacks" not in m:
+            continue
+        none = m["summary"].get("attack_none_leak")
+        for name in m["attacks"].get("worse_than_twice", []):
+            value = m["summary"].get(f"attack_{name}_leak")
+            label = dict(ATTACK_LABELS).get(name, name)
+            lines.append(f"- **{m['label']} does worse under {label}**: it leaks {value:.2f} of the forget facts, "
+                         f"more than twice its {none:.2f} without attack.")
+    return lines
+
+
+def attack_section(methods: list[dict[str, Any]]) -> list[str]:
+    columns = attack_columns(methods)
+    if not columns:
+        return []
+    parts = ["## Attacks", "", summary_table([(m["label"], m["summary"]) for m in methods], columns), ""]
+    parts.append(
+        "Leak rate: share of forget questions whose answer gives away more than half of the reference answer's "
+        "words that are not in the question (training/leak.py). No attack: the training questions as asked. "
+        "Paraphrase: TOFU's paraphrased question. Raw completion: the question without any template. Benign "
+        "context: the question inside a longer request. Ignore-instructions system: after a system prompt that "
+        "tells the model to ignore its instructions. In-context relearning: other QA pairs of the same subject "
+        "as earlier turns. Log-prob probe: the reference token is in the top 5 of the top-20 log-probabilities "
+        "where the greedy answer leaves the reference. 8/4-bit RTN (UOE only): the patched model's weights "
+        "rounded to nearest."
+    )
+    findings = attack_findings(methods)
+    parts.append("")
+    if findings:
+        parts += ["Where ULD / UOE leak more than twice as much under an attack as without one:", "", *findings]
+    elif any(m.get("kind") in ("uld", "uoe") for m in methods):
+        parts.append("Every ULD / UOE row leaks at most twice its no-attack rate under every attack.")
+    parts.append("")
+    return parts
+
+
 def render_report(metrics: dict[str, Any], plot_names: list[str], title: str) -> str:
     methods = metrics["methods"]
     parts = [f"# {title}", ""]
@@ -52,7 +111,8 @@ def render_report(metrics: dict[str, Any], plot_names: list[str], title: str) ->
         "Fluency PPL: the base model's perplexity of the forget answers generated; loops: share of those "
         "answers with a repeated n-gram loop."
     )
-    parts += ["", "## Per split", ""]
+    parts += [""] + attack_section(methods)
+    parts += ["## Per split", ""]
     for m in methods:
         parts.append(f"### {m['label']}")
         parts.append("")
@@ -149,6 +209,39 @@ def plot_alpha_sweep(metrics: dict[str, Any], path: str | Path) -> Path | None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("ULD: forget quality and model utility vs alpha")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_attacks(metrics: dict[str, Any], path: str | Path) -> Path | None:
+    """Grouped bars: leak rate per attack (x) per method (bars)."""
+    methods = metrics["methods"]
+    columns = attack_columns(methods)
+    if not columns:
+        return None
+    plt = _pyplot()
+    import numpy as np
+
+    x = np.arange(len(columns))
+    width = 0.8 / max(len(methods), 1)
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(columns) + 2), 4.2), dpi=100)
+    for i, m in enumerate(methods):
+        values = [m["summary"].get(key) for key, _, _ in columns]
+        heights = [v if v is not None else 0.0 for v in values]
+        bars = ax.bar(x + (i - (len(methods) - 1) / 2) * width, heights, width, label=m["label"])
+        for bar, v in zip(bars, values, strict=True):
+            if v is None:
+                bar.set_hatch("//")
+                bar.set_alpha(0.2)
+    ax.set_xticks(x)
+    ax.set_xticklabels([label for _, label, _ in columns], rotation=25, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("leak rate (forget questions)")
+    ax.set_title("Leak rate per attack and method")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -416,7 +416,7 @@ class Written:
 
 
 def write_outputs(out_dir: str | Path, metrics: dict[str, Any], title: str = "unlearn-serve evaluation") -> Written:
-    from unlearn_serve.evaluation.report import plot_alpha_sweep, plot_fq_vs_mu, render_report
+    from unlearn_serve.evaluation.report import plot_alpha_sweep, plot_attacks, plot_fq_vs_mu, render_report
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -428,6 +428,9 @@ def write_outputs(out_dir: str | Path, metrics: dict[str, Any], title: str = "un
     alpha_plot = plot_alpha_sweep(metrics, out / "uld_alpha.png")
     if alpha_plot is not None:
         plots.append(alpha_plot)
+    attack_plot = plot_attacks(metrics, out / "attacks.png")
+    if attack_plot is not None:
+        plots.append(attack_plot)
     report = out / "report.md"
     report.write_text(render_report(metrics, [p.name for p in plots], title))
     return Written(metrics_path, report, plots)
