@@ -245,7 +245,8 @@ def build_app(
                     state.attach(engine_factory())
                 except Exception as exc:
                     logger.exception("model load failed")
-                    state.load_error = f"{type(exc).__name__}: {exc}"
+                    # /ready is unauthenticated: only the error's kind, never its message (paths, hub ids)
+                    state.load_error = f"{type(exc).__name__} (details in the server log)"
 
             threading.Thread(target=load, name="unlearn-load", daemon=True).start()
         yield

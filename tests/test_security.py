@@ -452,3 +452,24 @@ def test_serve_flags_reach_the_server(tokenizer, tmp_path, monkeypatch):
     assert state.policy.authenticate(BOT_KEY).name == "bot" and state.policy.authenticate("other-key") is None
     assert (state.config.audit.path, state.config.audit.max_bytes) == (str(tmp_path / "audit.jsonl"), 0)
     assert state.config.chat_template_timeout_s == 2.5
+
+
+def test_ready_after_a_failed_load_names_no_path():
+    # /ready is unauthenticated: a failed model load reports the error's kind, never its message.
+    from fastapi.testclient import TestClient
+
+    from unlearn_serve.errors import ModelLoadError
+
+    def factory():
+        raise ModelLoadError("/srv/secret-models/llama-internal: no config.json")
+
+    app = build_app(ServerConfig(served_model_name="m"), engine_factory=factory)
+    with TestClient(app) as client:
+        deadline = time.monotonic() + 10
+        while client.get("/ready").json()["status"] == "loading" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        resp = client.get("/ready")
+        assert resp.status_code == 503
+        assert resp.json()["status"] == "load failed"
+        assert "ModelLoadError" in resp.json()["error"]
+        assert "/srv" not in resp.text and "secret-models" not in resp.text
