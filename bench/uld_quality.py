@@ -316,6 +316,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default="legacy,legacy-topk,new", help="comma list of: " + ", ".join(VARIANTS))
     parser.add_argument("--alphas", default="", help="extra alphas to score besides the artifact's default")
     parser.add_argument("--retrain", action="store_true", help="ignore cached assistants")
+    parser.add_argument(
+        "--artifact",
+        type=Path,
+        help="score this trained assistant (e.g. the demo's) instead of training one; one model, one variant",
+    )
     parser.add_argument("--show-answers", action="store_true", help="print every answer (base | unlearned)")
     parser.add_argument("--json", type=Path, help="also write all rows (answers included) to this file")
     args = parser.parse_args(argv)
@@ -342,7 +347,13 @@ def main(argv: list[str] | None = None) -> int:
     for suite in suites:
         model, tokenizer = suite.model_loader()
         for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
-            artifact, seconds = train_cached(suite, variant, model, tokenizer, args.retrain)
+            if args.artifact is not None:
+                from unlearn_serve.artifact import load_manifest
+
+                artifact = args.artifact
+                seconds = float(load_manifest(artifact).training.get("wall_time_s") or 0.0)
+            else:
+                artifact, seconds = train_cached(suite, variant, model, tokenizer, args.retrain)
             rows = evaluate(suite, model, tokenizer, artifact, VARIANTS[variant]["min_keep"], [None, *extra])
             for r in rows:
                 r.update(model=suite.name, variant=variant, train_s=seconds)

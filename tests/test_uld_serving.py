@@ -181,14 +181,18 @@ def test_mixed_batch_rows_are_independent(engine):
 
 
 def _implausible_steps(model, prompt, completion_ids, filt):
-    """How many sampled tokens fall outside the target's plausible set (log p < max log p + ln filter)."""
+    """How many sampled tokens fall outside the target's candidate set: log p < max log p + ln filter
+    and not among the target's ULD_MIN_CANDIDATES most likely tokens."""
+    from unlearn_serve.uld_combine import ULD_MIN_CANDIDATES
+
     ids = prompt + completion_ids
     with torch.no_grad():
         logp = model(torch.tensor([ids])).logits[0].log_softmax(-1)
     bad = 0
     for step, token in enumerate(completion_ids):
         row = logp[len(prompt) - 1 + step]
-        bad += float(row[token]) < float(row.max()) + math.log(filt) - 1e-5
+        top = float(row.topk(ULD_MIN_CANDIDATES).values[-1])
+        bad += float(row[token]) < min(float(row.max()) + math.log(filt), top) - 1e-5
     return bad
 
 

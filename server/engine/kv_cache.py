@@ -36,8 +36,13 @@ class AttnGroup:
     # decode: rows map onto slots slot_offset + i; prefill: rows map onto `slots`
     slots: torch.Tensor | None = None  # [rows] absolute slot ids (prefill)
     positions: torch.Tensor | None = None  # [rows] write position (decode)
-    mask: torch.Tensor | None = None  # decode: [rows,1,1,L] bool; prefill: [rows,1,T,T] bool
+    # decode: [rows,1,1,L] bool; prefill: [rows,1,T,T] bool. None: no mask is needed (decode rows all at
+    # one position; prefill rows of one length, causal), so SDPA may take its fused kernels.
+    mask: torch.Tensor | None = None
     view_len: int = 0  # decode: number of cache positions attended
+    lengths: torch.Tensor | None = None  # prefill: prompt length per row
+    padded_len: int = 0  # prefill: T
+    _full: torch.Tensor | None = None  # `mask`, built when a layer needs one although none was required
     # `mask` narrowed to a sliding window, per window size (built by the first layer that asks, per step)
     window_masks: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -45,7 +50,7 @@ class AttnGroup:
         """`mask` where a query at position p also sees only keys k > p - window (transformers' rule)."""
         mask = self.window_masks.get(window)
         if mask is None:
-            base = _on(self.mask, device)
+            base = self.full_mask(device)
             keys = torch.arange(base.shape[-1], device=device)
             if prefill:  # prompts start at position 0: query i is at position i
                 queries = torch.arange(base.shape[-2], device=device)
@@ -59,6 +64,17 @@ class AttnGroup:
             self.window_masks[window] = mask
         return mask
 
+    def full_mask(self, device: torch.device) -> torch.Tensor:
+        """`mask`, or the mask it stands for when None (sliding windows and eager attention need one)."""
+        if self.mask is not None:
+            return _on(self.mask, device)
+        if self._full is None:
+            if self.lengths is not None:
+                self._full = prefill_mask(_on(self.lengths, device), self.padded_len)
+            else:
+                self._full = decode_mask(_on(self.positions, device), self.view_len)
+        return _on(self._full, device)
+
 
 @dataclass
 class StepContext:
@@ -67,6 +83,8 @@ class StepContext:
     cache: SlotKVCache
     prefill: bool
     groups_by_layer: list[list[AttnGroup]]  # groups present at each layer (assistant rows leave at K)
+    # start-up probe: layer -> (K shape, V shape, device) of a 1-token forward; nothing is cached
+    probe: dict[int, tuple] | None = None
 
 
 class SlotKVCache:
@@ -90,6 +108,16 @@ class SlotKVCache:
             self.values[layer] = torch.zeros(
                 n, value.shape[1], self.max_len, value.shape[3], device=value.device, dtype=self.dtype
             )
+
+    def allocate(self, shapes: dict[int, tuple]) -> None:
+        """Allocate every layer at once (start-up), from the probed (K shape, V shape, device) per layer."""
+        for layer, (k_shape, v_shape, device) in shapes.items():
+            if self.keys[layer] is None:
+                n = self.slots_per_layer[layer]
+                self.keys[layer] = torch.zeros(n, k_shape[1], self.max_len, k_shape[3], device=device, dtype=self.dtype)
+                self.values[layer] = torch.zeros(
+                    n, v_shape[1], self.max_len, v_shape[3], device=device, dtype=self.dtype
+                )
 
     def resize_layers(self, slots_per_layer: list[int]) -> None:
         """Change slot counts before any KV is written (tensors are allocated lazily at the first write)."""
@@ -137,11 +165,19 @@ def _attend_group(
         keys = region_k[:, :, : group.view_len].to(q.dtype)
         values = region_v[:, :, : group.view_len].to(q.dtype)
     if features.softcap is not None or features.sinks is not None:
+        if mask is None:
+            mask = group.full_mask(k.device)
         return eager_attention(q, keys, values, mask, scaling, features.softcap, features.sinks)
-    out = F.scaled_dot_product_attention(
-        q, keys, values, attn_mask=mask, scale=scaling, enable_gqa=q.shape[1] != keys.shape[1]
+    # mask None: decode rows all see keys 0..p (no mask), prefill rows are causal (is_causal, no tensor)
+    return F.scaled_dot_product_attention(
+        q,
+        keys,
+        values,
+        attn_mask=mask,
+        is_causal=mask is None and ctx.prefill,
+        scale=scaling,
+        enable_gqa=q.shape[1] != keys.shape[1],
     )
-    return out
 
 
 @dataclass
@@ -206,6 +242,9 @@ def slot_attention_forward(
         out = eager_attention(query, key, value, mask, scaling, softcap, s_aux)
         return out.transpose(1, 2).contiguous(), None
     layer = module.layer_idx
+    if slot_ctx.probe is not None:
+        slot_ctx.probe[layer] = (tuple(key.shape), tuple(value.shape), key.device)
+        return sdpa_attention_forward(module, query, key, value, None, scaling=scaling, is_causal=True)
     groups = slot_ctx.groups_by_layer[layer]
     if len(groups) == 1:
         out = _attend_group(slot_ctx, layer, groups[0], query, key, value, scaling, features)

@@ -42,6 +42,7 @@ class ForwardBatch:
     assistant_exits: dict[int, torch.Tensor] = field(default_factory=dict)
     lora_groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # stacked-row indices
     row_hooks_target: torch.Tensor | None = None  # per target row id for row hooks (UOE), -1 = none
+    row_hooks_stacked: torch.Tensor | None = None  # the same with -1 for the assistant rows (built once per batch)
 
 
 def unsupported_feature(model: torch.nn.Module) -> str | None:
@@ -100,14 +101,39 @@ class ModelRunner:
             self.num_layers, [max_num_seqs] * self.num_layers, max_model_len, self.device, self.dtype
         )
         self.assistant_cache_layers = 0
+        self.num_slots = max_num_seqs  # target slots (the assistant region has as many); set by the budget
         # objects with set_rows(row_ids | None): per-row model patches (UOE expert patches)
         self.row_hooks: list = []
 
     def reserve_assistant_cache(self, num_layers: int) -> None:
         """Give layers < num_layers a second slot region [M, 2M) for assistant rows (before any KV exists)."""
-        m = self.max_num_seqs
+        m = self.num_slots
         self.cache.resize_layers([2 * m if i < num_layers else m for i in range(self.num_layers)])
         self.assistant_cache_layers = num_layers
+
+    def set_num_slots(self, slots: int) -> None:
+        """Target slots (and as many assistant slots on layers < the reserve), before any KV exists."""
+        self.num_slots = slots
+        self.reserve_assistant_cache(self.assistant_cache_layers)
+
+    @torch.inference_mode()
+    def probe_kv(self) -> dict[int, tuple]:
+        """(K shape, V shape, device) per layer, from a 1-token forward that caches nothing."""
+        ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        hidden = self.embed(ids)
+        rope = {
+            kind: self.rotary(hidden, ids, kind) if kind else self.rotary(hidden, ids) for kind in set(self.rope_kinds)
+        }
+        probe: dict[int, tuple] = {}
+        ctx = StepContext(cache=self.cache, prefill=True, groups_by_layer=[], probe=probe)
+        for i, layer in enumerate(self.layers):
+            hidden = layer(hidden, position_embeddings=rope[self.rope_kinds[i]], position_ids=ids, slot_ctx=ctx)
+        return probe
+
+    def kv_bytes_per_token(self, shapes: dict[int, tuple]) -> list[int]:
+        """K + V bytes one token takes on each layer, in the cache dtype."""
+        elem = torch.empty(0, dtype=self.dtype).element_size()
+        return [(k[1] * k[3] + v[1] * v[3]) * elem for k, v, _ in (shapes[i] for i in range(self.num_layers))]
 
     def ensure_assistant_cache(self, num_layers: int, name: str = "the assistant") -> None:
         """Room for an assistant of `num_layers` layers; the reserve may only grow while no KV is allocated.
@@ -154,10 +180,11 @@ class ModelRunner:
             assistant_hidden = hidden.new_empty(n_a, *hidden.shape[1:])
             lora_rows.set(batch.lora_groups, batch.input_ids.shape[1])
             if self.row_hooks:
-                pad = torch.full((n_a,), -1, dtype=torch.long, device=hidden.device)
-                self._set_row_hooks(
-                    torch.cat([batch.row_hooks_target, pad]) if batch.row_hooks_target is not None else None
-                )
+                stacked = batch.row_hooks_stacked
+                if stacked is None and batch.row_hooks_target is not None:
+                    pad = torch.full((n_a,), -1, dtype=torch.long, device=hidden.device)
+                    stacked = torch.cat([batch.row_hooks_target, pad])
+                self._set_row_hooks(stacked)
         else:
             self._set_row_hooks(batch.row_hooks_target)
         try:

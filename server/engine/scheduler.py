@@ -48,6 +48,15 @@ class Scheduler:
         self.assistant_slots = SlotPool(max_num_seqs)
         self.version = 0  # bumped whenever the running set changes (cached batch tensors go stale)
 
+    def resize(self, slots: int) -> None:
+        """Change the slot count (the KV budget's), before any sequence runs."""
+        if self.running:
+            raise RuntimeError("cannot resize the slot pools while sequences run")
+        self.max_num_seqs = slots
+        self.target_slots = SlotPool(slots)
+        self.assistant_slots = SlotPool(slots)
+        self.version += 1
+
     def add(self, request: Request) -> None:
         self.waiting.append(request)
 

@@ -38,7 +38,11 @@ class CliError(UnlearnServeError):
     """A bad command line: printed without a traceback, exit code 2."""
 
 
+NO_COMMAND = ""  # build_parser(NO_COMMAND): the top-level parser only, no subcommand module imported
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The CLI parser; `only` configures just that subcommand (None: all of them, which imports them all)."""
     from unlearn_serve import __version__
 
     parser = argparse.ArgumentParser(prog="unlearn-serve", description=DESCRIPTION)
@@ -61,7 +65,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    only = next((a for a in argv if a in COMMANDS), None)
+    # Configure only the command asked for: `--help`/`--version` and each command stay fast, since a
+    # command module may import torch when it configures its flags.
+    only = next((a for a in argv if a in COMMANDS), NO_COMMAND)
     parser = build_parser(only)
     args = parser.parse_args(argv)
     if not args.command:

@@ -5,9 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from unlearn_serve.tiny import save_tiny
-from unlearn_serve.training.uoe_tiny_facts import FORGET_QA, RETAIN_QA, build_facts_model, recall, write_jsonl
-
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="directory: model/, forget.jsonl, retain.jsonl")
@@ -18,6 +15,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`unlearn-serve make-tiny-moe-facts`: exit 0 when the model completes every fact, else 1."""
+    from unlearn_serve.tiny import save_tiny
+    from unlearn_serve.training.uoe_tiny_facts import FORGET_QA, RETAIN_QA, build_facts_model, recall, write_jsonl
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = build_facts_model(args.family, steps=args.steps, seed=args.seed)

@@ -1,0 +1,234 @@
+"""ULD and UOE behind the engine's one backend interface (`unlearning.base.UnlearningBackend`).
+
+    ULD: assistant rows (the target's layers < K + per-row LoRA) stacked under the target rows;
+         logits = target - alpha * assistant on the target's plausible tokens.
+    UOE: per-row expert patches applied by router/expert hooks; logits untouched.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from unlearn_serve.server.engine.errors import EngineInputError
+from unlearn_serve.server.unlearning.base import BatchRows, UnlearningBackend
+from unlearn_serve.server.unlearning.uld import (
+    Assistant,
+    AssistantRegistry,
+    combine_logits,
+    combine_on_candidates,
+    plausible_mask,
+)
+
+from unlearn_serve.artifact import ArtifactError
+
+# Above this many plausible tokens in a row, the assistant's LM head runs on the whole vocabulary.
+ULD_MAX_CANDIDATES = 256
+
+
+@dataclass
+class ULDChoice:
+    """A request's resolved ULD selection."""
+
+    assistant: Assistant
+    alpha: float
+    filter: float
+    uses_assistant: bool = True
+
+    @property
+    def name(self) -> str:
+        return self.assistant.name
+
+
+@dataclass
+class PatchChoice:
+    """A request's resolved UOE expert-patch selection."""
+
+    name: str
+    patch_id: int
+    handle: Any = None
+    uses_assistant: bool = False
+
+
+@dataclass
+class ULDPlan:
+    logit_rows: torch.Tensor  # logits rows of unlearned target rows
+    hidden_rows: torch.Tensor  # their assistant rows
+    hidden_pos: torch.Tensor  # and positions in them
+    alpha: torch.Tensor
+    log_filter: torch.Tensor
+
+
+def log_filter(filters: torch.Tensor) -> torch.Tensor:
+    """ln(filter), with filter 0 meaning 'keep every token'."""
+    return torch.where(filters > 0, filters.clamp_min(1e-30).log(), torch.full_like(filters, float("-inf")))
+
+
+class ULDBackend(UnlearningBackend):
+    kind = "uld"
+
+    def __init__(self, model: torch.nn.Module, fingerprint: dict, model_name: str, runner):
+        self.registry = AssistantRegistry(model, fingerprint, model_name)
+        self.runner = runner
+        # True where the decode step must not read the device (CUDA graphs): the assistant's LM head then
+        # runs on the whole vocabulary, since the plausible-set size would be a host read.
+        self.sync_free = False
+
+    def names(self) -> list[str]:
+        return list(self.registry.assistants)
+
+    def resolve(self, name: str, options: dict[str, Any]) -> ULDChoice | None:
+        assistant = self.registry.assistants.get(name)
+        if assistant is None or assistant.unloading:
+            return None
+        alpha = float(options.get("alpha", assistant.alpha))
+        filt = float(options.get("filter", assistant.filter))
+        if not math.isfinite(alpha):
+            raise EngineInputError("unlearning.alpha must be a finite number", "unlearning.alpha")
+        if not 0.0 <= filt <= 1.0:
+            raise EngineInputError("unlearning.filter must be in [0, 1]", "unlearning.filter")
+        return ULDChoice(assistant, alpha, filt)
+
+    def read(self, name: str, path) -> Assistant:
+        return self.registry.read(name, path)
+
+    def install(self, assistant: Assistant) -> Assistant:
+        # Never reallocates KV that running sequences use: refused beyond the reserved budget.
+        self.runner.ensure_assistant_cache(assistant.num_layers, assistant.name)
+        return self.registry.add(assistant)
+
+    def remove(self, name: str) -> None:
+        self.registry.remove(name)
+
+    def mark_unloading(self, name: str) -> None:
+        self.registry.assistants[name].unloading = True
+
+    def is_unloading(self, name: str) -> bool:
+        return self.registry.assistants[name].unloading
+
+    def prepare(self, rows: BatchRows, batch) -> ULDPlan | None:
+        dev = rows.device
+        n_target = len(rows.choices)
+        by_k: dict[int, list[int]] = {}
+        by_adapter: dict[int, list[int]] = {}
+        for choice, arow in zip(rows.choices, rows.assistant_row, strict=True):
+            if choice is not None and arow >= 0:
+                by_k.setdefault(choice.assistant.num_layers, []).append(arow)
+                by_adapter.setdefault(choice.assistant.adapter_id, []).append(n_target + arow)
+        if not by_k:
+            return None
+        batch.assistant_exits = {k: torch.tensor(v, device=dev) for k, v in by_k.items()}
+        batch.lora_groups = [(a, torch.tensor(v, device=dev)) for a, v in by_adapter.items()]
+        logit_rows, hidden_rows, hidden_pos, alpha, filt = [], [], [], [], []
+        for j, (t, pos) in enumerate(rows.logit_rows):
+            choice = rows.choices[t]
+            if choice is not None and rows.assistant_row[t] >= 0:
+                logit_rows.append(j)
+                hidden_rows.append(rows.assistant_row[t])
+                hidden_pos.append(pos)
+                alpha.append(choice.alpha)
+                filt.append(choice.filter)
+        if not logit_rows:
+            return None
+
+        def t(values, dtype=None):
+            return torch.tensor(values, device=dev, dtype=dtype)
+
+        return ULDPlan(t(logit_rows), t(hidden_rows), t(hidden_pos), t(alpha), log_filter(t(filt, torch.float32)))
+
+    def process_logits(self, plan: ULDPlan | None, logits: torch.Tensor, assistant_hidden) -> torch.Tensor:
+        if plan is None:
+            return logits
+        hidden = assistant_hidden[plan.hidden_rows, plan.hidden_pos]
+        logits[plan.logit_rows] = self.combine(logits[plan.logit_rows], hidden, plan.alpha, plan.log_filter)
+        return logits
+
+    def combine(
+        self, target_logits: torch.Tensor, assistant_hidden: torch.Tensor, alpha: torch.Tensor, log_filter: torch.Tensor
+    ) -> torch.Tensor:
+        """ULD logits for [S] unlearned rows: target - alpha * assistant on the target's plausible tokens.
+
+        The assistant's LM head runs only on the plausible tokens (the top-M by target logit, M the
+        largest plausible-set size in the batch: one host read) unless M is large (a low filter), the
+        head cannot be sliced, or the step must not read the device (`sync_free`); then it runs on the
+        whole vocabulary.
+        """
+        runner = self.runner
+        if not self.sync_free:
+            keep = plausible_mask(target_logits, log_filter)
+            m = int(keep.sum(dim=-1).max())
+            if m <= ULD_MAX_CANDIDATES:
+                candidates = target_logits.topk(m, dim=-1).indices
+                assistant = runner.candidate_logits(assistant_hidden, candidates)
+                if assistant is not None:
+                    return combine_on_candidates(target_logits, candidates, assistant, alpha, keep)
+        return combine_logits(target_logits, runner.logits(assistant_hidden), alpha, log_filter)
+
+
+class UOEBackend(UnlearningBackend):
+    kind = "uoe"
+
+    def __init__(self, model: torch.nn.Module, fingerprint: dict, model_name: str, runner):
+        self.model, self.fingerprint, self.model_name, self.runner = model, fingerprint, model_name, runner
+        self.patches = None  # ExpertPatchSet, created on the first load (the model must be MoE)
+        self.unloading: set[str] = set()
+
+    def names(self) -> list[str]:
+        return self.patches.names() if self.patches is not None else []
+
+    def resolve(self, name: str, options: dict[str, Any]) -> PatchChoice | None:
+        if self.patches is None or name in self.unloading:
+            return None
+        patch_id = self.patches.lookup(name)
+        if patch_id is None:
+            return None
+        if options:
+            raise EngineInputError("UOE expert patches take no `unlearning` options", "unlearning")
+        return PatchChoice(name, patch_id)
+
+    def read(self, name: str, path):
+        from unlearn_serve.server.unlearning.uoe import ExpertPatchSet
+
+        from unlearn_serve.families import NotMoEError
+
+        # File reads, validation and tensor preparation here, on the caller's thread: decoding goes on.
+        patches = self.patches
+        if patches is None:
+            try:
+                patches = ExpertPatchSet(self.model, self.model_name, base_fingerprint=self.fingerprint)
+            except NotMoEError as exc:
+                raise ArtifactError(f"{path}: cannot serve a UOE expert patch: {exc}") from None
+        return patches, patches.read(name, path)
+
+    def install(self, prepared) -> int:
+        patches, loaded = prepared
+        if self.patches is None:
+            self.patches = patches
+            self.runner.row_hooks.append(patches)
+        return self.patches.install(loaded)
+
+    def remove(self, name: str) -> None:
+        self.patches.remove(name)
+        self.unloading.discard(name)
+
+    def mark_unloading(self, name: str) -> None:
+        self.unloading.add(name)
+
+    def is_unloading(self, name: str) -> bool:
+        return name in self.unloading
+
+    def prepare(self, rows: BatchRows, batch) -> None:
+        if self.patches is None:
+            return None
+        ids = torch.tensor([c.patch_id if c is not None else -1 for c in rows.choices], device=rows.device)
+        batch.row_hooks_target = ids
+        if rows.num_assistant_rows:  # assistant rows (layers < K) take no patch
+            batch.row_hooks_stacked = torch.cat([ids, ids.new_full((rows.num_assistant_rows,), -1)])
+        # group the rows now, on the host: the patch set remembers these tensors, so the forward reads nothing
+        for spec in (ids, batch.row_hooks_stacked):
+            if spec is not None:
+                self.patches.set_rows(spec)
+        self.patches.set_rows(None)
+        return None
