@@ -29,7 +29,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,7 @@ class BenchConfig:
     moe_family: str = "qwen2_moe"
     moe_experts: int = 8
     moe_top_k: int = 2
+    moe_max_epochs: int = 60  # the MoE memorises slower (quick: answer loss 0.64 after the Llama's 40 epochs)
     uoe_max_minutes: float = 10.0  # wall-time cap of each UOE run (its adaptive schedule usually stops earlier)
 
     @classmethod
@@ -90,7 +91,8 @@ class BenchConfig:
             uld_epochs=5,
             uld_min_steps=100,
             uld_retain_rows=180,  # every retain_perturbed row of the 9 retain authors
-            uoe_max_minutes=3.0,
+            uoe_max_minutes=2.0,
+            moe_max_epochs=100,
         )
 
     def model_key(self, family: str = "llama") -> str:
@@ -98,7 +100,8 @@ class BenchConfig:
                 "intermediate_size", "max_epochs", "target_loss", "batch_size", "learning_rate", "seed")
         blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
         if family != "llama":  # the dense key stays what it was (cached models keep working)
-            blob += json.dumps({"family": family, "experts": self.moe_experts, "top_k": self.moe_top_k})
+            blob += json.dumps({"family": family, "experts": self.moe_experts, "top_k": self.moe_top_k,
+                                "epochs": self.moe_max_epochs})
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def architecture(self, family: str) -> dict[str, Any]:
@@ -242,8 +245,9 @@ def ensure_models(
     texts = [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in data["target_train"]]
     tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size, chat_template=None)
     info: dict[str, Any] = {"config": asdict(cfg)}
+    schedule = cfg if family == "llama" else replace(cfg, max_epochs=cfg.moe_max_epochs)
     for name, split in (("target", "target_train"), ("retain", "retain_train")):
-        model, stats = train_memorise(data[split], tokenizer, cfg, f"train {family} {name}", family)
+        model, stats = train_memorise(data[split], tokenizer, schedule, f"train {family} {name}", family)
         save_tiny(model, tokenizer, d / name)
         info[name] = stats
         print(f"[bench] {name}: {stats}")

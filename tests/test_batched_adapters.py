@@ -185,6 +185,8 @@ def test_uoe_patched_rows_need_no_host_sync_and_match_rows_run_alone(tokenizer, 
     with torch.inference_mode():
         patches.set_rows(torch.tensor(assignment))  # a tensor: grouped once, before the forward
         with forbid_host_sync():
+            # with the ids as a host list too, even the grouping reads nothing back
+            patches.set_rows(torch.tensor(assignment), host_ids=assignment)
             batched = model(ids).logits
             again = model(ids).logits  # a second step on the same assignment: still no read-back
         patches.clear_rows()

@@ -79,7 +79,7 @@ def reference_combined_logprobs(base, artifact_dir, num_layers, ids, alpha, filt
 @pytest.fixture(params=["plausible-only head", "full-vocabulary head"])
 def assistant_head_path(request, engine, monkeypatch):
     """Run a test through both ways of scoring the assistant, and check that the chosen one ran."""
-    import unlearn_serve.server.engine.engine as engine_module
+    import unlearn_serve.server.unlearning.backends as engine_module
 
     if request.param == "full-vocabulary head":
         monkeypatch.setattr(engine_module, "ULD_MAX_CANDIDATES", 0)

@@ -74,9 +74,13 @@ class Calibration:
     def verdict(self) -> str:
         s = self.chosen
         fluent = s.fluent >= math.ceil(self.targets.min_fluent * s.forget_rows - 1e-9)
+        kept = (
+            f"keeps {s.kept}/{s.retain_rows} held-out retain answers"
+            if s.retain_rows
+            else "retain not checked (fewer than 4 retain records: none held out)"
+        )
         line = (
-            f"forgets {s.known - s.leaked}/{s.known} validation facts, keeps {s.kept}/{s.retain_rows} "
-            f"held-out retain answers, {'fluent' if fluent else 'NOT fluent'} "
+            f"forgets {s.known - s.leaked}/{s.known} validation facts, {kept}, {'fluent' if fluent else 'NOT fluent'} "
             f"({s.fluent}/{s.forget_rows} lead-ins intact) at alpha {s.alpha:g}, filter {self.filter:g}"
         )
         if self.met:

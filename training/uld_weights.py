@@ -61,11 +61,11 @@ def knowledge_weights(
     batch_size: int = 8,
     reference_labels: list[list[int]] | None = None,
     common: float = 0.25,
-) -> list[list[float]]:
+) -> list[list[float]] | None:
     """Weights in [0, 1] for each example's label positions (1..), in the order of `examples`.
 
-    `examples[i]` must be `records[i]` rendered. Non-QA records (plain text, chat) and sets with a
-    single distinct question get weight 1 everywhere (nothing to contrast with).
+    `examples[i]` must be `records[i]` rendered. Non-QA records (plain text, chat) get weight 1
+    everywhere (no question to tell the fact from the lead-in); None when there is no QA record at all.
     """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ones = [[1.0] * sum(1 for t in lab[1:] if t != IGNORE_INDEX) for _, lab in examples]
@@ -77,7 +77,7 @@ def knowledge_weights(
     qa = [i for i, r in enumerate(records) if record_kind(r) == "qa"]
     questions = sorted({records[i]["question"] for i in qa})
     if not qa:
-        return ones
+        return None
     was_training = model.training
     model.eval()
     own = _answer_log_probs(model, [examples[i] for i in qa], pad, batch_size) if contrasts else []

@@ -1,9 +1,17 @@
 """The generation engine: continuous batching over one model, unlearning chosen per request.
 
-A step is either a batched prefill of newly admitted sequences or one decode token for every
-running sequence:
+The engine is the step loop; its parts (docs/architecture.md, "The engine"):
 
-    forward (target rows + assistant rows) -> per-row logits hooks (ULD combination) -> sample
+    ArtifactManager   load, pin, unload artifacts of every UnlearningBackend (ULD, UOE)
+    Scheduler         waiting queue, slot pools (admission by free KV slots)
+    BatchBuilder      sequences -> ForwardBatch: persistent input buffers, bucketed decode rows
+    ModelRunner       one forward over target + assistant rows, on the slot KV cache
+    sampler           penalties, filters, sampling (batched tensor ops)
+    OutputProcessor   sampled ids -> detokenized, stop-checked deltas -> RequestOutputs
+
+A step is either a batched prefill of newly admitted sequences or one decode token for every
+running sequence. The decode step (`_decode_step`) is tensor-only: no host sync inside; its one
+device-to-host transfer is the sampled ids (and the logprobs asked for).
 
 The engine knows nothing of HTTP. It is driven either by `generate()`/`score()` (synchronous,
 for training/evaluation code) or by `AsyncEngine`, which runs `step()` on a background thread.
@@ -19,51 +27,49 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
-from unlearn_serve.server.engine.kv_cache import AttnGroup, decode_mask, prefill_mask
-from unlearn_serve.server.engine.model_runner import ForwardBatch, ModelRunner
+from unlearn_serve.server.engine.artifact_manager import ArtifactManager
+from unlearn_serve.server.engine.batch_builder import BatchBuilder, DecodeState
+from unlearn_serve.server.engine.errors import EngineInputError, UnknownArtifactError
+from unlearn_serve.server.engine.kv_budget import (
+    KVLayout,
+    activation_estimate,
+    cuda_budget,
+    plan_slots,
+)
+from unlearn_serve.server.engine.model_runner import ModelRunner
+from unlearn_serve.server.engine.output_processor import (
+    OutputProcessor,
+    finite_logprobs,
+    logprob_entries,
+    prompt_logprobs,
+)
 from unlearn_serve.server.engine.sampler import SamplingBatch, apply_penalties, gather_logprobs, sample
 from unlearn_serve.server.engine.sampling_params import SamplingParams, SamplingParamsError
 from unlearn_serve.server.engine.scheduler import Scheduler
 from unlearn_serve.server.engine.sequence import (
-    LOGPROB_FLOOR,
     Request,
     RequestOutput,
     Selection,
     Sequence,
-    SequenceOutput,
     TokenLogprob,
 )
-from unlearn_serve.server.unlearning.uld import (
-    Assistant,
-    AssistantRegistry,
-    combine_logits,
-    combine_on_candidates,
-    plausible_mask,
-)
+from unlearn_serve.server.unlearning.backends import PatchChoice, ULDBackend, ULDChoice, UOEBackend
+from unlearn_serve.server.unlearning.uld import Assistant
 
-from unlearn_serve.artifact import ArtifactError, fingerprint_model
+from unlearn_serve.artifact import fingerprint_model
 
-
-class EngineInputError(ValueError):
-    """A request the engine cannot run as given (prompt too long, bad parameters)."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
-
-
-class UnknownArtifactError(LookupError):
-    """A request named an unlearning artifact that is not loaded."""
-
-
-# Tokens of context (prompt, then earlier output) decoded before the newest token, as in vLLM.
-DETOKENIZE_CONTEXT = 5
-
-# Above this many plausible tokens in a row, the assistant's LM head runs on the whole vocabulary.
-ULD_MAX_CANDIDATES = 256
+__all__ = [
+    "Completion",
+    "Engine",
+    "EngineConfig",
+    "EngineInputError",
+    "GenerationResult",
+    "PatchChoice",
+    "ULDChoice",
+    "UnknownArtifactError",
+]
 
 
 @dataclass
@@ -77,30 +83,13 @@ class EngineConfig:
     # build so that loading an assistant while requests run never reallocates live KV. None: a quarter
     # of the model's layers, raised to the K of assistants loaded before the first request. 0: none.
     assistant_kv_layers: int | None = None
-
-
-@dataclass
-class ULDChoice:
-    """A request's resolved ULD selection."""
-
-    assistant: Assistant
-    alpha: float
-    filter: float
-    uses_assistant: bool = True
-
-    @property
-    def name(self) -> str:
-        return self.assistant.name
-
-
-@dataclass
-class PatchChoice:
-    """A request's resolved UOE expert-patch selection."""
-
-    name: str
-    patch_id: int
-    handle: Any = None
-    uses_assistant: bool = False
+    # KV budget in bytes (CPU; on CUDA it overrides gpu_memory_utilization). None on CPU: one slot per
+    # max_num_seqs. The slots it holds (at most max_num_seqs) are the sequences that run at once.
+    kv_cache_memory: int | None = None
+    gpu_memory_utilization: float = 0.9  # CUDA: share of the device's memory the process may use
+    # Decode step without any device read (ULD then scores the assistant on the whole vocabulary).
+    # None: on CUDA only, where a read stalls the launch queue; on CPU a read costs nothing.
+    sync_free_decode: bool | None = None
 
 
 @dataclass
@@ -119,25 +108,6 @@ class GenerationResult:
     prompt_token_ids: list[int]
     prompt_logprobs: list[TokenLogprob | None] | None
     completions: list[Completion] = field(default_factory=list)
-
-
-@dataclass
-class _DecodeState:
-    """Batch tensors that depend only on the running set (rebuilt when `scheduler.version` moves)."""
-
-    version: int
-    rows: list[Sequence | None]
-    assistant_rows: list[Sequence | None]
-    sampling: SamplingBatch
-    uld_target_rows: torch.Tensor | None  # target rows with an assistant
-    uld_assistant_rows: torch.Tensor | None  # their assistant rows, same order
-    uld_alpha: torch.Tensor | None
-    uld_log_filter: torch.Tensor | None
-    assistant_exits: dict[int, torch.Tensor]
-    lora_groups: list[tuple[int, torch.Tensor]]
-    logprob_rows: list[int]
-    logprob_top: int
-    row_patches: torch.Tensor | None
 
 
 class Engine:
@@ -163,23 +133,26 @@ class Engine:
         self.runner.reserve_assistant_cache(min(max(int(reserve), 0), self.runner.num_layers))
         self.device = self.runner.device
         self.vocab_size = int(self.runner.lm_head.weight.shape[0])
-        self.assistants = AssistantRegistry(model, self.fingerprint, model_name)
-        self.patches = None  # UOE ExpertPatchSet, created on first load
-        self._unloading_patches: set[str] = set()  # UOE patches waiting for their in-flight requests
-        # Artifact pins: a request pins its artifact when it is resolved (one locked step with the
-        # unload check) and unpins when it finishes; an artifact is removed only at zero pins.
-        self._artifact_lock = threading.Lock()
-        self._pins: dict[str, int] = {}
-        self.scheduler = Scheduler(self.config.max_num_seqs, self.config.max_prefill_tokens)
+        # KV budget: probe the per-layer K/V shapes, then size the slots (refused if not even one fits)
+        self._kv_shapes = self.runner.probe_kv()
+        self.scheduler = Scheduler(self._plan_slots(), self.config.max_prefill_tokens)
         self.requests: dict[str, Request] = {}
         self.eos_token_ids = self._eos_ids()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.wakeup = threading.Event()
         self.engine_thread: threading.Thread | None = None  # set by AsyncEngine
-        self._decode_state: _DecodeState | None = None
-        self._pending_unloads: list[tuple[str, threading.Event]] = []
+        self.uld = ULDBackend(model, self.fingerprint, model_name, self.runner)
+        self.uoe = UOEBackend(model, self.fingerprint, model_name, self.runner)
+        sync_free = self.config.sync_free_decode
+        self.uld.sync_free = self.device.type == "cuda" if sync_free is None else sync_free
+        self.artifacts = ArtifactManager(
+            [self.uld, self.uoe], model_name, self.call_soon, self._on_engine_thread, self.wakeup
+        )
+        self.output = OutputProcessor(
+            tokenizer, self.eos_token_ids, self.max_model_len, self.scheduler, self.requests, self.artifacts.unpin
+        )
+        self.builder: BatchBuilder | None = None  # made with the KV allocation, when the slot count is final
         self._last_step_prefilled = False
-        self._outputs: list[RequestOutput] = []
         self._ids = itertools.count()
         m = self.config.max_num_seqs
         # Penalty state per target slot: prompt tokens seen, output token counts.
@@ -202,14 +175,52 @@ class Engine:
                 ids.update(int(i) for i in source)
         return ids
 
+    def _on_engine_thread(self) -> bool:
+        return self.engine_thread is None or threading.current_thread() is self.engine_thread
+
+    # ================================================================== KV budget
+    def kv_layout(self) -> KVLayout:
+        return KVLayout(
+            self.runner.kv_bytes_per_token(self._kv_shapes), self.max_model_len, self.runner.assistant_cache_layers
+        )
+
+    def _plan_slots(self) -> int:
+        cfg = self.config
+        budget, source = cfg.kv_cache_memory, "--kv-cache-memory"
+        if budget is None and self.device.type == "cuda":
+            hidden = int(getattr(self.model.config, "hidden_size", 0) or 0)
+            elem = torch.empty(0, dtype=self.runner.dtype).element_size()
+            activations = activation_estimate(cfg.max_prefill_tokens, hidden, self.vocab_size, cfg.max_num_seqs, elem)
+            budget = cuda_budget(self.device, cfg.gpu_memory_utilization, activations)
+            source = f"--gpu-memory-utilization {cfg.gpu_memory_utilization}"
+        slots = plan_slots(self.kv_layout(), budget, cfg.max_num_seqs, source)
+        self.runner.set_num_slots(slots)
+        return slots
+
+    def allocate_kv(self) -> None:
+        """Allocate the whole KV cache (once, before the first request is served; the CLI calls it after
+        loading the start-up artifacts, whose depth may have raised the assistant reserve)."""
+        if self.builder is not None:
+            return
+        slots = self._plan_slots()  # the reserve may have grown since __init__
+        if slots != self.scheduler.max_num_seqs:
+            self.scheduler.resize(slots)
+        self.runner.cache.allocate(self._kv_shapes)
+        self.builder = BatchBuilder(self.scheduler, self.artifacts.backends, slots, self.vocab_size, self.device)
+
+    @property
+    def num_slots(self) -> int:
+        """Sequences that can run at once (the KV budget's slots, at most max_num_seqs)."""
+        return self.scheduler.max_num_seqs
+
     # ================================================================== thread-safe API
     def new_request_id(self) -> str:
         return f"req-{next(self._ids)}"
 
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         try:
-            # n above the batch size could never be admitted and would block the queue behind it
-            params.validate(self.vocab_size, min(self.config.max_n, self.config.max_num_seqs), self.config.max_logprobs)
+            # n above the slot count could never be admitted and would block the queue behind it
+            params.validate(self.vocab_size, min(self.config.max_n, self.num_slots), self.config.max_logprobs)
         except SamplingParamsError as exc:
             raise EngineInputError(str(exc), exc.param) from None
         if not prompt_token_ids:
@@ -226,35 +237,13 @@ class Engine:
                 "max_tokens" if n < self.max_model_len else "prompt",
             )
 
-    def resolve(self, selection: Selection | None) -> ULDChoice | PatchChoice | None:
-        if selection is None:
-            return None
-        assistant = self.assistants.assistants.get(selection.name)
-        if assistant is not None and not assistant.unloading:
-            opts = selection.options or {}
-            alpha = float(opts.get("alpha", assistant.alpha))
-            filt = float(opts.get("filter", assistant.filter))
-            if not math.isfinite(alpha):
-                raise EngineInputError("unlearning.alpha must be a finite number", "unlearning.alpha")
-            if not 0.0 <= filt <= 1.0:
-                raise EngineInputError("unlearning.filter must be in [0, 1]", "unlearning.filter")
-            return ULDChoice(assistant, alpha, filt)
-        if self.patches is not None and selection.name not in self._unloading_patches:
-            if selection.options:
-                raise EngineInputError("UOE expert patches take no `unlearning` options", "unlearning")
-            patch_id = self.patches.lookup(selection.name)
-            if patch_id is not None:
-                return PatchChoice(selection.name, patch_id)
-        raise UnknownArtifactError(f"The model `{selection.name}` does not exist.")
+    def resolve(self, selection: Selection | None):
+        return self.artifacts.resolve(selection)
 
     def add_request(self, request: Request) -> None:
-        """Validate, resolve the unlearning selection and queue (any thread)."""
+        """Validate, resolve the unlearning selection, pin its artifact and queue (any thread)."""
         self.check_request(request.prompt_token_ids, request.params)
-        with self._artifact_lock:
-            request.backend = self.resolve(request.selection)
-            if request.backend is not None:
-                self._pins[request.backend.name] = self._pins.get(request.backend.name, 0) + 1
-                request.pinned = True
+        self.artifacts.pin(request)
         self._inbox.put(("add", request))
         self.wakeup.set()
 
@@ -265,7 +254,7 @@ class Engine:
     def call_soon(self, fn) -> Future:
         """Run `fn()` on the engine thread between steps (directly when no thread runs the engine)."""
         future: Future = Future()
-        if self.engine_thread is None or threading.current_thread() is self.engine_thread:
+        if self._on_engine_thread():
             try:
                 future.set_result(fn())
             except BaseException as exc:
@@ -276,92 +265,36 @@ class Engine:
         return future
 
     # ================================================================== artifacts
+    @property
+    def assistants(self):
+        """The ULD assistant registry."""
+        return self.uld.registry
+
+    @property
+    def patches(self):
+        """The UOE ExpertPatchSet (None until the first patch loads)."""
+        return self.uoe.patches
+
     def artifact_names(self) -> list[str]:
-        names = [n for n, a in self.assistants.assistants.items() if not a.unloading]
-        if self.patches is not None:
-            names += [n for n in self.patches.names() if n not in self._unloading_patches]
-        return names
+        return self.artifacts.names()
 
     def load_uld(self, name: str, path) -> Assistant:
-        if name in self.artifact_names() or name == self.model_name:
-            raise ArtifactError(f"an artifact named {name!r} is already loaded")
-        assistant = self.assistants.read(name, path)  # validation and I/O off the engine thread
-
-        def install():
-            # Never reallocates KV that running sequences use: refused beyond the reserved budget.
-            self.runner.ensure_assistant_cache(assistant.num_layers, name)
-            return self.assistants.add(assistant)
-
-        return self.call_soon(install).result()
+        return self.artifacts.load("uld", name, path)
 
     def load_uoe(self, name: str, path) -> int:
-        if name in self.artifact_names() or name == self.model_name:
-            raise ArtifactError(f"an artifact named {name!r} is already loaded")
-        from unlearn_serve.server.unlearning.uoe import ExpertPatchSet
-
-        from unlearn_serve.families import NotMoEError
-
-        # File reads, validation and tensor preparation here, on the caller's thread: decoding goes on.
-        patches = self.patches
-        if patches is None:
-            try:
-                patches = ExpertPatchSet(self.model, self.model_name, base_fingerprint=self.fingerprint)
-            except NotMoEError as exc:
-                raise ArtifactError(f"{path}: cannot serve a UOE expert patch: {exc}") from None
-        prepared = patches.read(name, path)
-
-        def install():
-            if self.patches is None:
-                self.patches = patches
-                self.runner.row_hooks.append(patches)
-            return self.patches.install(prepared)
-
-        return self.call_soon(install).result()
+        return self.artifacts.load("uoe", name, path)
 
     def unload(self, name: str) -> threading.Event:
         """Stop accepting requests for `name`; it is removed once every request that pinned it has finished."""
-        done = threading.Event()
-        with self._artifact_lock:
-            if name in self.assistants.assistants:
-                self.assistants.assistants[name].unloading = True
-            elif self.patches is not None and name in self.patches.names():
-                self._unloading_patches.add(name)  # refuse new requests for it from now on
-            else:
-                raise UnknownArtifactError(f"no artifact named {name!r} is loaded")
-            self._pending_unloads.append((name, done))
-        if self.engine_thread is None or threading.current_thread() is self.engine_thread:
-            self._finish_unloads()
-        else:
-            self.wakeup.set()  # the engine thread removes it between steps
-        return done
-
-    def _unpin(self, request: Request) -> None:
-        if not request.pinned:
-            return
-        request.pinned = False
-        with self._artifact_lock:
-            name = request.backend.name
-            self._pins[name] -= 1
-            if not self._pins[name]:
-                del self._pins[name]
-
-    def _finish_unloads(self) -> None:
-        """Remove artifacts marked for unloading that no request pins any more (engine thread)."""
-        with self._artifact_lock:
-            ready = [(n, d) for n, d in self._pending_unloads if not self._pins.get(n)]
-            self._pending_unloads = [(n, d) for n, d in self._pending_unloads if self._pins.get(n)]
-        for name, done in ready:
-            if name in self.assistants.assistants:
-                self.assistants.remove(name)
-            elif self.patches is not None and name in self.patches.names():
-                self.patches.remove(name)
-                self._unloading_patches.discard(name)
-            done.set()
+        return self.artifacts.unload(name)
 
     # ================================================================== stepping
     def has_work(self) -> bool:
         return bool(
-            self.scheduler.waiting or self.scheduler.running or not self._inbox.empty() or self._pending_unloads
+            self.scheduler.waiting
+            or self.scheduler.running
+            or not self._inbox.empty()
+            or self.artifacts.pending_unloads
         )
 
     def num_running(self) -> int:
@@ -398,11 +331,11 @@ class Engine:
             if seq.finish_reason is None:
                 seq.finish_reason = "abort"
             self.scheduler.release(seq)
-        self._emit(request, request.sequences)
+        self.output.emit(request, request.sequences)
 
     def fail_all(self, message: str) -> list[RequestOutput]:
         """After an unexpected step failure: end every request with an error, free every slot."""
-        self._outputs = []
+        self.output.take()
         for request in list(self.requests.values()):
             if request.finished:
                 continue
@@ -411,14 +344,16 @@ class Engine:
                 if seq.finish_reason is None:
                     seq.finish_reason = "abort"
                 self.scheduler.release(seq)
-            self._emit(request, request.sequences, error=message)
-        self._decode_state = None
-        return self._outputs
+            self.output.emit(request, request.sequences, error=message)
+        if self.builder is not None:
+            self.builder.invalidate()
+        return self.output.take()
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        self._outputs = []  # before the inbox: aborts handled there emit their final output too
+        self.output.take()  # before the inbox: aborts handled there emit their final output too
         self._drain_inbox()
+        self.allocate_kv()  # no-op after the first step
         # At least one decode step between two prefills while sequences run: a steady stream of
         # arrivals must not stall the running streams (each prefill is bounded by max_prefill_tokens).
         may_prefill = not (self.scheduler.running and self._last_step_prefilled)
@@ -428,9 +363,9 @@ class Engine:
             self._prefill(admitted)
         elif self.scheduler.running:
             self._decode()
-        if self._pending_unloads:
-            self._finish_unloads()
-        return self._outputs
+        if self.artifacts.pending_unloads:
+            self.artifacts.finish_unloads()
+        return self.output.take()
 
     # ------------------------------------------------------------------ prefill
     def _prefill(self, seqs: list[Sequence]) -> None:
@@ -441,77 +376,19 @@ class Engine:
                 request.scheduled_time = time.monotonic()
             if request.params.seed is not None:
                 seq.generator = torch.Generator(device=dev).manual_seed(request.params.seed + seq.index)
-        lengths = [s.prompt_len for s in seqs]
-        t = max(lengths)
-        n = len(seqs)
-        ids = torch.zeros(n, t, dtype=torch.long)
-        for i, seq in enumerate(seqs):
-            ids[i, : lengths[i]] = torch.tensor(seq.request.prompt_token_ids)
-        ids = ids.to(dev)
-        len_t = torch.tensor(lengths, device=dev)
-        mask = prefill_mask(len_t, t)
-        target_group = AttnGroup(0, n, 0, slots=torch.tensor([s.slot for s in seqs], device=dev), mask=mask)
-        uld_idx = [i for i, s in enumerate(seqs) if s.assistant_slot >= 0]
-        m = self.config.max_num_seqs
-        batch = ForwardBatch(
-            input_ids=ids,
-            position_ids=torch.arange(t, device=dev)[None].expand(n, t),
-            prefill=True,
-            n_target=n,
-            target_group=target_group,
-            row_hooks_target=self._row_patches(seqs),
-        )
-        if uld_idx:
-            sel = torch.tensor(uld_idx, device=dev)
-            na = len(uld_idx)
-            batch.input_ids = torch.cat([ids, ids[sel]])
-            batch.position_ids = torch.arange(t, device=dev)[None].expand(n + na, t)
-            batch.assistant_group = AttnGroup(
-                n,
-                n + na,
-                m,
-                slots=torch.tensor([m + seqs[i].assistant_slot for i in uld_idx], device=dev),
-                mask=mask[sel],
-            )
-            assistants = [seqs[i].request.backend.assistant for i in uld_idx]
-            batch.assistant_exits, batch.lora_groups = self._assistant_layout(assistants, n)
-        hidden_t, hidden_a = self.runner.forward(batch, self.assistants.rows)
-
-        # Which positions need logits: the last one, or all of them for prompt logprobs.
-        flat_rows, flat_pos, last_index, spans = [], [], [], []
-        for i, seq in enumerate(seqs):
-            start = len(flat_rows)
-            positions = range(lengths[i]) if seq.request.params.prompt_logprobs is not None else [lengths[i] - 1]
-            flat_rows.extend([i] * len(positions))
-            flat_pos.extend(positions)
-            spans.append((start, len(flat_rows)))
-            last_index.append(len(flat_rows) - 1)
-        rows_t = torch.tensor(flat_rows, device=dev)
-        pos_t = torch.tensor(flat_pos, device=dev)
-        logits = self.runner.logits(hidden_t[rows_t, pos_t])
-        if uld_idx:
-            comb_index, a_rows, a_pos, alphas, filters = [], [], [], [], []
-            for j, i in enumerate(uld_idx):
-                start, end = spans[i]
-                backend = seqs[i].request.backend
-                comb_index.extend(range(start, end))
-                a_rows.extend([j] * (end - start))
-                a_pos.extend(flat_pos[start:end])
-                alphas.extend([backend.alpha] * (end - start))
-                filters.extend([backend.filter] * (end - start))
-            comb_t = torch.tensor(comb_index, device=dev)
-            a_hidden = hidden_a[torch.tensor(a_rows, device=dev), torch.tensor(a_pos, device=dev)]
-            logits[comb_t] = self._combine_uld(
-                logits[comb_t], a_hidden, torch.tensor(alphas, device=dev), _log(torch.tensor(filters, device=dev))
-            )
+        layout = self.builder.prefill(seqs)
+        hidden_t, hidden_a = self.runner.forward(layout.batch, self.assistants.rows)
+        logits = self.runner.logits(hidden_t[layout.logit_rows, layout.logit_pos])
+        for backend, plan in layout.plans:
+            logits = backend.process_logits(plan, logits, hidden_a)
         for i, seq in enumerate(seqs):
             request = seq.request
             k = request.params.prompt_logprobs
             if k is not None and request.prompt_logprobs is None:
-                start, end = spans[i]
-                request.prompt_logprobs = self._prompt_logprobs(logits[start:end], request.prompt_token_ids, k)
+                start, end = layout.spans[i]
+                request.prompt_logprobs = prompt_logprobs(logits[start:end], request.prompt_token_ids, k)
 
-        last = logits[torch.tensor(last_index, device=dev)]
+        last = logits[torch.tensor(layout.last_index, device=dev)]
         params = [s.request.params for s in seqs]
         sampling = SamplingBatch.build(params, [s.generator for s in seqs], self.vocab_size, dev)
         slots = torch.tensor([s.slot for s in seqs], device=dev)
@@ -532,314 +409,70 @@ class Engine:
                 seq.finish_reason = "length"
                 self.scheduler.release(seq)
                 continue
-            self._append(seq, token, entries.get(i))
-        self._emit_many(seqs)
+            self.output.append(seq, token, entries.get(i))
+        self.output.emit_many(seqs)
 
-    def _combine_uld(
-        self, target_logits: torch.Tensor, assistant_hidden: torch.Tensor, alpha: torch.Tensor, log_filter: torch.Tensor
-    ) -> torch.Tensor:
-        """ULD logits for [S] unlearned rows: target - alpha * assistant on the target's plausible tokens.
-
-        The assistant's LM head runs only on the plausible tokens (the top-M by target logit, M the
-        largest plausible-set size in the batch; one host sync per step) unless M is large (a low
-        filter) or the head cannot be sliced; then it runs on the whole vocabulary.
-        """
-        keep = plausible_mask(target_logits, log_filter)
-        m = int(keep.sum(dim=-1).max())
-        if m <= ULD_MAX_CANDIDATES:
-            candidates = target_logits.topk(m, dim=-1).indices
-            assistant = self.runner.candidate_logits(assistant_hidden, candidates)
-            if assistant is not None:
-                return combine_on_candidates(target_logits, candidates, assistant, alpha, keep)
-        return combine_logits(target_logits, self.runner.logits(assistant_hidden), alpha, log_filter)
-
-    # ------------------------------------------------------------------ decode
-    def _decode(self) -> None:
-        state = self._decode_state
-        if state is None or state.version != self.scheduler.version:
-            state = self._decode_state = self._build_decode_state()
-        dev = self.device
-        rows = state.rows
-        bt = len(rows)
-        ids, pos = [], []
-        for seq in rows:
-            if seq is None:
-                ids.append(0)
-                pos.append(0)
-            else:
-                ids.append(seq.output_ids[-1])
-                pos.append(seq.total_len - 1)
-        ids_t = torch.tensor(ids, device=dev)
-        pos_t = torch.tensor(pos, device=dev)
-        view = max(pos) + 1
-        batch = ForwardBatch(
-            input_ids=ids_t[:, None],
-            position_ids=pos_t[:, None],
-            prefill=False,
-            n_target=bt,
-            target_group=AttnGroup(0, bt, 0, positions=pos_t, mask=decode_mask(pos_t, view), view_len=view),
-            row_hooks_target=state.row_patches,
-        )
-        if state.assistant_rows:
-            a_ids, a_pos = [], []
-            for seq in state.assistant_rows:
-                a_ids.append(0 if seq is None else seq.output_ids[-1])
-                a_pos.append(0 if seq is None else seq.total_len - 1)
-            a_pos_t = torch.tensor(a_pos, device=dev)
-            a_view = max(a_pos) + 1
-            ba = len(a_ids)
-            batch.input_ids = torch.cat([ids_t, torch.tensor(a_ids, device=dev)])[:, None]
-            batch.position_ids = torch.cat([pos_t, a_pos_t])[:, None]
-            batch.assistant_group = AttnGroup(
-                bt,
-                bt + ba,
-                self.config.max_num_seqs,
-                positions=a_pos_t,
-                mask=decode_mask(a_pos_t, a_view),
-                view_len=a_view,
-            )
-            batch.assistant_exits = state.assistant_exits
-            batch.lora_groups = state.lora_groups
-        hidden_t, hidden_a = self.runner.forward(batch, self.assistants.rows)
-        logits = self.runner.logits(hidden_t[:, 0])
-        if state.uld_target_rows is not None:
-            uld_rows = state.uld_target_rows
-            logits[uld_rows] = self._combine_uld(
-                logits[uld_rows], hidden_a[state.uld_assistant_rows, 0], state.uld_alpha, state.uld_log_filter
-            )
-        sampling = state.sampling
-        processed = apply_penalties(logits, sampling, self._prompt_mask[:bt], self._output_counts[:bt])
-        tokens = sample(processed, sampling)
-        if sampling.any_penalty:
-            self._output_counts[torch.arange(bt, device=dev), tokens] += 1
-        entries = self._token_logprobs(
-            logits, tokens, state.logprob_rows, [rows[i].request.params.logprobs for i in state.logprob_rows]
-        )
-        active = []
-        for i, token in enumerate(tokens.tolist()):
-            seq = rows[i]
-            if seq is None or seq.finish_reason is not None:
-                continue
-            self._append(seq, token, entries.get(i))
-            active.append(seq)
-        self._emit_many(active)
-
-    def _build_decode_state(self) -> _DecodeState:
-        dev = self.device
-        sched = self.scheduler
-        rows: list[Sequence | None] = [sched.running.get(i) for i in range(sched.target_slots.high_water)]
-        params = [s.request.params if s else None for s in rows]
-        # steps: tokens sampled so far, so that a seeded row's noise stream continues across rebuilds
-        steps = [len(s.output_ids) if s else 0 for s in rows]
-        sampling = SamplingBatch.build(params, [s.generator if s else None for s in rows], self.vocab_size, dev, steps)
-        assistant_rows: list[Sequence | None] = [None] * sched.assistant_slots.high_water
-        for seq in rows:
-            if seq is not None and seq.assistant_slot >= 0:
-                assistant_rows[seq.assistant_slot] = seq
-        uld_t, uld_a, alpha, filt = [], [], [], []
-        for arow, seq in enumerate(assistant_rows):
-            if seq is not None:
-                uld_t.append(seq.slot)
-                uld_a.append(arow)
-                alpha.append(seq.request.backend.alpha)
-                filt.append(seq.request.backend.filter)
-        exits: dict[int, torch.Tensor] = {}
-        lora_groups: list[tuple[int, torch.Tensor]] = []
-        if uld_a:
-            by_k: dict[int, list[int]] = {}
-            by_adapter: dict[int, list[int]] = {}
-            for arow in uld_a:
-                assistant = assistant_rows[arow].request.backend.assistant
-                by_k.setdefault(assistant.num_layers, []).append(arow)
-                by_adapter.setdefault(assistant.adapter_id, []).append(len(rows) + arow)
-            exits = {k: torch.tensor(v, device=dev) for k, v in by_k.items()}
-            lora_groups = [(a, torch.tensor(v, device=dev)) for a, v in by_adapter.items()]
-        logprob_rows = [i for i, s in enumerate(rows) if s is not None and s.request.params.logprobs is not None]
-        return _DecodeState(
-            version=sched.version,
-            rows=rows,
-            assistant_rows=assistant_rows if uld_a else [],
-            sampling=sampling,
-            uld_target_rows=torch.tensor(uld_t, device=dev) if uld_t else None,
-            uld_assistant_rows=torch.tensor(uld_a, device=dev) if uld_a else None,
-            uld_alpha=torch.tensor(alpha, device=dev) if uld_t else None,
-            uld_log_filter=_log(torch.tensor(filt, device=dev)) if uld_t else None,
-            assistant_exits=exits,
-            lora_groups=lora_groups,
-            logprob_rows=logprob_rows,
-            logprob_top=max((rows[i].request.params.logprobs for i in logprob_rows), default=0),
-            row_patches=self._row_patches(rows),
-        )
-
-    def _assistant_layout(self, assistants: list[Assistant], n_target: int):
-        by_k: dict[int, list[int]] = {}
-        by_adapter: dict[int, list[int]] = {}
-        for j, assistant in enumerate(assistants):
-            by_k.setdefault(assistant.num_layers, []).append(j)
-            by_adapter.setdefault(assistant.adapter_id, []).append(n_target + j)
-        dev = self.device
-        return (
-            {k: torch.tensor(v, device=dev) for k, v in by_k.items()},
-            [(a, torch.tensor(v, device=dev)) for a, v in by_adapter.items()],
-        )
-
-    def _row_patches(self, rows: list[Sequence | None]) -> torch.Tensor | None:
-        if self.patches is None:
-            return None
-        ids = [
-            s.request.backend.patch_id if s is not None and isinstance(s.request.backend, PatchChoice) else -1
-            for s in rows
-        ]
-        return torch.tensor(ids, device=self.device)
-
-    # ------------------------------------------------------------------ logprobs
     def _token_logprobs(
         self, logits: torch.Tensor, tokens: torch.Tensor, rows: list[int], tops: list[int]
     ) -> dict[int, TokenLogprob]:
         if not rows:
             return {}
         idx = torch.tensor(rows, device=self.device)
-        logprobs = _finite_logprobs(logits[idx])
-        chosen, top_v, top_i = gather_logprobs(logprobs, tokens[idx], max(tops))
-        chosen_l = chosen.tolist()
-        tok_l = tokens[idx].tolist()
-        top_v_l = top_v.tolist() if top_v is not None else None
-        top_i_l = top_i.tolist() if top_i is not None else None
-        out = {}
-        for j, row in enumerate(rows):
-            top = list(zip(top_i_l[j][: tops[j]], top_v_l[j][: tops[j]], strict=True)) if top_v_l else []
-            out[row] = TokenLogprob(tok_l[j], chosen_l[j], top)
-        return out
+        chosen, top_v, top_i = gather_logprobs(finite_logprobs(logits[idx]), tokens[idx], max(tops))
+        return dict(zip(rows, logprob_entries(tokens[idx].tolist(), chosen, top_v, top_i, tops), strict=True))
 
-    def _prompt_logprobs(self, logits: torch.Tensor, prompt: list[int], k: int) -> list[TokenLogprob | None]:
-        """Entry i > 0 is log p(prompt[i] | prompt[:i]); entry 0 has no context (None)."""
-        if len(prompt) < 2:
-            return [None]
-        logprobs = _finite_logprobs(logits[:-1])
-        targets = torch.tensor(prompt[1:], device=self.device)
-        chosen, top_v, top_i = gather_logprobs(logprobs, targets, k)
-        chosen_l = chosen.tolist()
-        top_v_l = top_v.tolist() if top_v is not None else None
-        top_i_l = top_i.tolist() if top_i is not None else None
-        result: list[TokenLogprob | None] = [None]
-        for j, tok in enumerate(prompt[1:]):
-            top = list(zip(top_i_l[j], top_v_l[j], strict=True)) if top_v_l else []
-            result.append(TokenLogprob(tok, chosen_l[j], top))
-        return result
+    # ------------------------------------------------------------------ decode
+    def _decode(self) -> None:
+        state = self.builder.decode_state()
+        batch = self.builder.decode_batch(state)
+        tokens, logprobs = self._decode_step(state, batch)
+        token_list = self._to_host(tokens)
+        entries: dict[int, TokenLogprob] = {}
+        if logprobs is not None:
+            rows = state.logprob_rows.tolist()
+            chosen = logprob_entries([token_list[r] for r in rows], *logprobs, state.logprob_tops)
+            entries = dict(zip(rows, chosen, strict=True))
+        active = []
+        for i, seq in enumerate(state.rows):
+            if seq is None or seq.finish_reason is not None:
+                continue
+            self.output.append(seq, token_list[i], entries.get(i))
+            active.append(seq)
+        self.output.emit_many(active)
 
-    # ------------------------------------------------------------------ per-sequence bookkeeping
-    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
-        request = seq.request
-        params = request.params
-        if request.first_token_time is None:
-            request.first_token_time = time.monotonic()
-        seq.output_ids.append(token)
-        if logprob is not None:
-            seq.pending_logprobs.append(logprob)
-        if not params.ignore_eos and token in self.eos_token_ids:
-            seq.finish_reason = "stop"
-        elif token in params.stop_token_ids:
-            seq.finish_reason = "stop"
-            seq.stop_reason = token
-        self._detokenize(seq)
-        if seq.finish_reason is None and params.stop:
-            self._check_stop_strings(seq)
-        if seq.finish_reason is None and (
-            len(seq.output_ids) >= params.max_tokens or seq.total_len >= self.max_model_len
-        ):
-            seq.finish_reason = "length"
-        if seq.finish_reason is not None:
-            self.scheduler.release(seq)
+    def _to_host(self, tokens: torch.Tensor) -> list[int]:
+        """The step's one device-to-host transfer: a non-blocking copy into pinned memory, then a wait on
+        its event (on CPU the tensor is already on the host)."""
+        if tokens.device.type != "cuda":
+            return tokens.tolist()
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        done.synchronize()
+        return host.tolist()
 
-    def _decode_text(self, ids: list[int], skip: bool) -> str:
-        # no clean-up: it rewrites text across token boundaries, so a prefix's text would not stay a prefix
-        return self.tokenizer.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+    def _decode_step(self, state: DecodeState, batch) -> tuple[torch.Tensor, tuple | None]:
+        """One token for every row: forward -> unlearning backends -> penalties -> sample.
 
-    def _detokenize(self, seq: Sequence) -> None:
-        """Append the text of the newest token (after vLLM's detokenize_incrementally).
-
-        The tokens are decoded in a window that starts a few tokens back, in the prompt at first, so a
-        SentencePiece "▁" that begins the window is what gets stripped, never the new token's: " Paris",
-        not "Paris". The window's text is kept, so a token costs one decode (plus one every
-        DETOKENIZE_CONTEXT tokens when the window slides).
+        Tensor ops only, on inputs already in the builder's buffers: no host sync (tested under a
+        patched `Tensor.item`/`tolist`/...), static shapes per decode bucket.
         """
-        skip = seq.request.params.skip_special_tokens
-        ids = seq.detok_ids
-        if not ids:  # first token: the window starts in the prompt
-            ids.extend(seq.request.prompt_token_ids[-DETOKENIZE_CONTEXT:])
-            seq.prefix_offset, seq.read_offset = 0, len(ids)
-            seq.read_text = self._decode_text(ids, skip)
-        ids.append(seq.output_ids[-1])
-        full = self._decode_text(ids[seq.prefix_offset :], skip)
-        # Hold back incomplete UTF-8 sequences (byte-level BPE splits characters across tokens).
-        if len(full) <= len(seq.read_text) or (full.endswith("\ufffd") and seq.finish_reason is None):
-            return
-        seq.text += full[len(seq.read_text) :]
-        seq.read_offset = len(ids)
-        seq.read_text = full
-        if seq.read_offset - seq.prefix_offset > 2 * DETOKENIZE_CONTEXT:  # keep the window short
-            seq.prefix_offset = seq.read_offset - DETOKENIZE_CONTEXT
-            seq.read_text = self._decode_text(ids[seq.prefix_offset :], skip)
-
-    def _check_stop_strings(self, seq: Sequence) -> None:
-        params = seq.request.params
-        longest = max(len(s) for s in params.stop)
-        start = max(0, seq.sent_text_len - longest)
-        best = None
-        for stop in params.stop:
-            idx = seq.text.find(stop, start)
-            if idx != -1 and (best is None or idx < best[0]):
-                best = (idx, stop)
-        if best is not None:
-            idx, stop = best
-            seq.text = seq.text[: idx + len(stop)] if params.include_stop_str_in_output else seq.text[:idx]
-            seq.finish_reason = "stop"
-            seq.stop_reason = stop
-
-    def _emit_many(self, seqs: list[Sequence]) -> None:
-        by_request: dict[str, tuple[Request, list[Sequence]]] = {}
-        for seq in seqs:
-            by_request.setdefault(seq.request.request_id, (seq.request, []))[1].append(seq)
-        for request, group in by_request.values():
-            self._emit(request, group)
-
-    def _emit(self, request: Request, seqs: list[Sequence], error: str | None = None) -> None:
-        outputs = []
-        for seq in seqs:
-            params = request.params
-            send_upto = len(seq.text)
-            if seq.finish_reason is None and params.stop:
-                # a stop string may be forming at the end: hold its possible prefix back
-                send_upto = max(seq.sent_text_len, len(seq.text) - (max(len(s) for s in params.stop) - 1))
-            text = seq.text[seq.sent_text_len : send_upto]
-            seq.sent_text_len = send_upto
-            tokens = seq.output_ids[seq.sent_token_len :]
-            seq.sent_token_len = len(seq.output_ids)
-            logprobs = None
-            if params.logprobs is not None:
-                logprobs, seq.pending_logprobs = seq.pending_logprobs, []
-            outputs.append(SequenceOutput(seq.index, text, tokens, logprobs, seq.finish_reason, seq.stop_reason))
-        prompt_logprobs = None
-        if request.prompt_logprobs is not None and not request.prompt_logprobs_sent:
-            prompt_logprobs = request.prompt_logprobs
-            request.prompt_logprobs_sent = True
-        finished = request.finished
-        out = RequestOutput(
-            request_id=request.request_id,
-            outputs=outputs,
-            prompt_token_ids=request.prompt_token_ids,
-            prompt_logprobs=prompt_logprobs,
-            finished=finished,
-            num_generated_tokens=request.num_generated_tokens,
-            error=error,
-        )
-        if finished:
-            request.finished_time = time.monotonic()
-            self.requests.pop(request.request_id, None)
-            self._unpin(request)
-        self._outputs.append(out)
-        if request.on_output is not None:
-            request.on_output(out)
+        hidden_t, hidden_a = self.runner.forward(batch, self.assistants.rows)
+        logits = self.runner.logits(hidden_t[:, 0])
+        for backend, plan in state.plans:
+            logits = backend.process_logits(plan, logits, hidden_a)
+        n = len(state.rows)
+        sampling = state.sampling
+        processed = apply_penalties(logits, sampling, self._prompt_mask[:n], self._output_counts[:n])
+        tokens = sample(processed, sampling)
+        if sampling.any_penalty:
+            self._output_counts[state.row_index, tokens] += 1
+        logprobs = None
+        if state.logprob_rows is not None:
+            rows = state.logprob_rows
+            logprobs = gather_logprobs(finite_logprobs(logits[rows]), tokens[rows], state.logprob_top)
+        return tokens, logprobs
 
     # ================================================================== synchronous API
     def encode_prompt(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
@@ -918,14 +551,3 @@ class Engine:
             [e.logprob for e in r.prompt_logprobs[len(c) :]]
             for r, c in zip(results, contexts, strict=True)
         ]
-
-
-
-def _finite_logprobs(logits: torch.Tensor) -> torch.Tensor:
-    """log_softmax floored at LOGPROB_FLOOR: unlearned rows put -inf on implausible tokens, and JSON has no -inf."""
-    return logits.log_softmax(dim=-1).nan_to_num(nan=LOGPROB_FLOOR).clamp_min(LOGPROB_FLOOR)
-
-
-def _log(filters: torch.Tensor) -> torch.Tensor:
-    """ln(filter), with filter 0 meaning 'keep every token'."""
-    return torch.where(filters > 0, filters.clamp_min(1e-30).log(), torch.full_like(filters, float("-inf")))

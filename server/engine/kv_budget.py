@@ -66,7 +66,10 @@ def parse_memory(text: str) -> int:
 
 
 def fmt(nbytes: float) -> str:
-    return f"{nbytes / GiB:.2f} GiB"
+    for unit, size in (("GiB", GiB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= size:
+            return f"{nbytes / size:.2f} {unit}"
+    return f"{int(nbytes)} bytes"
 
 
 def cuda_budget(device: torch.device, utilization: float, activation_bytes: int) -> int:
@@ -76,7 +79,9 @@ def cuda_budget(device: torch.device, utilization: float, activation_bytes: int)
     return int(utilization * total) - torch.cuda.memory_allocated(device) - activation_bytes
 
 
-def activation_estimate(max_prefill_tokens: int, hidden_size: int, vocab_size: int, max_num_seqs: int, elem: int) -> int:
+def activation_estimate(
+    max_prefill_tokens: int, hidden_size: int, vocab_size: int, max_num_seqs: int, elem: int
+) -> int:
     """A rough upper bound of a step's activations: a prefill's hidden-sized intermediates (MLP ~ 4x)
     and float32 logits for every decode row (several copies: softmax, penalties, sampling)."""
     return max_prefill_tokens * 12 * hidden_size * elem + max_num_seqs * vocab_size * 4 * 4

@@ -191,13 +191,14 @@ class ExpertPatchSet:
 
     # ------------------------------------------------------------------ row assignment
 
-    def set_rows(self, row_patch_ids: RowSpec | None) -> None:
+    def set_rows(self, row_patch_ids: RowSpec | None, host_ids: Sequence[int] | None = None) -> None:
         """Say which patch each batch row (or token) of the next forward(s) uses: a LongTensor [B] or a list
         of patch ids, names, or None; -1/None = no patch. `None` as a whole = no row uses a patch.
 
         The grouping (which rows use which patch) is host work, done once per row assignment: a list costs no
         device read; a tensor is read back once and then remembered by identity, so the engine's decode steps,
         which pass the same tensor, cost nothing here and the hooks themselves never read the device.
+        `host_ids`: the same ids as a host list, when the caller has them (a device tensor is then not read).
         """
         if row_patch_ids is None:
             self._row_ids, self._layer_groups, self._token_index = None, {}, {}
@@ -206,13 +207,15 @@ class ExpertPatchSet:
             if entry[0] is row_patch_ids:
                 self._row_ids, self._layer_groups, self._token_index = entry[1:]
                 return
-        if isinstance(row_patch_ids, torch.Tensor):
-            ids = row_patch_ids.detach().reshape(-1).to("cpu", torch.long)
+        if host_ids is not None:
+            id_list = [int(i) for i in host_ids]
+        elif isinstance(row_patch_ids, torch.Tensor):
+            id_list = row_patch_ids.detach().reshape(-1).to("cpu", torch.long).tolist()
         else:
-            ids = torch.tensor([self._resolve(x) for x in row_patch_ids], dtype=torch.long)
-        host_ids = ids.tolist()  # a CPU tensor here: no device sync
+            id_list = [self._resolve(x) for x in row_patch_ids]
+        ids = torch.tensor(id_list, dtype=torch.long)
         units_of: dict[int, list[int]] = {}
-        for unit, pid in enumerate(host_ids):
+        for unit, pid in enumerate(id_list):
             if pid != NO_PATCH:
                 units_of.setdefault(pid, []).append(unit)
         unknown = sorted(set(units_of) - set(self._by_id))

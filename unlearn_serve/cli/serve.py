@@ -31,6 +31,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="layers of KV reserved for ULD assistants loaded at run time (default: a quarter of the model's "
         "layers, or the deepest --uld assistant)",
     )
+    parser.add_argument(
+        "--kv-cache-memory", metavar="SIZE",
+        help="KV cache budget, e.g. 8GiB (bytes, or K/M/G/T[iB]); it sets how many sequences run at once (at "
+        "most --max-num-seqs). Default on CPU: room for --max-num-seqs; on CUDA: --gpu-memory-utilization",
+    )
+    parser.add_argument(
+        "--gpu-memory-utilization", type=float, default=0.9,
+        help="CUDA: share of the GPU's memory for weights + activations + KV cache (default 0.9)",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(
@@ -89,14 +98,32 @@ def build_engine(args: argparse.Namespace):
     )
     config = EngineConfig(
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, max_prefill_tokens=args.max_prefill_tokens,
-        assistant_kv_layers=args.assistant_kv_layers,
+        assistant_kv_layers=args.assistant_kv_layers, kv_cache_memory=kv_cache_bytes(args),
+        gpu_memory_utilization=args.gpu_memory_utilization,
     )
     engine = Engine(model, tokenizer, config, model_name=args.served_model_name or args.model)
     for name, path in parse_named(args.uld, "--uld"):
         engine.load_uld(name, path)
     for name, path in parse_named(args.uoe, "--uoe"):
         engine.load_uoe(name, path)
+    engine.allocate_kv()  # the whole KV cache, before listening (the --uld assistants may have deepened it)
+    logging.getLogger("unlearn_serve").info(
+        "KV cache: %.2f GiB, %d sequences of up to %d tokens at once",
+        engine.runner.cache.nbytes() / 2**30, engine.num_slots, engine.max_model_len,
+    )
     return engine
+
+
+def kv_cache_bytes(args: argparse.Namespace) -> int | None:
+    from unlearn_serve.cli import CliError
+    from unlearn_serve.server.engine.kv_budget import parse_memory
+
+    if args.kv_cache_memory is None:
+        return None
+    try:
+        return parse_memory(args.kv_cache_memory)
+    except ValueError as exc:
+        raise CliError(f"--kv-cache-memory: {exc}") from None
 
 
 def check_limits(args: argparse.Namespace) -> None:
@@ -110,6 +137,9 @@ def check_limits(args: argparse.Namespace) -> None:
         raise CliError(f"--drain-timeout {args.drain_timeout}: must be 0 or more seconds")
     if args.audit_log_max_bytes < 0:
         raise CliError(f"--audit-log-max-bytes {args.audit_log_max_bytes}: must be 0 or more")
+    if not 0 < args.gpu_memory_utilization <= 1:
+        raise CliError(f"--gpu-memory-utilization {args.gpu_memory_utilization}: must be in (0, 1]")
+    kv_cache_bytes(args)
     if not args.chat_template_timeout > 0:
         raise CliError(f"--chat-template-timeout {args.chat_template_timeout}: must be more than 0 seconds")
 

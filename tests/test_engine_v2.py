@@ -1,0 +1,193 @@
+"""Engine v2 (issue 15): the KV budget and admission by free KV, a decode step with no host sync,
+decode shapes within the batch-size buckets, mask-free attention where lengths allow."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from host_sync import forbid_host_sync
+from test_uld_serving import make_random_assistant
+from unlearn_serve.server.engine.batch_builder import decode_buckets
+from unlearn_serve.server.engine.engine import Engine, EngineConfig
+from unlearn_serve.server.engine.kv_budget import KVBudgetError, parse_memory
+from unlearn_serve.server.engine.sampling_params import SamplingParams
+from unlearn_serve.server.engine.sequence import Selection
+
+PROMPTS = ["The capital of France is", "Once upon a time", "Hello", "A B C D E F G H"]
+
+
+def _engine(model, tokenizer, **config) -> Engine:
+    return Engine(copy.deepcopy(model), tokenizer, EngineConfig(max_model_len=64, **config), "tiny")
+
+
+def _tokens(results) -> list[list[int]]:
+    return [c.token_ids for r in results for c in r.completions]
+
+
+@pytest.fixture(scope="module")
+def per_sequence_bytes(tiny_llama, tokenizer) -> int:
+    return _engine(tiny_llama, tokenizer, max_num_seqs=1, assistant_kv_layers=0).kv_layout().bytes_per_seq
+
+
+# ---------------------------------------------------------------------------------------------- item 2
+def test_admission_waits_when_the_kv_budget_is_full(tiny_llama, tokenizer, per_sequence_bytes):
+    budget = 2 * per_sequence_bytes + per_sequence_bytes // 2  # two sequences, not three
+    engine = _engine(tiny_llama, tokenizer, max_num_seqs=8, assistant_kv_layers=0, kv_cache_memory=budget)
+    assert engine.num_slots == 2
+    params = [SamplingParams(max_tokens=4 + i, temperature=0.0) for i in range(len(PROMPTS))]
+    running = []
+    original = engine.step
+
+    def step():
+        out = original()
+        running.append(engine.num_running())
+        return out
+
+    engine.step = step
+    engine.allocate_kv()
+    allocated = engine.runner.cache.nbytes()
+    assert 0 < allocated <= budget
+    results = engine.generate(PROMPTS, params)
+    assert max(running) == 2 and engine.num_waiting() == 0  # the others waited for a slot, then ran
+    assert engine.runner.cache.nbytes() == allocated  # serving allocated no KV
+    free = _engine(tiny_llama, tokenizer, max_num_seqs=8).generate(PROMPTS, params)
+    assert _tokens(results) == _tokens(free)
+
+
+def test_assistant_kv_counts_in_the_budget(tiny_llama, tokenizer, per_sequence_bytes):
+    budget = 2 * per_sequence_bytes + per_sequence_bytes // 2
+    engine = _engine(tiny_llama, tokenizer, max_num_seqs=8, assistant_kv_layers=tiny_llama.config.num_hidden_layers,
+                     kv_cache_memory=budget)
+    assert engine.num_slots == 1  # each sequence now also holds an assistant region on every layer
+
+
+def test_a_budget_below_one_sequence_is_refused_with_the_numbers(tiny_llama, tokenizer, per_sequence_bytes):
+    with pytest.raises(KVBudgetError) as err:
+        _engine(tiny_llama, tokenizer, assistant_kv_layers=0, kv_cache_memory=per_sequence_bytes - 1)
+    message = str(err.value)
+    assert "cannot hold one sequence of 64 tokens" in message and "KiB" in message and "\n" not in message
+
+
+def test_the_cli_refuses_a_too_small_budget_in_one_line(tiny_llama_dir, capsys):
+    from unlearn_serve.cli import main
+
+    code = main(["serve", "--model", str(tiny_llama_dir), "--max-model-len", "64", "--kv-cache-memory", "1KiB"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # (progress bars aside)
+    assert code == 2 and len(errors) == 1 and errors[0].startswith("unlearn-serve serve: error: the KV cache budget")
+    assert "--kv-cache-memory: 1.00 KiB" in errors[0] and "cannot hold one sequence of 64 tokens" in errors[0]
+
+
+def test_memory_sizes_parse():
+    assert parse_memory("8GiB") == 8 << 30 and parse_memory("512MiB") == 512 << 20 and parse_memory("1e9") == 10**9
+    with pytest.raises(ValueError):
+        parse_memory("lots")
+
+
+# ---------------------------------------------------------------------------------------------- item 3
+def test_a_decode_step_completes_with_every_host_sync_forbidden(tiny_llama, tokenizer, tmp_path):
+    """Penalties, seeds, top-p, logprobs, an assistant row: the step itself never reads the device."""
+    artifact = make_random_assistant(tiny_llama, tmp_path / "a", num_layers=1, seed=3)
+    params = [
+        SamplingParams(max_tokens=6, temperature=0.0, logprobs=2),
+        SamplingParams(max_tokens=6, temperature=0.8, top_p=0.9, seed=7, repetition_penalty=1.3),
+        SamplingParams(max_tokens=6, temperature=0.0, frequency_penalty=0.5),
+        SamplingParams(max_tokens=6, temperature=1.0, top_k=5, seed=3),
+    ]
+    selections = [None, Selection("a"), Selection("a"), None]
+    outputs = []
+    for forbid in (False, True):
+        engine = _engine(tiny_llama, tokenizer, max_num_seqs=4, sync_free_decode=True)
+        engine.load_uld("a", artifact)
+        steps = []
+        inner = engine._decode_step
+
+        def guarded(state, batch, inner=inner, steps=steps, forbid=forbid):
+            steps.append(1)
+            if not forbid:
+                return inner(state, batch)
+            with forbid_host_sync():
+                return inner(state, batch)
+
+        engine._decode_step = guarded
+        outputs.append(_tokens(engine.generate(PROMPTS, params, selections)))
+        assert len(steps) >= 5
+    assert outputs[0] == outputs[1]
+
+
+def test_a_decode_step_with_expert_patch_rows_reads_nothing_from_the_device(tokenizer, tmp_path):
+    from unlearn_serve.tiny import build_tiny_model, write_random_expert_patch
+
+    model = build_tiny_model("qwen2_moe", tokenizer, num_layers=2, seed=3)
+    patch = write_random_expert_patch(model, 1, 2, tmp_path / "p", seed=7)
+    params = SamplingParams(max_tokens=5, temperature=0.0)
+    outputs = []
+    for forbid in (False, True):
+        engine = _engine(model, tokenizer, max_num_seqs=4)
+        engine.load_uoe("p", patch)
+        inner = engine._decode_step
+
+        def guarded(state, batch, inner=inner, forbid=forbid):
+            if not forbid:
+                return inner(state, batch)
+            with forbid_host_sync():
+                return inner(state, batch)
+
+        engine._decode_step = guarded
+        outputs.append(_tokens(engine.generate(PROMPTS, params, ["p", None, "p", None])))
+    assert outputs[0] == outputs[1]
+
+
+def test_sync_free_uld_equals_the_candidate_path(tiny_llama, tokenizer, tmp_path):
+    artifact = make_random_assistant(tiny_llama, tmp_path / "a", num_layers=2, seed=4)
+    results = []
+    for sync_free in (False, True):
+        engine = _engine(tiny_llama, tokenizer, max_num_seqs=4, sync_free_decode=sync_free)
+        engine.load_uld("a", artifact)
+        results.append(_tokens(engine.generate(PROMPTS, SamplingParams(max_tokens=8, temperature=0.0), "a")))
+    assert results[0] == results[1]
+
+
+def test_decode_shapes_stay_within_the_buckets(tiny_llama, tokenizer):
+    assert decode_buckets(20) == [1, 2, 4, 8, 16, 20] and decode_buckets(4) == [1, 2, 4]
+    engine = _engine(tiny_llama, tokenizer, max_num_seqs=6)
+    assert decode_buckets(6) == [1, 2, 4, 6]
+    shapes = []
+    forward = engine.runner.forward
+
+    def spy(batch, lora_rows):
+        if not batch.prefill:
+            shapes.append((batch.n_target, batch.input_ids.shape[0]))
+        return forward(batch, lora_rows)
+
+    engine.runner.forward = spy
+    prompts = PROMPTS + ["x y z"]
+    engine.generate(prompts, [SamplingParams(max_tokens=2 + 3 * i, temperature=0.0) for i in range(len(prompts))])
+    assert {n for n, _ in shapes} - {1, 2, 4, 6} == set() and len({n for n, _ in shapes}) > 1
+    assert all(rows == n for n, rows in shapes)
+
+
+# ---------------------------------------------------------------------------------------------- item 4
+def test_attention_is_mask_free_where_lengths_allow(tiny_llama, tokenizer, monkeypatch):
+    import torch.nn.functional as F
+
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        calls.append((q.shape[2], attn_mask is None, kwargs.get("is_causal", False)))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    engine = _engine(tiny_llama, tokenizer, max_num_seqs=4)
+    prompt = tokenizer.encode(PROMPTS[0])
+    result = engine.generate([prompt], SamplingParams(max_tokens=5, temperature=0.0))[0]
+    assert calls and all(no_mask for _, no_mask, _ in calls)  # one sequence: no mask tensor, ever
+    assert any(q > 1 and causal for q, _, causal in calls)  # its prefill ran as is_causal
+    with torch.no_grad():
+        ref = tiny_llama.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False)[0, len(prompt):]
+    assert result.completions[0].token_ids == ref.tolist()
+    calls.clear()
+    engine.generate(PROMPTS[:2], SamplingParams(max_tokens=3, temperature=0.0))  # different lengths: masked
+    assert any(not no_mask for _, no_mask, _ in calls)
