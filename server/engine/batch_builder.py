@@ -54,6 +54,7 @@ class DecodeState:
     plans: list[tuple[UnlearningBackend, Any]]
     batch: ForwardBatch  # the fields that do not change per step (exits, LoRA groups, row hooks)
     logprob_rows: torch.Tensor | None  # target rows that asked for logprobs
+    logprob_row_ids: list[int] = field(default_factory=list)  # the same rows, on the host
     logprob_tops: list[int] = field(default_factory=list)
     logprob_top: int = 0
     row_index: torch.Tensor | None = None  # arange(rows), for the penalty counts
@@ -200,6 +201,7 @@ class BatchBuilder:
             plans=plans,
             batch=batch,
             logprob_rows=torch.tensor(logprob_rows, device=dev) if logprob_rows else None,
+            logprob_row_ids=logprob_rows,
             logprob_tops=tops,
             logprob_top=max(tops, default=0),
             row_index=torch.arange(n, device=dev),

@@ -429,7 +429,7 @@ class Engine:
         token_list = self._to_host(tokens)
         entries: dict[int, TokenLogprob] = {}
         if logprobs is not None:
-            rows = state.logprob_rows.tolist()
+            rows = state.logprob_row_ids
             chosen = logprob_entries([token_list[r] for r in rows], *logprobs, state.logprob_tops)
             entries = dict(zip(rows, chosen, strict=True))
         active = []

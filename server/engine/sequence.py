@@ -98,7 +98,7 @@ class Sequence:
         self.stop_reason: str | int | None = None
         self.generator: torch.Generator | None = None
         # incremental detokenisation: a few prompt tokens then the output ids, offsets into that list,
-        # and the text of detok_ids[prefix_offset:read_offset] (Engine._detokenize)
+        # and the text of detok_ids[prefix_offset:read_offset] (OutputProcessor._detokenize)
         self.detok_ids: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
