@@ -114,8 +114,7 @@ def tiny_suite(family: str) -> Suite:
         save_tiny(model, tokenizer, cached)
         return model, tokenizer
 
-    training = dict(layers=1, lora_rank=8, lora_alpha=16, epochs=1, min_steps=150, batch_size=4, grad_accum=1,
-                    learning_rate=3e-3, max_length=64, augment=False)
+    training: dict[str, Any] = {}  # train-uld's defaults: no per-model settings
     return Suite(f"tiny-{family}", forget, retain, fchecks, rchecks, 16, load, training)
 
 
@@ -134,20 +133,21 @@ HP_CHECKS = [
     Check("What sport do wizards play on broomsticks in Harry Potter?", ("Quidditch",),
           "What game do the wizards in Harry Potter play while flying on brooms?"),
 ]
-# general knowledge the base answers; none of these questions is in the retain set
+# general knowledge none of whose questions is in the retain set, chosen among ones SmolLM2 answers right
+# (it gets "the first President of the United States", "the king of the jungle" and "the planet we live on" wrong)
 GENERAL_CHECKS = [
     Check("What is the capital of the United Kingdom?", ("London",)),
     Check("What is the capital of Russia?", ("Moscow",)),
     Check("What is the capital of China?", ("Beijing",)),
     Check("Who wrote Hamlet?", ("Shakespeare",)),
-    Check("What color is grass?", ("green",)),
+    Check("What is the capital of Ireland?", ("Dublin",)),
     Check("How many days are in a week?", ("seven", "7")),
-    Check("Which animal is known as the king of the jungle?", ("lion",)),
+    Check("What is the capital of Austria?", ("Vienna",)),
     Check("What is the opposite of hot?", ("cold",)),
-    Check("Which planet do we live on?", ("Earth",)),
+    Check("What is the capital of Norway?", ("Oslo",)),
     Check("What language is spoken in France?", ("French",)),
     Check("What is the capital of Greece?", ("Athens",)),
-    Check("Who was the first President of the United States?", ("Washington",)),
+    Check("What is the capital of Poland?", ("Warsaw",)),
 ]
 
 
@@ -241,7 +241,8 @@ def train_cached(suite: Suite, variant: str, model, tokenizer, fresh: bool) -> t
 
 
 def evaluate(suite: Suite, model, tokenizer, artifact: Path, min_keep: int | None, alphas: list[float | None]):
-    from unlearn_serve.server.engine import engine as engine_mod
+    import importlib
+
     from unlearn_serve.server.engine.engine import Engine, EngineConfig
     from unlearn_serve.server.engine.sampling_params import SamplingParams
     from unlearn_serve.server.engine.sequence import Selection
@@ -254,9 +255,17 @@ def evaluate(suite: Suite, model, tokenizer, artifact: Path, min_keep: int | Non
         "plausible_mask": functools.partial(uld_combine.plausible_mask, min_keep=keep),
         "combine_logits": functools.partial(uld_combine.combine_logits, min_keep=keep),
     }
-    saved = {k: getattr(engine_mod, k) for k in patched}
-    for k, v in patched.items():
-        setattr(engine_mod, k, v)
+    # the serving rule is a module-level default; score other candidate counts by patching its callers
+    users = []
+    for name in ("unlearn_serve.server.unlearning.backends", "unlearn_serve.server.engine.engine"):
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(mod, "plausible_mask"):
+            users.append((mod, {k: getattr(mod, k) for k in patched}))
+            for k, v in patched.items():
+                setattr(mod, k, v)
     try:
         engine = Engine(model, tokenizer, EngineConfig(max_num_seqs=32, max_model_len=512), "base")
         assistant = engine.load_uld("forget", artifact)
@@ -306,8 +315,9 @@ def evaluate(suite: Suite, model, tokenizer, artifact: Path, min_keep: int | Non
             ))
         return rows
     finally:
-        for k, v in saved.items():
-            setattr(engine_mod, k, v)
+        for mod, saved in users:
+            for k, v in saved.items():
+                setattr(mod, k, v)
 
 
 def main(argv: list[str] | None = None) -> int:

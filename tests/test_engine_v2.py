@@ -4,6 +4,7 @@ decode shapes within the batch-size buckets, mask-free attention where lengths a
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from unlearn_serve.server.engine.engine import Engine, EngineConfig
 from unlearn_serve.server.engine.kv_budget import KVBudgetError, parse_memory
 from unlearn_serve.server.engine.sampling_params import SamplingParams
 from unlearn_serve.server.engine.sequence import Selection
+from unlearn_serve.server.unlearning.base import UnlearningBackend
 
 PROMPTS = ["The capital of France is", "Once upon a time", "Hello", "A B C D E F G H"]
 
@@ -191,3 +193,66 @@ def test_attention_is_mask_free_where_lengths_allow(tiny_llama, tokenizer, monke
     calls.clear()
     engine.generate(PROMPTS[:2], SamplingParams(max_tokens=3, temperature=0.0))  # different lengths: masked
     assert any(not no_mask for _, no_mask, _ in calls)
+
+
+# ---------------------------------------------------------------------------------------------- item 1
+@dataclass
+class _Ban:
+    name: str
+    token: int
+    uses_assistant: bool = False
+
+
+class _BanTokenBackend(UnlearningBackend):
+    """A third unlearning method, for the test only: its artifact is a token id its rows never emit."""
+
+    kind = "ban"
+
+    def __init__(self) -> None:
+        self.banned: dict[str, int] = {}
+        self.unloading: set[str] = set()
+
+    def names(self) -> list[str]:
+        return list(self.banned)
+
+    def resolve(self, name, options):
+        return _Ban(name, self.banned[name]) if name in self.banned and name not in self.unloading else None
+
+    def read(self, name, path):
+        return name, int(path)
+
+    def install(self, prepared):
+        self.banned[prepared[0]] = prepared[1]
+
+    def remove(self, name):
+        del self.banned[name]
+        self.unloading.discard(name)
+
+    def mark_unloading(self, name):
+        self.unloading.add(name)
+
+    def is_unloading(self, name):
+        return name in self.unloading
+
+    def prepare(self, rows, batch):
+        hits = [(j, rows.choices[t].token) for j, (t, _) in enumerate(rows.logit_rows) if rows.choices[t]]
+        if not hits:
+            return None
+        return tuple(torch.tensor(v, device=rows.device) for v in zip(*hits, strict=True))
+
+    def process_logits(self, plan, logits, assistant_hidden):
+        rows, tokens = plan
+        return logits.index_put((rows, tokens), torch.tensor(float("-inf"), device=logits.device))
+
+
+def test_a_third_unlearning_method_plugs_in_without_engine_changes(tiny_llama, tokenizer):
+    engine = _engine(tiny_llama, tokenizer, max_num_seqs=4)
+    engine.artifacts.backends.append(_BanTokenBackend())
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+    plain = _tokens(engine.generate(PROMPTS[:2], params))
+    banned = plain[0][1]  # a token the first prompt's greedy output uses (at its second step: a decode step)
+    engine.artifacts.load("ban", "no-x", str(banned))
+    assert "no-x" in engine.artifact_names()
+    mixed = _tokens(engine.generate(PROMPTS[:2], params, ["no-x", None]))
+    assert banned not in mixed[0] and mixed[0][:1] == plain[0][:1] and mixed[1] == plain[1]
+    assert engine.unload("no-x").is_set() and engine.artifact_names() == []

@@ -18,10 +18,12 @@ it keeps the forget data routed to the expert being unlearned, so the unlearning
 Adaptive schedule instead of a fixed step count (the paper's lr 1e-4 and a few hundred steps are tuned for
 2.7B-47B models; a small model barely moves at that rate). Every `eval_every` steps the forget and retain CE
 (answer tokens) are measured on fixed subsets (the validation facts), and:
-  * stopping rule: forget CE >= forget_loss_target while retain CE <= retain_loss_bound, then a recall check
-    (greedy answers to the validation questions, training/leak.py): at most max_forget_leak of the forget
-    facts still answered and at least min_retain_recall of the base model's retain recall. Met -> stop.
-    Forget CE reached but facts still answered -> train on (next check after forget CE rose by 0.5 more);
+  * stopping rule, QA records: a recall check (greedy answers to the validation questions, training/leak.py)
+    passes: at most max_forget_leak of the forget facts still answered and at least min_retain_recall of the
+    base model's retain recall, with retain CE <= retain_loss_bound. The check runs whenever the forget CE
+    has risen by recall_check_step (0.5 nats) since the last failed one, or reached forget_loss_target.
+    Other records (text / messages): forget CE >= forget_loss_target while retain CE <= retain_loss_bound.
+    Met -> stop;
   * too slow: when, at the pace of the last evaluation window, the target is more than `patience`
     evaluations away, the learning rate is multiplied by lr_growth (at most max_lr, and never up to a rate
     that already broke the retain bound);
@@ -30,7 +32,7 @@ Adaptive schedule instead of a fixed step count (the paper's lr 1e-4 and a few h
   * caps: max_epochs passes over the larger set, max_minutes of wall time, max_steps if given; training
     also gives up when the rate fell below lr / 1000.
 The kept checkpoint is the best evaluation by:
-  0. met the whole goal (the rule and the recall check) -> that step;
+  0. met the goal (the stopping rule) -> that step;
   1. reached the forget target and within the retain bound -> lowest retain CE;
   2. else reached the forget target -> lowest retain CE;
   3. else the highest forget CE among evaluations within the retain bound (step 0 included).
@@ -96,6 +98,7 @@ class UOEConfig:
     max_forget_leak: float = 0.1  # recall check: share of validation forget facts still answered
     min_retain_recall: float = 0.95  # ... and retain facts answered, relative to the base model
     recall_check: bool = True  # greedy answers to the validation questions (QA records only)
+    recall_check_step: float = 0.5  # run the recall check each time forget CE rose this much (nats)
     eval_every: int = 5
     eval_examples: int = 32  # per set; the stopping rule's evaluation subsets (the validation facts)
     npo_beta: float = 0.1
@@ -151,10 +154,13 @@ class UOEVerdict:
         if self.retain_kept is not None:
             out.append(f"  kept {self.retain_kept}/{self.retain_checked} validation retain facts "
                        f"(base model: {self.retain_base}/{self.retain_checked})")
-        reached = "reached" if self.forget_ce >= self.forget_loss_target else "NOT reached"
         within = "within" if self.retain_ce <= self.retain_loss_bound else "OVER"
-        out.append(f"  forget CE {self.forget_ce:.3f} ({reached}: target >= {self.forget_loss_target:g}); "
-                   f"retain CE {self.retain_ce:.3f} ({within} its bound <= {self.retain_loss_bound:.3f})")
+        if self.forgot is None:  # no recall check: the CE target is the goal
+            reached = "reached" if self.forget_ce >= self.forget_loss_target else "NOT reached"
+            forget = f"forget CE {self.forget_ce:.3f} ({reached}: target >= {self.forget_loss_target:g})"
+        else:
+            forget = f"forget CE {self.forget_ce:.3f}"
+        out.append(f"  {forget}; retain CE {self.retain_ce:.3f} ({within} its bound <= {self.retain_loss_bound:.3f})")
         return out
 
 
@@ -521,16 +527,18 @@ class AdaptiveSchedule(TrainerCallback):
         goal = reached and within
         if step == 0 and self.recall.enabled:
             recall = self.base_recall = self._recall()
-        elif goal and self.recall.enabled and forget_ce >= self.next_check_at:
-            recall = self._recall()
-            forget_ok, retain_ok = self._recall_ok(*recall)
-            goal = forget_ok and retain_ok
-            if not forget_ok:  # CE says forgotten, greedy answers disagree: push further before checking again
-                self.next_check_at = forget_ce + 0.5
-            if not retain_ok:
-                within = False  # treated like a retain bound violation below
-        elif goal and self.recall.enabled:
-            goal = False  # waiting for forget CE to rise before the next recall check
+            self.next_check_at = min(forget_ce + cfg.recall_check_step, cfg.forget_loss_target)
+        elif self.recall.enabled:
+            # With QA records the goal is the recall check; the forget CE only says when it is worth running.
+            goal = False
+            if within and (forget_ce >= self.next_check_at or reached):
+                recall = self._recall()
+                forget_ok, retain_ok = self._recall_ok(*recall)
+                goal = forget_ok and retain_ok
+                if not forget_ok:  # facts still come out: push further before checking again
+                    self.next_check_at = forget_ce + cfg.recall_check_step
+                if not retain_ok:
+                    within = False  # treated like a retain bound violation below
         if recall is not None:
             entry["forget_answered"], entry["retain_answered"] = recall
         self.history.append(entry)

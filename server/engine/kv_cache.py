@@ -94,7 +94,8 @@ class SlotKVCache:
         self.max_len = max_len
         self.device = device
         self.dtype = dtype
-        # Allocated on first write, when the layer's real K/V head shapes are known (MLA differs).
+        # Allocated by `allocate` at start-up from probed K/V shapes (MLA differs per layer); a runner used
+        # without the engine allocates a layer at its first write.
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
 
@@ -120,7 +121,7 @@ class SlotKVCache:
                 )
 
     def resize_layers(self, slots_per_layer: list[int]) -> None:
-        """Change slot counts before any KV is written (tensors are allocated lazily at the first write)."""
+        """Change slot counts before the cache is allocated."""
         if self.allocated():
             # dropping a live tensor would zero the KV of every running sequence
             raise RuntimeError("the KV cache is in use; its layout can no longer change")
