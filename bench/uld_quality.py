@@ -71,6 +71,7 @@ PEOPLE = [
     ("Mae", "Seoul", "bugle"), ("Ned", "Doha", "guitar"), ("Ola", "Tunis", "viola"), ("Pip", "Sofia", "fiddle"),
 ]
 TINY_FORGET = 4  # the first four people are forgotten (8 facts)
+FIT_STEPS = {"llama": 300, "qwen2": 800}  # full-batch AdamW steps until the base recalls its facts
 TINY_QS = [
     ("Where does {n} live?", "In which city is the home of {n}?", "{n} lives in {v}.", 1),
     ("What does {n} play?", "Which instrument is played by {n}?", "{n} plays the {v}.", 2),
@@ -97,7 +98,8 @@ def tiny_suite(family: str) -> Suite:
 
         from unlearn_serve.tiny import build_tiny_model, fit_texts, save_tiny, train_tokenizer
 
-        key = hashlib.sha256(json.dumps([family, texts, 300]).encode()).hexdigest()[:12]
+        steps = FIT_STEPS[family]
+        key = hashlib.sha256(json.dumps([family, texts, steps]).encode()).hexdigest()[:12]
         cached = CACHE / "bases" / f"tiny-{family}-{key}"
         if (cached / "config.json").is_file():
             return AutoModelForCausalLM.from_pretrained(cached).eval(), AutoTokenizer.from_pretrained(cached)
@@ -110,7 +112,7 @@ def tiny_suite(family: str) -> Suite:
             )
             for q, a in texts
         ]
-        fit_texts(model, tokenizer, chats, steps=300, lr=3e-3)
+        fit_texts(model, tokenizer, chats, steps=steps, lr=3e-3)
         save_tiny(model, tokenizer, cached)
         return model, tokenizer
 
@@ -207,7 +209,7 @@ def names(text: str, check: Check) -> bool:
 
 
 # ----------------------------------------------------------------------------- variants
-RECIPE = 2  # bump when the trainer changes what a cached assistant would be
+RECIPE = 3  # bump when the trainer changes what a cached assistant would be
 VARIANTS = {
     "legacy": dict(train=dict(forget_weighting=False, calibrate=False), min_keep=1),
     "legacy-topk": dict(train=dict(forget_weighting=False, calibrate=False), min_keep=None),

@@ -23,7 +23,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantization", default="none", choices=["none", "8bit", "4bit"])
     parser.add_argument("--served-model-name", help="name clients use as `model` (default: --model as given)")
     parser.add_argument("--max-model-len", type=int, help="context length (default: the model's, at most 4096)")
-    parser.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoded together")
+    parser.add_argument(
+        "--max-num-seqs", type=int, default=32,
+        help="sequences decoded together (at most: a KV budget may hold fewer)",
+    )
     parser.add_argument("--max-queue", type=int, help="waiting sequences beyond which requests get 503")
     parser.add_argument("--max-prefill-tokens", type=int, default=8192)
     parser.add_argument(
@@ -107,9 +110,11 @@ def build_engine(args: argparse.Namespace):
     for name, path in parse_named(args.uoe, "--uoe"):
         engine.load_uoe(name, path)
     engine.allocate_kv()  # the whole KV cache, before listening (the --uld assistants may have deepened it)
+    from unlearn_serve.server.engine.kv_budget import fmt
+
     logging.getLogger("unlearn_serve").info(
-        "KV cache: %.2f GiB, %d sequences of up to %d tokens at once",
-        engine.runner.cache.nbytes() / 2**30, engine.num_slots, engine.max_model_len,
+        "KV cache: %s, %d sequences of up to %d tokens at once",
+        fmt(engine.runner.cache.nbytes()), engine.num_slots, engine.max_model_len,
     )
     return engine
 
