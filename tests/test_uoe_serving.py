@@ -84,7 +84,9 @@ def make_engine(world, *patches: str) -> Engine:
 
 def test_training_met_the_stopping_rule(world):
     losses = world.manifest["training"]["losses"]
-    assert losses["goal_reached"] and losses["kept"]["forget_ce"] >= 3 and losses["kept"]["retain_ce"] <= 0.15
+    assert losses["goal_reached"] and losses["kept"]["retain_ce"] <= 0.15
+    verdict = world.manifest["training"]["verdict"]  # the goal is the recall check on the validation facts
+    assert verdict["forgot"] == verdict["forget_checked"] == 3 and verdict["retain_kept"] == verdict["retain_base"]
     assert world.manifest["method"] == "uoe" and world.manifest["details"]["family"] == "qwen2_moe"
     size = (world.root / "uoe" / "expert_patch.safetensors").stat().st_size
     total = sum(p.numel() for p in world.model.parameters()) * 4
