@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--families", default="qwen2_moe,olmoe,mixtral,qwen3_moe")
     parser.add_argument("--seeds", default="0,1,2,3")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--pick", help="attribution ranking (forget | contrast; default: UOEConfig's)")
     args = parser.parse_args(argv)
     import torch
     from unlearn_serve.training.leak import answer_leaked
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
             model, tok = build_facts_model(family, seed=seed)
             base_retain = answered(model, tok, RETAIN_QA)
             t0 = time.monotonic()
-            result = train_uoe(model, tok, forget, retain, UOEConfig(seed=seed, progress=False))
+            result = train_uoe(model, tok, forget, retain, UOEConfig(seed=seed, progress=False,
+                                                                         **({"pick": args.pick} if args.pick else {})))
             seconds = time.monotonic() - t0
             f_rec = answered(model, tok, FORGET_QA) / len(FORGET_QA)
             r_rec = answered(model, tok, RETAIN_QA)

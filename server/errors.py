@@ -71,14 +71,29 @@ def error_payload(status: int, message: str, param: str | None = None, code: str
     ).model_dump()
 
 
+def _audit_model(request: Request, body) -> None:
+    """Record a refused body's `model` for the audit log when it is a served name (never a client's string)."""
+    from unlearn_serve.server.audit import current_context
+
+    ctx = current_context()
+    model = body.get("model") if isinstance(body, dict) else None
+    if ctx is None or ctx.model is not None or not isinstance(model, str):
+        return
+    state = getattr(request.app.state, "server", None)
+    serving = getattr(state, "serving", None)
+    if serving is not None and (model == serving.served_model_name or model in serving.engine.artifact_names()):
+        ctx.model = model
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError):
         return error_json(exc.status, exc.message, exc.param, exc.code, exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError):
+    async def _validation_error(request: Request, exc: RequestValidationError):
         # OpenAI (and vLLM) answer schema errors with 400, not FastAPI's default 422.
+        _audit_model(request, exc.body)  # e.g. a negative unlearning.alpha: the audit log names the target
         errors = exc.errors()
         first = errors[0] if errors else {}
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]

@@ -78,8 +78,8 @@ class SamplingFields(OpenAIModel):
     @field_validator("stop")
     @classmethod
     def _stop_strings(cls, value):
-        if isinstance(value, list) and any(not s for s in value):
-            raise ValueError("stop strings must be non-empty")
+        if value == "" or (isinstance(value, list) and any(not s for s in value)):
+            raise ValueError("stop strings must be non-empty")  # a bare "" ended every completion at once
         if isinstance(value, list) and len(value) > 16:
             raise ValueError("at most 16 stop strings")
         return value

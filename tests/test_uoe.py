@@ -247,7 +247,8 @@ def test_cli_attribute_train_export(tiny_dir, capsys):
     assert "forget affinity" in captured.err  # tqdm bar over the data
 
     assert cli_main(["train-uoe", *common, "--forget", str(d / "forget.jsonl"), "--retain",
-                     str(d / "retain.jsonl"), "--out", str(d / "uoe"), "--max-steps", "2", "--lr", "1e-2"]) == 0
+                     str(d / "retain.jsonl"), "--out", str(d / "uoe"), "--max-steps", "2", "--lr", "1e-2",
+                     "--pick", "forget"]) == 0
     assert "layer 1 expert 6" in capsys.readouterr().out
     assert cli_main(["train-uoe", *common, "--forget", str(d / "forget.jsonl"), "--retain", str(d / "retain.jsonl"),
                      "--out", str(d / "uoe-contrast"), "--max-steps", "1", "--contrast"]) == 0

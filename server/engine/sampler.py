@@ -127,7 +127,7 @@ class SamplingBatch:
             if s is not None and not real[i].greedy:
                 seeded.append((i, seed_key(s.initial_seed() if isinstance(s, torch.Generator) else int(s)), steps[i]))
         return cls(
-            temperature=t([p.temperature if p.temperature > 0 else 1.0 for p in real]),
+            temperature=t([1.0 if p.greedy else p.temperature for p in real]),
             greedy=t([p.greedy for p in real], torch.bool),
             top_p=t([p.top_p for p in real]),
             top_k=t(top_k, torch.long),

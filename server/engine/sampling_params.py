@@ -56,19 +56,26 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and not 0 <= value <= max_logprobs:
                 raise SamplingParamsError(f"{name} must be between 0 and {max_logprobs}, got {value}", name)
+        # a 64-bit signed seed (as vLLM): a larger one made torch.Generator.manual_seed raise inside the engine
+        # step, failing every request of the batch, and three such requests stopped the engine for good
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
+            raise SamplingParamsError(f"seed must be a 64-bit signed integer, got {self.seed}", "seed")
         if vocab_size is not None:
-            for token_id in list(self.logit_bias) + list(self.stop_token_ids):
-                if not 0 <= int(token_id) < vocab_size:
-                    raise SamplingParamsError(
-                        f"token id {token_id} is outside the vocabulary (size {vocab_size})", "logit_bias"
-                    )
+            for name in ("logit_bias", "stop_token_ids"):
+                for token_id in getattr(self, name):
+                    if not 0 <= int(token_id) < vocab_size:
+                        raise SamplingParamsError(
+                            f"token id {token_id} is outside the vocabulary (size {vocab_size})", name
+                        )
         for value in self.logit_bias.values():
             if not -100.0 <= value <= 100.0:
                 raise SamplingParamsError("logit_bias values must be in [-100, 100]", "logit_bias")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # below vLLM's sampling epsilon a temperature is greedy: 1e-300 became 0 in a float32 tensor, and
+        # logits / 0 sampled NaNs (token 0, over and over)
+        return self.temperature < 1e-5
 
     @property
     def needs_penalties(self) -> bool:

@@ -177,6 +177,13 @@ def run(args: argparse.Namespace) -> int:
     from unlearn_serve.server.engine.engine import Engine, EngineConfig
     from unlearn_serve.smollm2 import default_cache_root, ensure_smollm2
 
+    from unlearn_serve.cli import CliError
+
+    # before minutes of training, not after: these used to end the demo with a traceback once it was trained
+    if not 0 <= args.port <= 65535:
+        raise CliError(f"--port {args.port}: must be in 0..65535")
+    if args.max_num_seqs < 1:
+        raise CliError(f"--max-num-seqs {args.max_num_seqs}: must be 1 or more")
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cache_root = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_root()
     print("SmolLM2-135M-Instruct: converting the GGUF once if needed ...", flush=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -21,6 +22,12 @@ def run(args: argparse.Namespace) -> int:
     from unlearn_serve.cli import CliError
     from unlearn_serve.tiny import build_tiny_model, save_tiny, train_tokenizer
 
+    if args.hidden_size < 4 or args.hidden_size % 4:
+        raise CliError(f"--hidden-size {args.hidden_size}: must be a positive multiple of 4 (the attention heads)")
+    if args.layers < 1 or args.vocab_size < 1:
+        raise CliError("--layers and --vocab-size must be 1 or more")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise CliError(f"--out {args.out}: is a file, not a directory")
     texts = None
     if args.corpus:
         try:

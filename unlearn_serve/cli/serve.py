@@ -136,6 +136,18 @@ def check_limits(args: argparse.Namespace) -> None:
 
     if args.max_queue is not None and args.max_queue < 0:
         raise CliError(f"--max-queue {args.max_queue}: must be 0 or more")
+    if not 0 <= args.port <= 65535:
+        raise CliError(f"--port {args.port}: must be in 0..65535")
+    levels = ("critical", "error", "warning", "info", "debug")  # what both logging and uvicorn accept
+    if args.log_level.lower() not in levels:
+        raise CliError(f"--log-level {args.log_level}: choose one of {', '.join(levels)}")
+    args.log_level = args.log_level.lower()
+    for flag, value in (("--max-num-seqs", args.max_num_seqs), ("--max-model-len", args.max_model_len),
+                        ("--max-prefill-tokens", args.max_prefill_tokens)):
+        if value is not None and value < 1:
+            raise CliError(f"{flag} {value}: must be 1 or more")
+    if args.assistant_kv_layers is not None and args.assistant_kv_layers < 0:
+        raise CliError(f"--assistant-kv-layers {args.assistant_kv_layers}: must be 0 or more")
     if args.max_body_bytes < 1024:
         raise CliError(f"--max-body-bytes {args.max_body_bytes}: must be at least 1024")
     if args.drain_timeout < 0:

@@ -19,8 +19,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layer", type=int, help="MoE layer to unlearn (default: attribution's top-1)")
     parser.add_argument("--expert", type=int, help="expert to unlearn (default: attribution's top-1)")
     parser.add_argument(
-        "--contrast", action="store_true",
-        help="without --layer/--expert: pick by forget minus retain affinity instead of forget affinity alone",
+        "--pick", choices=("contrast", "forget"), default=d.pick,
+        help="without --layer/--expert: the attribution ranking that picks the expert: contrast (forget minus "
+        "retain affinity, the default) or forget (forget affinity alone, the paper's)",
+    )
+    parser.add_argument(
+        "--contrast", dest="pick", action="store_const", const="contrast", help="same as --pick contrast"
     )
     parser.add_argument("--method", choices=METHODS, default=d.method, help="unlearning loss (default: %(default)s)")
     parser.add_argument("--anchor-weight", type=float, default=d.anchor_weight, help="router anchor loss weight")
@@ -85,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--lr must be > 0; --anchor-weight, --retain-weight, --weight-decay >= 0")
     try:
         config = UOEConfig(
-            layer=args.layer, expert=args.expert, pick="contrast" if args.contrast else "forget",
+            layer=args.layer, expert=args.expert, pick=args.pick,
             method=args.method, anchor_weight=args.anchor_weight,
             retain_weight=args.retain_weight, lr=args.lr, batch_size=args.batch_size, max_steps=args.max_steps,
             adaptive_lr=args.adaptive_lr, max_lr=max(args.max_lr, args.lr), max_epochs=args.max_epochs,
