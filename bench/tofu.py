@@ -91,7 +91,7 @@ class BenchConfig:
             uld_epochs=5,
             uld_min_steps=100,
             uld_retain_rows=180,  # every retain_perturbed row of the 9 retain authors
-            uoe_max_minutes=2.0,
+            uoe_max_minutes=5.0,
             moe_max_epochs=100,
         )
 

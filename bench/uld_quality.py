@@ -31,7 +31,6 @@ import functools
 import hashlib
 import json
 import math
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -174,42 +173,16 @@ def smollm2_suite() -> Suite:
 
 
 # ----------------------------------------------------------------------------- text measures
-_STOP = set(
-    "the a an of to in is are was were and or for on at by with as it its this that he she they his her their "
-    "be been not from which who what when where there has have had can will would do does did i you we my your "
-    "our but if so than then also into about one called name named".split()
-)
-_URL = re.compile(r"https?:|www\.|\.(?:com|org|net|io)\b|</?[a-zA-Z][^>]*>|\[[^\]]*\]\(|[{}|\\#@^~]{2,}|(?:\*\*){2,}")
-
-
-def has_loop(text: str) -> bool:
-    """A word n-gram (n <= 4) three times in a row, or any word 5-gram twice."""
-    words = re.findall(r"\w+|[^\w\s]", text.lower())
-    for n in range(1, 5):
-        for i in range(len(words) - 3 * n + 1):
-            if words[i : i + n] == words[i + n : i + 2 * n] == words[i + 2 * n : i + 3 * n]:
-                return True
-    grams = [tuple(words[i : i + 5]) for i in range(len(words) - 4)]
-    return len(grams) != len(set(grams))
-
-
-def off_language(text: str) -> bool:
-    """URL/markup runs, a non-Latin script, or too few English function words for English prose."""
-    if _URL.search(text):
-        return True
-    letters = [c for c in text if c.isalpha()]
-    if letters and sum(not c.isascii() for c in letters) / len(letters) > 0.05:
-        return True
-    words = re.findall(r"[A-Za-z']+", text.lower())
-    return len(words) >= 8 and sum(w in _STOP for w in words) / len(words) < 0.12
+# one definition for the bench and `train-uld`'s calibration (training/leak.py)
+from unlearn_serve.training.leak import has_loop, mentions, off_language  # noqa: E402,F401
 
 
 def names(text: str, check: Check) -> bool:
-    return any(re.search(rf"\b{re.escape(k)}", text, re.IGNORECASE) for k in check.keywords)
+    return mentions(text, check.keywords)
 
 
 # ----------------------------------------------------------------------------- variants
-RECIPE = 3  # bump when the trainer changes what a cached assistant would be
+RECIPE = 4  # bump when the trainer changes what a cached assistant would be
 VARIANTS = {
     "legacy": dict(train=dict(forget_weighting=False, calibrate=False), min_keep=1),
     "legacy-topk": dict(train=dict(forget_weighting=False, calibrate=False), min_keep=None),
@@ -223,6 +196,7 @@ def train_cached(suite: Suite, variant: str, model, tokenizer, fresh: bool) -> t
     from unlearn_serve.training.uld import ULDTrainingConfig, train_uld
 
     from unlearn_serve.artifact import fingerprint_model
+    from unlearn_serve.evaluation.uld_validation import serve_with_engine
 
     config = ULDTrainingConfig(**{**suite.training, **VARIANTS[variant]["train"], "progress_bar": False})
     h = hashlib.sha256()
@@ -234,7 +208,8 @@ def train_cached(suite: Suite, variant: str, model, tokenizer, fresh: bool) -> t
     if out.is_dir() and stamp.is_file() and not fresh:
         return out, float(stamp.read_text())
     started = time.monotonic()
-    result = train_uld(copy.deepcopy(model), tokenizer, suite.forget_records, suite.retain_records, out, config)
+    result = train_uld(copy.deepcopy(model), tokenizer, suite.forget_records, suite.retain_records, out, config,
+                       serve=serve_with_engine if config.calibrate else None)
     seconds = time.monotonic() - started
     stamp.write_text(f"{seconds:.1f}")
     if result.calibration is not None:

@@ -54,6 +54,13 @@ def test_serve_bad_flag_values_are_one_line_errors(capsys, tmp_path, flags, expe
     _one_line_error(capsys, ["serve", "--model", str(tmp_path / "nope"), *flags], expect)
 
 
+@pytest.mark.parametrize(("flags", "expect"), [(["--port", "99999"], "--port 99999"),
+                                               (["--max-num-seqs", "0"], "--max-num-seqs 0")])
+def test_demo_bad_flag_values_fail_before_training(capsys, flags, expect):
+    # was: a traceback only after minutes of converting SmolLM2 and training the assistant
+    _one_line_error(capsys, ["demo", *flags], expect)
+
+
 def test_serve_log_level_is_case_insensitive(tmp_path, capsys):
     # `--log-level INFO` passed the old check only to crash uvicorn (its levels are lower-case): now it reaches
     # the model loading, which fails on the missing directory with the usual one line
@@ -167,3 +174,13 @@ def test_the_audit_log_names_the_model_of_a_body_refused_by_validation(world):
         time.sleep(0.05)
     assert {rid: line["model"] for rid, line in mine.items()} == ids
     assert all(line["key"] == "bot" and line["status"] == 400 for line in mine.values())
+
+
+def test_generate_with_a_short_unlearning_list_queues_nothing(tokenizer):
+    # was: zip(strict=True) raised only after the first prompts were added, leaving them queued in the engine
+    engine = Engine(build_tiny_model("llama", tokenizer, seed=0), tokenizer,
+                    EngineConfig(max_num_seqs=2, max_model_len=32), model_name=MODEL)
+    with pytest.raises(ValueError, match="2 prompts"):
+        engine.generate(["Alice", "Bob"], SamplingParams(max_tokens=2), unlearning=[None])
+    assert engine.num_waiting() == 0
+    assert len(engine.generate(["Alice"], SamplingParams(max_tokens=2, temperature=0))) == 1

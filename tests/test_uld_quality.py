@@ -1,5 +1,5 @@
 """ULD that forgets and still speaks (issue 13): the candidate rule, the knowledge-weighted forget loss,
-the calibrated serving defaults with their verdict, and `train-uld --strict`.
+the serving alpha calibrated on served greedy answers with its verdict, and `train-uld --strict`.
 
 A tiny Llama memorises where eight people live; ULD forgets two of them. With the defaults (no flags)
 the served answers must drop the forgotten cities, keep the others, and keep the answer's lead-in
@@ -15,12 +15,15 @@ import torch
 from unlearn_serve.server.engine.engine import Engine, EngineConfig
 from unlearn_serve.server.engine.sampling_params import SamplingParams
 from unlearn_serve.training.data import DEFAULT_QUESTION_TEMPLATE, encode_prompt
+from unlearn_serve.training.leak import disfluent, key_words, names_fact
 from unlearn_serve.training.pairs import tokenize_records
 from unlearn_serve.training.uld import ULDTrainingConfig, train_uld
+from unlearn_serve.training.uld_calibrate import ALPHA_GRID, calibrate
 from unlearn_serve.training.uld_weights import knowledge_weights
 
 from unlearn_serve import cli
 from unlearn_serve.artifact import MANIFEST_NAME
+from unlearn_serve.evaluation.uld_validation import serve_with_engine
 from unlearn_serve.tiny import build_tiny_model, fit_texts, save_tiny, train_tokenizer
 from unlearn_serve.uld_combine import ULD_MIN_CANDIDATES, combine_logits, plausible_mask
 
@@ -92,9 +95,11 @@ def test_defaults_forget_keep_and_keep_the_lead_in(memorised, tmp_path):
 
     config = ULDTrainingConfig(layers=1, lora_rank=8, lora_alpha=16, epochs=1, min_steps=120, batch_size=4,
                                grad_accum=1, learning_rate=5e-3, max_length=64, progress_bar=False)
-    result = train_uld(copy.deepcopy(model), tokenizer, FORGET, RETAIN, tmp_path / "a", config)
+    result = train_uld(copy.deepcopy(model), tokenizer, FORGET, RETAIN, tmp_path / "a", config,
+                       serve=serve_with_engine)
     calibration = result.calibration
     assert calibration is not None and calibration.met, calibration and calibration.verdict()
+    assert calibration.verdict().startswith("forgets 2/2 validation facts, keeps 1/1 held-out retain answers, fluent")
     manifest = json.loads((tmp_path / "a" / MANIFEST_NAME).read_text())
     assert manifest["defaults"]["alpha"] == calibration.alpha
     assert manifest["training"]["calibration"]["verdict"] == calibration.verdict()
@@ -107,8 +112,28 @@ def test_defaults_forget_keep_and_keep_the_lead_in(memorised, tmp_path):
     kept = sum(city in a for a, (_, city) in zip(got[2:], PEOPLE[2:], strict=True))
     assert kept == len(RETAIN), got
 
+    # the verdict's counts are what a fresh engine serving the written artifact answers, greedily, at its alpha
+    fresh = Engine(copy.deepcopy(model), tokenizer, EngineConfig(max_num_seqs=8, max_model_len=64), "tiny")
+    fresh.load_uld("forget", tmp_path / "a")
+    city = {f"Where does {n} live?": c for n, c in PEOPLE}
+    questions = calibration.forget_questions + calibration.retain_questions
+    assert calibration.forget_questions == [r["question"] for r in FORGET]
+    assert len(calibration.retain_questions) == 1 and calibration.retain_questions[0] in [r["question"] for r in RETAIN]
+    params = SamplingParams(max_tokens=calibration.max_tokens, temperature=0.0)
+    prompts = [encode_prompt(tokenizer, q) for q in questions]
+    base_answers = [r.completions[0].text for r in fresh.generate(prompts, params, None)]
+    served = [r.completions[0].text for r in fresh.generate(prompts, params, "forget")]
+    nf = len(calibration.forget_questions)
+    known = [city[q] in b for q, b in zip(questions[:nf], base_answers[:nf], strict=True)]
+    chosen = calibration.chosen
+    assert chosen.known == sum(known) == 2
+    assert chosen.leaked == sum(k and city[q] in a for q, a, k in zip(questions, served, known, strict=False))
+    assert chosen.kept == sum(city[q] in a for q, a in zip(questions[nf:], served[nf:], strict=True))
+    assert chosen.disfluent == sum(disfluent(a) for a in served[:nf])
+    assert calibration.answers[f"{calibration.alpha:g}"] == dict(zip(questions, served, strict=True))
 
-def test_cli_strict_exits_3_when_the_targets_are_not_met(memorised, tmp_path, capsys):
+
+def test_cli_strict_exit_code_follows_the_served_verdict(memorised, tmp_path, capsys):
     _, _, model_dir = memorised
     forget, retain = tmp_path / "forget.jsonl", tmp_path / "retain.jsonl"
     forget.write_text("".join(json.dumps(r) + "\n" for r in FORGET))
@@ -124,3 +149,58 @@ def test_cli_strict_exits_3_when_the_targets_are_not_met(memorised, tmp_path, ca
     # without --strict the same outcome is a warning, exit 0
     assert cli.main([*argv, "--out", str(tmp_path / "weak2"), "--min-steps", "1"]) == 0
     assert cli.main([*argv, "--out", str(tmp_path / "x"), "--strict", "--no-calibrate"]) == 2
+    capsys.readouterr()
+    # trained enough: the served answers meet the targets, --strict exits 0
+    strong = ["--lora-rank", "8", "--lora-alpha", "16", "--min-steps", "120", "--batch-size", "4", "--lr", "5e-3",
+              "--max-length", "64"]
+    assert cli.main([*argv, *strong, "--out", str(tmp_path / "good"), "--strict"]) == 0
+    out = capsys.readouterr().out
+    assert "verdict: forgets 2/2 validation facts" in out and "targets met" in out
+    manifest = json.loads((tmp_path / "good" / MANIFEST_NAME).read_text())
+    assert manifest["training"]["calibration"]["met"] and manifest["defaults"]["alpha"] in ALPHA_GRID
+
+
+def _fake_answers(leak_below: float, lose_retain_from: float, calls: list[list[float | None]]):
+    """A stand-in server: forget facts named below `leak_below`, retain facts lost from `lose_retain_from`."""
+    questions = {}
+
+    def encode(q: str) -> list[int]:
+        questions.setdefault(q, len(questions))
+        return [questions[q]]
+
+    rows = {i: r for i, r in enumerate(FORGET + RETAIN)}
+
+    def answer(prompts, alphas, max_tokens):
+        calls.append(sorted({a for a in alphas if a is not None}))
+        out = []
+        for p, a in zip(prompts, alphas, strict=True):
+            q = next(k for k, v in questions.items() if v == p[0])
+            row = next(r for r in rows.values() if r["question"] == q)
+            name, city = row["answer"].split(" lives in ")
+            forget = row in FORGET
+            named = a is None or (a < leak_below if forget else a < lose_retain_from)
+            out.append(f"{name} lives in {city}" if named else f"{name} lives in a small town.")
+        return out
+
+    return encode, answer
+
+
+def test_alpha_search_probes_few_alphas_and_picks_the_smallest_that_forgets():
+    assert key_words("Arlo lives in Oslo.", "Where does Arlo live?") == ["oslo"]
+    assert names_fact("Arlo lives in Oslo, Norway", "Arlo lives in Oslo.") and not names_fact("Arlo lives.", "Oslo.")
+    calls: list = []
+    encode, answer = _fake_answers(1.0, 99, calls)
+    cal = calibrate(answer, encode, FORGET, RETAIN[:3])
+    assert cal.met and cal.alpha == 1.0 and cal.verdict().startswith("forgets 2/2 validation facts, keeps 3/3")
+    assert len(calls) == 4 and all(len(c) <= 1 for c in calls)  # the base, then bisection: 3 single-alpha batches
+    calls.clear()
+    cal = calibrate(answer, encode, FORGET, RETAIN[:3], probes_per_round=len(ALPHA_GRID))
+    assert cal.alpha == 1.0 and calls == [[], list(ALPHA_GRID)]  # the whole grid in one batch
+    # retain lost wherever the facts are gone: not met, the verdict says what to try
+    encode, answer = _fake_answers(1.0, 0.5, [])
+    cal = calibrate(answer, encode, FORGET, RETAIN[:3])
+    assert not cal.met and "TARGETS NOT MET" in cal.verdict() and "retain" in cal.verdict()
+    # facts named at every alpha: not met, train longer
+    encode, answer = _fake_answers(99, 99, [])
+    cal = calibrate(answer, encode, FORGET, RETAIN[:3])
+    assert not cal.met and "train longer" in cal.verdict() and cal.chosen.leaked == 2

@@ -11,6 +11,7 @@ order (`LEAK_THRESHOLD`); "Alice likes red." against "Alice likes green." (new t
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 LEAK_THRESHOLD = 0.5  # a leak needs strictly more than this share of the answer's new tokens
@@ -60,3 +61,73 @@ def leak_rate(generated: Sequence[str], references: Sequence[str], questions: Se
         return 0.0
     leaks = [answer_leaked(g, r, q) for g, r, q in zip(generated, references, questions, strict=True)]
     return sum(leaks) / len(leaks)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Served-answer checks shared by `train-uld`'s validation (training/uld_calibrate.py) and bench/uld_quality.py: does an
+# answer name a fact (its key words), does it loop, does it leave the language.
+
+STOP_WORDS = frozenset(
+    "the a an of to in is are was were and or for on at by with as it its this that he she they his her their "
+    "be been not from which who what when where there has have had can will would do does did i you we my your "
+    "our but if so than then also into about one called name named".split()
+)
+_URL = re.compile(r"https?:|www\.|\.(?:com|org|net|io)\b|</?[a-zA-Z][^>]*>|\[[^\]]*\]\(|[{}|\\#@^~]{2,}|(?:\*\*){2,}")
+_WORD = re.compile(r"[^\W_]+")
+
+
+def mentions(text: str, keywords: Sequence[str]) -> bool:
+    """Any keyword (case-insensitive) starts a word of `text` ("Weasley" matches "Weasleys")."""
+    return any(re.search(rf"\b{re.escape(k)}", text, re.IGNORECASE) for k in keywords)
+
+
+def key_words(reference: str, question: str = "") -> list[str]:
+    """The words of `reference` that carry its fact: names and numbers (capitalised or with digits) that are not
+    in the question and not function words; when there are none, its other content words not in the question.
+
+    "The headmaster of Hogwarts is Albus Dumbledore." for "Who is the headmaster of Hogwarts?" -> [albus,
+    dumbledore]; "There are seven days in a week." for "How many days are in a week?" -> [seven].
+    """
+    asked = {w.lower() for w in _WORD.findall(question)}
+    words = [
+        w for w in _WORD.findall(reference) if len(w) > 1 and w.lower() not in asked and w.lower() not in STOP_WORDS
+    ]
+    named = [w for w in words if w[0].isupper() or any(c.isdigit() for c in w)]
+    out: list[str] = []
+    for w in named or words:
+        if w.lower() not in out:
+            out.append(w.lower())
+    return out
+
+
+def names_fact(answer: str, reference: str, question: str = "") -> bool:
+    """The answer names the reference's fact: one of its key words (`key_words`) starts a word of the answer."""
+    keys = key_words(reference, question)
+    return bool(keys) and mentions(answer, keys)
+
+
+def has_loop(text: str) -> bool:
+    """A word n-gram (n <= 4) three times in a row, or any word 5-gram twice."""
+    words = re.findall(r"\w+|[^\w\s]", text.lower())
+    for n in range(1, 5):
+        for i in range(len(words) - 3 * n + 1):
+            if words[i : i + n] == words[i + n : i + 2 * n] == words[i + 2 * n : i + 3 * n]:
+                return True
+    grams = [tuple(words[i : i + 5]) for i in range(len(words) - 4)]
+    return len(grams) != len(set(grams))
+
+
+def off_language(text: str) -> bool:
+    """URL/markup runs, a non-Latin script, or too few English function words for English prose."""
+    if _URL.search(text):
+        return True
+    letters = [c for c in text if c.isalpha()]
+    if letters and sum(not c.isascii() for c in letters) / len(letters) > 0.05:
+        return True
+    words = re.findall(r"[A-Za-z']+", text.lower())
+    return len(words) >= 8 and sum(w in STOP_WORDS for w in words) / len(words) < 0.12
+
+
+def disfluent(text: str) -> bool:
+    """The answer loops or leaves the language (`has_loop` or `off_language`)."""
+    return has_loop(text) or off_language(text)

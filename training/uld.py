@@ -21,16 +21,21 @@ generic tokens ("The", "is") alone:
 (gamma = `forget_flat_weight`, 1 by default: with beta = 6.5-10 on it too the flatness won over the
 facts, SmolLM2's weighted forget CE stayed at 7.8 nats after 400 steps).
 
-With `calibrate` (the default) a held-out slice of the retain set is kept out of training, and the
-serving alpha is picked on it and on the forget rows (training/uld_calibrate.py); the manifest
-stores it with the validation scores and a verdict.
+With `calibrate` (the default) and a `serve` function (the CLI passes the serving Engine's), a held-out
+slice of the retain set is kept out of training, and the serving alpha is picked from the greedy answers
+the served draft artifact gives to forget questions and to the held-out rows (training/uld_calibrate.py);
+the manifest stores it with the per-alpha scores and a verdict. Without `serve` nothing is held out and
+the alpha stays at --default-alpha or the paper's 0.75.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import itertools
 import json
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -59,7 +64,7 @@ from unlearn_serve.training.loop import (
 )
 from unlearn_serve.training.losses import uniform_kl
 from unlearn_serve.training.pairs import ForgetRetainCollator, ForgetRetainDataset, tokenize_records
-from unlearn_serve.training.uld_calibrate import Calibration, CalibrationTargets, calibrate
+from unlearn_serve.training.uld_calibrate import Calibration, CalibrationTargets, ServeFn, calibrate
 from unlearn_serve.training.uld_weights import knowledge_weights
 
 from unlearn_serve.artifact import file_sha256, fingerprint_model, load_weights
@@ -110,27 +115,30 @@ class ULDTrainingConfig:
     forget_weighting: bool = True
     weighting_tau: float = 1.0  # (with contrasts) nats of "more likely after this question" for weight 1
     forget_flat_weight: float = 1.0  # weight of KL(uniform || assistant) on the forget answers' generic tokens
-    # pick the serving alpha on a validation slice (training/uld_calibrate.py)
+    # pick the serving alpha from served answers on a validation slice (training/uld_calibrate.py)
     calibrate: bool = True
     validation_fraction: float = 0.1  # of the retain records, held out of training (at least 1 when calibrating)
-    validation_max_retain: int = 32
-    validation_max_forget: int = 64
+    validation_max_retain: int = 16
+    validation_max_forget: int = 8  # forget questions asked at each probed alpha (4x that asked of the base)
+    validation_max_tokens: int = 24  # new tokens per validation answer (greedy)
+    validation_probes_per_round: int | None = None  # alphas per generation batch; None: 1 on CPU, the grid on GPU
     target_max_leak: float = 0.0
     target_min_kept: float = 0.95
-    target_min_fluent: float = 0.9
+    target_max_extra_disfluent: float = 0.125
 
     def serving_defaults(self) -> dict[str, float]:
         values = {"alpha": self.default_alpha, "filter": self.default_filter}
         return {k: v for k, v in values.items() if v is not None}
 
     def calibration_targets(self) -> CalibrationTargets:
-        return CalibrationTargets(self.target_max_leak, self.target_min_kept, self.target_min_fluent)
+        return CalibrationTargets(self.target_max_leak, self.target_min_kept, self.target_max_extra_disfluent)
 
     def run_signature(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it resumes."""
         ignore = {
             "save_every_epoch", "resume", "progress_bar", "logging_steps", "default_alpha", "default_filter",
-            "target_max_leak", "target_min_kept", "target_min_fluent", "validation_max_forget",
+            "target_max_leak", "target_min_kept", "target_max_extra_disfluent", "validation_max_forget",
+            "validation_max_tokens", "validation_probes_per_round",
         }
         return {k: v for k, v in asdict(self).items() if k not in ignore}
 
@@ -271,12 +279,15 @@ def train_uld(
     config: ULDTrainingConfig | None = None,
     data_files: dict[str, str | Path] | None = None,
     callbacks: list[TrainerCallback] | None = None,
+    serve: ServeFn | None = None,
 ) -> ULDResult:
     """Train a ULD assistant on `model` (LoRA injected in place) and write the artifact to `out_dir`.
 
     `data_files` ({"forget": path, "retain": path}) only feeds the manifest (paths and sha256).
     The artifact is written only when training finished; a run that dies leaves `out_dir` as it was.
     Epoch checkpoints for --resume live in `<out_dir>.checkpoints/` and are removed on success.
+    `serve` (base model, tokenizer, artifact dir) -> answer function: with `config.calibrate`, the serving
+    alpha is picked from its greedy answers (training/uld_calibrate.py); None skips the calibration.
     """
     from peft import get_peft_model
 
@@ -292,7 +303,8 @@ def train_uld(
     base_fingerprint = fingerprint_model(model)  # before LoRA is injected
 
     # ---- data
-    train_retain_records, validation_retain = split_validation(retain_records, config)
+    calibrating = config.calibrate and serve is not None
+    train_retain_records, validation_retain = split_validation(retain_records, config, calibrating)
     forget = augment_forget(forget_records) if config.augment else list(forget_records)
     retain = (
         augment_retain(train_retain_records, config.seed, config.max_perturbed_per_row)
@@ -307,7 +319,7 @@ def train_uld(
     forget_set = tokenize_records(tokenizer, forget, config.max_length, config.question_template, "forget")
     retain_set = tokenize_records(tokenizer, retain, config.max_length, config.question_template, "retain")
     weights: list[list[float]] | None = None
-    if (config.forget_weighting or config.calibrate) and len(forget) == len(forget_set.examples):
+    if config.forget_weighting and len(forget) == len(forget_set.examples):
         weights = knowledge_weights(
             model, tokenizer, forget, forget_set.examples, config.max_length, config.question_template,
             tau=config.weighting_tau,
@@ -462,13 +474,16 @@ def train_uld(
     state = lora_state_dict()
     calibration: Calibration | None = None
     defaults = config.serving_defaults()
-    if config.calibrate and trainer.args.should_save and weights is not None:
+    if calibrating and trainer.args.should_save:
+        assert serve is not None
         calibration = _calibrate(
-            peft_model, num_layers, tokenizer, forget_set.examples, weights, validation_retain, config
+            peft_model, tokenizer, out, base_fingerprint, details, summary, state, forget_records,
+            validation_retain, config, serve,
         )
-        summary["calibration"] = calibration.to_manifest()
-        # explicit --default-alpha / --default-filter win over the calibrated values
-        defaults = {"alpha": calibration.alpha, "filter": calibration.filter, **defaults}
+        summary["calibration"] = None if calibration is None else calibration.to_manifest()
+        if calibration is not None:
+            # explicit --default-alpha / --default-filter win over the calibrated values
+            defaults = {"alpha": calibration.alpha, "filter": calibration.filter, **defaults}
     if trainer.args.should_save:
         save_uld_artifact(peft_model, out, base_fingerprint, details, summary, state, defaults)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -496,10 +511,11 @@ def _render_or_empty(tokenizer, record: dict[str, Any], config: ULDTrainingConfi
 
 
 def split_validation(
-    retain_records: list[dict[str, Any]], config: ULDTrainingConfig
+    retain_records: list[dict[str, Any]], config: ULDTrainingConfig, calibrating: bool | None = None
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(training retain records, held-out validation records): a seeded slice, only when calibrating."""
-    if not config.calibrate or len(retain_records) < 4:
+    calibrating = config.calibrate if calibrating is None else calibrating
+    if not calibrating or len(retain_records) < 4:
         return list(retain_records), []
     n = min(config.validation_max_retain, max(1, round(config.validation_fraction * len(retain_records))))
     order = list(range(len(retain_records)))
@@ -510,33 +526,49 @@ def split_validation(
     return [r for i, r in enumerate(retain_records) if i not in held], [retain_records[i] for i in sorted(held)]
 
 
+def serving_copy(peft_model: nn.Module) -> nn.Module:
+    """The base model without LoRA, sharing every weight tensor with `peft_model` (no second copy of the weights):
+    a deep copy that maps each parameter and buffer to itself, then peft's `unload()` on the copy. `peft_model`
+    keeps its adapter; hooks a server installs on the copy never reach it."""
+    shared = {id(t): t for t in itertools.chain(peft_model.parameters(), peft_model.buffers())}
+    return copy.deepcopy(peft_model, memo=shared).unload()
+
+
 def _calibrate(
     peft_model: nn.Module,
-    num_layers: int,
     tokenizer,
-    forget_examples: list[tuple[list[int], list[int]]],
-    weights: list[list[float]],
+    out: Path,
+    base_fingerprint: dict[str, Any],
+    details: dict[str, Any],
+    summary: dict[str, Any],
+    state: dict[str, torch.Tensor] | None,
+    forget_records: list[dict[str, Any]],
     validation_retain: list[dict[str, Any]],
     config: ULDTrainingConfig,
-) -> Calibration:
-    import random
+    serve: ServeFn,
+) -> Calibration | None:
+    """Serve a draft artifact (next to `out`, removed after) and pick the alpha from its answers."""
+    from unlearn_serve.training.data import encode_prompt
 
-    idx = list(range(len(forget_examples)))
-    if len(idx) > config.validation_max_forget:
-        idx = sorted(random.Random(config.seed).sample(idx, config.validation_max_forget))
-    retain_examples = []
-    if validation_retain:
-        retain_examples = tokenize_records(
-            tokenizer, validation_retain, config.max_length, config.question_template, "validation retain"
-        ).examples
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return calibrate(
-        peft_model,
-        num_layers,
-        [forget_examples[i] for i in idx],
-        [weights[i] for i in idx],
-        retain_examples,
-        pad,
-        filter_value=config.default_filter if config.default_filter is not None else 0.01,
-        targets=config.calibration_targets(),
-    )
+    filter_value = config.default_filter if config.default_filter is not None else 0.01
+    base = serving_copy(peft_model)
+    device = next(peft_model.parameters()).device
+    probes = config.validation_probes_per_round or (8 if device.type == "cuda" else 1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.validation-", dir=out.parent) as tmp:
+        draft = save_uld_artifact(
+            peft_model, Path(tmp) / "draft", base_fingerprint, details, summary, state, {"filter": filter_value}
+        )
+        answer = serve(base, tokenizer, draft)
+        return calibrate(
+            answer,
+            lambda q: encode_prompt(tokenizer, q, config.question_template),
+            forget_records,
+            validation_retain,
+            filter_value=filter_value,
+            targets=config.calibration_targets(),
+            max_forget=config.validation_max_forget,
+            max_tokens=config.validation_max_tokens,
+            probes_per_round=probes,
+            seed=config.seed,
+        )

@@ -33,9 +33,9 @@ Adaptive schedule instead of a fixed step count (the paper's lr 1e-4 and a few h
     also gives up when the rate fell below lr / 1000.
 The kept checkpoint is the best evaluation by:
   0. met the goal (the stopping rule) -> that step;
-  1. reached the forget target and within the retain bound -> lowest retain CE;
-  2. else reached the forget target -> lowest retain CE;
-  3. else the highest forget CE among evaluations within the retain bound (step 0 included).
+  1. reached the forget CE target and within the retain bound -> lowest retain CE;
+  2. else the highest forget CE among evaluations within the retain bound (step 0 included);
+  3. else (every evaluation over the bound) the lowest retain CE.
 The result carries a verdict (`UOEVerdict`): forgot N/M validation facts, retain CE within/over its bound,
 the kept step; the CLI prints it and `--strict` turns a missed goal into exit code 3.
 """
@@ -546,10 +546,12 @@ class AdaptiveSchedule(TrainerCallback):
         self.history.append(entry)
         if goal:
             key: tuple = (3, -retain_ce)
-        elif reached:
-            key = (2 if within else 1, -retain_ce)
-        else:
-            key = (0, 1 if within else 0, forget_ce)
+        elif reached and within:
+            key = (2, -retain_ce)
+        elif within:
+            key = (1, forget_ce)
+        else:  # over the retain bound: a patch that breaks the rest is the last resort
+            key = (0, -retain_ce)
         if self.best_key is None or key > self.best_key:
             self.best_key, self.best_step = key, step
             self.best_patch = extract_expert_patch(self.model, self.layer, self.expert, self.family)
@@ -640,9 +642,8 @@ class AdaptiveSchedule(TrainerCallback):
 
     def selection_rule(self) -> str:
         return (
-            "best evaluation: met the goal (rule + recall check) -> that step; reached forget target and within "
-            "retain bound -> lowest retain CE; else reached forget target -> lowest retain CE; else highest forget "
-            "CE within the retain bound"
+            "best evaluation: met the goal -> that step; reached forget target within the retain bound -> lowest "
+            "retain CE; else highest forget CE within the retain bound; else lowest retain CE"
         )
 
 

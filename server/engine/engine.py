@@ -493,6 +493,10 @@ class Engine:
             raise RuntimeError("this engine is driven by a serving thread (AsyncEngine); use AsyncEngine.generate")
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         selections = unlearning if isinstance(unlearning, list) else [unlearning] * len(prompts)
+        # checked before any request is added: a short list used to leave the first requests queued in the engine
+        if not len(params_list) == len(selections) == len(prompts):
+            raise ValueError(f"{len(prompts)} prompts need as many `params` and `unlearning` entries when lists "
+                             f"are given (got {len(params_list)} and {len(selections)})")
         collected: dict[str, GenerationResult] = {}
         order = []
         for prompt, p, sel in zip(prompts, params_list, selections, strict=True):

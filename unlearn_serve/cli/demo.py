@@ -44,8 +44,9 @@ class DemoTraining:
     # slice of the retain set and the forget rows (docs/uld.md), as for any other assistant.
     default_alpha: float | None = None
     # Bumped when the trainer changes what these settings produce (2: seeded LoRA initialisation;
-    # 3: knowledge-weighted forget loss, calibrated alpha, held-out validation rows).
-    recipe: int = 3
+    # 3: knowledge-weighted forget loss, calibrated alpha, held-out validation rows;
+    # 4: alpha calibrated on served greedy answers).
+    recipe: int = 4
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -104,6 +105,7 @@ def ensure_assistant(
 ) -> Path:
     """The cached assistant for `topic`, trained first if there is none (or `retrain`)."""
     from unlearn_serve.artifact import fingerprint_model
+    from unlearn_serve.evaluation.uld_validation import serve_with_engine
     from unlearn_serve.loading import load_model_and_tokenizer
     from unlearn_serve.training.data import load_records
     from unlearn_serve.training.uld import ULDTrainingConfig, train_uld
@@ -141,6 +143,7 @@ def ensure_assistant(
         out,
         config,
         data_files={"forget": forget_path, "retain": retain_path},
+        serve=serve_with_engine,
     )
     print(f"trained in {time.monotonic() - started:.0f}s (torch threads: {_threads()})")
     if result.calibration is not None:
@@ -170,14 +173,13 @@ def curl_lines(host: str, port: int, topic: str, api_key: str | None = None) -> 
 
 
 def run(args: argparse.Namespace) -> int:
+    from unlearn_serve.cli import CliError
     from unlearn_serve.loading import load_model_and_tokenizer
     from unlearn_serve.server.app import build_app
     from unlearn_serve.server.config import ServerConfig
     from unlearn_serve.server.draining import draining_server
     from unlearn_serve.server.engine.engine import Engine, EngineConfig
     from unlearn_serve.smollm2 import default_cache_root, ensure_smollm2
-
-    from unlearn_serve.cli import CliError
 
     # before minutes of training, not after: these used to end the demo with a traceback once it was trained
     if not 0 <= args.port <= 65535:

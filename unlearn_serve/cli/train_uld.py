@@ -58,21 +58,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--no-calibrate",
         dest="calibrate",
         action="store_false",
-        help="do not pick the serving alpha on a validation slice (then alpha is --default-alpha or 0.75)",
+        help="do not pick the serving alpha from served answers on a validation slice (then alpha is --default-alpha "
+        "or 0.75)",
     )
     parser.add_argument(
         "--validation-fraction",
         type=float,
         default=0.1,
-        help="share of the retain records held out of training to calibrate on (default: %(default)s, at most 32)",
+        help="share of the retain records held out of training to calibrate on (default: %(default)s, at most 16)",
     )
     parser.add_argument(
-        "--strict", action="store_true", help="exit with code 3 when the calibration targets are not met"
+        "--strict",
+        action="store_true",
+        help="exit with code 3 when the served validation answers miss the forget, retain or fluency targets",
     )
 
 
 def run(args: argparse.Namespace) -> int:
     from unlearn_serve.cli import CliError
+    from unlearn_serve.evaluation.uld_validation import serve_with_engine
     from unlearn_serve.loading import load_model_and_tokenizer
     from unlearn_serve.training.data import load_records
     from unlearn_serve.training.uld import ULDTrainingConfig, train_uld
@@ -128,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         config,
         data_files={"forget": args.forget, "retain": args.retain},
+        serve=serve_with_engine if args.calibrate else None,
     )
     t = result.training
     print(
