@@ -20,7 +20,8 @@ by the base model's fingerprint, the data and the settings), serves it with the 
 Variants: `legacy` = the trainer before issue 13 (plain forget CE, no calibration: alpha 0.75) served
 with the relative-top rule alone; `legacy-topk` = the same assistant served with the new candidate
 rule (relative-top + the target's top 8); `new` = the current defaults (knowledge-weighted forget loss,
-calibrated alpha, relative-top + top-8 candidates). Goals are printed under the table.
+alpha calibrated on served answers (training/uld_calibrate.py), relative-top + top-8 candidates). Goals are
+printed under the table.
 """
 
 from __future__ import annotations

@@ -32,7 +32,8 @@ class UnlearningOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     alpha: float | None = Field(
-        default=None, ge=0.0, allow_inf_nan=False, description="strength of the assistant subtraction (ULD)"
+        # at most 1e6: past float32's range (~3.4e38) alpha became inf and every logit NaN (garbage tokens)
+        default=None, ge=0.0, le=1e6, allow_inf_nan=False, description="strength of the assistant subtraction (ULD)"
     )
     filter: float | None = Field(
         default=None, ge=0.0, le=1.0, allow_inf_nan=False, description="relative-top plausibility filter (ULD)"

@@ -47,6 +47,7 @@ def _one_line_error(capsys, argv: list[str], expect: str) -> None:
         (["--max-model-len", "-1"], "--max-model-len -1"),
         (["--max-prefill-tokens", "0"], "--max-prefill-tokens 0"),
         (["--assistant-kv-layers", "-1"], "--assistant-kv-layers -1"),
+        (["--artifact-root", "/nonexistent-root"], "--artifact-root /nonexistent-root"),  # was: found at a load
     ],
 )
 def test_serve_bad_flag_values_are_one_line_errors(capsys, tmp_path, flags, expect):
@@ -184,3 +185,15 @@ def test_generate_with_a_short_unlearning_list_queues_nothing(tokenizer):
         engine.generate(["Alice", "Bob"], SamplingParams(max_tokens=2), unlearning=[None])
     assert engine.num_waiting() == 0
     assert len(engine.generate(["Alice"], SamplingParams(max_tokens=2, temperature=0))) == 1
+
+
+def test_an_alpha_beyond_float32_is_a_400_not_nan_logits(world):
+    # was: any key (a larger alpha is stronger unlearning) could send alpha 1e39: it became inf in float32, every
+    # logit NaN, and the answer special tokens with logprob -9999
+    bot = client(world, BOT_KEY)
+    with pytest.raises(openai.BadRequestError) as err:
+        bot.completions.create(model=ARTIFACT, prompt="Alice", max_tokens=2, extra_body={"unlearning": {"alpha": 1e39}})
+    assert err.value.body["param"] == "unlearning.alpha"
+    r = bot.completions.create(model=ARTIFACT, prompt="Alice", max_tokens=3, temperature=0, logprobs=1,
+                               extra_body={"unlearning": {"alpha": 1e6}})
+    assert all(lp > -9999.0 for lp in r.choices[0].logprobs.token_logprobs)

@@ -159,6 +159,8 @@ def check_limits(args: argparse.Namespace) -> None:
     kv_cache_bytes(args)
     if not args.chat_template_timeout > 0:
         raise CliError(f"--chat-template-timeout {args.chat_template_timeout}: must be more than 0 seconds")
+    if args.artifact_root is not None and not Path(args.artifact_root).is_dir():  # a typo showed only on a load
+        raise CliError(f"--artifact-root {args.artifact_root}: not a directory")
 
 
 def served_names(args: argparse.Namespace) -> list[str]:
