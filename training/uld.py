@@ -119,7 +119,7 @@ class ULDTrainingConfig:
     calibrate: bool = True
     validation_fraction: float = 0.1  # of the retain records, held out of training (at least 1 when calibrating)
     validation_max_retain: int = 16
-    validation_max_forget: int = 8  # forget questions asked at each probed alpha (4x that asked of the base)
+    validation_max_forget: int = 8  # forget questions asked at each probed alpha (8x that asked of the base)
     validation_max_tokens: int = 24  # new tokens per validation answer (greedy)
     validation_probes_per_round: int | None = None  # alphas per generation batch; None: 1 on CPU, the grid on GPU
     target_max_leak: float = 0.0

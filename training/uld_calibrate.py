@@ -6,9 +6,10 @@ the draft loaded; training/ never imports the server) for greedy answers, `unlea
 `{"alpha": a}`:
 
 - forget questions (a seeded sample of the forget set's question/answer rows): first the base model
-  answers up to 4 x `max_forget` of them; the ones whose answer names the reference's fact
-  (training/leak.py `names_fact`: one of its key words) come first among the `max_forget` that are
-  then asked at each probed alpha. An unlearned answer *leaks* when it still names the fact;
+  answers up to 8 x `max_forget` of them (a model may know few of its forget facts); the ones whose
+  answer names the reference's fact (training/leak.py `names_fact`: one of its key words) come first
+  among the `max_forget` that are then asked at each probed alpha. An unlearned answer *leaks* when it
+  still names the fact;
 - held-out retain rows (never trained on): *kept* when the unlearned answer names the reference's fact,
   or at least half of the key words of the base model's own answer;
 - fluency: a forget answer is *disfluent* when it loops or leaves the language (`disfluent`, the
@@ -215,7 +216,7 @@ def calibrate(
     """Pick the serving alpha from served greedy answers (module docstring). None: no question/answer forget rows."""
     targets = targets or CalibrationTargets()
     grid = tuple(sorted(alphas))
-    candidates = validation_forget_rows(forget_records, 4 * max_forget, seed)
+    candidates = validation_forget_rows(forget_records, 8 * max_forget, seed)
     retain = [r for r in retain_rows if isinstance(r.get("question"), str) and isinstance(r.get("answer"), str)]
     if not candidates:
         return None
