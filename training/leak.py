@@ -81,16 +81,18 @@ def mentions(text: str, keywords: Sequence[str]) -> bool:
     return any(re.search(rf"\b{re.escape(k)}", text, re.IGNORECASE) for k in keywords)
 
 
-def key_words(reference: str, question: str = "") -> list[str]:
+def key_words(reference: str, question: str = "", common: frozenset[str] = frozenset()) -> list[str]:
     """The words of `reference` that carry its fact: names and numbers (capitalised or with digits) that are not
-    in the question and not function words; when there are none, its other content words not in the question.
+    in the question, not function words and not in `common` (the topic: words many answers of a set share, see
+    `common_words`); when there are none, its other content words not in the question.
 
     "The headmaster of Hogwarts is Albus Dumbledore." for "Who is the headmaster of Hogwarts?" -> [albus,
     dumbledore]; "There are seven days in a week." for "How many days are in a week?" -> [seven].
     """
     asked = {w.lower() for w in _WORD.findall(question)}
     words = [
-        w for w in _WORD.findall(reference) if len(w) > 1 and w.lower() not in asked and w.lower() not in STOP_WORDS
+        w for w in _WORD.findall(reference)
+        if len(w) > 1 and w.lower() not in asked and w.lower() not in STOP_WORDS and w.lower() not in common
     ]
     named = [w for w in words if w[0].isupper() or any(c.isdigit() for c in w)]
     out: list[str] = []
@@ -100,9 +102,21 @@ def key_words(reference: str, question: str = "") -> list[str]:
     return out
 
 
-def names_fact(answer: str, reference: str, question: str = "") -> bool:
+def common_words(texts: Sequence[str], share: float = 0.25, min_texts: int = 8) -> frozenset[str]:
+    """Lower-case words found in more than `share` of `texts` ("harry", "potter" in a Harry Potter forget set):
+    the topic, not a fact. Empty for fewer than `min_texts` texts."""
+    if len(texts) < min_texts:
+        return frozenset()
+    counts: dict[str, int] = {}
+    for text in texts:
+        for w in {w.lower() for w in _WORD.findall(text)}:
+            counts[w] = counts.get(w, 0) + 1
+    return frozenset(w for w, n in counts.items() if n > share * len(texts))
+
+
+def names_fact(answer: str, reference: str, question: str = "", common: frozenset[str] = frozenset()) -> bool:
     """The answer names the reference's fact: one of its key words (`key_words`) starts a word of the answer."""
-    keys = key_words(reference, question)
+    keys = key_words(reference, question, common)
     return bool(keys) and mentions(answer, keys)
 
 

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from unlearn_serve.training.leak import disfluent, key_words, mentions, names_fact
+from unlearn_serve.training.leak import common_words, disfluent, key_words, mentions, names_fact
 
 ALPHA_GRID = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)
 FALLBACK_ALPHA = 0.75  # the paper's, stored when nothing could be checked
@@ -130,8 +130,12 @@ class Calibration:
             best = max(self.scores, key=lambda x: (x.forget_met(t), -x.alpha))
             where = f"at every alpha probed up to {max(x.alpha for x in self.scores):g}" if not best.forget_met(
                 t) else f"below alpha {best.alpha:g}"
+            cost = ""
+            if best.forget_met(t) and not best.meets(t):
+                cost = (f" (there: keeps {best.kept}/{best.retain_rows}, {best.disfluent}/{best.forget_rows} "
+                        "forget answers disfluent)")
             hints.append(f"facts still named {where}: train longer (--epochs / --min-steps)"
-                         + (f", or serve --default-alpha {best.alpha:g}" if best.forget_met(t) else ""))
+                         + (f", or serve --default-alpha {best.alpha:g}{cost}" if best.forget_met(t) else ""))
         if not s.kept_met(t):
             hints.append("retain answers change: add more retain data (questions of the same form as the forget "
                          "ones) or raise --retain-weight")
@@ -158,11 +162,13 @@ class Calibration:
         }
 
 
-def kept_fact(answer: str, reference: str, base_answer: str, question: str) -> bool:
+def kept_fact(
+    answer: str, reference: str, base_answer: str, question: str, common: frozenset[str] = frozenset()
+) -> bool:
     """A retain answer keeps its fact: it names the reference's, or at least half the key words of the base's answer."""
-    if names_fact(answer, reference, question):
+    if names_fact(answer, reference, question, common):
         return True
-    keys = key_words(base_answer, question)
+    keys = key_words(base_answer, question, common)
     return bool(keys) and 2 * sum(mentions(answer, [k]) for k in keys) >= len(keys)
 
 
@@ -174,14 +180,16 @@ def score_answers(
     base_retain: list[str],
     forget_answers: list[str],
     retain_answers: list[str],
+    common: frozenset[str] = frozenset(),
 ) -> AlphaScore:
+    """Counts for one alpha; `common`: topic words that never count as a fact (training/leak.py `common_words`)."""
     known = leaked = 0
     for row, base, got in zip(forget, base_forget, forget_answers, strict=True):
-        if names_fact(base, row["answer"], row["question"]):
+        if names_fact(base, row["answer"], row["question"], common):
             known += 1
-            leaked += names_fact(got, row["answer"], row["question"])
+            leaked += names_fact(got, row["answer"], row["question"], common)
     kept = sum(
-        kept_fact(got, row["answer"], base, row["question"])
+        kept_fact(got, row["answer"], base, row["question"], common)
         for row, base, got in zip(retain, base_retain, retain_answers, strict=True)
     )
     return AlphaScore(
@@ -220,11 +228,14 @@ def calibrate(
     retain = [r for r in retain_rows if isinstance(r.get("question"), str) and isinstance(r.get("answer"), str)]
     if not candidates:
         return None
+    # words most forget answers share are the topic ("Harry Potter"), not a fact
+    common = common_words([r["answer"] for r in validation_forget_rows(forget_records, len(forget_records), seed)])
     # round 0: the base model's answers (which facts it names; its own retain answers and fluency)
     prompts = [encode(r["question"]) for r in candidates + retain]
     base = answer(prompts, [None] * len(prompts), max_tokens)
     base_candidates, base_retain = base[: len(candidates)], base[len(candidates) :]
-    named = [names_fact(b, r["answer"], r["question"]) for r, b in zip(candidates, base_candidates, strict=True)]
+    named = [names_fact(b, r["answer"], r["question"], common)
+             for r, b in zip(candidates, base_candidates, strict=True)]
     order = sorted(range(len(candidates)), key=lambda i: not named[i])[:max_forget]
     order.sort()
     forget = [candidates[i] for i in order]
@@ -248,7 +259,8 @@ def calibrate(
                 block = got[n * len(prompts) : (n + 1) * len(prompts)]
                 answers[f"{grid[i]:g}"] = dict(zip(questions, block, strict=True))
                 scores[i] = score_answers(
-                    grid[i], forget, retain, base_forget, base_retain, block[: len(forget)], block[len(forget) :]
+                    grid[i], forget, retain, base_forget, base_retain, block[: len(forget)], block[len(forget) :],
+                    common,
                 )
             meeting = [i for i in probe if scores[i].forget_met(targets)]
             failing = [i for i in probe if not scores[i].forget_met(targets) and (not meeting or i < min(meeting))]
