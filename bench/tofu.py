@@ -498,36 +498,23 @@ def run_moe(cfg: BenchConfig, out: Path, cache: Path, retrain: bool, methods: li
 
 def moe_table(metrics: dict[str, Any]) -> str:
     """FQ, MU, ROUGE, fluency, time and the share of the target's parameters each method changed."""
-    from unlearn_serve.evaluation.report import summary_table
+    from unlearn_serve.evaluation.report import columns, summary_table
 
-    cols = [
-        ("forget_quality", "FQ", "{:.3g}"),
-        ("model_utility", "MU", "{:.3f}"),
-        ("forget_rouge", "forget ROUGE", "{:.3f}"),
-        ("retain_rouge", "retain ROUGE", "{:.3f}"),
-        ("fluency_perplexity", "fluency PPL", "{:.3g}"),
-        ("ngram_loop_share", "loops", "{:.2f}"),
-        ("training_time_s", "time (s)", "{:.0f}"),
-        ("params_changed_share", "params changed", "{:.2%}"),
-        ("attack_none_leak", "leak", "{:.2f}"),
-        ("attack_max_leak", "worst attack leak", "{:.2f}"),
-    ]
+    cols = columns(
+        "forget_quality", "model_utility", "forget_rouge", "retain_rouge", "fluency_perplexity", "ngram_loop_share",
+        "training_time_s", "params_changed_share", "attack_none_leak", "attack_max_leak",
+    )
     return summary_table([(m["label"], m["summary"]) for m in metrics["methods"]], cols)
 
 
 def table2(metrics: dict[str, Any]) -> str:
     """FQ, MU, forget ROUGE, retain ROUGE, training time (ULD paper Table 2) + our fluency columns."""
-    from unlearn_serve.evaluation.report import summary_table
+    from unlearn_serve.evaluation.report import columns, summary_table
 
-    cols = [
-        ("forget_quality", "FQ", "{:.3g}"),
-        ("model_utility", "MU", "{:.3f}"),
-        ("forget_rouge", "forget ROUGE", "{:.3f}"),
-        ("retain_rouge", "retain ROUGE", "{:.3f}"),
-        ("training_time_s", "training time (s)", "{:.0f}"),
-        ("fluency_perplexity", "fluency PPL", "{:.3g}"),
-        ("ngram_loop_share", "loops", "{:.2f}"),
-    ]
+    cols = columns(
+        "forget_quality", "model_utility", "forget_rouge", "retain_rouge", "training_time_s", "fluency_perplexity",
+        "ngram_loop_share",
+    )
     return summary_table([(m["label"], m["summary"]) for m in metrics["methods"]], cols)
 
 

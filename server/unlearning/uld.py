@@ -45,7 +45,6 @@ class Assistant:
     # module name -> (A [r, in], B_scaled [out, r]); B already multiplied by the LoRA scale
     lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     nbytes: int = 0
-    in_flight: int = 0
     unloading: bool = False
 
 

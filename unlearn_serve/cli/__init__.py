@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 from unlearn_serve.errors import UnlearnServeError
 
@@ -36,6 +37,22 @@ DESCRIPTION = "Inference-time unlearning server for LLMs (ULD assistants, UOE ex
 
 class CliError(UnlearnServeError):
     """A bad command line: printed without a traceback, exit code 2."""
+
+
+def parse_named_dirs(values: list[str], flag: str, must_exist: bool = False) -> list[tuple[str, Path]]:
+    """`NAME=DIR` flag values (--uld, --uoe, --compare) as (name, path); names unique."""
+    pairs: list[tuple[str, Path]] = []
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise CliError(f"{flag} {value!r}: expected NAME=DIR")
+        if must_exist and not Path(path).is_dir():
+            raise CliError(f"{flag} {value}: {path} is not a directory")
+        pairs.append((name, Path(path)))
+    names = [n for n, _ in pairs]
+    if len(set(names)) != len(names):
+        raise CliError(f"{flag}: names must be unique")
+    return pairs
 
 
 NO_COMMAND = ""  # build_parser(NO_COMMAND): the top-level parser only, no subcommand module imported

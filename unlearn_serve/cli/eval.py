@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -55,23 +54,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false")
 
 
-def _pairs(values: list[str], flag: str) -> list[tuple[str, Path]]:
-    from unlearn_serve.cli import CliError
-
-    out = []
-    for value in values:
-        name, sep, path = value.partition("=")
-        if not sep or not name or not path:
-            raise CliError(f"{flag} {value!r}: write NAME=DIR")
-        if not Path(path).is_dir():
-            raise CliError(f"{flag} {value}: {path} is not a directory")
-        out.append((name, Path(path)))
-    names = [n for n, _ in out]
-    if len(set(names)) != len(names):
-        raise CliError(f"{flag}: names must be unique")
-    return out
-
-
 def parse_alphas(text: str | None) -> list[float] | None:
     from unlearn_serve.cli import CliError
 
@@ -101,14 +83,14 @@ def parse_attacks(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from unlearn_serve.cli import CliError
+    from unlearn_serve.cli import CliError, parse_named_dirs
     from unlearn_serve.evaluation import runner as E
 
     if args.max_new_tokens < 1 or args.max_num_seqs < 1 or (args.limit is not None and args.limit < 1):
         raise CliError("--max-new-tokens, --max-num-seqs and --limit must be >= 1")
-    ulds = _pairs(args.uld, "--uld")
-    uoes = _pairs(args.uoe, "--uoe")
-    compares = _pairs(args.compare, "--compare")
+    ulds = parse_named_dirs(args.uld, "--uld", must_exist=True)
+    uoes = parse_named_dirs(args.uoe, "--uoe", must_exist=True)
+    compares = parse_named_dirs(args.compare, "--compare", must_exist=True)
     alphas = parse_alphas(args.alpha)
     attack_config = parse_attacks(args)
     files = E.resolve_data(args.data, args.forget_split)

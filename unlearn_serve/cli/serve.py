@@ -74,20 +74,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info")
 
 
-def parse_named(values: list[str], flag: str) -> list[tuple[str, str]]:
-    from unlearn_serve.cli import CliError
-
-    pairs = []
-    for value in values:
-        name, sep, path = value.partition("=")
-        if not sep or not name or not path:
-            raise CliError(f"{flag} {value!r}: expected NAME=DIR")
-        pairs.append((name, path))
-    return pairs
-
-
 def build_engine(args: argparse.Namespace):
     """Load the model and the artifacts named on the command line (errors are user errors)."""
+    from unlearn_serve.cli import parse_named_dirs
     from unlearn_serve.loading import load_model_and_tokenizer
     from unlearn_serve.server.engine.engine import Engine, EngineConfig
 
@@ -105,9 +94,9 @@ def build_engine(args: argparse.Namespace):
         gpu_memory_utilization=args.gpu_memory_utilization,
     )
     engine = Engine(model, tokenizer, config, model_name=args.served_model_name or args.model)
-    for name, path in parse_named(args.uld, "--uld"):
+    for name, path in parse_named_dirs(args.uld, "--uld"):
         engine.load_uld(name, path)
-    for name, path in parse_named(args.uoe, "--uoe"):
+    for name, path in parse_named_dirs(args.uoe, "--uoe"):
         engine.load_uoe(name, path)
     engine.allocate_kv()  # the whole KV cache, before listening (the --uld assistants may have deepened it)
     from unlearn_serve.server.engine.kv_budget import fmt
@@ -165,8 +154,10 @@ def check_limits(args: argparse.Namespace) -> None:
 
 def served_names(args: argparse.Namespace) -> list[str]:
     """The names clients may ask for: the base model and every artifact named on the command line."""
+    from unlearn_serve.cli import parse_named_dirs
+
     names = [args.served_model_name or args.model]
-    names += [name for name, _ in parse_named(args.uld, "--uld") + parse_named(args.uoe, "--uoe")]
+    names += [name for name, _ in parse_named_dirs(args.uld, "--uld") + parse_named_dirs(args.uoe, "--uoe")]
     return names
 
 

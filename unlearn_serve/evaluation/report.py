@@ -6,18 +6,34 @@ import math
 from pathlib import Path
 from typing import Any
 
-COLUMNS = [
-    ("forget_quality", "FQ", "{:.3g}"),
-    ("model_utility", "MU", "{:.3f}"),
-    ("forget_rouge", "forget ROUGE", "{:.3f}"),
-    ("retain_rouge", "retain ROUGE", "{:.3f}"),
-    ("forget_probability", "forget prob", "{:.3f}"),
-    ("forget_truth_ratio", "forget TR", "{:.3f}"),
-    ("forget_extraction_strength", "forget ES", "{:.3f}"),
-    ("forget_exact_memorization", "forget EM", "{:.3f}"),
-    ("fluency_perplexity", "fluency PPL", "{:.3g}"),
-    ("ngram_loop_share", "loops", "{:.2f}"),
-]
+# Every summary column once: metric key -> (header, format). Tables pick theirs by key.
+COLUMN_SPECS: dict[str, tuple[str, str]] = {
+    "forget_quality": ("FQ", "{:.3g}"),
+    "model_utility": ("MU", "{:.3f}"),
+    "forget_rouge": ("forget ROUGE", "{:.3f}"),
+    "retain_rouge": ("retain ROUGE", "{:.3f}"),
+    "forget_probability": ("forget prob", "{:.3f}"),
+    "forget_truth_ratio": ("forget TR", "{:.3f}"),
+    "forget_extraction_strength": ("forget ES", "{:.3f}"),
+    "forget_exact_memorization": ("forget EM", "{:.3f}"),
+    "fluency_perplexity": ("fluency PPL", "{:.3g}"),
+    "ngram_loop_share": ("loops", "{:.2f}"),
+    "training_time_s": ("time (s)", "{:.0f}"),
+    "params_changed_share": ("params changed", "{:.2%}"),
+    "attack_none_leak": ("leak", "{:.2f}"),
+    "attack_max_leak": ("worst attack leak", "{:.2f}"),
+}
+
+
+def columns(*keys: str) -> list[tuple[str, str, str]]:
+    """(key, header, format) for `summary_table`, in the order given."""
+    return [(k, *COLUMN_SPECS[k]) for k in keys]
+
+
+COLUMNS = columns(
+    "forget_quality", "model_utility", "forget_rouge", "retain_rouge", "forget_probability", "forget_truth_ratio",
+    "forget_extraction_strength", "forget_exact_memorization", "fluency_perplexity", "ngram_loop_share",
+)
 
 
 def fmt(value: Any, spec: str = "{:.3f}") -> str:
