@@ -192,7 +192,9 @@ def build_router() -> APIRouter:
             ctx.artifact = body.name
         path = _artifact_path(state, body.path)
         engine = serving.engine
-        if body.name == serving.served_model_name or body.name in engine.artifact_names():
+        if body.name == serving.served_model_name:
+            raise bad_request(f"{body.name!r} is the served base model's name; choose another artifact name", "name")
+        if body.name in engine.artifact_names():
             raise bad_request(f"an artifact named {body.name!r} is already loaded", "name")
         try:
             manifest = load_manifest(path)

@@ -30,7 +30,8 @@ class UnlearningOptions(BaseModel):
     """Per-request ULD settings. A negative alpha would *add* the assistant (which memorised the forget set),
     so it is invalid for everybody; weakening below the artifact's defaults is a per-key permission (serving)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: `true` or "1" is not a strength (pydantic would coerce them to 1.0)
+    model_config = ConfigDict(extra="forbid", strict=True)
     alpha: float | None = Field(
         # at most 1e6: past float32's range (~3.4e38) alpha became inf and every logit NaN (garbage tokens)
         default=None, ge=0.0, le=1e6, allow_inf_nan=False, description="strength of the assistant subtraction (ULD)"

@@ -261,6 +261,8 @@ class OpenAIServing:
             else:
                 lp.token_logprobs.append(entry.logprob)
                 top = {self._token_text(t): v for t, v in entry.top}
+                # like OpenAI and vLLM: the sampled token is always listed (up to logprobs + 1 entries)
+                top.setdefault(text, entry.logprob)
                 lp.top_logprobs.append(top)
         return lp, offset
 

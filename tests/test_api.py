@@ -122,7 +122,11 @@ def test_echo_with_logprobs_gives_prompt_logprobs(client, tiny_llama, tokenizer)
         ref = tiny_llama(torch.tensor([ids])).logits[0].log_softmax(-1)
     expected = [ref[i - 1, ids[i]].item() for i in range(1, len(ids))]
     assert lp.token_logprobs[1 : len(ids)] == pytest.approx(expected, abs=1e-5)
-    assert all(len(top) == 2 for top in lp.top_logprobs[1:])
+    # the top 2, plus the scored token itself when it is not among them (OpenAI: up to logprobs + 1)
+    for token, top in zip(lp.tokens[1:], lp.top_logprobs[1:], strict=True):
+        assert token in top and len(top) in (2, 3)
+        if len(top) == 3:  # added: then it is the least likely of the three
+            assert min(top.values()) == top[token]
     # greedy: every generated token is the best of its top list
     for token, top in zip(lp.tokens[len(ids):], lp.top_logprobs[len(ids):], strict=True):
         assert max(top, key=top.get) == token
@@ -130,6 +134,9 @@ def test_echo_with_logprobs_gives_prompt_logprobs(client, tiny_llama, tokenizer)
     r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=0)
     assert r.choices[0].text == prompt and r.usage.completion_tokens == 0
     assert r.choices[0].logprobs.token_logprobs[1:] == pytest.approx(expected, abs=1e-5)
+    # logprobs=0 still lists the scored token itself
+    tops = r.choices[0].logprobs.top_logprobs[1:]
+    assert [list(top) for top in tops] == [[t] for t in r.choices[0].logprobs.tokens[1:]]
 
 
 def test_no_logprobs_unless_asked(client):

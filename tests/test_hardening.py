@@ -445,7 +445,10 @@ def test_a_good_artifact_still_loads_and_serves(url, good_artifact):
         assert "forget-a" in model_ids(url)
         out = complete(url, model="forget-a")
         assert out.status_code == 200, out.text
-        assert_openai_error(load(url, "forget-a", "good"), 400, param="name")  # no silent replacement
+        error = assert_openai_error(load(url, "forget-a", "good"), 400, param="name")  # no silent replacement
+        assert "already loaded" in error["message"], error
+        error = assert_openai_error(load(url, MODEL, "good"), 400, param="name")  # the base model's own name
+        assert "base model" in error["message"] and "already loaded" not in error["message"], error
     finally:
         httpx.post(f"{url}/v1/unlearning/unload", json={"name": "forget-a"}, timeout=60)
     assert "forget-a" not in model_ids(url)

@@ -158,7 +158,7 @@ def test_strengthening_is_allowed(bot, unlearning):
     assert complete(bot, A, unlearning).usage.completion_tokens >= 1
 
 
-@pytest.mark.parametrize("raw", [b"-3", b"-0.01", b"NaN", b"Infinity", b"-Infinity", b"1e999"])
+@pytest.mark.parametrize("raw", [b"-3", b"-0.01", b"NaN", b"Infinity", b"-Infinity", b"1e999", b"true", b'"2"'])
 def test_alpha_must_be_finite_and_non_negative_for_everybody(world, raw):
     body = b'{"model": "%s", "prompt": "x", "max_tokens": 1, "unlearning": {"alpha": %s}}' % (A.encode(), raw)
     for key in (BOT_KEY, OPS_KEY):
