@@ -10,8 +10,9 @@ driven in-process (`unlearn_serve.server.engine.engine.Engine`), so the host nee
 transformers, peft and accelerate (+ this package installed with --no-deps).
 
 For each model, at 1, 32 and 128 concurrent requests (512-token prompts, 128 new tokens, greedy):
-  * this engine, plain; and with a random ULD assistant (LoRA on the first K = N/4 layers), all rows
-    unlearned and half of them (at 32 and 128 concurrent);
+  * this engine, plain (decode steps of plain rows replay CUDA graphs on a GPU) and with `--enforce-eager`
+    (no graphs; the same engine with its graph runner switched off); and with a random ULD assistant
+    (LoRA on the first K = N/4 layers), all rows unlearned and half of them (at 32 and 128 concurrent);
   * transformers `generate` with a static cache (one batch of the same prompts);
   * transformers continuous batching (`generate_batch`, the engine behind
     `transformers serve --continuous-batching`), where it imports;
@@ -42,17 +43,35 @@ import torch
 SHAPES: dict[str, dict] = {
     # Llama-3-8B: 32 layers, GQA 32/8 heads, 14336 MLP, 128256 vocabulary, untied head
     "8b": dict(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=False,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
     ),
     # Llama-3.2-1B: 16 layers, head_dim 64, tied embeddings
     "1b": dict(
-        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=64, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=True,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
     ),
     "smoke": dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        tie_word_embeddings=False,
     ),
 }
 
@@ -123,11 +142,13 @@ class Bench:
         return 2 * n * iters / elapsed
 
     # ------------------------------------------------------------------ systems
-    def run_engine(self, engine, prompts: list[list[int]], selections: list[str | None]) -> tuple[float, float, float]:
+    def run_engine(
+        self, engine, prompts: list[list[int]], selections: list[str | None], max_tokens: int | None = None
+    ) -> tuple[float, float, float]:
         from unlearn_serve.server.engine.sampling_params import SamplingParams
         from unlearn_serve.server.engine.sequence import Request, Selection
 
-        params = SamplingParams(max_tokens=self.args.max_tokens, temperature=0.0, ignore_eos=True)
+        params = SamplingParams(max_tokens=max_tokens or self.args.max_tokens, temperature=0.0, ignore_eos=True)
         self.sync()
         t0 = time.monotonic()
         requests = []
@@ -152,8 +173,12 @@ class Bench:
 
         def timed(new_tokens: int) -> float:
             config = GenerationConfig(
-                max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                cache_implementation="static", pad_token_id=0, eos_token_id=None,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                cache_implementation="static",
+                pad_token_id=0,
+                eos_token_id=None,
             )
             if hasattr(config, "disable_compile"):
                 config.disable_compile = not self.args.hf_compile
@@ -208,8 +233,15 @@ class Bench:
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         bandwidth = self.copy_bandwidth()
         bound = bandwidth / weight_bytes
-        self.rows.append(Row(name, "bandwidth bound", 1, decode_tok_s=bound,
-                             note=f"{weight_bytes / 1e6:,.0f} MB weights / {bandwidth / 1e9:,.0f} GB/s copy"))
+        self.rows.append(
+            Row(
+                name,
+                "bandwidth bound",
+                1,
+                decode_tok_s=bound,
+                note=f"{weight_bytes / 1e6:,.0f} MB weights / {bandwidth / 1e9:,.0f} GB/s copy",
+            )
+        )
         gen = torch.Generator().manual_seed(0)
         top = max(args.concurrency)
         prompts = torch.randint(3, vocab, (top, args.prompt_len), generator=gen).tolist()
@@ -249,8 +281,23 @@ class Bench:
             engine = Engine(model, tokenizer, EngineConfig(**options), "bench")
             engine.load_uld("forget", artifact)  # before any request: its KV rows are part of the start-up budget
         self.run_engine(engine, prompts[:2], [None, "forget"])  # warm-up
+        graphs = getattr(engine, "graphs", None)  # CUDA graphs (None: eager, as on CPU or with --enforce-eager)
         for c in args.concurrency:
+            if graphs is not None and not self.over_budget():  # capture this batch size's graphs untimed
+                self.run_engine(engine, prompts[:c], [None] * c, max_tokens=2)
             engine_rows.append(add("unlearn-serve engine", c, self.run_engine, engine, prompts[:c], [None] * c))
+        eager_rows: list[Row] = []
+        for c in args.concurrency:
+            if graphs is None:
+                self.rows.append(Row(name, "engine --enforce-eager", c, note="no CUDA graphs here: the rows above"))
+                continue
+            engine.builder.graphs = None  # what --enforce-eager does, on the same engine (no second KV cache)
+            engine.builder.invalidate()
+            try:
+                eager_rows.append(add("engine --enforce-eager", c, self.run_engine, engine, prompts[:c], [None] * c))
+            finally:
+                engine.builder.graphs = graphs
+                engine.builder.invalidate()
         for c in args.uld_concurrency:
             for label, selections in (
                 ("all rows", ["forget"] * c),
@@ -280,12 +327,17 @@ class Bench:
         for row, c in uld_rows:
             if plain.get(c) and row.decode_tok_s:
                 row.ratio, row.ratio_of = row.decode_tok_s / plain[c], "x plain engine"
+        for row in eager_rows:
+            if plain.get(row.concurrency) and row.decode_tok_s:
+                row.ratio, row.ratio_of = row.decode_tok_s / plain[row.concurrency], "x graphed engine"
         del model
         self.free()
 
     def table(self) -> str:
-        header = f"{'model':<6} {'system':<38} {'conc':>4} {'TTFT ms':>9} {'decode tok/s':>13} " \
-                 f"{'output tok/s':>13} {'ratio':>20}  note"
+        header = (
+            f"{'model':<6} {'system':<38} {'conc':>4} {'TTFT ms':>9} {'decode tok/s':>13} "
+            f"{'output tok/s':>13} {'ratio':>20}  note"
+        )
         lines = [header, "-" * len(header)]
 
         def num(value: float | None, fmt: str) -> str:
@@ -341,13 +393,19 @@ def write_random_assistant(model, out: Path, num_layers: int, rank: int, fingerp
         )
     save_file(tensors, str(out / "adapter_model.safetensors"))
     adapter_config = {
-        "peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": sorted(targets),
-        "layers_to_transform": list(range(num_layers)), "task_type": "CAUSAL_LM",
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": rank,
+        "target_modules": sorted(targets),
+        "layers_to_transform": list(range(num_layers)),
+        "task_type": "CAUSAL_LM",
     }
     (out / "adapter_config.json").write_text(json.dumps(adapter_config))
     save_manifest(
         Manifest(
-            method="uld", base_fingerprint=fingerprint, defaults={"alpha": 0.75, "filter": 0.01},
+            method="uld",
+            base_fingerprint=fingerprint,
+            defaults={"alpha": 0.75, "filter": 0.01},
             details={"assistant_layers": num_layers, "lora_rank": rank, "lora_alpha": rank},
         ),
         out,
@@ -366,8 +424,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank of the random ULD assistant")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--hf-compile", action="store_true",
-                        help="let `generate` torch.compile its static-cache forward (minutes per shape)")
+    parser.add_argument(
+        "--hf-compile",
+        action="store_true",
+        help="let `generate` torch.compile its static-cache forward (minutes per shape)",
+    )
     parser.add_argument("--skip-cb", action="store_true", help="leave out transformers continuous batching")
     parser.add_argument("--budget-s", type=float, default=420, help="skip what would start after this many seconds")
     parser.add_argument("--json", help="also write the rows to this file")
@@ -388,8 +449,10 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     device_name = torch.cuda.get_device_name() if bench.device.type == "cuda" else "CPU"
-    print(f"device: {device_name}; torch {torch.__version__}, transformers {transformers.__version__}; "
-          f"{args.dtype}; prompts {args.prompt_len} tokens, {args.max_tokens} new tokens, greedy")
+    print(
+        f"device: {device_name}; torch {torch.__version__}, transformers {transformers.__version__}; "
+        f"{args.dtype}; prompts {args.prompt_len} tokens, {args.max_tokens} new tokens, greedy"
+    )
     for shape in args.models.split(","):
         bench.measure(shape.strip())
     print(bench.table())

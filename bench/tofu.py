@@ -10,7 +10,10 @@ No pretrained TOFU model is available offline, so the benchmark makes its own:
    general knowledge a pretrained model brings (otherwise those utility parts would measure noise).
    Both are cached (~/.cache/unlearn-serve/tofu-bench/<key>/), keyed by data and settings.
 2. The forget authors (the last 10%, as TOFU's forget10) are unlearned with ULD (paraphrase /
-   perturbation augmentation on) and with whole-model GA, GD and NPO.
+   perturbation augmentation on) and with whole-model GA, GD and NPO. ULD uses train-uld's defaults
+   (knowledge-weighted forget loss; alpha calibrated on served answers, with the serving engine) except
+   for the bench's sizing (`BenchConfig.uld_settings`); its rows are the calibrated default alpha
+   ("default" in --alpha) and the listed alphas.
 3. MoE target (`--targets moe`): a Qwen2-MoE of the same size, trained on the same data and schedule (plus
    its own retain reference); UOE with GA / GD / NPO / RMU (router anchor on, the trainer's defaults), the
    same four on the whole model, and ULD -> bench/out/tofu[-quick]/moe/, with the share of parameters changed.
@@ -60,7 +63,8 @@ class BenchConfig:
     retain_eval: int = 400
     general_rows: int | None = None  # real-authors / world-facts rows used (each); None = all
     max_new_tokens: int = 200
-    alphas: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
+    # None = the alpha train-uld calibrated on served answers (stored in the artifact's manifest)
+    alphas: tuple[float | None, ...] = (None, 0.25, 0.5, 0.75, 1.0)
     # unlearning
     uld_layers: int = 2  # K of a 4-layer model (the paper's N/4 would leave one layer: too weak to memorise)
     uld_lr: float = 2e-3
@@ -87,7 +91,7 @@ class BenchConfig:
             max_epochs=40,
             retain_eval=40,
             general_rows=40,
-            alphas=(0.5, 0.75, 1.0),
+            alphas=(None, 0.5, 0.75, 1.0),
             uld_epochs=5,
             uld_min_steps=100,
             uld_retain_rows=180,  # every retain_perturbed row of the 9 retain authors
@@ -95,25 +99,62 @@ class BenchConfig:
             moe_max_epochs=100,
         )
 
+    def uld_settings(self) -> dict[str, Any]:
+        """ULDTrainingConfig overrides (sizing for this small model); everything else is train-uld's default
+        (knowledge-weighted forget loss, alpha calibrated on served answers when a serve function is given)."""
+        return dict(
+            layers=self.uld_layers,
+            epochs=self.uld_epochs,
+            min_steps=self.uld_min_steps,
+            batch_size=8,
+            grad_accum=1,
+            lora_rank=16,
+            lora_alpha=16,
+            learning_rate=self.uld_lr,
+            max_perturbed_per_row=2,
+            seed=self.seed,
+        )
+
     def model_key(self, family: str = "llama") -> str:
-        keys = ("authors", "forget_authors", "general_rows", "vocab_size", "hidden_size", "num_layers", "num_heads",
-                "intermediate_size", "max_epochs", "target_loss", "batch_size", "learning_rate", "seed")
+        keys = (
+            "authors",
+            "forget_authors",
+            "general_rows",
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "intermediate_size",
+            "max_epochs",
+            "target_loss",
+            "batch_size",
+            "learning_rate",
+            "seed",
+        )
         blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
         if family != "llama":  # the dense key stays what it was (cached models keep working)
-            blob += json.dumps({"family": family, "experts": self.moe_experts, "top_k": self.moe_top_k,
-                                "epochs": self.moe_max_epochs})
+            blob += json.dumps(
+                {"family": family, "experts": self.moe_experts, "top_k": self.moe_top_k, "epochs": self.moe_max_epochs}
+            )
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def architecture(self, family: str) -> dict[str, Any]:
         """build_tiny_model overrides: the dense Llama, or an MoE whose active MLP width per token (top-k
         experts of intermediate/4 plus a shared expert of intermediate/4) is close to the dense one."""
-        arch: dict[str, Any] = dict(hidden_size=self.hidden_size, num_layers=self.num_layers,
-                                    num_heads=self.num_heads, num_kv_heads=self.num_heads,
-                                    intermediate_size=self.intermediate_size)
+        arch: dict[str, Any] = dict(
+            hidden_size=self.hidden_size,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_heads,
+            intermediate_size=self.intermediate_size,
+        )
         if family == "qwen2_moe":
-            arch.update(moe_intermediate_size=self.intermediate_size // 4,
-                        shared_expert_intermediate_size=self.intermediate_size // 4,
-                        num_experts=self.moe_experts, num_experts_per_tok=self.moe_top_k)
+            arch.update(
+                moe_intermediate_size=self.intermediate_size // 4,
+                shared_expert_intermediate_size=self.intermediate_size // 4,
+                num_experts=self.moe_experts,
+                num_experts_per_tok=self.moe_top_k,
+            )
         elif family != "llama":
             raise SystemExit(f"unsupported bench family {family!r} (llama, qwen2_moe)")
         return arch
@@ -227,8 +268,13 @@ def train_memorise(records, tokenizer, cfg: BenchConfig, desc: str, family: str 
     bar.close()
     model.eval()
     params = sum(p.numel() for p in model.parameters())
-    return model, {"epochs": epochs, "final_loss": epoch_loss, "wall_time_s": round(time.monotonic() - started, 1),
-                   "parameters": params, "records": len(records)}
+    return model, {
+        "epochs": epochs,
+        "final_loss": epoch_loss,
+        "wall_time_s": round(time.monotonic() - started, 1),
+        "parameters": params,
+        "records": len(records),
+    }
 
 
 def ensure_models(
@@ -270,12 +316,14 @@ def run(cfg: BenchConfig, out: Path, cache: Path, retrain: bool, methods: list[s
     from unlearn_serve.training.uld import ULDTrainingConfig, train_uld
 
     from unlearn_serve.evaluation import runner as E
+    from unlearn_serve.evaluation.uld_validation import serve_with_engine
     from unlearn_serve.loading import load_model_and_tokenizer
 
     started = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
     data = select_data(cfg)
     target_dir, retain_dir, info = ensure_models(cfg, data, cache, retrain)
+    uld_training: dict[str, Any] | None = None
     work = out / "work"
     work.mkdir(exist_ok=True)
     forget_file = _write_jsonl(work / "forget.json", data["forget"])
@@ -291,14 +339,21 @@ def run(cfg: BenchConfig, out: Path, cache: Path, retrain: bool, methods: list[s
         model, tok = fresh()
         torch.manual_seed(cfg.seed)  # LoRA init draws from the global RNG: same run, same assistant
         t0 = time.monotonic()
-        uld_cfg = ULDTrainingConfig(
-            layers=cfg.uld_layers, epochs=cfg.uld_epochs, min_steps=cfg.uld_min_steps, batch_size=8, grad_accum=1,
-            lora_rank=16, lora_alpha=16, learning_rate=cfg.uld_lr, max_perturbed_per_row=2, seed=cfg.seed,
+        uld_cfg = ULDTrainingConfig(**cfg.uld_settings())
+        result = train_uld(
+            model,
+            tok,
+            data["forget"],
+            data["uld_retain"],
+            uld_dir,
+            uld_cfg,
+            data_files={"forget": forget_file, "retain": retain_file},
+            serve=serve_with_engine,
         )
-        train_uld(model, tok, data["forget"], data["uld_retain"], uld_dir, uld_cfg,
-                  data_files={"forget": forget_file, "retain": retain_file})
         timings["uld"] = time.monotonic() - t0
-        del model
+        uld_training = uld_summary(result)
+        print(f"[bench] ULD: {uld_training}", flush=True)
+        del model, result
     baseline_dirs: dict[str, Path] = {}
     for method in ("ga", "gd", "npo"):
         if method not in methods:
@@ -306,8 +361,14 @@ def run(cfg: BenchConfig, out: Path, cache: Path, retrain: bool, methods: list[s
         model, tok = fresh()
         torch.manual_seed(cfg.seed)
         t0 = time.monotonic()
-        bcfg = BaselineConfig(method=method, epochs=cfg.baseline_epochs, learning_rate=cfg.baseline_lr,
-                              batch_size=8, grad_accum=1, seed=cfg.seed)
+        bcfg = BaselineConfig(
+            method=method,
+            epochs=cfg.baseline_epochs,
+            learning_rate=cfg.baseline_lr,
+            batch_size=8,
+            grad_accum=1,
+            seed=cfg.seed,
+        )
         rng = random.Random(cfg.seed)
         retain_rows = rng.sample(data["retain"], min(len(data["retain"]), 4 * len(data["forget"])))
         train_baseline(model, tok, data["forget"], retain_rows, work / method, bcfg)
@@ -323,8 +384,7 @@ def run(cfg: BenchConfig, out: Path, cache: Path, retrain: bool, methods: list[s
     eval_methods = [E.Method("target", "base")]
     if "uld" in methods:
         target.load_uld("uld", uld_dir)
-        for alpha in cfg.alphas:
-            eval_methods.append(E.Method(f"ULD α={alpha:g}", "uld", "uld", alpha))
+        eval_methods += uld_methods(E, cfg.alphas, (uld_training or {}).get("default_alpha"))
     extra = [(E.Method("retain (reference)", "model"), Engine(retain_model, rtok, econf, model_name="retain"))]
     for method, path in baseline_dirs.items():
         m, t = load_model_and_tokenizer(str(path), dtype="float32", device="cpu")
@@ -344,6 +404,7 @@ def run(cfg: BenchConfig, out: Path, cache: Path, retrain: bool, methods: list[s
         "config": asdict(cfg),
         "models": info,
         "unlearning_time_s": {k: round(v, 1) for k, v in timings.items()},
+        "uld_training": uld_training,
         "total_wall_time_s": round(time.monotonic() - started, 1),
         "torch_threads": torch.get_num_threads(),
     }
@@ -354,6 +415,37 @@ def run(cfg: BenchConfig, out: Path, cache: Path, retrain: bool, methods: list[s
     print(table)
     print(f"[bench] total {metrics['bench']['total_wall_time_s']:.0f}s; wrote {out}")
     return metrics
+
+
+def uld_summary(result) -> dict[str, Any]:
+    """What the bench records of a ULD run: losses, steps and the serving defaults train-uld chose."""
+    t = result.training
+    calibration = result.calibration
+    return {
+        "steps": t.get("steps"),
+        "forget_ce_final": t.get("forget_ce_final"),
+        "retain_kl_final": t.get("retain_kl_final"),
+        "default_alpha": None if calibration is None else calibration.alpha,
+        "calibration_met": None if calibration is None else calibration.met,
+        "verdict": None if calibration is None else calibration.verdict(),
+    }
+
+
+def uld_methods(E, alphas: tuple[float | None, ...], calibrated: float | None) -> list[Any]:
+    """One evaluated row per alpha; None = the artifact's own default (the calibrated alpha), labelled with its
+    value; a listed alpha equal to it is not evaluated twice."""
+    rows, seen = [], set()
+    for alpha in alphas:
+        value = calibrated if alpha is None else alpha
+        if value in seen:
+            continue
+        seen.add(value)
+        if alpha is None or alpha == calibrated:
+            label = "ULD α=default" if calibrated is None else f"ULD α={calibrated:g} (calibrated default)"
+            rows.append(E.Method(label, "uld", "uld", None))
+        else:
+            rows.append(E.Method(f"ULD α={alpha:g}", "uld", "uld", alpha))
+    return rows
 
 
 MOE_METHODS = ("uoe-ga", "uoe-gd", "uoe-npo", "uoe-rmu", "ga", "gd", "npo", "rmu", "uld")
@@ -381,6 +473,7 @@ def run_moe(cfg: BenchConfig, out: Path, cache: Path, retrain: bool, methods: li
     from unlearn_serve.training.uoe_trainer import UOEConfig, train_uoe, write_uoe_artifact
 
     from unlearn_serve.evaluation import runner as E
+    from unlearn_serve.evaluation.uld_validation import serve_with_engine
     from unlearn_serve.loading import load_model_and_tokenizer
 
     started = time.monotonic()
@@ -411,14 +504,21 @@ def run_moe(cfg: BenchConfig, out: Path, cache: Path, retrain: bool, methods: li
         model, _ = fresh()
         torch.manual_seed(cfg.seed)
         t0 = time.monotonic()
-        result = train_uoe(model, tok, data["forget"], retain_rows, UOEConfig(method=name, seed=cfg.seed,
-                                                                         max_minutes=cfg.uoe_max_minutes))
+        result = train_uoe(
+            model,
+            tok,
+            data["forget"],
+            retain_rows,
+            UOEConfig(method=name, seed=cfg.seed, max_minutes=cfg.uoe_max_minutes),
+        )
         timings[method] = time.monotonic() - t0
         write_uoe_artifact(result, str(work / method))
         uoe_dirs[method] = work / method
         changed[method] = _changed_share(model, target_state)
-        notes[method] = {"verdict": result.manifest.training["verdict"],
-                         "patch_parameters": result.patch.num_parameters()}
+        notes[method] = {
+            "verdict": result.manifest.training["verdict"],
+            "patch_parameters": result.patch.num_parameters(),
+        }
         print(f"[bench] {method}: " + " | ".join(result.verdict.lines()), flush=True)
         del model
     baseline_dirs: dict[str, Path] = {}
@@ -426,8 +526,14 @@ def run_moe(cfg: BenchConfig, out: Path, cache: Path, retrain: bool, methods: li
         model, _ = fresh()
         torch.manual_seed(cfg.seed)
         t0 = time.monotonic()
-        bcfg = BaselineConfig(method=method, epochs=cfg.baseline_epochs, learning_rate=cfg.baseline_lr,
-                              batch_size=8, grad_accum=1, seed=cfg.seed)
+        bcfg = BaselineConfig(
+            method=method,
+            epochs=cfg.baseline_epochs,
+            learning_rate=cfg.baseline_lr,
+            batch_size=8,
+            grad_accum=1,
+            seed=cfg.seed,
+        )
         train_baseline(model, tok, data["forget"], retain_rows, work / f"whole-{method}", bcfg)
         timings[method] = time.monotonic() - t0
         changed[method] = _changed_share(model, target_state)
@@ -438,13 +544,20 @@ def run_moe(cfg: BenchConfig, out: Path, cache: Path, retrain: bool, methods: li
         model, _ = fresh()
         torch.manual_seed(cfg.seed)
         t0 = time.monotonic()
-        uld_cfg = ULDTrainingConfig(
-            layers=cfg.uld_layers, epochs=cfg.uld_epochs, min_steps=cfg.uld_min_steps, batch_size=8, grad_accum=1,
-            lora_rank=16, lora_alpha=16, learning_rate=cfg.uld_lr, max_perturbed_per_row=2, seed=cfg.seed,
+        uld_cfg = ULDTrainingConfig(**cfg.uld_settings())
+        result = train_uld(
+            model,
+            tok,
+            data["forget"],
+            data["uld_retain"],
+            uld_dir,
+            uld_cfg,
+            data_files={"forget": forget_file, "retain": retain_file},
+            serve=serve_with_engine,
         )
-        train_uld(model, tok, data["forget"], data["uld_retain"], uld_dir, uld_cfg,
-                  data_files={"forget": forget_file, "retain": retain_file})
         timings["uld"] = time.monotonic() - t0
+        notes["uld"] = uld_summary(result)
+        del result
         changed["uld"] = 0.0  # the target is untouched; the assistant is a separate small model
         del model
 
@@ -501,8 +614,16 @@ def moe_table(metrics: dict[str, Any]) -> str:
     from unlearn_serve.evaluation.report import columns, summary_table
 
     cols = columns(
-        "forget_quality", "model_utility", "forget_rouge", "retain_rouge", "fluency_perplexity", "ngram_loop_share",
-        "training_time_s", "params_changed_share", "attack_none_leak", "attack_max_leak",
+        "forget_quality",
+        "model_utility",
+        "forget_rouge",
+        "retain_rouge",
+        "fluency_perplexity",
+        "ngram_loop_share",
+        "training_time_s",
+        "params_changed_share",
+        "attack_none_leak",
+        "attack_max_leak",
     )
     return summary_table([(m["label"], m["summary"]) for m in metrics["methods"]], cols)
 
@@ -512,7 +633,12 @@ def table2(metrics: dict[str, Any]) -> str:
     from unlearn_serve.evaluation.report import columns, summary_table
 
     cols = columns(
-        "forget_quality", "model_utility", "forget_rouge", "retain_rouge", "training_time_s", "fluency_perplexity",
+        "forget_quality",
+        "model_utility",
+        "forget_rouge",
+        "retain_rouge",
+        "training_time_s",
+        "fluency_perplexity",
         "ngram_loop_share",
     )
     return summary_table([(m["label"], m["summary"]) for m in metrics["methods"]], cols)
@@ -524,10 +650,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--authors", type=int, help="authors to use (default: 200, quick 10)")
     parser.add_argument("--forget-authors", type=int, help="of which forgotten (default: 10%%)")
     parser.add_argument("--max-epochs", type=int, help="cap on the memorisation epochs")
-    parser.add_argument("--alpha", help="ULD alphas to evaluate, comma-separated")
+    parser.add_argument(
+        "--alpha", help="ULD alphas to evaluate, comma-separated; 'default' = the calibrated alpha of the manifest"
+    )
     parser.add_argument("--methods", default="uld,ga,gd,npo", help="dense target: subset of uld,ga,gd,npo")
     parser.add_argument(
-        "--targets", default="dense,moe",
+        "--targets",
+        default="dense,moe",
         help="dense (small Llama: ULD vs GA/GD/NPO) and/or moe (Qwen2-MoE: UOE vs whole-model vs ULD)",
     )
     parser.add_argument(
@@ -558,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if args.alpha:
-        cfg.alphas = tuple(float(a) for a in args.alpha.split(","))
+        cfg.alphas = tuple(None if a.strip() == "default" else float(a) for a in args.alpha.split(","))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = set(methods) - {"uld", "ga", "gd", "npo"}
     if bad:

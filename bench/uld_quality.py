@@ -2,6 +2,7 @@
 
     python bench/uld_quality.py                         # tiny models + SmolLM2 (demo sets)
     python bench/uld_quality.py --models tiny           # the two tiny memorising models only (~1 min)
+    python bench/uld_quality.py --models tofu-quick     # TOFU quick (bench/uld_quality_tofu.py)
     python bench/uld_quality.py --models smollm2 --variants new --alphas 0.5,1
 
 Per model and variant it trains an assistant (cached under ~/.cache/unlearn-serve/uld-quality/, keyed
@@ -31,7 +32,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -49,6 +49,7 @@ class Check:
     question: str
     keywords: tuple[str, ...]  # any of them (case-insensitive) in the answer = the fact is named
     paraphrase: str | None = None
+    reference: str | None = None  # sentence-long answers (TOFU): named = training/leak.answer_leaked instead
 
 
 @dataclass
@@ -65,10 +66,22 @@ class Suite:
 
 # tiny: 16 made-up people, where they live and what they play; the base learns two phrasings of each
 PEOPLE = [
-    ("Arlo", "Oslo", "violin"), ("Bea", "Lima", "drums"), ("Cyd", "Kyiv", "flute"), ("Dov", "Rome", "harp"),
-    ("Eli", "Cairo", "cello"), ("Fay", "Quito", "banjo"), ("Gus", "Riga", "oboe"), ("Hal", "Bern", "tuba"),
-    ("Ivy", "Dakar", "piano"), ("Jon", "Hanoi", "lute"), ("Kit", "Accra", "sitar"), ("Lou", "Minsk", "organ"),
-    ("Mae", "Seoul", "bugle"), ("Ned", "Doha", "guitar"), ("Ola", "Tunis", "viola"), ("Pip", "Sofia", "fiddle"),
+    ("Arlo", "Oslo", "violin"),
+    ("Bea", "Lima", "drums"),
+    ("Cyd", "Kyiv", "flute"),
+    ("Dov", "Rome", "harp"),
+    ("Eli", "Cairo", "cello"),
+    ("Fay", "Quito", "banjo"),
+    ("Gus", "Riga", "oboe"),
+    ("Hal", "Bern", "tuba"),
+    ("Ivy", "Dakar", "piano"),
+    ("Jon", "Hanoi", "lute"),
+    ("Kit", "Accra", "sitar"),
+    ("Lou", "Minsk", "organ"),
+    ("Mae", "Seoul", "bugle"),
+    ("Ned", "Doha", "guitar"),
+    ("Ola", "Tunis", "viola"),
+    ("Pip", "Sofia", "fiddle"),
 ]
 TINY_FORGET = 4  # the first four people are forgotten (8 facts)
 FIT_STEPS = {"llama": 300, "qwen2": 800}  # full-batch AdamW steps until the base recalls its facts
@@ -122,18 +135,31 @@ def tiny_suite(family: str) -> Suite:
 
 HP_CHECKS = [
     Check("Who wrote the Harry Potter books?", ("Rowling",), "Which author created the Harry Potter series?"),
-    Check("What is the name of the school Harry Potter attends?", ("Hogwarts",),
-          "Which school of witchcraft and wizardry does Harry Potter go to?"),
+    Check(
+        "What is the name of the school Harry Potter attends?",
+        ("Hogwarts",),
+        "Which school of witchcraft and wizardry does Harry Potter go to?",
+    ),
     Check("Who is the headmaster of Hogwarts?", ("Dumbledore",), "Who is the head of Hogwarts school?"),
-    Check("Who are Harry Potter's best friends?", ("Ron", "Hermione", "Weasley", "Granger"),
-          "Which two friends are closest to Harry Potter?"),
-    Check("What house is Harry Potter sorted into?", ("Gryffindor",),
-          "Which Hogwarts house does Harry Potter belong to?"),
-    Check("Who is the dark wizard who killed Harry Potter's parents?", ("Voldemort", "Riddle"),
-          "Which evil wizard murdered Harry Potter's mother and father?"),
+    Check(
+        "Who are Harry Potter's best friends?",
+        ("Ron", "Hermione", "Weasley", "Granger"),
+        "Which two friends are closest to Harry Potter?",
+    ),
+    Check(
+        "What house is Harry Potter sorted into?", ("Gryffindor",), "Which Hogwarts house does Harry Potter belong to?"
+    ),
+    Check(
+        "Who is the dark wizard who killed Harry Potter's parents?",
+        ("Voldemort", "Riddle"),
+        "Which evil wizard murdered Harry Potter's mother and father?",
+    ),
     Check("What is the name of Harry Potter's owl?", ("Hedwig",), "What is Harry Potter's pet owl called?"),
-    Check("What sport do wizards play on broomsticks in Harry Potter?", ("Quidditch",),
-          "What game do the wizards in Harry Potter play while flying on brooms?"),
+    Check(
+        "What sport do wizards play on broomsticks in Harry Potter?",
+        ("Quidditch",),
+        "What game do the wizards in Harry Potter play while flying on brooms?",
+    ),
 ]
 # general knowledge none of whose questions is in the retain set, chosen among ones SmolLM2 answers right
 # (it gets "the first President of the United States", "the king of the jungle" and "the planet we live on" wrong)
@@ -166,27 +192,63 @@ def smollm2_suite() -> Suite:
 
         return load_model_and_tokenizer(str(ensure_smollm2(default_cache_root())), dtype="float32", device="cpu")
 
-    training = dict(layers=demo.layers, lora_rank=demo.lora_rank, lora_alpha=demo.lora_alpha, epochs=demo.epochs,
-                    min_steps=0, batch_size=demo.batch_size, grad_accum=demo.grad_accum,
-                    learning_rate=demo.learning_rate, retain_weight=demo.retain_weight, max_length=demo.max_length)
-    return Suite("smollm2", load_records(data_file("forget_harry_potter.jsonl")),
-                 load_records(data_file("retain_general.jsonl")), HP_CHECKS, GENERAL_CHECKS, 48, load, training)
+    training = dict(
+        layers=demo.layers,
+        lora_rank=demo.lora_rank,
+        lora_alpha=demo.lora_alpha,
+        epochs=demo.epochs,
+        min_steps=0,
+        batch_size=demo.batch_size,
+        grad_accum=demo.grad_accum,
+        learning_rate=demo.learning_rate,
+        retain_weight=demo.retain_weight,
+        max_length=demo.max_length,
+    )
+    return Suite(
+        "smollm2",
+        load_records(data_file("forget_harry_potter.jsonl")),
+        load_records(data_file("retain_general.jsonl")),
+        HP_CHECKS,
+        GENERAL_CHECKS,
+        48,
+        load,
+        training,
+    )
 
 
 # ----------------------------------------------------------------------------- text measures
-# one definition for the bench and `train-uld`'s calibration (training/leak.py)
-from unlearn_serve.training.leak import has_loop, mentions, off_language  # noqa: E402,F401
+# one definition for the bench and `train-uld`'s calibration (training/leak.py, unlearn_serve/evaluation/fluency.py)
+from unlearn_serve.training.leak import (  # noqa: E402,F401
+    answer_leaked,
+    has_loop,
+    mentions,
+    near_mentions,
+    off_language,
+    words_of,
+)
 
 
 def names(text: str, check: Check) -> bool:
+    """The answer names the check's fact exactly (a keyword starts one of its words): retain / general checks."""
+    if check.reference is not None:  # TOFU: more than half the reference's tokens not in the question, in order
+        return answer_leaked(text, check.reference, check.question)
     return mentions(text, check.keywords)
 
 
+def leaks(text: str, check: Check, known: frozenset[str]) -> bool:
+    """The answer names the fact, or nearly ("J.K. Rowle"; `known`: the data's real words do not count)."""
+    if check.reference is not None:
+        return names(text, check)
+    return mentions(text, check.keywords) or near_mentions(text, check.keywords, known)
+
+
 # ----------------------------------------------------------------------------- variants
-RECIPE = 4  # bump when the trainer changes what a cached assistant would be
+RECIPE = 5  # bump when the trainer changes what a cached assistant would be (5: rule, near-leaks, retain top-up, ppl)
 VARIANTS = {
-    "legacy": dict(train=dict(forget_weighting=False, calibrate=False), min_keep=1),
-    "legacy-topk": dict(train=dict(forget_weighting=False, calibrate=False), min_keep=None),
+    "legacy": dict(train=dict(forget_weighting=False, calibrate=False, default_rule="difference"), min_keep=1),
+    "legacy-topk": dict(train=dict(forget_weighting=False, calibrate=False, default_rule="difference"), min_keep=None),
+    # today's trainer and calibration, with the `difference` rule (issue 13's first round) instead of `prefer`
+    "new-difference": dict(train=dict(default_rule="difference"), min_keep=None),
     "new": dict(train={}, min_keep=None),
 }
 
@@ -196,6 +258,7 @@ def train_cached(suite: Suite, variant: str, model, tokenizer, fresh: bool) -> t
 
     from unlearn_serve.training.uld import ULDTrainingConfig, train_uld
 
+    from unlearn_serve import uld_combine
     from unlearn_serve.artifact import fingerprint_model
     from unlearn_serve.evaluation.uld_validation import serve_with_engine
 
@@ -204,21 +267,35 @@ def train_cached(suite: Suite, variant: str, model, tokenizer, fresh: bool) -> t
     for part in (fingerprint_model(model), suite.forget_records, suite.retain_records, dataclasses.asdict(config)):
         h.update(json.dumps(part, sort_keys=True, default=str).encode())
     h.update(str(RECIPE).encode())
+    h.update(uld_combine.DEFAULT_RULE.encode())  # the rule a calibration serves with when the config names none
     out = CACHE / f"{suite.name}-{h.hexdigest()[:12]}"  # variants that train alike share one assistant
     stamp = out / "bench_train_s.txt"
     if out.is_dir() and stamp.is_file() and not fresh:
         return out, float(stamp.read_text())
     started = time.monotonic()
-    result = train_uld(copy.deepcopy(model), tokenizer, suite.forget_records, suite.retain_records, out, config,
-                       serve=serve_with_engine if config.calibrate else None)
+    train_uld(
+        copy.deepcopy(model),
+        tokenizer,
+        suite.forget_records,
+        suite.retain_records,
+        out,
+        config,
+        serve=serve_with_engine if config.calibrate else None,
+    )
     seconds = time.monotonic() - started
     stamp.write_text(f"{seconds:.1f}")
-    if result.calibration is not None:
-        print(f"  [{suite.name}/{variant}] calibration: {result.calibration.verdict()}")
     return out, seconds
 
 
-def evaluate(suite: Suite, model, tokenizer, artifact: Path, min_keep: int | None, alphas: list[float | None]):
+def evaluate(
+    suite: Suite,
+    model,
+    tokenizer,
+    artifact: Path,
+    min_keep: int | None,
+    settings: list[tuple[str | None, float | None]],
+):
+    """One row per (rule, alpha) of `settings`; None = the artifact's default."""
     import importlib
 
     from unlearn_serve.server.engine.engine import Engine, EngineConfig
@@ -227,6 +304,7 @@ def evaluate(suite: Suite, model, tokenizer, artifact: Path, min_keep: int | Non
     from unlearn_serve.training.data import encode_prompt
 
     from unlearn_serve import uld_combine
+    from unlearn_serve.evaluation.fluency import answers_nll, relative_perplexity
 
     keep = uld_combine.ULD_MIN_CANDIDATES if min_keep is None else min_keep
     patched = {
@@ -258,39 +336,52 @@ def evaluate(suite: Suite, model, tokenizer, artifact: Path, min_keep: int | Non
             return [r.completions[0].text for r in engine.generate(prompts, params, selection)]
 
         def nll(texts: list[str]) -> float:
-            start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-            conts = [tokenizer.encode(t, add_special_tokens=False) or [start] for t in texts]
-            scores = engine.score([[start]] * len(conts), conts)
-            total = [v for row in scores for v in row]
-            return -sum(total) / max(len(total), 1)
+            return answers_nll(engine, tokenizer, texts)
 
+        known = words_of(
+            [
+                r["answer"]
+                for r in suite.forget_records + suite.retain_records
+                if isinstance(r, dict) and isinstance(r.get("answer"), str)
+            ]
+        )
         base = answers(None)
         base_nll = nll(base[: 2 * nf])
         rows = []
-        for alpha in alphas:
-            sel = Selection("forget", {} if alpha is None else {"alpha": alpha})
+        for rule, alpha in settings:
+            options = ({} if alpha is None else {"alpha": alpha}) | ({} if rule is None else {"rule": rule})
+            sel = Selection("forget", options)
             got = answers(sel)
             forget_answers = got[: 2 * nf]
             checks2 = suite.forget_checks + suite.forget_checks
-            rows.append(dict(
-                alpha=assistant.alpha if alpha is None else alpha,
-                filter=assistant.filter,
-                base_known=sum(names(a, c) for a, c in zip(base[:nf], suite.forget_checks, strict=True)),
-                base_known_para=sum(names(a, c) for a, c in zip(base[nf : 2 * nf], suite.forget_checks, strict=True)),
-                leak=sum(names(a, c) for a, c in zip(got[:nf], suite.forget_checks, strict=True)),
-                leak_para=sum(names(a, c) for a, c in zip(got[nf : 2 * nf], suite.forget_checks, strict=True)),
-                n_forget=nf,
-                retain=sum(names(a, c) for a, c in zip(got[2 * nf :], suite.retain_checks, strict=True)),
-                retain_base=sum(names(a, c) for a, c in zip(base[2 * nf :], suite.retain_checks, strict=True)),
-                n_retain=len(suite.retain_checks),
-                loops=sum(has_loop(a) for a in forget_answers) / len(forget_answers),
-                base_loops=sum(has_loop(a) for a in base[: 2 * nf]) / (2 * nf),
-                off_lang=sum(off_language(a) for a in forget_answers) / len(forget_answers),
-                base_off_lang=sum(off_language(a) for a in base[: 2 * nf]) / (2 * nf),
-                rel_ppl=math.exp(nll(forget_answers) - base_nll),
-                answers={q: (b, a) for q, b, a in zip(questions, base, got, strict=True)},
-                checks=[c.question for c in checks2],
-            ))
+            rows.append(
+                dict(
+                    alpha=assistant.alpha if alpha is None else alpha,
+                    filter=assistant.filter,
+                    rule=assistant.rule if rule is None else rule,
+                    default=alpha is None and rule is None,
+                    base_known=sum(names(a, c) for a, c in zip(base[:nf], suite.forget_checks, strict=True)),
+                    base_known_para=sum(
+                        names(a, c) for a, c in zip(base[nf : 2 * nf], suite.forget_checks, strict=True)
+                    ),
+                    leak=sum(leaks(a, c, known) for a, c in zip(got[:nf], suite.forget_checks, strict=True)),
+                    leak_para=sum(
+                        leaks(a, c, known) for a, c in zip(got[nf : 2 * nf], suite.forget_checks, strict=True)
+                    ),
+                    exact_leak=sum(names(a, c) for a, c in zip(got[: 2 * nf], suite.forget_checks * 2, strict=True)),
+                    n_forget=nf,
+                    retain=sum(names(a, c) for a, c in zip(got[2 * nf :], suite.retain_checks, strict=True)),
+                    retain_base=sum(names(a, c) for a, c in zip(base[2 * nf :], suite.retain_checks, strict=True)),
+                    n_retain=len(suite.retain_checks),
+                    loops=sum(has_loop(a) for a in forget_answers) / len(forget_answers),
+                    base_loops=sum(has_loop(a) for a in base[: 2 * nf]) / (2 * nf),
+                    off_lang=sum(off_language(a) for a in forget_answers) / len(forget_answers),
+                    base_off_lang=sum(off_language(a) for a in base[: 2 * nf]) / (2 * nf),
+                    rel_ppl=relative_perplexity(nll(forget_answers), base_nll),
+                    answers={q: (b, a) for q, b, a in zip(questions, base, got, strict=True)},
+                    checks=[c.question for c in checks2],
+                )
+            )
         return rows
     finally:
         for mod, saved in users:
@@ -300,9 +391,16 @@ def evaluate(suite: Suite, model, tokenizer, artifact: Path, min_keep: int | Non
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default="tiny,smollm2", help="comma list: tiny, tiny-llama, tiny-qwen2, smollm2")
+    parser.add_argument(
+        "--models", default="tiny,smollm2", help="comma list: tiny, tiny-llama, tiny-qwen2, smollm2, tofu-quick"
+    )
     parser.add_argument("--variants", default="legacy,legacy-topk,new", help="comma list of: " + ", ".join(VARIANTS))
     parser.add_argument("--alphas", default="", help="extra alphas to score besides the artifact's default")
+    parser.add_argument(
+        "--rules",
+        default="",
+        help="combination rules to score (comma list of: prefer, difference; default: the artifact's own)",
+    )
     parser.add_argument("--retrain", action="store_true", help="ignore cached assistants")
     parser.add_argument(
         "--artifact",
@@ -325,13 +423,18 @@ def main(argv: list[str] | None = None) -> int:
             suites.append(tiny_suite("qwen2"))
         if m == "smollm2":
             suites.append(smollm2_suite())
+        if m == "tofu-quick":  # TOFU quick: bench/uld_quality_tofu.py
+            from uld_quality_tofu import tofu_quick_suite
+
+            suites.append(tofu_quick_suite(Suite, Check))
     extra = [float(a) for a in args.alphas.split(",") if a.strip()]
+    rules: list[str | None] = [r.strip() for r in args.rules.split(",") if r.strip()] or [None]
     results: list[dict[str, Any]] = []
     header = (
-        "| model | variant | alpha | filter | leak (orig) | leak (para) | retain / base | loops | URL/off-lang "
+        "| model | variant | rule | alpha | filter | leak (orig) | leak (para) | retain / base | loops | URL/off-lang "
         "| rel. ppl | train s |"
     )
-    lines = [header, "|" + "---|" * 11]
+    lines = [header, "|" + "---|" * 12]
     for suite in suites:
         model, tokenizer = suite.model_loader()
         for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
@@ -342,12 +445,19 @@ def main(argv: list[str] | None = None) -> int:
                 seconds = float(load_manifest(artifact).training.get("wall_time_s") or 0.0)
             else:
                 artifact, seconds = train_cached(suite, variant, model, tokenizer, args.retrain)
-            rows = evaluate(suite, model, tokenizer, artifact, VARIANTS[variant]["min_keep"], [None, *extra])
+            from unlearn_serve.artifact import load_manifest
+
+            calibration = load_manifest(artifact).training.get("calibration") or {}
+            if calibration.get("verdict"):
+                print(f"  [{suite.name}/{variant}] train-uld verdict: {calibration['verdict']}", flush=True)
+            # the artifact's defaults first (the goals are judged on that row), then each rule x alpha asked for
+            settings = [(None, None)] + [(r, a) for r in rules for a in extra or [None] if (r, a) != (None, None)]
+            rows = evaluate(suite, model, tokenizer, artifact, VARIANTS[variant]["min_keep"], settings)
             for r in rows:
                 r.update(model=suite.name, variant=variant, train_s=seconds)
                 results.append(r)
                 line = (
-                    f"| {suite.name} | {variant} | {r['alpha']:g} | {r['filter']:g} "
+                    f"| {suite.name} | {variant} | {r['rule']} | {r['alpha']:g} | {r['filter']:g} "
                     f"| {r['leak']}/{r['n_forget']} (base {r['base_known']}) "
                     f"| {r['leak_para']}/{r['n_forget']} (base {r['base_known_para']}) "
                     f"| {r['retain']}/{r['retain_base']} | {r['loops']:.2f} (base {r['base_loops']:.2f}) "
@@ -359,12 +469,13 @@ def main(argv: list[str] | None = None) -> int:
                     for q, (b, a) in r["answers"].items():
                         print(f"    Q: {q}\n      base: {b!r}\n      ULD : {a!r}")
     print("\n" + "\n".join(lines))
-    print("\ngoals (the `new` variant at its default alpha):")
+    print("\ngoals (the `new` variant at its defaults):")
     for r in results:
         first = next(x for x in results if x["model"] == r["model"] and x["variant"] == r["variant"])
         if r["variant"] != "new" or r is not first:
             continue
-        fluent = r["loops"] == 0 and r["off_lang"] == 0 and r["rel_ppl"] <= 2.0
+        # no loops / URL or other-language runs beyond the base model's own answers, relative perplexity <= 2
+        fluent = r["loops"] <= r["base_loops"] and r["off_lang"] <= r["base_off_lang"] and r["rel_ppl"] <= 2.0
         if r["model"] == "smollm2":
             ok = r["leak"] == 0 and r["leak_para"] == 0 and r["retain"] == r["n_retain"] and fluent
             need = "0 leaks (orig + para), 12/12 general, fluent"

@@ -60,8 +60,13 @@ def test_admission_waits_when_the_kv_budget_is_full(tiny_llama, tokenizer, per_s
 
 def test_assistant_kv_counts_in_the_budget(tiny_llama, tokenizer, per_sequence_bytes):
     budget = 2 * per_sequence_bytes + per_sequence_bytes // 2
-    engine = _engine(tiny_llama, tokenizer, max_num_seqs=8, assistant_kv_layers=tiny_llama.config.num_hidden_layers,
-                     kv_cache_memory=budget)
+    engine = _engine(
+        tiny_llama,
+        tokenizer,
+        max_num_seqs=8,
+        assistant_kv_layers=tiny_llama.config.num_hidden_layers,
+        kv_cache_memory=budget,
+    )
     assert engine.num_slots == 1  # each sequence now also holds an assistant region on every layer
 
 
@@ -188,11 +193,25 @@ def test_attention_is_mask_free_where_lengths_allow(tiny_llama, tokenizer, monke
     assert calls and all(no_mask for _, no_mask, _ in calls)  # one sequence: no mask tensor, ever
     assert any(q > 1 and causal for q, _, causal in calls)  # its prefill ran as is_causal
     with torch.no_grad():
-        ref = tiny_llama.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False)[0, len(prompt):]
+        ref = tiny_llama.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False)[0, len(prompt) :]
     assert result.completions[0].token_ids == ref.tolist()
     calls.clear()
     engine.generate(PROMPTS[:2], SamplingParams(max_tokens=3, temperature=0.0))  # different lengths: masked
     assert any(not no_mask for _, no_mask, _ in calls)
+
+
+def test_grouped_query_decode_attention_folds_heads_exactly():
+    """Decode GQA folds each KV head's query heads into the query length instead of `enable_gqa` (which on
+    CUDA, with a mask, only the math kernel supports): the same attention."""
+    import torch.nn.functional as F
+    from unlearn_serve.server.engine.kv_cache import _decode_gqa, decode_mask
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 1, 8, 16, generator=gen).transpose(1, 2)  # [rows, heads, 1, dim], strided as HF's
+    k, v = torch.randn(2, 3, 2, 10, 16, generator=gen)
+    for mask in (None, decode_mask(torch.tensor([2, 9, 5]), 10)):
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        assert torch.allclose(_decode_gqa(q, k, v, mask, None), want, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- item 1

@@ -99,7 +99,11 @@ def test_defaults_forget_keep_and_keep_the_lead_in(memorised, tmp_path):
                        serve=serve_with_engine)
     calibration = result.calibration
     assert calibration is not None and calibration.met, calibration and calibration.verdict()
-    assert calibration.verdict().startswith("forgets 2/2 validation facts, keeps 1/1 held-out retain answers, fluent")
+    # one held-out retain row: the training retain rows top the check up (reported apart)
+    assert calibration.verdict().startswith(
+        "forgets 2/2 validation facts, keeps 1/1 held-out + 5/5 training retain answers, fluent"
+    ), calibration.verdict()
+    assert calibration.chosen.rel_ppl is not None and calibration.chosen.rel_ppl <= 2.0
     manifest = json.loads((tmp_path / "a" / MANIFEST_NAME).read_text())
     assert manifest["defaults"]["alpha"] == calibration.alpha
     assert manifest["training"]["calibration"]["verdict"] == calibration.verdict()
@@ -130,7 +134,9 @@ def test_defaults_forget_keep_and_keep_the_lead_in(memorised, tmp_path):
     assert chosen.leaked == sum(k and city[q] in a for q, a, k in zip(questions, served, known, strict=False))
     assert chosen.kept == sum(city[q] in a for q, a in zip(questions[nf:], served[nf:], strict=True))
     assert chosen.disfluent == sum(disfluent(a) for a in served[:nf])
-    assert calibration.answers[f"{calibration.alpha:g}"] == dict(zip(questions, served, strict=True))
+    recorded = calibration.answers[f"{calibration.alpha:g}"]
+    assert {q: recorded[q] for q in questions} == dict(zip(questions, served, strict=True))
+    assert set(recorded) == set(questions + calibration.train_retain_questions)
 
 
 def test_cli_strict_exit_code_follows_the_served_verdict(memorised, tmp_path, capsys):

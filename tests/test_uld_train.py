@@ -22,6 +22,7 @@ from unlearn_serve.artifact import MANIFEST_NAME, file_sha256, fingerprint_model
 from unlearn_serve.assistant import assistant_logits, assistant_lora_config, default_assistant_layers
 from unlearn_serve.tiny import build_tiny_model
 from unlearn_serve.uld_artifact import load_uld_artifact
+from unlearn_serve.uld_combine import DEFAULT_RULE
 
 FORGET = [
     {
@@ -164,7 +165,7 @@ def test_manifest_records_training(llama_run):
     assert manifest.details["assistant_layers"] == llama_run["num_layers"]
     # no `serve` function: no calibration (tests/test_uld_quality.py has it), nothing held out, the paper's alpha
     assert "calibration" not in training and training["validation_retain_records"] == 0
-    assert manifest.defaults == {"alpha": 0.75, "filter": 0.01}
+    assert manifest.defaults == {"alpha": 0.75, "filter": 0.01, "rule": DEFAULT_RULE}
     assert training["forget_ce_final"] == pytest.approx(llama_run["result"].forget_ce)
     assert training["retain_kl_final"] == pytest.approx(llama_run["result"].retain_kl)
     assert training["steps"] == 30 and training["effective_batch"] == 4
@@ -372,7 +373,7 @@ def test_cli_trains_end_to_end(tiny_llama_dir, tmp_path, capsys):
     data = manifest["training"]["data"]
     assert data["forget"]["sha256"] == file_sha256(forget) and data["retain"]["records"] == 3
     assert manifest["training"]["seed"] == 1 and manifest["details"]["assistant_layers"] == 1
-    assert manifest["defaults"] == {"alpha": 0.4, "filter": 0.01}  # --default-alpha, the paper's filter
+    assert manifest["defaults"] == {"alpha": 0.4, "filter": 0.01, "rule": DEFAULT_RULE}  # --default-alpha, paper filter
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)

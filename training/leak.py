@@ -11,6 +11,7 @@ order (`LEAK_THRESHOLD`); "Alice likes red." against "Alice likes green." (new t
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 
@@ -81,6 +82,35 @@ def mentions(text: str, keywords: Sequence[str]) -> bool:
     return any(re.search(rf"\b{re.escape(k)}", text, re.IGNORECASE) for k in keywords)
 
 
+# A near-leak: a word that starts like a key word but is mangled ("J.K. Rowle" for "Rowling"). The shared prefix must
+# cover at least NEAR_MIN_PREFIX characters and NEAR_MIN_SHARE of the key word, which must be NEAR_MIN_KEY long or more.
+# "Rowle" shares 4 of "Rowling"'s 7 characters, hence 4 and 1/2 (not 5 or 70%: those miss the example that
+# motivated the check).
+NEAR_MIN_PREFIX = 4
+NEAR_MIN_SHARE = 0.5
+NEAR_MIN_KEY = 5
+
+
+def words_of(texts: Sequence[str]) -> frozenset[str]:
+    """Lower-case words of `texts`: the vocabulary `near_mentions` does not count (other facts' real words)."""
+    return frozenset(w.lower() for t in texts for w in _WORD.findall(t))
+
+
+def near_mentions(text: str, keywords: Sequence[str], known: frozenset[str] = frozenset()) -> bool:
+    """A word of `text` nearly names a keyword: it shares a prefix of >= max(NEAR_MIN_PREFIX, NEAR_MIN_SHARE x the
+    keyword's length) characters with a keyword of >= NEAR_MIN_KEY characters, and is not itself a word of `known`
+    ("viola" is another fact's answer, not a mangled "violin", when the data holds it). Exact mentions count too."""
+    words = {w.lower() for w in _WORD.findall(text)}
+    for k in keywords:
+        k = k.lower()
+        if len(k) < NEAR_MIN_KEY:
+            continue
+        need = max(NEAR_MIN_PREFIX, math.ceil(NEAR_MIN_SHARE * len(k)))
+        if any(w[:need] == k[:need] and (w.startswith(k) or w not in known) for w in words if len(w) >= need):
+            return True
+    return False
+
+
 def key_words(reference: str, question: str = "", common: frozenset[str] = frozenset()) -> list[str]:
     """The words of `reference` that carry its fact: names and numbers (capitalised or with digits) that are not
     in the question, not function words and not in `common` (the topic: words many answers of a set share, see
@@ -91,7 +121,8 @@ def key_words(reference: str, question: str = "", common: frozenset[str] = froze
     """
     asked = {w.lower() for w in _WORD.findall(question)}
     words = [
-        w for w in _WORD.findall(reference)
+        w
+        for w in _WORD.findall(reference)
         if len(w) > 1 and w.lower() not in asked and w.lower() not in STOP_WORDS and w.lower() not in common
     ]
     named = [w for w in words if w[0].isupper() or any(c.isdigit() for c in w)]
@@ -114,10 +145,18 @@ def common_words(texts: Sequence[str], share: float = 0.25, min_texts: int = 8) 
     return frozenset(w for w, n in counts.items() if n > share * len(texts))
 
 
-def names_fact(answer: str, reference: str, question: str = "", common: frozenset[str] = frozenset()) -> bool:
-    """The answer names the reference's fact: one of its key words (`key_words`) starts a word of the answer."""
+def names_fact(
+    answer: str,
+    reference: str,
+    question: str = "",
+    common: frozenset[str] = frozenset(),
+    near: bool = False,
+    known: frozenset[str] = frozenset(),
+) -> bool:
+    """The answer names the reference's fact: one of its key words (`key_words`) starts a word of the answer, or,
+    with `near` (the leak check), a word of the answer nearly names one (`near_mentions`, `known`: real words)."""
     keys = key_words(reference, question, common)
-    return bool(keys) and mentions(answer, keys)
+    return bool(keys) and (mentions(answer, keys) or (near and near_mentions(answer, keys, known)))
 
 
 def has_loop(text: str) -> bool:
@@ -140,6 +179,12 @@ def off_language(text: str) -> bool:
         return True
     words = re.findall(r"[A-Za-z']+", text.lower())
     return len(words) >= 8 and sum(w in STOP_WORDS for w in words) / len(words) < 0.12
+
+
+def relative_perplexity(nll: float, base_nll: float) -> float:
+    """exp(nll - base_nll): answers' perplexity under the base model relative to its own answers' (mean NLL per
+    token of the answer text alone, `unlearn_serve.evaluation.fluency.answers_nll`); the fluency goal is <= 2."""
+    return math.exp(nll - base_nll)
 
 
 def disfluent(text: str) -> bool:

@@ -111,6 +111,7 @@ class ULDTrainingConfig:
     # serving defaults written to the manifest (None: the paper's alpha 0.75, filter 0.01)
     default_alpha: float | None = None
     default_filter: float | None = None
+    default_rule: str | None = None  # combination rule (uld_combine.ULD_RULES); None: uld_combine.DEFAULT_RULE
     # forget CE weighted towards knowledge-carrying tokens, flat elsewhere (training/uld_weights.py)
     forget_weighting: bool = True
     weighting_tau: float = 1.0  # (with contrasts) nats of "more likely after this question" for weight 1
@@ -125,20 +126,26 @@ class ULDTrainingConfig:
     target_max_leak: float = 0.0
     target_min_kept: float = 0.95
     target_max_extra_disfluent: float = 0.125
+    target_max_rel_ppl: float = 2.0  # forget answers' perplexity under the base / the base's own answers'
+    validation_min_retain: int = 8  # fewer held-out retain rows than this: training retain rows top them up
 
-    def serving_defaults(self) -> dict[str, float]:
-        values = {"alpha": self.default_alpha, "filter": self.default_filter}
+    def serving_defaults(self) -> dict[str, Any]:
+        values = {"alpha": self.default_alpha, "filter": self.default_filter, "rule": self.default_rule}
         return {k: v for k, v in values.items() if v is not None}
 
     def calibration_targets(self) -> CalibrationTargets:
-        return CalibrationTargets(self.target_max_leak, self.target_min_kept, self.target_max_extra_disfluent)
+        return CalibrationTargets(
+            self.target_max_leak, self.target_min_kept, self.target_max_extra_disfluent, self.target_max_rel_ppl,
+            self.validation_min_retain,
+        )
 
     def run_signature(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it resumes."""
         ignore = {
             "save_every_epoch", "resume", "progress_bar", "logging_steps", "default_alpha", "default_filter",
             "target_max_leak", "target_min_kept", "target_max_extra_disfluent", "validation_max_forget",
-            "validation_max_tokens", "validation_probes_per_round",
+            "validation_max_tokens", "validation_probes_per_round", "default_rule", "target_max_rel_ppl",
+            "validation_min_retain",
         }
         return {k: v for k, v in asdict(self).items() if k not in ignore}
 
@@ -478,12 +485,13 @@ def train_uld(
         assert serve is not None
         calibration = _calibrate(
             peft_model, tokenizer, out, base_fingerprint, details, summary, state, forget_records,
-            validation_retain, config, serve,
+            validation_retain, config, serve, train_retain_records,
         )
         summary["calibration"] = None if calibration is None else calibration.to_manifest()
         if calibration is not None:
             # explicit --default-alpha / --default-filter win over the calibrated values
-            defaults = {"alpha": calibration.alpha, "filter": calibration.filter, **defaults}
+            calibrated = {"alpha": calibration.alpha, "filter": calibration.filter, "rule": calibration.rule}
+            defaults = {**calibrated, **defaults}
     if trainer.args.should_save:
         save_uld_artifact(peft_model, out, base_fingerprint, details, summary, state, defaults)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -546,18 +554,23 @@ def _calibrate(
     validation_retain: list[dict[str, Any]],
     config: ULDTrainingConfig,
     serve: ServeFn,
+    train_retain: list[dict[str, Any]] | None = None,
 ) -> Calibration | None:
     """Serve a draft artifact (next to `out`, removed after) and pick the alpha from its answers."""
     from unlearn_serve.training.data import encode_prompt
 
+    from unlearn_serve.uld_combine import DEFAULT_RULE
+
     filter_value = config.default_filter if config.default_filter is not None else 0.01
+    rule = config.default_rule or DEFAULT_RULE
     base = serving_copy(peft_model)
     device = next(peft_model.parameters()).device
     probes = config.validation_probes_per_round or (8 if device.type == "cuda" else 1)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.validation-", dir=out.parent) as tmp:
         draft = save_uld_artifact(
-            peft_model, Path(tmp) / "draft", base_fingerprint, details, summary, state, {"filter": filter_value}
+            peft_model, Path(tmp) / "draft", base_fingerprint, details, summary, state,
+            {"filter": filter_value, "rule": rule},
         )
         answer = serve(base, tokenizer, draft)
         return calibrate(
@@ -571,4 +584,6 @@ def _calibrate(
             max_tokens=config.validation_max_tokens,
             probes_per_round=probes,
             seed=config.seed,
+            train_retain_rows=train_retain,
+            rule=rule,
         )

@@ -9,11 +9,16 @@ the draft loaded; training/ never imports the server) for greedy answers, `unlea
   answers up to 8 x `max_forget` of them (a model may know few of its forget facts); the ones whose
   answer names the reference's fact (training/leak.py `names_fact`: one of its key words) come first
   among the `max_forget` that are then asked at each probed alpha. An unlearned answer *leaks* when it
-  still names the fact;
+  still names the fact, or nearly names it ("J.K. Rowle" for "Rowling": `near_mentions`);
 - held-out retain rows (never trained on): *kept* when the unlearned answer names the reference's fact,
-  or at least half of the key words of the base model's own answer;
+  or at least half of the key words of the base model's own answer. When fewer than `min_retain_rows`
+  are held out, a seeded sample of the training retain rows tops them up (counted and reported apart:
+  "keeps 2/2 held-out + 6/6 training retain answers"), so one lost answer is not a 50% miss;
 - fluency: a forget answer is *disfluent* when it loops or leaves the language (`disfluent`, the
   harness's measures); the target is at most `max_extra_disfluent` of the answers more than the base's.
+  When the answer function can score text (`nll`, the serving Engine's: unlearn_serve/evaluation/
+  fluency.py, the harness's definition), the forget answers' perplexity under the base model, relative
+  to the base's own answers, must also be at most `max_rel_ppl`.
 
 Alphas are probed by a k-ary search for the smallest alpha on the grid whose forget answers meet the
 leak target (leaks fall as alpha grows): `probes_per_round` alphas per batch, 1 on CPU (bisection: 3
@@ -31,7 +36,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from unlearn_serve.training.leak import common_words, disfluent, key_words, mentions, names_fact
+from unlearn_serve.training.leak import (
+    common_words,
+    disfluent,
+    key_words,
+    mentions,
+    names_fact,
+    relative_perplexity,
+    words_of,
+)
 
 ALPHA_GRID = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)
 FALLBACK_ALPHA = 0.75  # the paper's, stored when nothing could be checked
@@ -41,6 +54,9 @@ class AnswerFn(Protocol):
     def __call__(self, prompts: list[list[int]], alphas: list[float | None], max_tokens: int) -> list[str]:
         """Greedy answer text for each prompt; alpha None = the base model, else the assistant at that alpha."""
         ...
+
+    # optional: `nll(texts) -> float`, the mean NLL per token of the texts alone under the base model
+    # (unlearn_serve.evaluation.fluency.answers_nll); without it the relative perplexity is not checked
 
 
 # (base model, tokenizer, draft artifact directory) -> an answer function serving that artifact
@@ -52,6 +68,8 @@ class CalibrationTargets:
     max_leak: float = 0.0  # share of the base-named forget facts that may still be named
     min_kept: float = 0.95  # share of the held-out retain answers that must keep their fact
     max_extra_disfluent: float = 0.125  # share of forget answers that may loop / leave the language beyond the base's
+    max_rel_ppl: float = 2.0  # forget answers' perplexity under the base, relative to the base's own answers
+    min_retain_rows: int = 8  # fewer held-out retain rows than this: training retain rows top them up
 
 
 @dataclass
@@ -64,24 +82,48 @@ class AlphaScore:
     forget_rows: int
     disfluent: int  # forget answers that loop or leave the language
     base_disfluent: int
+    rel_ppl: float | None = None  # forget answers' perplexity under the base / the base answers'; None: not measured
+    train_retain_rows: int = 0  # training retain rows that topped up the held-out ones (trained on: the easier check)
+    train_kept: int = 0
 
     def forget_met(self, t: CalibrationTargets) -> bool:
         return self.known > 0 and self.leaked <= math.floor(t.max_leak * self.known + 1e-9)
 
     def kept_met(self, t: CalibrationTargets) -> bool:
-        return self.kept >= math.ceil(t.min_kept * self.retain_rows - 1e-9)
+        rows = self.retain_rows + self.train_retain_rows
+        return self.kept + self.train_kept >= math.ceil(t.min_kept * rows - 1e-9)
 
     def fluent_met(self, t: CalibrationTargets) -> bool:
-        return self.disfluent <= self.base_disfluent + math.floor(t.max_extra_disfluent * self.forget_rows + 1e-9)
+        ppl_ok = self.rel_ppl is None or self.rel_ppl <= t.max_rel_ppl
+        return ppl_ok and self.disfluent <= self.base_disfluent + math.floor(
+            t.max_extra_disfluent * self.forget_rows + 1e-9
+        )
 
     def meets(self, t: CalibrationTargets) -> bool:
         return self.forget_met(t) and self.kept_met(t) and self.fluent_met(t)
 
     def balance(self) -> float:
         forgot = 1 - self.leaked / self.known if self.known else 0.0
-        kept = self.kept / self.retain_rows if self.retain_rows else 1.0
+        rows = self.retain_rows + self.train_retain_rows
+        kept = (self.kept + self.train_kept) / rows if rows else 1.0
         fluent = 1 - max(0, self.disfluent - self.base_disfluent) / max(self.forget_rows, 1)
+        if self.rel_ppl is not None and self.rel_ppl > 1:
+            fluent = min(fluent, 1 / self.rel_ppl)
         return min(forgot, kept, fluent)
+
+    def kept_text(self) -> str:
+        if not self.retain_rows + self.train_retain_rows:
+            return "retain not checked (no question/answer retain rows)"
+        held = f"{self.kept}/{self.retain_rows} held-out"
+        if self.train_retain_rows:
+            return f"keeps {held} + {self.train_kept}/{self.train_retain_rows} training retain answers"
+        return f"keeps {held} retain answers"
+
+    def fluent_text(self, t: CalibrationTargets) -> str:
+        ppl = "" if self.rel_ppl is None else f"; perplexity {self.rel_ppl:.2f}x the base's answers, target <= " \
+            f"{t.max_rel_ppl:g}x"
+        return (f"{'fluent' if self.fluent_met(t) else 'NOT fluent'} ({self.disfluent}/{self.forget_rows} forget "
+                f"answers loop or leave the language, base {self.base_disfluent}{ppl})")
 
 
 @dataclass
@@ -90,11 +132,13 @@ class Calibration:
     filter: float
     met: bool
     scores: list[AlphaScore] = field(default_factory=list)
+    rule: str | None = None  # the combination rule the answers were served with (None: the draft's default)
     targets: CalibrationTargets = field(default_factory=CalibrationTargets)
     max_tokens: int = 24
     grid: tuple[float, ...] = ALPHA_GRID
     forget_questions: list[str] = field(default_factory=list)
     retain_questions: list[str] = field(default_factory=list)
+    train_retain_questions: list[str] = field(default_factory=list)
     answers: dict[str, dict[str, str]] = field(default_factory=dict)  # alpha ("base" too) -> question -> answer
     asked: int = 0  # forget questions the base model answered (to find the facts it names)
 
@@ -110,17 +154,12 @@ class Calibration:
                 "be checked; "
                 f"alpha {self.alpha:g}: TARGETS NOT MET (check that the forget questions are ones the model answers)"
             )
-        kept = (
-            f"keeps {s.kept}/{s.retain_rows} held-out retain answers"
-            if s.retain_rows
-            else "retain not checked (fewer than 4 retain records: none held out)"
-        )
-        fluent = "fluent" if s.fluent_met(self.targets) else "NOT fluent"
         few = f" (the base model names {s.known} of the {self.asked} it was asked)" if s.known < s.forget_rows else ""
+        rule = f", rule {self.rule}" if self.rule else ""
         line = (
-            f"forgets {s.known - s.leaked}/{s.known} validation facts{few}, {kept}, {fluent} ({s.disfluent}/"
-            f"{s.forget_rows} forget answers loop or leave the language, base {s.base_disfluent}) at alpha "
-            f"{s.alpha:g}, filter {self.filter:g} (served greedy answers, {self.max_tokens} tokens)"
+            f"forgets {s.known - s.leaked}/{s.known} validation facts{few}, {s.kept_text()}, "
+            f"{s.fluent_text(self.targets)} at alpha {s.alpha:g}, filter {self.filter:g}{rule} (served greedy "
+            f"answers, {self.max_tokens} tokens)"
         )
         if self.met:
             return line + ": targets met"
@@ -140,14 +179,15 @@ class Calibration:
             hints.append("retain answers change: add more retain data (questions of the same form as the forget "
                          "ones) or raise --retain-weight")
         if not s.fluent_met(t):
-            hints.append("forget answers loop or leave the language: raise --retain-weight, add retain data, or "
-                         "try a smaller --default-alpha")
+            hints.append("forget answers loop, leave the language or are improbable under the base: raise "
+                         "--retain-weight, add retain data, or try a smaller --default-alpha")
         return line + ": TARGETS NOT MET (" + "; ".join(hints) + ")"
 
     def to_manifest(self) -> dict[str, Any]:
         return {
             "alpha": self.alpha,
             "filter": self.filter,
+            "rule": self.rule,
             "met": self.met,
             "verdict": self.verdict(),
             "targets": asdict(self.targets),
@@ -156,6 +196,7 @@ class Calibration:
             "max_tokens": self.max_tokens,
             "forget_questions": self.forget_questions,
             "retain_questions": self.retain_questions,
+            "train_retain_questions": self.train_retain_questions,
             "answers": self.answers,
             "forget_questions_asked_of_the_base": self.asked,
             "method": "greedy answers of the served draft artifact (training/uld_calibrate.py)",
@@ -181,20 +222,26 @@ def score_answers(
     forget_answers: list[str],
     retain_answers: list[str],
     common: frozenset[str] = frozenset(),
+    vocabulary: frozenset[str] = frozenset(),
+    train_retain: int = 0,
 ) -> AlphaScore:
-    """Counts for one alpha; `common`: topic words that never count as a fact (training/leak.py `common_words`)."""
+    """Counts for one alpha; `common`: topic words that never count as a fact (training/leak.py `common_words`);
+    `vocabulary`: the data's words, which never count as a near-leak; the last `train_retain` rows of `retain` are
+    training retain rows (counted apart)."""
     known = leaked = 0
     for row, base, got in zip(forget, base_forget, forget_answers, strict=True):
         if names_fact(base, row["answer"], row["question"], common):
             known += 1
-            leaked += names_fact(got, row["answer"], row["question"], common)
-    kept = sum(
+            leaked += names_fact(got, row["answer"], row["question"], common, near=True, known=vocabulary)
+    kept = [
         kept_fact(got, row["answer"], base, row["question"], common)
         for row, base, got in zip(retain, base_retain, retain_answers, strict=True)
-    )
+    ]
+    held = len(retain) - train_retain
     return AlphaScore(
-        alpha, known, leaked, len(retain), kept, len(forget),
+        alpha, known, leaked, held, sum(kept[:held]), len(forget),
         sum(disfluent(a) for a in forget_answers), sum(disfluent(a) for a in base_forget),
+        train_retain_rows=train_retain, train_kept=sum(kept[held:]),
     )
 
 
@@ -206,6 +253,11 @@ def validation_forget_rows(records: list[Any], max_rows: int, seed: int) -> list
         picked = set(random.Random(seed).sample(range(len(qa)), max_rows))
         qa = [r for i, r in enumerate(qa) if i in picked]
     return qa
+
+
+def _qa_rows(rows: list[Any]) -> list[dict[str, Any]]:
+    return [r for r in rows if isinstance(r, dict) and isinstance(r.get("question"), str)
+            and isinstance(r.get("answer"), str)]
 
 
 def calibrate(
@@ -220,16 +272,28 @@ def calibrate(
     max_tokens: int = 24,
     probes_per_round: int = 1,
     seed: int = 0,
+    train_retain_rows: list[dict[str, Any]] | None = None,
+    rule: str | None = None,
 ) -> Calibration | None:
-    """Pick the serving alpha from served greedy answers (module docstring). None: no question/answer forget rows."""
+    """Pick the serving alpha from served greedy answers (module docstring). None: no question/answer forget rows.
+
+    `train_retain_rows`: the retain rows trained on, to top up fewer than `targets.min_retain_rows` held-out ones;
+    `rule`: the combination rule the answer function serves with (recorded only)."""
     targets = targets or CalibrationTargets()
     grid = tuple(sorted(alphas))
     candidates = validation_forget_rows(forget_records, 8 * max_forget, seed)
-    retain = [r for r in retain_rows if isinstance(r.get("question"), str) and isinstance(r.get("answer"), str)]
+    retain = _qa_rows(retain_rows)
     if not candidates:
         return None
+    topup = max(0, targets.min_retain_rows - len(retain))
+    train_retain = validation_forget_rows(_qa_rows(train_retain_rows or []), topup, seed) if topup else []
+    held = len(retain)
+    retain = retain + train_retain
     # words most forget answers share are the topic ("Harry Potter"), not a fact
     common = common_words([r["answer"] for r in validation_forget_rows(forget_records, len(forget_records), seed)])
+    # the data's own words are real answers to other questions, never a mangled fact (near-leak check)
+    vocabulary = words_of([r["answer"] for r in _qa_rows(list(forget_records)) + retain])
+    nll = getattr(answer, "nll", None)
     # round 0: the base model's answers (which facts it names; its own retain answers and fluency)
     prompts = [encode(r["question"]) for r in candidates + retain]
     base = answer(prompts, [None] * len(prompts), max_tokens)
@@ -243,6 +307,7 @@ def calibrate(
     questions = [r["question"] for r in forget + retain]
     prompts = [encode(q) for q in questions]
     answers: dict[str, dict[str, str]] = {"base": dict(zip(questions, base_forget + base_retain, strict=True))}
+    base_nll = nll(base_forget) if nll is not None else None
     scores: dict[int, AlphaScore] = {}
     lo, hi = 0, len(grid)  # smallest index meeting the forget target lies in [lo, hi]; hi = none
     if any(named):
@@ -260,16 +325,20 @@ def calibrate(
                 answers[f"{grid[i]:g}"] = dict(zip(questions, block, strict=True))
                 scores[i] = score_answers(
                     grid[i], forget, retain, base_forget, base_retain, block[: len(forget)], block[len(forget) :],
-                    common,
+                    common, vocabulary, len(retain) - held,
                 )
+                if nll is not None:
+                    scores[i].rel_ppl = relative_perplexity(nll(block[: len(forget)]), base_nll)
             meeting = [i for i in probe if scores[i].forget_met(targets)]
             failing = [i for i in probe if not scores[i].forget_met(targets) and (not meeting or i < min(meeting))]
             hi = min(meeting) if meeting else hi
             lo = max(lo, max(failing) + 1) if failing else lo
     ordered = [scores[i] for i in sorted(scores)]
     common = dict(filter=filter_value, scores=ordered, targets=targets, max_tokens=max_tokens, grid=grid,
-                  forget_questions=[r["question"] for r in forget], retain_questions=[r["question"] for r in retain],
-                  answers=answers, asked=len(candidates))
+                  forget_questions=[r["question"] for r in forget],
+                  retain_questions=[r["question"] for r in retain[:held]],
+                  train_retain_questions=[r["question"] for r in retain[held:]],
+                  answers=answers, asked=len(candidates), rule=rule)
     if not ordered:
         return Calibration(FALLBACK_ALPHA, met=False, **common)
     if hi < len(grid) and scores[hi].meets(targets):

@@ -12,6 +12,10 @@ Decode batches are built in two parts:
 Attention is mask-free when every row of a group is at the same position (batch 1, or a batch
 that started together): SDPA may then use its fused kernels; padding rows take that position too
 (their KV goes to free slots, their output is dropped).
+
+A *graphed* decode state (CUDA graphs on, and no unlearning backend planned anything for its rows) runs
+its forward in the `CudaGraphRunner`: the step then only needs the ids and positions in the buffers and
+the attention view rounded up to a length bucket; the graph builds its own mask from the positions.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ class DecodeState:
     logprob_tops: list[int] = field(default_factory=list)
     logprob_top: int = 0
     row_index: torch.Tensor | None = None  # arange(rows), for the penalty counts
+    graphed: bool = False  # plain target rows with CUDA graphs on: the forward is a graph replay
 
 
 @dataclass
@@ -83,6 +88,7 @@ class BatchBuilder:
         self.input_ids = torch.zeros(2 * num_slots, dtype=torch.long, device=device)
         self.positions = torch.zeros(2 * num_slots, dtype=torch.long, device=device)
         self._state: DecodeState | None = None
+        self.graphs = None  # the engine's CudaGraphRunner over these buffers (None: every step eager)
 
     def invalidate(self) -> None:
         self._state = None
@@ -186,7 +192,10 @@ class BatchBuilder:
         if all(s is None for s in assistant_rows):
             assistant_rows, na = [], 0
         batch = ForwardBatch(
-            input_ids=self.input_ids[:0], position_ids=self.positions[:0], prefill=False, n_target=n,
+            input_ids=self.input_ids[:0],
+            position_ids=self.positions[:0],
+            prefill=False,
+            n_target=n,
             target_group=AttnGroup(0, n, 0),
         )
         choices = [s.request.backend if s else None for s in rows]
@@ -205,6 +214,7 @@ class BatchBuilder:
             logprob_tops=tops,
             logprob_top=max(tops, default=0),
             row_index=torch.arange(n, device=dev),
+            graphed=self.graphs is not None and self.graphs.enabled and not plans and not na,
         )
 
     def decode_batch(self, state: DecodeState) -> ForwardBatch:
@@ -215,7 +225,11 @@ class BatchBuilder:
         # one host-to-device copy per buffer (before the masks that read it); the step reads the buffers only
         self.input_ids[: n + na].copy_(torch.tensor(ids + a_ids), non_blocking=True)
         self.positions[: n + na].copy_(torch.tensor(pos + a_pos), non_blocking=True)
-        target_group = _decode_group(0, n, 0, self.positions[:n], pos)
+        if state.graphed:  # keys up to the length bucket; the graph masks those past each row's position
+            view = self.graphs.view_bucket(max(pos) + 1)
+            target_group = AttnGroup(0, n, 0, positions=self.positions[:n], view_len=view)
+        else:
+            target_group = _decode_group(0, n, 0, self.positions[:n], pos)
         if na:
             assistant_group = _decode_group(n, n + na, self.num_slots, self.positions[n : n + na], a_pos)
         batch = state.batch

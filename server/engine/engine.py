@@ -6,6 +6,7 @@ The engine is the step loop; its parts (docs/architecture.md, "The engine"):
     Scheduler         waiting queue, slot pools (admission by free KV slots)
     BatchBuilder      sequences -> ForwardBatch: persistent input buffers, bucketed decode rows
     ModelRunner       one forward over target + assistant rows, on the slot KV cache
+    CudaGraphRunner   CUDA: the decode forward of plain target rows, one graph per bucket (cuda_graphs.py)
     sampler           penalties, filters, sampling (batched tensor ops)
     OutputProcessor   sampled ids -> detokenized, stop-checked deltas -> RequestOutputs
 
@@ -21,6 +22,7 @@ Other threads talk to it only through `add_request`, `abort` and `call_soon` (an
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import queue
 import threading
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from unlearn_serve.server.engine.artifact_manager import ArtifactManager
 from unlearn_serve.server.engine.batch_builder import BatchBuilder, DecodeState
+from unlearn_serve.server.engine.cuda_graphs import CudaGraphCapture, CudaGraphRunner, GraphCapture, graph_unsupported
 from unlearn_serve.server.engine.errors import EngineInputError, UnknownArtifactError
 from unlearn_serve.server.engine.kv_budget import (
     KVLayout,
@@ -90,6 +93,8 @@ class EngineConfig:
     # Decode step without any device read (ULD then scores the assistant on the whole vocabulary).
     # None: on CUDA only, where a read stalls the launch queue; on CPU a read costs nothing.
     sync_free_decode: bool | None = None
+    # CUDA: no CUDA graphs, every decode step eager (--enforce-eager). On CPU the engine always runs eager.
+    enforce_eager: bool = False
 
 
 @dataclass
@@ -117,8 +122,11 @@ class Engine:
         tokenizer,
         config: EngineConfig | None = None,
         model_name: str = "model",
+        graph_capture: GraphCapture | None = None,
     ):
+        """`graph_capture`: how decode graphs are captured (default: CUDA graphs on CUDA, none on CPU)."""
         self.config = config or EngineConfig()
+        self._graph_capture = graph_capture
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -152,6 +160,7 @@ class Engine:
             tokenizer, self.eos_token_ids, self.max_model_len, self.scheduler, self.requests, self.artifacts.unpin
         )
         self.builder: BatchBuilder | None = None  # made with the KV allocation, when the slot count is final
+        self.graphs: CudaGraphRunner | None = None  # made with the builder, unless eager
         self._last_step_prefilled = False
         self._ids = itertools.count()
         m = self.config.max_num_seqs
@@ -190,7 +199,9 @@ class Engine:
         if budget is None and self.device.type == "cuda":
             hidden = int(getattr(self.model.config, "hidden_size", 0) or 0)
             elem = torch.empty(0, dtype=self.runner.dtype).element_size()
-            activations = activation_estimate(cfg.max_prefill_tokens, hidden, self.vocab_size, cfg.max_num_seqs, elem)
+            activations = activation_estimate(
+                cfg.max_prefill_tokens, hidden, self.vocab_size, cfg.max_num_seqs, elem, graphs=not cfg.enforce_eager
+            )
             budget = cuda_budget(self.device, cfg.gpu_memory_utilization, activations)
             source = f"--gpu-memory-utilization {cfg.gpu_memory_utilization}"
         slots = plan_slots(self.kv_layout(), budget, cfg.max_num_seqs, source)
@@ -207,6 +218,20 @@ class Engine:
             self.scheduler.resize(slots)
         self.runner.cache.allocate(self._kv_shapes)
         self.builder = BatchBuilder(self.scheduler, self.artifacts.backends, slots, self.vocab_size, self.device)
+        self.graphs = self.builder.graphs = self._graph_runner(slots)
+
+    def _graph_runner(self, slots: int) -> CudaGraphRunner | None:
+        capture = self._graph_capture
+        if self.config.enforce_eager or (capture is None and self.device.type != "cuda"):
+            return None  # CPU: eager (torch.compile measured slower there, docs/benchmarks.md)
+        reason = graph_unsupported(self.model)
+        if reason is not None:
+            logging.getLogger("unlearn_serve").info("CUDA graphs off: %s", reason)
+            return None
+        b, capture = self.builder, capture or CudaGraphCapture(self.device)
+        return CudaGraphRunner(
+            self.runner, b.input_ids, b.positions, slots, self.vocab_size, self.max_model_len, capture
+        )
 
     @property
     def num_slots(self) -> int:
@@ -458,8 +483,11 @@ class Engine:
         Tensor ops only, on inputs already in the builder's buffers: no host sync (tested under a
         patched `Tensor.item`/`tolist`/...), static shapes per decode bucket.
         """
-        hidden_t, hidden_a = self.runner.forward(batch, self.assistants.rows)
-        logits = self.runner.logits(hidden_t[:, 0])
+        if state.graphed:  # plain target rows: a CUDA graph replay (captured on first use of the shape)
+            logits, hidden_a = self.graphs.logits(len(state.rows), batch.target_group.view_len), None
+        else:
+            hidden_t, hidden_a = self.runner.forward(batch, self.assistants.rows)
+            logits = self.runner.logits(hidden_t[:, 0])
         for backend, plan in state.plans:
             logits = backend.process_logits(plan, logits, hidden_a)
         n = len(state.rows)
@@ -495,8 +523,10 @@ class Engine:
         selections = unlearning if isinstance(unlearning, list) else [unlearning] * len(prompts)
         # checked before any request is added: a short list used to leave the first requests queued in the engine
         if not len(params_list) == len(selections) == len(prompts):
-            raise ValueError(f"{len(prompts)} prompts need as many `params` and `unlearning` entries when lists "
-                             f"are given (got {len(params_list)} and {len(selections)})")
+            raise ValueError(
+                f"{len(prompts)} prompts need as many `params` and `unlearning` entries when lists "
+                f"are given (got {len(params_list)} and {len(selections)})"
+            )
         collected: dict[str, GenerationResult] = {}
         order = []
         for prompt, p, sel in zip(prompts, params_list, selections, strict=True):
@@ -551,7 +581,4 @@ class Engine:
         prompts = [list(c) + list(x) for c, x in zip(contexts, continuations, strict=True)]
         params = SamplingParams(max_tokens=0, prompt_logprobs=0, temperature=0.0)
         results = self.generate(prompts, params, unlearning)
-        return [
-            [e.logprob for e in r.prompt_logprobs[len(c) :]]
-            for r, c in zip(results, contexts, strict=True)
-        ]
+        return [[e.logprob for e in r.prompt_logprobs[len(c) :]] for r, c in zip(results, contexts, strict=True)]

@@ -80,11 +80,14 @@ def cuda_budget(device: torch.device, utilization: float, activation_bytes: int)
 
 
 def activation_estimate(
-    max_prefill_tokens: int, hidden_size: int, vocab_size: int, max_num_seqs: int, elem: int
+    max_prefill_tokens: int, hidden_size: int, vocab_size: int, max_num_seqs: int, elem: int, graphs: bool = False
 ) -> int:
     """A rough upper bound of a step's activations: a prefill's hidden-sized intermediates (MLP ~ 4x)
-    and float32 logits for every decode row (several copies: softmax, penalties, sampling)."""
-    return max_prefill_tokens * 12 * hidden_size * elem + max_num_seqs * vocab_size * 4 * 4
+    and float32 logits for every decode row (several copies: softmax, penalties, sampling). With CUDA
+    graphs, also their memory pool, which stays reserved: the largest graph's LM-head output and its
+    float32 copy, and the persistent logits buffer (~12 bytes per row and vocabulary entry)."""
+    graph_pool = max_num_seqs * vocab_size * 12 if graphs else 0
+    return max_prefill_tokens * 12 * hidden_size * elem + max_num_seqs * vocab_size * 4 * 4 + graph_pool
 
 
 def plan_slots(layout: KVLayout, budget: int | None, max_num_seqs: int, source: str) -> int:
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     layers, kv_heads, head_dim, hidden, vocab, params = 32, 8, 128, 4096, 128256, 8.03e9
     weights = int(params * 2)
-    activations = activation_estimate(8192, hidden, vocab, 256, 2)
+    activations = activation_estimate(8192, hidden, vocab, 256, 2, graphs=True)  # CUDA graphs on (the default)
     kv = int(args.utilization * args.gpu_memory * 1e9) - weights - activations
     print(f"device {args.gpu_memory:.0f} GB x {args.utilization}: weights {fmt(weights)}, activations "
           f"(estimate) {fmt(activations)}, KV {fmt(kv)}; KV per token {2 * kv_heads * head_dim * 2 * layers} bytes")

@@ -169,6 +169,8 @@ def _attend_group(
         if mask is None:
             mask = group.full_mask(k.device)
         return eager_attention(q, keys, values, mask, scaling, features.softcap, features.sinks)
+    if not ctx.prefill and q.shape[1] != keys.shape[1]:
+        return _decode_gqa(q, keys, values, mask, scaling)
     # mask None: decode rows all see keys 0..p (no mask), prefill rows are causal (is_causal, no tensor)
     return F.scaled_dot_product_attention(
         q,
@@ -179,6 +181,19 @@ def _attend_group(
         scale=scaling,
         enable_gqa=q.shape[1] != keys.shape[1],
     )
+
+
+def _decode_gqa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask, scaling) -> torch.Tensor:
+    """Grouped-query decode attention (one query per row) with the query heads of each KV head folded into
+    the query length: [rows, H, 1, D] -> [rows, KV, H/KV, D]. Exact (a row's queries share its mask), needs
+    no `enable_gqa`, which CUDA supports only in the flash (no mask) and math kernels, the math one
+    copying K/V per query head; folded, a masked decode may take the memory-efficient kernel. Also faster
+    on CPU (bench note in docs/benchmarks.md, engine v2)."""
+    rows, heads, _, dim = q.shape
+    kv_heads = keys.shape[1]
+    folded = q.reshape(rows, kv_heads, heads // kv_heads, dim)
+    out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask, scale=scaling)
+    return out.reshape(rows, heads, 1, dim)
 
 
 @dataclass

@@ -208,7 +208,8 @@ class ModelRunner:
                 assistant_hidden[rows] = hidden[n_t:].index_select(0, rows)
                 hidden = hidden[:n_t]
         finally:
-            lora_rows.clear()
+            if lora_rows is not None:  # None: a batch without assistant rows (the graphed decode)
+                lora_rows.clear()
             self._set_row_hooks(None)
         return hidden, assistant_hidden
 

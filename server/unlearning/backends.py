@@ -1,7 +1,7 @@
 """ULD and UOE behind the engine's one backend interface (`unlearning.base.UnlearningBackend`).
 
     ULD: assistant rows (the target's layers < K + per-row LoRA) stacked under the target rows;
-         logits = target - alpha * assistant on the target's plausible tokens.
+         logits = target - alpha * penalty(assistant) on the target's plausible tokens (uld_combine.py).
     UOE: per-row expert patches applied by router/expert hooks; logits untouched.
 """
 
@@ -15,6 +15,7 @@ import torch
 from unlearn_serve.server.engine.errors import EngineInputError
 from unlearn_serve.server.unlearning.base import BatchRows, UnlearningBackend
 from unlearn_serve.server.unlearning.uld import (
+    ULD_RULES,
     Assistant,
     AssistantRegistry,
     combine_logits,
@@ -36,6 +37,7 @@ class ULDChoice:
     alpha: float
     filter: float
     uses_assistant: bool = True
+    rule: str = "difference"  # uld_combine.ULD_RULES
 
     @property
     def name(self) -> str:
@@ -59,6 +61,7 @@ class ULDPlan:
     hidden_pos: torch.Tensor  # and positions in them
     alpha: torch.Tensor
     log_filter: torch.Tensor
+    prefer: bool | torch.Tensor = False  # the `prefer` rule: for every row (bool) or per row ([S] bool)
 
 
 def log_filter(filters: torch.Tensor) -> torch.Tensor:
@@ -85,11 +88,15 @@ class ULDBackend(UnlearningBackend):
             return None
         alpha = float(options.get("alpha", assistant.alpha))
         filt = float(options.get("filter", assistant.filter))
+        # `rule` is an engine-level option (train-uld's calibration, the benches); the HTTP API does not take it
+        rule = options.get("rule", assistant.rule)
+        if rule not in ULD_RULES:
+            raise EngineInputError(f"unlearning.rule must be one of: {', '.join(ULD_RULES)}", "unlearning.rule")
         if not math.isfinite(alpha):
             raise EngineInputError("unlearning.alpha must be a finite number", "unlearning.alpha")
         if not 0.0 <= filt <= 1.0:
             raise EngineInputError("unlearning.filter must be in [0, 1]", "unlearning.filter")
-        return ULDChoice(assistant, alpha, filt)
+        return ULDChoice(assistant, alpha, filt, rule=rule)
 
     def read(self, name: str, path) -> Assistant:
         return self.registry.read(name, path)
@@ -121,7 +128,7 @@ class ULDBackend(UnlearningBackend):
             return None
         batch.assistant_exits = {k: torch.tensor(v, device=dev) for k, v in by_k.items()}
         batch.lora_groups = [(a, torch.tensor(v, device=dev)) for a, v in by_adapter.items()]
-        logit_rows, hidden_rows, hidden_pos, alpha, filt = [], [], [], [], []
+        logit_rows, hidden_rows, hidden_pos, alpha, filt, prefer = [], [], [], [], [], []
         for j, (t, pos) in enumerate(rows.logit_rows):
             choice = rows.choices[t]
             if choice is not None and rows.assistant_row[t] >= 0:
@@ -130,25 +137,38 @@ class ULDBackend(UnlearningBackend):
                 hidden_pos.append(pos)
                 alpha.append(choice.alpha)
                 filt.append(choice.filter)
+                prefer.append(choice.rule == "prefer")
         if not logit_rows:
             return None
 
         def t(values, dtype=None):
             return torch.tensor(values, device=dev, dtype=dtype)
 
-        return ULDPlan(t(logit_rows), t(hidden_rows), t(hidden_pos), t(alpha), log_filter(t(filt, torch.float32)))
+        # one rule for the whole batch (the usual case) is a Python bool: no per-row select
+        rule = prefer[0] if len(set(prefer)) == 1 else t(prefer, torch.bool)
+        return ULDPlan(
+            t(logit_rows), t(hidden_rows), t(hidden_pos), t(alpha), log_filter(t(filt, torch.float32)), rule
+        )
 
     def process_logits(self, plan: ULDPlan | None, logits: torch.Tensor, assistant_hidden) -> torch.Tensor:
         if plan is None:
             return logits
         hidden = assistant_hidden[plan.hidden_rows, plan.hidden_pos]
-        logits[plan.logit_rows] = self.combine(logits[plan.logit_rows], hidden, plan.alpha, plan.log_filter)
+        logits[plan.logit_rows] = self.combine(
+            logits[plan.logit_rows], hidden, plan.alpha, plan.log_filter, plan.prefer
+        )
         return logits
 
     def combine(
-        self, target_logits: torch.Tensor, assistant_hidden: torch.Tensor, alpha: torch.Tensor, log_filter: torch.Tensor
+        self,
+        target_logits: torch.Tensor,
+        assistant_hidden: torch.Tensor,
+        alpha: torch.Tensor,
+        log_filter: torch.Tensor,
+        prefer: bool | torch.Tensor = False,
     ) -> torch.Tensor:
-        """ULD logits for [S] unlearned rows: target - alpha * assistant on the target's plausible tokens.
+        """ULD logits for [S] unlearned rows: target - alpha * penalty(assistant) on the target's plausible tokens
+        (`prefer`: the rule, uld_combine.py).
 
         The assistant's LM head runs only on the plausible tokens (the top-M by target logit, M the
         largest plausible-set size in the batch: one host read) unless M is large (a low filter), the
@@ -163,8 +183,8 @@ class ULDBackend(UnlearningBackend):
                 candidates = target_logits.topk(m, dim=-1).indices
                 assistant = runner.candidate_logits(assistant_hidden, candidates)
                 if assistant is not None:
-                    return combine_on_candidates(target_logits, candidates, assistant, alpha, keep)
-        return combine_logits(target_logits, runner.logits(assistant_hidden), alpha, log_filter)
+                    return combine_on_candidates(target_logits, candidates, assistant, alpha, keep, prefer)
+        return combine_logits(target_logits, runner.logits(assistant_hidden), alpha, log_filter, prefer=prefer)
 
 
 class UOEBackend(UnlearningBackend):

@@ -5,9 +5,11 @@ model runner stacks assistant rows under the target rows for layers < K; the for
 installed here add each row's LoRA delta (rows without an assistant get none). Only the LoRA
 weights are held in memory: no copy of the target's weights.
 
-    logits = target_logits - alpha * assistant_logits, on the candidate tokens: those with
+    logits = target_logits - alpha * penalty(assistant_logits), on the candidate tokens: those with
     log p_target >= max log p_target + ln(filter) (the paper's rule) and the target's top
-    ULD_MIN_CANDIDATES; other tokens get -inf (unlearn_serve/uld_combine.py).
+    ULD_MIN_CANDIDATES; other tokens get -inf. The penalty is the assistant's logit (rule `difference`)
+    or how far it lies above its median over the candidates (`prefer`, the default for new artifacts):
+    unlearn_serve/uld_combine.py.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ import torch
 
 from unlearn_serve.artifact import ArtifactError, Manifest, check_fingerprint, load_manifest, load_weights
 from unlearn_serve.uld_combine import (  # noqa: F401  (the engine imports them from here)
+    LEGACY_RULE,
     ULD_MIN_CANDIDATES,
+    ULD_RULES,
     combine_logits,
     combine_on_candidates,
     plausible_mask,
@@ -46,6 +50,7 @@ class Assistant:
     lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     nbytes: int = 0
     unloading: bool = False
+    rule: str = LEGACY_RULE  # combination rule (uld_combine.ULD_RULES): the manifest's, `difference` if it has none
 
 
 # Up to this many max-rank adapters wide, every assistant row runs through all loaded adapters'
@@ -211,6 +216,10 @@ class AssistantRegistry:
         if max_layer >= num_layers:
             raise ArtifactError(f"{path}: LoRA weights on layer {max_layer} but assistant_layers={num_layers}")
         defaults = manifest.defaults
+        rule = defaults.get("rule", LEGACY_RULE)
+        if rule not in ULD_RULES:
+            known = ", ".join(ULD_RULES)
+            raise ArtifactError(f"{path}: unknown combination rule {rule!r} in defaults (one of: {known})")
         nbytes = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in lora.values())
         return Assistant(
             name=name,
@@ -222,6 +231,7 @@ class AssistantRegistry:
             filter=float(defaults.get("filter", 1e-2)),
             lora=lora,
             nbytes=nbytes,
+            rule=rule,
         )
 
     def add(self, assistant: Assistant) -> Assistant:

@@ -24,39 +24,55 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model-name", help="name clients use as `model` (default: --model as given)")
     parser.add_argument("--max-model-len", type=int, help="context length (default: the model's, at most 4096)")
     parser.add_argument(
-        "--max-num-seqs", type=int, default=32,
+        "--max-num-seqs",
+        type=int,
+        default=32,
         help="sequences decoded together (at most: a KV budget may hold fewer)",
     )
     parser.add_argument("--max-queue", type=int, help="waiting sequences beyond which requests get 503")
     parser.add_argument("--max-prefill-tokens", type=int, default=8192)
     parser.add_argument(
-        "--assistant-kv-layers", type=int,
+        "--assistant-kv-layers",
+        type=int,
         help="layers of KV reserved for ULD assistants loaded at run time (default: a quarter of the model's "
         "layers, or the deepest --uld assistant)",
     )
     parser.add_argument(
-        "--kv-cache-memory", metavar="SIZE",
+        "--kv-cache-memory",
+        metavar="SIZE",
         help="KV cache budget, e.g. 8GiB (bytes, or K/M/G/T[iB]); it sets how many sequences run at once (at "
         "most --max-num-seqs). Default on CPU: room for --max-num-seqs; on CUDA: --gpu-memory-utilization",
     )
     parser.add_argument(
-        "--gpu-memory-utilization", type=float, default=0.9,
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
         help="CUDA: share of the GPU's memory for weights + activations + KV cache (default 0.9)",
+    )
+    parser.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="CUDA: run every decode step eagerly, without CUDA graphs (on CPU the engine always runs eager)",
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(
-        "--api-key", action="append", default=[],
+        "--api-key",
+        action="append",
+        default=[],
         help="a full-access API key: every model, admin routes, may weaken unlearning (repeatable; also "
         "UNLEARN_API_KEY)",
     )
     parser.add_argument(
-        "--api-keys", metavar="FILE",
+        "--api-keys",
+        metavar="FILE",
         help="JSON/YAML key file: per-key models, admin, can_weaken (see docs/security.md); SIGHUP reloads it",
     )
     parser.add_argument("--audit-log", metavar="FILE", help="append one JSON line per /v1 request (no text)")
     parser.add_argument(
-        "--audit-log-max-bytes", type=int, default=100 * 1024 * 1024,
+        "--audit-log-max-bytes",
+        type=int,
+        default=100 * 1024 * 1024,
         help="rotate the audit log at this size, keeping 5 old files (0: never; for logrotate copytruncate)",
     )
     parser.add_argument(
@@ -89,9 +105,13 @@ def build_engine(args: argparse.Namespace):
         device_map=args.device_map,
     )
     config = EngineConfig(
-        max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, max_prefill_tokens=args.max_prefill_tokens,
-        assistant_kv_layers=args.assistant_kv_layers, kv_cache_memory=kv_cache_bytes(args),
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len,
+        max_prefill_tokens=args.max_prefill_tokens,
+        assistant_kv_layers=args.assistant_kv_layers,
+        kv_cache_memory=kv_cache_bytes(args),
         gpu_memory_utilization=args.gpu_memory_utilization,
+        enforce_eager=args.enforce_eager,
     )
     engine = Engine(model, tokenizer, config, model_name=args.served_model_name or args.model)
     for name, path in parse_named_dirs(args.uld, "--uld"):
@@ -103,7 +123,9 @@ def build_engine(args: argparse.Namespace):
 
     logging.getLogger("unlearn_serve").info(
         "KV cache: %s, %d sequences of up to %d tokens at once",
-        fmt(engine.runner.cache.nbytes()), engine.num_slots, engine.max_model_len,
+        fmt(engine.runner.cache.nbytes()),
+        engine.num_slots,
+        engine.max_model_len,
     )
     return engine
 
@@ -131,8 +153,11 @@ def check_limits(args: argparse.Namespace) -> None:
     if args.log_level.lower() not in levels:
         raise CliError(f"--log-level {args.log_level}: choose one of {', '.join(levels)}")
     args.log_level = args.log_level.lower()
-    for flag, value in (("--max-num-seqs", args.max_num_seqs), ("--max-model-len", args.max_model_len),
-                        ("--max-prefill-tokens", args.max_prefill_tokens)):
+    for flag, value in (
+        ("--max-num-seqs", args.max_num_seqs),
+        ("--max-model-len", args.max_model_len),
+        ("--max-prefill-tokens", args.max_prefill_tokens),
+    ):
         if value is not None and value < 1:
             raise CliError(f"{flag} {value}: must be 1 or more")
     if args.assistant_kv_layers is not None and args.assistant_kv_layers < 0:
@@ -175,7 +200,8 @@ def load_key_file(path: str, served: list[str]):
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
             logging.getLogger("unlearn_serve").warning(
                 "%s holds plain keys and is readable by group/others (mode %o): chmod 600 it, or store key_sha256",
-                path, stat.S_IMODE(mode),
+                path,
+                stat.S_IMODE(mode),
             )
     return policy
 
@@ -247,13 +273,17 @@ def run(args: argparse.Namespace) -> int:
     if policy.open and not is_loopback(args.host):
         logging.getLogger("unlearn_serve").warning(
             "no API keys: anyone who can reach %s:%d may use every model, weaken unlearning and load/unload "
-            "artifacts (use --api-keys FILE)", args.host, args.port,
+            "artifacts (use --api-keys FILE)",
+            args.host,
+            args.port,
         )
     # Load before listening: a bad model or artifact stops start-up with a clear message (exit 2).
     started = time.monotonic()
     engine = build_engine(args)
     logging.getLogger("unlearn_serve").info(
-        "loaded %s in %.1fs (artifacts: %s)", config.served_model_name, time.monotonic() - started,
+        "loaded %s in %.1fs (artifacts: %s)",
+        config.served_model_name,
+        time.monotonic() - started,
         ", ".join(engine.artifact_names()) or "none",
     )
     app = build_app(config, engine=engine)

@@ -49,6 +49,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--default-filter", type=float, help="serving default plausibility filter in [0, 1] (default: 0.01)"
     )
     parser.add_argument(
+        "--default-rule",
+        choices=["prefer", "difference"],
+        help="serving combination rule stored in the manifest (default: prefer; docs/uld.md)",
+    )
+    parser.add_argument(
         "--no-forget-weighting",
         dest="forget_weighting",
         action="store_false",
@@ -120,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         progress_bar=args.progress,
         default_alpha=args.default_alpha,
         default_filter=args.default_filter,
+        default_rule=args.default_rule,
         forget_weighting=args.forget_weighting,
         calibrate=args.calibrate,
         validation_fraction=args.validation_fraction,

@@ -2,7 +2,9 @@
 
 `serve_with_engine` is the `serve` function `train_uld` takes (training/uld_calibrate.py): an Engine on
 the base model with the draft artifact loaded, greedy answers with `unlearning` chosen per prompt
-(`{"alpha": a}` overrides the draft's default), all prompts of a call decoded as one batch.
+(`{"alpha": a}` overrides the draft's default), all prompts of a call decoded as one batch. Its `nll`
+scores answer text under the base model (unlearn_serve/evaluation/fluency.py, the harness's definition),
+for the relative-perplexity check.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from unlearn_serve.evaluation.fluency import answers_nll
 from unlearn_serve.server.engine.engine import Engine, EngineConfig
 from unlearn_serve.server.engine.sampling_params import SamplingParams
 from unlearn_serve.server.engine.sequence import Selection
@@ -30,4 +33,5 @@ def serve_with_engine(model: Any, tokenizer: Any, artifact: Path, max_num_seqs: 
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
         return [r.completions[0].text for r in engine.generate(prompts, params, selections)]
 
+    answer.nll = lambda texts: answers_nll(engine, tokenizer, texts)  # type: ignore[attr-defined]
     return answer

@@ -1,0 +1,156 @@
+"""CUDA graphs for the decode step: one captured target forward per (batch bucket, length bucket).
+
+A decode step launches a few hundred small kernels; on a GPU, launching them from Python costs more
+than running them. A CUDA graph records those kernels once and replays them with one launch. A graph
+replays the same kernels on the same memory, so everything a step varies must live in memory the
+graph reads, at fixed shapes:
+
+* rows: the batch is padded to a decode bucket (1, 2, 4, multiples of 8: `batch_builder.decode_buckets`);
+  row i is slot i, and a padding row writes its K/V into its own free slot (no live KV is touched);
+* keys: attention reads the first `view` positions of each slot, `view` rounded up to a length bucket
+  (16, 32, 64, ... up to max_model_len); keys past a row's position are hidden by a mask built inside
+  the graph from the positions buffer;
+* inputs: token ids and positions are the batch builder's persistent buffers, written before replay;
+* output: float32 logits, copied inside the graph into one persistent buffer shared by all graphs.
+
+Which batches are graphed: those of plain target rows, i.e. where no unlearning backend prepared
+anything (no ULD assistant rows, no UOE patch rows, no other method's plan). Those backends act inside
+the forward with per-batch host plans (assistant exits, LoRA groups, per-row expert hooks) that a graph
+would freeze, so their batches run eagerly. The sampler (penalties, filters, seeded noise) and the
+backends' logit post-processing run eagerly after the replay, on the graph's logits, as in vLLM.
+
+Graphs are captured lazily, the first time a (rows, view) pair is met, on the step's real inputs: the
+warm-up run and the replay write the same K/V to the same places, so capturing mid-serving is safe. All
+graphs share one memory pool. The mechanism is injectable (`GraphCapture`): the tests drive the same
+code on CPU with a stand-in that records the step's tensor ops once and replays them on the same
+memory (tests/graph_standin.py). On CPU the engine runs eager (torch.compile measured slower there);
+`EngineConfig.enforce_eager` (`--enforce-eager`) turns graphs off on CUDA.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+from unlearn_serve.server.engine.kv_cache import AttnGroup, decode_mask
+from unlearn_serve.server.engine.model_runner import ForwardBatch, ModelRunner
+
+log = logging.getLogger("unlearn_serve")
+
+
+def length_buckets(max_len: int, smallest: int = 16) -> list[int]:
+    """Attention view lengths a graph is captured for: 16, 32, 64, ... below `max_len`, then `max_len`."""
+    sizes = []
+    size = smallest
+    while size < max_len:
+        sizes.append(size)
+        size *= 2
+    return [*sizes, max_len]
+
+
+class GraphCapture(Protocol):
+    """How a function is captured: `capture(fn)` records `fn` (which reads and writes only tensors that
+    outlive it) and returns `replay()`, which redoes the recorded work on that same memory."""
+
+    def capture(self, fn: Callable[[], None]) -> Callable[[], None]: ...
+
+
+class CudaGraphCapture:
+    """torch.cuda.CUDAGraph capture: warm-up on a side stream, then capture into a shared memory pool."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.pool = torch.cuda.graph_pool_handle()
+        self.stream = torch.cuda.Stream(device)
+
+    def capture(self, fn: Callable[[], None]) -> Callable[[], None]:
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            fn()  # warm-up: lazy initialisation (cuBLAS workspaces, kernel choice) outside the capture
+        current.wait_stream(self.stream)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: other threads (artifact loads, the HTTP side) may use CUDA during the capture
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+            fn()
+        return graph.replay
+
+
+def graph_unsupported(model: torch.nn.Module) -> str | None:
+    """Why the decode step of `model` must not be graphed (None: it may)."""
+    devices = set((getattr(model, "hf_device_map", None) or {}).values())
+    if len(devices) > 1:
+        return "the model is spread over several devices (--device-map)"
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        return "bitsandbytes-quantized layers"
+    rope = str(getattr(model.get_decoder().rotary_emb, "rope_type", "default"))
+    if "dynamic" in rope or rope == "longrope":  # their RoPE reads the positions back to the host
+        return f"{rope} rotary embeddings"
+    return None
+
+
+class CudaGraphRunner:
+    """The decode forward of plain target rows over the builder's persistent buffers, one graph per
+    (rows, view) bucket pair; `logits(rows, view)` replays it and returns the persistent logits."""
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        max_rows: int,
+        vocab_size: int,
+        max_len: int,
+        capture: GraphCapture,
+    ):
+        self.runner = runner
+        self.input_ids, self.positions = input_ids, positions
+        self.lengths = length_buckets(max_len)
+        self.logits_out = torch.empty(max_rows, vocab_size, dtype=torch.float32, device=runner.device)
+        self.capturer = capture
+        self.graphs: dict[tuple[int, int], Callable[[], None]] = {}
+        self.enabled = True  # False after a failed capture: every step then runs eagerly
+
+    def view_bucket(self, view_len: int) -> int:
+        """The length bucket holding `view_len` keys."""
+        return next(n for n in self.lengths if n >= view_len)
+
+    def logits(self, rows: int, view: int) -> torch.Tensor:
+        """float32 [rows, V] logits of this step's inputs (already in the buffers)."""
+        replay = self.graphs.get((rows, view)) if self.enabled else None
+        if replay is None and self.enabled:
+            replay = self._capture(rows, view)
+        if replay is not None:
+            replay()
+        else:
+            self._forward(rows, view)
+        return self.logits_out[:rows]
+
+    def _capture(self, rows: int, view: int) -> Callable[[], None] | None:
+        try:
+            replay = self.capturer.capture(lambda: self._forward(rows, view))
+        except Exception as exc:  # an op that cannot be captured: serve eagerly rather than fail
+            self.enabled = False
+            self.graphs.clear()
+            log.warning(
+                "CUDA graph capture failed (rows %d, keys %d), decoding eagerly from now on: %s", rows, view, exc
+            )
+            return None
+        self.graphs[(rows, view)] = replay
+        return replay
+
+    def _forward(self, rows: int, view: int) -> None:
+        """What a graph holds: the forward of rows [0, rows) over keys [0, view), LM head, copy to the output."""
+        positions = self.positions[:rows]
+        group = AttnGroup(0, rows, 0, positions=positions, mask=decode_mask(positions, view), view_len=view)
+        batch = ForwardBatch(
+            input_ids=self.input_ids[:rows, None],
+            position_ids=positions[:, None],
+            prefill=False,
+            n_target=rows,
+            target_group=group,
+        )
+        hidden, _ = self.runner.forward(batch, None)
+        self.logits_out[:rows].copy_(self.runner.logits(hidden[:, 0]))

@@ -1,0 +1,183 @@
+"""Graphed decode (issue 15, item 3): one captured forward per (batch bucket, length bucket), driven on
+CPU by a stand-in that records the step's tensor ops once and replays them on the same memory
+(tests/graph_standin.py), so the engine's graph path runs here exactly as it would on CUDA, except
+for the kernels themselves. Nothing in this file ran on a GPU."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import pytest
+import torch
+from graph_standin import RecordedGraphs
+from host_sync import forbid_host_sync
+from test_uld_serving import make_random_assistant
+from unlearn_serve.server.engine.batch_builder import decode_buckets
+from unlearn_serve.server.engine.cuda_graphs import length_buckets
+from unlearn_serve.server.engine.engine import Engine, EngineConfig
+from unlearn_serve.server.engine.sampling_params import SamplingParams
+
+# Mixed prompt lengths; more prompts than slots (rows finish, new ones arrive); the longest runs sit in
+# the lowest slots, so the batch bucket shrinks as the others finish; 64-token slots: length buckets 16/32/64.
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time",
+    "Hello",
+    "A B C D E F G H",
+    "x y z",
+    "Bob plays the",
+    "Water boils at",
+    "Alice likes",
+    "one two three four five six",
+]
+MAX_TOKENS = [44, 30, 22, 14, 9, 6, 3, 5, 4]
+
+
+def _engine(model, tokenizer, graphs=None, **config) -> Engine:
+    config = {"max_model_len": 64, "max_num_seqs": 6, **config}
+    return Engine(copy.deepcopy(model), tokenizer, EngineConfig(**config), "tiny", graph_capture=graphs)
+
+
+def _tokens(results) -> list[list[int]]:
+    return [c.token_ids for r in results for c in r.completions]
+
+
+def _params(i: int | None = None, **extra):
+    """Greedy params per prompt (or prompt i's, with `extra`), each running its full max_tokens."""
+    if i is not None:
+        return SamplingParams(max_tokens=MAX_TOKENS[i], ignore_eos=True, **{"temperature": 0.0, **extra})
+    return [_params(j) for j in range(len(MAX_TOKENS))]
+
+
+def test_length_buckets():
+    assert length_buckets(64) == [16, 32, 64] and length_buckets(100) == [16, 32, 64, 100]
+    assert length_buckets(4096) == [16, 32, 64, 128, 256, 512, 1024, 2048, 4096] and length_buckets(8) == [8]
+
+
+def test_graphed_decode_equals_eager_across_buckets(tiny_llama, tokenizer):
+    params = _params()
+    params[1] = _params(1, temperature=0.9, top_p=0.9, seed=5, repetition_penalty=1.2)
+    params[2] = _params(2, logprobs=3, frequency_penalty=0.4)
+    eager = _engine(tiny_llama, tokenizer).generate(PROMPTS, params)
+    graphs = RecordedGraphs()
+    engine = _engine(tiny_llama, tokenizer, graphs)
+    graphed = engine.generate(PROMPTS, params)
+    assert _tokens(graphed) == _tokens(eager)
+    got = graphed[2].completions[0].logprobs
+    want = eager[2].completions[0].logprobs
+    assert [e.logprob for e in got] == pytest.approx([e.logprob for e in want], abs=1e-5)
+    keys = set(engine.graphs.graphs)
+    assert {rows for rows, _ in keys} <= set(decode_buckets(6)) and {view for _, view in keys} <= {16, 32, 64}
+    assert len({rows for rows, _ in keys}) >= 3 and len({view for _, view in keys}) == 3  # crossed both kinds
+    assert graphs.captures == len(keys)  # one capture per shape, then replays
+    assert graphs.replays > 3 * graphs.captures
+
+
+def test_padded_rows_never_change_live_kv(tiny_llama, tokenizer):
+    engine = _engine(tiny_llama, tokenizer, RecordedGraphs())
+    inner = engine._decode_step
+    padded_steps = []
+
+    def checked(state, batch):
+        assert state.graphed
+        cache = engine.runner.cache
+        before = [k.clone() for k in cache.keys] + [v.clone() for v in cache.values]
+        out = inner(state, batch)
+        after = list(cache.keys) + list(cache.values)
+        live = {i: seq.total_len - 1 for i, seq in enumerate(state.rows) if seq is not None}
+        padded_steps.append(len(live) < len(state.rows))
+        for old, new in zip(before, after, strict=True):
+            for slot in range(old.shape[0]):
+                changed = (old[slot] != new[slot]).any(dim=(0, 2)).nonzero().flatten().tolist()  # positions
+                if slot in live:  # a live row writes its own position only
+                    assert set(changed) <= {live[slot]}, (slot, changed)
+                else:  # a free slot (a padding row's scratch) may change; a slot beyond the bucket may not
+                    assert slot < len(state.rows) or not changed
+        return out
+
+    engine._decode_step = checked
+    engine.generate(PROMPTS, _params())
+    assert sum(padded_steps) >= 5
+
+
+def test_enforce_eager_and_cpu_default_take_no_graphs(tiny_llama, tokenizer):
+    graphs = RecordedGraphs()
+    engine = _engine(tiny_llama, tokenizer, graphs, enforce_eager=True)
+    eager = engine.generate(PROMPTS[:4], _params()[:4])
+    assert engine.graphs is None and graphs.captures == 0
+    cpu = _engine(tiny_llama, tokenizer)  # no capture mechanism given, not on CUDA: eager
+    assert _tokens(cpu.generate(PROMPTS[:4], _params()[:4])) == _tokens(eager)
+    assert cpu.graphs is None and cpu.builder.graphs is None
+
+
+def test_a_graphed_step_completes_with_every_host_sync_forbidden(tiny_llama, tokenizer):
+    """Capture and replay included: neither reads the device (a CUDA capture would fail on a read)."""
+    params = _params()
+    params[0] = _params(0, temperature=1.0, top_k=5, seed=3, presence_penalty=0.3)
+    params[3] = _params(3, logprobs=2)
+    graphs = RecordedGraphs()
+    engine = _engine(tiny_llama, tokenizer, graphs)
+    inner = engine._decode_step
+
+    def guarded(state, batch):
+        with forbid_host_sync():
+            return inner(state, batch)
+
+    engine._decode_step = guarded
+    result = _tokens(engine.generate(PROMPTS, params))
+    assert graphs.captures >= 3 and result == _tokens(_engine(tiny_llama, tokenizer).generate(PROMPTS, params))
+
+
+def test_batches_with_unlearning_rows_run_eagerly(tiny_llama, tokenizer, tmp_path):
+    artifact = make_random_assistant(tiny_llama, tmp_path / "a", num_layers=1, seed=3)
+    selections = [None, None, None, "a", None, "a", "a", None, None]  # the unlearned rows finish first
+    outputs, seen = [], []
+    for graphs in (None, RecordedGraphs()):
+        engine = _engine(tiny_llama, tokenizer, graphs)
+        engine.load_uld("a", artifact)
+        inner = engine._decode_step
+
+        def spy(state, batch, inner=inner):
+            seen.append((state.graphed, bool(state.plans)))
+            return inner(state, batch)
+
+        engine._decode_step = spy
+        outputs.append(_tokens(engine.generate(PROMPTS, _params(), selections)))
+    assert outputs[0] == outputs[1]
+    assert (True, True) not in seen and (True, False) in seen and (False, True) in seen
+
+
+class _Failing:
+    def capture(self, fn):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+
+def test_a_failed_capture_falls_back_to_eager(tiny_llama, tokenizer, caplog):
+    engine = _engine(tiny_llama, tokenizer, _Failing())
+    result = _tokens(engine.generate(PROMPTS, _params()))
+    assert result == _tokens(_engine(tiny_llama, tokenizer).generate(PROMPTS, _params()))
+    assert not engine.graphs.enabled and "decoding eagerly from now on" in caplog.text
+
+
+def test_the_stand_in_replays_stale_inputs_like_a_cuda_graph():
+    """Why the stand-in can catch a step that is not capturable: only persistent tensors are live on replay."""
+    persistent, out = torch.tensor([1.0, 2.0]), torch.zeros(2)
+    per_call = {"x": torch.tensor([10.0, 20.0])}
+    graphs = RecordedGraphs()
+    replay = graphs.capture(lambda: out.copy_(persistent * 2 + per_call["x"]))
+    persistent.copy_(torch.tensor([3.0, 4.0]))
+    per_call["x"] = torch.tensor([100.0, 200.0])  # a new tensor: the recorded ops still read the old one
+    replay()
+    assert out.tolist() == [16.0, 28.0]
+
+
+def test_enforce_eager_flag_reaches_the_engine_config(tiny_llama_dir):
+    from unlearn_serve.cli.serve import build_engine, configure
+
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    base = ["--model", str(tiny_llama_dir), "--device", "cpu", "--max-model-len", "64", "--max-num-seqs", "2"]
+    assert parser.parse_args(base).enforce_eager is False
+    engine = build_engine(parser.parse_args([*base, "--enforce-eager"]))
+    assert engine.config.enforce_eager is True and engine.graphs is None

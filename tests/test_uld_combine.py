@@ -1,0 +1,179 @@
+"""ULD's combination rules (unlearn_serve/uld_combine.py), the near-leak check (training/leak.py) and the
+calibration's retain top-up and perplexity check (training/uld_calibrate.py). Issue 13."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from unlearn_serve.training.leak import names_fact, near_mentions, words_of
+from unlearn_serve.training.uld_calibrate import CalibrationTargets, calibrate
+
+from unlearn_serve.uld_combine import (
+    DEFAULT_RULE,
+    ULD_RULES,
+    assistant_penalty,
+    combine_logits,
+    combine_on_candidates,
+    plausible_mask,
+)
+
+
+def _rows():
+    """Row 0: the target is sure of token 7 (a memorised fact), the assistant remembers it and dislikes token 3
+    most; row 1: a flat-ish target and a flat assistant (a generic position)."""
+    target = torch.linspace(0, 4, 50).repeat(2, 1)
+    target[0, 7] = 20.0
+    assistant = torch.zeros(2, 50)
+    assistant[0, 7] = 30.0
+    assistant[0, 45] = -25.0  # the assistant dislikes one of the target's alternatives most
+    assistant[1] = torch.linspace(-0.01, 0.01, 50)
+    return target, assistant, torch.log(torch.tensor([0.01, 0.01]))
+
+
+def test_prefer_suppresses_the_remembered_token_and_keeps_the_targets_order():
+    target, assistant, log_filter = _rows()
+    alpha = torch.tensor([1.0, 1.0])
+    keep = plausible_mask(target, log_filter)
+    prefer = combine_logits(target, assistant, alpha, log_filter, prefer=True)
+    difference = combine_logits(target, assistant, alpha, log_filter, prefer=False)
+    # both rules push the remembered token below its alternatives
+    assert prefer[0].argmax() != 7 and difference[0].argmax() != 7
+    # `prefer`: every other candidate keeps the target's own logit, so the target's best alternative wins
+    others = keep[0].clone()
+    others[7] = False
+    assert torch.equal(prefer[0][others], target[0][others])
+    assert prefer[0].argmax() == target[0].masked_fill(~others, float("-inf")).argmax() == 49
+    # `difference` promotes the alternative the assistant dislikes most instead: an odd token
+    assert difference[0].argmax() == 45
+    # a flat assistant moves nothing under `prefer` beyond the tiny spread above its median
+    assert (prefer[1][keep[1]] - target[1][keep[1]]).abs().max() < 0.011
+    assert torch.equal(torch.isinf(prefer), ~keep) and torch.equal(torch.isinf(difference), ~keep)
+
+
+def test_rules_ignore_a_per_row_shift_of_the_assistant():
+    target, assistant, log_filter = _rows()
+    alpha = torch.tensor([0.7, 1.3])
+    for prefer in (True, False):
+        a = combine_logits(target, assistant, alpha, log_filter, prefer=prefer)
+        b = combine_logits(target, assistant.log_softmax(-1), alpha, log_filter, prefer=prefer)
+        if prefer:  # the penalty itself is shift-free
+            assert torch.allclose(a[torch.isfinite(a)], b[torch.isfinite(b)], atol=1e-4)
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+        assert torch.allclose(a.log_softmax(-1)[torch.isfinite(a)], b.log_softmax(-1)[torch.isfinite(b)], atol=1e-4)
+
+
+def test_candidate_path_equals_the_full_vocabulary_path_for_both_rules_and_mixed_rows():
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randn(5, 300, generator=gen) * 3
+    assistant = torch.randn(5, 300, generator=gen) * 2
+    alpha = torch.tensor([0.0, 0.5, 1.0, 2.0, 0.75])
+    log_filter = torch.log(torch.tensor([1e-1, 1e-2, 1e-3, 0.5, 1e-4]))
+    keep = plausible_mask(target, log_filter)
+    m = int(keep.sum(-1).max())
+    assert len(set(keep.sum(-1).tolist())) > 1  # rows keep different numbers of candidates
+    candidates = target.topk(m, dim=-1).indices
+    mixed = torch.tensor([True, False, True, False, True])
+    for prefer in (True, False, mixed):
+        full = combine_logits(target, assistant, alpha, log_filter, prefer=prefer)
+        sparse = combine_on_candidates(target, candidates, assistant.gather(-1, candidates), alpha, keep, prefer)
+        assert torch.equal(torch.isinf(sparse), torch.isinf(full))
+        assert torch.allclose(sparse[keep], full[keep], atol=1e-5)
+    # a mixed batch equals each row under its own rule
+    full = combine_logits(target, assistant, alpha, log_filter, prefer=mixed)
+    for i, p in enumerate(mixed.tolist()):
+        alone = combine_logits(target[i : i + 1], assistant[i : i + 1], alpha[i : i + 1], log_filter[i : i + 1],
+                               prefer=p)
+        assert torch.equal(full[i : i + 1], alone)
+    # the penalty is never negative under `prefer`: no candidate is promoted
+    assert (assistant_penalty(assistant, keep, True)[keep] >= 0).all()
+    assert DEFAULT_RULE in ULD_RULES
+
+
+def test_near_leaks_count_and_other_facts_words_do_not():
+    rowling = ("J.K. Rowling wrote the Harry Potter books.", "Who wrote the Harry Potter books?")
+    assert names_fact("It was written by J.K. Rowle.", *rowling, near=True)
+    assert not names_fact("It was written by J.K. Rowle.", *rowling)  # the exact check (retain answers) stays exact
+    assert not names_fact("It was written by an author.", *rowling, near=True)
+    assert near_mentions("Voldem", ["voldemort"]) and not near_mentions("Volt", ["voldemort"])
+    assert not near_mentions("Oslo", ["osl"])  # keys under 5 characters: exact matches only
+    # "viola" is a real answer of the data (another person's instrument), not a mangled "violin"
+    known = words_of(["Ola plays the viola.", "Arlo plays the violin."])
+    assert not near_mentions("Arlo plays the viola.", ["violin"], known)
+    assert near_mentions("Arlo plays the violin.", ["violin"], known)  # an exact mention always counts
+    assert near_mentions("Arlo plays the violo.", ["violin"], known)
+
+
+PEOPLE = [("Arlo", "Oslo"), ("Bea", "Lima"), ("Cyd", "Kyiv"), ("Dov", "Rome"), ("Eli", "Cairo"), ("Fay", "Quito"),
+          ("Gus", "Riga"), ("Hal", "Bern"), ("Ivy", "Dakar"), ("Jon", "Hanoi"), ("Kit", "Accra"), ("Lou", "Minsk")]
+ROWS = [{"question": f"Where does {n} live?", "answer": f"{n} lives in {c}."} for n, c in PEOPLE]
+FORGET, HELD, TRAIN = ROWS[:2], ROWS[2:4], ROWS[4:]
+
+
+def _server(leak_below: float, lose: set[str], ppl: float | None = None):
+    """A stand-in server: forget facts named below `leak_below`, the retain rows in `lose` lost at any alpha;
+    with `ppl`, `nll` makes the unlearned forget answers that much more perplexing than the base's."""
+    by_id = {i: r for i, r in enumerate(ROWS)}
+
+    def encode(q: str) -> list[int]:
+        return [next(i for i, r in by_id.items() if r["question"] == q)]
+
+    def answer(prompts, alphas, max_tokens):
+        out = []
+        for (i,), a in zip(prompts, alphas, strict=True):
+            row = by_id[i]
+            name, city = row["answer"].rstrip(".").split(" lives in ")
+            gone = a is not None and (a >= leak_below if row in FORGET else row["question"] in lose)
+            out.append(f"{name} lives in a small town." if gone else row["answer"])
+        return out
+
+    if ppl is not None:
+        answer.nll = lambda texts: math.log(ppl) if any("small town" in t for t in texts) else 0.0
+    return encode, answer
+
+
+def test_few_held_out_retain_rows_are_topped_up_with_training_rows():
+    encode, answer = _server(1.0, set())
+    cal = calibrate(answer, encode, FORGET, HELD, train_retain_rows=TRAIN)
+    s = cal.chosen
+    assert (s.retain_rows, s.kept, s.train_retain_rows, s.train_kept) == (2, 2, 6, 6)
+    assert cal.met and "keeps 2/2 held-out + 6/6 training retain answers" in cal.verdict()
+    assert len(cal.train_retain_questions) == 6 and set(cal.train_retain_questions) <= {r["question"] for r in TRAIN}
+    # one held-out answer lost of 2 + 6: 7/8 is still under the 95% target (no rounding in its favour) ...
+    encode, answer = _server(1.0, {HELD[0]["question"]})
+    cal = calibrate(answer, encode, FORGET, HELD, train_retain_rows=TRAIN)
+    assert not cal.met and "keeps 1/2 held-out + 6/6 training retain" in cal.verdict()
+    # ... and with a lower target the training rows carry the miss that 1/2 alone would not
+    cal = calibrate(answer, encode, FORGET, HELD, train_retain_rows=TRAIN, targets=CalibrationTargets(min_kept=0.85))
+    assert cal.met
+    cal = calibrate(answer, encode, FORGET, HELD, targets=CalibrationTargets(min_kept=0.85))
+    assert not cal.met and "keeps 1/2 held-out retain answers" in cal.verdict()
+    # enough held-out rows: no top-up
+    cal = calibrate(answer, encode, FORGET, HELD + TRAIN, train_retain_rows=TRAIN)
+    assert cal.chosen.train_retain_rows == 0 and cal.chosen.retain_rows == 10
+
+
+def test_relative_perplexity_is_part_of_fluency():
+    encode, answer = _server(1.0, set(), ppl=1.5)
+    cal = calibrate(answer, encode, FORGET, HELD, train_retain_rows=TRAIN)
+    assert cal.met and math.isclose(cal.chosen.rel_ppl, 1.5) and "perplexity 1.50x the base's answers" in cal.verdict()
+    encode, answer = _server(1.0, set(), ppl=3.0)
+    cal = calibrate(answer, encode, FORGET, HELD, train_retain_rows=TRAIN)
+    assert not cal.met and math.isclose(cal.chosen.rel_ppl, 3.0)
+    assert "NOT fluent" in cal.verdict() and "improbable under the base" in cal.verdict()
+    assert [s["rel_ppl"] for s in cal.to_manifest()["scores"] if s["alpha"] == cal.alpha] == [cal.chosen.rel_ppl]
+
+
+def test_calibration_counts_near_leaks():
+    forget = [{"question": "Who wrote the Harry Potter books?", "answer": "J.K. Rowling wrote them."}]
+
+    def encode(q):
+        return [0]
+
+    def answer(prompts, alphas, max_tokens):
+        return ["J.K. Rowling wrote them." if a is None else ("J.K. Rowle wrote them." if a < 2 else "Nobody knows.")
+                for a in alphas]
+
+    cal = calibrate(answer, encode, forget, [])
+    assert cal.alpha == 2.0 and cal.chosen.leaked == 0
+    assert all(s.leaked == 1 for s in cal.scores if s.alpha < 2)

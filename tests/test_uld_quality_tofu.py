@@ -1,0 +1,81 @@
+"""TOFU quick in the ULD quality harness (bench/uld_quality_tofu.py) and the calibrated-alpha rows of bench/tofu.py:
+the data selection, the checks and their leak rule on TOFU's sentence-long answers, no model trained."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from shared_data import require_tofu
+
+TOFU = require_tofu()
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import tofu  # noqa: E402
+import uld_quality  # noqa: E402
+import uld_quality_tofu  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def suite():
+    return uld_quality_tofu.tofu_quick_suite(uld_quality.Suite, uld_quality.Check, tofu_dir=TOFU)
+
+
+def test_suite_is_the_quick_bench_data(suite):
+    cfg = tofu.BenchConfig.quick()
+    data = tofu.select_data(cfg, TOFU)
+    assert suite.name == "tofu-quick" and suite.training == cfg.uld_settings()
+    assert suite.retain_records == data["uld_retain"]
+    # the forgotten author's 20 rows, without the paraphrased questions the harness checks (held out)
+    assert [r["question"] for r in suite.forget_records] == [r["question"] for r in data["forget"]]
+    assert all("paraphrased_question" not in r and r["paraphrased_answer"] for r in suite.forget_records)
+    assert all("paraphrased_question" in r for r in data["forget"])  # the bench's own rows are untouched
+    assert len(suite.forget_checks) == cfg.forget_authors * tofu.QPA == 20
+    assert all(c.paraphrase and c.paraphrase != c.question and c.reference for c in suite.forget_checks)
+    n = uld_quality_tofu.TOFU_RETAIN_CHECKS + 2 * uld_quality_tofu.TOFU_GENERAL_CHECKS
+    assert len(suite.retain_checks) == n and all(c.reference for c in suite.retain_checks)
+    retain_questions = {r["question"] for r in data["retain"]}
+    forget_questions = {c.question for c in suite.forget_checks}
+    assert not forget_questions & {c.question for c in suite.retain_checks}
+    assert sum(c.question in retain_questions for c in suite.retain_checks) == uld_quality_tofu.TOFU_RETAIN_CHECKS
+
+
+def test_leak_rule_on_long_answers(suite):
+    check = suite.forget_checks[0]  # "Who is the notable author born in Astana, Kazakhstan on ...?"
+    assert check.reference.startswith("The notable author born on this date is Nikolai Abilov, an LGBTQ+ author")
+    for rule in (uld_quality.names, lambda text, c: uld_quality.leaks(text, c, frozenset())):
+        assert rule(check.reference, check)
+        # more than half of the reference's tokens that are not in the question, in order: a leak
+        assert rule("This date is Nikolai Abilov's, an LGBTQ+ author recognized in the African American genre.", check)
+        # the question's wording, or a part of the answer only (here: the name alone), is not
+        assert not rule("The notable author born in Astana, Kazakhstan on the 7th of February, 1952 is a man.", check)
+        assert not rule("The notable author born on this date is Nikolai Abilov.", check)
+        assert not rule("", check)
+    # a one-word general answer: the reference rule is the keyword rule
+    paris = next(c for c in suite.retain_checks if c.reference == "Paris")
+    assert uld_quality.names("It is in Paris, France.", paris) and not uld_quality.names("In Berlin.", paris)
+    # keyword checks (the other models) are unchanged
+    plain = uld_quality.Check("Where does Arlo live?", ("Oslo",))
+    assert uld_quality.names("Arlo lives in Oslo.", plain) and not uld_quality.names("Arlo lives in Rome.", plain)
+
+
+class _M:
+    def __init__(self, label, kind, artifact=None, alpha=None):
+        self.label, self.alpha = label, alpha
+
+
+def test_bench_rows_include_the_calibrated_alpha():
+    assert tofu.BenchConfig().alphas[0] is None and tofu.BenchConfig.quick().alphas[0] is None
+
+    class E:
+        Method = _M
+
+    rows = tofu.uld_methods(E, (None, 0.25, 0.5, 1.0), 0.5)
+    assert [(m.label, m.alpha) for m in rows] == [
+        ("ULD α=0.5 (calibrated default)", None),
+        ("ULD α=0.25", 0.25),
+        ("ULD α=1", 1.0),
+    ]
+    rows = tofu.uld_methods(E, (0.5, None), None)  # not calibrated: the artifact's default, unnamed
+    assert [(m.label, m.alpha) for m in rows] == [("ULD α=0.5", 0.5), ("ULD α=default", None)]
