@@ -141,6 +141,16 @@ class Bench:
         del src, dst
         return 2 * n * iters / elapsed
 
+    def graph_standin(self) -> dict:
+        """--smoke: drive the graphed decode path on CPU with the tests' record-and-replay stand-in for
+        CUDA-graph capture (tests/graph_standin.py), so the graph rows' code runs in the suite too."""
+        if not self.args.smoke:
+            return {}
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from graph_standin import RecordedGraphs
+
+        return {"graph_capture": RecordedGraphs()}
+
     # ------------------------------------------------------------------ systems
     def run_engine(
         self, engine, prompts: list[list[int]], selections: list[str | None], max_tokens: int | None = None
@@ -278,7 +288,7 @@ class Bench:
             options = dict(max_num_seqs=top, max_model_len=args.prompt_len + args.max_tokens + 8)
             if "assistant_kv_layers" in getattr(EngineConfig, "__dataclass_fields__", {}):
                 options["assistant_kv_layers"] = k
-            engine = Engine(model, tokenizer, EngineConfig(**options), "bench")
+            engine = Engine(model, tokenizer, EngineConfig(**options), "bench", **self.graph_standin())
             engine.load_uld("forget", artifact)  # before any request: its KV rows are part of the start-up budget
         self.run_engine(engine, prompts[:2], [None, "forget"])  # warm-up
         graphs = getattr(engine, "graphs", None)  # CUDA graphs (None: eager, as on CPU or with --enforce-eager)
@@ -286,10 +296,13 @@ class Bench:
             if graphs is not None and not self.over_budget():  # capture this batch size's graphs untimed
                 self.run_engine(engine, prompts[:c], [None] * c, max_tokens=2)
             engine_rows.append(add("unlearn-serve engine", c, self.run_engine, engine, prompts[:c], [None] * c))
+            if args.smoke:
+                engine_rows[-1].note = "graphs: the tests' CPU stand-in (Python replay, slow; not a speed)"
         eager_rows: list[Row] = []
         for c in args.concurrency:
             if graphs is None:
-                self.rows.append(Row(name, "engine --enforce-eager", c, note="no CUDA graphs here: the rows above"))
+                note = "no CUDA graphs: the rows above are eager"
+                self.rows.append(Row(name, "engine --enforce-eager", c, note=note))
                 continue
             engine.builder.graphs = None  # what --enforce-eager does, on the same engine (no second KV cache)
             engine.builder.invalidate()

@@ -287,6 +287,29 @@ def train_cached(suite: Suite, variant: str, model, tokenizer, fresh: bool) -> t
     return out, seconds
 
 
+def recalibrate_cached(suite: Suite, variant: str, model, tokenizer, artifact: Path, fresh: bool) -> Path:
+    """A copy of `artifact` calibrated again by today's `train-uld` calibration (rule, near-leaks, retain top-up,
+    perplexity) for `variant`'s settings, without retraining (training/uld.py `recalibrate_uld`); cached."""
+    from unlearn_serve.training.uld import ULDTrainingConfig, recalibrate_uld
+
+    from unlearn_serve import uld_combine
+    from unlearn_serve.evaluation.uld_validation import serve_with_engine
+
+    config = ULDTrainingConfig(**{**suite.training, **VARIANTS[variant]["train"], "progress_bar": False})
+    h = hashlib.sha256()
+    for part in (str(artifact.resolve()), dataclasses.asdict(config), RECIPE, uld_combine.DEFAULT_RULE):
+        h.update(json.dumps(part, sort_keys=True, default=str).encode())
+    out = CACHE / f"recalibrated-{suite.name}-{variant}-{h.hexdigest()[:12]}"
+    if (out / "unlearning.json").is_file() and not fresh:
+        return out
+    started = time.monotonic()
+    recalibrate_uld(
+        model, tokenizer, artifact, suite.forget_records, suite.retain_records, out, config, serve_with_engine
+    )
+    print(f"  [{suite.name}/{variant}] recalibrated {artifact} in {time.monotonic() - started:.0f}s -> {out}")
+    return out
+
+
 def evaluate(
     suite: Suite,
     model,
@@ -407,6 +430,11 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="score this trained assistant (e.g. the demo's) instead of training one; one model, one variant",
     )
+    parser.add_argument(
+        "--recalibrate",
+        action="store_true",
+        help="with --artifact: calibrate its serving defaults again with today's calibration (no retraining)",
+    )
     parser.add_argument("--show-answers", action="store_true", help="print every answer (base | unlearned)")
     parser.add_argument("--json", type=Path, help="also write all rows (answers included) to this file")
     args = parser.parse_args(argv)
@@ -443,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
 
                 artifact = args.artifact
                 seconds = float(load_manifest(artifact).training.get("wall_time_s") or 0.0)
+                if args.recalibrate:
+                    artifact = recalibrate_cached(suite, variant, model, tokenizer, artifact, args.retrain)
             else:
                 artifact, seconds = train_cached(suite, variant, model, tokenizer, args.retrain)
             from unlearn_serve.artifact import load_manifest

@@ -9,7 +9,10 @@ exactly those ops and nothing else, like a CUDA graph:
   same tensor object, read or written in place at replay time (the memory a graph's kernels point at);
 * Python decisions taken while recording (shapes, branches, per-step objects) are frozen, and `replay`
   takes no arguments: a step that handed the forward a new tensor or a new length per call, instead of
-  writing into the persistent buffers, would replay stale inputs, and its outputs would differ from eager.
+  writing into the persistent buffers, would replay stale inputs, and its outputs would differ from eager;
+* an op whose output shape differs on replay (a data-dependent shape) raises.
+
+What it cannot show: that each kernel captures under CUDA, and anything about speed.
 """
 
 from __future__ import annotations
@@ -58,6 +61,10 @@ class RecordedGraphs:
                 new = func(*tree_map(swap, args), **tree_map(swap, kwargs))
                 for old_t, new_t in zip(tree_leaves(out), tree_leaves(new), strict=True):
                     if isinstance(old_t, torch.Tensor):
+                        if new_t.shape != old_t.shape:  # a data-dependent shape: a CUDA graph cannot hold it
+                            raise AssertionError(
+                                f"{func} made shape {tuple(new_t.shape)} on replay, {tuple(old_t.shape)} when captured"
+                            )
                         made[id(old_t)] = new_t
             self.replays += 1
 

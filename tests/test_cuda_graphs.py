@@ -50,6 +50,10 @@ def _params(i: int | None = None, **extra):
     return [_params(j) for j in range(len(MAX_TOKENS))]
 
 
+def _has_unlearning_rows(state) -> bool:
+    return any(seq is not None and seq.request.backend is not None for seq in state.rows)
+
+
 def test_length_buckets():
     assert length_buckets(64) == [16, 32, 64] and length_buckets(100) == [16, 32, 64, 100]
     assert length_buckets(4096) == [16, 32, 64, 128, 256, 512, 1024, 2048, 4096] and length_buckets(8) == [8]
@@ -139,7 +143,7 @@ def test_batches_with_unlearning_rows_run_eagerly(tiny_llama, tokenizer, tmp_pat
         inner = engine._decode_step
 
         def spy(state, batch, inner=inner):
-            seen.append((state.graphed, bool(state.plans)))
+            seen.append((state.graphed, _has_unlearning_rows(state)))
             return inner(state, batch)
 
         engine._decode_step = spy
@@ -181,3 +185,41 @@ def test_enforce_eager_flag_reaches_the_engine_config(tiny_llama_dir):
     assert parser.parse_args(base).enforce_eager is False
     engine = build_engine(parser.parse_args([*base, "--enforce-eager"]))
     assert engine.config.enforce_eager is True and engine.graphs is None
+
+
+def test_a_moe_model_with_expert_patch_rows_graphs_its_plain_batches(tokenizer, tmp_path):
+    from unlearn_serve.tiny import build_tiny_model, write_random_expert_patch
+
+    model = build_tiny_model("qwen2_moe", tokenizer, num_layers=2, seed=3)
+    patch = write_random_expert_patch(model, 1, 2, tmp_path / "p", seed=7)
+    selections = [None, None, "p", None, "p", None, None, None, None]  # the patched rows finish early
+    outputs, seen = [], []
+    for graphs in (None, RecordedGraphs()):
+        engine = _engine(model, tokenizer, graphs)
+        engine.load_uoe("p", patch)  # its hooks sit on the model; plain rows take the base path through them
+        inner = engine._decode_step
+
+        def spy(state, batch, inner=inner):
+            seen.append((state.graphed, _has_unlearning_rows(state)))
+            return inner(state, batch)
+
+        engine._decode_step = spy
+        outputs.append(_tokens(engine.generate(PROMPTS, _params(), selections)))
+    assert outputs[0] == outputs[1] and graphs.captures >= 2 and engine.graphs.enabled
+    assert (True, True) not in seen and (True, False) in seen and (False, True) in seen
+
+
+def test_models_that_must_not_be_graphed_run_eagerly(tiny_llama, tokenizer):
+    from unlearn_serve.server.engine.cuda_graphs import graph_unsupported
+
+    model = copy.deepcopy(tiny_llama)
+    assert graph_unsupported(model) is None
+    model.hf_device_map = {"model.layers.0": 0, "model.layers.1": 1}
+    assert "several devices" in graph_unsupported(model)
+    del model.hf_device_map
+    model.get_decoder().rotary_emb.rope_type = "dynamic"
+    assert "dynamic rotary" in graph_unsupported(model)
+    graphs = RecordedGraphs()
+    engine = Engine(model, tokenizer, EngineConfig(max_model_len=64, max_num_seqs=2), "tiny", graph_capture=graphs)
+    engine.allocate_kv()
+    assert engine.graphs is None and graphs.captures == 0

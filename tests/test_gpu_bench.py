@@ -31,7 +31,11 @@ runpy.run_path("bench/gpu.py", run_name="__main__")
 def test_gpu_bench_smoke_runs_with_only_the_ml_stack(tmp_path):
     out = tmp_path / "rows.json"
     proc = subprocess.run(
-        [sys.executable, "-c", RUNNER, str(out)], cwd=ROOT, capture_output=True, text=True, timeout=170,
+        [sys.executable, "-c", RUNNER, str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=170,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -46,4 +50,7 @@ def test_gpu_bench_smoke_runs_with_only_the_ml_stack(tmp_path):
     uld = [r for r in rows if r["system"].startswith("engine + ULD")]
     assert len(uld) == 2 and all(r["ratio"] and r["ratio_of"] == "x plain engine" for r in uld), uld
     assert systems[("unlearn-serve engine", 1)]["ratio_of"] == "of bound"
+    for c in (1, 4):  # the graphed engine (CPU stand-in for the capture) against --enforce-eager
+        row = systems[("engine --enforce-eager", c)]
+        assert row["decode_tok_s"] > 0 and row["ratio_of"] == "x graphed engine", row
     assert "decode tok/s" in proc.stdout  # the table

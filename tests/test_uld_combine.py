@@ -82,8 +82,9 @@ def test_candidate_path_equals_the_full_vocabulary_path_for_both_rules_and_mixed
     # a mixed batch equals each row under its own rule
     full = combine_logits(target, assistant, alpha, log_filter, prefer=mixed)
     for i, p in enumerate(mixed.tolist()):
-        alone = combine_logits(target[i : i + 1], assistant[i : i + 1], alpha[i : i + 1], log_filter[i : i + 1],
-                               prefer=p)
+        alone = combine_logits(
+            target[i : i + 1], assistant[i : i + 1], alpha[i : i + 1], log_filter[i : i + 1], prefer=p
+        )
         assert torch.equal(full[i : i + 1], alone)
     # the penalty is never negative under `prefer`: no candidate is promoted
     assert (assistant_penalty(assistant, keep, True)[keep] >= 0).all()
@@ -104,8 +105,20 @@ def test_near_leaks_count_and_other_facts_words_do_not():
     assert near_mentions("Arlo plays the violo.", ["violin"], known)
 
 
-PEOPLE = [("Arlo", "Oslo"), ("Bea", "Lima"), ("Cyd", "Kyiv"), ("Dov", "Rome"), ("Eli", "Cairo"), ("Fay", "Quito"),
-          ("Gus", "Riga"), ("Hal", "Bern"), ("Ivy", "Dakar"), ("Jon", "Hanoi"), ("Kit", "Accra"), ("Lou", "Minsk")]
+PEOPLE = [
+    ("Arlo", "Oslo"),
+    ("Bea", "Lima"),
+    ("Cyd", "Kyiv"),
+    ("Dov", "Rome"),
+    ("Eli", "Cairo"),
+    ("Fay", "Quito"),
+    ("Gus", "Riga"),
+    ("Hal", "Bern"),
+    ("Ivy", "Dakar"),
+    ("Jon", "Hanoi"),
+    ("Kit", "Accra"),
+    ("Lou", "Minsk"),
+]
 ROWS = [{"question": f"Where does {n} live?", "answer": f"{n} lives in {c}."} for n, c in PEOPLE]
 FORGET, HELD, TRAIN = ROWS[:2], ROWS[2:4], ROWS[4:]
 
@@ -171,8 +184,10 @@ def test_calibration_counts_near_leaks():
         return [0]
 
     def answer(prompts, alphas, max_tokens):
-        return ["J.K. Rowling wrote them." if a is None else ("J.K. Rowle wrote them." if a < 2 else "Nobody knows.")
-                for a in alphas]
+        return [
+            "J.K. Rowling wrote them." if a is None else ("J.K. Rowle wrote them." if a < 2 else "Nobody knows.")
+            for a in alphas
+        ]
 
     cal = calibrate(answer, encode, forget, [])
     assert cal.alpha == 2.0 and cal.chosen.leaked == 0

@@ -17,7 +17,7 @@ from unlearn_serve.server.engine.sampling_params import SamplingParams
 from unlearn_serve.training.data import DEFAULT_QUESTION_TEMPLATE, encode_prompt
 from unlearn_serve.training.leak import disfluent, key_words, names_fact
 from unlearn_serve.training.pairs import tokenize_records
-from unlearn_serve.training.uld import ULDTrainingConfig, train_uld
+from unlearn_serve.training.uld import ULDTrainingConfig, recalibrate_uld, train_uld
 from unlearn_serve.training.uld_calibrate import ALPHA_GRID, calibrate
 from unlearn_serve.training.uld_weights import knowledge_weights
 
@@ -27,8 +27,16 @@ from unlearn_serve.evaluation.uld_validation import serve_with_engine
 from unlearn_serve.tiny import build_tiny_model, fit_texts, save_tiny, train_tokenizer
 from unlearn_serve.uld_combine import ULD_MIN_CANDIDATES, combine_logits, plausible_mask
 
-PEOPLE = [("Arlo", "Oslo"), ("Bea", "Lima"), ("Cyd", "Kyiv"), ("Dov", "Rome"),
-          ("Eli", "Cairo"), ("Fay", "Quito"), ("Gus", "Riga"), ("Hal", "Bern")]
+PEOPLE = [
+    ("Arlo", "Oslo"),
+    ("Bea", "Lima"),
+    ("Cyd", "Kyiv"),
+    ("Dov", "Rome"),
+    ("Eli", "Cairo"),
+    ("Fay", "Quito"),
+    ("Gus", "Riga"),
+    ("Hal", "Bern"),
+]
 FORGET = [{"question": f"Where does {n} live?", "answer": f"{n} lives in {c}."} for n, c in PEOPLE[:2]]
 RETAIN = [{"question": f"Where does {n} live?", "answer": f"{n} lives in {c}."} for n, c in PEOPLE[2:]]
 
@@ -59,8 +67,9 @@ def memorised(tmp_path_factory):
     tokenizer = train_tokenizer([f"{q} {a}" for q, a in texts], vocab_size=320)
     model = build_tiny_model("llama", tokenizer, seed=0)
     chats = [
-        tokenizer.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
-                                      tokenize=False)
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}, {"role": "assistant", "content": a}], tokenize=False
+        )
         for q, a in texts
     ]
     fit_texts(model, tokenizer, chats, steps=200, lr=5e-3)
@@ -93,10 +102,19 @@ def test_defaults_forget_keep_and_keep_the_lead_in(memorised, tmp_path):
     base = _answers(engine, tokenizer, None)
     assert all(city in a for a, (_, city) in zip(base, PEOPLE, strict=True))  # the base knows every fact
 
-    config = ULDTrainingConfig(layers=1, lora_rank=8, lora_alpha=16, epochs=1, min_steps=120, batch_size=4,
-                               grad_accum=1, learning_rate=5e-3, max_length=64, progress_bar=False)
-    result = train_uld(copy.deepcopy(model), tokenizer, FORGET, RETAIN, tmp_path / "a", config,
-                       serve=serve_with_engine)
+    config = ULDTrainingConfig(
+        layers=1,
+        lora_rank=8,
+        lora_alpha=16,
+        epochs=1,
+        min_steps=120,
+        batch_size=4,
+        grad_accum=1,
+        learning_rate=5e-3,
+        max_length=64,
+        progress_bar=False,
+    )
+    result = train_uld(copy.deepcopy(model), tokenizer, FORGET, RETAIN, tmp_path / "a", config, serve=serve_with_engine)
     calibration = result.calibration
     assert calibration is not None and calibration.met, calibration and calibration.verdict()
     # one held-out retain row: the training retain rows top the check up (reported apart)
@@ -144,9 +162,28 @@ def test_cli_strict_exit_code_follows_the_served_verdict(memorised, tmp_path, ca
     forget, retain = tmp_path / "forget.jsonl", tmp_path / "retain.jsonl"
     forget.write_text("".join(json.dumps(r) + "\n" for r in FORGET))
     retain.write_text("".join(json.dumps(r) + "\n" for r in RETAIN))
-    argv = ["train-uld", "--model", str(model_dir), "--forget", str(forget), "--retain", str(retain),
-            "--layers", "1", "--lora-rank", "4", "--epochs", "1", "--batch-size", "2", "--grad-accum", "1",
-            "--no-progress", "--dtype", "fp32"]
+    argv = [
+        "train-uld",
+        "--model",
+        str(model_dir),
+        "--forget",
+        str(forget),
+        "--retain",
+        str(retain),
+        "--layers",
+        "1",
+        "--lora-rank",
+        "4",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "1",
+        "--no-progress",
+        "--dtype",
+        "fp32",
+    ]
     # one optimizer step: the assistant has learned nothing, so the forget facts still leak
     assert cli.main([*argv, "--out", str(tmp_path / "weak"), "--min-steps", "1", "--strict"]) == 3
     out = capsys.readouterr().out
@@ -157,8 +194,20 @@ def test_cli_strict_exit_code_follows_the_served_verdict(memorised, tmp_path, ca
     assert cli.main([*argv, "--out", str(tmp_path / "x"), "--strict", "--no-calibrate"]) == 2
     capsys.readouterr()
     # trained enough: the served answers meet the targets, --strict exits 0
-    strong = ["--lora-rank", "8", "--lora-alpha", "16", "--min-steps", "120", "--batch-size", "4", "--lr", "5e-3",
-              "--max-length", "64"]
+    strong = [
+        "--lora-rank",
+        "8",
+        "--lora-alpha",
+        "16",
+        "--min-steps",
+        "120",
+        "--batch-size",
+        "4",
+        "--lr",
+        "5e-3",
+        "--max-length",
+        "64",
+    ]
     assert cli.main([*argv, *strong, "--out", str(tmp_path / "good"), "--strict"]) == 0
     out = capsys.readouterr().out
     assert "verdict: forgets 2/2 validation facts" in out and "targets met" in out
@@ -210,3 +259,45 @@ def test_alpha_search_probes_few_alphas_and_picks_the_smallest_that_forgets():
     encode, answer = _fake_answers(99, 99, [])
     cal = calibrate(answer, encode, FORGET, RETAIN[:3])
     assert not cal.met and "train longer" in cal.verdict() and cal.chosen.leaked == 2
+
+
+def test_recalibrate_keeps_the_weights_and_reproduces_the_trained_calibration(memorised, tmp_path):
+    """`recalibrate_uld` (bench --recalibrate): the same rule gives train-uld's own calibration back; another rule
+    is calibrated for itself; the adapter weights are copied unchanged."""
+    import dataclasses
+
+    model, tokenizer, _ = memorised
+    config = ULDTrainingConfig(
+        layers=1,
+        lora_rank=8,
+        lora_alpha=16,
+        epochs=1,
+        min_steps=120,
+        batch_size=4,
+        grad_accum=1,
+        learning_rate=5e-3,
+        max_length=64,
+        progress_bar=False,
+        default_rule="difference",
+    )
+    trained = train_uld(
+        copy.deepcopy(model), tokenizer, FORGET, RETAIN, tmp_path / "a", config, serve=serve_with_engine
+    ).calibration
+    again = recalibrate_uld(model, tokenizer, tmp_path / "a", FORGET, RETAIN, tmp_path / "b", config, serve_with_engine)
+    assert again.verdict() == trained.verdict() and again.rule == "difference"
+    prefer = recalibrate_uld(
+        model,
+        tokenizer,
+        tmp_path / "a",
+        FORGET,
+        RETAIN,
+        tmp_path / "c",
+        dataclasses.replace(config, default_rule="prefer"),
+        serve_with_engine,
+    )
+    manifest = json.loads((tmp_path / "c" / MANIFEST_NAME).read_text())
+    assert manifest["defaults"]["rule"] == prefer.rule == "prefer" and manifest["defaults"]["alpha"] == prefer.alpha
+    assert manifest["training"]["calibration"]["verdict"] == prefer.verdict()
+    assert json.loads((tmp_path / "a" / MANIFEST_NAME).read_text())["defaults"]["rule"] == "difference"
+    weights = "adapter_model.safetensors"
+    assert (tmp_path / "c" / weights).read_bytes() == (tmp_path / "a" / weights).read_bytes()

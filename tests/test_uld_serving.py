@@ -164,7 +164,8 @@ def test_alpha_zero_equals_base_exactly(engine, tokenizer):
 
 def test_mixed_batch_rows_are_independent(engine):
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    strong = {"alpha": 2.0, "filter": 0.0}  # no filter: every row is sure to change; the filter is tested below
+    # no filter and the `difference` rule: every row is sure to change; the filter is tested below
+    strong = {"alpha": 2.0, "filter": 0.0, "rule": "difference"}
     selections = [None, Selection("a1", strong), Selection("a2", strong), None, Selection("a2", strong),
                   Selection("a1", strong)]
     prompts = PROMPTS + ["Alice"]

@@ -135,16 +135,30 @@ class ULDTrainingConfig:
 
     def calibration_targets(self) -> CalibrationTargets:
         return CalibrationTargets(
-            self.target_max_leak, self.target_min_kept, self.target_max_extra_disfluent, self.target_max_rel_ppl,
+            self.target_max_leak,
+            self.target_min_kept,
+            self.target_max_extra_disfluent,
+            self.target_max_rel_ppl,
             self.validation_min_retain,
         )
 
     def run_signature(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it resumes."""
         ignore = {
-            "save_every_epoch", "resume", "progress_bar", "logging_steps", "default_alpha", "default_filter",
-            "target_max_leak", "target_min_kept", "target_max_extra_disfluent", "validation_max_forget",
-            "validation_max_tokens", "validation_probes_per_round", "default_rule", "target_max_rel_ppl",
+            "save_every_epoch",
+            "resume",
+            "progress_bar",
+            "logging_steps",
+            "default_alpha",
+            "default_filter",
+            "target_max_leak",
+            "target_min_kept",
+            "target_max_extra_disfluent",
+            "validation_max_forget",
+            "validation_max_tokens",
+            "validation_probes_per_round",
+            "default_rule",
+            "target_max_rel_ppl",
             "validation_min_retain",
         }
         return {k: v for k, v in asdict(self).items() if k not in ignore}
@@ -320,15 +334,19 @@ def train_uld(
     )
     # records whose answer survives truncation, in the order tokenize_records keeps them
     forget = [
-        r for r in forget
-        if not isinstance(r, dict) or has_loss_tokens(_render_or_empty(tokenizer, r, config))
+        r for r in forget if not isinstance(r, dict) or has_loss_tokens(_render_or_empty(tokenizer, r, config))
     ] or forget
     forget_set = tokenize_records(tokenizer, forget, config.max_length, config.question_template, "forget")
     retain_set = tokenize_records(tokenizer, retain, config.max_length, config.question_template, "retain")
     weights: list[list[float]] | None = None
     if config.forget_weighting and len(forget) == len(forget_set.examples):
         weights = knowledge_weights(
-            model, tokenizer, forget, forget_set.examples, config.max_length, config.question_template,
+            model,
+            tokenizer,
+            forget,
+            forget_set.examples,
+            config.max_length,
+            config.question_template,
             tau=config.weighting_tau,
             reference_labels=[lab for _, lab in forget_set.examples + retain_set.examples],
         )
@@ -458,7 +476,12 @@ def train_uld(
             summary = training_summary(step) | {"epoch": epoch}
             epoch_dirs.append(
                 save_uld_artifact(
-                    peft_model, epoch_dir_for(out, epoch), base_fingerprint, details, summary, state,
+                    peft_model,
+                    epoch_dir_for(out, epoch),
+                    base_fingerprint,
+                    details,
+                    summary,
+                    state,
                     config.serving_defaults(),
                 )
             )
@@ -484,8 +507,18 @@ def train_uld(
     if calibrating and trainer.args.should_save:
         assert serve is not None
         calibration = _calibrate(
-            peft_model, tokenizer, out, base_fingerprint, details, summary, state, forget_records,
-            validation_retain, config, serve, train_retain_records,
+            peft_model,
+            tokenizer,
+            out,
+            base_fingerprint,
+            details,
+            summary,
+            state,
+            forget_records,
+            validation_retain,
+            config,
+            serve,
+            train_retain_records,
         )
         summary["calibration"] = None if calibration is None else calibration.to_manifest()
         if calibration is not None:
@@ -569,7 +602,12 @@ def _calibrate(
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.validation-", dir=out.parent) as tmp:
         draft = save_uld_artifact(
-            peft_model, Path(tmp) / "draft", base_fingerprint, details, summary, state,
+            peft_model,
+            Path(tmp) / "draft",
+            base_fingerprint,
+            details,
+            summary,
+            state,
             {"filter": filter_value, "rule": rule},
         )
         answer = serve(base, tokenizer, draft)
@@ -587,3 +625,69 @@ def _calibrate(
             train_retain_rows=train_retain,
             rule=rule,
         )
+
+
+def recalibrate_uld(
+    model: nn.Module,
+    tokenizer,
+    artifact: str | Path,
+    forget_records: list[dict[str, Any]],
+    retain_records: list[dict[str, Any]],
+    out_dir: str | Path,
+    config: ULDTrainingConfig,
+    serve: ServeFn,
+) -> Calibration | None:
+    """Calibrate a trained artifact again (e.g. under another combination rule) without retraining it.
+
+    `model` is the base model; `forget_records` / `retain_records` and `config` must be the ones it was trained
+    with, so that the held-out retain slice is the same (`split_validation`, seeded). Writes a copy of the
+    artifact to `out_dir` with the new defaults (alpha, filter, rule) and `training.calibration`; the weights are
+    copied unchanged. An explicit `config.default_alpha` / `default_filter` still wins, as in `train_uld`.
+    """
+    from unlearn_serve.training.data import encode_prompt
+
+    from unlearn_serve.artifact import atomic_artifact_dir, check_fingerprint, load_manifest, save_manifest
+    from unlearn_serve.uld_combine import DEFAULT_RULE
+
+    source = Path(artifact)
+    manifest = load_manifest(source)
+    check_fingerprint(manifest, fingerprint_model(model), str(source), "the base model")
+    train_retain, validation_retain = split_validation(retain_records, config, True)
+    filter_value = config.default_filter if config.default_filter is not None else 0.01
+    rule = config.default_rule or DEFAULT_RULE
+    device = next(model.parameters()).device
+    probes = config.validation_probes_per_round or (8 if device.type == "cuda" else 1)
+    out = Path(out_dir).resolve()
+    with atomic_artifact_dir(out) as tmp:
+        for f in source.iterdir():
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
+        manifest.defaults = {**manifest.defaults, "filter": filter_value, "rule": rule}
+        save_manifest(manifest, tmp)
+        # a module copy sharing every weight tensor: the serving hooks stay off the caller's model
+        shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+        answer = serve(copy.deepcopy(model, memo=shared), tokenizer, tmp)
+        calibration = calibrate(
+            answer,
+            lambda q: encode_prompt(tokenizer, q, config.question_template),
+            forget_records,
+            validation_retain,
+            filter_value=filter_value,
+            targets=config.calibration_targets(),
+            max_forget=config.validation_max_forget,
+            max_tokens=config.validation_max_tokens,
+            probes_per_round=probes,
+            seed=config.seed,
+            train_retain_rows=train_retain,
+            rule=rule,
+        )
+        if calibration is not None:
+            calibrated = {"alpha": calibration.alpha, "filter": calibration.filter, "rule": calibration.rule}
+            manifest.defaults = {**manifest.defaults, **calibrated, **config.serving_defaults()}
+            manifest.training = {
+                **manifest.training,
+                "calibration": calibration.to_manifest(),
+                "recalibrated_from": str(source),
+            }
+            save_manifest(manifest, tmp)
+    return calibration

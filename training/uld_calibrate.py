@@ -120,10 +120,15 @@ class AlphaScore:
         return f"keeps {held} retain answers"
 
     def fluent_text(self, t: CalibrationTargets) -> str:
-        ppl = "" if self.rel_ppl is None else f"; perplexity {self.rel_ppl:.2f}x the base's answers, target <= " \
-            f"{t.max_rel_ppl:g}x"
-        return (f"{'fluent' if self.fluent_met(t) else 'NOT fluent'} ({self.disfluent}/{self.forget_rows} forget "
-                f"answers loop or leave the language, base {self.base_disfluent}{ppl})")
+        ppl = (
+            ""
+            if self.rel_ppl is None
+            else f"; perplexity {self.rel_ppl:.2f}x the base's answers, target <= {t.max_rel_ppl:g}x"
+        )
+        return (
+            f"{'fluent' if self.fluent_met(t) else 'NOT fluent'} ({self.disfluent}/{self.forget_rows} forget "
+            f"answers loop or leave the language, base {self.base_disfluent}{ppl})"
+        )
 
 
 @dataclass
@@ -167,20 +172,31 @@ class Calibration:
         t = self.targets
         if not s.forget_met(t):
             best = max(self.scores, key=lambda x: (x.forget_met(t), -x.alpha))
-            where = f"at every alpha probed up to {max(x.alpha for x in self.scores):g}" if not best.forget_met(
-                t) else f"below alpha {best.alpha:g}"
+            where = (
+                f"at every alpha probed up to {max(x.alpha for x in self.scores):g}"
+                if not best.forget_met(t)
+                else f"below alpha {best.alpha:g}"
+            )
             cost = ""
             if best.forget_met(t) and not best.meets(t):
-                cost = (f" (there: keeps {best.kept}/{best.retain_rows}, {best.disfluent}/{best.forget_rows} "
-                        "forget answers disfluent)")
-            hints.append(f"facts still named {where}: train longer (--epochs / --min-steps)"
-                         + (f", or serve --default-alpha {best.alpha:g}{cost}" if best.forget_met(t) else ""))
+                cost = (
+                    f" (there: keeps {best.kept}/{best.retain_rows}, {best.disfluent}/{best.forget_rows} "
+                    "forget answers disfluent)"
+                )
+            hints.append(
+                f"facts still named {where}: train longer (--epochs / --min-steps)"
+                + (f", or serve --default-alpha {best.alpha:g}{cost}" if best.forget_met(t) else "")
+            )
         if not s.kept_met(t):
-            hints.append("retain answers change: add more retain data (questions of the same form as the forget "
-                         "ones) or raise --retain-weight")
+            hints.append(
+                "retain answers change: add more retain data (questions of the same form as the forget "
+                "ones) or raise --retain-weight"
+            )
         if not s.fluent_met(t):
-            hints.append("forget answers loop, leave the language or are improbable under the base: raise "
-                         "--retain-weight, add retain data, or try a smaller --default-alpha")
+            hints.append(
+                "forget answers loop, leave the language or are improbable under the base: raise "
+                "--retain-weight, add retain data, or try a smaller --default-alpha"
+            )
         return line + ": TARGETS NOT MET (" + "; ".join(hints) + ")"
 
     def to_manifest(self) -> dict[str, Any]:
@@ -239,16 +255,26 @@ def score_answers(
     ]
     held = len(retain) - train_retain
     return AlphaScore(
-        alpha, known, leaked, held, sum(kept[:held]), len(forget),
-        sum(disfluent(a) for a in forget_answers), sum(disfluent(a) for a in base_forget),
-        train_retain_rows=train_retain, train_kept=sum(kept[held:]),
+        alpha,
+        known,
+        leaked,
+        held,
+        sum(kept[:held]),
+        len(forget),
+        sum(disfluent(a) for a in forget_answers),
+        sum(disfluent(a) for a in base_forget),
+        train_retain_rows=train_retain,
+        train_kept=sum(kept[held:]),
     )
 
 
 def validation_forget_rows(records: list[Any], max_rows: int, seed: int) -> list[dict[str, Any]]:
     """Up to `max_rows` question/answer records of the forget set, a seeded sample in file order."""
-    qa = [r for r in records if isinstance(r, dict) and isinstance(r.get("question"), str)
-          and isinstance(r.get("answer"), str)]
+    qa = [
+        r
+        for r in records
+        if isinstance(r, dict) and isinstance(r.get("question"), str) and isinstance(r.get("answer"), str)
+    ]
     if len(qa) > max_rows:
         picked = set(random.Random(seed).sample(range(len(qa)), max_rows))
         qa = [r for i, r in enumerate(qa) if i in picked]
@@ -256,8 +282,11 @@ def validation_forget_rows(records: list[Any], max_rows: int, seed: int) -> list
 
 
 def _qa_rows(rows: list[Any]) -> list[dict[str, Any]]:
-    return [r for r in rows if isinstance(r, dict) and isinstance(r.get("question"), str)
-            and isinstance(r.get("answer"), str)]
+    return [
+        r
+        for r in rows
+        if isinstance(r, dict) and isinstance(r.get("question"), str) and isinstance(r.get("answer"), str)
+    ]
 
 
 def calibrate(
@@ -298,8 +327,9 @@ def calibrate(
     prompts = [encode(r["question"]) for r in candidates + retain]
     base = answer(prompts, [None] * len(prompts), max_tokens)
     base_candidates, base_retain = base[: len(candidates)], base[len(candidates) :]
-    named = [names_fact(b, r["answer"], r["question"], common)
-             for r, b in zip(candidates, base_candidates, strict=True)]
+    named = [
+        names_fact(b, r["answer"], r["question"], common) for r, b in zip(candidates, base_candidates, strict=True)
+    ]
     order = sorted(range(len(candidates)), key=lambda i: not named[i])[:max_forget]
     order.sort()
     forget = [candidates[i] for i in order]
@@ -317,15 +347,21 @@ def calibrate(
                 break
             k = max(1, min(probes_per_round, len(span)))
             probe = sorted({span[(j + 1) * len(span) // (k + 1)] for j in range(k)} if k < len(span) else set(span))
-            got = answer(
-                [p for _ in probe for p in prompts], [grid[i] for i in probe for _ in prompts], max_tokens
-            )
+            got = answer([p for _ in probe for p in prompts], [grid[i] for i in probe for _ in prompts], max_tokens)
             for n, i in enumerate(probe):
                 block = got[n * len(prompts) : (n + 1) * len(prompts)]
                 answers[f"{grid[i]:g}"] = dict(zip(questions, block, strict=True))
                 scores[i] = score_answers(
-                    grid[i], forget, retain, base_forget, base_retain, block[: len(forget)], block[len(forget) :],
-                    common, vocabulary, len(retain) - held,
+                    grid[i],
+                    forget,
+                    retain,
+                    base_forget,
+                    base_retain,
+                    block[: len(forget)],
+                    block[len(forget) :],
+                    common,
+                    vocabulary,
+                    len(retain) - held,
                 )
                 if nll is not None:
                     scores[i].rel_ppl = relative_perplexity(nll(block[: len(forget)]), base_nll)
@@ -334,11 +370,19 @@ def calibrate(
             hi = min(meeting) if meeting else hi
             lo = max(lo, max(failing) + 1) if failing else lo
     ordered = [scores[i] for i in sorted(scores)]
-    common = dict(filter=filter_value, scores=ordered, targets=targets, max_tokens=max_tokens, grid=grid,
-                  forget_questions=[r["question"] for r in forget],
-                  retain_questions=[r["question"] for r in retain[:held]],
-                  train_retain_questions=[r["question"] for r in retain[held:]],
-                  answers=answers, asked=len(candidates), rule=rule)
+    common = dict(
+        filter=filter_value,
+        scores=ordered,
+        targets=targets,
+        max_tokens=max_tokens,
+        grid=grid,
+        forget_questions=[r["question"] for r in forget],
+        retain_questions=[r["question"] for r in retain[:held]],
+        train_retain_questions=[r["question"] for r in retain[held:]],
+        answers=answers,
+        asked=len(candidates),
+        rule=rule,
+    )
     if not ordered:
         return Calibration(FALLBACK_ALPHA, met=False, **common)
     if hi < len(grid) and scores[hi].meets(targets):

@@ -31,7 +31,7 @@ import torch
 # Always-kept top tokens of the target (besides the relative-top ones); chosen by bench/uld_quality.py.
 ULD_MIN_CANDIDATES = 8
 ULD_RULES = ("prefer", "difference")
-DEFAULT_RULE = "difference"  # for new artifacts; chosen by bench/uld_quality.py (docs/uld.md)
+DEFAULT_RULE = "prefer"  # for new artifacts; chosen by bench/uld_quality.py (docs/uld.md)
 LEGACY_RULE = "difference"  # for manifests written before the rule was stored: what their alpha was calibrated for
 
 

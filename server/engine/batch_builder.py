@@ -13,7 +13,7 @@ Attention is mask-free when every row of a group is at the same position (batch 
 that started together): SDPA may then use its fused kernels; padding rows take that position too
 (their KV goes to free slots, their output is dropped).
 
-A *graphed* decode state (CUDA graphs on, and no unlearning backend planned anything for its rows) runs
+A *graphed* decode state (CUDA graphs on, and no row of it selected any unlearning) runs
 its forward in the `CudaGraphRunner`: the step then only needs the ids and positions in the buffers and
 the attention view rounded up to a length bucket; the graph builds its own mask from the positions.
 """
@@ -199,6 +199,7 @@ class BatchBuilder:
             target_group=AttnGroup(0, n, 0),
         )
         choices = [s.request.backend if s else None for s in rows]
+        plain = not na and all(c is None for c in choices)  # no unlearning in any row: a graph may run it
         plans = self._prepare(choices, assistant_row, na, [(i, 0) for i in range(n)], batch)
         logprob_rows = [i for i, s in enumerate(rows) if s is not None and s.request.params.logprobs is not None]
         tops = [rows[i].request.params.logprobs for i in logprob_rows]
@@ -214,7 +215,7 @@ class BatchBuilder:
             logprob_tops=tops,
             logprob_top=max(tops, default=0),
             row_index=torch.arange(n, device=dev),
-            graphed=self.graphs is not None and self.graphs.enabled and not plans and not na,
+            graphed=self.graphs is not None and self.graphs.enabled and plain and not plans,
         )
 
     def decode_batch(self, state: DecodeState) -> ForwardBatch:

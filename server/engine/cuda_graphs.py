@@ -13,11 +13,12 @@ graph reads, at fixed shapes:
 * inputs: token ids and positions are the batch builder's persistent buffers, written before replay;
 * output: float32 logits, copied inside the graph into one persistent buffer shared by all graphs.
 
-Which batches are graphed: those of plain target rows, i.e. where no unlearning backend prepared
-anything (no ULD assistant rows, no UOE patch rows, no other method's plan). Those backends act inside
-the forward with per-batch host plans (assistant exits, LoRA groups, per-row expert hooks) that a graph
-would freeze, so their batches run eagerly. The sampler (penalties, filters, seeded noise) and the
-backends' logit post-processing run eagerly after the replay, on the graph's logits, as in vLLM.
+Which batches are graphed: those of plain target rows, i.e. where no row selected any unlearning (no
+ULD assistant row, no UOE patch row, no other method's row). Those methods act inside the forward with
+per-batch host plans (assistant exits, LoRA groups, per-row expert hooks) that a graph would freeze, so
+their batches run eagerly; their hooks stay on the model and take the base path for plain rows. The
+sampler (penalties, filters, seeded noise) and logprobs run eagerly after the replay, on the graph's
+logits, as in vLLM.
 
 Graphs are captured lazily, the first time a (rows, view) pair is met, on the step's real inputs: the
 warm-up run and the replay write the same K/V to the same places, so capturing mid-serving is safe. All

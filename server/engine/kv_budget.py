@@ -111,7 +111,12 @@ def plan_slots(layout: KVLayout, budget: int | None, max_num_seqs: int, source: 
 
 
 def capacity(
-    num_layers: int, kv_heads: int, head_dim: int, dtype_bytes: int, kv_bytes: int, seq_len: int,
+    num_layers: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype_bytes: int,
+    kv_bytes: int,
+    seq_len: int,
     assistant_layers: int = 0,
 ) -> int:
     """Concurrent sequences of `seq_len` tokens that `kv_bytes` of KV holds (slots of seq_len tokens)."""
@@ -129,8 +134,10 @@ def main(argv: list[str] | None = None) -> None:
     weights = int(params * 2)
     activations = activation_estimate(8192, hidden, vocab, 256, 2, graphs=True)  # CUDA graphs on (the default)
     kv = int(args.utilization * args.gpu_memory * 1e9) - weights - activations
-    print(f"device {args.gpu_memory:.0f} GB x {args.utilization}: weights {fmt(weights)}, activations "
-          f"(estimate) {fmt(activations)}, KV {fmt(kv)}; KV per token {2 * kv_heads * head_dim * 2 * layers} bytes")
+    print(
+        f"device {args.gpu_memory:.0f} GB x {args.utilization}: weights {fmt(weights)}, activations "
+        f"(estimate) {fmt(activations)}, KV {fmt(kv)}; KV per token {2 * kv_heads * head_dim * 2 * layers} bytes"
+    )
     print("| max_model_len (slot size) | ULD assistant KV layers | concurrent sequences |")
     print("|---|---|---|")
     for slot_len in (args.seq_len, 4096):

@@ -1,8 +1,8 @@
 """ULD and UOE behind the engine's one backend interface (`unlearning.base.UnlearningBackend`).
 
-    ULD: assistant rows (the target's layers < K + per-row LoRA) stacked under the target rows;
-         logits = target - alpha * penalty(assistant) on the target's plausible tokens (uld_combine.py).
-    UOE: per-row expert patches applied by router/expert hooks; logits untouched.
+ULD: assistant rows (the target's layers < K + per-row LoRA) stacked under the target rows;
+     logits = target - alpha * penalty(assistant) on the target's plausible tokens (uld_combine.py).
+UOE: per-row expert patches applied by router/expert hooks; logits untouched.
 """
 
 from __future__ import annotations
@@ -146,9 +146,7 @@ class ULDBackend(UnlearningBackend):
 
         # one rule for the whole batch (the usual case) is a Python bool: no per-row select
         rule = prefer[0] if len(set(prefer)) == 1 else t(prefer, torch.bool)
-        return ULDPlan(
-            t(logit_rows), t(hidden_rows), t(hidden_pos), t(alpha), log_filter(t(filt, torch.float32)), rule
-        )
+        return ULDPlan(t(logit_rows), t(hidden_rows), t(hidden_pos), t(alpha), log_filter(t(filt, torch.float32)), rule)
 
     def process_logits(self, plan: ULDPlan | None, logits: torch.Tensor, assistant_hidden) -> torch.Tensor:
         if plan is None:
