@@ -4,25 +4,31 @@
     python bench/uld_quality.py --models tiny           # the two tiny memorising models only (~1 min)
     python bench/uld_quality.py --models tofu-quick     # TOFU quick (bench/uld_quality_tofu.py)
     python bench/uld_quality.py --models smollm2 --variants new --alphas 0.5,1
+    python bench/uld_quality.py --models tiny --variants new --rules prefer,difference --alphas 1,1.5,2
+    python bench/uld_quality.py --models smollm2 --artifact DIR --recalibrate   # calibrate DIR again, no training
 
 Per model and variant it trains an assistant (cached under ~/.cache/unlearn-serve/uld-quality/, keyed
 by the base model's fingerprint, the data and the settings), serves it with the serving Engine
 (`unlearning=` per prompt, greedy) and prints:
 
-- leak: forget answers that still name the fact (keyword match), on the original questions and on
-  hand-written paraphrases (never trained on);
+- leak: forget answers that still name the fact (keyword match), or nearly ("J.K. Rowle" for "Rowling":
+  training/leak.py `near_mentions`), on the original questions and on hand-written paraphrases (never
+  trained on);
 - retain: answers right (keyword match) with unlearning, against the base model's count;
 - fluency of the forget answers: share with a word n-gram loop, share with URL/markup runs or a
   script/language other than the question's (non-ASCII letters; English function words), and the
   perplexity of the answer text alone (no question) under the base model, relative to the base
-  model's own answers;
-- training time and the serving defaults (alpha, filter) the artifact ships with.
+  model's own answers (unlearn_serve/evaluation/fluency.py, the definition `train-uld` uses too);
+- training time and the serving defaults (rule, alpha, filter) the artifact ships with, and its
+  `train-uld` verdict.
 
 Variants: `legacy` = the trainer before issue 13 (plain forget CE, no calibration: alpha 0.75) served
 with the relative-top rule alone; `legacy-topk` = the same assistant served with the new candidate
 rule (relative-top + the target's top 8); `new` = the current defaults (knowledge-weighted forget loss,
-alpha calibrated on served answers (training/uld_calibrate.py), relative-top + top-8 candidates). Goals are
-printed under the table.
+alpha calibrated on served answers (training/uld_calibrate.py), relative-top + top-8 candidates, the
+`prefer` combination rule); `new-difference` = the same with the paper's `difference` rule. `--rules`
+scores other rules on the same assistant (engine-level `unlearning` option). Goals are printed under the
+table, for the first row of `new` (its defaults).
 """
 
 from __future__ import annotations

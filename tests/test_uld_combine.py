@@ -192,3 +192,39 @@ def test_calibration_counts_near_leaks():
     cal = calibrate(answer, encode, forget, [])
     assert cal.alpha == 2.0 and cal.chosen.leaked == 0
     assert all(s.leaked == 1 for s in cal.scores if s.alpha < 2)
+
+
+def test_manifest_rule_is_served_and_an_old_manifest_keeps_difference(tiny_llama, tokenizer, tmp_path):
+    """New artifacts store the rule; one written before the field existed is served with `difference` (its
+    alpha was calibrated for it); a request-level `rule` overrides; an unknown rule is refused."""
+    import copy
+    import json
+
+    import pytest
+    from peft import get_peft_model
+    from unlearn_serve.server.engine.engine import Engine, EngineConfig
+    from unlearn_serve.server.engine.errors import EngineInputError
+
+    from unlearn_serve.artifact import MANIFEST_NAME, ArtifactError, fingerprint_model
+    from unlearn_serve.assistant import assistant_lora_config
+    from unlearn_serve.uld_artifact import save_uld_artifact
+
+    peft_model = get_peft_model(copy.deepcopy(tiny_llama), assistant_lora_config(tiny_llama, 1, 4, 8, 0.0))
+    details = {"assistant_layers": 1, "lora_rank": 4, "lora_alpha": 8}
+    new = save_uld_artifact(peft_model, tmp_path / "new", fingerprint_model(tiny_llama), details, {})
+    old = save_uld_artifact(peft_model, tmp_path / "old", fingerprint_model(tiny_llama), details, {})
+    manifest = json.loads((old / MANIFEST_NAME).read_text())
+    del manifest["defaults"]["rule"]
+    (old / MANIFEST_NAME).write_text(json.dumps(manifest))
+    engine = Engine(copy.deepcopy(tiny_llama), tokenizer, EngineConfig(max_num_seqs=4, max_model_len=64), "tiny")
+    assert engine.load_uld("new", new).rule == DEFAULT_RULE == "prefer"
+    assert engine.load_uld("old", old).rule == "difference"
+    backend = next(b for b in engine.artifacts.backends if b.kind == "uld")
+    assert backend.resolve("old", {}).rule == "difference"
+    assert backend.resolve("new", {"rule": "difference"}).rule == "difference"
+    with pytest.raises(EngineInputError):
+        backend.resolve("new", {"rule": "sideways"})
+    manifest["defaults"]["rule"] = "sideways"
+    (old / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="unknown combination rule"):
+        engine.load_uld("bad", old)
