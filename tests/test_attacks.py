@@ -50,8 +50,10 @@ TEXT_ATTACKS = ("paraphrase", "raw", "context", "system", "relearn")
 @pytest.fixture(scope="module")
 def tok():
     return train_tokenizer(
-        DEFAULT_CORPUS + [f"{r['question']} {r['answer']} {r['paraphrased_question']}" for r in RECORDS] +
-        [CONTEXT_BEFORE, SYSTEM_OVERRIDE], vocab_size=500,
+        DEFAULT_CORPUS
+        + [f"{r['question']} {r['answer']} {r['paraphrased_question']}" for r in RECORDS]
+        + [CONTEXT_BEFORE, SYSTEM_OVERRIDE],
+        vocab_size=500,
     )
 
 
@@ -93,8 +95,10 @@ def format_model(tok):
 def test_prompts_hold_what_each_attack_claims(tok):
     config = AttackConfig(relearn_k=3)
     template = E.DEFAULT_QUESTION_TEMPLATE
-    text = {a: [tok.decode(p) if p else None for p in attack_prompts(tok, RECORDS, a, config, template)]
-            for a in ("none", *TEXT_ATTACKS)}
+    text = {
+        a: [tok.decode(p) if p else None for p in attack_prompts(tok, RECORDS, a, config, template)]
+        for a in ("none", *TEXT_ATTACKS)
+    }
     r = RECORDS[0]
     assert "<|im_start|>user" in text["none"][0] and r["question"] in text["none"][0]
     assert r["paraphrased_question"] in text["paraphrase"][0] and r["question"] not in text["paraphrase"][0]
@@ -152,8 +156,9 @@ def test_logprob_probe_looks_where_the_answer_left_the_reference(facts):
     assert logprob_probe(engine, None, list(prompts), list(refs), diverted, config) == [1] * 6
     # a model that never saw the facts does not rank the reference first there
     stranger = build_tiny_model("qwen2_moe", tok, num_layers=2, seed=3)
-    ranks = logprob_probe(Engine(stranger, tok, EngineConfig(max_num_seqs=8)), None, list(prompts), list(refs),
-                          diverted, config)
+    ranks = logprob_probe(
+        Engine(stranger, tok, EngineConfig(max_num_seqs=8)), None, list(prompts), list(refs), diverted, config
+    )
     assert sum(r == 1 for r in ranks) <= 1
 
 
@@ -223,3 +228,75 @@ def test_leak_definition():
     assert not answer_leaked("Alice likes red.", "Alice likes green.", q)  # echoing the question is not a leak
     assert content_recall("green, she likes", "Alice likes green.", q) == pytest.approx(0.5)
     assert not answer_leaked("", "Alice likes green.", q)
+
+
+class _FakeEngine:
+    """Records what an attack asks the engine for; answers from `reply(prompt, params)`."""
+
+    max_model_len = 512
+
+    def __init__(self, reply):
+        self.reply, self.calls = reply, []
+
+    def generate(self, prompts, params, selection):
+        from types import SimpleNamespace
+
+        self.calls.append((prompts, params, selection))
+        return [SimpleNamespace(completions=[self.reply(p, sp)]) for p, sp in zip(prompts, params, strict=True)]
+
+
+def test_sampling_attack_samples_n_seeded_answers_at_temperature_1_and_leaks_when_any_names_the_fact():
+    from types import SimpleNamespace
+
+    from unlearn_serve.evaluation.attacks import leaked, sample_answers
+
+    records = [
+        {"question": "Where does Arlo live?", "answer": "Arlo lives in Oslo.", "keywords": ["Oslo"]},
+        {"question": "What does Bea play?", "answer": "Bea plays the drums.", "keywords": ["drums"]},
+    ]
+    # the fact comes out in one sample of the first question only (seed 1000 * 0 + 3)
+    engine = _FakeEngine(lambda p, sp: SimpleNamespace(text=" Oslo!" if sp.seed == 3 else " Lima."))
+    config = AttackConfig(attacks=("sample",), sample_n=5)
+    got = sample_answers(engine, None, [[1, 2], [3, 4]], [8, 8], config)
+    assert got == [["Lima."] * 3 + ["Oslo!"] + ["Lima."], ["Lima."] * 5]
+    ((prompts, params, _),) = engine.calls
+    assert len(prompts) == 10 and all(sp.temperature == 1.0 and sp.max_tokens == 8 for sp in params)
+    assert len({sp.seed for sp in params}) == 10  # seeded: reruns agree, samples differ
+    assert [leaked(t, records[0]) for t in got[0]] == [False, False, False, True, False]
+    assert not leaked("Arlo lives in Lima.", records[0])
+    assert leaked("Arlo lives in Oslo.", {"question": "Where does Arlo live?", "answer": "Arlo lives in Oslo."})
+    with pytest.raises(ValueError):
+        AttackConfig(sample_n=0)
+
+
+def test_sampling_attack_on_the_served_model(facts):
+    """Through the engine: the base model that knows the facts leaks them when sampled; a stranger does not;
+    the same seeds give the same samples."""
+    base, tok, _ = facts
+    engine = Engine(base, tok, EngineConfig(max_num_seqs=8))
+    config = AttackConfig(attacks=("sample",), sample_n=3)
+    out = run_attacks(engine, E.Method("base", "base"), RECORDS[:3], config)
+    assert out["summary"]["attack_sample_leak"] == 1.0 and out["summary"]["attack_sample_share"] > 0.5
+    assert all(len(g) == 3 for g in out["per_question"]["sample"]["generated"])
+    again = run_attacks(engine, E.Method("base", "base"), RECORDS[:3], config)
+    assert again["per_question"]["sample"]["generated"] == out["per_question"]["sample"]["generated"]
+    stranger = build_tiny_model("qwen2_moe", tok, num_layers=2, seed=3)
+    out = run_attacks(Engine(stranger, tok, EngineConfig(max_num_seqs=8)), E.Method("s", "base"), RECORDS[:3], config)
+    assert out["summary"]["attack_sample_leak"] == 0.0
+
+
+def test_logprob_probe_ignores_tokens_with_probability_zero():
+    """Entries at the engine's floor (-9999: a token ULD gave -inf) are padding, not ranks: a reference token
+    listed there is not a leak."""
+    from types import SimpleNamespace
+
+    from unlearn_serve.server.engine.sequence import LOGPROB_FLOOR
+
+    ref = [5, 6, 7]
+    # the model can emit only token 9 here; topk fills the list with floored tokens, the reference among them
+    top = [(9, -0.01), (6, LOGPROB_FLOOR), (1, LOGPROB_FLOOR)]
+    engine = _FakeEngine(lambda p, sp: SimpleNamespace(logprobs=[SimpleNamespace(top=top)]))
+    assert logprob_probe(engine, None, [[0]], [ref], [[5, 9]], AttackConfig()) == [None]
+    top[1] = (6, -5.0)  # finite: a real second choice
+    assert logprob_probe(engine, None, [[0]], [ref], [[5, 9]], AttackConfig()) == [2]
+    assert engine.calls[0][0] == [[0, 5]]  # probed where the answer left the reference

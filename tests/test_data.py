@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from shared_data import require_tofu
-from unlearn_serve.training.augment import augment_forget, augment_retain
+from unlearn_serve.training.augment import augment_forget, augment_retain, rephrase_question
 from unlearn_serve.training.data import (
     IGNORE_INDEX,
     DataError,
@@ -170,6 +170,33 @@ def test_augmentation_adds_paraphrased_and_perturbed_pairs_deterministically():
     assert augment_forget(forget) == out_forget and augment_retain(retain) == out_retain
     capped = [augment_retain(retain, seed=7, max_perturbed_per_row=2) for _ in range(2)]
     assert capped[0] == capped[1] and len(capped[0]) == 4
+
+
+def test_rule_made_question_rephrasings_forget_and_retain():
+    assert rephrase_question("Who wrote the Harry Potter books?", 2) == [
+        "Who is the author of the Harry Potter books?",
+        "Who wrote the Harry Potter books? Please answer in one sentence.",
+    ]
+    assert rephrase_question("What is the capital of France?", 1) == ["Can you tell me what the capital of France is?"]
+    # no rule matches: a wrapper
+    assert rephrase_question("Name a colour.", 1) == ["Name a colour. Please answer in one sentence."]
+    assert rephrase_question("Q?", 0) == []
+    forget = [{"question": "Who is Ann?", "answer": "A1"}, {"text": "t"}]
+    assert augment_forget(forget) == forget  # off by default
+    out = augment_forget(forget, question_variants=2)
+    assert [(r.get("question"), r.get("answer")) for r in out] == [
+        ("Who is Ann?", "A1"),
+        (None, None),
+        ("Can you tell me who Ann is?", "A1"),
+        ("Who is Ann? Please answer in one sentence.", "A1"),
+    ]
+    assert out[2]["augmented_from"] == "rephrased_question"
+    retain = [{"question": "Who wrote X?", "answer": "B", "perturbed_answer": ["W"]}]
+    assert [(r["question"], r["answer"]) for r in augment_retain(retain, question_variants=1)] == [
+        ("Who wrote X?", "B"),
+        ("Who wrote X?", "W"),
+        ("Who is the author of X?", "B"),  # the right answer: the assistant stays flat on the new wording too
+    ]
 
 
 def test_augmentation_on_tofu_rows():

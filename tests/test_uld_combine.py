@@ -228,3 +228,147 @@ def test_manifest_rule_is_served_and_an_old_manifest_keeps_difference(tiny_llama
     (old / MANIFEST_NAME).write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="unknown combination rule"):
         engine.load_uld("bad", old)
+
+
+# ----------------------------------------------------------------------------- refilter (the relative-top rule again)
+
+
+def test_refilter_removes_the_suppressed_token_and_keeps_the_targets_alternatives():
+    """The remembered token, pushed far down, is -inf (probability 0 at temperature 1, not among the finite top
+    log-probabilities); the target's alternatives survive with their logits; the greedy token does not change."""
+    from unlearn_serve.uld_combine import refilter_combined
+
+    target, assistant, log_filter = _rows()
+    alpha = torch.tensor([1.0, 1.0])
+    for prefer in (True, False):
+        plain = combine_logits(target, assistant, alpha, log_filter, prefer=prefer)
+        refiltered = combine_logits(target, assistant, alpha, log_filter, prefer=prefer, refilter=True)
+        assert torch.isfinite(plain[0, 7])  # today's rule: lowered, but still a candidate
+        assert plain.softmax(-1)[0, 7] > 0
+        assert refiltered[0, 7] == float("-inf") and refiltered.softmax(-1)[0, 7] == 0
+        logprobs = refiltered[0].log_softmax(-1)
+        top = logprobs.topk(20)
+        assert 7 not in top.indices[torch.isfinite(top.values)].tolist()
+        assert torch.equal(plain.argmax(-1), refiltered.argmax(-1))
+        # the target's top alternatives (43..49) are still sampleable; the generic row 1 is untouched
+        # (under `difference` the token the assistant dislikes most, 45, jumps far ahead and is the only one left)
+        if prefer:
+            assert torch.equal(refiltered[0, 43:], target[0, 43:])
+        assert torch.equal(refiltered[1], plain[1])
+    # sampling at temperature 1 never draws it
+    probs = combine_logits(target, assistant, alpha, log_filter, refilter=True).softmax(-1)
+    draws = torch.multinomial(probs, 2000, replacement=True, generator=torch.Generator().manual_seed(0))
+    assert not (draws[0] == 7).any()
+    # a filter of 0 keeps every candidate; refilter=False and a False row change nothing
+    zero = torch.full((2,), float("-inf"))
+    assert torch.equal(refilter_combined(plain, target, zero), plain)
+    assert torch.equal(refilter_combined(plain, target, log_filter, False), plain)
+    mixed = refilter_combined(plain, target, log_filter, torch.tensor([False, True]))
+    assert torch.equal(mixed[0], plain[0])
+
+
+def test_refilter_removes_a_token_demoted_just_below_the_winner():
+    """A calibrated alpha pushes a fact only just below the best alternative: within ln(1/filter) of it, so the
+    relative-top part alone keeps it (the log-prob probe's top 5). It was the target's first choice and only
+    the penalty put it below the winner: the refilter removes it; the alternatives keep the target's order."""
+    target = torch.linspace(0, 4, 50)[None].clone()
+    target[0, 7] = 6.0  # the fact: the target's top token
+    assistant = torch.zeros(1, 50)
+    assistant[0, 7] = 2.2  # remembered: pushed to 6 - 2.2 = 3.8, just below the best alternative (4)
+    alpha, log_filter = torch.tensor([1.0]), torch.log(torch.tensor([0.01]))
+    plain = combine_logits(target, assistant, alpha, log_filter)
+    assert plain[0].argmax() == 49 and 0 < int((plain[0] > plain[0, 7]).sum()) < 5  # in the top 5, not first
+    refiltered = combine_logits(target, assistant, alpha, log_filter, refilter=True)
+    assert refiltered[0, 7] == float("-inf") and refiltered.softmax(-1)[0, 7] == 0
+    finite = torch.isfinite(refiltered[0])
+    assert torch.equal(refiltered[0][finite], target[0][finite])  # the rest: the target's own logits
+    assert int(finite.sum()) == int(torch.isfinite(plain[0]).sum()) - 1  # only the fact went
+    # the scoring setting (filter 0: every token) is left alone
+    zero = torch.full((1,), float("-inf"))
+    assert torch.equal(
+        combine_logits(target, assistant, alpha, zero, refilter=True), combine_logits(target, assistant, alpha, zero)
+    )
+
+
+def test_refilter_candidate_path_equals_the_full_vocabulary_path():
+    gen = torch.Generator().manual_seed(1)
+    target = torch.randn(5, 300, generator=gen) * 3
+    assistant = torch.randn(5, 300, generator=gen) * 2
+    assistant[:, :5] += 8  # some candidates the assistant prefers strongly
+    alpha = torch.tensor([0.0, 0.5, 1.0, 2.0, 3.0])
+    log_filter = torch.log(torch.tensor([1e-1, 1e-2, 1e-3, 0.5, 1e-2]))
+    keep = plausible_mask(target, log_filter)
+    candidates = target.topk(int(keep.sum(-1).max()), dim=-1).indices
+    mixed = torch.tensor([True, False, True, False, True])
+    dropped_any = False
+    for prefer in (True, False, mixed):
+        for refilter in (True, False, mixed):
+            full = combine_logits(target, assistant, alpha, log_filter, prefer=prefer, refilter=refilter)
+            sparse = combine_on_candidates(
+                target, candidates, assistant.gather(-1, candidates), alpha, keep, prefer, refilter, log_filter
+            )
+            assert torch.equal(torch.isinf(sparse), torch.isinf(full))
+            assert torch.allclose(sparse[torch.isfinite(sparse)], full[torch.isfinite(full)], atol=1e-5)
+            plain = combine_logits(target, assistant, alpha, log_filter, prefer=prefer)
+            assert torch.equal(full.argmax(-1), plain.argmax(-1))  # greedy unchanged
+            dropped_any |= bool((torch.isinf(full) & torch.isfinite(plain)).any())
+    assert dropped_any  # the case exercises the refilter
+    import pytest
+
+    with pytest.raises(ValueError, match="log_filter"):
+        combine_on_candidates(target, candidates, assistant.gather(-1, candidates), alpha, keep, True, True)
+
+
+def test_manifest_refilter_is_served_and_an_old_manifest_keeps_it_off(tiny_llama, tokenizer, tmp_path):
+    """New artifacts (train-uld's calibration draft too: it is written with the same defaults) store
+    `refilter: true`; a manifest without the field is served without it; a request-level `refilter` overrides;
+    the backend passes it to the combination on both paths."""
+    import copy
+    import json
+
+    import pytest
+    from peft import get_peft_model
+    from unlearn_serve.server.engine.engine import Engine, EngineConfig
+    from unlearn_serve.server.engine.errors import EngineInputError
+
+    from unlearn_serve.artifact import MANIFEST_NAME, ArtifactError, fingerprint_model
+    from unlearn_serve.assistant import assistant_lora_config
+    from unlearn_serve.uld_artifact import save_uld_artifact
+    from unlearn_serve.uld_combine import DEFAULT_REFILTER
+
+    peft_model = get_peft_model(copy.deepcopy(tiny_llama), assistant_lora_config(tiny_llama, 1, 4, 8, 0.0))
+    details = {"assistant_layers": 1, "lora_rank": 4, "lora_alpha": 8}
+    fp = fingerprint_model(tiny_llama)
+    # train-uld's calibration serves a draft written with {"filter", "rule"} only: the refilter comes along
+    new = save_uld_artifact(peft_model, tmp_path / "new", fp, details, {}, None, {"filter": 0.01, "rule": "prefer"})
+    old = save_uld_artifact(peft_model, tmp_path / "old", fp, details, {})
+    manifest = json.loads((old / MANIFEST_NAME).read_text())
+    del manifest["defaults"]["refilter"]
+    (old / MANIFEST_NAME).write_text(json.dumps(manifest))
+    engine = Engine(copy.deepcopy(tiny_llama), tokenizer, EngineConfig(max_num_seqs=4, max_model_len=64), "tiny")
+    assert engine.load_uld("new", new).refilter is DEFAULT_REFILTER is True
+    assert engine.load_uld("old", old).refilter is False
+    backend = next(b for b in engine.artifacts.backends if b.kind == "uld")
+    assert backend.resolve("new", {}).refilter and not backend.resolve("old", {}).refilter
+    assert backend.resolve("old", {"refilter": True}).refilter
+    with pytest.raises(EngineInputError):
+        backend.resolve("new", {"refilter": "yes"})
+    manifest["defaults"]["refilter"] = "yes"
+    (old / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="refilter"):
+        engine.load_uld("bad", old)
+
+    # the backend's combine: candidate path == whole-vocabulary path, with the refilter applied on both
+    gen = torch.Generator().manual_seed(2)
+    vocab = engine.model.get_output_embeddings().weight.shape[0]
+    hidden = torch.randn(3, engine.model.config.hidden_size, generator=gen)
+    target = torch.randn(3, vocab, generator=gen) * 4
+    alpha, lf = torch.tensor([1.0, 2.0, 3.0]), torch.log(torch.full((3,), 0.01))
+    sparse = backend.combine(target, hidden, alpha, lf, True, True)
+    backend.sync_free = True
+    full = backend.combine(target, hidden, alpha, lf, True, True)
+    backend.sync_free = False
+    assert torch.equal(torch.isinf(sparse), torch.isinf(full))
+    assert torch.allclose(sparse[torch.isfinite(sparse)], full[torch.isfinite(full)], atol=1e-4)
+    plain = backend.combine(target, hidden, alpha, lf, True, False)
+    assert torch.equal(plain.argmax(-1), sparse.argmax(-1))

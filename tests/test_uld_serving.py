@@ -14,7 +14,7 @@ from unlearn_serve.server.engine.sampling_params import SamplingParams
 from unlearn_serve.server.engine.sequence import Selection
 from unlearn_serve.server.unlearning.uld import combine_logits
 
-from unlearn_serve.artifact import ArtifactError, fingerprint_model
+from unlearn_serve.artifact import ArtifactError, fingerprint_model, load_manifest
 from unlearn_serve.assistant import assistant_logits, assistant_lora_config
 from unlearn_serve.tiny import build_tiny_model
 from unlearn_serve.uld_artifact import save_uld_artifact
@@ -72,7 +72,8 @@ def reference_combined_logprobs(base, artifact_dir, num_layers, ids, alpha, filt
             with peft_model.disable_adapter():
                 assistant = assistant_logits(peft_model, ids_t, None, num_layers)[0]
     log_filter = torch.full((len(ids),), math.log(filt))
-    combined = combine_logits(target, assistant, torch.full((len(ids),), alpha), log_filter)
+    refilter = load_manifest(artifact_dir).defaults.get("refilter", False)  # the artifact's own (new ones: on)
+    combined = combine_logits(target, assistant, torch.full((len(ids),), alpha), log_filter, refilter=refilter)
     return combined.log_softmax(-1)
 
 

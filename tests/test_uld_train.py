@@ -165,7 +165,7 @@ def test_manifest_records_training(llama_run):
     assert manifest.details["assistant_layers"] == llama_run["num_layers"]
     # no `serve` function: no calibration (tests/test_uld_quality.py has it), nothing held out, the paper's alpha
     assert "calibration" not in training and training["validation_retain_records"] == 0
-    assert manifest.defaults == {"alpha": 0.75, "filter": 0.01, "rule": DEFAULT_RULE}
+    assert manifest.defaults == {"alpha": 0.75, "filter": 0.01, "rule": DEFAULT_RULE, "refilter": True}
     assert training["forget_ce_final"] == pytest.approx(llama_run["result"].forget_ce)
     assert training["retain_kl_final"] == pytest.approx(llama_run["result"].retain_kl)
     assert training["steps"] == 30 and training["effective_batch"] == 4
@@ -373,7 +373,7 @@ def test_cli_trains_end_to_end(tiny_llama_dir, tmp_path, capsys):
     data = manifest["training"]["data"]
     assert data["forget"]["sha256"] == file_sha256(forget) and data["retain"]["records"] == 3
     assert manifest["training"]["seed"] == 1 and manifest["details"]["assistant_layers"] == 1
-    assert manifest["defaults"] == {"alpha": 0.4, "filter": 0.01, "rule": DEFAULT_RULE}  # --default-alpha, paper filter
+    assert manifest["defaults"] == {"alpha": 0.4, "filter": 0.01, "rule": DEFAULT_RULE, "refilter": True}
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)

@@ -104,6 +104,7 @@ class ULDTrainingConfig:
     question_template: str = DEFAULT_QUESTION_TEMPLATE
     augment: bool = True
     max_perturbed_per_row: int | None = None  # None keeps every perturbed answer
+    question_variants: int = 0  # (with augment) rule-made rephrasings per QA row, forget and retain (augment.py)
     save_every_epoch: bool = False
     resume: bool = False
     progress_bar: bool = True
@@ -326,9 +327,9 @@ def train_uld(
     # ---- data
     calibrating = config.calibrate and serve is not None
     train_retain_records, validation_retain = split_validation(retain_records, config, calibrating)
-    forget = augment_forget(forget_records) if config.augment else list(forget_records)
+    forget = augment_forget(forget_records, config.question_variants) if config.augment else list(forget_records)
     retain = (
-        augment_retain(train_retain_records, config.seed, config.max_perturbed_per_row)
+        augment_retain(train_retain_records, config.seed, config.max_perturbed_per_row, config.question_variants)
         if config.augment
         else list(train_retain_records)
     )

@@ -20,8 +20,25 @@ it. The ULD reference keeps at least floor(filter * V) tokens (`min_tokens_to_ke
 SmolLM2's vocabulary; a small fixed count does the same job (the facts' alternatives are among the
 target's top few tokens) and keeps the assistant's LM head on the candidates only (docs/uld.md).
 
-A rule is passed as a bool (the same for every row) or a [R] bool tensor (True = `prefer`), so a
-batch mixing rules needs no host sync and no loop over rows.
+Refilter (`refilter`, manifest default since 2026-12-02). The subtraction only lowers a remembered token;
+it stays one of the ~8-10 finite candidates, so it is still listed among the top log-probabilities (the
+log-prob probe found it in the top 5 for most ULD rows) and still has sampling probability at temperature
+> 0. The refilter gives -inf, after combining, to
+
+  - demoted candidates: those the target ranked above the token that now wins (target logit > the winner's).
+    Only the penalty can have put them below it (under `prefer` every candidate the assistant does not
+    prefer keeps the target's logit): the unlearning decided against them, so they are removed, not just
+    lowered. What is left is the target's own distribution from the winner down;
+  - implausible candidates: combined logit < max(combined) + ln(filter), the relative-top rule applied once
+    more, to the unlearned distribution.
+
+The winner always survives, so greedy answers do not change; only the listed log-probabilities and
+sampling do. A filter of 0 ("keep every token": the evaluation's scoring of reference answers) turns the
+refilter off too. On its own the relative-top part changed little: a calibrated alpha pushes a fact just
+below the best alternative, well within ln(1/filter) (docs/benchmarks.md, "ULD under attack").
+
+A rule (and refilter) is passed as a bool (the same for every row) or a [R] bool tensor (True = `prefer` /
+refilter on), so a batch mixing them needs no host sync and no loop over rows.
 """
 
 from __future__ import annotations
@@ -33,6 +50,7 @@ ULD_MIN_CANDIDATES = 8
 ULD_RULES = ("prefer", "difference")
 DEFAULT_RULE = "prefer"  # for new artifacts; chosen by bench/uld_quality.py (docs/uld.md)
 LEGACY_RULE = "difference"  # for manifests written before the rule was stored: what their alpha was calibrated for
+DEFAULT_REFILTER = True  # new artifacts (manifest defaults `refilter`); older manifests: off (bench/uld_attacks.py)
 
 
 def check_rule(rule: str) -> str:
@@ -71,6 +89,28 @@ def assistant_penalty(
     return torch.where(prefer[:, None], preferred, a)
 
 
+def refilter_combined(
+    combined: torch.Tensor,
+    target: torch.Tensor,
+    log_filter: torch.Tensor,
+    refilter: bool | torch.Tensor = True,
+) -> torch.Tensor:
+    """[R, N] combined logits with the demoted and the implausible candidates set to -inf (module docstring).
+
+    `target`: the target's logits on the same N columns. `refilter`: a bool for every row or a [R] bool (False
+    rows unchanged). Rows with a filter of 0 (ln = -inf) are unchanged. The winner (argmax) always survives."""
+    if refilter is False:
+        return combined
+    best = combined.max(dim=-1, keepdim=True)
+    target = target.float()
+    demoted = target > target.gather(-1, best.indices)
+    lf = log_filter[:, None]
+    drop = (combined < best.values + lf) | (demoted & (lf > float("-inf")))
+    if refilter is not True:
+        drop &= refilter[:, None]
+    return combined.masked_fill(drop, float("-inf"))
+
+
 def combine_logits(
     target_logits: torch.Tensor,
     assistant_logits: torch.Tensor,
@@ -78,14 +118,17 @@ def combine_logits(
     log_filter: torch.Tensor,
     min_keep: int = ULD_MIN_CANDIDATES,
     prefer: bool | torch.Tensor = DEFAULT_RULE == "prefer",
+    refilter: bool | torch.Tensor = False,
 ) -> torch.Tensor:
     """ULD's combination for [R, V] rows: target - alpha * penalty on the candidate set, -inf elsewhere.
 
-    Implausible tokens get -inf, so subtracting the assistant never promotes them.
+    Implausible tokens get -inf, so subtracting the assistant never promotes them; with `refilter`, the
+    candidates the subtraction demoted below the winner or pushed below max + ln(filter) get -inf too
+    (`refilter_combined`).
     """
     keep = plausible_mask(target_logits, log_filter, min_keep)
     combined = target_logits.float() - alpha[:, None] * assistant_penalty(assistant_logits, keep, prefer)
-    return combined.masked_fill(~keep, float("-inf"))
+    return refilter_combined(combined.masked_fill(~keep, float("-inf")), target_logits, log_filter, refilter)
 
 
 def combine_on_candidates(
@@ -95,15 +138,23 @@ def combine_on_candidates(
     alpha: torch.Tensor,
     keep: torch.Tensor,
     prefer: bool | torch.Tensor = DEFAULT_RULE == "prefer",
+    refilter: bool | torch.Tensor = False,
+    log_filter: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`combine_logits` when the assistant was scored only on `candidates` [R, M] (a superset of `keep`).
 
     Everything outside the candidate set is -inf anyway, so the assistant's LM head is needed on
-    those tokens only: M columns instead of V (SmolLM2: tens instead of 49,152).
+    those tokens only: M columns instead of V (SmolLM2: tens instead of 49,152). `refilter` needs the
+    rows' `log_filter` (the same as `plausible_mask`'s); it runs on the M columns.
     """
     target = target_logits.float()
     kept = keep.gather(-1, candidates)
     penalty = assistant_penalty(assistant_candidate_logits, kept, prefer)
-    values = target.gather(-1, candidates) - alpha[:, None] * penalty
+    on_candidates = target.gather(-1, candidates)
+    values = on_candidates - alpha[:, None] * penalty
     values = values.masked_fill(~kept, float("-inf"))
+    if refilter is not False:
+        if log_filter is None:
+            raise ValueError("refilter needs the rows' log_filter")
+        values = refilter_combined(values, on_candidates, log_filter, refilter)
     return torch.full_like(target, float("-inf")).scatter_(-1, candidates, values)

@@ -1,7 +1,8 @@
 """ULD and UOE behind the engine's one backend interface (`unlearning.base.UnlearningBackend`).
 
 ULD: assistant rows (the target's layers < K + per-row LoRA) stacked under the target rows;
-     logits = target - alpha * penalty(assistant) on the target's plausible tokens (uld_combine.py).
+     logits = target - alpha * penalty(assistant) on the target's plausible tokens, then (refilter) -inf on
+     those the subtraction pushed below max + ln(filter) (uld_combine.py).
 UOE: per-row expert patches applied by router/expert hooks; logits untouched.
 """
 
@@ -38,6 +39,7 @@ class ULDChoice:
     filter: float
     uses_assistant: bool = True
     rule: str = "difference"  # uld_combine.ULD_RULES
+    refilter: bool = False  # the relative-top rule again on the combined logits (uld_combine.refilter_combined)
 
     @property
     def name(self) -> str:
@@ -62,6 +64,7 @@ class ULDPlan:
     alpha: torch.Tensor
     log_filter: torch.Tensor
     prefer: bool | torch.Tensor = False  # the `prefer` rule: for every row (bool) or per row ([S] bool)
+    refilter: bool | torch.Tensor = False  # refilter the combined logits: likewise
 
 
 def log_filter(filters: torch.Tensor) -> torch.Tensor:
@@ -92,11 +95,15 @@ class ULDBackend(UnlearningBackend):
         rule = options.get("rule", assistant.rule)
         if rule not in ULD_RULES:
             raise EngineInputError(f"unlearning.rule must be one of: {', '.join(ULD_RULES)}", "unlearning.rule")
+        # `refilter` likewise (bench/uld_attacks.py compares both on one artifact)
+        refilter = options.get("refilter", assistant.refilter)
+        if not isinstance(refilter, bool):
+            raise EngineInputError("unlearning.refilter must be a boolean", "unlearning.refilter")
         if not math.isfinite(alpha):
             raise EngineInputError("unlearning.alpha must be a finite number", "unlearning.alpha")
         if not 0.0 <= filt <= 1.0:
             raise EngineInputError("unlearning.filter must be in [0, 1]", "unlearning.filter")
-        return ULDChoice(assistant, alpha, filt, rule=rule)
+        return ULDChoice(assistant, alpha, filt, rule=rule, refilter=refilter)
 
     def read(self, name: str, path) -> Assistant:
         return self.registry.read(name, path)
@@ -128,7 +135,7 @@ class ULDBackend(UnlearningBackend):
             return None
         batch.assistant_exits = {k: torch.tensor(v, device=dev) for k, v in by_k.items()}
         batch.lora_groups = [(a, torch.tensor(v, device=dev)) for a, v in by_adapter.items()]
-        logit_rows, hidden_rows, hidden_pos, alpha, filt, prefer = [], [], [], [], [], []
+        logit_rows, hidden_rows, hidden_pos, alpha, filt, prefer, refilter = [], [], [], [], [], [], []
         for j, (t, pos) in enumerate(rows.logit_rows):
             choice = rows.choices[t]
             if choice is not None and rows.assistant_row[t] >= 0:
@@ -138,6 +145,7 @@ class ULDBackend(UnlearningBackend):
                 alpha.append(choice.alpha)
                 filt.append(choice.filter)
                 prefer.append(choice.rule == "prefer")
+                refilter.append(choice.refilter)
         if not logit_rows:
             return None
 
@@ -146,14 +154,17 @@ class ULDBackend(UnlearningBackend):
 
         # one rule for the whole batch (the usual case) is a Python bool: no per-row select
         rule = prefer[0] if len(set(prefer)) == 1 else t(prefer, torch.bool)
-        return ULDPlan(t(logit_rows), t(hidden_rows), t(hidden_pos), t(alpha), log_filter(t(filt, torch.float32)), rule)
+        refilt = refilter[0] if len(set(refilter)) == 1 else t(refilter, torch.bool)
+        return ULDPlan(
+            t(logit_rows), t(hidden_rows), t(hidden_pos), t(alpha), log_filter(t(filt, torch.float32)), rule, refilt
+        )
 
     def process_logits(self, plan: ULDPlan | None, logits: torch.Tensor, assistant_hidden) -> torch.Tensor:
         if plan is None:
             return logits
         hidden = assistant_hidden[plan.hidden_rows, plan.hidden_pos]
         logits[plan.logit_rows] = self.combine(
-            logits[plan.logit_rows], hidden, plan.alpha, plan.log_filter, plan.prefer
+            logits[plan.logit_rows], hidden, plan.alpha, plan.log_filter, plan.prefer, plan.refilter
         )
         return logits
 
@@ -164,9 +175,10 @@ class ULDBackend(UnlearningBackend):
         alpha: torch.Tensor,
         log_filter: torch.Tensor,
         prefer: bool | torch.Tensor = False,
+        refilter: bool | torch.Tensor = False,
     ) -> torch.Tensor:
         """ULD logits for [S] unlearned rows: target - alpha * penalty(assistant) on the target's plausible tokens
-        (`prefer`: the rule, uld_combine.py).
+        (`prefer`: the rule; `refilter`: -inf on the candidates pushed below max + ln(filter); uld_combine.py).
 
         The assistant's LM head runs only on the plausible tokens (the top-M by target logit, M the
         largest plausible-set size in the batch: one host read) unless M is large (a low filter), the
@@ -181,8 +193,12 @@ class ULDBackend(UnlearningBackend):
                 candidates = target_logits.topk(m, dim=-1).indices
                 assistant = runner.candidate_logits(assistant_hidden, candidates)
                 if assistant is not None:
-                    return combine_on_candidates(target_logits, candidates, assistant, alpha, keep, prefer)
-        return combine_logits(target_logits, runner.logits(assistant_hidden), alpha, log_filter, prefer=prefer)
+                    return combine_on_candidates(
+                        target_logits, candidates, assistant, alpha, keep, prefer, refilter, log_filter
+                    )
+        return combine_logits(
+            target_logits, runner.logits(assistant_hidden), alpha, log_filter, prefer=prefer, refilter=refilter
+        )
 
 
 class UOEBackend(UnlearningBackend):

@@ -8,8 +8,9 @@ weights are held in memory: no copy of the target's weights.
     logits = target_logits - alpha * penalty(assistant_logits), on the candidate tokens: those with
     log p_target >= max log p_target + ln(filter) (the paper's rule) and the target's top
     ULD_MIN_CANDIDATES; other tokens get -inf. The penalty is the assistant's logit (rule `difference`)
-    or how far it lies above its median over the candidates (`prefer`, the default for new artifacts):
-    unlearn_serve/uld_combine.py.
+    or how far it lies above its median over the candidates (`prefer`, the default for new artifacts).
+    With `refilter` (manifest defaults; new artifacts) the candidates the subtraction pushed below
+    max + ln(filter) get -inf too: unlearn_serve/uld_combine.py.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class Assistant:
     nbytes: int = 0
     unloading: bool = False
     rule: str = LEGACY_RULE  # combination rule (uld_combine.ULD_RULES): the manifest's, `difference` if it has none
+    refilter: bool = False  # refilter the combined logits (uld_combine.refilter_combined): the manifest's, else off
 
 
 # Up to this many max-rank adapters wide, every assistant row runs through all loaded adapters'
@@ -220,6 +222,9 @@ class AssistantRegistry:
         if rule not in ULD_RULES:
             known = ", ".join(ULD_RULES)
             raise ArtifactError(f"{path}: unknown combination rule {rule!r} in defaults (one of: {known})")
+        refilter = defaults.get("refilter", False)  # manifests written before 2026-12-02 keep their behaviour
+        if not isinstance(refilter, bool):
+            raise ArtifactError(f"{path}: defaults.refilter must be true or false, got {refilter!r}")
         nbytes = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in lora.values())
         return Assistant(
             name=name,
@@ -232,6 +237,7 @@ class AssistantRegistry:
             lora=lora,
             nbytes=nbytes,
             rule=rule,
+            refilter=refilter,
         )
 
     def add(self, assistant: Assistant) -> Assistant:

@@ -33,7 +33,10 @@ class DemoTraining:
     layers: int = 4  # K: the assistant is SmolLM2's first 4 of 30 layers + LoRA
     lora_rank: int = 16
     lora_alpha: float = 32
-    epochs: int = 25  # 64 forget pairs / batch 4 = 16 steps a pass -> 400 steps
+    # 64 forget QA, each also asked in 2 rule-made phrasings (training/augment.py) = 192 pairs / batch 4
+    # = 48 steps a pass -> 384 steps (before the rephrasings: 25 passes of 16 = 400)
+    epochs: int = 8
+    question_variants: int = 2
     batch_size: int = 4
     grad_accum: int = 1
     learning_rate: float = 5e-3
@@ -47,8 +50,8 @@ class DemoTraining:
     # 3: knowledge-weighted forget loss, calibrated alpha, held-out validation rows;
     # 4: alpha calibrated on served greedy answers; 5: the base answers up to 64 forget questions;
     # 6: topic words shared by most forget answers are not facts; 7: the `prefer` combination rule, near-leaks,
-    # retain top-up and relative perplexity in the calibration).
-    recipe: int = 7
+    # retain top-up and relative perplexity in the calibration; 8: rule-made question rephrasings, forget and retain).
+    recipe: int = 8
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -133,6 +136,7 @@ def ensure_assistant(
         retain_weight=training.retain_weight,
         max_length=training.max_length,
         seed=training.seed,
+        question_variants=training.question_variants,
         progress_bar=progress,
         default_alpha=training.default_alpha,
     )

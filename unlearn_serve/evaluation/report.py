@@ -61,6 +61,7 @@ ATTACK_LABELS = [
     ("system", "ignore-instructions system"),
     ("relearn", "in-context relearning"),
     ("logprob", "log-prob probe"),
+    ("sample", "sampling (T=1)"),
     ("quant8", "8-bit RTN"),
     ("quant4", "4-bit RTN"),
 ]
