@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--artifact", default=None, help="serve this assistant (one model) instead of the cached one")
     parser.add_argument("--samples", type=int, default=20, help="answers per question for the sampling attack")
+    parser.add_argument("--no-base", action="store_true", help="skip the base model's row")
+    parser.add_argument("--no-retain", action="store_true", help="skip sampling the retain questions (the cost side)")
     parser.add_argument("--json", default=None, help="also write all rows (per-question results) to this file")
     args = parser.parse_args(argv)
 
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         retain_budget = suite.max_tokens if any(c.reference for c in suite.retain_checks) else min(suite.max_tokens, 24)
         retain_prompts = [encode_prompt(tokenizer, r["question"]) for r in retain]
-        settings = [("base", E.Method("base", "base"))]
+        settings = [] if args.no_base else [("base", E.Method("base", "base"))]
         for refilter in (False, True):
             label = f"refilter {'on' if refilter else 'off'}"
             settings.append((label, WithOptions(label, "uld", "forget", options={"refilter": refilter})))
@@ -111,11 +113,13 @@ def main(argv: list[str] | None = None) -> int:
             out = run_attacks(engine, method, records, config)
             s = out["summary"]
             # the cost side: how often samples at temperature 1 still name the retain facts
-            sel = method.selection(scoring=False)
-            got = sample_answers(engine, sel, retain_prompts, [retain_budget] * len(retain), config)
-            retain_share = sum(leaked(t, r) for g, r in zip(got, retain, strict=True) for t in g) / (
-                config.sample_n * len(retain)
-            )
+            retain_share = None
+            if not args.no_retain:
+                sel = method.selection(scoring=False)
+                got = sample_answers(engine, sel, retain_prompts, [retain_budget] * len(retain), config)
+                retain_share = sum(leaked(t, r) for g, r in zip(got, retain, strict=True) for t in g) / (
+                    config.sample_n * len(retain)
+                )
             row = {
                 "model": suite.name,
                 "artifact": str(artifact),
@@ -146,10 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         n = r["n"]
         share = "-" if r["sample_share"] is None else f"{r['sample_share']:.2f}"
+        kept = "-" if r["retain_sample_right"] is None else f"{r['retain_sample_right']:.2f}"
         print(
             f"| {r['model']} | {r['alpha']:g}, {r['rule']} | {r['setting']} | {frac(r['none'], n)} | "
             f"{frac(r['paraphrase'], n)} | {frac(r['logprob'], n)} | {frac(r['logprob_top20'], n)} | "
-            f"{frac(r['sample'], n)} | {share} | {r['retain_sample_right']:.2f} | {r['seconds']:.0f} |"
+            f"{frac(r['sample'], n)} | {share} | {kept} | {r['seconds']:.0f} |"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(dump, indent=1, default=str))

@@ -33,10 +33,7 @@ class DemoTraining:
     layers: int = 4  # K: the assistant is SmolLM2's first 4 of 30 layers + LoRA
     lora_rank: int = 16
     lora_alpha: float = 32
-    # 64 forget QA, each also asked in 2 rule-made phrasings (training/augment.py) = 192 pairs / batch 4
-    # = 48 steps a pass -> 384 steps (before the rephrasings: 25 passes of 16 = 400)
-    epochs: int = 8
-    question_variants: int = 2
+    epochs: int = 25  # 64 forget pairs / batch 4 = 16 steps a pass -> 400 steps
     batch_size: int = 4
     grad_accum: int = 1
     learning_rate: float = 5e-3
@@ -50,8 +47,9 @@ class DemoTraining:
     # 3: knowledge-weighted forget loss, calibrated alpha, held-out validation rows;
     # 4: alpha calibrated on served greedy answers; 5: the base answers up to 64 forget questions;
     # 6: topic words shared by most forget answers are not facts; 7: the `prefer` combination rule, near-leaks,
-    # retain top-up and relative perplexity in the calibration; 8: rule-made question rephrasings, forget and retain).
-    recipe: int = 8
+    # retain top-up and relative perplexity in the calibration). Tried and reverted: rule-made question rephrasings
+    # + same-form retain rows at the same step budget (worse harness leaks; docs/benchmarks.md "ULD quality").
+    recipe: int = 7
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -136,7 +134,6 @@ def ensure_assistant(
         retain_weight=training.retain_weight,
         max_length=training.max_length,
         seed=training.seed,
-        question_variants=training.question_variants,
         progress_bar=progress,
         default_alpha=training.default_alpha,
     )
