@@ -182,6 +182,7 @@ def test_eval_end_to_end(tiny_llama_dir, uld_dir, tmp_path):
         (["--data", str(TOFU), "--uld", "noequals"], "NAME=DIR"),
         (["--data", str(TOFU), "--retain-reference", "/no/such.json"], "no such file"),
         (["--data", str(TOFU), "--attacks", "paraphrase,bogus"], "unknown attack"),
+        (["--data", str(TOFU), "--attacks", "sample", "--sample-n", "0"], "--sample-n"),
     ],
 )
 def test_eval_cli_errors(args, message, capsys, tmp_path):

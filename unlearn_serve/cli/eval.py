@@ -51,6 +51,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="relearning subjects when records have no subject/author field: blocks of N consecutive forget "
         "questions (default 20, TOFU's questions per author; 0: all one subject)",
     )
+    parser.add_argument(
+        "--sample-n", type=int, default=20,
+        help="sampling attack: answers sampled per forget question at temperature 1 (default 20)",
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false")
 
 
@@ -77,9 +81,11 @@ def parse_attacks(args: argparse.Namespace):
         return None
     names = ATTACKS if text == "all" else tuple(a.strip() for a in text.split(",") if a.strip())
     try:
-        return AttackConfig(attacks=names, relearn_k=args.relearn_k, subject_size=args.subject_size)
+        return AttackConfig(
+            attacks=names, relearn_k=args.relearn_k, subject_size=args.subject_size, sample_n=args.sample_n
+        )
     except ValueError as exc:
-        raise CliError(f"--attacks/--relearn-k/--subject-size: {exc}") from None
+        raise CliError(f"--attacks/--relearn-k/--subject-size/--sample-n: {exc}") from None
 
 
 def run(args: argparse.Namespace) -> int:
