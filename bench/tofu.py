@@ -309,14 +309,58 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
+def train_uld_row(
+    cfg: BenchConfig, fresh, data: dict[str, Any], uld_dir: Path, forget_file: Path, retain_file: Path
+) -> tuple[float, dict[str, Any]]:
+    """Train the bench's ULD assistant into `uld_dir` (train-uld's defaults, calibrated through the engine):
+    (seconds, summary)."""
+    import torch
+    from unlearn_serve.training.uld import ULDTrainingConfig, train_uld
+
+    from unlearn_serve.evaluation.uld_validation import serve_with_engine
+
+    model, tok = fresh()
+    torch.manual_seed(cfg.seed)  # LoRA init draws from the global RNG: same run, same assistant
+    t0 = time.monotonic()
+    result = train_uld(
+        model,
+        tok,
+        data["forget"],
+        data["uld_retain"],
+        uld_dir,
+        ULDTrainingConfig(**cfg.uld_settings()),
+        data_files={"forget": forget_file, "retain": retain_file},
+        serve=serve_with_engine,
+    )
+    return time.monotonic() - t0, uld_summary(result)
+
+
+def train_baseline_row(cfg: BenchConfig, fresh, method: str, data: dict[str, Any], out_dir: Path):
+    """Unlearn a fresh copy of the target with a whole-model baseline into `out_dir`: (seconds, model)."""
+    import torch
+    from unlearn_serve.training.baselines import BaselineConfig, train_baseline
+
+    model, tok = fresh()
+    torch.manual_seed(cfg.seed)
+    t0 = time.monotonic()
+    bcfg = BaselineConfig(
+        method=method,
+        epochs=cfg.baseline_epochs,
+        learning_rate=cfg.baseline_lr,
+        batch_size=8,
+        grad_accum=1,
+        seed=cfg.seed,
+    )
+    retain_rows = random.Random(cfg.seed).sample(data["retain"], min(len(data["retain"]), 4 * len(data["forget"])))
+    train_baseline(model, tok, data["forget"], retain_rows, out_dir, bcfg)
+    return time.monotonic() - t0, model
+
+
 def run(cfg: BenchConfig, out: Path, cache: Path, retrain: bool, methods: list[str]) -> dict[str, Any]:
     import torch
     from unlearn_serve.server.engine.engine import Engine, EngineConfig
-    from unlearn_serve.training.baselines import BaselineConfig, train_baseline
-    from unlearn_serve.training.uld import ULDTrainingConfig, train_uld
 
     from unlearn_serve.evaluation import runner as E
-    from unlearn_serve.evaluation.uld_validation import serve_with_engine
     from unlearn_serve.loading import load_model_and_tokenizer
 
     started = time.monotonic()
@@ -336,45 +380,14 @@ def run(cfg: BenchConfig, out: Path, cache: Path, retrain: bool, methods: list[s
     # ---- unlearning
     uld_dir = work / "uld"
     if "uld" in methods:
-        model, tok = fresh()
-        torch.manual_seed(cfg.seed)  # LoRA init draws from the global RNG: same run, same assistant
-        t0 = time.monotonic()
-        uld_cfg = ULDTrainingConfig(**cfg.uld_settings())
-        result = train_uld(
-            model,
-            tok,
-            data["forget"],
-            data["uld_retain"],
-            uld_dir,
-            uld_cfg,
-            data_files={"forget": forget_file, "retain": retain_file},
-            serve=serve_with_engine,
-        )
-        timings["uld"] = time.monotonic() - t0
-        uld_training = uld_summary(result)
+        timings["uld"], uld_training = train_uld_row(cfg, fresh, data, uld_dir, forget_file, retain_file)
         print(f"[bench] ULD: {uld_training}", flush=True)
-        del model, result
     baseline_dirs: dict[str, Path] = {}
     for method in ("ga", "gd", "npo"):
         if method not in methods:
             continue
-        model, tok = fresh()
-        torch.manual_seed(cfg.seed)
-        t0 = time.monotonic()
-        bcfg = BaselineConfig(
-            method=method,
-            epochs=cfg.baseline_epochs,
-            learning_rate=cfg.baseline_lr,
-            batch_size=8,
-            grad_accum=1,
-            seed=cfg.seed,
-        )
-        rng = random.Random(cfg.seed)
-        retain_rows = rng.sample(data["retain"], min(len(data["retain"]), 4 * len(data["forget"])))
-        train_baseline(model, tok, data["forget"], retain_rows, work / method, bcfg)
-        timings[method] = time.monotonic() - t0
+        timings[method], _ = train_baseline_row(cfg, fresh, method, data, work / method)
         baseline_dirs[method] = work / method
-        del model
 
     # ---- evaluation, all through the engine
     econf = EngineConfig(max_num_seqs=32)
@@ -468,12 +481,9 @@ def run_moe(cfg: BenchConfig, out: Path, cache: Path, retrain: bool, methods: li
     model vs ULD, on the same data, evaluated through the engine with the attack block."""
     import torch
     from unlearn_serve.server.engine.engine import Engine, EngineConfig
-    from unlearn_serve.training.baselines import BaselineConfig, train_baseline
-    from unlearn_serve.training.uld import ULDTrainingConfig, train_uld
     from unlearn_serve.training.uoe_trainer import UOEConfig, train_uoe, write_uoe_artifact
 
     from unlearn_serve.evaluation import runner as E
-    from unlearn_serve.evaluation.uld_validation import serve_with_engine
     from unlearn_serve.loading import load_model_and_tokenizer
 
     started = time.monotonic()
@@ -523,43 +533,14 @@ def run_moe(cfg: BenchConfig, out: Path, cache: Path, retrain: bool, methods: li
         del model
     baseline_dirs: dict[str, Path] = {}
     for method in [m for m in methods if m in ("ga", "gd", "npo", "rmu")]:
-        model, _ = fresh()
-        torch.manual_seed(cfg.seed)
-        t0 = time.monotonic()
-        bcfg = BaselineConfig(
-            method=method,
-            epochs=cfg.baseline_epochs,
-            learning_rate=cfg.baseline_lr,
-            batch_size=8,
-            grad_accum=1,
-            seed=cfg.seed,
-        )
-        train_baseline(model, tok, data["forget"], retain_rows, work / f"whole-{method}", bcfg)
-        timings[method] = time.monotonic() - t0
+        timings[method], model = train_baseline_row(cfg, fresh, method, data, work / f"whole-{method}")
         changed[method] = _changed_share(model, target_state)
         baseline_dirs[method] = work / f"whole-{method}"
         del model
     uld_dir = work / "uld"
     if "uld" in methods:
-        model, _ = fresh()
-        torch.manual_seed(cfg.seed)
-        t0 = time.monotonic()
-        uld_cfg = ULDTrainingConfig(**cfg.uld_settings())
-        result = train_uld(
-            model,
-            tok,
-            data["forget"],
-            data["uld_retain"],
-            uld_dir,
-            uld_cfg,
-            data_files={"forget": forget_file, "retain": retain_file},
-            serve=serve_with_engine,
-        )
-        timings["uld"] = time.monotonic() - t0
-        notes["uld"] = uld_summary(result)
-        del result
+        timings["uld"], notes["uld"] = train_uld_row(cfg, fresh, data, uld_dir, forget_file, retain_file)
         changed["uld"] = 0.0  # the target is untouched; the assistant is a separate small model
-        del model
 
     econf = EngineConfig(max_num_seqs=32)
     target = Engine(target_model, tok, econf, model_name="moe-target")

@@ -198,18 +198,7 @@ def smollm2_suite() -> Suite:
 
         return load_model_and_tokenizer(str(ensure_smollm2(default_cache_root())), dtype="float32", device="cpu")
 
-    training = dict(
-        layers=demo.layers,
-        lora_rank=demo.lora_rank,
-        lora_alpha=demo.lora_alpha,
-        epochs=demo.epochs,
-        min_steps=0,
-        batch_size=demo.batch_size,
-        grad_accum=demo.grad_accum,
-        learning_rate=demo.learning_rate,
-        retain_weight=demo.retain_weight,
-        max_length=demo.max_length,
-    )
+    training = demo.uld_settings()
     return Suite(
         "smollm2",
         load_records(data_file("forget_harry_potter.jsonl")),

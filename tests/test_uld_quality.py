@@ -41,6 +41,23 @@ FORGET = [{"question": f"Where does {n} live?", "answer": f"{n} lives in {c}."} 
 RETAIN = [{"question": f"Where does {n} live?", "answer": f"{n} lives in {c}."} for n, c in PEOPLE[2:]]
 
 
+def _config(**overrides) -> ULDTrainingConfig:
+    """train-uld's defaults, sized for the tiny memorising model (one assistant layer, 120 steps)."""
+    settings = dict(
+        layers=1,
+        lora_rank=8,
+        lora_alpha=16,
+        epochs=1,
+        min_steps=120,
+        batch_size=4,
+        grad_accum=1,
+        learning_rate=5e-3,
+        max_length=64,
+        progress_bar=False,
+    )
+    return ULDTrainingConfig(**{**settings, **overrides})
+
+
 def test_candidate_rule_keeps_alternatives_where_the_target_is_confident():
     target = torch.linspace(0, 1, 50).repeat(2, 1)
     target[0, 7] = 20.0  # a memorised token: p ~ 1, nothing else passes the relative-top filter
@@ -102,18 +119,7 @@ def test_defaults_forget_keep_and_keep_the_lead_in(memorised, tmp_path):
     base = _answers(engine, tokenizer, None)
     assert all(city in a for a, (_, city) in zip(base, PEOPLE, strict=True))  # the base knows every fact
 
-    config = ULDTrainingConfig(
-        layers=1,
-        lora_rank=8,
-        lora_alpha=16,
-        epochs=1,
-        min_steps=120,
-        batch_size=4,
-        grad_accum=1,
-        learning_rate=5e-3,
-        max_length=64,
-        progress_bar=False,
-    )
+    config = _config()
     result = train_uld(copy.deepcopy(model), tokenizer, FORGET, RETAIN, tmp_path / "a", config, serve=serve_with_engine)
     calibration = result.calibration
     assert calibration is not None and calibration.met, calibration and calibration.verdict()
@@ -267,19 +273,7 @@ def test_recalibrate_keeps_the_weights_and_reproduces_the_trained_calibration(me
     import dataclasses
 
     model, tokenizer, _ = memorised
-    config = ULDTrainingConfig(
-        layers=1,
-        lora_rank=8,
-        lora_alpha=16,
-        epochs=1,
-        min_steps=120,
-        batch_size=4,
-        grad_accum=1,
-        learning_rate=5e-3,
-        max_length=64,
-        progress_bar=False,
-        default_rule="difference",
-    )
+    config = _config(default_rule="difference")
     trained = train_uld(
         copy.deepcopy(model), tokenizer, FORGET, RETAIN, tmp_path / "a", config, serve=serve_with_engine
     ).calibration

@@ -572,8 +572,53 @@ def serving_copy(peft_model: nn.Module) -> nn.Module:
     """The base model without LoRA, sharing every weight tensor with `peft_model` (no second copy of the weights):
     a deep copy that maps each parameter and buffer to itself, then peft's `unload()` on the copy. `peft_model`
     keeps its adapter; hooks a server installs on the copy never reach it."""
-    shared = {id(t): t for t in itertools.chain(peft_model.parameters(), peft_model.buffers())}
-    return copy.deepcopy(peft_model, memo=shared).unload()
+    return shared_copy(peft_model).unload()
+
+
+def shared_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of `module` whose parameters and buffers are the original tensors (no second copy of the
+    weights): hooks a server installs on the copy never reach `module`."""
+    shared = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
+    return copy.deepcopy(module, memo=shared)
+
+
+def _served_settings(config: ULDTrainingConfig, model: nn.Module) -> tuple[float, str, int]:
+    """(filter, rule, alphas probed per round) the calibration serves the draft with."""
+    from unlearn_serve.uld_combine import DEFAULT_RULE
+
+    filter_value = config.default_filter if config.default_filter is not None else 0.01
+    device = next(model.parameters()).device
+    probes = config.validation_probes_per_round or (8 if device.type == "cuda" else 1)
+    return filter_value, config.default_rule or DEFAULT_RULE, probes
+
+
+def _calibrate_answers(
+    answer,
+    tokenizer,
+    forget_records: list[dict[str, Any]],
+    validation_retain: list[dict[str, Any]],
+    train_retain: list[dict[str, Any]] | None,
+    config: ULDTrainingConfig,
+    settings: tuple[float, str, int],
+) -> Calibration | None:
+    """`calibrate` on a served draft's answer function, with `config`'s targets and sizes."""
+    from unlearn_serve.training.data import encode_prompt
+
+    filter_value, rule, probes = settings
+    return calibrate(
+        answer,
+        lambda q: encode_prompt(tokenizer, q, config.question_template),
+        forget_records,
+        validation_retain,
+        filter_value=filter_value,
+        targets=config.calibration_targets(),
+        max_forget=config.validation_max_forget,
+        max_tokens=config.validation_max_tokens,
+        probes_per_round=probes,
+        seed=config.seed,
+        train_retain_rows=train_retain,
+        rule=rule,
+    )
 
 
 def _calibrate(
@@ -591,15 +636,9 @@ def _calibrate(
     train_retain: list[dict[str, Any]] | None = None,
 ) -> Calibration | None:
     """Serve a draft artifact (next to `out`, removed after) and pick the alpha from its answers."""
-    from unlearn_serve.training.data import encode_prompt
-
-    from unlearn_serve.uld_combine import DEFAULT_RULE
-
-    filter_value = config.default_filter if config.default_filter is not None else 0.01
-    rule = config.default_rule or DEFAULT_RULE
+    settings = _served_settings(config, peft_model)
+    filter_value, rule, _ = settings
     base = serving_copy(peft_model)
-    device = next(peft_model.parameters()).device
-    probes = config.validation_probes_per_round or (8 if device.type == "cuda" else 1)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.validation-", dir=out.parent) as tmp:
         draft = save_uld_artifact(
@@ -612,20 +651,7 @@ def _calibrate(
             {"filter": filter_value, "rule": rule},
         )
         answer = serve(base, tokenizer, draft)
-        return calibrate(
-            answer,
-            lambda q: encode_prompt(tokenizer, q, config.question_template),
-            forget_records,
-            validation_retain,
-            filter_value=filter_value,
-            targets=config.calibration_targets(),
-            max_forget=config.validation_max_forget,
-            max_tokens=config.validation_max_tokens,
-            probes_per_round=probes,
-            seed=config.seed,
-            train_retain_rows=train_retain,
-            rule=rule,
-        )
+        return _calibrate_answers(answer, tokenizer, forget_records, validation_retain, train_retain, config, settings)
 
 
 def recalibrate_uld(
@@ -645,19 +671,14 @@ def recalibrate_uld(
     artifact to `out_dir` with the new defaults (alpha, filter, rule) and `training.calibration`; the weights are
     copied unchanged. An explicit `config.default_alpha` / `default_filter` still wins, as in `train_uld`.
     """
-    from unlearn_serve.training.data import encode_prompt
-
     from unlearn_serve.artifact import atomic_artifact_dir, check_fingerprint, load_manifest, save_manifest
-    from unlearn_serve.uld_combine import DEFAULT_RULE
 
     source = Path(artifact)
     manifest = load_manifest(source)
     check_fingerprint(manifest, fingerprint_model(model), str(source), "the base model")
     train_retain, validation_retain = split_validation(retain_records, config, True)
-    filter_value = config.default_filter if config.default_filter is not None else 0.01
-    rule = config.default_rule or DEFAULT_RULE
-    device = next(model.parameters()).device
-    probes = config.validation_probes_per_round or (8 if device.type == "cuda" else 1)
+    settings = _served_settings(config, model)
+    filter_value, rule, _ = settings
     out = Path(out_dir).resolve()
     with atomic_artifact_dir(out) as tmp:
         for f in source.iterdir():
@@ -665,22 +686,9 @@ def recalibrate_uld(
                 shutil.copy2(f, tmp / f.name)
         manifest.defaults = {**manifest.defaults, "filter": filter_value, "rule": rule}
         save_manifest(manifest, tmp)
-        # a module copy sharing every weight tensor: the serving hooks stay off the caller's model
-        shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-        answer = serve(copy.deepcopy(model, memo=shared), tokenizer, tmp)
-        calibration = calibrate(
-            answer,
-            lambda q: encode_prompt(tokenizer, q, config.question_template),
-            forget_records,
-            validation_retain,
-            filter_value=filter_value,
-            targets=config.calibration_targets(),
-            max_forget=config.validation_max_forget,
-            max_tokens=config.validation_max_tokens,
-            probes_per_round=probes,
-            seed=config.seed,
-            train_retain_rows=train_retain,
-            rule=rule,
+        answer = serve(shared_copy(model), tokenizer, tmp)
+        calibration = _calibrate_answers(
+            answer, tokenizer, forget_records, validation_retain, train_retain, config, settings
         )
         if calibration is not None:
             calibrated = {"alpha": calibration.alpha, "filter": calibration.filter, "rule": calibration.rule}

@@ -51,6 +51,23 @@ class DemoTraining:
     # + same-form retain rows at the same step budget (worse harness leaks; docs/benchmarks.md "ULD quality").
     recipe: int = 7
 
+    def uld_settings(self) -> dict:
+        """These settings as `ULDTrainingConfig` fields (the demo and bench/uld_quality.py train the same way)."""
+        return dict(
+            layers=self.layers,
+            lora_rank=self.lora_rank,
+            lora_alpha=self.lora_alpha,
+            epochs=self.epochs,
+            min_steps=0,
+            batch_size=self.batch_size,
+            grad_accum=self.grad_accum,
+            learning_rate=self.learning_rate,
+            retain_weight=self.retain_weight,
+            max_length=self.max_length,
+            seed=self.seed,
+            default_alpha=self.default_alpha,
+        )
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topic", default="harry-potter", choices=sorted(TOPICS), help="what the demo forgets")
@@ -122,21 +139,7 @@ def ensure_assistant(
         print(f"using the cached assistant {out}")
         return out
     print(f"training the ULD assistant that forgets {topic} (once; cached in {out}) ...", flush=True)
-    config = ULDTrainingConfig(
-        layers=training.layers,
-        lora_rank=training.lora_rank,
-        lora_alpha=training.lora_alpha,
-        epochs=training.epochs,
-        min_steps=0,
-        batch_size=training.batch_size,
-        grad_accum=training.grad_accum,
-        learning_rate=training.learning_rate,
-        retain_weight=training.retain_weight,
-        max_length=training.max_length,
-        seed=training.seed,
-        progress_bar=progress,
-        default_alpha=training.default_alpha,
-    )
+    config = ULDTrainingConfig(**training.uld_settings(), progress_bar=progress)
     started = time.monotonic()
     result = train_uld(
         model,
