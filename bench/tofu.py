@@ -32,7 +32,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,7 @@ class BenchConfig:
     uld_epochs: int = 10
     uld_min_steps: int = 250
     uld_retain_rows: int = 400
+    uld_extra: dict[str, Any] = field(default_factory=dict)  # more ULDTrainingConfig overrides (--uld-set)
     baseline_epochs: int = 5
     baseline_lr: float = 5e-4
     # the MoE target (UOE rows): a Qwen2-MoE of the same width and depth, trained on the same data and schedule
@@ -102,17 +103,20 @@ class BenchConfig:
     def uld_settings(self) -> dict[str, Any]:
         """ULDTrainingConfig overrides (sizing for this small model); everything else is train-uld's default
         (knowledge-weighted forget loss, alpha calibrated on served answers when a serve function is given)."""
-        return dict(
-            layers=self.uld_layers,
-            epochs=self.uld_epochs,
-            min_steps=self.uld_min_steps,
-            batch_size=8,
-            grad_accum=1,
-            lora_rank=16,
-            lora_alpha=16,
-            learning_rate=self.uld_lr,
-            max_perturbed_per_row=2,
-            seed=self.seed,
+        return (
+            dict(
+                layers=self.uld_layers,
+                epochs=self.uld_epochs,
+                min_steps=self.uld_min_steps,
+                batch_size=8,
+                grad_accum=1,
+                lora_rank=16,
+                lora_alpha=16,
+                learning_rate=self.uld_lr,
+                max_perturbed_per_row=2,
+                seed=self.seed,
+            )
+            | self.uld_extra
         )
 
     def model_key(self, family: str = "llama") -> str:
@@ -652,6 +656,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (default 1: faster than 2 on a busy 2-core box)"
     )
+    parser.add_argument(
+        "--uld-set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a ULDTrainingConfig field of the ULD run (repeatable), e.g. retain_candidates=0",
+    )
     args = parser.parse_args(argv)
     import torch
 
@@ -667,6 +678,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("uld_epochs", "uld_layers", "uld_lr"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
+    from unlearn_serve.training.uld import ULDTrainingConfig
+
+    for item in args.uld_set:
+        name, _, value = item.partition("=")
+        if name not in {f.name for f in fields(ULDTrainingConfig)} or not value:
+            parser.error(f"--uld-set {item!r}: expected FIELD=VALUE with a ULDTrainingConfig field")
+        cfg.uld_extra[name] = json.loads(value) if value[0] in "-0123456789.[{tfn" else value
     if args.alpha:
         cfg.alphas = tuple(None if a.strip() == "default" else float(a) for a in args.alpha.split(","))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]

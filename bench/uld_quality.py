@@ -238,12 +238,15 @@ def leaks(text: str, check: Check, known: frozenset[str]) -> bool:
 
 
 # ----------------------------------------------------------------------------- variants
-RECIPE = 5  # bump when the trainer changes what a cached assistant would be (5: rule, near-leaks, retain top-up, ppl)
+# bump when the trainer changes what a cached assistant would be (5: rule, near-leaks, retain top-up, ppl; 6: margin)
+RECIPE = 6
 VARIANTS = {
     "legacy": dict(train=dict(forget_weighting=False, calibrate=False, default_rule="difference"), min_keep=1),
     "legacy-topk": dict(train=dict(forget_weighting=False, calibrate=False, default_rule="difference"), min_keep=None),
     # today's trainer and calibration, with the `difference` rule (issue 13's first round) instead of `prefer`
     "new-difference": dict(train=dict(default_rule="difference"), min_keep=None),
+    # today's trainer without the retain loss on the target's candidates (before 2026-12-02, third session)
+    "new-no-candidates": dict(train=dict(retain_candidates=0), min_keep=None),
     "new": dict(train={}, min_keep=None),
 }
 
@@ -262,7 +265,8 @@ def train_cached(suite: Suite, variant: str, model, tokenizer, fresh: bool) -> t
     for part in (fingerprint_model(model), suite.forget_records, suite.retain_records, dataclasses.asdict(config)):
         h.update(json.dumps(part, sort_keys=True, default=str).encode())
     h.update(str(RECIPE).encode())
-    h.update(uld_combine.DEFAULT_RULE.encode())  # the rule a calibration serves with when the config names none
+    # the rule and margin a calibration serves with when the config names none
+    h.update(f"{uld_combine.DEFAULT_RULE} {uld_combine.DEFAULT_MARGIN}".encode())
     out = CACHE / f"{suite.name}-{h.hexdigest()[:12]}"  # variants that train alike share one assistant
     stamp = out / "bench_train_s.txt"
     if out.is_dir() and stamp.is_file() and not fresh:

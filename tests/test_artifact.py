@@ -82,7 +82,7 @@ def test_manifest_contents(artifact, base):
     raw = json.loads((artifact / MANIFEST_NAME).read_text())
     assert raw["method"] == manifest.method == "uld"
     assert raw["format_version"] == FORMAT_VERSION
-    assert manifest.defaults == {"alpha": 0.75, "filter": 0.01, "rule": DEFAULT_RULE, "refilter": True}
+    assert manifest.defaults == {"alpha": 0.75, "filter": 0.01, "rule": DEFAULT_RULE, "refilter": True, "margin": 1.0}
     assert manifest.details["assistant_layers"] == K
     assert manifest.base_fingerprint == fingerprint_model(base)
     assert manifest.training["data"]["forget"]["sha256"] == "ab" * 32

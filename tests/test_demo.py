@@ -37,7 +37,7 @@ def test_bundled_data_parses_and_is_sized_for_the_demo(topic):
     assert any(r["question"] == demo.DEMO_QUESTION[topic] for r in forget)
 
 
-def test_cache_key_changes_with_base_data_and_settings(tmp_path: Path):
+def test_cache_key_changes_with_base_data_and_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     forget, retain = tmp_path / "f.jsonl", tmp_path / "r.jsonl"
     forget.write_text('{"question": "q", "answer": "a"}\n')
     retain.write_text('{"question": "q2", "answer": "a2"}\n')
@@ -47,6 +47,11 @@ def test_cache_key_changes_with_base_data_and_settings(tmp_path: Path):
     assert key == demo.cache_key(dict(base), [forget, retain], demo.DemoTraining())  # deterministic
     assert key != demo.cache_key({**base, "weights_hash": "abd"}, [forget, retain], training)
     assert key != demo.cache_key(base, [forget, retain], replace(training, epochs=training.epochs + 1))
+    # every trainer setting counts, also the train-uld defaults the demo does not name (no recipe bump needed)
+    settings = demo.DemoTraining.uld_settings
+    monkeypatch.setattr(demo.DemoTraining, "uld_settings", lambda self: {**settings(self), "retain_candidates": 3})
+    assert key != demo.cache_key(base, [forget, retain], training)
+    monkeypatch.undo()
     retain.write_text('{"question": "q2", "answer": "changed"}\n')
     assert key != demo.cache_key(base, [forget, retain], training)
     d = demo.cached_artifact_dir(tmp_path, "harry-potter", key)

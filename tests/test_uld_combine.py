@@ -3,8 +3,11 @@ calibration's retain top-up and perplexity check (training/uld_calibrate.py). Is
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 
+import pytest
 import torch
 from unlearn_serve.training.leak import names_fact, near_mentions, words_of
 from unlearn_serve.training.uld_calibrate import CalibrationTargets, calibrate
@@ -372,3 +375,88 @@ def test_manifest_refilter_is_served_and_an_old_manifest_keeps_it_off(tiny_llama
     assert torch.allclose(sparse[torch.isfinite(sparse)], full[torch.isfinite(full)], atol=1e-4)
     plain = backend.combine(target, hidden, alpha, lf, True, False)
     assert torch.equal(plain.argmax(-1), sparse.argmax(-1))
+
+
+def test_margin_ignores_small_preferences_and_keeps_the_remembered_token_suppressed():
+    """`prefer` with a margin: a candidate the assistant prefers by less than the margin keeps the target's logit
+    (no retain damage from a not-quite-flat assistant); a remembered token, far above the median, is still pushed
+    down by alpha * (its excess - margin). Per-row margins, both scoring paths, and `difference` ignores it."""
+    target = torch.linspace(0, 4, 50).repeat(3, 1)
+    target[:, 7] = 20.0
+    assistant = torch.zeros(3, 50)
+    assistant[0, 7] = 30.0  # remembered: 30 above the median
+    assistant[1, 7] = 0.8  # a small preference (a retain position where the assistant is not quite flat)
+    assistant[2, 7] = 0.8
+    log_filter = torch.log(torch.full((3,), 0.01))
+    alpha = torch.full((3,), 2.0)
+    keep = plausible_mask(target, log_filter)
+    margin = torch.tensor([1.0, 1.0, 0.0])
+    combined = combine_logits(target, assistant, alpha, log_filter, prefer=True, margin=margin)
+    assert combined[0, 7] == pytest.approx(20.0 - 2.0 * (30.0 - 1.0))  # still suppressed, by alpha * (30 - 1)
+    assert combined[0].argmax() != 7
+    assert combined[1, 7] == 20.0  # below the margin: untouched
+    assert combined[2, 7] == pytest.approx(20.0 - 2.0 * 0.8)  # margin 0: the old rule
+    assert torch.equal(combined[2:], combine_logits(target[2:], assistant[2:], alpha[2:], log_filter[2:], prefer=True))
+    # the same margin as a float for every row, and on the candidate path
+    as_float = combine_logits(target[:2], assistant[:2], alpha[:2], log_filter[:2], prefer=True, margin=1.0)
+    assert torch.equal(as_float, combined[:2])
+    candidates = target.topk(int(keep.sum(-1).max()), dim=-1).indices
+    sparse = combine_on_candidates(
+        target, candidates, assistant.gather(-1, candidates), alpha, keep, True, margin=margin
+    )
+    assert torch.equal(sparse[keep], combined[keep])
+    # `difference` subtracts the whole assistant whatever the margin
+    assert torch.equal(
+        combine_logits(target, assistant, alpha, log_filter, prefer=False, margin=margin),
+        combine_logits(target, assistant, alpha, log_filter, prefer=False),
+    )
+
+
+def test_margin_comes_from_the_manifest_and_old_manifests_keep_zero(tiny_llama, tokenizer, tmp_path):
+    from peft import get_peft_model
+    from unlearn_serve.server.engine.engine import Engine, EngineConfig
+    from unlearn_serve.server.engine.errors import EngineInputError
+    from unlearn_serve.server.engine.sampling_params import SamplingParams
+    from unlearn_serve.server.engine.sequence import Selection
+
+    from unlearn_serve.artifact import MANIFEST_NAME, ArtifactError, fingerprint_model
+    from unlearn_serve.assistant import assistant_lora_config
+    from unlearn_serve.uld_artifact import save_uld_artifact
+    from unlearn_serve.uld_combine import DEFAULT_MARGIN
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(copy.deepcopy(tiny_llama), assistant_lora_config(tiny_llama, 1, 4, 8, 0.0))
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:  # a non-trivial assistant, so the margin changes the distribution
+            torch.nn.init.normal_(param, std=0.5)
+    details = {"assistant_layers": 1, "lora_rank": 4, "lora_alpha": 8}
+    fp = fingerprint_model(tiny_llama)
+    new = save_uld_artifact(peft_model, tmp_path / "new", fp, details, {}, None, {"filter": 0.01, "rule": "prefer"})
+    old = save_uld_artifact(peft_model, tmp_path / "old", fp, details, {}, None, {"rule": "prefer"})
+    manifest = json.loads((old / MANIFEST_NAME).read_text())
+    del manifest["defaults"]["margin"]
+    (old / MANIFEST_NAME).write_text(json.dumps(manifest))
+    engine = Engine(copy.deepcopy(tiny_llama), tokenizer, EngineConfig(max_num_seqs=4, max_model_len=64), "tiny")
+    assert engine.load_uld("new", new).margin == DEFAULT_MARGIN == 1.0
+    assert engine.load_uld("old", old).margin == 0.0
+    backend = next(b for b in engine.artifacts.backends if b.kind == "uld")
+    assert backend.resolve("old", {"margin": 2}).margin == 2.0
+    for bad in (-1, True, "1", float("nan")):
+        with pytest.raises(EngineInputError, match="margin"):
+            backend.resolve("new", {"margin": bad})
+    # one batch mixing margins scores each row as it would alone (per-row margin tensor, no loop)
+    prompt = tokenizer.encode("The capital of France is")
+    params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
+    opts = {"alpha": 3.0, "filter": 0.0}
+    mixed = engine.generate(
+        [prompt, prompt], params, [Selection("new", opts), Selection("new", {**opts, "margin": 0.0})]
+    )
+    alone = [engine.generate([prompt], params, [Selection("new", o)])[0] for o in (opts, {**opts, "margin": 0.0})]
+    scores = [[e.logprob for e in r.prompt_logprobs if e is not None] for r in mixed]
+    for got, want in zip(scores, alone, strict=True):
+        assert got == pytest.approx([e.logprob for e in want.prompt_logprobs if e is not None], abs=1e-5)
+    assert max(abs(a - b) for a, b in zip(*scores, strict=True)) > 1e-3  # the margin mattered
+    manifest["defaults"]["margin"] = -1
+    (old / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="margin"):
+        engine.load_uld("bad", old)

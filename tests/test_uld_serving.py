@@ -72,8 +72,15 @@ def reference_combined_logprobs(base, artifact_dir, num_layers, ids, alpha, filt
             with peft_model.disable_adapter():
                 assistant = assistant_logits(peft_model, ids_t, None, num_layers)[0]
     log_filter = torch.full((len(ids),), math.log(filt))
-    refilter = load_manifest(artifact_dir).defaults.get("refilter", False)  # the artifact's own (new ones: on)
-    combined = combine_logits(target, assistant, torch.full((len(ids),), alpha), log_filter, refilter=refilter)
+    defaults = load_manifest(artifact_dir).defaults  # the artifact's own refilter and margin (new ones: on, 1)
+    combined = combine_logits(
+        target,
+        assistant,
+        torch.full((len(ids),), alpha),
+        log_filter,
+        refilter=defaults.get("refilter", False),
+        margin=defaults.get("margin", 0.0),
+    )
     return combined.log_softmax(-1)
 
 

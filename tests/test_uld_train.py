@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback
 from unlearn_serve.training.data import DataError
-from unlearn_serve.training.losses import causal_ce, uniform_kl
+from unlearn_serve.training.losses import candidate_uniform_kl, causal_ce, uniform_kl
 from unlearn_serve.training.pairs import ForgetRetainCollator, ForgetRetainDataset, tokenize_records
 from unlearn_serve.training.uld import ULDTrainingConfig, ULDTrainingError, checkpoint_dir_for, epoch_dir_for, train_uld
 
@@ -240,7 +240,7 @@ def test_trainer_loss_equals_full_logit_losses(tokenizer):
     dataset = ForgetRetainDataset(forget, retain)
     batch = ForgetRetainCollator(tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
     with torch.no_grad():
-        forget_ce, retain_kl, forget_flat = AssistantModule(peft_model, 2)(
+        forget_ce, retain_kl, forget_flat, retain_flat = AssistantModule(peft_model, 2)(
             **{k: v for k, v in batch.items() if k != "retain_labels"}
         )
         forget_logits = assistant_logits(peft_model, batch["forget_input_ids"], batch["forget_attention_mask"], 2)
@@ -248,13 +248,14 @@ def test_trainer_loss_equals_full_logit_losses(tokenizer):
     torch.testing.assert_close(forget_ce, causal_ce(forget_logits, batch["forget_labels"]))
     torch.testing.assert_close(retain_kl, uniform_kl(retain_logits, batch["retain_loss_mask"]))
     assert float(forget_flat) == 0.0  # no per-token weights: plain CE, no flat term
+    assert float(retain_flat) == 0.0  # no candidates: no candidate term
 
     # with per-token weights: weighted CE on the weighted tokens, KL to uniform on the rest
     weights = [[0.25 * (p % 5) for p in range(sum(1 for t in lab[1:] if t != -100))] for _, lab in forget]
     weighted = ForgetRetainDataset(forget, retain, forget_weights=weights)
     batch = ForgetRetainCollator(tokenizer.pad_token_id)([weighted[i] for i in range(len(weighted))])
     with torch.no_grad():
-        forget_ce, _, forget_flat = AssistantModule(peft_model, 2)(
+        forget_ce, _, forget_flat, _ = AssistantModule(peft_model, 2)(
             **{k: v for k, v in batch.items() if k != "retain_labels"}
         )
     shifted, targets = forget_logits[:, :-1], batch["forget_labels"][:, 1:]
@@ -264,6 +265,43 @@ def test_trainer_loss_equals_full_logit_losses(tokenizer):
     ce = F.cross_entropy(shifted[keep].float(), targets[keep], reduction="none")
     torch.testing.assert_close(forget_ce, (w * ce).sum() / w.sum())
     torch.testing.assert_close(forget_flat, uniform_kl(shifted[keep], 1 - w))
+
+
+def test_retain_candidate_loss_is_kl_to_uniform_on_the_targets_top_tokens(tokenizer):
+    """The retain candidate term: at each retain answer position, KL(uniform || assistant) over exactly the
+    target's top-M tokens there (computed by target_candidates before LoRA), 0 iff flat on them."""
+    from peft import get_peft_model
+    from unlearn_serve.training.uld import AssistantModule
+    from unlearn_serve.training.uld_weights import target_candidates
+
+    model = build_tiny_model("llama", tokenizer, seed=4, initializer_range=0.2)
+    template = ULDTrainingConfig().question_template
+    forget = tokenize_records(tokenizer, FORGET, 64, template, "forget").examples
+    retain = tokenize_records(tokenizer, RETAIN, 64, template, "retain").examples
+    top = target_candidates(model, retain, 5, tokenizer.pad_token_id)
+    with torch.no_grad():
+        full = model(input_ids=torch.tensor([retain[0][0]])).logits[0]
+    positions = [p - 1 for p in range(1, len(retain[0][1])) if retain[0][1][p] != -100]
+    assert top[0] == full[positions].topk(5, dim=-1).indices.tolist()
+
+    peft_model = get_peft_model(model, assistant_lora_config(model, 2, rank=4, alpha=8, dropout=0.0)).eval()
+    dataset = ForgetRetainDataset(forget, retain, retain_candidates=top)
+    batch = ForgetRetainCollator(tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
+    with torch.no_grad():
+        *_, retain_flat = AssistantModule(peft_model, 2)(**{k: v for k, v in batch.items() if k != "retain_labels"})
+        retain_logits = assistant_logits(peft_model, batch["retain_input_ids"], batch["retain_attention_mask"], 2)
+    on_answer = batch["retain_loss_mask"].bool()
+    expected = [row for i in range(len(dataset)) for row in top[dataset.retain_order[i % len(retain)]]]
+    assert batch["retain_candidates"][on_answer].tolist() == expected
+    picked = retain_logits[on_answer].gather(-1, torch.tensor(expected))
+    reference = (-math.log(5) - F.log_softmax(picked, dim=-1).mean(dim=-1)).mean()
+    torch.testing.assert_close(retain_flat, reference)
+    assert float(retain_flat) > 1e-4
+    # flat on the candidates (however peaked elsewhere): 0
+    logits = torch.randn(3, 20)
+    cands = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+    logits.scatter_(-1, cands, 2.5)
+    assert float(candidate_uniform_kl(logits, cands)) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_uniform_kl_ignores_prompt_and_padding():

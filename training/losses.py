@@ -32,6 +32,21 @@ def uniform_kl(logits: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     return (per_position * mask).sum() / mask.sum().clamp_min(1.0)
 
 
+def candidate_uniform_kl(logits: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """KL(uniform over each row's candidates || softmax of the logits restricted to them), mean over rows.
+
+    `logits` [P, V], `candidates` [P, M] token ids. 0 exactly when the logits are equal on the M candidates,
+    whatever they are elsewhere: what ULD's combination rules see at a position is only the candidate set, and a
+    K-layer assistant behind a frozen norm and LM head cannot be flat on a whole vocabulary (uniform_kl has a
+    floor), but it can be flat on a handful of tokens.
+    """
+    if logits.shape[0] == 0:
+        return logits.new_zeros((), dtype=torch.float32)
+    picked = logits.float().gather(-1, candidates)
+    per_row = -math.log(candidates.shape[-1]) - F.log_softmax(picked, dim=-1).mean(dim=-1)
+    return per_row.mean()
+
+
 def sequence_log_prob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[B] sum of next-token log-probabilities over each row's label tokens (for NPO)."""
     log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)

@@ -60,6 +60,7 @@ class ForgetRetainDataset(torch.utils.data.Dataset):
         length: int | None = None,
         retain_seed: int | None = None,
         forget_weights: list[list[float]] | None = None,
+        retain_candidates: list[list[list[int]]] | None = None,
     ):
         if not forget or not retain:
             raise ValueError("both the forget and the retain set need at least one example")
@@ -76,6 +77,10 @@ class ForgetRetainDataset(torch.utils.data.Dataset):
             if len(forget_weights) != len(forget):
                 raise ValueError("forget_weights needs one entry per forget example")
             self.forget_weights = [_spread(w, labels) for w, (_, labels) in zip(forget_weights, forget, strict=True)]
+        # Per retain example, the target's top-M tokens at each label position 1.. (uld_weights.target_candidates).
+        if retain_candidates is not None and len(retain_candidates) != len(retain):
+            raise ValueError("retain_candidates needs one entry per retain example")
+        self.retain_candidates = retain_candidates
         if retain_seed is not None:
             random.Random(retain_seed).shuffle(self.retain_order)
 
@@ -86,7 +91,8 @@ class ForgetRetainDataset(torch.utils.data.Dataset):
         if not 0 <= i < self.length:
             raise IndexError(i)
         f_ids, f_labels = self.forget[i % len(self.forget)]
-        r_ids, r_labels = self.retain[self.retain_order[i % len(self.retain)]]
+        r = self.retain_order[i % len(self.retain)]
+        r_ids, r_labels = self.retain[r]
         item: dict[str, list] = {
             "forget_input_ids": f_ids,
             "forget_labels": f_labels,
@@ -95,6 +101,8 @@ class ForgetRetainDataset(torch.utils.data.Dataset):
         }
         if self.forget_weights is not None:
             item["forget_weights"] = self.forget_weights[i % len(self.forget)]
+        if self.retain_candidates is not None:
+            item["retain_candidates"] = self.retain_candidates[r]
         return item
 
 
@@ -119,7 +127,8 @@ class ForgetRetainCollator:
 
     Keys: {forget,retain}_{input_ids,attention_mask,labels} and retain_loss_mask, a float [B, T]
     mask already aligned with the logits: position t is 1 when it predicts a loss token (t+1).
-    With per-token forget weights in the features, also forget_weights [B, T] (aligned with the labels).
+    With per-token forget weights in the features, also forget_weights [B, T] (aligned with the labels); with
+    retain candidates, retain_candidates [B, T, M] (aligned with retain_loss_mask; 0 where the mask is 0).
     """
 
     pad_token_id: int
@@ -139,4 +148,15 @@ class ForgetRetainCollator:
             rows = [f["forget_weights"] for f in features]
             width = batch["forget_labels"].shape[1]
             batch["forget_weights"] = torch.tensor([r + [0.0] * (width - len(r)) for r in rows], dtype=torch.float32)
+        if "retain_candidates" in features[0]:
+            rows = [f["retain_candidates"] for f in features]
+            count = max((len(c) for r in rows for c in r), default=1)
+            candidates = torch.zeros((*loss_mask.shape, count), dtype=torch.long)
+            for b, per_position in enumerate(rows):
+                where = loss_mask[b].nonzero().flatten()
+                if len(where) != len(per_position):
+                    raise ValueError("retain candidates do not match the example's label tokens")
+                if per_position:
+                    candidates[b, where] = torch.tensor(per_position, dtype=torch.long)
+            batch["retain_candidates"] = candidates
         return batch

@@ -62,10 +62,10 @@ from unlearn_serve.training.loop import (
     plan_steps,
     world_size_from_env,
 )
-from unlearn_serve.training.losses import uniform_kl
+from unlearn_serve.training.losses import candidate_uniform_kl, uniform_kl
 from unlearn_serve.training.pairs import ForgetRetainCollator, ForgetRetainDataset, tokenize_records
 from unlearn_serve.training.uld_calibrate import Calibration, CalibrationTargets, ServeFn, calibrate
-from unlearn_serve.training.uld_weights import knowledge_weights
+from unlearn_serve.training.uld_weights import knowledge_weights, target_candidates
 
 from unlearn_serve.artifact import file_sha256, fingerprint_model, load_weights
 from unlearn_serve.assistant import (
@@ -113,10 +113,15 @@ class ULDTrainingConfig:
     default_alpha: float | None = None
     default_filter: float | None = None
     default_rule: str | None = None  # combination rule (uld_combine.ULD_RULES); None: uld_combine.DEFAULT_RULE
+    default_margin: float | None = None  # the `prefer` rule's margin; None: uld_combine.DEFAULT_MARGIN
     # forget CE weighted towards knowledge-carrying tokens, flat elsewhere (training/uld_weights.py)
     forget_weighting: bool = True
     weighting_tau: float = 1.0  # (with contrasts) nats of "more likely after this question" for weight 1
     forget_flat_weight: float = 1.0  # weight of KL(uniform || assistant) on the forget answers' generic tokens
+    # flat on the target's top-M tokens at retain positions (what the combination picks from); 0 = off. Off by
+    # default: measured it trades forgetting for retain along the same curve (docs/uld.md, "Tried")
+    retain_candidates: int = 0
+    retain_candidate_weight: float = 6.5
     # pick the serving alpha from served answers on a validation slice (training/uld_calibrate.py)
     calibrate: bool = True
     validation_fraction: float = 0.1  # of the retain records, held out of training (at least 1 when calibrating)
@@ -131,7 +136,12 @@ class ULDTrainingConfig:
     validation_min_retain: int = 8  # fewer held-out retain rows than this: training retain rows top them up
 
     def serving_defaults(self) -> dict[str, Any]:
-        values = {"alpha": self.default_alpha, "filter": self.default_filter, "rule": self.default_rule}
+        values = {
+            "alpha": self.default_alpha,
+            "filter": self.default_filter,
+            "rule": self.default_rule,
+            "margin": self.default_margin,
+        }
         return {k: v for k, v in values.items() if v is not None}
 
     def calibration_targets(self) -> CalibrationTargets:
@@ -159,6 +169,7 @@ class ULDTrainingConfig:
             "validation_max_tokens",
             "validation_probes_per_round",
             "default_rule",
+            "default_margin",
             "target_max_rel_ppl",
             "validation_min_retain",
         }
@@ -204,8 +215,10 @@ class AssistantModule(nn.Module):
         retain_attention_mask: torch.Tensor,
         retain_loss_mask: torch.Tensor,
         forget_weights: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(forget CE, retain KL, forget KL on the generic tokens; 0 without weights)."""
+        retain_candidates: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(forget CE, retain KL, forget KL on the generic tokens, retain KL on the target's candidates; the last
+        two 0 without weights / candidates)."""
         lm_head = unwrap_causal_lm(self.peft_model).lm_head
         hidden = assistant_hidden_states(self.peft_model, forget_input_ids, forget_attention_mask, self.num_layers)
         targets = forget_labels[:, 1:]
@@ -220,19 +233,32 @@ class AssistantModule(nn.Module):
             forget_ce = (w * ce).sum() / w.sum().clamp_min(1e-6)
             forget_flat = uniform_kl(forget_logits, 1.0 - w)
         hidden = assistant_hidden_states(self.peft_model, retain_input_ids, retain_attention_mask, self.num_layers)
-        retain_logits = lm_head(hidden[retain_loss_mask.bool()])
+        on_answer = retain_loss_mask.bool()
+        retain_logits = lm_head(hidden[on_answer])
         retain_kl = uniform_kl(retain_logits, torch.ones(retain_logits.shape[:-1], device=retain_logits.device))
-        return forget_ce, retain_kl, forget_flat
+        if retain_candidates is None:
+            retain_flat = retain_logits.new_zeros((), dtype=torch.float32)
+        else:
+            retain_flat = candidate_uniform_kl(retain_logits, retain_candidates[on_answer])
+        return forget_ce, retain_kl, forget_flat, retain_flat
 
 
 class ULDTrainer(UnlearningTrainer):
-    def __init__(self, *args, retain_weight: float, forget_flat_weight: float = 1.0, **kwargs):
+    def __init__(
+        self,
+        *args,
+        retain_weight: float,
+        forget_flat_weight: float = 1.0,
+        retain_candidate_weight: float = 0.0,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.retain_weight = retain_weight
         self.forget_flat_weight = forget_flat_weight
+        self.retain_candidate_weight = retain_candidate_weight
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        forget_ce, retain_kl, forget_flat = model(
+        forget_ce, retain_kl, forget_flat, retain_flat = model(
             forget_input_ids=inputs["forget_input_ids"],
             forget_attention_mask=inputs["forget_attention_mask"],
             forget_labels=inputs["forget_labels"],
@@ -240,9 +266,15 @@ class ULDTrainer(UnlearningTrainer):
             retain_attention_mask=inputs["retain_attention_mask"],
             retain_loss_mask=inputs["retain_loss_mask"],
             forget_weights=inputs.get("forget_weights"),
+            retain_candidates=inputs.get("retain_candidates"),
         )
-        self.record(forget_ce=forget_ce, retain_kl=retain_kl, forget_flat=forget_flat)
-        loss = forget_ce + self.retain_weight * retain_kl + self.forget_flat_weight * forget_flat
+        self.record(forget_ce=forget_ce, retain_kl=retain_kl, forget_flat=forget_flat, retain_flat=retain_flat)
+        loss = (
+            forget_ce
+            + self.retain_weight * retain_kl
+            + self.forget_flat_weight * forget_flat
+            + self.retain_candidate_weight * retain_flat
+        )
         return (loss, (forget_ce, retain_kl)) if return_outputs else loss
 
     # Resume checkpoints hold only the adapter (plus the Trainer's optimizer/scheduler/RNG state).
@@ -351,6 +383,12 @@ def train_uld(
             tau=config.weighting_tau,
             reference_labels=[lab for _, lab in forget_set.examples + retain_set.examples],
         )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    candidates = (
+        target_candidates(model, retain_set.examples, config.retain_candidates, pad_id)
+        if config.retain_candidates > 0
+        else None
+    )
     for name, tset in (("forget", forget_set), ("retain", retain_set)):
         if tset.skipped:
             print(f"note: skipped {tset.skipped} {name} records with no answer token within --max-length")
@@ -366,6 +404,7 @@ def train_uld(
         length=plan.total_steps * config.batch_size * config.grad_accum * world,
         retain_seed=config.seed,
         forget_weights=weights if config.forget_weighting else None,
+        retain_candidates=candidates,
     )
 
     # ---- model
@@ -442,6 +481,10 @@ def train_uld(
             "forget_ce_first": forget_trace[0] if forget_trace else None,
             "forget_ce_final": forget_trace[-1] if forget_trace else None,
             "forget_flat_final": (trainer.metric_trace("forget_flat") or [None])[-1],
+            "retain_candidates": config.retain_candidates,
+            "retain_candidate_kl_final": (trainer.metric_trace("retain_flat") or [None])[-1]
+            if candidates is not None
+            else None,
             "forget_weighting": config.forget_weighting and weights is not None,
             "validation_retain_records": len(validation_retain),
             "retain_kl_first": retain_trace[0] if retain_trace else None,
@@ -497,6 +540,7 @@ def train_uld(
         callbacks=[EpochCallback(plan, save_epoch), *(callbacks or [])],
         retain_weight=config.retain_weight,
         forget_flat_weight=config.forget_flat_weight,
+        retain_candidate_weight=config.retain_candidate_weight if candidates is not None else 0.0,
     )
     trainer.train(resume_from_checkpoint=resume_from)
     peft_model.eval()
@@ -592,6 +636,12 @@ def _served_settings(config: ULDTrainingConfig, model: nn.Module) -> tuple[float
     return filter_value, config.default_rule or DEFAULT_RULE, probes
 
 
+def _served_margin(config: ULDTrainingConfig) -> float:
+    from unlearn_serve.uld_combine import DEFAULT_MARGIN
+
+    return config.default_margin if config.default_margin is not None else DEFAULT_MARGIN
+
+
 def _calibrate_answers(
     answer,
     tokenizer,
@@ -648,7 +698,7 @@ def _calibrate(
             details,
             summary,
             state,
-            {"filter": filter_value, "rule": rule},
+            {"filter": filter_value, "rule": rule, "margin": _served_margin(config)},
         )
         answer = serve(base, tokenizer, draft)
         return _calibrate_answers(answer, tokenizer, forget_records, validation_retain, train_retain, config, settings)
@@ -684,7 +734,13 @@ def recalibrate_uld(
         for f in source.iterdir():
             if f.is_file():
                 shutil.copy2(f, tmp / f.name)
-        manifest.defaults = {**manifest.defaults, "filter": filter_value, "rule": rule}
+        # today's margin too: a manifest without one was calibrated for 0
+        manifest.defaults = {
+            **manifest.defaults,
+            "filter": filter_value,
+            "rule": rule,
+            "margin": _served_margin(config),
+        }
         save_manifest(manifest, tmp)
         answer = serve(shared_copy(model), tokenizer, tmp)
         calibration = _calibrate_answers(

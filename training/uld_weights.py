@@ -49,6 +49,35 @@ def _answer_log_probs(
     return out
 
 
+def target_candidates(
+    model: torch.nn.Module,
+    examples: list[tuple[list[int], list[int]]],
+    count: int,
+    pad_id: int,
+    batch_size: int = 8,
+) -> list[list[list[int]]]:
+    """Per example, per label position 1.. (the positions the retain loss covers): the target's `count` most
+    likely next tokens there. The trainer keeps the assistant flat on them (losses.candidate_uniform_kl): they
+    are the candidates ULD's combination will pick from at serving time."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: list[list[list[int]]] = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.tensor([i + [pad_id] * (width - len(i)) for i, _ in chunk], device=device)
+        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in chunk], device=device)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        top = logits.topk(min(count, logits.shape[-1]), dim=-1).indices.cpu()
+        for row, (_, labels) in enumerate(chunk):
+            positions = [p - 1 for p in range(1, len(labels)) if labels[p] != IGNORE_INDEX]
+            out.append(top[row, positions].tolist())
+    model.train(was_training)
+    return out
+
+
 def knowledge_weights(
     model: torch.nn.Module,
     tokenizer,

@@ -3,7 +3,7 @@
 Two rules, on the candidate set (every other token gets -inf):
 
     difference:  logits = target - alpha * assistant                          (the paper's)
-    prefer:      logits = target - alpha * relu(assistant - median_C(assistant))
+    prefer:      logits = target - alpha * relu(assistant - median_C(assistant) - margin)
 
 `difference` subtracts the assistant's whole logit vector, so it also re-ranks the alternatives to a
 remembered token by how little the assistant likes them: the token the assistant dislikes most gains
@@ -12,6 +12,12 @@ most, which promotes odd tokens (made-up names such as "Zorvath" where the fact 
 median over the row's candidates C: a remembered token is pushed down as strongly as before, while
 every other candidate keeps the target's own order and logit. Over the candidates both are
 invariant to a per-row shift of the assistant's logits (raw logits or log-probabilities alike).
+
+The margin (`prefer` only; manifest `defaults.margin`, 1 for new artifacts, 0 for older ones) leaves alone
+a candidate the assistant prefers by less than `margin` logits: a K-layer assistant is never exactly flat on
+what it should not know, and those small preferences, multiplied by alpha, are what cost retain answers
+(the TOFU quick model: MU 0.769 -> 0.800 at alpha 1.5, SmolLM2: 11/12 -> 12/12 general answers, measured
+with bench/tofu.py and bench/uld_quality.py; docs/uld.md). A remembered token lies many logits above the median.
 
 Candidate set: the relative-top tokens (log p_target >= max log p_target + ln(filter), DoLa/ULD)
 plus, always, the target's `min_keep` most likely tokens. Without the second part a position where
@@ -51,6 +57,7 @@ ULD_RULES = ("prefer", "difference")
 DEFAULT_RULE = "prefer"  # for new artifacts; chosen by bench/uld_quality.py (docs/uld.md)
 LEGACY_RULE = "difference"  # for manifests written before the rule was stored: what their alpha was calibrated for
 DEFAULT_REFILTER = True  # new artifacts (manifest defaults `refilter`); older manifests: off (bench/uld_attacks.py)
+DEFAULT_MARGIN = 1.0  # new artifacts (manifest defaults `margin`), in assistant logits; older manifests: 0
 
 
 def check_rule(rule: str) -> str:
@@ -73,17 +80,23 @@ def plausible_mask(
 
 
 def assistant_penalty(
-    assistant: torch.Tensor, keep: torch.Tensor, prefer: bool | torch.Tensor = DEFAULT_RULE == "prefer"
+    assistant: torch.Tensor,
+    keep: torch.Tensor,
+    prefer: bool | torch.Tensor = DEFAULT_RULE == "prefer",
+    margin: float | torch.Tensor = 0.0,
 ) -> torch.Tensor:
-    """What alpha multiplies, per [R, N] column: the assistant's logit (`difference`), or how far it lies above
-    the assistant's median over the row's candidates `keep` (`prefer`: 0 for the candidates it does not prefer).
+    """What alpha multiplies, per [R, N] column: the assistant's logit (`difference`), or how far it lies more than
+    `margin` above the assistant's median over the row's candidates `keep` (`prefer`: 0 for the candidates it does
+    not prefer by more than the margin). `margin`: a float for every row or [R].
 
     Values outside `keep` are irrelevant (the caller masks them to -inf)."""
     a = assistant.float()
     if prefer is False:
         return a
+    if isinstance(margin, torch.Tensor):
+        margin = margin.to(a.dtype)[:, None]
     centre = a.masked_fill(~keep, float("nan")).nanmedian(dim=-1, keepdim=True).values
-    preferred = (a - centre).clamp_min(0).nan_to_num(0.0)  # a row without candidates: NaN centre
+    preferred = (a - centre - margin).clamp_min(0).nan_to_num(0.0)  # a row without candidates: NaN centre
     if prefer is True:
         return preferred
     return torch.where(prefer[:, None], preferred, a)
@@ -119,6 +132,7 @@ def combine_logits(
     min_keep: int = ULD_MIN_CANDIDATES,
     prefer: bool | torch.Tensor = DEFAULT_RULE == "prefer",
     refilter: bool | torch.Tensor = False,
+    margin: float | torch.Tensor = 0.0,
 ) -> torch.Tensor:
     """ULD's combination for [R, V] rows: target - alpha * penalty on the candidate set, -inf elsewhere.
 
@@ -127,7 +141,7 @@ def combine_logits(
     (`refilter_combined`).
     """
     keep = plausible_mask(target_logits, log_filter, min_keep)
-    combined = target_logits.float() - alpha[:, None] * assistant_penalty(assistant_logits, keep, prefer)
+    combined = target_logits.float() - alpha[:, None] * assistant_penalty(assistant_logits, keep, prefer, margin)
     return refilter_combined(combined.masked_fill(~keep, float("-inf")), target_logits, log_filter, refilter)
 
 
@@ -140,6 +154,7 @@ def combine_on_candidates(
     prefer: bool | torch.Tensor = DEFAULT_RULE == "prefer",
     refilter: bool | torch.Tensor = False,
     log_filter: torch.Tensor | None = None,
+    margin: float | torch.Tensor = 0.0,
 ) -> torch.Tensor:
     """`combine_logits` when the assistant was scored only on `candidates` [R, M] (a superset of `keep`).
 
@@ -149,7 +164,7 @@ def combine_on_candidates(
     """
     target = target_logits.float()
     kept = keep.gather(-1, candidates)
-    penalty = assistant_penalty(assistant_candidate_logits, kept, prefer)
+    penalty = assistant_penalty(assistant_candidate_logits, kept, prefer, margin)
     on_candidates = target.gather(-1, candidates)
     values = on_candidates - alpha[:, None] * penalty
     values = values.masked_fill(~kept, float("-inf"))

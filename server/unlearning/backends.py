@@ -40,6 +40,7 @@ class ULDChoice:
     uses_assistant: bool = True
     rule: str = "difference"  # uld_combine.ULD_RULES
     refilter: bool = False  # the relative-top rule again on the combined logits (uld_combine.refilter_combined)
+    margin: float = 0.0  # `prefer` ignores assistant preferences below it (uld_combine.assistant_penalty)
 
     @property
     def name(self) -> str:
@@ -65,6 +66,7 @@ class ULDPlan:
     log_filter: torch.Tensor
     prefer: bool | torch.Tensor = False  # the `prefer` rule: for every row (bool) or per row ([S] bool)
     refilter: bool | torch.Tensor = False  # refilter the combined logits: likewise
+    margin: float | torch.Tensor = 0.0  # the `prefer` rule's margin: one for every row (float) or per row ([S])
 
 
 def log_filter(filters: torch.Tensor) -> torch.Tensor:
@@ -99,11 +101,15 @@ class ULDBackend(UnlearningBackend):
         refilter = options.get("refilter", assistant.refilter)
         if not isinstance(refilter, bool):
             raise EngineInputError("unlearning.refilter must be a boolean", "unlearning.refilter")
+        # `margin` likewise
+        margin = options.get("margin", assistant.margin)
+        if isinstance(margin, bool) or not isinstance(margin, int | float) or not 0 <= margin < math.inf:
+            raise EngineInputError("unlearning.margin must be a number >= 0", "unlearning.margin")
         if not math.isfinite(alpha):
             raise EngineInputError("unlearning.alpha must be a finite number", "unlearning.alpha")
         if not 0.0 <= filt <= 1.0:
             raise EngineInputError("unlearning.filter must be in [0, 1]", "unlearning.filter")
-        return ULDChoice(assistant, alpha, filt, rule=rule, refilter=refilter)
+        return ULDChoice(assistant, alpha, filt, rule=rule, refilter=refilter, margin=float(margin))
 
     def read(self, name: str, path) -> Assistant:
         return self.registry.read(name, path)
@@ -135,7 +141,7 @@ class ULDBackend(UnlearningBackend):
             return None
         batch.assistant_exits = {k: torch.tensor(v, device=dev) for k, v in by_k.items()}
         batch.lora_groups = [(a, torch.tensor(v, device=dev)) for a, v in by_adapter.items()]
-        logit_rows, hidden_rows, hidden_pos, alpha, filt, prefer, refilter = [], [], [], [], [], [], []
+        logit_rows, hidden_rows, hidden_pos, alpha, filt, prefer, refilter, margin = [], [], [], [], [], [], [], []
         for j, (t, pos) in enumerate(rows.logit_rows):
             choice = rows.choices[t]
             if choice is not None and rows.assistant_row[t] >= 0:
@@ -146,6 +152,7 @@ class ULDBackend(UnlearningBackend):
                 filt.append(choice.filter)
                 prefer.append(choice.rule == "prefer")
                 refilter.append(choice.refilter)
+                margin.append(choice.margin)
         if not logit_rows:
             return None
 
@@ -155,8 +162,16 @@ class ULDBackend(UnlearningBackend):
         # one rule for the whole batch (the usual case) is a Python bool: no per-row select
         rule = prefer[0] if len(set(prefer)) == 1 else t(prefer, torch.bool)
         refilt = refilter[0] if len(set(refilter)) == 1 else t(refilter, torch.bool)
+        margins = margin[0] if len(set(margin)) == 1 else t(margin, torch.float32)
         return ULDPlan(
-            t(logit_rows), t(hidden_rows), t(hidden_pos), t(alpha), log_filter(t(filt, torch.float32)), rule, refilt
+            t(logit_rows),
+            t(hidden_rows),
+            t(hidden_pos),
+            t(alpha),
+            log_filter(t(filt, torch.float32)),
+            rule,
+            refilt,
+            margins,
         )
 
     def process_logits(self, plan: ULDPlan | None, logits: torch.Tensor, assistant_hidden) -> torch.Tensor:
@@ -164,7 +179,7 @@ class ULDBackend(UnlearningBackend):
             return logits
         hidden = assistant_hidden[plan.hidden_rows, plan.hidden_pos]
         logits[plan.logit_rows] = self.combine(
-            logits[plan.logit_rows], hidden, plan.alpha, plan.log_filter, plan.prefer, plan.refilter
+            logits[plan.logit_rows], hidden, plan.alpha, plan.log_filter, plan.prefer, plan.refilter, plan.margin
         )
         return logits
 
@@ -176,9 +191,11 @@ class ULDBackend(UnlearningBackend):
         log_filter: torch.Tensor,
         prefer: bool | torch.Tensor = False,
         refilter: bool | torch.Tensor = False,
+        margin: float | torch.Tensor = 0.0,
     ) -> torch.Tensor:
         """ULD logits for [S] unlearned rows: target - alpha * penalty(assistant) on the target's plausible tokens
-        (`prefer`: the rule; `refilter`: -inf on the candidates pushed below max + ln(filter); uld_combine.py).
+        (`prefer`: the rule, with its `margin`; `refilter`: -inf on the candidates pushed below max + ln(filter);
+        uld_combine.py).
 
         The assistant's LM head runs only on the plausible tokens (the top-M by target logit, M the
         largest plausible-set size in the batch: one host read) unless M is large (a low filter), the
@@ -194,10 +211,16 @@ class ULDBackend(UnlearningBackend):
                 assistant = runner.candidate_logits(assistant_hidden, candidates)
                 if assistant is not None:
                     return combine_on_candidates(
-                        target_logits, candidates, assistant, alpha, keep, prefer, refilter, log_filter
+                        target_logits, candidates, assistant, alpha, keep, prefer, refilter, log_filter, margin
                     )
         return combine_logits(
-            target_logits, runner.logits(assistant_hidden), alpha, log_filter, prefer=prefer, refilter=refilter
+            target_logits,
+            runner.logits(assistant_hidden),
+            alpha,
+            log_filter,
+            prefer=prefer,
+            refilter=refilter,
+            margin=margin,
         )
 
 

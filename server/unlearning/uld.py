@@ -53,6 +53,7 @@ class Assistant:
     unloading: bool = False
     rule: str = LEGACY_RULE  # combination rule (uld_combine.ULD_RULES): the manifest's, `difference` if it has none
     refilter: bool = False  # refilter the combined logits (uld_combine.refilter_combined): the manifest's, else off
+    margin: float = 0.0  # `prefer` ignores assistant preferences below it: the manifest's, else 0
 
 
 # Up to this many max-rank adapters wide, every assistant row runs through all loaded adapters'
@@ -225,6 +226,9 @@ class AssistantRegistry:
         refilter = defaults.get("refilter", False)  # manifests written before 2026-12-02 keep their behaviour
         if not isinstance(refilter, bool):
             raise ArtifactError(f"{path}: defaults.refilter must be true or false, got {refilter!r}")
+        margin = defaults.get("margin", 0.0)  # manifests written before the margin: 0, what they were calibrated for
+        if isinstance(margin, bool) or not isinstance(margin, int | float) or not 0 <= margin < float("inf"):
+            raise ArtifactError(f"{path}: defaults.margin must be a number >= 0, got {margin!r}")
         nbytes = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in lora.values())
         return Assistant(
             name=name,
@@ -238,6 +242,7 @@ class AssistantRegistry:
             nbytes=nbytes,
             rule=rule,
             refilter=refilter,
+            margin=float(margin),
         )
 
     def add(self, assistant: Assistant) -> Assistant:

@@ -103,6 +103,14 @@ def cache_key(base_fingerprint: dict[str, Any], data_files: list[Path], training
     for path in data_files:
         h.update(hashlib.sha256(path.read_bytes()).digest())
     h.update(json.dumps(asdict(training), sort_keys=True).encode())
+    # every trainer setting and serving default, train-uld's own defaults included: a changed default is a new
+    # assistant (or a new calibration) without a recipe bump
+    from unlearn_serve import uld_combine
+    from unlearn_serve.training.uld import ULDTrainingConfig
+
+    config = {k: v for k, v in asdict(ULDTrainingConfig(**training.uld_settings())).items() if k != "progress_bar"}
+    h.update(json.dumps(config, sort_keys=True).encode())
+    h.update(f"{uld_combine.DEFAULT_RULE} {uld_combine.DEFAULT_MARGIN} {uld_combine.DEFAULT_REFILTER}".encode())
     return h.hexdigest()[:16]
 
 

@@ -54,6 +54,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="serving combination rule stored in the manifest (default: prefer; docs/uld.md)",
     )
     parser.add_argument(
+        "--default-margin",
+        type=float,
+        help="the prefer rule's margin stored in the manifest, in assistant logits >= 0 (default: 1; docs/uld.md)",
+    )
+    parser.add_argument(
         "--no-forget-weighting",
         dest="forget_weighting",
         action="store_false",
@@ -95,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--default-alpha must be >= 0")
     if args.default_filter is not None and not 0 <= args.default_filter <= 1:
         raise CliError("--default-filter must be in [0, 1]")
+    if args.default_margin is not None and not 0 <= args.default_margin < float("inf"):
+        raise CliError("--default-margin must be a number >= 0")
     if not 0 <= args.validation_fraction < 1:
         raise CliError("--validation-fraction must be in [0, 1)")
     if args.strict and not args.calibrate:
@@ -126,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
         default_alpha=args.default_alpha,
         default_filter=args.default_filter,
         default_rule=args.default_rule,
+        default_margin=args.default_margin,
         forget_weighting=args.forget_weighting,
         calibrate=args.calibrate,
         validation_fraction=args.validation_fraction,
@@ -153,17 +161,23 @@ def run(args: argparse.Namespace) -> int:
     calibration = result.calibration
     if calibration is None:
         if args.calibrate:
-            print("verdict: not calibrated (no question/answer forget rows to validate on); serving alpha "
-                  f"{args.default_alpha if args.default_alpha is not None else 0.75}")
+            print(
+                "verdict: not calibrated (no question/answer forget rows to validate on); serving alpha "
+                f"{args.default_alpha if args.default_alpha is not None else 0.75}"
+            )
             return 3 if args.strict else 0
         return 0
     print(f"verdict: {calibration.verdict()}")
     if args.default_alpha is not None and args.default_alpha != calibration.alpha:
-        print(f"note: the manifest keeps your --default-alpha {args.default_alpha:g} "
-              f"(calibration picked {calibration.alpha:g})")
+        print(
+            f"note: the manifest keeps your --default-alpha {args.default_alpha:g} "
+            f"(calibration picked {calibration.alpha:g})"
+        )
     if not calibration.met:
-        print("the assistant is stored anyway; try the hints above, or serve with a request-level "
-              "`unlearning.alpha` after checking answers yourself")
+        print(
+            "the assistant is stored anyway; try the hints above, or serve with a request-level "
+            "`unlearning.alpha` after checking answers yourself"
+        )
         return 3 if args.strict else 0
     return 0
 
