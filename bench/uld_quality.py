@@ -247,6 +247,8 @@ VARIANTS = {
     "new-difference": dict(train=dict(default_rule="difference"), min_keep=None),
     # today's trainer without the retain loss on the target's candidates (before 2026-12-02, third session)
     "new-no-candidates": dict(train=dict(retain_candidates=0), min_keep=None),
+    # today's trainer plus the target's own answers as extra rows (training/self_answers.py)
+    "new-self": dict(train=dict(self_answers=True), min_keep=None),
     "new": dict(train={}, min_keep=None),
 }
 
@@ -315,9 +317,9 @@ def evaluate(
     tokenizer,
     artifact: Path,
     min_keep: int | None,
-    settings: list[tuple[str | None, float | None]],
+    settings: list[tuple[str | None, float | None, float | None]],
 ):
-    """One row per (rule, alpha) of `settings`; None = the artifact's default."""
+    """One row per (rule, alpha, margin) of `settings`; None = the artifact's default."""
     import importlib
 
     from unlearn_serve.server.engine.engine import Engine, EngineConfig
@@ -370,8 +372,9 @@ def evaluate(
         base = answers(None)
         base_nll = nll(base[: 2 * nf])
         rows = []
-        for rule, alpha in settings:
+        for rule, alpha, margin in settings:
             options = ({} if alpha is None else {"alpha": alpha}) | ({} if rule is None else {"rule": rule})
+            options |= {} if margin is None else {"margin": margin}
             sel = Selection("forget", options)
             got = answers(sel)
             forget_answers = got[: 2 * nf]
@@ -381,7 +384,8 @@ def evaluate(
                     alpha=assistant.alpha if alpha is None else alpha,
                     filter=assistant.filter,
                     rule=assistant.rule if rule is None else rule,
-                    default=alpha is None and rule is None,
+                    margin=assistant.margin if margin is None else margin,
+                    default=alpha is None and rule is None and margin is None,
                     base_known=sum(names(a, c) for a, c in zip(base[:nf], suite.forget_checks, strict=True)),
                     base_known_para=sum(
                         names(a, c) for a, c in zip(base[nf : 2 * nf], suite.forget_checks, strict=True)
@@ -423,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="combination rules to score (comma list of: prefer, difference; default: the artifact's own)",
     )
+    parser.add_argument(
+        "--margins", default="", help="prefer-rule margins to score (comma list; default: the artifact's own)"
+    )
     parser.add_argument("--retrain", action="store_true", help="ignore cached assistants")
     parser.add_argument(
         "--artifact",
@@ -456,12 +463,13 @@ def main(argv: list[str] | None = None) -> int:
             suites.append(tofu_quick_suite(Suite, Check))
     extra = [float(a) for a in args.alphas.split(",") if a.strip()]
     rules: list[str | None] = [r.strip() for r in args.rules.split(",") if r.strip()] or [None]
+    margins: list[float | None] = [float(m) for m in args.margins.split(",") if m.strip()] or [None]
     results: list[dict[str, Any]] = []
     header = (
-        "| model | variant | rule | alpha | filter | leak (orig) | leak (para) | retain / base | loops | URL/off-lang "
-        "| rel. ppl | train s |"
+        "| model | variant | rule | margin | alpha | filter | leak (orig) | leak (para) | retain / base | loops "
+        "| URL/off-lang | rel. ppl | train s |"
     )
-    lines = [header, "|" + "---|" * 12]
+    lines = [header, "|" + "---|" * 13]
     for suite in suites:
         model, tokenizer = suite.model_loader()
         for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
@@ -479,14 +487,16 @@ def main(argv: list[str] | None = None) -> int:
             calibration = load_manifest(artifact).training.get("calibration") or {}
             if calibration.get("verdict"):
                 print(f"  [{suite.name}/{variant}] train-uld verdict: {calibration['verdict']}", flush=True)
-            # the artifact's defaults first (the goals are judged on that row), then each rule x alpha asked for
-            settings = [(None, None)] + [(r, a) for r in rules for a in extra or [None] if (r, a) != (None, None)]
+            # the artifact's defaults first (the goals are judged on that row), then each rule x margin x alpha
+            settings = [(None, None, None)] + [
+                (r, a, m) for r in rules for m in margins for a in extra or [None] if (r, a, m) != (None, None, None)
+            ]
             rows = evaluate(suite, model, tokenizer, artifact, VARIANTS[variant]["min_keep"], settings)
             for r in rows:
                 r.update(model=suite.name, variant=variant, train_s=seconds)
                 results.append(r)
                 line = (
-                    f"| {suite.name} | {variant} | {r['rule']} | {r['alpha']:g} | {r['filter']:g} "
+                    f"| {suite.name} | {variant} | {r['rule']} | {r['margin']:g} | {r['alpha']:g} | {r['filter']:g} "
                     f"| {r['leak']}/{r['n_forget']} (base {r['base_known']}) "
                     f"| {r['leak_para']}/{r['n_forget']} (base {r['base_known_para']}) "
                     f"| {r['retain']}/{r['retain_base']} | {r['loops']:.2f} (base {r['base_loops']:.2f}) "

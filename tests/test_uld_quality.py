@@ -295,3 +295,34 @@ def test_recalibrate_keeps_the_weights_and_reproduces_the_trained_calibration(me
     assert json.loads((tmp_path / "a" / MANIFEST_NAME).read_text())["defaults"]["rule"] == "difference"
     weights = "adapter_model.safetensors"
     assert (tmp_path / "c" / weights).read_bytes() == (tmp_path / "a" / weights).read_bytes()
+
+
+def test_self_answers_add_the_targets_own_answers_with_only_the_fact_weighted(memorised, tmp_path):
+    """self_answers: the target's greedy answers become extra rows (forget ones only when they name the fact),
+    whose loss weights are 1 exactly on the fact's word; the step budget is that of the data without them."""
+    from unlearn_serve.training.self_answers import SELF_ANSWER, greedy_answers, self_answer_rows
+    from unlearn_serve.training.uld_weights import fact_word_weights
+
+    model, tokenizer, _ = memorised
+    answers = greedy_answers(model, tokenizer, [r["question"] for r in FORGET], DEFAULT_QUESTION_TEMPLATE, 8)
+    assert answers == [r["answer"] for r in FORGET]  # the memoriser answers with its training sentence
+    forget_rows, retain_rows = self_answer_rows(model, tokenizer, FORGET, RETAIN, DEFAULT_QUESTION_TEMPLATE, 8)
+    assert [r["fact_words"] for r in forget_rows] == [[c.lower()] for _, c in PEOPLE[:2]]
+    assert [r["question"] for r in retain_rows] == [r["question"] for r in RETAIN]
+    assert all(r["augmented_from"] == SELF_ANSWER for r in forget_rows + retain_rows)
+    # a forget answer that does not name its fact adds nothing: there is nothing of the fact in it to learn
+    wrong = [{"question": FORGET[0]["question"], "answer": "Arlo lives in Quito."}]
+    assert self_answer_rows(model, tokenizer, wrong, [], DEFAULT_QUESTION_TEMPLATE, 8)[0] == []
+    examples = tokenize_records(tokenizer, forget_rows, 64, DEFAULT_QUESTION_TEMPLATE, "forget").examples
+    for (_, labels), row, (_, city) in zip(examples, forget_rows, PEOPLE[:2], strict=True):
+        tokens = [t for t in labels[1:] if t != -100]
+        w = fact_word_weights(tokenizer, labels, row["fact_words"])
+        assert tokenizer.decode([t for t, x in zip(tokens, w, strict=True) if x == 1.0]).strip() == city
+        assert set(w) == {0.0, 1.0}
+
+    plain = train_uld(copy.deepcopy(model), tokenizer, FORGET, RETAIN, tmp_path / "plain", _config(calibrate=False))
+    own = train_uld(
+        copy.deepcopy(model), tokenizer, FORGET, RETAIN, tmp_path / "own", _config(calibrate=False, self_answers=True)
+    )
+    assert own.steps == plain.steps
+    assert own.training["data"]["forget"]["examples"] == plain.training["data"]["forget"]["examples"] + 2

@@ -165,7 +165,7 @@ def test_manifest_records_training(llama_run):
     assert manifest.details["assistant_layers"] == llama_run["num_layers"]
     # no `serve` function: no calibration (tests/test_uld_quality.py has it), nothing held out, the paper's alpha
     assert "calibration" not in training and training["validation_retain_records"] == 0
-    assert manifest.defaults == {"alpha": 0.75, "filter": 0.01, "rule": DEFAULT_RULE, "refilter": True}
+    assert manifest.defaults == {"alpha": 0.75, "filter": 0.01, "rule": DEFAULT_RULE, "refilter": True, "margin": 1.0}
     assert training["forget_ce_final"] == pytest.approx(llama_run["result"].forget_ce)
     assert training["retain_kl_final"] == pytest.approx(llama_run["result"].retain_kl)
     assert training["steps"] == 30 and training["effective_batch"] == 4
@@ -404,14 +404,15 @@ def test_cli_trains_end_to_end(tiny_llama_dir, tmp_path, capsys):
     argv = ["train-uld", "--model", str(tiny_llama_dir), "--forget", str(forget), "--retain", str(retain)]
     argv += ["--out", str(out), "--layers", "1", "--lora-rank", "4", "--min-steps", "3", "--epochs", "1"]
     argv += ["--batch-size", "2", "--grad-accum", "1", "--no-progress", "--seed", "1"]
-    assert cli.main([*argv, "--default-alpha", "0.4"]) == 0
+    assert cli.main([*argv, "--default-alpha", "0.4", "--default-margin", "0.5"]) == 0
     stdout = capsys.readouterr().out
     assert "forget CE" in stdout and "retain KL" in stdout and str(out) in stdout
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     data = manifest["training"]["data"]
     assert data["forget"]["sha256"] == file_sha256(forget) and data["retain"]["records"] == 3
     assert manifest["training"]["seed"] == 1 and manifest["details"]["assistant_layers"] == 1
-    assert manifest["defaults"] == {"alpha": 0.4, "filter": 0.01, "rule": DEFAULT_RULE, "refilter": True}
+    defaults = {"alpha": 0.4, "filter": 0.01, "rule": DEFAULT_RULE, "refilter": True, "margin": 0.5}
+    assert manifest["defaults"] == defaults
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
@@ -422,6 +423,8 @@ def test_cli_trains_end_to_end(tiny_llama_dir, tmp_path, capsys):
     assert "--epochs must be >= 1" in capsys.readouterr().err
     assert cli.main([*argv, "--default-filter", "2"]) == 2
     assert "--default-filter must be in [0, 1]" in capsys.readouterr().err
+    assert cli.main([*argv, "--default-margin", "-1"]) == 2
+    assert "--default-margin must be a number >= 0" in capsys.readouterr().err
 
 
 def test_data_error_names_record_for_unrenderable_chat(tokenizer):

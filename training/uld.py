@@ -64,8 +64,9 @@ from unlearn_serve.training.loop import (
 )
 from unlearn_serve.training.losses import candidate_uniform_kl, uniform_kl
 from unlearn_serve.training.pairs import ForgetRetainCollator, ForgetRetainDataset, tokenize_records
+from unlearn_serve.training.self_answers import SELF_ANSWER, self_answer_rows
 from unlearn_serve.training.uld_calibrate import Calibration, CalibrationTargets, ServeFn, calibrate
-from unlearn_serve.training.uld_weights import knowledge_weights, target_candidates
+from unlearn_serve.training.uld_weights import fact_word_weights, knowledge_weights, target_candidates
 
 from unlearn_serve.artifact import file_sha256, fingerprint_model, load_weights
 from unlearn_serve.assistant import (
@@ -105,6 +106,9 @@ class ULDTrainingConfig:
     augment: bool = True
     max_perturbed_per_row: int | None = None  # None keeps every perturbed answer
     question_variants: int = 0  # (with augment) rule-made rephrasings per QA row, forget and retain (augment.py)
+    # the target's own greedy answers as extra forget (fact words weighted) and retain rows (self_answers.py)
+    self_answers: bool = False
+    self_answer_tokens: int = 48
     save_every_epoch: bool = False
     resume: bool = False
     progress_bar: bool = True
@@ -365,6 +369,12 @@ def train_uld(
         if config.augment
         else list(train_retain_records)
     )
+    if config.self_answers:
+        own_forget, own_retain = self_answer_rows(
+            model, tokenizer, forget_records, train_retain_records, config.question_template, config.self_answer_tokens
+        )
+        print(f"self answers: {len(own_forget)} forget rows (answers naming their fact), {len(own_retain)} retain rows")
+        forget, retain = forget + own_forget, retain + own_retain
     # records whose answer survives truncation, in the order tokenize_records keeps them
     forget = [
         r for r in forget if not isinstance(r, dict) or has_loss_tokens(_render_or_empty(tokenizer, r, config))
@@ -383,6 +393,10 @@ def train_uld(
             tau=config.weighting_tau,
             reference_labels=[lab for _, lab in forget_set.examples + retain_set.examples],
         )
+    if weights is not None:
+        for i, record in enumerate(forget):
+            if isinstance(record, dict) and record.get("fact_words"):
+                weights[i] = fact_word_weights(tokenizer, forget_set.examples[i][1], record["fact_words"])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     candidates = (
         target_candidates(model, retain_set.examples, config.retain_candidates, pad_id)
@@ -395,8 +409,14 @@ def train_uld(
     # An epoch is a pass over the forget set (as in the paper); the retain set supplies one partner
     # per forget example, cycling through a seeded order of all retain examples across passes.
     world = world_size_from_env()
+    own = sum(isinstance(r, dict) and r.get("augmented_from") == SELF_ANSWER for r in forget)
     plan: StepPlan = plan_steps(
-        len(forget_set.examples), config.batch_size, config.grad_accum, config.epochs, config.min_steps, world
+        max(1, len(forget_set.examples) - own),
+        config.batch_size,
+        config.grad_accum,
+        config.epochs,
+        config.min_steps,
+        world,
     )
     dataset = ForgetRetainDataset(
         forget_set.examples,

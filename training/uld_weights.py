@@ -145,6 +145,13 @@ def knowledge_weights(
     return weights
 
 
+def fact_word_weights(tokenizer, labels: list[int], words: list[str]) -> list[float]:
+    """Per label position 1..: 1 for a token that is part of one of `words` (lower-case), else 0. The weights of a
+    row the target wrote itself (training/self_answers.py): only its fact's words are learnt."""
+    tokens = [t for t in labels[1:] if t != IGNORE_INDEX]
+    return [1.0 if hit else 0.0 for hit in _echo_tokens(tokenizer, tokens, set(words))]
+
+
 def _echo_tokens(tokenizer, tokens: list[int], question_words: set[str]) -> list[bool]:
     """Per token: is it part of a word that also appears in the question ("H" + "arry" of "Harry")?"""
     spans, text = [], ""
