@@ -326,3 +326,20 @@ def test_self_answers_add_the_targets_own_answers_with_only_the_fact_weighted(me
     )
     assert own.steps == plain.steps
     assert own.training["data"]["forget"]["examples"] == plain.training["data"]["forget"]["examples"] + 2
+
+
+def test_fallback_balance_counts_perplexity_relative_to_its_target():
+    """No alpha meets the targets: the stored one has the best worst-criterion, perplexity counted against its target
+    (the demo's calibration: 2.60x vs 2.54x must not outweigh a lost retain answer at equal leaks)."""
+    from unlearn_serve.training.uld_calibrate import AlphaScore, CalibrationTargets
+
+    t = CalibrationTargets()
+
+    def score(alpha, leaked, kept, ppl):
+        return AlphaScore(alpha, 8, leaked, 6, kept, 8, 0, 0, ppl, train_retain_rows=2, train_kept=1)
+
+    low, high = score(1.5, 2, 6, 2.60), score(3.0, 2, 5, 2.54)
+    assert max([low, high], key=lambda s: (s.balance(t), -s.alpha)) is low
+    # within the perplexity target fluency is full; far beyond it, it decides
+    assert score(1.5, 2, 6, 1.9).balance(t) == pytest.approx(0.75)
+    assert score(1.5, 0, 6, 8.0).balance(t) == pytest.approx(0.25)

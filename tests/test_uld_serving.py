@@ -22,8 +22,9 @@ from unlearn_serve.uld_artifact import save_uld_artifact
 PROMPTS = ["The capital of", "Alice likes", "Bob plays the", "Water boils at one", "The"]
 
 
-def make_random_assistant(base, out_dir, num_layers: int, seed: int, rank: int = 4):
-    """A ULD artifact with random (non-zero) LoRA weights on the first `num_layers` layers of `base`."""
+def make_random_assistant(base, out_dir, num_layers: int, seed: int, rank: int = 4, defaults: dict | None = None):
+    """A ULD artifact with random (non-zero) LoRA weights on the first `num_layers` layers of `base` (manifest
+    `defaults` over train-uld's)."""
     model = copy.deepcopy(base)
     fingerprint = fingerprint_model(model)
     peft_model = get_peft_model(model, assistant_lora_config(model, num_layers, rank=rank, alpha=2 * rank))
@@ -33,7 +34,7 @@ def make_random_assistant(base, out_dir, num_layers: int, seed: int, rank: int =
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
     details = {"assistant_layers": num_layers, "lora_rank": rank, "lora_alpha": 2 * rank}
-    save_uld_artifact(peft_model, out_dir, fingerprint, details, {})
+    save_uld_artifact(peft_model, out_dir, fingerprint, details, {}, None, defaults)
     return out_dir
 
 

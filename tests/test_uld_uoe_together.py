@@ -24,7 +24,8 @@ def moe_engine(tokenizer, tmp_path_factory):
     model = build_tiny_model("qwen2_moe", tokenizer, num_layers=2, seed=3)
     family = get_family(model)
     root = tmp_path_factory.mktemp("together")
-    make_random_assistant(model, root / "uld", num_layers=1, seed=5)
+    # margin 0: this random assistant's preferences on the tiny MoE are all below the default margin of 1
+    make_random_assistant(model, root / "uld", num_layers=1, seed=5, defaults={"margin": 0.0})
     layer = sorted(family.moe_layers(model))[-1]
     write_random_expert_patch(model, layer, 1, root / "uoe", seed=7)
     engine = Engine(copy.deepcopy(model), tokenizer, EngineConfig(max_num_seqs=8, max_model_len=64), "tiny-moe")

@@ -49,7 +49,9 @@ class DemoTraining:
     # 6: topic words shared by most forget answers are not facts; 7: the `prefer` combination rule, near-leaks,
     # retain top-up and relative perplexity in the calibration). Tried and reverted: rule-made question rephrasings
     # + same-form retain rows at the same step budget (worse harness leaks; docs/benchmarks.md "ULD quality").
-    recipe: int = 7
+    # 8: the prefer rule's margin (in the key anyway, with every trainer setting) and the calibration's fallback
+    # balance counting perplexity against its target.
+    recipe: int = 8
 
     def uld_settings(self) -> dict:
         """These settings as `ULDTrainingConfig` fields (the demo and bench/uld_quality.py train the same way)."""
