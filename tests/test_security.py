@@ -166,6 +166,16 @@ def test_alpha_must_be_finite_and_non_negative_for_everybody(world, raw):
         assert error["param"] == "unlearning.alpha", error
 
 
+@pytest.mark.parametrize("field", [b'"margin": 100', b'"rule": "difference"', b'"refilter": false'])
+def test_engine_level_settings_are_not_request_fields(world, field):
+    """The combination rule, its margin and the refilter are the artifact's (or the operator's engine-level
+    choice): a request that names one, which could switch most of the unlearning off, gets a 400 for everybody."""
+    body = b'{"model": "%s", "prompt": "x", "max_tokens": 1, "unlearning": {%s}}' % (A.encode(), field)
+    for key in (BOT_KEY, OPS_KEY):
+        error = error_of(post(world["url"], "/v1/completions", key, body), 400)
+        assert error["param"].startswith("unlearning."), error
+
+
 def test_the_admin_key_may_weaken_and_use_every_model(ops):
     assert complete(ops, A, {"alpha": 0.0, "filter": 1.0}).usage.completion_tokens >= 1
     assert complete(ops, B, {"alpha": 0.1}).usage.completion_tokens >= 1
