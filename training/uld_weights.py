@@ -28,22 +28,35 @@ import torch.nn.functional as F
 from unlearn_serve.training.data import IGNORE_INDEX, record_kind, render_example
 
 
+def _batched_next_logits(
+    model: torch.nn.Module, examples: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int
+):
+    """Per right-padded batch of `examples`: (the batch, [B, T-1, V] next-token logits, [B, T-1] labels shifted to
+    them). The model runs in eval mode without gradients; its training mode is restored after."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            width = max(len(ids) for ids, _ in chunk)
+            ids = torch.tensor([i + [pad_id] * (width - len(i)) for i, _ in chunk], device=device)
+            labels = torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for _, lab in chunk], device=device)
+            mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in chunk], device=device)
+            with torch.no_grad():
+                logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+            yield chunk, logits, labels[:, 1:]
+    finally:
+        model.train(was_training)
+
+
 def _answer_log_probs(
     model: torch.nn.Module, examples: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int
 ) -> list[torch.Tensor]:
     """Per example: log p(label token) at each label position (positions 1.., labels != -100)."""
-    device = next(model.parameters()).device
     out: list[torch.Tensor] = []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        ids = torch.tensor([i + [pad_id] * (width - len(i)) for i, _ in chunk], device=device)
-        labels = torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for _, lab in chunk], device=device)
-        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in chunk], device=device)
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        targets = labels[:, 1:]
-        picked = F.log_softmax(logits, dim=-1).gather(-1, targets.clamp_min(0)[..., None])[..., 0]
+    for chunk, logits, targets in _batched_next_logits(model, examples, pad_id, batch_size):
+        picked = F.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp_min(0)[..., None])[..., 0]
         for row in range(len(chunk)):
             out.append(picked[row][targets[row] != IGNORE_INDEX].cpu())
     return out
@@ -59,22 +72,11 @@ def target_candidates(
     """Per example, per label position 1.. (the positions the retain loss covers): the target's `count` most
     likely next tokens there. The trainer keeps the assistant flat on them (losses.candidate_uniform_kl): they
     are the candidates ULD's combination will pick from at serving time."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     out: list[list[list[int]]] = []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        ids = torch.tensor([i + [pad_id] * (width - len(i)) for i, _ in chunk], device=device)
-        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in chunk], device=device)
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    for chunk, logits, targets in _batched_next_logits(model, examples, pad_id, batch_size):
         top = logits.topk(min(count, logits.shape[-1]), dim=-1).indices.cpu()
-        for row, (_, labels) in enumerate(chunk):
-            positions = [p - 1 for p in range(1, len(labels)) if labels[p] != IGNORE_INDEX]
-            out.append(top[row, positions].tolist())
-    model.train(was_training)
+        for row in range(len(chunk)):
+            out.append(top[row][(targets[row] != IGNORE_INDEX).cpu()].tolist())
     return out
 
 

@@ -66,6 +66,11 @@ def check_rule(rule: str) -> str:
     return rule
 
 
+def is_margin(value: object) -> bool:
+    """A valid `prefer` margin: a finite number >= 0 (not a bool). One check for manifests and requests."""
+    return not isinstance(value, bool) and isinstance(value, int | float) and 0 <= value < float("inf")
+
+
 def plausible_mask(
     target_logits: torch.Tensor, log_filter: torch.Tensor, min_keep: int = ULD_MIN_CANDIDATES
 ) -> torch.Tensor:

@@ -21,6 +21,7 @@ from unlearn_serve.server.unlearning.uld import (
     AssistantRegistry,
     combine_logits,
     combine_on_candidates,
+    is_margin,
     plausible_mask,
 )
 
@@ -103,7 +104,7 @@ class ULDBackend(UnlearningBackend):
             raise EngineInputError("unlearning.refilter must be a boolean", "unlearning.refilter")
         # `margin` likewise
         margin = options.get("margin", assistant.margin)
-        if isinstance(margin, bool) or not isinstance(margin, int | float) or not 0 <= margin < math.inf:
+        if not is_margin(margin):
             raise EngineInputError("unlearning.margin must be a number >= 0", "unlearning.margin")
         if not math.isfinite(alpha):
             raise EngineInputError("unlearning.alpha must be a finite number", "unlearning.alpha")

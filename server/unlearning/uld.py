@@ -31,6 +31,7 @@ from unlearn_serve.uld_combine import (  # noqa: F401  (the engine imports them 
     ULD_RULES,
     combine_logits,
     combine_on_candidates,
+    is_margin,
     plausible_mask,
 )
 
@@ -227,7 +228,7 @@ class AssistantRegistry:
         if not isinstance(refilter, bool):
             raise ArtifactError(f"{path}: defaults.refilter must be true or false, got {refilter!r}")
         margin = defaults.get("margin", 0.0)  # manifests written before the margin: 0, what they were calibrated for
-        if isinstance(margin, bool) or not isinstance(margin, int | float) or not 0 <= margin < float("inf"):
+        if not is_margin(margin):
             raise ArtifactError(f"{path}: defaults.margin must be a number >= 0, got {margin!r}")
         nbytes = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in lora.values())
         return Assistant(
