@@ -249,6 +249,8 @@ VARIANTS = {
     "new-no-candidates": dict(train=dict(retain_candidates=0), min_keep=None),
     # today's trainer plus the target's own answers as extra rows (training/self_answers.py)
     "new-self": dict(train=dict(self_answers=True), min_keep=None),
+    # today's trainer with twice the demo's assistant depth (SmolLM2: 8 of 30 layers, the paper's N/4)
+    "new-deep": dict(train=dict(layers=8), min_keep=None),
     "new": dict(train={}, min_keep=None),
 }
 

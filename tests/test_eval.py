@@ -172,6 +172,31 @@ def test_eval_end_to_end(tiny_llama_dir, uld_dir, tmp_path):
         assert blob[:8] == b"\x89PNG\r\n\x1a\n" and len(blob) > 1000
 
 
+def test_eval_scores_engine_level_uld_options(tiny_llama_dir, uld_dir, tmp_path, capsys):
+    """`--uld-options` scores the same artifact under other settings (one set of rows per use); a bad value is
+    refused before any scoring, with the option named."""
+    from unlearn_serve.cli import main
+
+    data = _slice(tmp_path)
+    out = tmp_path / "report"
+    common = ["eval", "--model", str(tiny_llama_dir), "--uld", f"u={uld_dir}", "--alpha", "4", "--data", *data,
+              "--out", str(out), "--max-new-tokens", "4", "--attacks", "none", "--no-progress"]
+    rc = main([*common, "--uld-options", "rule=prefer,margin=0", "--uld-options", "rule=prefer,margin=0,floor=0.5",
+               "--uld-options", "rule=difference"])
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    labels = [m["label"] for m in metrics["methods"]]
+    assert labels == [
+        "base", "u α=4 rule=prefer margin=0", "u α=4 rule=prefer margin=0 floor=0.5", "u α=4 rule=difference"
+    ]
+    probs = [m["splits"]["forget"]["per_question"]["probability"] for m in metrics["methods"]]
+    assert probs[1] != probs[2] != probs[3]  # the settings reached the engine
+    capsys.readouterr()
+    rc = main([*common, "--uld-options", "floor=-1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--uld-options floor=-1" in err and "floor" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -183,6 +208,8 @@ def test_eval_end_to_end(tiny_llama_dir, uld_dir, tmp_path):
         (["--data", str(TOFU), "--retain-reference", "/no/such.json"], "no such file"),
         (["--data", str(TOFU), "--attacks", "paraphrase,bogus"], "unknown attack"),
         (["--data", str(TOFU), "--attacks", "sample", "--sample-n", "0"], "--sample-n"),
+        (["--data", str(TOFU), "--uld-options", "strength=2"], "--uld-options"),
+        (["--data", str(TOFU), "--uld-options", "margin"], "KEY=VALUE"),
     ],
 )
 def test_eval_cli_errors(args, message, capsys, tmp_path):

@@ -460,3 +460,112 @@ def test_margin_comes_from_the_manifest_and_old_manifests_keep_zero(tiny_llama, 
     (old / MANIFEST_NAME).write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="margin"):
         engine.load_uld("bad", old)
+
+
+def test_floor_bounds_the_penalty_and_never_changes_the_greedy_token():
+    """With a floor, a penalised candidate ends at most `floor` below the best candidate the assistant does not
+    penalise (never above its own target logit); rows without a floor, and `difference` rows, are unchanged; the
+    argmax is the same for every floor > 0; per-row floors (inf = off) and both scoring paths agree."""
+    from unlearn_serve.uld_combine import floor_combined
+
+    target = torch.linspace(0, 4, 50).repeat(4, 1)
+    target[:, 7] = 20.0
+    target[:, 9] = 1.0  # a low candidate the assistant also prefers
+    assistant = torch.zeros(4, 50)
+    assistant[:, 7] = 30.0  # remembered strongly
+    assistant[:, 9] = 5.0
+    assistant[3, 7] = 3.0  # remembered weakly
+    log_filter = torch.full((4,), float("-inf"))  # filter 0: every token a candidate (the evaluation's scoring)
+    alpha = torch.full((4,), 2.0)
+    floor = torch.tensor([1.0, float("inf"), 0.5, 1.0])
+    plain = combine_logits(target, assistant, alpha, log_filter, prefer=True)
+    bounded = combine_logits(target, assistant, alpha, log_filter, prefer=True, floor=floor)
+    best_free = 4.0  # the target's best candidate without a penalty (token 49)
+    assert plain[0, 7] == pytest.approx(20.0 - 2.0 * 30.0)  # far below every alternative
+    assert bounded[0, 7] == pytest.approx(best_free - 1.0)  # raised to the floor
+    assert bounded[2, 7] == pytest.approx(best_free - 0.5)
+    assert bounded[0, 9] == pytest.approx(1.0)  # raised only up to its own target logit
+    assert torch.equal(bounded[1], plain[1])  # inf: off
+    assert bounded[3, 7] == pytest.approx(20.0 - 2.0 * 3.0)  # weakly remembered: the penalty is within the floor
+    unpenalised = assistant_penalty(assistant, torch.ones_like(assistant, dtype=torch.bool), True) == 0
+    assert torch.equal(bounded[unpenalised], plain[unpenalised])
+    assert torch.equal(bounded.argmax(-1), plain.argmax(-1))
+    # None and a float for every row
+    assert torch.equal(combine_logits(target, assistant, alpha, log_filter, prefer=True, floor=None), plain)
+    as_float = combine_logits(target[:1], assistant[:1], alpha[:1], log_filter[:1], prefer=True, floor=1.0)
+    assert torch.equal(as_float, bounded[:1])
+    # `difference` rows ignore it, in a mixed batch too
+    mixed = torch.tensor([True, False, True, False])
+    got = combine_logits(target, assistant, alpha, log_filter, prefer=mixed, floor=1.0)
+    assert torch.equal(got[1], combine_logits(target, assistant, alpha, log_filter, prefer=False)[1])
+    assert got[0, 7] == pytest.approx(best_free - 1.0)
+    everything = torch.ones_like(plain, dtype=torch.bool)
+    assert torch.equal(floor_combined(plain, target, plain, everything, 1.0, False), plain)
+    # random rows: greedy unchanged for every floor > 0, candidate path == whole-vocabulary path
+    gen = torch.Generator().manual_seed(3)
+    target = torch.randn(6, 300, generator=gen) * 3
+    assistant = torch.randn(6, 300, generator=gen) * 2
+    assistant[:, :5] += 8
+    alpha = torch.tensor([0.5, 1.0, 2.0, 3.0, 8.0, 1.5])
+    log_filter = torch.log(torch.tensor([1e-1, 1e-2, 1e-3, 0.5, 1e-2, 1e-4]))
+    keep = plausible_mask(target, log_filter)
+    candidates = target.topk(int(keep.sum(-1).max()), dim=-1).indices
+    plain = combine_logits(target, assistant, alpha, log_filter, prefer=True, margin=1.0)
+    for f in (0.1, 1.0, torch.tensor([0.1, 1.0, float("inf"), 2.0, 0.5, 3.0])):
+        full = combine_logits(target, assistant, alpha, log_filter, prefer=True, margin=1.0, floor=f)
+        assert torch.equal(full.argmax(-1), plain.argmax(-1))
+        assert (full >= plain).all()
+        sparse = combine_on_candidates(
+            target, candidates, assistant.gather(-1, candidates), alpha, keep, True, margin=1.0, floor=f
+        )
+        assert torch.equal(torch.isinf(sparse), torch.isinf(full))
+        assert torch.allclose(sparse[torch.isfinite(sparse)], full[torch.isfinite(full)], atol=1e-5)
+
+
+def test_floor_comes_from_the_manifest_and_is_off_without_it(tiny_llama, tokenizer, tmp_path):
+    from peft import get_peft_model
+    from unlearn_serve.server.engine.engine import Engine, EngineConfig
+    from unlearn_serve.server.engine.errors import EngineInputError
+    from unlearn_serve.server.engine.sampling_params import SamplingParams
+    from unlearn_serve.server.engine.sequence import Selection
+
+    from unlearn_serve.artifact import MANIFEST_NAME, ArtifactError, fingerprint_model
+    from unlearn_serve.assistant import assistant_lora_config
+    from unlearn_serve.uld_artifact import save_uld_artifact
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(copy.deepcopy(tiny_llama), assistant_lora_config(tiny_llama, 1, 4, 8, 0.0))
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:  # a non-trivial assistant, so the floor changes the distribution
+            torch.nn.init.normal_(param, std=0.5)
+    details = {"assistant_layers": 1, "lora_rank": 4, "lora_alpha": 8}
+    fp = fingerprint_model(tiny_llama)
+    with_floor = save_uld_artifact(
+        peft_model, tmp_path / "floor", fp, details, {}, None, {"rule": "prefer", "floor": 1.0}
+    )
+    without = save_uld_artifact(peft_model, tmp_path / "plain", fp, details, {}, None, {"rule": "prefer"})
+    engine = Engine(copy.deepcopy(tiny_llama), tokenizer, EngineConfig(max_num_seqs=4, max_model_len=64), "tiny")
+    assert engine.load_uld("floor", with_floor).floor == 1.0
+    assert engine.load_uld("plain", without).floor is None
+    backend = next(b for b in engine.artifacts.backends if b.kind == "uld")
+    assert backend.resolve("plain", {"floor": 2}).floor == 2.0
+    assert backend.resolve("floor", {"floor": None}).floor is None
+    for bad in (-1, True, "1", float("inf")):
+        with pytest.raises(EngineInputError, match="floor"):
+            backend.resolve("plain", {"floor": bad})
+    # one batch mixing floors (and none) scores each row as it would alone
+    prompt = tokenizer.encode("The capital of France is")
+    params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
+    opts = {"alpha": 8.0, "filter": 0.0}
+    variants = [opts, {**opts, "floor": 0.5}, {**opts, "floor": None}]
+    mixed = engine.generate([prompt] * 3, params, [Selection("floor", o) for o in variants])
+    alone = [engine.generate([prompt], params, [Selection("floor", o)])[0] for o in variants]
+    scores = [[e.logprob for e in r.prompt_logprobs if e is not None] for r in mixed]
+    for got, want in zip(scores, alone, strict=True):
+        assert got == pytest.approx([e.logprob for e in want.prompt_logprobs if e is not None], abs=1e-5)
+    assert max(abs(a - b) for a, b in zip(scores[0], scores[2], strict=True)) > 1e-3  # the floor mattered
+    manifest = json.loads((without / MANIFEST_NAME).read_text())
+    manifest["defaults"]["floor"] = -1
+    (without / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="floor"):
+        engine.load_uld("bad", without)

@@ -43,6 +43,20 @@ sampling do. A filter of 0 ("keep every token": the evaluation's scoring of refe
 refilter off too. On its own the relative-top part changed little: a calibrated alpha pushes a fact just
 below the best alternative, well within ln(1/filter) (docs/benchmarks.md, "ULD under attack").
 
+Floor (`floor`, `prefer` only; manifest `defaults.floor`, absent = off). The penalty grows with alpha without
+bound, so a strongly remembered token is pushed far below every alternative: one alpha that is right for the
+average fact overshoots the strongly remembered ones and misses the weakly remembered ones. With a floor, a
+penalised candidate ends at most `floor` target logits below the best candidate the assistant does not
+penalise (and never above its own target logit):
+
+    logits = max(target - alpha * penalty, min(target, best_unpenalised - floor))
+
+A large alpha then brings every remembered token to about the level of the target's best guess without it,
+which is how a model that never saw the fact ranks it, instead of far below. Greedy answers never change
+for floor > 0 (a raised candidate stays below the best unpenalised one, so the argmax is the same); what
+changes are the log-probabilities of whole answers (the evaluation's truth ratio and forget quality) and,
+where the refilter is off, sampling.
+
 A rule (and refilter) is passed as a bool (the same for every row) or a [R] bool tensor (True = `prefer` /
 refilter on), so a batch mixing them needs no host sync and no loop over rows.
 """
@@ -64,6 +78,11 @@ def check_rule(rule: str) -> str:
     if rule not in ULD_RULES:
         raise ValueError(f"unknown ULD combination rule {rule!r} (one of: {', '.join(ULD_RULES)})")
     return rule
+
+
+def is_floor(value: object) -> bool:
+    """A valid floor: a finite number >= 0 or None (off)."""
+    return value is None or is_margin(value)
 
 
 def is_margin(value: object) -> bool:
@@ -107,6 +126,32 @@ def assistant_penalty(
     return torch.where(prefer[:, None], preferred, a)
 
 
+def floor_combined(
+    combined: torch.Tensor,
+    target: torch.Tensor,
+    penalty: torch.Tensor,
+    keep: torch.Tensor,
+    floor: float | torch.Tensor | None,
+    prefer: bool | torch.Tensor,
+) -> torch.Tensor:
+    """[R, N] combined logits with every penalised candidate raised to at least `floor` target logits below the
+    best candidate of its row that has no penalty (capped at its own target logit). `floor`: None / inf = off, a
+    float for every row or [R] (inf = off for that row). Rows under `difference` are unchanged."""
+    if floor is None or prefer is False:
+        return combined
+    target = target.float()
+    best_free = target.masked_fill(~keep | (penalty > 0), float("-inf")).amax(dim=-1, keepdim=True)
+    if isinstance(floor, torch.Tensor):
+        floor = floor.to(target.dtype)
+        if prefer is not True:
+            floor = floor.masked_fill(~prefer, float("inf"))
+        floor = floor[:, None]
+    elif prefer is not True:
+        floor = torch.full_like(best_free, floor).masked_fill(~prefer[:, None], float("inf"))
+    # inf floor: the lower bound is -inf, the row unchanged
+    return torch.maximum(combined, torch.minimum(best_free - floor, target))
+
+
 def refilter_combined(
     combined: torch.Tensor,
     target: torch.Tensor,
@@ -138,6 +183,7 @@ def combine_logits(
     prefer: bool | torch.Tensor = DEFAULT_RULE == "prefer",
     refilter: bool | torch.Tensor = False,
     margin: float | torch.Tensor = 0.0,
+    floor: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ULD's combination for [R, V] rows: target - alpha * penalty on the candidate set, -inf elsewhere.
 
@@ -146,7 +192,9 @@ def combine_logits(
     (`refilter_combined`).
     """
     keep = plausible_mask(target_logits, log_filter, min_keep)
-    combined = target_logits.float() - alpha[:, None] * assistant_penalty(assistant_logits, keep, prefer, margin)
+    penalty = assistant_penalty(assistant_logits, keep, prefer, margin)
+    combined = target_logits.float() - alpha[:, None] * penalty
+    combined = floor_combined(combined, target_logits, penalty, keep, floor, prefer)
     return refilter_combined(combined.masked_fill(~keep, float("-inf")), target_logits, log_filter, refilter)
 
 
@@ -160,6 +208,7 @@ def combine_on_candidates(
     refilter: bool | torch.Tensor = False,
     log_filter: torch.Tensor | None = None,
     margin: float | torch.Tensor = 0.0,
+    floor: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`combine_logits` when the assistant was scored only on `candidates` [R, M] (a superset of `keep`).
 
@@ -172,6 +221,7 @@ def combine_on_candidates(
     penalty = assistant_penalty(assistant_candidate_logits, kept, prefer, margin)
     on_candidates = target.gather(-1, candidates)
     values = on_candidates - alpha[:, None] * penalty
+    values = floor_combined(values, on_candidates, penalty, kept, floor, prefer)
     values = values.masked_fill(~kept, float("-inf"))
     if refilter is not False:
         if log_filter is None:

@@ -21,6 +21,7 @@ from unlearn_serve.server.unlearning.uld import (
     AssistantRegistry,
     combine_logits,
     combine_on_candidates,
+    is_floor,
     is_margin,
     plausible_mask,
 )
@@ -42,6 +43,7 @@ class ULDChoice:
     rule: str = "difference"  # uld_combine.ULD_RULES
     refilter: bool = False  # the relative-top rule again on the combined logits (uld_combine.refilter_combined)
     margin: float = 0.0  # `prefer` ignores assistant preferences below it (uld_combine.assistant_penalty)
+    floor: float | None = None  # `prefer`: how far below the best unpenalised candidate a penalty may push; None: off
 
     @property
     def name(self) -> str:
@@ -68,6 +70,7 @@ class ULDPlan:
     prefer: bool | torch.Tensor = False  # the `prefer` rule: for every row (bool) or per row ([S] bool)
     refilter: bool | torch.Tensor = False  # refilter the combined logits: likewise
     margin: float | torch.Tensor = 0.0  # the `prefer` rule's margin: one for every row (float) or per row ([S])
+    floor: float | torch.Tensor | None = None  # uld_combine.floor_combined: None (off), one float or per row (inf: off)
 
 
 def log_filter(filters: torch.Tensor) -> torch.Tensor:
@@ -106,11 +109,16 @@ class ULDBackend(UnlearningBackend):
         margin = options.get("margin", assistant.margin)
         if not is_margin(margin):
             raise EngineInputError("unlearning.margin must be a number >= 0", "unlearning.margin")
+        # `floor` likewise (None: off)
+        floor = options.get("floor", assistant.floor)
+        if not is_floor(floor):
+            raise EngineInputError("unlearning.floor must be a number >= 0 or null", "unlearning.floor")
         if not math.isfinite(alpha):
             raise EngineInputError("unlearning.alpha must be a finite number", "unlearning.alpha")
         if not 0.0 <= filt <= 1.0:
             raise EngineInputError("unlearning.filter must be in [0, 1]", "unlearning.filter")
-        return ULDChoice(assistant, alpha, filt, rule=rule, refilter=refilter, margin=float(margin))
+        floor = None if floor is None else float(floor)
+        return ULDChoice(assistant, alpha, filt, rule=rule, refilter=refilter, margin=float(margin), floor=floor)
 
     def read(self, name: str, path) -> Assistant:
         return self.registry.read(name, path)
@@ -143,6 +151,7 @@ class ULDBackend(UnlearningBackend):
         batch.assistant_exits = {k: torch.tensor(v, device=dev) for k, v in by_k.items()}
         batch.lora_groups = [(a, torch.tensor(v, device=dev)) for a, v in by_adapter.items()]
         logit_rows, hidden_rows, hidden_pos, alpha, filt, prefer, refilter, margin = [], [], [], [], [], [], [], []
+        floor: list[float | None] = []
         for j, (t, pos) in enumerate(rows.logit_rows):
             choice = rows.choices[t]
             if choice is not None and rows.assistant_row[t] >= 0:
@@ -154,6 +163,7 @@ class ULDBackend(UnlearningBackend):
                 prefer.append(choice.rule == "prefer")
                 refilter.append(choice.refilter)
                 margin.append(choice.margin)
+                floor.append(choice.floor)
         if not logit_rows:
             return None
 
@@ -164,6 +174,7 @@ class ULDBackend(UnlearningBackend):
         rule = prefer[0] if len(set(prefer)) == 1 else t(prefer, torch.bool)
         refilt = refilter[0] if len(set(refilter)) == 1 else t(refilter, torch.bool)
         margins = margin[0] if len(set(margin)) == 1 else t(margin, torch.float32)
+        floors = floor[0] if len(set(floor)) == 1 else t([math.inf if f is None else f for f in floor], torch.float32)
         return ULDPlan(
             t(logit_rows),
             t(hidden_rows),
@@ -173,6 +184,7 @@ class ULDBackend(UnlearningBackend):
             rule,
             refilt,
             margins,
+            floors,
         )
 
     def process_logits(self, plan: ULDPlan | None, logits: torch.Tensor, assistant_hidden) -> torch.Tensor:
@@ -180,7 +192,14 @@ class ULDBackend(UnlearningBackend):
             return logits
         hidden = assistant_hidden[plan.hidden_rows, plan.hidden_pos]
         logits[plan.logit_rows] = self.combine(
-            logits[plan.logit_rows], hidden, plan.alpha, plan.log_filter, plan.prefer, plan.refilter, plan.margin
+            logits[plan.logit_rows],
+            hidden,
+            plan.alpha,
+            plan.log_filter,
+            plan.prefer,
+            plan.refilter,
+            plan.margin,
+            plan.floor,
         )
         return logits
 
@@ -193,6 +212,7 @@ class ULDBackend(UnlearningBackend):
         prefer: bool | torch.Tensor = False,
         refilter: bool | torch.Tensor = False,
         margin: float | torch.Tensor = 0.0,
+        floor: float | torch.Tensor | None = None,
     ) -> torch.Tensor:
         """ULD logits for [S] unlearned rows: target - alpha * penalty(assistant) on the target's plausible tokens
         (`prefer`: the rule, with its `margin`; `refilter`: -inf on the candidates pushed below max + ln(filter);
@@ -212,7 +232,7 @@ class ULDBackend(UnlearningBackend):
                 assistant = runner.candidate_logits(assistant_hidden, candidates)
                 if assistant is not None:
                     return combine_on_candidates(
-                        target_logits, candidates, assistant, alpha, keep, prefer, refilter, log_filter, margin
+                        target_logits, candidates, assistant, alpha, keep, prefer, refilter, log_filter, margin, floor
                     )
         return combine_logits(
             target_logits,
@@ -222,6 +242,7 @@ class ULDBackend(UnlearningBackend):
             prefer=prefer,
             refilter=refilter,
             margin=margin,
+            floor=floor,
         )
 
 

@@ -31,6 +31,7 @@ from unlearn_serve.uld_combine import (  # noqa: F401  (the engine imports them 
     ULD_RULES,
     combine_logits,
     combine_on_candidates,
+    is_floor,
     is_margin,
     plausible_mask,
 )
@@ -55,6 +56,7 @@ class Assistant:
     rule: str = LEGACY_RULE  # combination rule (uld_combine.ULD_RULES): the manifest's, `difference` if it has none
     refilter: bool = False  # refilter the combined logits (uld_combine.refilter_combined): the manifest's, else off
     margin: float = 0.0  # `prefer` ignores assistant preferences below it: the manifest's, else 0
+    floor: float | None = None  # the penalty's lower bound (uld_combine.floor_combined): the manifest's, else off
 
 
 # Up to this many max-rank adapters wide, every assistant row runs through all loaded adapters'
@@ -230,6 +232,9 @@ class AssistantRegistry:
         margin = defaults.get("margin", 0.0)  # manifests written before the margin: 0, what they were calibrated for
         if not is_margin(margin):
             raise ArtifactError(f"{path}: defaults.margin must be a number >= 0, got {margin!r}")
+        floor = defaults.get("floor")  # absent or null: off
+        if not is_floor(floor):
+            raise ArtifactError(f"{path}: defaults.floor must be a number >= 0 or null, got {floor!r}")
         nbytes = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in lora.values())
         return Assistant(
             name=name,
@@ -244,6 +249,7 @@ class AssistantRegistry:
             rule=rule,
             refilter=refilter,
             margin=float(margin),
+            floor=None if floor is None else float(floor),
         )
 
     def add(self, assistant: Assistant) -> Assistant:

@@ -32,6 +32,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--retain-reference", help="metrics.json of the retain-only model (for forget quality)")
     parser.add_argument("--alpha", help="ULD alphas to sweep, comma-separated (default: the artifact's alpha)")
+    parser.add_argument(
+        "--uld-options",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE[,KEY=VALUE]",
+        help="score every ULD artifact and alpha with these settings instead of the manifest's (keys: "
+        + ", ".join(ULD_EVAL_OPTIONS)
+        + "); repeatable, one set of rows per use, e.g. --uld-options margin=0 --uld-options floor=1",
+    )
     parser.add_argument("--out", required=True, help="report directory (metrics.json, report.md, PNG plots)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N questions of each split")
     parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
@@ -56,6 +65,37 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="sampling attack: answers sampled per forget question at temperature 1 (default 20)",
     )
     parser.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+ULD_EVAL_OPTIONS = ("margin", "floor", "rule", "refilter")
+
+
+def parse_uld_options(texts: list[str]) -> list[dict]:
+    """`--uld-options` values as option dicts (checked by the engine when the rows are scored)."""
+    import json
+
+    from unlearn_serve.cli import CliError
+
+    sets = []
+    for text in texts:
+        options = {}
+        for item in text.split(","):
+            key, sep, value = item.strip().partition("=")
+            if not sep or key not in ULD_EVAL_OPTIONS or not value:
+                raise CliError(
+                    f"--uld-options {text!r}: write KEY=VALUE pairs separated by commas, KEY one of "
+                    + ", ".join(ULD_EVAL_OPTIONS)
+                )
+            try:
+                options[key] = json.loads(value)
+            except json.JSONDecodeError:
+                options[key] = value  # a rule name
+        sets.append(options)
+    return sets
+
+
+def _options_label(options: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in options.items())
 
 
 def parse_alphas(text: str | None) -> list[float] | None:
@@ -98,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
     uoes = parse_named_dirs(args.uoe, "--uoe", must_exist=True)
     compares = parse_named_dirs(args.compare, "--compare", must_exist=True)
     alphas = parse_alphas(args.alpha)
+    option_sets = parse_uld_options(args.uld_options) or [{}]
     attack_config = parse_attacks(args)
     files = E.resolve_data(args.data, args.forget_split)
     data = E.load_eval_data(files, args.limit)
@@ -112,9 +153,16 @@ def run(args: argparse.Namespace) -> int:
     methods = [E.Method("base", "base")]
     for name, path in ulds:
         engine.load_uld(name, path)
-        for alpha in alphas or [None]:
-            label = name if alpha is None else f"{name} α={alpha:g}"
-            methods.append(E.Method(label, "uld", name, alpha))
+        for options in option_sets:
+            try:  # a bad value is refused before any scoring, naming the option
+                engine.resolve(E.Method(name, "uld", name, None, options).selection(scoring=False))
+            except ValueError as exc:
+                raise CliError(f"--uld-options {_options_label(options)}: {exc}") from None
+            for alpha in alphas or [None]:
+                label = " ".join(
+                    p for p in (name, None if alpha is None else f"α={alpha:g}", _options_label(options)) if p
+                )
+                methods.append(E.Method(label, "uld", name, alpha, options))
     for name, path in uoes:
         engine.load_uoe(name, path)
         methods.append(E.Method(name, "uoe", name))

@@ -99,13 +99,15 @@ class Method:
     kind: str  # "base", "uld", "uoe", "model" (a separately trained model, e.g. a baseline)
     artifact: str | None = None
     alpha: float | None = None  # ULD only; None = the artifact's default
+    # ULD only: engine-level settings scored instead of the manifest's (margin, floor, rule, refilter)
+    options: dict[str, Any] = field(default_factory=dict)
 
     def selection(self, scoring: bool):
         from unlearn_serve.server.engine.sequence import Selection
 
         if self.artifact is None:
             return None
-        options: dict[str, Any] = {}
+        options: dict[str, Any] = dict(self.options)
         if self.alpha is not None:
             options["alpha"] = self.alpha
         if scoring and self.kind == "uld":
