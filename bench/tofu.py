@@ -72,6 +72,9 @@ class BenchConfig:
     uld_min_steps: int = 250
     uld_retain_rows: int = 400
     uld_extra: dict[str, Any] = field(default_factory=dict)  # more ULDTrainingConfig overrides (--uld-set)
+    # serving settings scored instead of the manifest's, one set of ULD rows each (--uld-options); {}: the manifest's
+    uld_options: tuple[dict[str, Any], ...] = ({},)
+    attacks: bool = True  # the attack block on every row (--no-attacks: FQ / MU only, much faster)
     baseline_epochs: int = 5
     baseline_lr: float = 5e-4
     # the MoE target (UOE rows): a Qwen2-MoE of the same width and depth, trained on the same data and schedule
@@ -360,7 +363,9 @@ def train_baseline_row(cfg: BenchConfig, fresh, method: str, data: dict[str, Any
     return time.monotonic() - t0, model
 
 
-def run(cfg: BenchConfig, out: Path, cache: Path, retrain: bool, methods: list[str]) -> dict[str, Any]:
+def run(
+    cfg: BenchConfig, out: Path, cache: Path, retrain: bool, methods: list[str], reuse_uld: bool = False
+) -> dict[str, Any]:
     import torch
     from unlearn_serve.server.engine.engine import Engine, EngineConfig
 
@@ -383,7 +388,10 @@ def run(cfg: BenchConfig, out: Path, cache: Path, retrain: bool, methods: list[s
 
     # ---- unlearning
     uld_dir = work / "uld"
-    if "uld" in methods:
+    if "uld" in methods and reuse_uld and (uld_dir / "unlearning.json").is_file():
+        uld_training = reused_uld_summary(uld_dir)
+        print(f"[bench] ULD: reusing {uld_dir}: {uld_training}", flush=True)
+    elif "uld" in methods:
         timings["uld"], uld_training = train_uld_row(cfg, fresh, data, uld_dir, forget_file, retain_file)
         print(f"[bench] ULD: {uld_training}", flush=True)
     baseline_dirs: dict[str, Path] = {}
@@ -401,12 +409,15 @@ def run(cfg: BenchConfig, out: Path, cache: Path, retrain: bool, methods: list[s
     eval_methods = [E.Method("target", "base")]
     if "uld" in methods:
         target.load_uld("uld", uld_dir)
-        eval_methods += uld_methods(E, cfg.alphas, (uld_training or {}).get("default_alpha"))
+        for options in cfg.uld_options:
+            eval_methods += uld_methods(E, cfg.alphas, (uld_training or {}).get("default_alpha"), options)
     extra = [(E.Method("retain (reference)", "model"), Engine(retain_model, rtok, econf, model_name="retain"))]
     for method, path in baseline_dirs.items():
         m, t = load_model_and_tokenizer(str(path), dtype="float32", device="cpu")
         extra.append((E.Method(method.upper(), "model"), Engine(m, t, econf, model_name=method)))
     econfig = E.EvalConfig(max_new_tokens=cfg.max_new_tokens)
+    if not cfg.attacks:
+        econfig.attacks = None
     with torch.inference_mode():
         metrics = E.evaluate(target, eval_methods, data["eval"], econfig, None, extra)
     results = metrics["methods"]
@@ -448,9 +459,28 @@ def uld_summary(result) -> dict[str, Any]:
     }
 
 
-def uld_methods(E, alphas: tuple[float | None, ...], calibrated: float | None) -> list[Any]:
+def reused_uld_summary(uld_dir: Path) -> dict[str, Any]:
+    """`uld_summary` of an assistant trained by an earlier run (--reuse-uld), from its manifest."""
+    manifest = json.loads((uld_dir / "unlearning.json").read_text())
+    training = manifest.get("training", {})
+    calibration = training.get("calibration") or {}
+    return {
+        "reused": str(uld_dir),
+        "steps": training.get("steps"),
+        "default_alpha": manifest.get("defaults", {}).get("alpha"),
+        "calibration_met": calibration.get("met"),
+        "verdict": calibration.get("verdict"),
+    }
+
+
+def uld_methods(
+    E, alphas: tuple[float | None, ...], calibrated: float | None, options: dict[str, Any] | None = None
+) -> list[Any]:
     """One evaluated row per alpha; None = the artifact's own default (the calibrated alpha), labelled with its
-    value; a listed alpha equal to it is not evaluated twice."""
+    value; a listed alpha equal to it is not evaluated twice. `options`: serving settings instead of the
+    manifest's (named in the labels)."""
+    options = options or {}
+    suffix = "".join(f" {k}={v}" for k, v in options.items())
     rows, seen = [], set()
     for alpha in alphas:
         value = calibrated if alpha is None else alpha
@@ -459,9 +489,9 @@ def uld_methods(E, alphas: tuple[float | None, ...], calibrated: float | None) -
         seen.add(value)
         if alpha is None or alpha == calibrated:
             label = "ULD α=default" if calibrated is None else f"ULD α={calibrated:g} (calibrated default)"
-            rows.append(E.Method(label, "uld", "uld", None))
+            rows.append(E.Method(label + suffix, "uld", "uld", None, dict(options)))
         else:
-            rows.append(E.Method(f"ULD α={alpha:g}", "uld", "uld", alpha))
+            rows.append(E.Method(f"ULD α={alpha:g}{suffix}", "uld", "uld", alpha, dict(options)))
     return rows
 
 
@@ -561,6 +591,8 @@ def run_moe(cfg: BenchConfig, out: Path, cache: Path, retrain: bool, methods: li
         m, t = load_model_and_tokenizer(str(path), dtype="float32", device="cpu")
         extra.append((E.Method(f"whole-model {method.upper()}", "model"), Engine(m, t, econf, model_name=method)))
     econfig = E.EvalConfig(max_new_tokens=cfg.max_new_tokens)
+    if not cfg.attacks:
+        econfig.attacks = None
     with torch.inference_mode():
         metrics = E.evaluate(target, eval_methods, data["eval"], econfig, None, extra)
     results = metrics["methods"]
@@ -663,6 +695,18 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FIELD=VALUE",
         help="override a ULDTrainingConfig field of the ULD run (repeatable), e.g. retain_candidates=0",
     )
+    parser.add_argument(
+        "--uld-options",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE[,KEY=VALUE]",
+        help="score the ULD rows with these serving settings instead of the manifest's (margin, floor, rule, "
+        "refilter); repeatable, one set of rows per use (as in unlearn-serve eval)",
+    )
+    parser.add_argument(
+        "--reuse-uld", action="store_true", help="score the ULD assistant an earlier run left in OUT/work/uld"
+    )
+    parser.add_argument("--no-attacks", action="store_true", help="FQ / MU only: no attack block (much faster)")
     args = parser.parse_args(argv)
     import torch
 
@@ -685,6 +729,15 @@ def main(argv: list[str] | None = None) -> int:
         if name not in {f.name for f in fields(ULDTrainingConfig)} or not value:
             parser.error(f"--uld-set {item!r}: expected FIELD=VALUE with a ULDTrainingConfig field")
         cfg.uld_extra[name] = json.loads(value) if value[0] in "-0123456789.[{tfn" else value
+    if args.uld_options:
+        from unlearn_serve.cli import CliError
+        from unlearn_serve.cli.eval import parse_uld_options
+
+        try:
+            cfg.uld_options = tuple(parse_uld_options(args.uld_options))
+        except CliError as exc:
+            parser.error(str(exc))
+    cfg.attacks = not args.no_attacks
     if args.alpha:
         cfg.alphas = tuple(None if a.strip() == "default" else float(a) for a in args.alpha.split(","))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -699,7 +752,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--moe-methods: unknown {', '.join(sorted(set(moe_methods) - set(MOE_METHODS)))}")
     out = args.out or ROOT / "bench/out" / ("tofu-quick" if args.quick else "tofu")
     if "dense" in targets:
-        run(cfg, out, args.cache, args.retrain, methods)
+        run(cfg, out, args.cache, args.retrain, methods, args.reuse_uld)
     if "moe" in targets:
         run_moe(cfg, out / "moe", args.cache, args.retrain, moe_methods)
     return 0

@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +22,54 @@ from unlearn_serve.uld_combine import (
     combine_on_candidates,
     plausible_mask,
 )
+
+
+@dataclass
+class _ServedPair:
+    """One tiny assistant saved twice and an engine to serve it: `new` with today's manifest defaults (plus
+    `new_defaults`), `old` as written before the field existed (the field removed from its manifest)."""
+
+    engine: object
+    backend: object
+    new: Path
+    old: Path
+    field: str
+
+    def corrupt_old(self, value: object) -> None:
+        """Write `value` as the old artifact's manifest field (a manifest edited by hand)."""
+        from unlearn_serve.artifact import MANIFEST_NAME
+
+        manifest = json.loads((self.old / MANIFEST_NAME).read_text())
+        manifest["defaults"][self.field] = value
+        (self.old / MANIFEST_NAME).write_text(json.dumps(manifest))
+
+
+def _served_pair(
+    tiny_llama, tokenizer, tmp_path, field: str, new_defaults=None, old_defaults=None, nontrivial=False
+) -> _ServedPair:
+    from peft import get_peft_model
+    from unlearn_serve.server.engine.engine import Engine, EngineConfig
+
+    from unlearn_serve.artifact import MANIFEST_NAME, fingerprint_model
+    from unlearn_serve.assistant import assistant_lora_config
+    from unlearn_serve.uld_artifact import save_uld_artifact
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(copy.deepcopy(tiny_llama), assistant_lora_config(tiny_llama, 1, 4, 8, 0.0))
+    if nontrivial:  # LoRA B is zero at init: make the assistant differ from the target, so settings matter
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.5)
+    details = {"assistant_layers": 1, "lora_rank": 4, "lora_alpha": 8}
+    fp = fingerprint_model(tiny_llama)
+    new = save_uld_artifact(peft_model, tmp_path / "new", fp, details, {}, None, new_defaults)
+    old = save_uld_artifact(peft_model, tmp_path / "old", fp, details, {}, None, old_defaults)
+    manifest = json.loads((old / MANIFEST_NAME).read_text())
+    manifest["defaults"].pop(field, None)
+    (old / MANIFEST_NAME).write_text(json.dumps(manifest))
+    engine = Engine(copy.deepcopy(tiny_llama), tokenizer, EngineConfig(max_num_seqs=4, max_model_len=64), "tiny")
+    backend = next(b for b in engine.artifacts.backends if b.kind == "uld")
+    return _ServedPair(engine, backend, new, old, field)
 
 
 def _rows():
@@ -200,37 +250,21 @@ def test_calibration_counts_near_leaks():
 def test_manifest_rule_is_served_and_an_old_manifest_keeps_difference(tiny_llama, tokenizer, tmp_path):
     """New artifacts store the rule; one written before the field existed is served with `difference` (its
     alpha was calibrated for it); a request-level `rule` overrides; an unknown rule is refused."""
-    import copy
-    import json
-
-    import pytest
-    from peft import get_peft_model
-    from unlearn_serve.server.engine.engine import Engine, EngineConfig
     from unlearn_serve.server.engine.errors import EngineInputError
 
-    from unlearn_serve.artifact import MANIFEST_NAME, ArtifactError, fingerprint_model
-    from unlearn_serve.assistant import assistant_lora_config
-    from unlearn_serve.uld_artifact import save_uld_artifact
+    from unlearn_serve.artifact import ArtifactError
 
-    peft_model = get_peft_model(copy.deepcopy(tiny_llama), assistant_lora_config(tiny_llama, 1, 4, 8, 0.0))
-    details = {"assistant_layers": 1, "lora_rank": 4, "lora_alpha": 8}
-    new = save_uld_artifact(peft_model, tmp_path / "new", fingerprint_model(tiny_llama), details, {})
-    old = save_uld_artifact(peft_model, tmp_path / "old", fingerprint_model(tiny_llama), details, {})
-    manifest = json.loads((old / MANIFEST_NAME).read_text())
-    del manifest["defaults"]["rule"]
-    (old / MANIFEST_NAME).write_text(json.dumps(manifest))
-    engine = Engine(copy.deepcopy(tiny_llama), tokenizer, EngineConfig(max_num_seqs=4, max_model_len=64), "tiny")
-    assert engine.load_uld("new", new).rule == DEFAULT_RULE == "prefer"
-    assert engine.load_uld("old", old).rule == "difference"
-    backend = next(b for b in engine.artifacts.backends if b.kind == "uld")
+    pair = _served_pair(tiny_llama, tokenizer, tmp_path, "rule")
+    engine, backend = pair.engine, pair.backend
+    assert engine.load_uld("new", pair.new).rule == DEFAULT_RULE == "prefer"
+    assert engine.load_uld("old", pair.old).rule == "difference"
     assert backend.resolve("old", {}).rule == "difference"
     assert backend.resolve("new", {"rule": "difference"}).rule == "difference"
     with pytest.raises(EngineInputError):
         backend.resolve("new", {"rule": "sideways"})
-    manifest["defaults"]["rule"] = "sideways"
-    (old / MANIFEST_NAME).write_text(json.dumps(manifest))
+    pair.corrupt_old("sideways")
     with pytest.raises(ArtifactError, match="unknown combination rule"):
-        engine.load_uld("bad", old)
+        engine.load_uld("bad", pair.old)
 
 
 # ----------------------------------------------------------------------------- refilter (the relative-top rule again)
@@ -326,40 +360,23 @@ def test_manifest_refilter_is_served_and_an_old_manifest_keeps_it_off(tiny_llama
     """New artifacts (train-uld's calibration draft too: it is written with the same defaults) store
     `refilter: true`; a manifest without the field is served without it; a request-level `refilter` overrides;
     the backend passes it to the combination on both paths."""
-    import copy
-    import json
-
-    import pytest
-    from peft import get_peft_model
-    from unlearn_serve.server.engine.engine import Engine, EngineConfig
     from unlearn_serve.server.engine.errors import EngineInputError
 
-    from unlearn_serve.artifact import MANIFEST_NAME, ArtifactError, fingerprint_model
-    from unlearn_serve.assistant import assistant_lora_config
-    from unlearn_serve.uld_artifact import save_uld_artifact
+    from unlearn_serve.artifact import ArtifactError
     from unlearn_serve.uld_combine import DEFAULT_REFILTER
 
-    peft_model = get_peft_model(copy.deepcopy(tiny_llama), assistant_lora_config(tiny_llama, 1, 4, 8, 0.0))
-    details = {"assistant_layers": 1, "lora_rank": 4, "lora_alpha": 8}
-    fp = fingerprint_model(tiny_llama)
     # train-uld's calibration serves a draft written with {"filter", "rule"} only: the refilter comes along
-    new = save_uld_artifact(peft_model, tmp_path / "new", fp, details, {}, None, {"filter": 0.01, "rule": "prefer"})
-    old = save_uld_artifact(peft_model, tmp_path / "old", fp, details, {})
-    manifest = json.loads((old / MANIFEST_NAME).read_text())
-    del manifest["defaults"]["refilter"]
-    (old / MANIFEST_NAME).write_text(json.dumps(manifest))
-    engine = Engine(copy.deepcopy(tiny_llama), tokenizer, EngineConfig(max_num_seqs=4, max_model_len=64), "tiny")
-    assert engine.load_uld("new", new).refilter is DEFAULT_REFILTER is True
-    assert engine.load_uld("old", old).refilter is False
-    backend = next(b for b in engine.artifacts.backends if b.kind == "uld")
+    pair = _served_pair(tiny_llama, tokenizer, tmp_path, "refilter", {"filter": 0.01, "rule": "prefer"})
+    engine, backend = pair.engine, pair.backend
+    assert engine.load_uld("new", pair.new).refilter is DEFAULT_REFILTER is True
+    assert engine.load_uld("old", pair.old).refilter is False
     assert backend.resolve("new", {}).refilter and not backend.resolve("old", {}).refilter
     assert backend.resolve("old", {"refilter": True}).refilter
     with pytest.raises(EngineInputError):
         backend.resolve("new", {"refilter": "yes"})
-    manifest["defaults"]["refilter"] = "yes"
-    (old / MANIFEST_NAME).write_text(json.dumps(manifest))
+    pair.corrupt_old("yes")
     with pytest.raises(ArtifactError, match="refilter"):
-        engine.load_uld("bad", old)
+        engine.load_uld("bad", pair.old)
 
     # the backend's combine: candidate path == whole-vocabulary path, with the refilter applied on both
     gen = torch.Generator().manual_seed(2)
@@ -413,33 +430,19 @@ def test_margin_ignores_small_preferences_and_keeps_the_remembered_token_suppres
 
 
 def test_margin_comes_from_the_manifest_and_old_manifests_keep_zero(tiny_llama, tokenizer, tmp_path):
-    from peft import get_peft_model
-    from unlearn_serve.server.engine.engine import Engine, EngineConfig
     from unlearn_serve.server.engine.errors import EngineInputError
     from unlearn_serve.server.engine.sampling_params import SamplingParams
     from unlearn_serve.server.engine.sequence import Selection
 
-    from unlearn_serve.artifact import MANIFEST_NAME, ArtifactError, fingerprint_model
-    from unlearn_serve.assistant import assistant_lora_config
-    from unlearn_serve.uld_artifact import save_uld_artifact
+    from unlearn_serve.artifact import ArtifactError
     from unlearn_serve.uld_combine import DEFAULT_MARGIN
 
-    torch.manual_seed(0)
-    peft_model = get_peft_model(copy.deepcopy(tiny_llama), assistant_lora_config(tiny_llama, 1, 4, 8, 0.0))
-    for name, param in peft_model.named_parameters():
-        if "lora_B" in name:  # a non-trivial assistant, so the margin changes the distribution
-            torch.nn.init.normal_(param, std=0.5)
-    details = {"assistant_layers": 1, "lora_rank": 4, "lora_alpha": 8}
-    fp = fingerprint_model(tiny_llama)
-    new = save_uld_artifact(peft_model, tmp_path / "new", fp, details, {}, None, {"filter": 0.01, "rule": "prefer"})
-    old = save_uld_artifact(peft_model, tmp_path / "old", fp, details, {}, None, {"rule": "prefer"})
-    manifest = json.loads((old / MANIFEST_NAME).read_text())
-    del manifest["defaults"]["margin"]
-    (old / MANIFEST_NAME).write_text(json.dumps(manifest))
-    engine = Engine(copy.deepcopy(tiny_llama), tokenizer, EngineConfig(max_num_seqs=4, max_model_len=64), "tiny")
-    assert engine.load_uld("new", new).margin == DEFAULT_MARGIN == 1.0
-    assert engine.load_uld("old", old).margin == 0.0
-    backend = next(b for b in engine.artifacts.backends if b.kind == "uld")
+    pair = _served_pair(
+        tiny_llama, tokenizer, tmp_path, "margin", {"filter": 0.01, "rule": "prefer"}, {"rule": "prefer"}, True
+    )
+    engine, backend = pair.engine, pair.backend
+    assert engine.load_uld("new", pair.new).margin == DEFAULT_MARGIN == 1.0
+    assert engine.load_uld("old", pair.old).margin == 0.0
     assert backend.resolve("old", {"margin": 2}).margin == 2.0
     for bad in (-1, True, "1", float("nan")):
         with pytest.raises(EngineInputError, match="margin"):
@@ -456,10 +459,9 @@ def test_margin_comes_from_the_manifest_and_old_manifests_keep_zero(tiny_llama, 
     for got, want in zip(scores, alone, strict=True):
         assert got == pytest.approx([e.logprob for e in want.prompt_logprobs if e is not None], abs=1e-5)
     assert max(abs(a - b) for a, b in zip(*scores, strict=True)) > 1e-3  # the margin mattered
-    manifest["defaults"]["margin"] = -1
-    (old / MANIFEST_NAME).write_text(json.dumps(manifest))
+    pair.corrupt_old(-1)
     with pytest.raises(ArtifactError, match="margin"):
-        engine.load_uld("bad", old)
+        engine.load_uld("bad", pair.old)
 
 
 def test_floor_bounds_the_penalty_and_never_changes_the_greedy_token():
@@ -523,31 +525,18 @@ def test_floor_bounds_the_penalty_and_never_changes_the_greedy_token():
 
 
 def test_floor_comes_from_the_manifest_and_is_off_without_it(tiny_llama, tokenizer, tmp_path):
-    from peft import get_peft_model
-    from unlearn_serve.server.engine.engine import Engine, EngineConfig
     from unlearn_serve.server.engine.errors import EngineInputError
     from unlearn_serve.server.engine.sampling_params import SamplingParams
     from unlearn_serve.server.engine.sequence import Selection
 
-    from unlearn_serve.artifact import MANIFEST_NAME, ArtifactError, fingerprint_model
-    from unlearn_serve.assistant import assistant_lora_config
-    from unlearn_serve.uld_artifact import save_uld_artifact
+    from unlearn_serve.artifact import ArtifactError
 
-    torch.manual_seed(0)
-    peft_model = get_peft_model(copy.deepcopy(tiny_llama), assistant_lora_config(tiny_llama, 1, 4, 8, 0.0))
-    for name, param in peft_model.named_parameters():
-        if "lora_B" in name:  # a non-trivial assistant, so the floor changes the distribution
-            torch.nn.init.normal_(param, std=0.5)
-    details = {"assistant_layers": 1, "lora_rank": 4, "lora_alpha": 8}
-    fp = fingerprint_model(tiny_llama)
-    with_floor = save_uld_artifact(
-        peft_model, tmp_path / "floor", fp, details, {}, None, {"rule": "prefer", "floor": 1.0}
+    pair = _served_pair(
+        tiny_llama, tokenizer, tmp_path, "floor", {"rule": "prefer", "floor": 1.0}, {"rule": "prefer"}, True
     )
-    without = save_uld_artifact(peft_model, tmp_path / "plain", fp, details, {}, None, {"rule": "prefer"})
-    engine = Engine(copy.deepcopy(tiny_llama), tokenizer, EngineConfig(max_num_seqs=4, max_model_len=64), "tiny")
-    assert engine.load_uld("floor", with_floor).floor == 1.0
-    assert engine.load_uld("plain", without).floor is None
-    backend = next(b for b in engine.artifacts.backends if b.kind == "uld")
+    engine, backend = pair.engine, pair.backend
+    assert engine.load_uld("floor", pair.new).floor == 1.0
+    assert engine.load_uld("plain", pair.old).floor is None
     assert backend.resolve("plain", {"floor": 2}).floor == 2.0
     assert backend.resolve("floor", {"floor": None}).floor is None
     for bad in (-1, True, "1", float("inf")):
@@ -564,8 +553,6 @@ def test_floor_comes_from_the_manifest_and_is_off_without_it(tiny_llama, tokeniz
     for got, want in zip(scores, alone, strict=True):
         assert got == pytest.approx([e.logprob for e in want.prompt_logprobs if e is not None], abs=1e-5)
     assert max(abs(a - b) for a, b in zip(scores[0], scores[2], strict=True)) > 1e-3  # the floor mattered
-    manifest = json.loads((without / MANIFEST_NAME).read_text())
-    manifest["defaults"]["floor"] = -1
-    (without / MANIFEST_NAME).write_text(json.dumps(manifest))
+    pair.corrupt_old(-1)
     with pytest.raises(ArtifactError, match="floor"):
-        engine.load_uld("bad", without)
+        engine.load_uld("bad", pair.old)
