@@ -21,7 +21,7 @@ from unlearn_serve.artifact import (
 from unlearn_serve.assistant import assistant_logits, assistant_lora_config
 from unlearn_serve.tiny import build_tiny_model
 from unlearn_serve.uld_artifact import load_uld_artifact, save_uld_artifact
-from unlearn_serve.uld_combine import DEFAULT_RULE
+from unlearn_serve.uld_combine import DEFAULT_FLOOR, DEFAULT_RULE
 
 K = 2
 ARTIFACT_FILES = {"adapter_model.safetensors", "adapter_config.json", MANIFEST_NAME}
@@ -82,7 +82,9 @@ def test_manifest_contents(artifact, base):
     raw = json.loads((artifact / MANIFEST_NAME).read_text())
     assert raw["method"] == manifest.method == "uld"
     assert raw["format_version"] == FORMAT_VERSION
-    assert manifest.defaults == {"alpha": 0.75, "filter": 0.01, "rule": DEFAULT_RULE, "refilter": True, "margin": 1.0}
+    assert manifest.defaults == {
+        "alpha": 0.75, "filter": 0.01, "rule": DEFAULT_RULE, "refilter": True, "margin": 1.0, "floor": DEFAULT_FLOOR
+    }
     assert manifest.details["assistant_layers"] == K
     assert manifest.base_fingerprint == fingerprint_model(base)
     assert manifest.training["data"]["forget"]["sha256"] == "ab" * 32

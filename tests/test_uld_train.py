@@ -22,7 +22,7 @@ from unlearn_serve.artifact import MANIFEST_NAME, file_sha256, fingerprint_model
 from unlearn_serve.assistant import assistant_logits, assistant_lora_config, default_assistant_layers
 from unlearn_serve.tiny import build_tiny_model
 from unlearn_serve.uld_artifact import load_uld_artifact
-from unlearn_serve.uld_combine import DEFAULT_RULE
+from unlearn_serve.uld_combine import DEFAULT_FLOOR, DEFAULT_RULE
 
 FORGET = [
     {
@@ -165,7 +165,9 @@ def test_manifest_records_training(llama_run):
     assert manifest.details["assistant_layers"] == llama_run["num_layers"]
     # no `serve` function: no calibration (tests/test_uld_quality.py has it), nothing held out, the paper's alpha
     assert "calibration" not in training and training["validation_retain_records"] == 0
-    assert manifest.defaults == {"alpha": 0.75, "filter": 0.01, "rule": DEFAULT_RULE, "refilter": True, "margin": 1.0}
+    assert manifest.defaults == {
+        "alpha": 0.75, "filter": 0.01, "rule": DEFAULT_RULE, "refilter": True, "margin": 1.0, "floor": DEFAULT_FLOOR
+    }
     assert training["forget_ce_final"] == pytest.approx(llama_run["result"].forget_ce)
     assert training["retain_kl_final"] == pytest.approx(llama_run["result"].retain_kl)
     assert training["steps"] == 30 and training["effective_batch"] == 4
@@ -404,14 +406,14 @@ def test_cli_trains_end_to_end(tiny_llama_dir, tmp_path, capsys):
     argv = ["train-uld", "--model", str(tiny_llama_dir), "--forget", str(forget), "--retain", str(retain)]
     argv += ["--out", str(out), "--layers", "1", "--lora-rank", "4", "--min-steps", "3", "--epochs", "1"]
     argv += ["--batch-size", "2", "--grad-accum", "1", "--no-progress", "--seed", "1"]
-    assert cli.main([*argv, "--default-alpha", "0.4", "--default-margin", "0.5"]) == 0
+    assert cli.main([*argv, "--default-alpha", "0.4", "--default-margin", "0.5", "--default-floor", "5"]) == 0
     stdout = capsys.readouterr().out
     assert "forget CE" in stdout and "retain KL" in stdout and str(out) in stdout
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     data = manifest["training"]["data"]
     assert data["forget"]["sha256"] == file_sha256(forget) and data["retain"]["records"] == 3
     assert manifest["training"]["seed"] == 1 and manifest["details"]["assistant_layers"] == 1
-    defaults = {"alpha": 0.4, "filter": 0.01, "rule": DEFAULT_RULE, "refilter": True, "margin": 0.5}
+    defaults = {"alpha": 0.4, "filter": 0.01, "rule": DEFAULT_RULE, "refilter": True, "margin": 0.5, "floor": 5.0}
     assert manifest["defaults"] == defaults
     from transformers import AutoModelForCausalLM
 
@@ -425,6 +427,9 @@ def test_cli_trains_end_to_end(tiny_llama_dir, tmp_path, capsys):
     assert "--default-filter must be in [0, 1]" in capsys.readouterr().err
     assert cli.main([*argv, "--default-margin", "-1"]) == 2
     assert "--default-margin must be a number >= 0" in capsys.readouterr().err
+    for bad in ("-1", "lots", "inf"):
+        assert cli.main([*argv, "--default-floor", bad]) == 2
+        assert "--default-floor" in capsys.readouterr().err
 
 
 def test_data_error_names_record_for_unrenderable_chat(tokenizer):
@@ -432,3 +437,16 @@ def test_data_error_names_record_for_unrenderable_chat(tokenizer):
     plain.chat_template = None
     with pytest.raises(DataError, match="forget: record 1"):
         tokenize_records(plain, [{"messages": [{"role": "assistant", "content": "hi"}]}], 32, "{question}", "forget")
+
+
+def test_floor_serving_default_off_is_written_as_null():
+    from unlearn_serve.training.uld import ULDTrainingConfig
+
+    from unlearn_serve.uld_artifact import ULD_DEFAULTS
+
+    assert "floor" not in ULDTrainingConfig().serving_defaults()  # the module default (ULD_DEFAULTS) applies
+    assert ULD_DEFAULTS["floor"] == DEFAULT_FLOOR
+    assert ULDTrainingConfig(default_floor=4.0).serving_defaults()["floor"] == 4.0
+    off = ULDTrainingConfig(default_floor=float("inf")).serving_defaults()
+    assert "floor" in off and off["floor"] is None
+    assert json.loads(json.dumps({**ULD_DEFAULTS, **off}))["floor"] is None  # valid JSON, served as off

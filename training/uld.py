@@ -118,6 +118,7 @@ class ULDTrainingConfig:
     default_filter: float | None = None
     default_rule: str | None = None  # combination rule (uld_combine.ULD_RULES); None: uld_combine.DEFAULT_RULE
     default_margin: float | None = None  # the `prefer` rule's margin; None: uld_combine.DEFAULT_MARGIN
+    default_floor: float | None = None  # the penalty's floor; None: uld_combine.DEFAULT_FLOOR; inf: off
     # forget CE weighted towards knowledge-carrying tokens, flat elsewhere (training/uld_weights.py)
     forget_weighting: bool = True
     weighting_tau: float = 1.0  # (with contrasts) nats of "more likely after this question" for weight 1
@@ -145,8 +146,12 @@ class ULDTrainingConfig:
             "filter": self.default_filter,
             "rule": self.default_rule,
             "margin": self.default_margin,
+            "floor": self.default_floor,
         }
-        return {k: v for k, v in values.items() if v is not None}
+        chosen = {k: v for k, v in values.items() if v is not None}
+        if chosen.get("floor") == float("inf"):
+            chosen["floor"] = None  # off, written as null (JSON has no infinity)
+        return chosen
 
     def calibration_targets(self) -> CalibrationTargets:
         return CalibrationTargets(
@@ -174,6 +179,7 @@ class ULDTrainingConfig:
             "validation_probes_per_round",
             "default_rule",
             "default_margin",
+            "default_floor",
             "target_max_rel_ppl",
             "validation_min_retain",
         }

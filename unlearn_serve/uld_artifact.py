@@ -25,17 +25,19 @@ from unlearn_serve.artifact import (
     save_manifest,
 )
 from unlearn_serve.assistant import unwrap_causal_lm
-from unlearn_serve.uld_combine import DEFAULT_MARGIN, DEFAULT_REFILTER, DEFAULT_RULE
+from unlearn_serve.uld_combine import DEFAULT_FLOOR, DEFAULT_MARGIN, DEFAULT_REFILTER, DEFAULT_RULE
 
 # rule: how the assistant's logits are subtracted (uld_combine.py); a manifest without one means `difference`
 # refilter: the relative-top rule again on the combined logits (uld_combine.py); a manifest without it: off
 # margin: what the `prefer` rule ignores of the assistant's preference (uld_combine.py); without it: 0
+# floor: how far below the best unpenalised candidate the penalty may push (uld_combine.py); null or absent: off
 ULD_DEFAULTS = {
     "alpha": 0.75,
     "filter": 0.01,
     "rule": DEFAULT_RULE,
     "refilter": DEFAULT_REFILTER,
     "margin": DEFAULT_MARGIN,
+    "floor": DEFAULT_FLOOR,
 }
 # peft's saved key layout: adapter name stripped, `base_model.model.` prefix kept.
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")

@@ -72,6 +72,7 @@ DEFAULT_RULE = "prefer"  # for new artifacts; chosen by bench/uld_quality.py (do
 LEGACY_RULE = "difference"  # for manifests written before the rule was stored: what their alpha was calibrated for
 DEFAULT_REFILTER = True  # new artifacts (manifest defaults `refilter`); older manifests: off (bench/uld_attacks.py)
 DEFAULT_MARGIN = 1.0  # new artifacts (manifest defaults `margin`), in assistant logits; older manifests: 0
+DEFAULT_FLOOR: float | None = None  # new artifacts (manifest defaults `floor`), in target logits; None: off
 
 
 def check_rule(rule: str) -> str:

@@ -113,6 +113,8 @@ def cache_key(base_fingerprint: dict[str, Any], data_files: list[Path], training
     config = {k: v for k, v in asdict(ULDTrainingConfig(**training.uld_settings())).items() if k != "progress_bar"}
     h.update(json.dumps(config, sort_keys=True).encode())
     h.update(f"{uld_combine.DEFAULT_RULE} {uld_combine.DEFAULT_MARGIN} {uld_combine.DEFAULT_REFILTER}".encode())
+    if uld_combine.DEFAULT_FLOOR is not None:  # (no floor: the keys of the artifacts cached before it existed)
+        h.update(f" floor {uld_combine.DEFAULT_FLOOR}".encode())
     return h.hexdigest()[:16]
 
 

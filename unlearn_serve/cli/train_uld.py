@@ -59,6 +59,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="the prefer rule's margin stored in the manifest, in assistant logits >= 0 (default: 1; docs/uld.md)",
     )
     parser.add_argument(
+        "--default-floor",
+        help="the penalty's floor stored in the manifest: a number >= 0 (target logits below the best unpenalised "
+        "candidate) or 'off' (default: off; docs/uld.md)",
+    )
+    parser.add_argument(
         "--no-forget-weighting",
         dest="forget_weighting",
         action="store_false",
@@ -102,6 +107,14 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--default-filter must be in [0, 1]")
     if args.default_margin is not None and not 0 <= args.default_margin < float("inf"):
         raise CliError("--default-margin must be a number >= 0")
+    default_floor = None
+    if args.default_floor is not None:
+        try:
+            default_floor = float("inf") if args.default_floor == "off" else float(args.default_floor)
+        except ValueError:
+            default_floor = -1.0
+        if args.default_floor != "off" and not 0 <= default_floor < float("inf"):
+            raise CliError(f"--default-floor {args.default_floor!r}: write a number >= 0 or 'off'")
     if not 0 <= args.validation_fraction < 1:
         raise CliError("--validation-fraction must be in [0, 1)")
     if args.strict and not args.calibrate:
@@ -134,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
         default_filter=args.default_filter,
         default_rule=args.default_rule,
         default_margin=args.default_margin,
+        default_floor=default_floor,
         forget_weighting=args.forget_weighting,
         calibrate=args.calibrate,
         validation_fraction=args.validation_fraction,
