@@ -61,8 +61,8 @@ def test_leak_rule_on_long_answers(suite):
 
 
 class _M:
-    def __init__(self, label, kind, artifact=None, alpha=None):
-        self.label, self.alpha = label, alpha
+    def __init__(self, label, kind, artifact=None, alpha=None, options=None):
+        self.label, self.alpha, self.options = label, alpha, options or {}
 
 
 def test_bench_rows_include_the_calibrated_alpha():
@@ -79,3 +79,9 @@ def test_bench_rows_include_the_calibrated_alpha():
     ]
     rows = tofu.uld_methods(E, (0.5, None), None)  # not calibrated: the artifact's default, unnamed
     assert [(m.label, m.alpha) for m in rows] == [("ULD α=0.5", 0.5), ("ULD α=default", None)]
+    # --uld-options: the same alphas with other serving settings, named in the labels and passed to the engine
+    rows = tofu.uld_methods(E, (None, 1.0), 0.5, {"floor": 6, "margin": 2})
+    assert [(m.label, m.alpha, m.options) for m in rows] == [
+        ("ULD α=0.5 (calibrated default) floor=6 margin=2", None, {"floor": 6, "margin": 2}),
+        ("ULD α=1 floor=6 margin=2", 1.0, {"floor": 6, "margin": 2}),
+    ]
