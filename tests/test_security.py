@@ -166,9 +166,11 @@ def test_alpha_must_be_finite_and_non_negative_for_everybody(world, raw):
         assert error["param"] == "unlearning.alpha", error
 
 
-@pytest.mark.parametrize("field", [b'"margin": 100', b'"rule": "difference"', b'"refilter": false'])
+@pytest.mark.parametrize(
+    "field", [b'"margin": 100', b'"rule": "difference"', b'"refilter": false', b'"floor": 0', b'"floor": null']
+)
 def test_engine_level_settings_are_not_request_fields(world, field):
-    """The combination rule, its margin and the refilter are the artifact's (or the operator's engine-level
+    """The combination rule, its margin, floor and the refilter are the artifact's (or the operator's engine-level
     choice): a request that names one, which could switch most of the unlearning off, gets a 400 for everybody."""
     body = b'{"model": "%s", "prompt": "x", "max_tokens": 1, "unlearning": {%s}}' % (A.encode(), field)
     for key in (BOT_KEY, OPS_KEY):
