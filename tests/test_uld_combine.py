@@ -522,6 +522,15 @@ def test_floor_bounds_the_penalty_and_never_changes_the_greedy_token():
         )
         assert torch.equal(torch.isinf(sparse), torch.isinf(full))
         assert torch.allclose(sparse[torch.isfinite(sparse)], full[torch.isfinite(full)], atol=1e-5)
+    # served with the refilter, a floor at least ln(1/filter) changes nothing: every candidate it raises stays more
+    # than ln(1/filter) below the winner, so the refilter removes it (what the attacks and sampling see is the same)
+    served = dict(prefer=True, margin=1.0, refilter=True)
+    for f in (5.0, 10.0):
+        lf = torch.log(torch.full((6,), 0.01))
+        assert torch.equal(
+            combine_logits(target, assistant, alpha, lf, floor=f, **served),
+            combine_logits(target, assistant, alpha, lf, **served),
+        )
 
 
 def test_floor_comes_from_the_manifest_and_is_off_without_it(tiny_llama, tokenizer, tmp_path):
