@@ -43,11 +43,11 @@ sampling do. A filter of 0 ("keep every token": the evaluation's scoring of refe
 refilter off too. On its own the relative-top part changed little: a calibrated alpha pushes a fact just
 below the best alternative, well within ln(1/filter) (docs/benchmarks.md, "ULD under attack").
 
-Floor (`floor`, `prefer` only; manifest `defaults.floor`, absent = off). The penalty grows with alpha without
-bound, so a strongly remembered token is pushed far below every alternative: one alpha that is right for the
-average fact overshoots the strongly remembered ones and misses the weakly remembered ones. With a floor, a
-penalised candidate ends at most `floor` target logits below the best candidate the assistant does not
-penalise (and never above its own target logit):
+Floor (`floor`, `prefer` only; manifest `defaults.floor`: 10 for new artifacts, absent or null = off). The
+penalty grows with alpha without bound, so a strongly remembered token is pushed far below every alternative: one
+alpha that is right for the average fact overshoots the strongly remembered ones and misses the weakly
+remembered ones. With a floor, a penalised candidate ends at most `floor` target logits below the best
+candidate the assistant does not penalise (and never above its own target logit):
 
     logits = max(target - alpha * penalty, min(target, best_unpenalised - floor))
 
@@ -72,7 +72,9 @@ DEFAULT_RULE = "prefer"  # for new artifacts; chosen by bench/uld_quality.py (do
 LEGACY_RULE = "difference"  # for manifests written before the rule was stored: what their alpha was calibrated for
 DEFAULT_REFILTER = True  # new artifacts (manifest defaults `refilter`); older manifests: off (bench/uld_attacks.py)
 DEFAULT_MARGIN = 1.0  # new artifacts (manifest defaults `margin`), in assistant logits; older manifests: 0
-DEFAULT_FLOOR: float | None = None  # new artifacts (manifest defaults `floor`), in target logits; None: off
+# new artifacts (manifest defaults `floor`), in target logits; older manifests: off. >= ln(1/filter), so the served
+# distribution (refilter on) is unchanged; it bounds what the evaluation scores (TOFU: bench/tofu.py, docs/uld.md 2e)
+DEFAULT_FLOOR: float | None = 10.0
 
 
 def check_rule(rule: str) -> str:

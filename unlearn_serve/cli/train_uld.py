@@ -61,7 +61,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--default-floor",
         help="the penalty's floor stored in the manifest: a number >= 0 (target logits below the best unpenalised "
-        "candidate) or 'off' (default: off; docs/uld.md)",
+        "candidate) or 'off' (default: 10; docs/uld.md)",
     )
     parser.add_argument(
         "--no-forget-weighting",
