@@ -730,13 +730,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--uld-set {item!r}: expected FIELD=VALUE with a ULDTrainingConfig field")
         cfg.uld_extra[name] = json.loads(value) if value[0] in "-0123456789.[{tfn" else value
     if args.uld_options:
-        from unlearn_serve.cli import CliError
-        from unlearn_serve.cli.eval import parse_uld_options
+        from unlearn_serve.evaluation.runner import parse_uld_options
 
         try:
             cfg.uld_options = tuple(parse_uld_options(args.uld_options))
-        except CliError as exc:
-            parser.error(str(exc))
+        except ValueError as exc:
+            parser.error(f"--uld-options {exc}")
     cfg.attacks = not args.no_attacks
     if args.alpha:
         cfg.alphas = tuple(None if a.strip() == "default" else float(a) for a in args.alpha.split(","))

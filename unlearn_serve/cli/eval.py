@@ -7,7 +7,7 @@ import argparse
 
 def configure(parser: argparse.ArgumentParser) -> None:
     from unlearn_serve.evaluation.attacks import ATTACKS
-    from unlearn_serve.evaluation.runner import MAX_NEW_TOKENS
+    from unlearn_serve.evaluation.runner import MAX_NEW_TOKENS, ULD_EVAL_OPTIONS
     from unlearn_serve.training.data import DEFAULT_QUESTION_TEMPLATE
 
     parser.add_argument("--model", required=True, help="base (target) model: hub id or local directory")
@@ -67,31 +67,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false")
 
 
-ULD_EVAL_OPTIONS = ("margin", "floor", "rule", "refilter")
-
-
 def parse_uld_options(texts: list[str]) -> list[dict]:
-    """`--uld-options` values as option dicts (checked by the engine when the rows are scored)."""
-    import json
-
     from unlearn_serve.cli import CliError
+    from unlearn_serve.evaluation.runner import parse_uld_options as parse
 
-    sets = []
-    for text in texts:
-        options = {}
-        for item in text.split(","):
-            key, sep, value = item.strip().partition("=")
-            if not sep or key not in ULD_EVAL_OPTIONS or not value:
-                raise CliError(
-                    f"--uld-options {text!r}: write KEY=VALUE pairs separated by commas, KEY one of "
-                    + ", ".join(ULD_EVAL_OPTIONS)
-                )
-            try:
-                options[key] = json.loads(value)
-            except json.JSONDecodeError:
-                options[key] = value  # a rule name
-        sets.append(options)
-    return sets
+    try:
+        return parse(texts)
+    except ValueError as exc:
+        raise CliError(f"--uld-options {exc}") from None
 
 
 def _options_label(options: dict) -> str:

@@ -91,6 +91,29 @@ def load_eval_data(files: dict[str, Path], limit: int | None = None) -> dict[str
 # ----------------------------------------------------------------------------- methods
 
 
+ULD_EVAL_OPTIONS = ("margin", "floor", "rule", "refilter")  # serving settings an evaluation may score instead
+
+
+def parse_uld_options(texts: list[str]) -> list[dict[str, Any]]:
+    """`KEY=VALUE[,KEY=VALUE]` strings as option dicts for `Method.options` (values are checked by the engine when
+    the rows are resolved). ValueError names the bad string."""
+    sets = []
+    for text in texts:
+        options: dict[str, Any] = {}
+        for item in text.split(","):
+            key, sep, value = item.strip().partition("=")
+            if not sep or key not in ULD_EVAL_OPTIONS or not value:
+                raise ValueError(
+                    f"{text!r}: write KEY=VALUE pairs separated by commas, KEY one of {', '.join(ULD_EVAL_OPTIONS)}"
+                )
+            try:
+                options[key] = json.loads(value)
+            except json.JSONDecodeError:
+                options[key] = value  # a rule name
+        sets.append(options)
+    return sets
+
+
 @dataclass
 class Method:
     """One thing to evaluate: the engine's model with an unlearning selection (or none)."""
