@@ -480,7 +480,7 @@ def uld_methods(
     value; a listed alpha equal to it is not evaluated twice. `options`: serving settings instead of the
     manifest's (named in the labels)."""
     options = options or {}
-    suffix = "".join(f" {k}={v}" for k, v in options.items())
+    suffix = f" {E.options_label(options)}" if options else ""
     rows, seen = [], set()
     for alpha in alphas:
         value = calibrated if alpha is None else alpha

@@ -72,6 +72,22 @@ def _served_pair(
     return _ServedPair(engine, backend, new, old, field)
 
 
+def _mixed_equals_alone(engine, tokenizer, name: str, variants: list[dict]) -> list[list[float]]:
+    """Score one prompt under each option set in one batch and each alone: the batch must equal the rows alone
+    (per-row settings as tensors, no loop). Returns the batch's prompt log-probabilities per variant."""
+    from unlearn_serve.server.engine.sampling_params import SamplingParams
+    from unlearn_serve.server.engine.sequence import Selection
+
+    prompt = tokenizer.encode("The capital of France is")
+    params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
+    mixed = engine.generate([prompt] * len(variants), params, [Selection(name, o) for o in variants])
+    alone = [engine.generate([prompt], params, [Selection(name, o)])[0] for o in variants]
+    scores = [[e.logprob for e in r.prompt_logprobs if e is not None] for r in mixed]
+    for got, want in zip(scores, alone, strict=True):
+        assert got == pytest.approx([e.logprob for e in want.prompt_logprobs if e is not None], abs=1e-5)
+    return scores
+
+
 def _rows():
     """Row 0: the target is sure of token 7 (a memorised fact), the assistant remembers it and dislikes token 3
     most; row 1: a flat-ish target and a flat assistant (a generic position)."""
@@ -431,8 +447,6 @@ def test_margin_ignores_small_preferences_and_keeps_the_remembered_token_suppres
 
 def test_margin_comes_from_the_manifest_and_old_manifests_keep_zero(tiny_llama, tokenizer, tmp_path):
     from unlearn_serve.server.engine.errors import EngineInputError
-    from unlearn_serve.server.engine.sampling_params import SamplingParams
-    from unlearn_serve.server.engine.sequence import Selection
 
     from unlearn_serve.artifact import ArtifactError
     from unlearn_serve.uld_combine import DEFAULT_MARGIN
@@ -448,16 +462,8 @@ def test_margin_comes_from_the_manifest_and_old_manifests_keep_zero(tiny_llama, 
         with pytest.raises(EngineInputError, match="margin"):
             backend.resolve("new", {"margin": bad})
     # one batch mixing margins scores each row as it would alone (per-row margin tensor, no loop)
-    prompt = tokenizer.encode("The capital of France is")
-    params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
     opts = {"alpha": 3.0, "filter": 0.0}
-    mixed = engine.generate(
-        [prompt, prompt], params, [Selection("new", opts), Selection("new", {**opts, "margin": 0.0})]
-    )
-    alone = [engine.generate([prompt], params, [Selection("new", o)])[0] for o in (opts, {**opts, "margin": 0.0})]
-    scores = [[e.logprob for e in r.prompt_logprobs if e is not None] for r in mixed]
-    for got, want in zip(scores, alone, strict=True):
-        assert got == pytest.approx([e.logprob for e in want.prompt_logprobs if e is not None], abs=1e-5)
+    scores = _mixed_equals_alone(engine, tokenizer, "new", [opts, {**opts, "margin": 0.0}])
     assert max(abs(a - b) for a, b in zip(*scores, strict=True)) > 1e-3  # the margin mattered
     pair.corrupt_old(-1)
     with pytest.raises(ArtifactError, match="margin"):
@@ -535,8 +541,6 @@ def test_floor_bounds_the_penalty_and_never_changes_the_greedy_token():
 
 def test_floor_comes_from_the_manifest_and_is_off_without_it(tiny_llama, tokenizer, tmp_path):
     from unlearn_serve.server.engine.errors import EngineInputError
-    from unlearn_serve.server.engine.sampling_params import SamplingParams
-    from unlearn_serve.server.engine.sequence import Selection
 
     from unlearn_serve.artifact import ArtifactError
 
@@ -548,19 +552,21 @@ def test_floor_comes_from_the_manifest_and_is_off_without_it(tiny_llama, tokeniz
     assert engine.load_uld("plain", pair.old).floor is None
     assert backend.resolve("plain", {"floor": 2}).floor == 2.0
     assert backend.resolve("floor", {"floor": None}).floor is None
+    # the decode step skips the floor where it cannot change the output (refilter on, floor > ln(1/filter))
+    from unlearn_serve.server.unlearning.backends import _effective_floor
+
+    served = {"rule": "prefer", "refilter": True, "filter": 0.01}
+    assert _effective_floor(backend.resolve("floor", {**served, "floor": 10})) is None
+    assert _effective_floor(backend.resolve("floor", {**served, "floor": 4})) == 4.0  # below ln(100) = 4.6
+    assert _effective_floor(backend.resolve("floor", {**served, "floor": 10, "filter": 0.0})) == 10.0  # scoring
+    assert _effective_floor(backend.resolve("floor", {**served, "floor": 10, "refilter": False})) == 10.0
+    assert _effective_floor(backend.resolve("floor", {**served, "floor": 10, "rule": "difference"})) is None
     for bad in (-1, True, "1", float("inf")):
         with pytest.raises(EngineInputError, match="floor"):
             backend.resolve("plain", {"floor": bad})
     # one batch mixing floors (and none) scores each row as it would alone
-    prompt = tokenizer.encode("The capital of France is")
-    params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
     opts = {"alpha": 8.0, "filter": 0.0}
-    variants = [opts, {**opts, "floor": 0.5}, {**opts, "floor": None}]
-    mixed = engine.generate([prompt] * 3, params, [Selection("floor", o) for o in variants])
-    alone = [engine.generate([prompt], params, [Selection("floor", o)])[0] for o in variants]
-    scores = [[e.logprob for e in r.prompt_logprobs if e is not None] for r in mixed]
-    for got, want in zip(scores, alone, strict=True):
-        assert got == pytest.approx([e.logprob for e in want.prompt_logprobs if e is not None], abs=1e-5)
+    scores = _mixed_equals_alone(engine, tokenizer, "floor", [opts, {**opts, "floor": 0.5}, {**opts, "floor": None}])
     assert max(abs(a - b) for a, b in zip(scores[0], scores[2], strict=True)) > 1e-3  # the floor mattered
     pair.corrupt_old(-1)
     with pytest.raises(ArtifactError, match="floor"):

@@ -68,8 +68,11 @@ class _M:
 def test_bench_rows_include_the_calibrated_alpha():
     assert tofu.BenchConfig().alphas[0] is None and tofu.BenchConfig.quick().alphas[0] is None
 
+    from unlearn_serve.evaluation import runner
+
     class E:
         Method = _M
+        options_label = staticmethod(runner.options_label)
 
     rows = tofu.uld_methods(E, (None, 0.25, 0.5, 1.0), 0.5)
     assert [(m.label, m.alpha) for m in rows] == [

@@ -73,6 +73,18 @@ class ULDPlan:
     floor: float | torch.Tensor | None = None  # uld_combine.floor_combined: None (off), one float or per row (inf: off)
 
 
+def _effective_floor(choice: ULDChoice) -> float | None:
+    """The row's floor, or None where it cannot change the output: with the refilter on and a floor above
+    ln(1/filter), every candidate the floor raises stays more than ln(1/filter) below the winner and is removed
+    anyway (uld_combine.floor_combined). That is the serving default, so the decode step skips the work."""
+    f = choice.floor
+    if f is None or choice.rule != "prefer":
+        return None
+    if choice.refilter and choice.filter > 0 and f > -math.log(choice.filter):
+        return None
+    return f
+
+
 def log_filter(filters: torch.Tensor) -> torch.Tensor:
     """ln(filter), with filter 0 meaning 'keep every token'."""
     return torch.where(filters > 0, filters.clamp_min(1e-30).log(), torch.full_like(filters, float("-inf")))
@@ -163,7 +175,7 @@ class ULDBackend(UnlearningBackend):
                 prefer.append(choice.rule == "prefer")
                 refilter.append(choice.refilter)
                 margin.append(choice.margin)
-                floor.append(choice.floor)
+                floor.append(_effective_floor(choice))
         if not logit_rows:
             return None
 

@@ -77,10 +77,6 @@ def parse_uld_options(texts: list[str]) -> list[dict]:
         raise CliError(f"--uld-options {exc}") from None
 
 
-def _options_label(options: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in options.items())
-
-
 def parse_alphas(text: str | None) -> list[float] | None:
     from unlearn_serve.cli import CliError
 
@@ -140,10 +136,10 @@ def run(args: argparse.Namespace) -> int:
             try:  # a bad value is refused before any scoring, naming the option
                 engine.resolve(E.Method(name, "uld", name, None, options).selection(scoring=False))
             except ValueError as exc:
-                raise CliError(f"--uld-options {_options_label(options)}: {exc}") from None
+                raise CliError(f"--uld-options {E.options_label(options)}: {exc}") from None
             for alpha in alphas or [None]:
                 label = " ".join(
-                    p for p in (name, None if alpha is None else f"α={alpha:g}", _options_label(options)) if p
+                    p for p in (name, None if alpha is None else f"α={alpha:g}", E.options_label(options)) if p
                 )
                 methods.append(E.Method(label, "uld", name, alpha, options))
     for name, path in uoes:

@@ -114,6 +114,11 @@ def parse_uld_options(texts: list[str]) -> list[dict[str, Any]]:
     return sets
 
 
+def options_label(options: dict[str, Any]) -> str:
+    """How an option set is named in report rows: `margin=2 floor=10`."""
+    return " ".join(f"{k}={v}" for k, v in options.items())
+
+
 @dataclass
 class Method:
     """One thing to evaluate: the engine's model with an unlearning selection (or none)."""
