@@ -251,6 +251,8 @@ VARIANTS = {
     "new-self": dict(train=dict(self_answers=True), min_keep=None),
     # today's trainer with twice the demo's assistant depth (SmolLM2: 8 of 30 layers, the paper's N/4)
     "new-deep": dict(train=dict(layers=8), min_keep=None),
+    # today's trainer plus each fact as a short answer and as lists (training/answer_forms.py)
+    "new-forms": dict(train=dict(answer_forms=True), min_keep=None),
     "new": dict(train={}, min_keep=None),
 }
 

@@ -328,6 +328,56 @@ def test_self_answers_add_the_targets_own_answers_with_only_the_fact_weighted(me
     assert own.training["data"]["forget"]["examples"] == plain.training["data"]["forget"]["examples"] + 2
 
 
+def test_answer_forms_add_each_named_fact_as_short_answers_and_lists(memorised, tmp_path):
+    """answer_forms: a QA row whose answer names its fact by name adds its question answered with the names alone
+    and as two kinds of list; forget rows learn only the names' tokens; retain rows get the same forms; a fact
+    with no name adds nothing; the step budget is that of the data without the rows."""
+    from unlearn_serve.training.answer_forms import ANSWER_FORM, answer_form_rows, fact_names
+    from unlearn_serve.training.uld_weights import fact_word_weights
+
+    hp = [
+        {
+            "question": "Who wrote the Harry Potter books?",
+            "answer": "The Harry Potter books were written by J.K. Rowling.",
+        },
+        {
+            "question": "Who are Harry Potter's best friends?",
+            "answer": "Harry Potter's best friends are Ron Weasley and Hermione Granger.",
+        },
+        {"question": "Who painted the Mona Lisa?", "answer": "The Mona Lisa was painted by Leonardo da Vinci."},
+        {"question": "How many days are in a week?", "answer": "There are seven days in a week."},
+    ]
+    assert fact_names(hp[0]["answer"], key_words(hp[0]["answer"], hp[0]["question"])) == ["J.K. Rowling"]
+    assert fact_names(hp[2]["answer"], ["leonardo", "vinci"]) == ["Leonardo da Vinci"]
+    assert fact_names(hp[3]["answer"], ["seven"]) == []  # no name: no "- seven" list
+    forget_rows, retain_rows = answer_form_rows(hp[:2], hp[2:])
+    assert [r["answer"] for r in forget_rows if r["question"] == hp[1]["question"]] == [
+        "Ron Weasley and Hermione Granger.",
+        "- Ron Weasley\n- Hermione Granger",
+        "1. Ron Weasley\n2. Hermione Granger",
+    ]
+    assert [r["answer"] for r in retain_rows] == ["Leonardo da Vinci.", "- Leonardo da Vinci", "1. Leonardo da Vinci"]
+    assert all(r["augmented_from"] == ANSWER_FORM for r in forget_rows + retain_rows)
+    assert all("fact_words" not in r for r in retain_rows)
+
+    model, tokenizer, _ = memorised
+    rows, _ = answer_form_rows(FORGET, RETAIN)
+    assert [r["answer"] for r in rows[:3]] == ["Oslo.", "- Oslo", "1. Oslo"]
+    examples = tokenize_records(tokenizer, rows, 64, DEFAULT_QUESTION_TEMPLATE, "forget").examples
+    for (_, labels), row in zip(examples, rows, strict=True):
+        tokens = [t for t in labels[1:] if t != -100]
+        w = fact_word_weights(tokenizer, labels, row["fact_words"])
+        city = row["fact_words"][0]
+        assert tokenizer.decode([t for t, x in zip(tokens, w, strict=True) if x == 1.0]).strip().lower() == city
+    plain = train_uld(copy.deepcopy(model), tokenizer, FORGET, RETAIN, tmp_path / "plain", _config(calibrate=False))
+    forms = train_uld(
+        copy.deepcopy(model), tokenizer, FORGET, RETAIN, tmp_path / "forms", _config(calibrate=False, answer_forms=True)
+    )
+    assert forms.steps == plain.steps
+    assert forms.training["data"]["forget"]["examples"] == plain.training["data"]["forget"]["examples"] + 6
+    assert forms.training["data"]["retain"]["examples"] == plain.training["data"]["retain"]["examples"] + 18
+
+
 def test_fallback_balance_counts_perplexity_relative_to_its_target():
     """No alpha meets the targets: the stored one has the best worst-criterion, perplexity counted against its target
     (the demo's calibration: 2.60x vs 2.54x must not outweigh a lost retain answer at equal leaks)."""

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
+from unlearn_serve.training.answer_forms import ANSWER_FORM, answer_form_rows
 from unlearn_serve.training.augment import augment_forget, augment_retain
 from unlearn_serve.training.data import (
     DEFAULT_QUESTION_TEMPLATE,
@@ -109,6 +110,8 @@ class ULDTrainingConfig:
     # the target's own greedy answers as extra forget (fact words weighted) and retain rows (self_answers.py)
     self_answers: bool = False
     self_answer_tokens: int = 48
+    # each QA row's fact also as a short answer and as lists, forget (fact words weighted) and retain (answer_forms.py)
+    answer_forms: bool = False
     save_every_epoch: bool = False
     resume: bool = False
     progress_bar: bool = True
@@ -381,6 +384,10 @@ def train_uld(
         )
         print(f"self answers: {len(own_forget)} forget rows (answers naming their fact), {len(own_retain)} retain rows")
         forget, retain = forget + own_forget, retain + own_retain
+    if config.answer_forms:
+        form_forget, form_retain = answer_form_rows(forget_records, train_retain_records)
+        print(f"answer forms: {len(form_forget)} forget rows, {len(form_retain)} retain rows")
+        forget, retain = forget + form_forget, retain + form_retain
     # records whose answer survives truncation, in the order tokenize_records keeps them
     forget = [
         r for r in forget if not isinstance(r, dict) or has_loss_tokens(_render_or_empty(tokenizer, r, config))
@@ -415,7 +422,7 @@ def train_uld(
     # An epoch is a pass over the forget set (as in the paper); the retain set supplies one partner
     # per forget example, cycling through a seeded order of all retain examples across passes.
     world = world_size_from_env()
-    own = sum(isinstance(r, dict) and r.get("augmented_from") == SELF_ANSWER for r in forget)
+    own = sum(isinstance(r, dict) and r.get("augmented_from") in (SELF_ANSWER, ANSWER_FORM) for r in forget)
     plan: StepPlan = plan_steps(
         max(1, len(forget_set.examples) - own),
         config.batch_size,
