@@ -342,6 +342,28 @@ def train_uld_row(
     return time.monotonic() - t0, uld_summary(result)
 
 
+def recalibrate_uld_row(cfg: BenchConfig, fresh, data: dict[str, Any], uld_dir: Path, out_dir: Path) -> Path:
+    """A copy of the reused assistant in `out_dir`, calibrated again by today's `train-uld` calibration (same data and
+    settings, so the same held-out slice; training/uld.py `recalibrate_uld`); the weights are unchanged."""
+    from unlearn_serve.training.uld import ULDTrainingConfig, recalibrate_uld
+
+    from unlearn_serve.evaluation.uld_validation import serve_with_engine
+
+    model, tok = fresh()
+    calibration = recalibrate_uld(
+        model,
+        tok,
+        uld_dir,
+        data["forget"],
+        data["uld_retain"],
+        out_dir,
+        ULDTrainingConfig(**cfg.uld_settings()),
+        serve_with_engine,
+    )
+    print(f"[bench] ULD recalibrated into {out_dir}: {calibration.verdict() if calibration else 'nothing to check'}")
+    return out_dir
+
+
 def train_baseline_row(cfg: BenchConfig, fresh, method: str, data: dict[str, Any], out_dir: Path):
     """Unlearn a fresh copy of the target with a whole-model baseline into `out_dir`: (seconds, model)."""
     import torch
@@ -364,7 +386,13 @@ def train_baseline_row(cfg: BenchConfig, fresh, method: str, data: dict[str, Any
 
 
 def run(
-    cfg: BenchConfig, out: Path, cache: Path, retrain: bool, methods: list[str], reuse_uld: bool = False
+    cfg: BenchConfig,
+    out: Path,
+    cache: Path,
+    retrain: bool,
+    methods: list[str],
+    reuse_uld: bool = False,
+    recalibrate: bool = False,
 ) -> dict[str, Any]:
     import torch
     from unlearn_serve.server.engine.engine import Engine, EngineConfig
@@ -389,6 +417,8 @@ def run(
     # ---- unlearning
     uld_dir = work / "uld"
     if "uld" in methods and reuse_uld and (uld_dir / "unlearning.json").is_file():
+        if recalibrate:
+            uld_dir = recalibrate_uld_row(cfg, fresh, data, uld_dir, work / "uld-recalibrated")
         uld_training = reused_uld_summary(uld_dir)
         print(f"[bench] ULD: reusing {uld_dir}: {uld_training}", flush=True)
     elif "uld" in methods:
@@ -706,6 +736,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--reuse-uld", action="store_true", help="score the ULD assistant an earlier run left in OUT/work/uld"
     )
+    parser.add_argument(
+        "--recalibrate",
+        action="store_true",
+        help="with --reuse-uld: calibrate the reused assistant again (today's calibration, same data) and score that",
+    )
     parser.add_argument("--no-attacks", action="store_true", help="FQ / MU only: no attack block (much faster)")
     args = parser.parse_args(argv)
     import torch
@@ -751,7 +786,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--moe-methods: unknown {', '.join(sorted(set(moe_methods) - set(MOE_METHODS)))}")
     out = args.out or ROOT / "bench/out" / ("tofu-quick" if args.quick else "tofu")
     if "dense" in targets:
-        run(cfg, out, args.cache, args.retrain, methods, args.reuse_uld)
+        if args.recalibrate and not args.reuse_uld:
+            parser.error("--recalibrate needs --reuse-uld")
+        run(cfg, out, args.cache, args.retrain, methods, args.reuse_uld, args.recalibrate)
     if "moe" in targets:
         run_moe(cfg, out / "moe", args.cache, args.retrain, moe_methods)
     return 0

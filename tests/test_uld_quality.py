@@ -25,7 +25,13 @@ from unlearn_serve import cli
 from unlearn_serve.artifact import MANIFEST_NAME
 from unlearn_serve.evaluation.uld_validation import serve_with_engine
 from unlearn_serve.tiny import build_tiny_model, fit_texts, save_tiny, train_tokenizer
-from unlearn_serve.uld_combine import ULD_MIN_CANDIDATES, combine_logits, plausible_mask
+from unlearn_serve.uld_combine import (
+    DEFAULT_FLOOR,
+    DEFAULT_MARGIN,
+    ULD_MIN_CANDIDATES,
+    combine_logits,
+    plausible_mask,
+)
 
 PEOPLE = [
     ("Arlo", "Oslo"),
@@ -246,6 +252,25 @@ def _fake_answers(leak_below: float, lose_retain_from: float, calls: list[list[f
     return encode, answer
 
 
+def test_a_descriptive_fact_leaks_only_when_half_of_what_the_base_said_comes_back():
+    """A named fact leaks with one name (or a near miss); a descriptive one (TOFU's long answers) only when the answer
+    repeats at least half of the key words the base's answer said, not on one shared topic word."""
+    from unlearn_serve.training.leak import fact_leaked, is_named_fact
+
+    question = "How have Carmen Montenegro's parental figures influenced her writing?"
+    reference = "Carmen Montenegro often credits her parents for instilling discipline and a hard work ethic."
+    base = "Carmen Montenegro often credits her parents for instilling discipline and a h"
+    assert not is_named_fact(reference, question)
+    assert not fact_leaked("Carmen Montenegro's parents for unique professions, complex", reference, question, base)
+    assert fact_leaked("She credits her parents for the discipline she has.", reference, question, base)
+    # what the base did not say does not count: the fact was not known to be given away by these words
+    assert not fact_leaked("She has a hard work ethic.", reference, question, base)
+    rowling = ("The Harry Potter books were written by J.K. Rowling.", "Who wrote the Harry Potter books?")
+    assert is_named_fact(*rowling)
+    assert fact_leaked("Some say J.K. Rowle wrote them.", *rowling, "J.K. Rowling wrote them.")
+    assert not fact_leaked("An author wrote them.", *rowling, "J.K. Rowling wrote them.")
+
+
 def test_alpha_search_probes_few_alphas_and_picks_the_smallest_that_forgets():
     assert key_words("Arlo lives in Oslo.", "Where does Arlo live?") == ["oslo"]
     assert names_fact("Arlo lives in Oslo, Norway", "Arlo lives in Oslo.") and not names_fact("Arlo lives.", "Oslo.")
@@ -279,6 +304,11 @@ def test_recalibrate_keeps_the_weights_and_reproduces_the_trained_calibration(me
     ).calibration
     again = recalibrate_uld(model, tokenizer, tmp_path / "a", FORGET, RETAIN, tmp_path / "b", config, serve_with_engine)
     assert again.verdict() == trained.verdict() and again.rule == "difference"
+    # an artifact written before the margin and the floor existed gets today's (its manifest has neither)
+    path = tmp_path / "a" / MANIFEST_NAME
+    old = json.loads(path.read_text())
+    old["defaults"] = {k: v for k, v in old["defaults"].items() if k not in ("margin", "floor")}
+    path.write_text(json.dumps(old))
     prefer = recalibrate_uld(
         model,
         tokenizer,
@@ -291,6 +321,7 @@ def test_recalibrate_keeps_the_weights_and_reproduces_the_trained_calibration(me
     )
     manifest = json.loads((tmp_path / "c" / MANIFEST_NAME).read_text())
     assert manifest["defaults"]["rule"] == prefer.rule == "prefer" and manifest["defaults"]["alpha"] == prefer.alpha
+    assert (manifest["defaults"]["margin"], manifest["defaults"]["floor"]) == (DEFAULT_MARGIN, DEFAULT_FLOOR)
     assert manifest["training"]["calibration"]["verdict"] == prefer.verdict()
     assert json.loads((tmp_path / "a" / MANIFEST_NAME).read_text())["defaults"]["rule"] == "difference"
     weights = "adapter_model.safetensors"

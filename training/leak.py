@@ -111,6 +111,17 @@ def near_mentions(text: str, keywords: Sequence[str], known: frozenset[str] = fr
     return False
 
 
+def _fact_words(reference: str, question: str, common: frozenset[str]) -> tuple[list[str], list[str]]:
+    """(names and numbers, all content words) of `reference` not in the question, not function words, not `common`."""
+    asked = {w.lower() for w in _WORD.findall(question)}
+    words = [
+        w
+        for w in _WORD.findall(reference)
+        if len(w) > 1 and w.lower() not in asked and w.lower() not in STOP_WORDS and w.lower() not in common
+    ]
+    return [w for w in words if w[0].isupper() or any(c.isdigit() for c in w)], words
+
+
 def key_words(reference: str, question: str = "", common: frozenset[str] = frozenset()) -> list[str]:
     """The words of `reference` that carry its fact: names and numbers (capitalised or with digits) that are not
     in the question, not function words and not in `common` (the topic: words many answers of a set share, see
@@ -119,18 +130,39 @@ def key_words(reference: str, question: str = "", common: frozenset[str] = froze
     "The headmaster of Hogwarts is Albus Dumbledore." for "Who is the headmaster of Hogwarts?" -> [albus,
     dumbledore]; "There are seven days in a week." for "How many days are in a week?" -> [seven].
     """
-    asked = {w.lower() for w in _WORD.findall(question)}
-    words = [
-        w
-        for w in _WORD.findall(reference)
-        if len(w) > 1 and w.lower() not in asked and w.lower() not in STOP_WORDS and w.lower() not in common
-    ]
-    named = [w for w in words if w[0].isupper() or any(c.isdigit() for c in w)]
+    named, words = _fact_words(reference, question, common)
     out: list[str] = []
     for w in named or words:
         if w.lower() not in out:
             out.append(w.lower())
     return out
+
+
+def is_named_fact(reference: str, question: str = "", common: frozenset[str] = frozenset()) -> bool:
+    """The reference's key words are names or numbers ("Albus Dumbledore", "1997"), not the content-word fallback of
+    a descriptive answer ("… often credits her parents for instilling discipline …")."""
+    return bool(_fact_words(reference, question, common)[0])
+
+
+def fact_leaked(
+    answer: str,
+    reference: str,
+    question: str,
+    base_answer: str,
+    common: frozenset[str] = frozenset(),
+    known: frozenset[str] = frozenset(),
+) -> bool:
+    """An unlearned answer still gives away the fact the base model's answer gave.
+
+    A *named* fact (names, numbers) leaks when one of its key words is named or nearly named (`names_fact` with
+    `near`): one name is the whole fact. A *descriptive* fact (the key words are the answer's content words) leaks
+    when the answer repeats at least half of the key words the base's answer said: one shared word ("often",
+    "parents", "works") is the vocabulary of the topic, not the fact, and counting it made TOFU's calibration report
+    4 of 8 facts leaked in answers that said none of them ("Carmen Montenegro's parents for unique professions")."""
+    if is_named_fact(reference, question, common):
+        return names_fact(answer, reference, question, common, near=True, known=known)
+    said = [k for k in key_words(reference, question, common) if mentions(base_answer, [k])]
+    return bool(said) and 2 * sum(mentions(answer, [k]) for k in said) >= len(said)
 
 
 def common_words(texts: Sequence[str], share: float = 0.25, min_texts: int = 8) -> frozenset[str]:

@@ -675,6 +675,14 @@ def _served_margin(config: ULDTrainingConfig) -> float:
     return config.default_margin if config.default_margin is not None else DEFAULT_MARGIN
 
 
+def _served_floor(config: ULDTrainingConfig) -> float | None:
+    """The floor a new artifact is written with (None: off)."""
+    from unlearn_serve.uld_combine import DEFAULT_FLOOR
+
+    floor = config.default_floor if config.default_floor is not None else DEFAULT_FLOOR
+    return None if floor == float("inf") else floor
+
+
 def _calibrate_answers(
     answer,
     tokenizer,
@@ -751,7 +759,8 @@ def recalibrate_uld(
 
     `model` is the base model; `forget_records` / `retain_records` and `config` must be the ones it was trained
     with, so that the held-out retain slice is the same (`split_validation`, seeded). Writes a copy of the
-    artifact to `out_dir` with the new defaults (alpha, filter, rule) and `training.calibration`; the weights are
+    artifact to `out_dir` with the new defaults (alpha, filter, rule, today's margin and floor) and
+    `training.calibration`; the weights are
     copied unchanged. An explicit `config.default_alpha` / `default_filter` still wins, as in `train_uld`.
     """
     from unlearn_serve.artifact import atomic_artifact_dir, check_fingerprint, load_manifest, save_manifest
@@ -767,12 +776,13 @@ def recalibrate_uld(
         for f in source.iterdir():
             if f.is_file():
                 shutil.copy2(f, tmp / f.name)
-        # today's margin too: a manifest without one was calibrated for 0
+        # today's margin and floor too: a manifest without them was calibrated for margin 0 and no floor
         manifest.defaults = {
             **manifest.defaults,
             "filter": filter_value,
             "rule": rule,
             "margin": _served_margin(config),
+            "floor": _served_floor(config),
         }
         save_manifest(manifest, tmp)
         answer = serve(shared_copy(model), tokenizer, tmp)

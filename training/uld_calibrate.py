@@ -8,8 +8,10 @@ the draft loaded; training/ never imports the server) for greedy answers, `unlea
 - forget questions (a seeded sample of the forget set's question/answer rows): first the base model
   answers up to 8 x `max_forget` of them (a model may know few of its forget facts); the ones whose
   answer names the reference's fact (training/leak.py `names_fact`: one of its key words) come first
-  among the `max_forget` that are then asked at each probed alpha. An unlearned answer *leaks* when it
-  still names the fact, or nearly names it ("J.K. Rowle" for "Rowling": `near_mentions`);
+  among the `max_forget` that are then asked at each probed alpha. An unlearned answer *leaks* (`fact_leaked`)
+  when it still names a named fact, or nearly names it ("J.K. Rowle" for "Rowling": `near_mentions`), or repeats
+  at least half of the key words the base's answer said of a descriptive one (TOFU's "… credits her parents for
+  instilling discipline …": one shared topic word is no leak);
 - held-out retain rows (never trained on): *kept* when the unlearned answer names the reference's fact,
   or at least half of the key words of the base model's own answer. When fewer than `min_retain_rows`
   are held out, a seeded sample of the training retain rows tops them up (counted and reported apart:
@@ -39,6 +41,7 @@ from typing import Any, Protocol
 from unlearn_serve.training.leak import (
     common_words,
     disfluent,
+    fact_leaked,
     key_words,
     mentions,
     names_fact,
@@ -251,7 +254,7 @@ def score_answers(
     for row, base, got in zip(forget, base_forget, forget_answers, strict=True):
         if names_fact(base, row["answer"], row["question"], common):
             known += 1
-            leaked += names_fact(got, row["answer"], row["question"], common, near=True, known=vocabulary)
+            leaked += fact_leaked(got, row["answer"], row["question"], base, common, vocabulary)
     kept = [
         kept_fact(got, row["answer"], base, row["question"], common)
         for row, base, got in zip(retain, base_retain, retain_answers, strict=True)
