@@ -227,8 +227,9 @@ def test_cli_strict_exit_code_follows_the_served_verdict(memorised, tmp_path, ca
     assert manifest["training"]["calibration"]["met"] and manifest["defaults"]["alpha"] in ALPHA_GRID
 
 
-def _fake_answers(leak_below: float, lose_retain_from: float, calls: list[list[float | None]]):
-    """A stand-in server: forget facts named below `leak_below`, retain facts lost from `lose_retain_from`."""
+def _fake_answers(leak_below: float, lose_retain_from: float, calls: list[list[float | None]], loop_from: float = 99):
+    """A stand-in server: forget facts named below `leak_below`, retain facts lost from `lose_retain_from`, forget
+    answers that loop from `loop_from`."""
     questions = {}
 
     def encode(q: str) -> list[int]:
@@ -246,7 +247,10 @@ def _fake_answers(leak_below: float, lose_retain_from: float, calls: list[list[f
             name, city = row["answer"].split(" lives in ")
             forget = row in FORGET
             named = a is None or (a < leak_below if forget else a < lose_retain_from)
-            out.append(f"{name} lives in {city}" if named else f"{name} lives in a small town.")
+            if forget and a is not None and a >= loop_from:
+                out.append(f"{name} lives in a town a town a town a town.")
+            else:
+                out.append(f"{name} lives in {city}" if named else f"{name} lives in a small town.")
         return out
 
     return encode, answer
@@ -286,6 +290,11 @@ def test_alpha_search_probes_few_alphas_and_picks_the_smallest_that_forgets():
     encode, answer = _fake_answers(1.0, 0.5, [])
     cal = calibrate(answer, encode, FORGET, RETAIN[:3])
     assert not cal.met and "TARGETS NOT MET" in cal.verdict() and "retain" in cal.verdict()
+    # the alpha that forgets keeps the retain answers but loops: still stored (forgetting first), the verdict says so;
+    # a lower alpha with fluent answers that name the facts is not
+    encode, answer = _fake_answers(1.0, 99, [], loop_from=1.0)
+    cal = calibrate(answer, encode, FORGET, RETAIN[:3])
+    assert cal.alpha == 1.0 and not cal.met and "NOT fluent" in cal.verdict() and "forgets 2/2" in cal.verdict()
     # facts named at every alpha: not met, train longer
     encode, answer = _fake_answers(99, 99, [])
     cal = calibrate(answer, encode, FORGET, RETAIN[:3])
