@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                 "model": suite.name,
                 "artifact": str(artifact),
                 "alpha": assistant.alpha,
-                "rule": assistant.rule,
+                "rule": assistant.combine.rule,
                 "setting": label,
                 "n": len(records),
                 **{c: s.get(f"attack_{c}_leak") for c in COLUMNS},

@@ -387,8 +387,8 @@ def evaluate(
                 dict(
                     alpha=assistant.alpha if alpha is None else alpha,
                     filter=assistant.filter,
-                    rule=assistant.rule if rule is None else rule,
-                    margin=assistant.margin if margin is None else margin,
+                    rule=assistant.combine.rule if rule is None else rule,
+                    margin=assistant.combine.margin if margin is None else margin,
                     default=alpha is None and rule is None and margin is None,
                     base_known=sum(names(a, c) for a, c in zip(base[:nf], suite.forget_checks, strict=True)),
                     base_known_para=sum(

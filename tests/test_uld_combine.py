@@ -17,6 +17,7 @@ from unlearn_serve.training.uld_calibrate import CalibrationTargets, calibrate
 from unlearn_serve.uld_combine import (
     DEFAULT_RULE,
     ULD_RULES,
+    CombineSettings,
     assistant_penalty,
     combine_logits,
     combine_on_candidates,
@@ -145,7 +146,7 @@ def test_candidate_path_equals_the_full_vocabulary_path_for_both_rules_and_mixed
     mixed = torch.tensor([True, False, True, False, True])
     for prefer in (True, False, mixed):
         full = combine_logits(target, assistant, alpha, log_filter, prefer=prefer)
-        sparse = combine_on_candidates(target, candidates, assistant.gather(-1, candidates), alpha, keep, prefer)
+        sparse = combine_on_candidates(target, candidates, assistant.gather(-1, candidates), alpha, keep, prefer=prefer)
         assert torch.equal(torch.isinf(sparse), torch.isinf(full))
         assert torch.allclose(sparse[keep], full[keep], atol=1e-5)
     # a mixed batch equals each row under its own rule
@@ -272,14 +273,14 @@ def test_manifest_rule_is_served_and_an_old_manifest_keeps_difference(tiny_llama
 
     pair = _served_pair(tiny_llama, tokenizer, tmp_path, "rule")
     engine, backend = pair.engine, pair.backend
-    assert engine.load_uld("new", pair.new).rule == DEFAULT_RULE == "prefer"
-    assert engine.load_uld("old", pair.old).rule == "difference"
-    assert backend.resolve("old", {}).rule == "difference"
-    assert backend.resolve("new", {"rule": "difference"}).rule == "difference"
+    assert engine.load_uld("new", pair.new).combine.rule == DEFAULT_RULE == "prefer"
+    assert engine.load_uld("old", pair.old).combine.rule == "difference"
+    assert backend.resolve("old", {}).combine.rule == "difference"
+    assert backend.resolve("new", {"rule": "difference"}).combine.rule == "difference"
     with pytest.raises(EngineInputError):
         backend.resolve("new", {"rule": "sideways"})
     pair.corrupt_old("sideways")
-    with pytest.raises(ArtifactError, match="unknown combination rule"):
+    with pytest.raises(ArtifactError, match="defaults.rule must be one of"):
         engine.load_uld("bad", pair.old)
 
 
@@ -358,7 +359,14 @@ def test_refilter_candidate_path_equals_the_full_vocabulary_path():
         for refilter in (True, False, mixed):
             full = combine_logits(target, assistant, alpha, log_filter, prefer=prefer, refilter=refilter)
             sparse = combine_on_candidates(
-                target, candidates, assistant.gather(-1, candidates), alpha, keep, prefer, refilter, log_filter
+                target,
+                candidates,
+                assistant.gather(-1, candidates),
+                alpha,
+                keep,
+                prefer=prefer,
+                refilter=refilter,
+                log_filter=log_filter,
             )
             assert torch.equal(torch.isinf(sparse), torch.isinf(full))
             assert torch.allclose(sparse[torch.isfinite(sparse)], full[torch.isfinite(full)], atol=1e-5)
@@ -369,7 +377,9 @@ def test_refilter_candidate_path_equals_the_full_vocabulary_path():
     import pytest
 
     with pytest.raises(ValueError, match="log_filter"):
-        combine_on_candidates(target, candidates, assistant.gather(-1, candidates), alpha, keep, True, True)
+        combine_on_candidates(
+            target, candidates, assistant.gather(-1, candidates), alpha, keep, prefer=True, refilter=True
+        )
 
 
 def test_manifest_refilter_is_served_and_an_old_manifest_keeps_it_off(tiny_llama, tokenizer, tmp_path):
@@ -384,10 +394,10 @@ def test_manifest_refilter_is_served_and_an_old_manifest_keeps_it_off(tiny_llama
     # train-uld's calibration serves a draft written with {"filter", "rule"} only: the refilter comes along
     pair = _served_pair(tiny_llama, tokenizer, tmp_path, "refilter", {"filter": 0.01, "rule": "prefer"})
     engine, backend = pair.engine, pair.backend
-    assert engine.load_uld("new", pair.new).refilter is DEFAULT_REFILTER is True
-    assert engine.load_uld("old", pair.old).refilter is False
-    assert backend.resolve("new", {}).refilter and not backend.resolve("old", {}).refilter
-    assert backend.resolve("old", {"refilter": True}).refilter
+    assert engine.load_uld("new", pair.new).combine.refilter is DEFAULT_REFILTER is True
+    assert engine.load_uld("old", pair.old).combine.refilter is False
+    assert backend.resolve("new", {}).combine.refilter and not backend.resolve("old", {}).combine.refilter
+    assert backend.resolve("old", {"refilter": True}).combine.refilter
     with pytest.raises(EngineInputError):
         backend.resolve("new", {"refilter": "yes"})
     pair.corrupt_old("yes")
@@ -400,13 +410,13 @@ def test_manifest_refilter_is_served_and_an_old_manifest_keeps_it_off(tiny_llama
     hidden = torch.randn(3, engine.model.config.hidden_size, generator=gen)
     target = torch.randn(3, vocab, generator=gen) * 4
     alpha, lf = torch.tensor([1.0, 2.0, 3.0]), torch.log(torch.full((3,), 0.01))
-    sparse = backend.combine(target, hidden, alpha, lf, True, True)
+    sparse = backend.combine(target, hidden, alpha, lf, CombineSettings(prefer=True, refilter=True))
     backend.sync_free = True
-    full = backend.combine(target, hidden, alpha, lf, True, True)
+    full = backend.combine(target, hidden, alpha, lf, CombineSettings(prefer=True, refilter=True))
     backend.sync_free = False
     assert torch.equal(torch.isinf(sparse), torch.isinf(full))
     assert torch.allclose(sparse[torch.isfinite(sparse)], full[torch.isfinite(full)], atol=1e-4)
-    plain = backend.combine(target, hidden, alpha, lf, True, False)
+    plain = backend.combine(target, hidden, alpha, lf, CombineSettings(prefer=True, refilter=False))
     assert torch.equal(plain.argmax(-1), sparse.argmax(-1))
 
 
@@ -435,7 +445,7 @@ def test_margin_ignores_small_preferences_and_keeps_the_remembered_token_suppres
     assert torch.equal(as_float, combined[:2])
     candidates = target.topk(int(keep.sum(-1).max()), dim=-1).indices
     sparse = combine_on_candidates(
-        target, candidates, assistant.gather(-1, candidates), alpha, keep, True, margin=margin
+        target, candidates, assistant.gather(-1, candidates), alpha, keep, prefer=True, margin=margin
     )
     assert torch.equal(sparse[keep], combined[keep])
     # `difference` subtracts the whole assistant whatever the margin
@@ -455,9 +465,9 @@ def test_margin_comes_from_the_manifest_and_old_manifests_keep_zero(tiny_llama, 
         tiny_llama, tokenizer, tmp_path, "margin", {"filter": 0.01, "rule": "prefer"}, {"rule": "prefer"}, True
     )
     engine, backend = pair.engine, pair.backend
-    assert engine.load_uld("new", pair.new).margin == DEFAULT_MARGIN == 1.0
-    assert engine.load_uld("old", pair.old).margin == 0.0
-    assert backend.resolve("old", {"margin": 2}).margin == 2.0
+    assert engine.load_uld("new", pair.new).combine.margin == DEFAULT_MARGIN == 1.0
+    assert engine.load_uld("old", pair.old).combine.margin == 0.0
+    assert backend.resolve("old", {"margin": 2}).combine.margin == 2.0
     for bad in (-1, True, "1", float("nan")):
         with pytest.raises(EngineInputError, match="margin"):
             backend.resolve("new", {"margin": bad})
@@ -524,7 +534,7 @@ def test_floor_bounds_the_penalty_and_never_changes_the_greedy_token():
         assert torch.equal(full.argmax(-1), plain.argmax(-1))
         assert (full >= plain).all()
         sparse = combine_on_candidates(
-            target, candidates, assistant.gather(-1, candidates), alpha, keep, True, margin=1.0, floor=f
+            target, candidates, assistant.gather(-1, candidates), alpha, keep, prefer=True, margin=1.0, floor=f
         )
         assert torch.equal(torch.isinf(sparse), torch.isinf(full))
         assert torch.allclose(sparse[torch.isfinite(sparse)], full[torch.isfinite(full)], atol=1e-5)
@@ -548,19 +558,22 @@ def test_floor_comes_from_the_manifest_and_is_off_without_it(tiny_llama, tokeniz
         tiny_llama, tokenizer, tmp_path, "floor", {"rule": "prefer", "floor": 1.0}, {"rule": "prefer"}, True
     )
     engine, backend = pair.engine, pair.backend
-    assert engine.load_uld("floor", pair.new).floor == 1.0
-    assert engine.load_uld("plain", pair.old).floor is None
-    assert backend.resolve("plain", {"floor": 2}).floor == 2.0
-    assert backend.resolve("floor", {"floor": None}).floor is None
+    assert engine.load_uld("floor", pair.new).combine.floor == 1.0
+    assert engine.load_uld("plain", pair.old).combine.floor is None
+    assert backend.resolve("plain", {"floor": 2}).combine.floor == 2.0
+    assert backend.resolve("floor", {"floor": None}).combine.floor is None
+
     # the decode step skips the floor where it cannot change the output (refilter on, floor > ln(1/filter))
-    from unlearn_serve.server.unlearning.backends import _effective_floor
+    def served_floor(options):
+        choice = backend.resolve("floor", options)
+        return choice.combine.served_floor(choice.filter)
 
     served = {"rule": "prefer", "refilter": True, "filter": 0.01}
-    assert _effective_floor(backend.resolve("floor", {**served, "floor": 10})) is None
-    assert _effective_floor(backend.resolve("floor", {**served, "floor": 4})) == 4.0  # below ln(100) = 4.6
-    assert _effective_floor(backend.resolve("floor", {**served, "floor": 10, "filter": 0.0})) == 10.0  # scoring
-    assert _effective_floor(backend.resolve("floor", {**served, "floor": 10, "refilter": False})) == 10.0
-    assert _effective_floor(backend.resolve("floor", {**served, "floor": 10, "rule": "difference"})) is None
+    assert served_floor({**served, "floor": 10}) is None
+    assert served_floor({**served, "floor": 4}) == 4.0  # below ln(100) = 4.6
+    assert served_floor({**served, "floor": 10, "filter": 0.0}) == 10.0  # scoring
+    assert served_floor({**served, "floor": 10, "refilter": False}) == 10.0
+    assert served_floor({**served, "floor": 10, "rule": "difference"}) is None
     for bad in (-1, True, "1", float("inf")):
         with pytest.raises(EngineInputError, match="floor"):
             backend.resolve("plain", {"floor": bad})
@@ -571,3 +584,24 @@ def test_floor_comes_from_the_manifest_and_is_off_without_it(tiny_llama, tokeniz
     pair.corrupt_old(-1)
     with pytest.raises(ArtifactError, match="floor"):
         engine.load_uld("bad", pair.old)
+
+
+def test_combine_settings_of_rows_are_python_values_when_rows_agree_and_tensors_when_not():
+    """A batch whose rows share their options costs no per-row select; a mixed one gets [R] tensors; the floor is
+    left out (None / inf) where the refilter makes it moot, which is the serving default."""
+    from unlearn_serve.uld_combine import CombineOptionError, CombineOptions
+
+    served = CombineOptions().updated({"rule": "prefer", "refilter": True, "margin": 1, "floor": 10})
+    same = CombineSettings.of_rows([served, served], [0.01, 0.01], "cpu")
+    assert (same.prefer, same.refilter, same.margin, same.floor) == (True, True, 1.0, None)
+    scoring = CombineSettings.of_rows([served], [0.0], "cpu")  # filter 0 (the evaluation): the floor counts
+    assert scoring.floor == 10.0
+    legacy = CombineOptions()  # a manifest without the options: difference, no refilter, margin 0, no floor
+    mixed = CombineSettings.of_rows([served, legacy], [0.0, 0.01], "cpu")
+    assert mixed.prefer.tolist() == [True, False] and mixed.refilter.tolist() == [True, False]
+    assert mixed.margin.tolist() == [1.0, 0.0] and mixed.floor.tolist() == [10.0, float("inf")]
+    assert CombineSettings(prefer=True).kwargs() == {"prefer": True, "refilter": False, "margin": 0.0, "floor": None}
+    for key, bad in (("rule", "sideways"), ("refilter", 1), ("margin", -1), ("floor", float("inf"))):
+        with pytest.raises(CombineOptionError) as caught:
+            served.updated({key: bad})
+        assert caught.value.key == key

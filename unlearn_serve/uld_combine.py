@@ -63,6 +63,11 @@ refilter on), so a batch mixing them needs no host sync and no loop over rows.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 # Always-kept top tokens of the target (besides the relative-top ones); chosen by bench/uld_quality.py.
@@ -75,12 +80,6 @@ DEFAULT_MARGIN = 1.0  # new artifacts (manifest defaults `margin`), in assistant
 # new artifacts (manifest defaults `floor`), in target logits; older manifests: off. >= ln(1/filter), so the served
 # distribution (refilter on) is unchanged; it bounds what the evaluation scores (TOFU: bench/tofu.py, docs/uld.md 2e)
 DEFAULT_FLOOR: float | None = 10.0
-
-
-def check_rule(rule: str) -> str:
-    if rule not in ULD_RULES:
-        raise ValueError(f"unknown ULD combination rule {rule!r} (one of: {', '.join(ULD_RULES)})")
-    return rule
 
 
 def is_floor(value: object) -> bool:
@@ -177,12 +176,92 @@ def refilter_combined(
     return combined.masked_fill(drop, float("-inf"))
 
 
+class CombineOptionError(ValueError):
+    """A combination option with a bad value; `key` names it (rule, refilter, margin, floor)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+@dataclass(frozen=True)
+class CombineOptions:
+    """How one artifact (its manifest's `defaults`) or one request (an engine-level override) combines its assistant
+    with the target. The defaults are what a manifest written before these options existed is served with."""
+
+    rule: str = LEGACY_RULE
+    refilter: bool = False
+    margin: float = 0.0
+    floor: float | None = None  # None: off
+
+    def updated(self, values: Mapping[str, Any]) -> CombineOptions:
+        """These options with those `values` names (rule, refilter, margin, floor) replaced, each checked: a bad one
+        raises CombineOptionError naming it. Other keys are ignored."""
+        rule, refilter = values.get("rule", self.rule), values.get("refilter", self.refilter)
+        margin, floor = values.get("margin", self.margin), values.get("floor", self.floor)
+        if rule not in ULD_RULES:
+            raise CombineOptionError("rule", f"must be one of: {', '.join(ULD_RULES)} (got {rule!r})")
+        if not isinstance(refilter, bool):
+            raise CombineOptionError("refilter", f"must be true or false (got {refilter!r})")
+        if not is_margin(margin):
+            raise CombineOptionError("margin", f"must be a number >= 0 (got {margin!r})")
+        if not is_floor(floor):
+            raise CombineOptionError("floor", f"must be a number >= 0 or null (got {floor!r})")
+        return CombineOptions(rule, refilter, float(margin), None if floor is None else float(floor))
+
+    def served_floor(self, filter_value: float) -> float | None:
+        """The floor a row needs, or None where it cannot change the output: off, `difference`, or the refilter on
+        with a floor above ln(1/filter), so every candidate the floor raises is removed anyway (`floor_combined`).
+        That is the serving default, so the decode step skips the work."""
+        if self.floor is None or self.rule != "prefer":
+            return None
+        if self.refilter and filter_value > 0 and self.floor > -math.log(filter_value):
+            return None
+        return self.floor
+
+
+@dataclass(frozen=True)
+class CombineSettings:
+    """The combination options of R rows as the combine functions take them: one Python value when every row
+    agrees (the usual case: no per-row select), else a per-row tensor. `prefer` stands for the rule
+    (True = `prefer`); a floor of None or inf is off."""
+
+    prefer: bool | torch.Tensor = DEFAULT_RULE == "prefer"
+    refilter: bool | torch.Tensor = False
+    margin: float | torch.Tensor = 0.0
+    floor: float | torch.Tensor | None = None
+
+    @classmethod
+    def of_rows(
+        cls, rows: Sequence[CombineOptions], filters: Sequence[float], device: torch.device | str
+    ) -> CombineSettings:
+        """The settings of `rows` (with their filters, which decide where the floor is needed), built on the host."""
+
+        def per_row(values: list, dtype: torch.dtype):
+            return values[0] if len(set(values)) == 1 else torch.tensor(values, device=device, dtype=dtype)
+
+        floors = [o.served_floor(f) for o, f in zip(rows, filters, strict=True)]
+        return cls(
+            per_row([o.rule == "prefer" for o in rows], torch.bool),
+            per_row([o.refilter for o in rows], torch.bool),
+            per_row([o.margin for o in rows], torch.float32),
+            floors[0]
+            if len(set(floors)) == 1
+            else per_row([math.inf if f is None else f for f in floors], torch.float32),
+        )
+
+    def kwargs(self) -> dict[str, Any]:
+        """As keyword arguments of `combine_logits` / `combine_on_candidates` (no copy of the tensors)."""
+        return {"prefer": self.prefer, "refilter": self.refilter, "margin": self.margin, "floor": self.floor}
+
+
 def combine_logits(
     target_logits: torch.Tensor,
     assistant_logits: torch.Tensor,
     alpha: torch.Tensor,
     log_filter: torch.Tensor,
     min_keep: int = ULD_MIN_CANDIDATES,
+    *,
     prefer: bool | torch.Tensor = DEFAULT_RULE == "prefer",
     refilter: bool | torch.Tensor = False,
     margin: float | torch.Tensor = 0.0,
@@ -207,6 +286,7 @@ def combine_on_candidates(
     assistant_candidate_logits: torch.Tensor,
     alpha: torch.Tensor,
     keep: torch.Tensor,
+    *,
     prefer: bool | torch.Tensor = DEFAULT_RULE == "prefer",
     refilter: bool | torch.Tensor = False,
     log_filter: torch.Tensor | None = None,

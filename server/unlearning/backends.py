@@ -9,20 +9,20 @@ UOE: per-row expert patches applied by router/expert hooks; logits untouched.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from unlearn_serve.server.engine.errors import EngineInputError
 from unlearn_serve.server.unlearning.base import BatchRows, UnlearningBackend
 from unlearn_serve.server.unlearning.uld import (
-    ULD_RULES,
     Assistant,
     AssistantRegistry,
+    CombineOptionError,
+    CombineOptions,
+    CombineSettings,
     combine_logits,
     combine_on_candidates,
-    is_floor,
-    is_margin,
     plausible_mask,
 )
 
@@ -40,10 +40,7 @@ class ULDChoice:
     alpha: float
     filter: float
     uses_assistant: bool = True
-    rule: str = "difference"  # uld_combine.ULD_RULES
-    refilter: bool = False  # the relative-top rule again on the combined logits (uld_combine.refilter_combined)
-    margin: float = 0.0  # `prefer` ignores assistant preferences below it (uld_combine.assistant_penalty)
-    floor: float | None = None  # `prefer`: how far below the best unpenalised candidate a penalty may push; None: off
+    combine: CombineOptions = field(default_factory=CombineOptions)  # the artifact's, or the request's override
 
     @property
     def name(self) -> str:
@@ -67,22 +64,7 @@ class ULDPlan:
     hidden_pos: torch.Tensor  # and positions in them
     alpha: torch.Tensor
     log_filter: torch.Tensor
-    prefer: bool | torch.Tensor = False  # the `prefer` rule: for every row (bool) or per row ([S] bool)
-    refilter: bool | torch.Tensor = False  # refilter the combined logits: likewise
-    margin: float | torch.Tensor = 0.0  # the `prefer` rule's margin: one for every row (float) or per row ([S])
-    floor: float | torch.Tensor | None = None  # uld_combine.floor_combined: None (off), one float or per row (inf: off)
-
-
-def _effective_floor(choice: ULDChoice) -> float | None:
-    """The row's floor, or None where it cannot change the output: with the refilter on and a floor above
-    ln(1/filter), every candidate the floor raises stays more than ln(1/filter) below the winner and is removed
-    anyway (uld_combine.floor_combined). That is the serving default, so the decode step skips the work."""
-    f = choice.floor
-    if f is None or choice.rule != "prefer":
-        return None
-    if choice.refilter and choice.filter > 0 and f > -math.log(choice.filter):
-        return None
-    return f
+    settings: CombineSettings = field(default_factory=CombineSettings)  # rule, refilter, margin, floor of the rows
 
 
 def log_filter(filters: torch.Tensor) -> torch.Tensor:
@@ -109,28 +91,17 @@ class ULDBackend(UnlearningBackend):
             return None
         alpha = float(options.get("alpha", assistant.alpha))
         filt = float(options.get("filter", assistant.filter))
-        # `rule` is an engine-level option (train-uld's calibration, the benches); the HTTP API does not take it
-        rule = options.get("rule", assistant.rule)
-        if rule not in ULD_RULES:
-            raise EngineInputError(f"unlearning.rule must be one of: {', '.join(ULD_RULES)}", "unlearning.rule")
-        # `refilter` likewise (bench/uld_attacks.py compares both on one artifact)
-        refilter = options.get("refilter", assistant.refilter)
-        if not isinstance(refilter, bool):
-            raise EngineInputError("unlearning.refilter must be a boolean", "unlearning.refilter")
-        # `margin` likewise
-        margin = options.get("margin", assistant.margin)
-        if not is_margin(margin):
-            raise EngineInputError("unlearning.margin must be a number >= 0", "unlearning.margin")
-        # `floor` likewise (None: off)
-        floor = options.get("floor", assistant.floor)
-        if not is_floor(floor):
-            raise EngineInputError("unlearning.floor must be a number >= 0 or null", "unlearning.floor")
+        # rule, refilter, margin, floor: engine-level options (train-uld's calibration, the benches); the HTTP API
+        # does not take them
+        try:
+            combine = assistant.combine.updated(options)
+        except CombineOptionError as exc:
+            raise EngineInputError(f"unlearning.{exc.key} {exc}", f"unlearning.{exc.key}") from None
         if not math.isfinite(alpha):
             raise EngineInputError("unlearning.alpha must be a finite number", "unlearning.alpha")
         if not 0.0 <= filt <= 1.0:
             raise EngineInputError("unlearning.filter must be in [0, 1]", "unlearning.filter")
-        floor = None if floor is None else float(floor)
-        return ULDChoice(assistant, alpha, filt, rule=rule, refilter=refilter, margin=float(margin), floor=floor)
+        return ULDChoice(assistant, alpha, filt, combine=combine)
 
     def read(self, name: str, path) -> Assistant:
         return self.registry.read(name, path)
@@ -162,8 +133,8 @@ class ULDBackend(UnlearningBackend):
             return None
         batch.assistant_exits = {k: torch.tensor(v, device=dev) for k, v in by_k.items()}
         batch.lora_groups = [(a, torch.tensor(v, device=dev)) for a, v in by_adapter.items()]
-        logit_rows, hidden_rows, hidden_pos, alpha, filt, prefer, refilter, margin = [], [], [], [], [], [], [], []
-        floor: list[float | None] = []
+        logit_rows, hidden_rows, hidden_pos, alpha, filt = [], [], [], [], []
+        combine: list[CombineOptions] = []
         for j, (t, pos) in enumerate(rows.logit_rows):
             choice = rows.choices[t]
             if choice is not None and rows.assistant_row[t] >= 0:
@@ -172,31 +143,20 @@ class ULDBackend(UnlearningBackend):
                 hidden_pos.append(pos)
                 alpha.append(choice.alpha)
                 filt.append(choice.filter)
-                prefer.append(choice.rule == "prefer")
-                refilter.append(choice.refilter)
-                margin.append(choice.margin)
-                floor.append(_effective_floor(choice))
+                combine.append(choice.combine)
         if not logit_rows:
             return None
 
         def t(values, dtype=None):
             return torch.tensor(values, device=dev, dtype=dtype)
 
-        # one rule for the whole batch (the usual case) is a Python bool: no per-row select
-        rule = prefer[0] if len(set(prefer)) == 1 else t(prefer, torch.bool)
-        refilt = refilter[0] if len(set(refilter)) == 1 else t(refilter, torch.bool)
-        margins = margin[0] if len(set(margin)) == 1 else t(margin, torch.float32)
-        floors = floor[0] if len(set(floor)) == 1 else t([math.inf if f is None else f for f in floor], torch.float32)
         return ULDPlan(
             t(logit_rows),
             t(hidden_rows),
             t(hidden_pos),
             t(alpha),
             log_filter(t(filt, torch.float32)),
-            rule,
-            refilt,
-            margins,
-            floors,
+            CombineSettings.of_rows(combine, filt, dev),
         )
 
     def process_logits(self, plan: ULDPlan | None, logits: torch.Tensor, assistant_hidden) -> torch.Tensor:
@@ -204,14 +164,7 @@ class ULDBackend(UnlearningBackend):
             return logits
         hidden = assistant_hidden[plan.hidden_rows, plan.hidden_pos]
         logits[plan.logit_rows] = self.combine(
-            logits[plan.logit_rows],
-            hidden,
-            plan.alpha,
-            plan.log_filter,
-            plan.prefer,
-            plan.refilter,
-            plan.margin,
-            plan.floor,
+            logits[plan.logit_rows], hidden, plan.alpha, plan.log_filter, plan.settings
         )
         return logits
 
@@ -221,21 +174,17 @@ class ULDBackend(UnlearningBackend):
         assistant_hidden: torch.Tensor,
         alpha: torch.Tensor,
         log_filter: torch.Tensor,
-        prefer: bool | torch.Tensor = False,
-        refilter: bool | torch.Tensor = False,
-        margin: float | torch.Tensor = 0.0,
-        floor: float | torch.Tensor | None = None,
+        settings: CombineSettings,
     ) -> torch.Tensor:
-        """ULD logits for [S] unlearned rows: target - alpha * penalty(assistant) on the target's plausible tokens
-        (`prefer`: the rule, with its `margin`; `refilter`: -inf on the candidates pushed below max + ln(filter);
-        uld_combine.py).
+        """ULD logits for [S] unlearned rows: target - alpha * penalty(assistant) on the target's plausible tokens,
+        combined as `settings` say (rule, margin, floor, refilter: uld_combine.py).
 
         The assistant's LM head runs only on the plausible tokens (the top-M by target logit, M the
         largest plausible-set size in the batch: one host read) unless M is large (a low filter), the
         head cannot be sliced, or the step must not read the device (`sync_free`); then it runs on the
         whole vocabulary.
         """
-        runner = self.runner
+        runner, kwargs = self.runner, settings.kwargs()
         if not self.sync_free:
             keep = plausible_mask(target_logits, log_filter)
             m = int(keep.sum(dim=-1).max())
@@ -244,18 +193,9 @@ class ULDBackend(UnlearningBackend):
                 assistant = runner.candidate_logits(assistant_hidden, candidates)
                 if assistant is not None:
                     return combine_on_candidates(
-                        target_logits, candidates, assistant, alpha, keep, prefer, refilter, log_filter, margin, floor
+                        target_logits, candidates, assistant, alpha, keep, log_filter=log_filter, **kwargs
                     )
-        return combine_logits(
-            target_logits,
-            runner.logits(assistant_hidden),
-            alpha,
-            log_filter,
-            prefer=prefer,
-            refilter=refilter,
-            margin=margin,
-            floor=floor,
-        )
+        return combine_logits(target_logits, runner.logits(assistant_hidden), alpha, log_filter, **kwargs)
 
 
 class UOEBackend(UnlearningBackend):

@@ -26,13 +26,12 @@ import torch
 
 from unlearn_serve.artifact import ArtifactError, Manifest, check_fingerprint, load_manifest, load_weights
 from unlearn_serve.uld_combine import (  # noqa: F401  (the engine imports them from here)
-    LEGACY_RULE,
     ULD_MIN_CANDIDATES,
-    ULD_RULES,
+    CombineOptionError,
+    CombineOptions,
+    CombineSettings,
     combine_logits,
     combine_on_candidates,
-    is_floor,
-    is_margin,
     plausible_mask,
 )
 
@@ -53,10 +52,9 @@ class Assistant:
     lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     nbytes: int = 0
     unloading: bool = False
-    rule: str = LEGACY_RULE  # combination rule (uld_combine.ULD_RULES): the manifest's, `difference` if it has none
-    refilter: bool = False  # refilter the combined logits (uld_combine.refilter_combined): the manifest's, else off
-    margin: float = 0.0  # `prefer` ignores assistant preferences below it: the manifest's, else 0
-    floor: float | None = None  # the penalty's lower bound (uld_combine.floor_combined): the manifest's, else off
+    # rule, refilter, margin, floor: the manifest's defaults; a manifest written before one existed gets the
+    # value its alpha was calibrated for (`difference`, off, 0, off)
+    combine: CombineOptions = field(default_factory=CombineOptions)
 
 
 # Up to this many max-rank adapters wide, every assistant row runs through all loaded adapters'
@@ -222,19 +220,10 @@ class AssistantRegistry:
         if max_layer >= num_layers:
             raise ArtifactError(f"{path}: LoRA weights on layer {max_layer} but assistant_layers={num_layers}")
         defaults = manifest.defaults
-        rule = defaults.get("rule", LEGACY_RULE)
-        if rule not in ULD_RULES:
-            known = ", ".join(ULD_RULES)
-            raise ArtifactError(f"{path}: unknown combination rule {rule!r} in defaults (one of: {known})")
-        refilter = defaults.get("refilter", False)  # manifests written before 2026-12-02 keep their behaviour
-        if not isinstance(refilter, bool):
-            raise ArtifactError(f"{path}: defaults.refilter must be true or false, got {refilter!r}")
-        margin = defaults.get("margin", 0.0)  # manifests written before the margin: 0, what they were calibrated for
-        if not is_margin(margin):
-            raise ArtifactError(f"{path}: defaults.margin must be a number >= 0, got {margin!r}")
-        floor = defaults.get("floor")  # absent or null: off
-        if not is_floor(floor):
-            raise ArtifactError(f"{path}: defaults.floor must be a number >= 0 or null, got {floor!r}")
+        try:
+            combine = CombineOptions().updated(defaults)
+        except CombineOptionError as exc:
+            raise ArtifactError(f"{path}: defaults.{exc.key} {exc}") from None
         nbytes = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in lora.values())
         return Assistant(
             name=name,
@@ -246,10 +235,7 @@ class AssistantRegistry:
             filter=float(defaults.get("filter", 1e-2)),
             lora=lora,
             nbytes=nbytes,
-            rule=rule,
-            refilter=refilter,
-            margin=float(margin),
-            floor=None if floor is None else float(floor),
+            combine=combine,
         )
 
     def add(self, assistant: Assistant) -> Assistant:
