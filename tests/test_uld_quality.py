@@ -286,10 +286,12 @@ def test_alpha_search_probes_few_alphas_and_picks_the_smallest_that_forgets():
     calls.clear()
     cal = calibrate(answer, encode, FORGET, RETAIN[:3], probes_per_round=len(ALPHA_GRID))
     assert cal.alpha == 1.0 and calls == [[], list(ALPHA_GRID)]  # the whole grid in one batch
-    # retain lost wherever the facts are gone: not met, the verdict says what to try
+    # retain lost wherever the facts are gone: not met, the verdict says what to try; forgetting comes first, so the
+    # stored alpha is the one that forgets, not a lower one that keeps the retain answers and names the facts
     encode, answer = _fake_answers(1.0, 0.5, [])
     cal = calibrate(answer, encode, FORGET, RETAIN[:3])
     assert not cal.met and "TARGETS NOT MET" in cal.verdict() and "retain" in cal.verdict()
+    assert cal.alpha == 1.0 and cal.verdict().startswith("forgets 2/2")
     # the alpha that forgets keeps the retain answers but loops: still stored (forgetting first), the verdict says so;
     # a lower alpha with fluent answers that name the facts is not
     encode, answer = _fake_answers(1.0, 99, [], loop_from=1.0)

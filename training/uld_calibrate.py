@@ -25,10 +25,10 @@ the draft loaded; training/ never imports the server) for greedy answers, `unlea
 Alphas are probed by a k-ary search for the smallest alpha on the grid whose forget answers meet the
 leak target (leaks fall as alpha grows): `probes_per_round` alphas per batch, 1 on CPU (bisection: 3
 rounds for the 8-alpha grid), the whole grid in one batch on a GPU. That alpha becomes the default
-when its retain and fluency targets are met too. When it keeps the retain answers but is not fluent it is
-still stored (forgetting first: a smaller alpha would serve facts the validation saw leak), with a verdict
-that says so; otherwise the probed alpha with the best balance is stored and the verdict says what was
-missed and what to try.
+when its retain and fluency targets are met too. Otherwise forgetting comes first: of the probed alphas that
+forget, the one with the best balance of retain and fluency is stored (a smaller alpha with smoother answers
+would serve facts the validation saw leak); only when none forgets, the probed alpha with the best balance
+overall. Either way the verdict says what was missed and what to try.
 """
 
 from __future__ import annotations
@@ -395,9 +395,7 @@ def calibrate(
         return Calibration(FALLBACK_ALPHA, met=False, **common)
     if hi < len(grid) and scores[hi].meets(targets):
         return Calibration(grid[hi], met=True, **common)
-    if hi < len(grid) and scores[hi].kept_met(targets):
-        # forgetting comes first: the smallest alpha that forgets and keeps, even when its answers are not fluent
-        # (a lower alpha with smoother answers would serve facts the validation saw it give away)
-        return Calibration(grid[hi], met=False, **common)
-    best = max(ordered, key=lambda s: (s.balance(targets), -s.alpha))
+    # forgetting first: among the alphas that forget, the best balance of retain and fluency (a lower alpha with
+    # smoother answers would serve facts the validation saw it give away); only when none forgets, the best overall
+    best = max(ordered, key=lambda s: (s.forget_met(targets), s.balance(targets), -s.alpha))
     return Calibration(best.alpha, met=False, **common)
