@@ -50,8 +50,9 @@ class DemoTraining:
     # retain top-up and relative perplexity in the calibration). Tried and reverted: rule-made question rephrasings
     # + same-form retain rows at the same step budget (worse harness leaks; docs/benchmarks.md "ULD quality").
     # 8: the prefer rule's margin (in the key anyway, with every trainer setting) and the calibration's fallback
-    # balance counting perplexity against its target.
-    recipe: int = 8
+    # balance counting perplexity against its target. 9: the calibration's descriptive-fact leaks and forgetting first
+    # (the stored alpha may change; the weights do not).
+    recipe: int = 9
 
     def uld_settings(self) -> dict:
         """These settings as `ULDTrainingConfig` fields (the demo and bench/uld_quality.py train the same way)."""
