@@ -88,3 +88,20 @@ def test_bench_rows_include_the_calibrated_alpha():
         ("ULD α=0.5 (calibrated default) floor=6 margin=2", None, {"floor": 6, "margin": 2}),
         ("ULD α=1 floor=6 margin=2", 1.0, {"floor": 6, "margin": 2}),
     ]
+
+
+def test_recalibrate_needs_a_reused_assistant(capsys):
+    """--recalibrate calibrates an existing artifact again; without --reuse-uld there is none: refused before any work."""
+    with pytest.raises(SystemExit) as exc:
+        tofu.main(["--quick", "--targets", "dense", "--methods", "uld", "--recalibrate"])
+    assert exc.value.code == 2 and "--recalibrate needs --reuse-uld" in capsys.readouterr().err
+
+
+def test_demo_openai_table_asks_the_harness_questions():
+    """bench/demo_openai.py prints its README table from the harness's own checks: every row is one of them."""
+    import demo_openai
+
+    asked = {c.question for c in uld_quality.HP_CHECKS + uld_quality.GENERAL_CHECKS}
+    asked |= {c.paraphrase for c in uld_quality.HP_CHECKS if c.paraphrase}
+    assert set(demo_openai.TABLE) <= asked
+    assert demo_openai.short("a | b\nc", 160) == "a \\| b c" and demo_openai.short("x" * 200, 20).endswith(" ...")
