@@ -91,7 +91,7 @@ def test_bench_rows_include_the_calibrated_alpha():
 
 
 def test_recalibrate_needs_a_reused_assistant(capsys):
-    """--recalibrate calibrates an existing artifact again; without --reuse-uld there is none: refused before any work."""
+    """--recalibrate calibrates an existing artifact again; without --reuse-uld there is none: refused up front."""
     with pytest.raises(SystemExit) as exc:
         tofu.main(["--quick", "--targets", "dense", "--methods", "uld", "--recalibrate"])
     assert exc.value.code == 2 and "--recalibrate needs --reuse-uld" in capsys.readouterr().err
