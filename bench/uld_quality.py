@@ -97,7 +97,9 @@ TINY_QS = [
 ]
 
 
-def tiny_suite(family: str) -> Suite:
+def tiny_suite(family: str, seed: int = 0) -> Suite:
+    """A tiny memorising model of `family` (its base fitted once and cached) with its forget / retain sets. Another
+    `seed` is another base fit (initialisation): the spread of the goals across fits (`--tiny-seeds`)."""
     forget, retain, fchecks, rchecks, texts = [], [], [], [], []
     for i, person in enumerate(PEOPLE):
         for q, para, a, slot in TINY_QS:
@@ -118,13 +120,13 @@ def tiny_suite(family: str) -> Suite:
         from unlearn_serve.tiny import build_tiny_model, fit_texts, save_tiny, train_tokenizer
 
         steps = FIT_STEPS[family]
-        key = hashlib.sha256(json.dumps([family, texts, steps]).encode()).hexdigest()[:12]
+        key = hashlib.sha256(json.dumps([family, texts, steps] + ([seed] if seed else [])).encode()).hexdigest()[:12]
         cached = CACHE / "bases" / f"tiny-{family}-{key}"
         if (cached / "config.json").is_file():
             return AutoModelForCausalLM.from_pretrained(cached).eval(), AutoTokenizer.from_pretrained(cached)
         corpus = [f"{q} {a}" for q, a in texts]
         tokenizer = train_tokenizer(corpus, vocab_size=400)
-        model = build_tiny_model(family, tokenizer, seed=0, hidden_size=128, num_layers=4)
+        model = build_tiny_model(family, tokenizer, seed=seed, hidden_size=128, num_layers=4)
         chats = [
             tokenizer.apply_chat_template(
                 [{"role": "user", "content": q}, {"role": "assistant", "content": a}], tokenize=False
@@ -136,7 +138,8 @@ def tiny_suite(family: str) -> Suite:
         return model, tokenizer
 
     training: dict[str, Any] = {}  # train-uld's defaults: no per-model settings
-    return Suite(f"tiny-{family}", forget, retain, fchecks, rchecks, 16, load, training)
+    name = f"tiny-{family}" + (f"-s{seed}" if seed else "")
+    return Suite(name, forget, retain, fchecks, rchecks, 16, load, training)
 
 
 HP_CHECKS = [
@@ -446,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="with --artifact: calibrate its serving defaults again with today's calibration (no retraining)",
     )
+    parser.add_argument(
+        "--tiny-seeds", default="0", help="base-model seeds of the tiny models (one base fit each; 0 = the cached one)"
+    )
     parser.add_argument("--show-answers", action="store_true", help="print every answer (base | unlearned)")
     parser.add_argument("--json", type=Path, help="also write all rows (answers included) to this file")
     args = parser.parse_args(argv)
@@ -454,12 +460,14 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     wanted = [m.strip() for m in args.models.split(",") if m.strip()]
+    tiny_seeds = [int(x) for x in args.tiny_seeds.split(",") if x.strip()]
     suites: list[Suite] = []
     for m in wanted:
-        if m in ("tiny", "tiny-llama"):
-            suites.append(tiny_suite("llama"))
-        if m in ("tiny", "tiny-qwen2"):
-            suites.append(tiny_suite("qwen2"))
+        for seed in tiny_seeds:
+            if m in ("tiny", "tiny-llama"):
+                suites.append(tiny_suite("llama", seed))
+            if m in ("tiny", "tiny-qwen2"):
+                suites.append(tiny_suite("qwen2", seed))
         if m == "smollm2":
             suites.append(smollm2_suite())
         if m == "tofu-quick":  # TOFU quick: bench/uld_quality_tofu.py
