@@ -105,3 +105,11 @@ def test_demo_openai_table_asks_the_harness_questions():
     asked |= {c.paraphrase for c in uld_quality.HP_CHECKS if c.paraphrase}
     assert set(demo_openai.TABLE) <= asked
     assert demo_openai.short("a | b\nc", 160) == "a \\| b c" and demo_openai.short("x" * 200, 20).endswith(" ...")
+
+
+def test_tiny_seeds_are_other_base_fits_with_the_same_data():
+    """--tiny-seeds: seed 0 keeps the cached suite's name (and base cache key); another seed is another suite."""
+    plain, other = uld_quality.tiny_suite("llama"), uld_quality.tiny_suite("llama", 2)
+    assert (plain.name, other.name) == ("tiny-llama", "tiny-llama-s2")
+    assert plain.forget_records == other.forget_records and plain.retain_records == other.retain_records
+    assert [c.question for c in plain.forget_checks] == [c.question for c in other.forget_checks]
