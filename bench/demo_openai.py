@@ -15,16 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
+import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
+from throughput import Server, start, stop  # noqa: E402
 from uld_quality import GENERAL_CHECKS, HP_CHECKS, leaks, names  # noqa: E402
 
 BASE, FORGET = "smollm2", "smollm2-forget-harry-potter"
@@ -36,21 +35,6 @@ TABLE = (
     "What is the capital of Poland?",
     "Who wrote Hamlet?",
 )
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the demo exited with code {proc.returncode} before it served")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(2)
-    raise SystemExit(f"the demo did not answer /health within {timeout:.0f} s")
 
 
 def ask(client, model: str, question: str, max_tokens: int, stream: bool) -> str:
@@ -75,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the demo (it may train)")
     parser.add_argument("--json", type=Path, help="also write every answer to this file")
+    parser.add_argument("--log", type=Path, help="the demo's output (default: a temporary file)")
     args = parser.parse_args(argv)
 
     from openai import OpenAI
@@ -84,14 +69,15 @@ def main(argv: list[str] | None = None) -> int:
     from unlearn_serve.cli.demo import data_file
 
     exe = Path(sys.executable).with_name("unlearn-serve")
-    cmd = [str(exe), "demo", "--port", str(args.port), "--no-progress"]
-    proc = subprocess.Popen(cmd, start_new_session=True)
-    url = f"http://127.0.0.1:{args.port}"
+    server = Server("demo", [str(exe), "demo", "--port", str(args.port), "--no-progress"], args.port, "/health", "", {})
+    log = args.log or Path(tempfile.mkdtemp()) / "demo.log"
+    started = time.monotonic()
+    proc = start(server, dict(os.environ), log, timeout=args.timeout)
     try:
-        started = time.monotonic()
-        wait_ready(url, proc, args.timeout)
-        print(f"[demo] serving after {time.monotonic() - started:.0f} s: {' '.join(cmd)}", flush=True)
-        client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+        print(
+            f"[demo] serving after {time.monotonic() - started:.0f} s: {' '.join(server.argv)} (log: {log})", flush=True
+        )
+        client = OpenAI(base_url=f"http://127.0.0.1:{args.port}/v1", api_key="unused")
         served = sorted(m.id for m in client.models.list().data)
         checks = [(c.question, c, "forget") for c in HP_CHECKS]
         checks += [(c.paraphrase, c, "paraphrase") for c in HP_CHECKS if c.paraphrase]
@@ -108,11 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                 if streamed != plain:
                     mismatched.append((model, question))
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop(proc)
 
     print(f"\nmodels served: {', '.join(served)}\n")
     print(f"| question | `{BASE}` | `{FORGET}` |\n|---|---|---|")

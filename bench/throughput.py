@@ -64,11 +64,12 @@ class Server:
     extra_body: dict
 
 
-def start(server: Server, env: dict[str, str], log: Path) -> subprocess.Popen:
+def start(server: Server, env: dict[str, str], log: Path, timeout: float = SERVE_TIMEOUT_S) -> subprocess.Popen:
+    """Start `server` (its own process group, output to `log`) and wait until its ready path answers 200."""
     proc = subprocess.Popen(
         server.argv, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
     )
-    deadline = time.monotonic() + SERVE_TIMEOUT_S
+    deadline = time.monotonic() + timeout
     url = f"http://127.0.0.1:{server.port}{server.ready_path}"
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -80,7 +81,7 @@ def start(server: Server, env: dict[str, str], log: Path) -> subprocess.Popen:
             pass
         time.sleep(0.5)
     stop(proc)
-    raise RuntimeError(f"{server.name} did not become ready in {SERVE_TIMEOUT_S}s; see {log}")
+    raise RuntimeError(f"{server.name} did not become ready in {timeout:.0f}s; see {log}")
 
 
 def stop(proc: subprocess.Popen) -> None:

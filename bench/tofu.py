@@ -445,9 +445,7 @@ def run(
     for method, path in baseline_dirs.items():
         m, t = load_model_and_tokenizer(str(path), dtype="float32", device="cpu")
         extra.append((E.Method(method.upper(), "model"), Engine(m, t, econf, model_name=method)))
-    econfig = E.EvalConfig(max_new_tokens=cfg.max_new_tokens)
-    if not cfg.attacks:
-        econfig.attacks = None
+    econfig = eval_config(E, cfg)
     with torch.inference_mode():
         metrics = E.evaluate(target, eval_methods, data["eval"], econfig, None, extra)
     results = metrics["methods"]
@@ -473,6 +471,14 @@ def run(
     print(table)
     print(f"[bench] total {metrics['bench']['total_wall_time_s']:.0f}s; wrote {out}")
     return metrics
+
+
+def eval_config(E, cfg: BenchConfig):
+    """The evaluation settings of every bench table: the bench's answer length, the attack block unless --no-attacks."""
+    econfig = E.EvalConfig(max_new_tokens=cfg.max_new_tokens)
+    if not cfg.attacks:
+        econfig.attacks = None
+    return econfig
 
 
 def uld_summary(result) -> dict[str, Any]:
@@ -620,9 +626,7 @@ def run_moe(cfg: BenchConfig, out: Path, cache: Path, retrain: bool, methods: li
     for method, path in baseline_dirs.items():
         m, t = load_model_and_tokenizer(str(path), dtype="float32", device="cpu")
         extra.append((E.Method(f"whole-model {method.upper()}", "model"), Engine(m, t, econf, model_name=method)))
-    econfig = E.EvalConfig(max_new_tokens=cfg.max_new_tokens)
-    if not cfg.attacks:
-        econfig.attacks = None
+    econfig = eval_config(E, cfg)
     with torch.inference_mode():
         metrics = E.evaluate(target, eval_methods, data["eval"], econfig, None, extra)
     results = metrics["methods"]

@@ -297,6 +297,8 @@ def test_alpha_search_probes_few_alphas_and_picks_the_smallest_that_forgets():
     encode, answer = _fake_answers(1.0, 99, [], loop_from=1.0)
     cal = calibrate(answer, encode, FORGET, RETAIN[:3])
     assert cal.alpha == 1.0 and not cal.met and "NOT fluent" in cal.verdict() and "forgets 2/2" in cal.verdict()
+    # and the verdict does not send the operator to a smaller alpha without saying it names facts there
+    assert "a smaller --default-alpha names facts: the validation saw it at alpha" in cal.verdict()
     # facts named at every alpha: not met, train longer
     encode, answer = _fake_answers(99, 99, [])
     cal = calibrate(answer, encode, FORGET, RETAIN[:3])

@@ -159,9 +159,10 @@ def fact_leaked(
     when the answer repeats at least half of the key words the base's answer said: one shared word ("often",
     "parents", "works") is the vocabulary of the topic, not the fact, and counting it made TOFU's calibration report
     4 of 8 facts leaked in answers that said none of them ("Carmen Montenegro's parents for unique professions")."""
+    keys = key_words(reference, question, common)
     if is_named_fact(reference, question, common):
-        return names_fact(answer, reference, question, common, near=True, known=known)
-    said = [k for k in key_words(reference, question, common) if mentions(base_answer, [k])]
+        return mentions(answer, keys) or near_mentions(answer, keys, known)
+    said = [k for k in keys if mentions(base_answer, [k])]
     return bool(said) and 2 * sum(mentions(answer, [k]) for k in said) >= len(said)
 
 

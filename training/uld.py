@@ -679,8 +679,8 @@ def _served_floor(config: ULDTrainingConfig) -> float | None:
     """The floor a new artifact is written with (None: off)."""
     from unlearn_serve.uld_combine import DEFAULT_FLOOR
 
-    floor = config.default_floor if config.default_floor is not None else DEFAULT_FLOOR
-    return None if floor == float("inf") else floor
+    chosen = config.serving_defaults()  # the one place that turns --default-floor off (inf) into null
+    return chosen["floor"] if "floor" in chosen else DEFAULT_FLOOR
 
 
 def _calibrate_answers(

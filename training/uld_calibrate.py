@@ -201,9 +201,15 @@ class Calibration:
                 "ones) or raise --retain-weight"
             )
         if not s.fluent_met(t):
+            leak_below = [x.alpha for x in self.scores if x.alpha < s.alpha and not x.forget_met(t)]
+            smaller = (
+                f" (a smaller --default-alpha names facts: the validation saw it at alpha {max(leak_below):g})"
+                if s.forget_met(t) and leak_below
+                else ", or try a smaller --default-alpha"
+            )
             hints.append(
                 "forget answers loop, leave the language or are improbable under the base: raise "
-                "--retain-weight, add retain data, or try a smaller --default-alpha"
+                f"--retain-weight or add retain data{smaller}"
             )
         return line + ": TARGETS NOT MET (" + "; ".join(hints) + ")"
 

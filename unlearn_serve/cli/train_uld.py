@@ -105,15 +105,17 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--default-alpha must be >= 0")
     if args.default_filter is not None and not 0 <= args.default_filter <= 1:
         raise CliError("--default-filter must be in [0, 1]")
-    if args.default_margin is not None and not 0 <= args.default_margin < float("inf"):
+    from unlearn_serve.uld_combine import is_floor, is_margin
+
+    if args.default_margin is not None and not is_margin(args.default_margin):
         raise CliError("--default-margin must be a number >= 0")
     default_floor = None
     if args.default_floor is not None:
         try:
             default_floor = float("inf") if args.default_floor == "off" else float(args.default_floor)
         except ValueError:
-            default_floor = -1.0
-        if args.default_floor != "off" and not 0 <= default_floor < float("inf"):
+            raise CliError(f"--default-floor {args.default_floor!r}: write a number >= 0 or 'off'") from None
+        if args.default_floor != "off" and not is_floor(default_floor):  # "inf" is no number here: 'off' is off
             raise CliError(f"--default-floor {args.default_floor!r}: write a number >= 0 or 'off'")
     if not 0 <= args.validation_fraction < 1:
         raise CliError("--validation-fraction must be in [0, 1)")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from unlearn_serve.training.data import (
     load_records,
     render_example,
 )
+from unlearn_serve.uld_combine import CombineOptions
 
 SPLITS = ("forget", "retain", "real_authors", "world_facts")
 UTILITY_SPLITS = ("retain", "real_authors", "world_facts")
@@ -91,7 +92,8 @@ def load_eval_data(files: dict[str, Path], limit: int | None = None) -> dict[str
 # ----------------------------------------------------------------------------- methods
 
 
-ULD_EVAL_OPTIONS = ("margin", "floor", "rule", "refilter")  # serving settings an evaluation may score instead
+# serving settings an evaluation may score instead of the manifest's: the combination options
+ULD_EVAL_OPTIONS = tuple(f.name for f in fields(CombineOptions))
 
 
 def parse_uld_options(texts: list[str]) -> list[dict[str, Any]]:
