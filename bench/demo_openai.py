@@ -123,6 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"answers": answers, "mismatched": mismatched}, indent=1))
+    got = answers[FORGET]
+    misses = [f"{k} leak: {q}" for q, c, k in checks if k != "general" and leaks(got[q], c, known)]
+    misses += [f"general answer lost: {q}" for q, c, k in checks if k == "general" and not names(got[q], c)]
+    misses += [f"streamed answer differs: {m}: {q}" for m, q in mismatched]
+    # fluency (loops, perplexity) is bench/uld_quality.py's to judge; this checks what a client sees
+    verdict = "MET" if not misses else f"MISSED ({len(misses)}: {'; '.join(misses)})"
+    print(f"\ngoal (no forget fact named, original or paraphrased; 12/12 general; streaming == plain): {verdict}")
     return 0
 
 
