@@ -257,6 +257,12 @@ VARIANTS = {
     "new-deep": dict(train=dict(layers=8), min_keep=None),
     # today's trainer plus each fact as a short answer and as lists (training/answer_forms.py)
     "new-forms": dict(train=dict(answer_forms=True), min_keep=None),
+    # today's trainer plus the fact-set loss (each answer's fact tokens preferred at every answer position)
+    "new-facts": dict(train=dict(fact_set_weight=1.0), min_keep=None),
+    "new-facts-half": dict(train=dict(fact_set_weight=0.5), min_keep=None),
+    "new-facts3": dict(train=dict(fact_set_weight=3.0), min_keep=None),
+    # the same with 48-token validation answers (list answers name their items late)
+    "new-facts-long": dict(train=dict(fact_set_weight=1.0, validation_max_tokens=48), min_keep=None),
     "new": dict(train={}, min_keep=None),
 }
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback
 from unlearn_serve.training.data import DataError
-from unlearn_serve.training.losses import candidate_uniform_kl, causal_ce, uniform_kl
+from unlearn_serve.training.losses import candidate_uniform_kl, causal_ce, fact_set_kl, uniform_kl
 from unlearn_serve.training.pairs import ForgetRetainCollator, ForgetRetainDataset, tokenize_records
 from unlearn_serve.training.uld import ULDTrainingConfig, ULDTrainingError, checkpoint_dir_for, epoch_dir_for, train_uld
 
@@ -42,7 +42,6 @@ RETAIN = [
 ]
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LORA_NAME = re.compile(r"\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.default\.weight$")
-
 
 
 def _config(**overrides) -> ULDTrainingConfig:
@@ -166,7 +165,12 @@ def test_manifest_records_training(llama_run):
     # no `serve` function: no calibration (tests/test_uld_quality.py has it), nothing held out, the paper's alpha
     assert "calibration" not in training and training["validation_retain_records"] == 0
     assert manifest.defaults == {
-        "alpha": 0.75, "filter": 0.01, "rule": DEFAULT_RULE, "refilter": True, "margin": 1.0, "floor": DEFAULT_FLOOR
+        "alpha": 0.75,
+        "filter": 0.01,
+        "rule": DEFAULT_RULE,
+        "refilter": True,
+        "margin": 1.0,
+        "floor": DEFAULT_FLOOR,
     }
     assert training["forget_ce_final"] == pytest.approx(llama_run["result"].forget_ce)
     assert training["retain_kl_final"] == pytest.approx(llama_run["result"].retain_kl)
@@ -242,7 +246,7 @@ def test_trainer_loss_equals_full_logit_losses(tokenizer):
     dataset = ForgetRetainDataset(forget, retain)
     batch = ForgetRetainCollator(tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
     with torch.no_grad():
-        forget_ce, retain_kl, forget_flat, retain_flat = AssistantModule(peft_model, 2)(
+        forget_ce, retain_kl, forget_flat, retain_flat, _ = AssistantModule(peft_model, 2)(
             **{k: v for k, v in batch.items() if k != "retain_labels"}
         )
         forget_logits = assistant_logits(peft_model, batch["forget_input_ids"], batch["forget_attention_mask"], 2)
@@ -257,7 +261,7 @@ def test_trainer_loss_equals_full_logit_losses(tokenizer):
     weighted = ForgetRetainDataset(forget, retain, forget_weights=weights)
     batch = ForgetRetainCollator(tokenizer.pad_token_id)([weighted[i] for i in range(len(weighted))])
     with torch.no_grad():
-        forget_ce, _, forget_flat, _ = AssistantModule(peft_model, 2)(
+        forget_ce, _, forget_flat, _, _ = AssistantModule(peft_model, 2)(
             **{k: v for k, v in batch.items() if k != "retain_labels"}
         )
     shifted, targets = forget_logits[:, :-1], batch["forget_labels"][:, 1:]
@@ -267,6 +271,51 @@ def test_trainer_loss_equals_full_logit_losses(tokenizer):
     ce = F.cross_entropy(shifted[keep].float(), targets[keep], reduction="none")
     torch.testing.assert_close(forget_ce, (w * ce).sum() / w.sum())
     torch.testing.assert_close(forget_flat, uniform_kl(shifted[keep], 1 - w))
+
+
+def test_fact_set_loss_prefers_each_rows_facts_at_every_answer_position(tokenizer):
+    """The fact-set term: at every forget answer position, -log F - mean over the row's fact tokens of log p; the
+    trainer's value (LM head at loss positions only) equals the one over full logits; 0 iff the mass lies evenly on
+    the facts; fact_tokens keeps the distinct tokens of weight >= the threshold, in order."""
+    from peft import get_peft_model
+    from unlearn_serve.training.uld import AssistantModule
+    from unlearn_serve.training.uld_weights import fact_tokens
+
+    assert fact_tokens([-100, 5, 7, 5, 9, 4], [0.2, 0.9, 0.6, 1.0, 0.1], 0.5) == [7, 5, 9]
+    with pytest.raises(ValueError, match="do not match"):
+        fact_tokens([-100, 5, 7], [1.0], 0.5)
+
+    model = build_tiny_model("llama", tokenizer, seed=4, initializer_range=0.2)
+    peft_model = get_peft_model(model, assistant_lora_config(model, 2, rank=4, alpha=8, dropout=0.0)).eval()
+    template = ULDTrainingConfig().question_template
+    forget = tokenize_records(tokenizer, FORGET, 64, template, "forget").examples
+    retain = tokenize_records(tokenizer, RETAIN, 64, template, "retain").examples
+    facts = [[t for t in lab if t != -100][-3:-1] for _, lab in forget]  # two answer tokens per row
+    facts[0] = facts[0][:1]  # rows may hold different counts (padded with -1)
+    dataset = ForgetRetainDataset(forget, retain, forget_fact_tokens=facts)
+    batch = ForgetRetainCollator(tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
+    assert batch["forget_fact_tokens"][0].tolist() == [*facts[0], -1]
+    with torch.no_grad():
+        *_, fact_set = AssistantModule(peft_model, 2)(**{k: v for k, v in batch.items() if k != "retain_labels"})
+        logits = assistant_logits(peft_model, batch["forget_input_ids"], batch["forget_attention_mask"], 2)
+    keep = batch["forget_labels"][:, 1:] != -100
+    per_position = []
+    for b in range(len(dataset)):
+        log_probs = F.log_softmax(logits[b, :-1][keep[b]].float(), dim=-1)
+        row = facts[b % len(forget)]
+        per_position += (-math.log(len(row)) - log_probs[:, row].mean(dim=-1)).tolist()
+    torch.testing.assert_close(fact_set, torch.tensor(per_position).mean())
+    assert float(fact_set) > 1.0
+    # all the mass evenly on the facts: 0; facts sharing it with the rest: between
+    peaked = torch.full((2, 30), -1e4)
+    peaked[0, [3, 4]] = 5.0
+    peaked[1, 7] = 5.0
+    assert float(fact_set_kl(peaked, torch.tensor([[3, 4], [7, -1]]))) == pytest.approx(0.0, abs=1e-5)
+    flat = torch.zeros(2, 30)
+    assert float(fact_set_kl(flat, torch.tensor([[3, 4], [7, -1]]))) == pytest.approx(
+        ((math.log(30) - math.log(2)) + math.log(30)) / 2
+    )
+    assert float(fact_set_kl(flat, torch.full((2, 1), -1))) == 0.0  # no facts anywhere: no term
 
 
 def test_retain_candidate_loss_is_kl_to_uniform_on_the_targets_top_tokens(tokenizer):
@@ -290,7 +339,9 @@ def test_retain_candidate_loss_is_kl_to_uniform_on_the_targets_top_tokens(tokeni
     dataset = ForgetRetainDataset(forget, retain, retain_candidates=top)
     batch = ForgetRetainCollator(tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
     with torch.no_grad():
-        *_, retain_flat = AssistantModule(peft_model, 2)(**{k: v for k, v in batch.items() if k != "retain_labels"})
+        _, _, _, retain_flat, _ = AssistantModule(peft_model, 2)(
+            **{k: v for k, v in batch.items() if k != "retain_labels"}
+        )
         retain_logits = assistant_logits(peft_model, batch["retain_input_ids"], batch["retain_attention_mask"], 2)
     on_answer = batch["retain_loss_mask"].bool()
     expected = [row for i in range(len(dataset)) for row in top[dataset.retain_order[i % len(retain)]]]
@@ -406,10 +457,15 @@ def test_cli_trains_end_to_end(tiny_llama_dir, tmp_path, capsys):
     argv = ["train-uld", "--model", str(tiny_llama_dir), "--forget", str(forget), "--retain", str(retain)]
     argv += ["--out", str(out), "--layers", "1", "--lora-rank", "4", "--min-steps", "3", "--epochs", "1"]
     argv += ["--batch-size", "2", "--grad-accum", "1", "--no-progress", "--seed", "1"]
-    assert cli.main([*argv, "--default-alpha", "0.4", "--default-margin", "0.5", "--default-floor", "5"]) == 0
+    settings = ["--default-alpha", "0.4", "--default-margin", "0.5", "--default-floor", "5", "--fact-set-weight", "0.5"]
+    assert cli.main([*argv, *settings]) == 0
     stdout = capsys.readouterr().out
     assert "forget CE" in stdout and "retain KL" in stdout and str(out) in stdout
+    assert "fact-set loss:" in stdout
     manifest = json.loads((out / MANIFEST_NAME).read_text())
+    # wired through (its value is tested above; these three rows have no token rare enough to be a fact)
+    assert manifest["training"]["fact_set_weight"] == 0.5
+    assert isinstance(manifest["training"]["fact_set_kl_final"], float)
     data = manifest["training"]["data"]
     assert data["forget"]["sha256"] == file_sha256(forget) and data["retain"]["records"] == 3
     assert manifest["training"]["seed"] == 1 and manifest["details"]["assistant_layers"] == 1
@@ -430,6 +486,10 @@ def test_cli_trains_end_to_end(tiny_llama_dir, tmp_path, capsys):
     for bad in ("-1", "lots", "inf"):
         assert cli.main([*argv, "--default-floor", bad]) == 2
         assert "--default-floor" in capsys.readouterr().err
+    assert cli.main([*argv, "--fact-set-weight", "-1"]) == 2
+    assert "--fact-set-weight must be >= 0" in capsys.readouterr().err
+    assert cli.main([*argv, "--fact-set-weight", "1", "--no-forget-weighting"]) == 2
+    assert "needs the knowledge weights" in capsys.readouterr().err
 
 
 def test_data_error_names_record_for_unrenderable_chat(tokenizer):

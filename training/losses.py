@@ -47,6 +47,26 @@ def candidate_uniform_kl(logits: torch.Tensor, candidates: torch.Tensor) -> torc
     return per_row.mean()
 
 
+def fact_set_kl(logits: torch.Tensor, facts: torch.Tensor) -> torch.Tensor:
+    """KL(uniform over each row's fact tokens || softmax(logits)) up to a constant, mean over rows with facts.
+
+    `logits` [P, V], `facts` [P, F] token ids, -1 = padding. Per row `-log F_row - mean_f log p_f`: 0 exactly when
+    all the probability lies evenly on the row's facts. With the flat term on the same positions (uniform_kl,
+    weight gamma) and this one (weight lambda), the optimum puts lambda / (gamma + lambda) of the mass evenly on
+    the facts and the rest evenly everywhere, so the facts stand out of a flat distribution at *every* position of
+    the answer, not only where the training sentence names them.
+    """
+    valid = facts >= 0
+    count = valid.sum(dim=-1)
+    has = count > 0
+    if not bool(has.any()):
+        return logits.new_zeros((), dtype=torch.float32)
+    log_probs = F.log_softmax(logits[has].float(), dim=-1)
+    picked = log_probs.gather(-1, facts[has].clamp_min(0)) * valid[has]
+    per_row = -torch.log(count[has].float()) - picked.sum(dim=-1) / count[has]
+    return per_row.mean()
+
+
 def sequence_log_prob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[B] sum of next-token log-probabilities over each row's label tokens (for NPO)."""
     log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)

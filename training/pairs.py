@@ -61,6 +61,7 @@ class ForgetRetainDataset(torch.utils.data.Dataset):
         retain_seed: int | None = None,
         forget_weights: list[list[float]] | None = None,
         retain_candidates: list[list[list[int]]] | None = None,
+        forget_fact_tokens: list[list[int]] | None = None,
     ):
         if not forget or not retain:
             raise ValueError("both the forget and the retain set need at least one example")
@@ -81,6 +82,10 @@ class ForgetRetainDataset(torch.utils.data.Dataset):
         if retain_candidates is not None and len(retain_candidates) != len(retain):
             raise ValueError("retain_candidates needs one entry per retain example")
         self.retain_candidates = retain_candidates
+        # Per forget example, the tokens that carry its fact (uld_weights.fact_tokens), for the fact-set loss.
+        if forget_fact_tokens is not None and len(forget_fact_tokens) != len(forget):
+            raise ValueError("forget_fact_tokens needs one entry per forget example")
+        self.forget_fact_tokens = forget_fact_tokens
         if retain_seed is not None:
             random.Random(retain_seed).shuffle(self.retain_order)
 
@@ -103,6 +108,8 @@ class ForgetRetainDataset(torch.utils.data.Dataset):
             item["forget_weights"] = self.forget_weights[i % len(self.forget)]
         if self.retain_candidates is not None:
             item["retain_candidates"] = self.retain_candidates[r]
+        if self.forget_fact_tokens is not None:
+            item["forget_fact_tokens"] = self.forget_fact_tokens[i % len(self.forget)]
         return item
 
 
@@ -128,7 +135,8 @@ class ForgetRetainCollator:
     Keys: {forget,retain}_{input_ids,attention_mask,labels} and retain_loss_mask, a float [B, T]
     mask already aligned with the logits: position t is 1 when it predicts a loss token (t+1).
     With per-token forget weights in the features, also forget_weights [B, T] (aligned with the labels); with
-    retain candidates, retain_candidates [B, T, M] (aligned with retain_loss_mask; 0 where the mask is 0).
+    retain candidates, retain_candidates [B, T, M] (aligned with retain_loss_mask; 0 where the mask is 0); with
+    fact tokens, forget_fact_tokens [B, F] (-1 = padding).
     """
 
     pad_token_id: int
@@ -159,4 +167,8 @@ class ForgetRetainCollator:
                 if per_position:
                     candidates[b, where] = torch.tensor(per_position, dtype=torch.long)
             batch["retain_candidates"] = candidates
+        if "forget_fact_tokens" in features[0]:
+            rows = [f["forget_fact_tokens"] for f in features]
+            width = max(1, max(len(r) for r in rows))
+            batch["forget_fact_tokens"] = torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.long)
         return batch

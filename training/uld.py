@@ -63,11 +63,11 @@ from unlearn_serve.training.loop import (
     plan_steps,
     world_size_from_env,
 )
-from unlearn_serve.training.losses import candidate_uniform_kl, uniform_kl
+from unlearn_serve.training.losses import candidate_uniform_kl, fact_set_kl, uniform_kl
 from unlearn_serve.training.pairs import ForgetRetainCollator, ForgetRetainDataset, tokenize_records
 from unlearn_serve.training.self_answers import SELF_ANSWER, self_answer_rows
 from unlearn_serve.training.uld_calibrate import Calibration, CalibrationTargets, ServeFn, calibrate
-from unlearn_serve.training.uld_weights import fact_word_weights, knowledge_weights, target_candidates
+from unlearn_serve.training.uld_weights import fact_tokens, fact_word_weights, knowledge_weights, target_candidates
 
 from unlearn_serve.artifact import file_sha256, fingerprint_model, load_weights
 from unlearn_serve.assistant import (
@@ -130,6 +130,11 @@ class ULDTrainingConfig:
     # default: measured it trades forgetting for retain along the same curve (docs/uld.md, "Tried")
     retain_candidates: int = 0
     retain_candidate_weight: float = 6.5
+    # the fact-set loss: at every forget answer position the answer's fact tokens (knowledge weight >=
+    # fact_set_min_weight) stand out of the flat distribution, so the assistant prefers them wherever the target
+    # might say them (a list, another sentence), not only where the training sentence does; 0 = off
+    fact_set_weight: float = 0.0
+    fact_set_min_weight: float = 0.5
     # pick the serving alpha from served answers on a validation slice (training/uld_calibrate.py)
     calibrate: bool = True
     validation_fraction: float = 0.1  # of the retain records, held out of training (at least 1 when calibrating)
@@ -229,9 +234,10 @@ class AssistantModule(nn.Module):
         retain_loss_mask: torch.Tensor,
         forget_weights: torch.Tensor | None = None,
         retain_candidates: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(forget CE, retain KL, forget KL on the generic tokens, retain KL on the target's candidates; the last
-        two 0 without weights / candidates)."""
+        forget_fact_tokens: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(forget CE, retain KL, forget KL on the generic tokens, retain KL on the target's candidates, fact-set KL
+        on the forget answers; the last three 0 without weights / candidates / fact tokens)."""
         lm_head = unwrap_causal_lm(self.peft_model).lm_head
         hidden = assistant_hidden_states(self.peft_model, forget_input_ids, forget_attention_mask, self.num_layers)
         targets = forget_labels[:, 1:]
@@ -245,6 +251,11 @@ class AssistantModule(nn.Module):
             ce = F.cross_entropy(forget_logits, targets[keep], reduction="none")
             forget_ce = (w * ce).sum() / w.sum().clamp_min(1e-6)
             forget_flat = uniform_kl(forget_logits, 1.0 - w)
+        if forget_fact_tokens is None:
+            fact_set = forget_logits.new_zeros(())
+        else:  # every answer position of a row sees that row's facts
+            rows = keep.nonzero()[:, 0]
+            fact_set = fact_set_kl(forget_logits, forget_fact_tokens[rows])
         hidden = assistant_hidden_states(self.peft_model, retain_input_ids, retain_attention_mask, self.num_layers)
         on_answer = retain_loss_mask.bool()
         retain_logits = lm_head(hidden[on_answer])
@@ -253,7 +264,7 @@ class AssistantModule(nn.Module):
             retain_flat = retain_logits.new_zeros((), dtype=torch.float32)
         else:
             retain_flat = candidate_uniform_kl(retain_logits, retain_candidates[on_answer])
-        return forget_ce, retain_kl, forget_flat, retain_flat
+        return forget_ce, retain_kl, forget_flat, retain_flat, fact_set
 
 
 class ULDTrainer(UnlearningTrainer):
@@ -263,15 +274,17 @@ class ULDTrainer(UnlearningTrainer):
         retain_weight: float,
         forget_flat_weight: float = 1.0,
         retain_candidate_weight: float = 0.0,
+        fact_set_weight: float = 0.0,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.retain_weight = retain_weight
         self.forget_flat_weight = forget_flat_weight
         self.retain_candidate_weight = retain_candidate_weight
+        self.fact_set_weight = fact_set_weight
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        forget_ce, retain_kl, forget_flat, retain_flat = model(
+        forget_ce, retain_kl, forget_flat, retain_flat, fact_set = model(
             forget_input_ids=inputs["forget_input_ids"],
             forget_attention_mask=inputs["forget_attention_mask"],
             forget_labels=inputs["forget_labels"],
@@ -280,13 +293,21 @@ class ULDTrainer(UnlearningTrainer):
             retain_loss_mask=inputs["retain_loss_mask"],
             forget_weights=inputs.get("forget_weights"),
             retain_candidates=inputs.get("retain_candidates"),
+            forget_fact_tokens=inputs.get("forget_fact_tokens"),
         )
-        self.record(forget_ce=forget_ce, retain_kl=retain_kl, forget_flat=forget_flat, retain_flat=retain_flat)
+        self.record(
+            forget_ce=forget_ce,
+            retain_kl=retain_kl,
+            forget_flat=forget_flat,
+            retain_flat=retain_flat,
+            fact_set=fact_set,
+        )
         loss = (
             forget_ce
             + self.retain_weight * retain_kl
             + self.forget_flat_weight * forget_flat
             + self.retain_candidate_weight * retain_flat
+            + self.fact_set_weight * fact_set
         )
         return (loss, (forget_ce, retain_kl)) if return_outputs else loss
 
@@ -410,6 +431,17 @@ def train_uld(
         for i, record in enumerate(forget):
             if isinstance(record, dict) and record.get("fact_words"):
                 weights[i] = fact_word_weights(tokenizer, forget_set.examples[i][1], record["fact_words"])
+    facts: list[list[int]] | None = None
+    if config.fact_set_weight > 0 and weights is not None:
+        facts = [
+            fact_tokens(labels, weights[i], config.fact_set_min_weight)
+            for i, (_, labels) in enumerate(forget_set.examples)
+        ]
+        shown = next((row for row in facts if row), [])
+        print(
+            f"fact-set loss: {sum(map(len, facts)) / max(1, len(facts)):.1f} fact tokens per forget answer"
+            f" (e.g. {[tokenizer.decode([t]) for t in shown[:8]]})"
+        )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     candidates = (
         target_candidates(model, retain_set.examples, config.retain_candidates, pad_id)
@@ -438,6 +470,7 @@ def train_uld(
         retain_seed=config.seed,
         forget_weights=weights if config.forget_weighting else None,
         retain_candidates=candidates,
+        forget_fact_tokens=facts,
     )
 
     # ---- model
@@ -519,6 +552,8 @@ def train_uld(
             if candidates is not None
             else None,
             "forget_weighting": config.forget_weighting and weights is not None,
+            "fact_set_weight": config.fact_set_weight if facts is not None else 0.0,
+            "fact_set_kl_final": (trainer.metric_trace("fact_set") or [None])[-1] if facts is not None else None,
             "validation_retain_records": len(validation_retain),
             "retain_kl_first": retain_trace[0] if retain_trace else None,
             "retain_kl_final": retain_trace[-1] if retain_trace else None,
@@ -574,6 +609,7 @@ def train_uld(
         retain_weight=config.retain_weight,
         forget_flat_weight=config.forget_flat_weight,
         retain_candidate_weight=config.retain_candidate_weight if candidates is not None else 0.0,
+        fact_set_weight=config.fact_set_weight if facts is not None else 0.0,
     )
     trainer.train(resume_from_checkpoint=resume_from)
     peft_model.eval()

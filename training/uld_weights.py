@@ -169,3 +169,12 @@ def _echo_tokens(tokenizer, tokens: list[int], question_words: set[str]) -> list
             if start < word.end() and end > word.start():
                 echo[p] = True
     return echo
+
+
+def fact_tokens(labels: list[int], weights: list[float], min_weight: float) -> list[int]:
+    """The distinct label tokens (positions 1.., in order) whose knowledge weight is at least `min_weight`: the
+    tokens that carry a forget answer's fact, for the fact-set loss (training/losses.py `fact_set_kl`)."""
+    tokens = [t for t in labels[1:] if t != IGNORE_INDEX]
+    if len(tokens) != len(weights):
+        raise ValueError("forget weights do not match the example's label tokens")
+    return list(dict.fromkeys(t for t, w in zip(tokens, weights, strict=True) if w >= min_weight))

@@ -70,6 +70,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="plain forget CE on every answer token (default: weight the knowledge-carrying tokens, docs/uld.md)",
     )
     parser.add_argument(
+        "--fact-set-weight",
+        type=float,
+        help="weight of the fact-set loss: each forget answer's fact tokens preferred at every answer position, "
+        "0 = off (default: the trainer's; docs/uld.md)",
+    )
+    parser.add_argument(
         "--no-calibrate",
         dest="calibrate",
         action="store_false",
@@ -119,6 +125,10 @@ def run(args: argparse.Namespace) -> int:
             raise CliError(f"--default-floor {args.default_floor!r}: write a number >= 0 or 'off'")
     if not 0 <= args.validation_fraction < 1:
         raise CliError("--validation-fraction must be in [0, 1)")
+    if args.fact_set_weight is not None and args.fact_set_weight < 0:
+        raise CliError("--fact-set-weight must be >= 0 (0 = off)")
+    if args.fact_set_weight and not args.forget_weighting:
+        raise CliError("--fact-set-weight needs the knowledge weights (drop --no-forget-weighting or set it to 0)")
     if args.strict and not args.calibrate:
         raise CliError("--strict needs the calibration (drop --no-calibrate)")
 
@@ -151,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
         default_margin=args.default_margin,
         default_floor=default_floor,
         forget_weighting=args.forget_weighting,
+        **({} if args.fact_set_weight is None else {"fact_set_weight": args.fact_set_weight}),
         calibrate=args.calibrate,
         validation_fraction=args.validation_fraction,
     )
