@@ -233,6 +233,17 @@ def test_qwen2_trains_only_lora_and_keeps_base(tokenizer, tmp_path):
     assert manifest.base_fingerprint["model_type"] == "qwen2" and len(weights) == 2 * 7 * 2
 
 
+def test_fact_set_loss_without_knowledge_weights_is_said_and_recorded_off(tokenizer, tmp_path, capsys):
+    """A fact-set weight the run cannot use (no knowledge weights) is not silently dropped: a note, and the manifest
+    records weight 0."""
+    model = build_tiny_model("llama", tokenizer, seed=3)
+    config = _config(min_steps=2, layers=1, forget_weighting=False, fact_set_weight=1.0)
+    train_uld(model, tokenizer, FORGET, RETAIN, tmp_path / "a", config)
+    assert "the fact-set loss needs the knowledge weights" in capsys.readouterr().out
+    training = json.loads((tmp_path / "a" / MANIFEST_NAME).read_text())["training"]
+    assert training["fact_set_weight"] == 0.0 and training["fact_set_kl_final"] is None
+
+
 def test_trainer_loss_equals_full_logit_losses(tokenizer):
     """The trainer runs the LM head at loss positions only; its losses equal those over full logits."""
     from peft import get_peft_model
@@ -462,6 +473,7 @@ def test_cli_trains_end_to_end(tiny_llama_dir, tmp_path, capsys):
     stdout = capsys.readouterr().out
     assert "forget CE" in stdout and "retain KL" in stdout and str(out) in stdout
     assert "fact-set loss:" in stdout
+    assert "so the fact-set loss changes nothing" in stdout  # these three rows hold no fact token: said so
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     # wired through (its value is tested above; these three rows have no token rare enough to be a fact)
     assert manifest["training"]["fact_set_weight"] == 0.5

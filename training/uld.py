@@ -432,7 +432,13 @@ def train_uld(
             if isinstance(record, dict) and record.get("fact_words"):
                 weights[i] = fact_word_weights(tokenizer, forget_set.examples[i][1], record["fact_words"])
     facts: list[list[int]] | None = None
-    if config.fact_set_weight > 0 and weights is not None:
+    if config.fact_set_weight > 0 and weights is None:
+        # said, not silently skipped: the manifest then records fact_set_weight 0
+        print(
+            "note: the fact-set loss needs the knowledge weights (question/answer forget rows, forget_weighting on);"
+            " training without it"
+        )
+    elif config.fact_set_weight > 0:
         facts = [
             fact_tokens(labels, weights[i], config.fact_set_min_weight)
             for i, (_, labels) in enumerate(forget_set.examples)
@@ -442,6 +448,11 @@ def train_uld(
             f"fact-set loss: {sum(map(len, facts)) / max(1, len(facts)):.1f} fact tokens per forget answer"
             f" (e.g. {[tokenizer.decode([t]) for t in shown[:8]]})"
         )
+        if not shown:
+            print(
+                f"note: no forget answer token has a knowledge weight >= {config.fact_set_min_weight} (too few "
+                "answers to tell facts from shared words), so the fact-set loss changes nothing"
+            )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     candidates = (
         target_candidates(model, retain_set.examples, config.retain_candidates, pad_id)
