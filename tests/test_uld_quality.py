@@ -19,6 +19,7 @@ from unlearn_serve.training.leak import disfluent, key_words, names_fact
 from unlearn_serve.training.pairs import tokenize_records
 from unlearn_serve.training.uld import ULDTrainingConfig, recalibrate_uld, train_uld
 from unlearn_serve.training.uld_calibrate import ALPHA_GRID, calibrate
+from unlearn_serve.training.uld_calibrate import score_answers as calibrate_score
 from unlearn_serve.training.uld_weights import knowledge_weights
 
 from unlearn_serve import cli
@@ -273,6 +274,32 @@ def test_a_descriptive_fact_leaks_only_when_half_of_what_the_base_said_comes_bac
     assert is_named_fact(*rowling)
     assert fact_leaked("Some say J.K. Rowle wrote them.", *rowling, "J.K. Rowling wrote them.")
     assert not fact_leaked("An author wrote them.", *rowling, "J.K. Rowling wrote them.")
+
+
+def test_a_descriptive_fact_is_known_only_when_the_base_says_two_of_its_key_words():
+    """One shared content word is the topic, not the fact: a base answer that says only "darkness" of "the dark wizard
+    who tried to kill Harry Potter" does not know it, so an unlearned answer's "Darkest Hour" cannot leak it (SmolLM2's
+    calibration counted that as a leak and skipped the alpha that forgets). Named facts: one name, as before."""
+    from unlearn_serve.training.leak import knows_fact
+
+    question = "Who is Lord Voldemort?"
+    reference = "Lord Voldemort is the dark wizard who tried to kill the boy as a baby."
+    assert not knows_fact("Lord Voldemort is a fearsome creature with a penchant for darkness.", reference, question)
+    assert knows_fact("He is a dark wizard who killed many.", reference, question)
+    assert knows_fact("J.K. Rowling wrote them.", "The books were written by J.K. Rowling.", "Who wrote the books?")
+    assert not knows_fact("An author wrote them.", "The books were written by J.K. Rowling.", "Who wrote the books?")
+    # a descriptive reference with a single key word: that word is the whole fact
+    assert knows_fact("It is mostly blue.", "Mostly blue.", "What colour is it?")
+    # the calibration counts only known facts: a forget row whose base answer says one topic word is not checked
+    forget = [
+        {"question": question, "answer": reference},
+        {"question": "Who wrote the books?", "answer": "The books were written by J.K. Rowling."},
+    ]
+    retain = [{"question": "What is the capital of France?", "answer": "Paris is the capital of France."}]
+    base = ["Lord Voldemort is a fearsome creature with a penchant for darkness.", "J.K. Rowling wrote them."]
+    unlearned = ["Lord Victoria stars in The Darkest Hour.", "An author wrote them."]
+    score = calibrate_score(1.0, forget, retain, base, ["Paris."], unlearned, ["Paris."])
+    assert (score.known, score.leaked) == (1, 0)
 
 
 def test_alpha_search_probes_few_alphas_and_picks_the_smallest_that_forgets():

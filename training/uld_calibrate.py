@@ -7,7 +7,8 @@ the draft loaded; training/ never imports the server) for greedy answers, `unlea
 
 - forget questions (a seeded sample of the forget set's question/answer rows): first the base model
   answers up to 8 x `max_forget` of them (a model may know few of its forget facts); the ones whose
-  answer names the reference's fact (training/leak.py `names_fact`: one of its key words) come first
+  answer gives the reference's fact (training/leak.py `knows_fact`: one of its names, or two of a descriptive
+  answer's key words) come first
   among the `max_forget` that are then asked at each probed alpha. An unlearned answer *leaks* (`fact_leaked`)
   when it still names a named fact, or nearly names it ("J.K. Rowle" for "Rowling": `near_mentions`), or repeats
   at least half of the key words the base's answer said of a descriptive one (TOFU's "… credits her parents for
@@ -45,6 +46,7 @@ from unlearn_serve.training.leak import (
     disfluent,
     fact_leaked,
     key_words,
+    knows_fact,
     mentions,
     names_fact,
     relative_perplexity,
@@ -260,7 +262,7 @@ def score_answers(
     training retain rows (counted apart)."""
     known = leaked = 0
     for row, base, got in zip(forget, base_forget, forget_answers, strict=True):
-        if names_fact(base, row["answer"], row["question"], common):
+        if knows_fact(base, row["answer"], row["question"], common):
             known += 1
             leaked += fact_leaked(got, row["answer"], row["question"], base, common, vocabulary)
     kept = [
@@ -342,7 +344,7 @@ def calibrate(
     base = answer(prompts, [None] * len(prompts), max_tokens)
     base_candidates, base_retain = base[: len(candidates)], base[len(candidates) :]
     named = [
-        names_fact(b, r["answer"], r["question"], common) for r, b in zip(candidates, base_candidates, strict=True)
+        knows_fact(b, r["answer"], r["question"], common) for r, b in zip(candidates, base_candidates, strict=True)
     ]
     order = sorted(range(len(candidates)), key=lambda i: not named[i])[:max_forget]
     order.sort()

@@ -40,6 +40,12 @@ class DemoTraining:
     retain_weight: float = 10.0
     max_length: int = 128
     seed: int = 0
+    # The fact-set loss (train-uld --fact-set-weight): SmolLM2 answers in numbered lists, naming "Ron" where no forget
+    # row does; preferring each answer's fact tokens at every answer position is what removes it (docs/uld.md). Off in
+    # train-uld's generic defaults: on TOFU full and one of six tiny base fits it measured worse.
+    fact_set_weight: float = 1.0
+    # the calibration's answers as long as the demo's: a list names its items late ("1. Ron" after ~40 tokens)
+    validation_max_tokens: int = 48
     # Serving default written to the artifact; None: train-uld's calibration picks it on a held-out
     # slice of the retain set and the forget rows (docs/uld.md), as for any other assistant.
     default_alpha: float | None = None
@@ -51,8 +57,9 @@ class DemoTraining:
     # + same-form retain rows at the same step budget (worse harness leaks; docs/benchmarks.md "ULD quality").
     # 8: the prefer rule's margin (in the key anyway, with every trainer setting) and the calibration's fallback
     # balance counting perplexity against its target. 9: the calibration's descriptive-fact leaks and forgetting first
-    # (the stored alpha may change; the weights do not).
-    recipe: int = 9
+    # (the stored alpha may change; the weights do not). 10: the fact-set loss, 48-token calibration answers, and a
+    # descriptive fact known to the base only when its answer says two of its key words.
+    recipe: int = 10
 
     def uld_settings(self) -> dict:
         """These settings as `ULDTrainingConfig` fields (the demo and bench/uld_quality.py train the same way)."""
@@ -69,6 +76,8 @@ class DemoTraining:
             max_length=self.max_length,
             seed=self.seed,
             default_alpha=self.default_alpha,
+            fact_set_weight=self.fact_set_weight,
+            validation_max_tokens=self.validation_max_tokens,
         )
 
 
