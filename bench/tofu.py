@@ -32,7 +32,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -763,11 +763,10 @@ def main(argv: list[str] | None = None) -> int:
             setattr(cfg, name, getattr(args, name))
     from unlearn_serve.training.uld import ULDTrainingConfig
 
-    for item in args.uld_set:
-        name, _, value = item.partition("=")
-        if name not in {f.name for f in fields(ULDTrainingConfig)} or not value:
-            parser.error(f"--uld-set {item!r}: expected FIELD=VALUE with a ULDTrainingConfig field")
-        cfg.uld_extra[name] = json.loads(value) if value[0] in "-0123456789.[{tfn" else value
+    try:
+        cfg.uld_extra.update(ULDTrainingConfig.parse_overrides(args.uld_set))
+    except ValueError as exc:
+        parser.error(f"--uld-set {exc}")
     if args.uld_options:
         from unlearn_serve.evaluation.runner import parse_uld_options
 

@@ -6,6 +6,7 @@
     python bench/uld_quality.py --models smollm2 --variants new --alphas 0.5,1
     python bench/uld_quality.py --models tiny --variants new --rules prefer,difference --alphas 1,1.5,2
     python bench/uld_quality.py --models smollm2 --artifact DIR --recalibrate   # calibrate DIR again, no training
+    python bench/uld_quality.py --models tiny --variants new-facts --set fact_set_weight=0.5   # any config field
 
 Per model and variant it trains an assistant (cached under ~/.cache/unlearn-serve/uld-quality/, keyed
 by the base model's fingerprint, the data and the settings), serves it with the serving Engine
@@ -258,25 +259,31 @@ VARIANTS = {
     # today's trainer plus each fact as a short answer and as lists (training/answer_forms.py)
     "new-forms": dict(train=dict(answer_forms=True), min_keep=None),
     # today's trainer plus the fact-set loss (each answer's fact tokens preferred at every answer position)
+    # (other weights, other calibration lengths: `--set fact_set_weight=0.5`, `--set validation_max_tokens=48`)
     "new-facts": dict(train=dict(fact_set_weight=1.0), min_keep=None),
-    "new-facts-half": dict(train=dict(fact_set_weight=0.5), min_keep=None),
-    "new-facts3": dict(train=dict(fact_set_weight=3.0), min_keep=None),
-    # the same with 48-token validation answers (list answers name their items late)
-    "new-facts-long": dict(train=dict(fact_set_weight=1.0, validation_max_tokens=48), min_keep=None),
     "new": dict(train={}, min_keep=None),
 }
 
 
-def train_cached(suite: Suite, variant: str, model, tokenizer, fresh: bool) -> tuple[Path, float]:
+def variant_config(suite: Suite, variant: str, overrides: dict[str, Any]):
+    """The ULDTrainingConfig a variant trains with: the suite's settings, the variant's, then `--set` overrides."""
+    from unlearn_serve.training.uld import ULDTrainingConfig
+
+    return ULDTrainingConfig(**{**suite.training, **VARIANTS[variant]["train"], **overrides, "progress_bar": False})
+
+
+def train_cached(
+    suite: Suite, variant: str, model, tokenizer, fresh: bool, overrides: dict[str, Any]
+) -> tuple[Path, float]:
     import copy
 
-    from unlearn_serve.training.uld import ULDTrainingConfig, train_uld
+    from unlearn_serve.training.uld import train_uld
 
     from unlearn_serve import uld_combine
     from unlearn_serve.artifact import fingerprint_model
     from unlearn_serve.evaluation.uld_validation import serve_with_engine
 
-    config = ULDTrainingConfig(**{**suite.training, **VARIANTS[variant]["train"], "progress_bar": False})
+    config = variant_config(suite, variant, overrides)
     h = hashlib.sha256()
     for part in (fingerprint_model(model), suite.forget_records, suite.retain_records, dataclasses.asdict(config)):
         h.update(json.dumps(part, sort_keys=True, default=str).encode())
@@ -302,15 +309,17 @@ def train_cached(suite: Suite, variant: str, model, tokenizer, fresh: bool) -> t
     return out, seconds
 
 
-def recalibrate_cached(suite: Suite, variant: str, model, tokenizer, artifact: Path, fresh: bool) -> Path:
+def recalibrate_cached(
+    suite: Suite, variant: str, model, tokenizer, artifact: Path, fresh: bool, overrides: dict[str, Any]
+) -> Path:
     """A copy of `artifact` calibrated again by today's `train-uld` calibration (rule, near-leaks, retain top-up,
     perplexity) for `variant`'s settings, without retraining (training/uld.py `recalibrate_uld`); cached."""
-    from unlearn_serve.training.uld import ULDTrainingConfig, recalibrate_uld
+    from unlearn_serve.training.uld import recalibrate_uld
 
     from unlearn_serve import uld_combine
     from unlearn_serve.evaluation.uld_validation import serve_with_engine
 
-    config = ULDTrainingConfig(**{**suite.training, **VARIANTS[variant]["train"], "progress_bar": False})
+    config = variant_config(suite, variant, overrides)
     h = hashlib.sha256()
     for part in (str(artifact.resolve()), dataclasses.asdict(config), RECIPE, uld_combine.DEFAULT_RULE):
         h.update(json.dumps(part, sort_keys=True, default=str).encode())
@@ -444,6 +453,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--margins", default="", help="prefer-rule margins to score (comma list; default: the artifact's own)"
     )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a ULDTrainingConfig field for every variant (repeatable), e.g. fact_set_weight=0.5",
+    )
     parser.add_argument("--retrain", action="store_true", help="ignore cached assistants")
     parser.add_argument(
         "--artifact",
@@ -461,6 +478,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--show-answers", action="store_true", help="print every answer (base | unlearned)")
     parser.add_argument("--json", type=Path, help="also write all rows (answers included) to this file")
     args = parser.parse_args(argv)
+    from unlearn_serve.training.uld import ULDTrainingConfig
+
+    try:
+        overrides = ULDTrainingConfig.parse_overrides(args.overrides)
+    except ValueError as exc:
+        parser.error(f"--set {exc}")
+    label = "".join(f" {k}={v}" for k, v in overrides.items())
 
     import torch
 
@@ -498,9 +522,9 @@ def main(argv: list[str] | None = None) -> int:
                 artifact = args.artifact
                 seconds = float(load_manifest(artifact).training.get("wall_time_s") or 0.0)
                 if args.recalibrate:
-                    artifact = recalibrate_cached(suite, variant, model, tokenizer, artifact, args.retrain)
+                    artifact = recalibrate_cached(suite, variant, model, tokenizer, artifact, args.retrain, overrides)
             else:
-                artifact, seconds = train_cached(suite, variant, model, tokenizer, args.retrain)
+                artifact, seconds = train_cached(suite, variant, model, tokenizer, args.retrain, overrides)
             from unlearn_serve.artifact import load_manifest
 
             calibration = load_manifest(artifact).training.get("calibration") or {}
@@ -512,10 +536,11 @@ def main(argv: list[str] | None = None) -> int:
             ]
             rows = evaluate(suite, model, tokenizer, artifact, VARIANTS[variant]["min_keep"], settings)
             for r in rows:
-                r.update(model=suite.name, variant=variant, train_s=seconds)
+                r.update(model=suite.name, variant=variant + label, train_s=seconds)
                 results.append(r)
                 line = (
-                    f"| {suite.name} | {variant} | {r['rule']} | {r['margin']:g} | {r['alpha']:g} | {r['filter']:g} "
+                    f"| {suite.name} | {r['variant']} | {r['rule']} | {r['margin']:g} | {r['alpha']:g} "
+                    f"| {r['filter']:g} "
                     f"| {r['leak']}/{r['n_forget']} (base {r['base_known']}) "
                     f"| {r['leak_para']}/{r['n_forget']} (base {r['base_known_para']}) "
                     f"| {r['retain']}/{r['retain_base']} | {r['loops']:.2f} (base {r['base_loops']:.2f}) "
@@ -527,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
                     for q, (b, a) in r["answers"].items():
                         print(f"    Q: {q}\n      base: {b!r}\n      ULD : {a!r}")
     print("\n" + "\n".join(lines))
-    print("\ngoals (the `new` variant at its defaults):")
+    print("\ngoals (the `new` variant at its defaults; none for rows trained with --set):")
     for r in results:
         first = next(x for x in results if x["model"] == r["model"] and x["variant"] == r["variant"])
         if r["variant"] != "new" or r is not first:

@@ -113,3 +113,23 @@ def test_tiny_seeds_are_other_base_fits_with_the_same_data():
     assert (plain.name, other.name) == ("tiny-llama", "tiny-llama-s2")
     assert plain.forget_records == other.forget_records and plain.retain_records == other.retain_records
     assert [c.question for c in plain.forget_checks] == [c.question for c in other.forget_checks]
+
+
+def test_set_overrides_a_config_field_for_every_variant(capsys):
+    """`--set FIELD=VALUE` (bench/uld_quality.py) and `--uld-set` (bench/tofu.py) read values as JSON where they parse,
+    reach the trained config after the variant's own settings, and refuse an unknown field up front (exit 2)."""
+    from unlearn_serve.training.uld import ULDTrainingConfig
+
+    parsed = ULDTrainingConfig.parse_overrides(["fact_set_weight=0.5", "default_rule=difference", "default_floor=null"])
+    assert parsed == {"fact_set_weight": 0.5, "default_rule": "difference", "default_floor": None}
+    for bad in ("fact_set_weight", "fact_set_weight=", "no_such_field=1"):
+        with pytest.raises(ValueError, match="expected FIELD=VALUE"):
+            ULDTrainingConfig.parse_overrides([bad])
+    suite = uld_quality.tiny_suite("llama")
+    config = uld_quality.variant_config(suite, "new-facts", {"fact_set_weight": 3.0, "validation_max_tokens": 48})
+    assert (config.fact_set_weight, config.validation_max_tokens) == (3.0, 48)
+    assert uld_quality.variant_config(suite, "new-facts", {}).fact_set_weight == 1.0
+    for main, flag in ((uld_quality.main, "--set"), (tofu.main, "--uld-set")):
+        with pytest.raises(SystemExit) as exc:
+            main([flag, "no_such_field=1"])
+        assert exc.value.code == 2 and "no field 'no_such_field'" in capsys.readouterr().err

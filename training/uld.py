@@ -37,7 +37,7 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +147,23 @@ class ULDTrainingConfig:
     target_max_extra_disfluent: float = 0.125
     target_max_rel_ppl: float = 2.0  # forget answers' perplexity under the base / the base's own answers'
     validation_min_retain: int = 8  # fewer held-out retain rows than this: training retain rows top them up
+
+    @classmethod
+    def parse_overrides(cls, items: list[str]) -> dict[str, Any]:
+        """`FIELD=VALUE` strings (the benches' `--set` / `--uld-set`) as field overrides. VALUE is read as JSON when it
+        parses (`1`, `0.5`, `true`, `null`, `[1, 2]`), else as a string. ValueError names the item and the fix."""
+        names = {f.name for f in fields(cls)}
+        out: dict[str, Any] = {}
+        for item in items:
+            name, sep, value = item.partition("=")
+            if not sep or not value or name not in names:
+                hint = f" (no field {name!r})" if sep and value else ""
+                raise ValueError(f"{item!r}: expected FIELD=VALUE with a {cls.__name__} field{hint}")
+            try:
+                out[name] = json.loads(value)
+            except json.JSONDecodeError:
+                out[name] = value
+        return out
 
     def serving_defaults(self) -> dict[str, Any]:
         values = {
