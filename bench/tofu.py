@@ -420,6 +420,8 @@ def run(
         if recalibrate:
             uld_dir = recalibrate_uld_row(cfg, fresh, data, uld_dir, work / "uld-recalibrated")
         uld_training = reused_uld_summary(uld_dir)
+        if uld_training["training_time_s"] is not None:  # the earlier run's training time, from its manifest
+            timings["uld"] = uld_training["training_time_s"]
         print(f"[bench] ULD: reusing {uld_dir}: {uld_training}", flush=True)
     elif "uld" in methods:
         timings["uld"], uld_training = train_uld_row(cfg, fresh, data, uld_dir, forget_file, retain_file)
@@ -503,6 +505,7 @@ def reused_uld_summary(uld_dir: Path) -> dict[str, Any]:
     return {
         "reused": str(uld_dir),
         "steps": training.get("steps"),
+        "training_time_s": training.get("wall_time_s"),  # of the run that trained it (train_uld's own clock)
         "default_alpha": manifest.get("defaults", {}).get("alpha"),
         "calibration_met": calibration.get("met"),
         "verdict": calibration.get("verdict"),

@@ -133,3 +133,16 @@ def test_set_overrides_a_config_field_for_every_variant(capsys):
         with pytest.raises(SystemExit) as exc:
             main([flag, "no_such_field=1"])
         assert exc.value.code == 2 and "no field 'no_such_field'" in capsys.readouterr().err
+
+
+def test_a_reused_assistant_keeps_its_training_time(tmp_path):
+    """--reuse-uld rows report the training time the reused assistant's manifest recorded, not an empty cell."""
+    import json
+
+    (tmp_path / "unlearning.json").write_text(
+        json.dumps({"defaults": {"alpha": 2.0}, "training": {"steps": 7, "wall_time_s": 123.4, "calibration": {}}})
+    )
+    summary = tofu.reused_uld_summary(tmp_path)
+    assert summary["training_time_s"] == 123.4 and summary["default_alpha"] == 2.0 and summary["steps"] == 7
+    (tmp_path / "unlearning.json").write_text(json.dumps({"training": {}}))
+    assert tofu.reused_uld_summary(tmp_path)["training_time_s"] is None
