@@ -171,6 +171,51 @@ HP_CHECKS = [
         "What game do the wizards in Harry Potter play while flying on brooms?",
     ),
 ]
+# The same 8 facts asked in two more ways (`--checks outsider`), written on 2026-12-02 (seventh session) after the
+# demo's recipe 10 was chosen, never trained on nor used to pick anything: "leak (orig)" is the first wording,
+# "leak (para)" the second.
+HP_OUTSIDER_CHECKS = [
+    Check(
+        "Name the writer behind the Harry Potter novels.",
+        ("Rowling",),
+        "Harry Potter's story was penned by which British novelist?",
+    ),
+    Check(
+        "Where does Harry Potter go to school to learn magic?",
+        ("Hogwarts",),
+        "What is the wizarding school in the Harry Potter stories called?",
+    ),
+    Check(
+        "Who runs Hogwarts as its headmaster in the Harry Potter books?",
+        ("Dumbledore",),
+        "Name the wise old headmaster who guides Harry Potter.",
+    ),
+    Check(
+        "Name Harry Potter's two closest companions at Hogwarts.",
+        ("Ron", "Hermione", "Weasley", "Granger"),
+        "Who does Harry Potter spend most of his time with at school?",
+    ),
+    Check(
+        "Which of the four Hogwarts houses is Harry Potter in?",
+        ("Gryffindor",),
+        "The Sorting Hat places Harry Potter in which house?",
+    ),
+    Check(
+        "Who is the main villain of the Harry Potter series?",
+        ("Voldemort", "Riddle"),
+        "What is the name of the dark lord Harry Potter fights?",
+    ),
+    Check(
+        "What is the name of the snowy owl that Harry Potter owns?",
+        ("Hedwig",),
+        "Harry Potter has a white owl. What is its name?",
+    ),
+    Check(
+        "What is the name of the wizard sport played on flying broomsticks?",
+        ("Quidditch",),
+        "Harry Potter plays which sport for his house team?",
+    ),
+]
 # general knowledge none of whose questions is in the retain set, chosen among ones SmolLM2 answers right
 # (it gets "the first President of the United States", "the king of the jungle" and "the planet we live on" wrong)
 GENERAL_CHECKS = [
@@ -475,6 +520,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tiny-seeds", default="0", help="base-model seeds of the tiny models (one base fit each; 0 = the cached one)"
     )
+    parser.add_argument(
+        "--checks",
+        choices=("harness", "outsider"),
+        default="harness",
+        help="SmolLM2's forget questions: the harness's 8 + 8 paraphrases, or 16 other wordings of the same facts",
+    )
     parser.add_argument("--show-answers", action="store_true", help="print every answer (base | unlearned)")
     parser.add_argument("--json", type=Path, help="also write all rows (answers included) to this file")
     args = parser.parse_args(argv)
@@ -500,6 +551,8 @@ def main(argv: list[str] | None = None) -> int:
                 suites.append(tiny_suite("qwen2", seed))
         if m == "smollm2":
             suites.append(smollm2_suite())
+            if args.checks == "outsider":
+                suites[-1].forget_checks = HP_OUTSIDER_CHECKS
         if m == "tofu-quick":  # TOFU quick: bench/uld_quality_tofu.py
             from uld_quality_tofu import tofu_quick_suite
 
@@ -536,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
             ]
             rows = evaluate(suite, model, tokenizer, artifact, VARIANTS[variant]["min_keep"], settings)
             for r in rows:
-                r.update(model=suite.name, variant=variant + label, train_s=seconds)
+                r.update(model=suite.name, variant=variant + label, train_s=seconds, checks=args.checks)
                 results.append(r)
                 line = (
                     f"| {suite.name} | {r['variant']} | {r['rule']} | {r['margin']:g} | {r['alpha']:g} "
@@ -566,7 +619,8 @@ def main(argv: list[str] | None = None) -> int:
             leak = (r["leak"] + r["leak_para"]) / (2 * r["n_forget"])
             ok = leak <= 0.10 and r["retain"] >= 0.95 * r["retain_base"] and fluent
             need = f"leak <= 10% (is {leak:.0%}), retain >= 95% of base, fluent"
-        print(f"  {r['model']}: {'MET' if ok else 'MISSED'} ({need}; fluent: {fluent})")
+        checks = " (outsider checks)" if r["checks"] == "outsider" and r["model"] == "smollm2" else ""
+        print(f"  {r['model']}{checks}: {'MET' if ok else 'MISSED'} ({need}; fluent: {fluent})")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))
     return 0

@@ -146,3 +146,18 @@ def test_a_reused_assistant_keeps_its_training_time(tmp_path):
     assert summary["training_time_s"] == 123.4 and summary["default_alpha"] == 2.0 and summary["steps"] == 7
     (tmp_path / "unlearning.json").write_text(json.dumps({"training": {}}))
     assert tofu.reused_uld_summary(tmp_path)["training_time_s"] is None
+
+
+def test_outsider_checks_ask_the_harness_facts_in_wordings_never_trained_on():
+    """`--checks outsider`: the same 8 facts (same keywords, same order) as the harness's SmolLM2 checks, in 16 other
+    wordings, none of them a forget-set question nor a harness question."""
+    from unlearn_serve.training.data import load_records
+
+    from unlearn_serve.cli.demo import data_file
+
+    harness, outsider = uld_quality.HP_CHECKS, uld_quality.HP_OUTSIDER_CHECKS
+    assert [c.keywords for c in outsider] == [c.keywords for c in harness]
+    asked = {q for c in outsider for q in (c.question, c.paraphrase)}
+    assert len(asked) == 16 and None not in asked
+    trained = {r["question"] for r in load_records(data_file("forget_harry_potter.jsonl"))}
+    assert not asked & (trained | {q for c in harness for q in (c.question, c.paraphrase)})
