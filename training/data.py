@@ -202,3 +202,9 @@ def render_example(
 def has_loss_tokens(labels: list[int]) -> bool:
     # Position 0 is never predicted after the causal shift.
     return any(label != IGNORE_INDEX for label in labels[1:])
+
+
+def label_positions(labels: list[int]) -> list[int]:
+    """The positions (1..; 0 is never predicted after the causal shift) whose label is a loss token: where per-token
+    forget weights and fact tokens are read from."""
+    return [p for p in range(1, len(labels)) if labels[p] != IGNORE_INDEX]

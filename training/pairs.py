@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from unlearn_serve.training.data import IGNORE_INDEX, DataError, has_loss_tokens, render_example
+from unlearn_serve.training.data import IGNORE_INDEX, DataError, has_loss_tokens, label_positions, render_example
 
 Example = tuple[list[int], list[int]]  # (input_ids, labels)
 
@@ -114,7 +114,7 @@ class ForgetRetainDataset(torch.utils.data.Dataset):
 
 
 def _spread(weights: list[float], labels: list[int]) -> list[float]:
-    positions = [p for p in range(1, len(labels)) if labels[p] != IGNORE_INDEX]
+    positions = label_positions(labels)
     if len(weights) != len(positions):
         raise ValueError("forget weights do not match the example's label tokens")
     full = [0.0] * len(labels)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from unlearn_serve.training.data import IGNORE_INDEX, record_kind, render_example
+from unlearn_serve.training.data import IGNORE_INDEX, label_positions, record_kind, render_example
 
 
 def _batched_next_logits(
@@ -99,7 +99,7 @@ def knowledge_weights(
     everywhere (no question to tell the fact from the lead-in); None when there is no QA record at all.
     """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ones = [[1.0] * sum(1 for t in lab[1:] if t != IGNORE_INDEX) for _, lab in examples]
+    ones = [[1.0] * len(label_positions(lab)) for _, lab in examples]
     answers = [{t for t in lab if t != IGNORE_INDEX} for lab in (reference_labels or [lab for _, lab in examples])]
     df: dict[int, float] = {}
     for tokens in answers:
@@ -137,7 +137,7 @@ def knowledge_weights(
         else:
             w = [0.0] * len(weights[i])
         _, labels = examples[i]
-        tokens = [t for t in labels[1:] if t != IGNORE_INDEX]
+        tokens = [labels[p] for p in label_positions(labels)]
         words = re.findall(r"\w+", records[i]["question"].lower())
         echo = _echo_tokens(tokenizer, tokens, set(words))
         for p, tok in enumerate(tokens):
@@ -150,7 +150,7 @@ def knowledge_weights(
 def fact_word_weights(tokenizer, labels: list[int], words: list[str]) -> list[float]:
     """Per label position 1..: 1 for a token that is part of one of `words` (lower-case), else 0. The weights of a
     row the target wrote itself (training/self_answers.py): only its fact's words are learnt."""
-    tokens = [t for t in labels[1:] if t != IGNORE_INDEX]
+    tokens = [labels[p] for p in label_positions(labels)]
     return [1.0 if hit else 0.0 for hit in _echo_tokens(tokenizer, tokens, set(words))]
 
 
@@ -174,7 +174,7 @@ def _echo_tokens(tokenizer, tokens: list[int], question_words: set[str]) -> list
 def fact_tokens(labels: list[int], weights: list[float], min_weight: float) -> list[int]:
     """The distinct label tokens (positions 1.., in order) whose knowledge weight is at least `min_weight`: the
     tokens that carry a forget answer's fact, for the fact-set loss (training/losses.py `fact_set_kl`)."""
-    tokens = [t for t in labels[1:] if t != IGNORE_INDEX]
+    tokens = [labels[p] for p in label_positions(labels)]
     if len(tokens) != len(weights):
         raise ValueError("forget weights do not match the example's label tokens")
     return list(dict.fromkeys(t for t, w in zip(tokens, weights, strict=True) if w >= min_weight))
