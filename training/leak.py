@@ -148,8 +148,8 @@ def knows_fact(base_answer: str, reference: str, question: str = "", common: fro
     """The base model's answer gives the reference's fact, so forgetting it can be checked: a *named* fact when the
     answer names one of its key words; a *descriptive* one when it says at least two of them (or its only one). One
     shared content word is the topic's vocabulary, not the fact (as in `fact_leaked`): SmolLM2's "Lord Voldemort is a
-    fearsome creature with a penchant for darkness" says none of "the dark wizard who tried to kill Harry Potter as a
-    baby", and counting it as known made every later "Dark…" word in an unlearned answer a leak."""
+    fearsome creature with a penchant for darkness" says only "dark…" of "the dark wizard who tried to kill Harry
+    Potter as a baby", and counting it as known made any later "Dark…" word in an unlearned answer a leak."""
     keys = key_words(reference, question, common)
     if is_named_fact(reference, question, common):
         return mentions(base_answer, keys)
