@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -144,6 +145,7 @@ class EngineProbe:
     def __init__(self, engine: Engine):
         self.delay = 0.0
         self.aborts: list[str] = []
+        self.server_state: Any = None  # the app's ServerState, set by the `served` fixture
         step, abort = engine.step, engine.abort
 
         def slow_step():
@@ -195,16 +197,22 @@ def served(model_dir, artifact_root):
     config = ServerConfig(
         served_model_name=MODEL, max_queue=MAX_QUEUE, max_body_bytes=MAX_BODY, artifact_root=str(artifact_root)
     )
-    with run_server(build_app(config, engine=engine)) as url:
+    app = build_app(config, engine=engine)
+    probe.server_state = app.state.server  # the admission counter, for the teardown below
+    with run_server(app) as url:
         yield url, engine, probe
 
 
 @pytest.fixture
 def url(served) -> Iterator[str]:
-    url, engine, _ = served
+    url, engine, probe = served
     yield url
-    # every test leaves the server idle and serving
-    wait_for(lambda: engine.num_running() == 0 and engine.num_waiting() == 0, "the batch to empty")
+    # every test leaves the server idle and serving; an aborted stream's handler returns (and releases its admission
+    # slot) a little after the engine drops it, so wait for both, or the next test meets a server "at capacity"
+    wait_for(
+        lambda: engine.num_running() == 0 and engine.num_waiting() == 0 and probe.server_state.generating == 0,
+        "the batch to empty and every admitted request to return",
+    )
     assert_serves(url)
 
 
