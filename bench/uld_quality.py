@@ -25,7 +25,8 @@ by the base model's fingerprint, the data and the settings), serves it with the 
 
 Variants: `legacy` = the trainer before issue 13 (plain forget CE, no calibration: alpha 0.75) served
 with the relative-top rule alone; `legacy-topk` = the same assistant served with the new candidate
-rule (relative-top + the target's top 8); `new` = the current defaults (knowledge-weighted forget loss,
+rule (relative-top + the target's top 8); `new` = the current defaults (for SmolLM2: the demo's recipe,
+`DemoTraining`, which adds the fact-set loss and 48-token calibration answers) (knowledge-weighted forget loss,
 alpha calibrated on served answers (training/uld_calibrate.py), relative-top + top-8 candidates, the
 `prefer` combination rule); `new-difference` = the same with the paper's `difference` rule. `--rules`
 scores other rules on the same assistant (engine-level `unlearning` option). Goals are printed under the
@@ -604,6 +605,8 @@ def main(argv: list[str] | None = None) -> int:
                 if args.show_answers:
                     for q, (b, a) in r["answers"].items():
                         print(f"    Q: {q}\n      base: {b!r}\n      ULD : {a!r}")
+    if args.checks == "outsider":
+        lines.insert(0, "SmolLM2 rows: --checks outsider (16 other wordings; 'orig' = the first, 'para' = the second)")
     print("\n" + "\n".join(lines))
     print("\ngoals (the `new` variant at its defaults; none for rows trained with --set):")
     for r in results:
