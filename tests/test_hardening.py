@@ -207,8 +207,8 @@ def served(model_dir, artifact_root):
 def url(served) -> Iterator[str]:
     url, engine, probe = served
     yield url
-    # every test leaves the server idle and serving; an aborted stream's handler returns (and releases its admission
-    # slot) a little after the engine drops it, so wait for both, or the next test meets a server "at capacity"
+    # every test leaves the server idle and serving: the engine empty and every admitted request returned (an aborted
+    # stream's handler releases its admission slot only when it returns), so the next test counts admissions from 0
     wait_for(
         lambda: engine.num_running() == 0 and engine.num_waiting() == 0 and probe.server_state.generating == 0,
         "the batch to empty and every admitted request to return",
@@ -521,3 +521,27 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(model_dir, tmp_path):
     text = log.read_text()
     assert "draining 1 in-flight request" in text and "drained in" in text, text
     assert "Traceback" not in text, text
+
+
+def test_queue_check_counts_free_batch_slots():
+    """The serving layer's capacity check refuses only when the batch and the queue are both full: right after a burst,
+    requests wait for the next step to move them into free batch slots, and counting them as queued refused requests
+    the batch had room for (the back-pressure test above met that race once in a full CI run)."""
+    from types import SimpleNamespace
+
+    from unlearn_serve.server.errors import APIError
+    from unlearn_serve.server.serving import OpenAIServing
+
+    def serving(waiting: int, running: int) -> SimpleNamespace:
+        engine = SimpleNamespace(
+            config=SimpleNamespace(max_num_seqs=4), num_waiting=lambda: waiting, num_running=lambda: running
+        )
+        return SimpleNamespace(max_queue=2, engine=engine)
+
+    OpenAIServing._check_capacity(serving(waiting=5, running=0))  # 4 free slots take 4 of the 5 at the next step
+    OpenAIServing._check_capacity(serving(waiting=1, running=4))
+    with pytest.raises(APIError) as exc:
+        OpenAIServing._check_capacity(serving(waiting=2, running=4))
+    assert exc.value.status == 503
+    with pytest.raises(APIError):  # one request larger than the server ever holds: 400, whatever the load
+        OpenAIServing._check_capacity(serving(waiting=0, running=0), sequences=7)
