@@ -590,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
             ]
             rows = evaluate(suite, model, tokenizer, artifact, VARIANTS[variant]["min_keep"], settings)
             for r in rows:
-                r.update(model=suite.name, variant=variant + label, train_s=seconds, checks=args.checks)
+                r.update(model=suite.name, variant=variant + label, train_s=seconds, checks=args.checks, base=variant)
                 results.append(r)
                 line = (
                     f"| {suite.name} | {r['variant']} | {r['rule']} | {r['margin']:g} | {r['alpha']:g} "
@@ -608,10 +608,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.checks == "outsider":
         lines.insert(0, "SmolLM2 rows: --checks outsider (16 other wordings; 'orig' = the first, 'para' = the second)")
     print("\n" + "\n".join(lines))
-    print("\ngoals (the `new` variant at its defaults; none for rows trained with --set):")
+    not_defaults = f"; trained with{label}, so not the defaults" if label else ""
+    print(f"\ngoals (the `new` variant at its defaults{not_defaults}):")
     for r in results:
         first = next(x for x in results if x["model"] == r["model"] and x["variant"] == r["variant"])
-        if r["variant"] != "new" or r is not first:
+        if r["base"] != "new" or r is not first:
             continue
         # no loops / URL or other-language runs beyond the base model's own answers, relative perplexity <= 2
         fluent = r["loops"] <= r["base_loops"] and r["off_lang"] <= r["base_off_lang"] and r["rel_ppl"] <= 2.0
@@ -623,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
             ok = leak <= 0.10 and r["retain"] >= 0.95 * r["retain_base"] and fluent
             need = f"leak <= 10% (is {leak:.0%}), retain >= 95% of base, fluent"
         checks = " (outsider checks)" if r["checks"] == "outsider" and r["model"] == "smollm2" else ""
-        print(f"  {r['model']}{checks}: {'MET' if ok else 'MISSED'} ({need}; fluent: {fluent})")
+        print(f"  {r['model']}{checks}{label}: {'MET' if ok else 'MISSED'} ({need}; fluent: {fluent})")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))
     return 0

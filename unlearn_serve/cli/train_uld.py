@@ -145,6 +145,12 @@ def run(args: argparse.Namespace) -> int:
     retain = load_records(args.retain)
     model, tokenizer = load_model_and_tokenizer(args.model, gguf_file=args.gguf_file, dtype=args.dtype, device="auto")
 
+    # flags whose default is the trainer's own (None: not given)
+    optional = {
+        name: getattr(args, name)
+        for name in ("fact_set_weight", "validation_max_tokens")
+        if getattr(args, name) is not None
+    }
     config = ULDTrainingConfig(
         layers=args.layers,
         lora_rank=args.lora_rank,
@@ -169,10 +175,9 @@ def run(args: argparse.Namespace) -> int:
         default_margin=args.default_margin,
         default_floor=default_floor,
         forget_weighting=args.forget_weighting,
-        **({} if args.fact_set_weight is None else {"fact_set_weight": args.fact_set_weight}),
+        **optional,
         calibrate=args.calibrate,
         validation_fraction=args.validation_fraction,
-        **({} if args.validation_max_tokens is None else {"validation_max_tokens": args.validation_max_tokens}),
     )
     result = train_uld(
         model,
