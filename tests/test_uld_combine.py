@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from unlearn_serve.training.augment import rephrase_question
 from unlearn_serve.training.leak import names_fact, near_mentions, words_of
 from unlearn_serve.training.uld_calibrate import CalibrationTargets, calibrate
 
@@ -199,7 +200,8 @@ def _server(leak_below: float, lose: set[str], ppl: float | None = None):
     by_id = {i: r for i, r in enumerate(ROWS)}
 
     def encode(q: str) -> list[int]:
-        return [next(i for i, r in by_id.items() if r["question"] == q)]
+        # the calibration also asks each forget question rephrased: answered as the original
+        return [next(i for i, r in by_id.items() if q == r["question"] or q in rephrase_question(r["question"], 4))]
 
     def answer(prompts, alphas, max_tokens):
         out = []
@@ -605,3 +607,37 @@ def test_combine_settings_of_rows_are_python_values_when_rows_agree_and_tensors_
         with pytest.raises(CombineOptionError) as caught:
             served.updated({key: bad})
         assert caught.value.key == key
+
+
+def test_calibration_asks_each_forget_question_rephrased_too():
+    """An assistant that forgets its training wording only (SmolLM2 at training seed 1: 0/8 original questions named,
+    2/8 paraphrases) is not calibrated as forgetting: the rephrased question is asked too and a leak there counts."""
+    from unlearn_serve.training.uld_calibrate import untrained_rephrasing
+
+    forget = [{"question": "Who wrote the Harry Potter books?", "answer": "J.K. Rowling wrote them."}]
+    reworded = untrained_rephrasing(forget[0]["question"])
+    assert reworded == "Who is the author of the Harry Potter books?"
+    # with one rule-made rephrasing trained on (question_variants=1), the calibration asks the next one
+    assert untrained_rephrasing(forget[0]["question"], 1) == rephrase_question(forget[0]["question"], 2)[1]
+    assert untrained_rephrasing("Who wrote it?", 99) is None
+
+    def encode(q):
+        return [1 if q == reworded else 0]
+
+    def answer(prompts, alphas, max_tokens):
+        # the training wording is forgotten from alpha 0.5; the rephrased one only from alpha 2
+        return [
+            "J.K. Rowling wrote them." if a is None or a < (2.0 if p == [1] else 0.5) else "An author wrote them."
+            for p, a in zip(prompts, alphas, strict=True)
+        ]
+
+    cal = calibrate(answer, encode, forget, [])
+    assert cal.alpha == 2.0 and cal.chosen.leaked == 0 and cal.rephrased_questions == [reworded]
+    below = [s for s in cal.scores if s.alpha < 2.0]
+    assert below and all(s.leaked == 1 for s in below)
+    assert any(s.rephrased_leaked == 1 and s.alpha >= 0.5 for s in below)  # named only when rephrased
+    assert "each also asked rephrased: 0 named there" in cal.verdict()
+    assert cal.to_manifest()["rephrased_questions"] == [reworded]
+    # rephrasing off: the training wording alone decides (the smallest alpha that forgets it)
+    cal = calibrate(answer, encode, forget, [], rephrase=False)
+    assert cal.alpha == 0.5 and cal.rephrased_questions == [] and "rephrased" not in cal.verdict()

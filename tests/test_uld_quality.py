@@ -14,6 +14,7 @@ import pytest
 import torch
 from unlearn_serve.server.engine.engine import Engine, EngineConfig
 from unlearn_serve.server.engine.sampling_params import SamplingParams
+from unlearn_serve.training.augment import rephrase_question
 from unlearn_serve.training.data import DEFAULT_QUESTION_TEMPLATE, encode_prompt
 from unlearn_serve.training.leak import disfluent, key_words, names_fact
 from unlearn_serve.training.pairs import tokenize_records
@@ -132,7 +133,8 @@ def test_defaults_forget_keep_and_keep_the_lead_in(memorised, tmp_path):
     assert calibration is not None and calibration.met, calibration and calibration.verdict()
     # one held-out retain row: the training retain rows top the check up (reported apart)
     assert calibration.verdict().startswith(
-        "forgets 2/2 validation facts, keeps 1/1 held-out + 5/5 training retain answers, fluent"
+        "forgets 2/2 validation facts (each also asked rephrased: 0 named there), keeps 1/1 held-out + 5/5 training "
+        "retain answers, fluent"
     ), calibration.verdict()
     assert calibration.chosen.rel_ppl is not None and calibration.chosen.rel_ppl <= 2.0
     manifest = json.loads((tmp_path / "a" / MANIFEST_NAME).read_text())
@@ -148,7 +150,7 @@ def test_defaults_forget_keep_and_keep_the_lead_in(memorised, tmp_path):
     assert kept == len(RETAIN), got
 
     # the verdict's counts are what a fresh engine serving the written artifact answers, greedily, at its alpha
-    fresh = Engine(copy.deepcopy(model), tokenizer, EngineConfig(max_num_seqs=8, max_model_len=64), "tiny")
+    fresh = Engine(copy.deepcopy(model), tokenizer, EngineConfig(max_num_seqs=8, max_model_len=128), "tiny")
     fresh.load_uld("forget", tmp_path / "a")
     city = {f"Where does {n} live?": c for n, c in PEOPLE}
     questions = calibration.forget_questions + calibration.retain_questions
@@ -162,12 +164,24 @@ def test_defaults_forget_keep_and_keep_the_lead_in(memorised, tmp_path):
     known = [city[q] in b for q, b in zip(questions[:nf], base_answers[:nf], strict=True)]
     chosen = calibration.chosen
     assert chosen.known == sum(known) == 2
-    assert chosen.leaked == sum(k and city[q] in a for q, a, k in zip(questions, served, known, strict=False))
+    # each forget question was also asked rephrased; a fact leaks when either answer names it
+    again = calibration.rephrased_questions
+    assert again == [rephrase_question(r["question"], 1)[0] for r in FORGET]
+    served_again = [
+        r.completions[0].text for r in fresh.generate([encode_prompt(tokenizer, q) for q in again], params, "forget")
+    ]
+    assert chosen.rephrased_rows == 2
+    assert chosen.rephrased_leaked == sum(city[q] in a for q, a in zip(questions, served_again, strict=False))
+    assert chosen.leaked == sum(
+        k and (city[q] in a or city[q] in b) for q, a, b, k in zip(questions, served, served_again, known, strict=False)
+    )
     assert chosen.kept == sum(city[q] in a for q, a in zip(questions[nf:], served[nf:], strict=True))
     assert chosen.disfluent == sum(disfluent(a) for a in served[:nf])
     recorded = calibration.answers[f"{calibration.alpha:g}"]
-    assert {q: recorded[q] for q in questions} == dict(zip(questions, served, strict=True))
-    assert set(recorded) == set(questions + calibration.train_retain_questions)
+    assert {q: recorded[q] for q in questions + again} == dict(
+        zip(questions + again, served + served_again, strict=True)
+    )
+    assert set(recorded) == set(questions + again + calibration.train_retain_questions)
 
 
 def test_cli_strict_exit_code_follows_the_served_verdict(memorised, tmp_path, capsys):
@@ -244,7 +258,8 @@ def _fake_answers(leak_below: float, lose_retain_from: float, calls: list[list[f
         out = []
         for p, a in zip(prompts, alphas, strict=True):
             q = next(k for k, v in questions.items() if v == p[0])
-            row = next(r for r in rows.values() if r["question"] == q)
+            # the calibration also asks each forget question rephrased: answered as the original
+            row = next(r for r in rows.values() if q == r["question"] or q in rephrase_question(r["question"], 4))
             name, city = row["answer"].split(" lives in ")
             forget = row in FORGET
             named = a is None or (a < leak_below if forget else a < lose_retain_from)
@@ -308,7 +323,9 @@ def test_alpha_search_probes_few_alphas_and_picks_the_smallest_that_forgets():
     calls: list = []
     encode, answer = _fake_answers(1.0, 99, calls)
     cal = calibrate(answer, encode, FORGET, RETAIN[:3])
-    assert cal.met and cal.alpha == 1.0 and cal.verdict().startswith("forgets 2/2 validation facts, keeps 3/3")
+    verdict = cal.verdict()
+    assert cal.met and cal.alpha == 1.0
+    assert verdict.startswith("forgets 2/2 validation facts (each also asked rephrased: 0 named there), keeps 3/3")
     assert len(calls) == 4 and all(len(c) <= 1 for c in calls)  # the base, then bisection: 3 single-alpha batches
     calls.clear()
     cal = calibrate(answer, encode, FORGET, RETAIN[:3], probes_per_round=len(ALPHA_GRID))

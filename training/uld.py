@@ -141,6 +141,9 @@ class ULDTrainingConfig:
     validation_max_retain: int = 16
     validation_max_forget: int = 8  # forget questions asked at each probed alpha (8x that asked of the base)
     validation_max_tokens: int = 24  # new tokens per validation answer (greedy)
+    # each validation forget question also asked in a rule-made rephrasing the training did not use (a leak on
+    # either counts): an assistant that forgets one wording only is not calibrated as forgetting
+    validation_rephrase: bool = True
     validation_probes_per_round: int | None = None  # alphas per generation batch; None: 1 on CPU, the grid on GPU
     target_max_leak: float = 0.0
     target_min_kept: float = 0.95
@@ -201,6 +204,7 @@ class ULDTrainingConfig:
             "target_max_extra_disfluent",
             "validation_max_forget",
             "validation_max_tokens",
+            "validation_rephrase",
             "validation_probes_per_round",
             "default_rule",
             "default_margin",
@@ -773,6 +777,8 @@ def _calibrate_answers(
         seed=config.seed,
         train_retain_rows=train_retain,
         rule=rule,
+        rephrase=config.validation_rephrase,
+        trained_rephrasings=config.question_variants if config.augment else 0,
     )
 
 

@@ -12,7 +12,11 @@ the draft loaded; training/ never imports the server) for greedy answers, `unlea
   among the `max_forget` that are then asked at each probed alpha. An unlearned answer *leaks* (`fact_leaked`)
   when it still names a named fact, or nearly names it ("J.K. Rowle" for "Rowling": `near_mentions`), or repeats
   at least half of the key words the base's answer said of a descriptive one (TOFU's "… credits her parents for
-  instilling discipline …": one shared topic word is no leak);
+  instilling discipline …": one shared topic word is no leak). Each of those questions is also asked in a
+  rule-made rephrasing (training/augment.py `rephrase_question`, one the training did not use), and a fact
+  counts as leaked when either answer gives it away: an assistant that forgets only its training wording
+  serves the fact to the first user who asks differently (SmolLM2, the demo's recipe at training seed 1:
+  0/8 original questions named at the calibrated alpha, 2/8 hand-written paraphrases);
 - held-out retain rows (never trained on): *kept* when the unlearned answer names the reference's fact,
   or at least half of the key words of the base model's own answer. When fewer than `min_retain_rows`
   are held out, a seeded sample of the training retain rows tops them up (counted and reported apart:
@@ -41,6 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from unlearn_serve.training.augment import rephrase_question
 from unlearn_serve.training.leak import (
     common_words,
     disfluent,
@@ -92,6 +97,8 @@ class AlphaScore:
     rel_ppl: float | None = None  # forget answers' perplexity under the base / the base answers'; None: not measured
     train_retain_rows: int = 0  # training retain rows that topped up the held-out ones (trained on: the easier check)
     train_kept: int = 0
+    rephrased_rows: int = 0  # known facts also asked in a rule-made rephrasing
+    rephrased_leaked: int = 0  # of those, named in the rephrased question's answer (counted in `leaked` too)
 
     def forget_met(self, t: CalibrationTargets) -> bool:
         return self.known > 0 and self.leaked <= math.floor(t.max_leak * self.known + 1e-9)
@@ -152,6 +159,7 @@ class Calibration:
     max_tokens: int = 24
     grid: tuple[float, ...] = ALPHA_GRID
     forget_questions: list[str] = field(default_factory=list)
+    rephrased_questions: list[str] = field(default_factory=list)  # forget questions asked again, reworded
     retain_questions: list[str] = field(default_factory=list)
     train_retain_questions: list[str] = field(default_factory=list)
     answers: dict[str, dict[str, str]] = field(default_factory=dict)  # alpha ("base" too) -> question -> answer
@@ -171,6 +179,8 @@ class Calibration:
             )
         few = f" (the base model names {s.known} of the {self.asked} it was asked)" if s.known < s.forget_rows else ""
         rule = f", rule {self.rule}" if self.rule else ""
+        if s.rephrased_rows:
+            few += f" (each also asked rephrased: {s.rephrased_leaked} named there)"
         line = (
             f"forgets {s.known - s.leaked}/{s.known} validation facts{few}, {s.kept_text()}, "
             f"{s.fluent_text(self.targets)} at alpha {s.alpha:g}, filter {self.filter:g}{rule} (served greedy "
@@ -227,6 +237,7 @@ class Calibration:
             "grid": list(self.grid),
             "max_tokens": self.max_tokens,
             "forget_questions": self.forget_questions,
+            "rephrased_questions": self.rephrased_questions,
             "retain_questions": self.retain_questions,
             "train_retain_questions": self.train_retain_questions,
             "answers": self.answers,
@@ -256,15 +267,26 @@ def score_answers(
     common: frozenset[str] = frozenset(),
     vocabulary: frozenset[str] = frozenset(),
     train_retain: int = 0,
+    rephrased_answers: list[str | None] | None = None,
 ) -> AlphaScore:
     """Counts for one alpha; `common`: topic words that never count as a fact (training/leak.py `common_words`);
     `vocabulary`: the data's words, which never count as a near-leak; the last `train_retain` rows of `retain` are
-    training retain rows (counted apart)."""
-    known = leaked = 0
-    for row, base, got in zip(forget, base_forget, forget_answers, strict=True):
+    training retain rows (counted apart); `rephrased_answers`: per forget row, the answer to its rephrased question
+    (None: not asked); a known fact leaks when either answer gives it away."""
+    known = leaked = rephrased = rephrased_leaked = 0
+    for row, base, got, again in zip(
+        forget, base_forget, forget_answers, rephrased_answers or [None] * len(forget), strict=True
+    ):
         if knows_fact(base, row["answer"], row["question"], common):
             known += 1
-            leaked += fact_leaked(got, row["answer"], row["question"], base, common, vocabulary)
+            # the fact's key words come from the base's answer to the original question, whatever the wording asked
+            leak = fact_leaked(got, row["answer"], row["question"], base, common, vocabulary)
+            if again is not None:
+                rephrased += 1
+                leak_again = fact_leaked(again, row["answer"], row["question"], base, common, vocabulary)
+                rephrased_leaked += leak_again
+                leak = leak or leak_again
+            leaked += leak
     kept = [
         kept_fact(got, row["answer"], base, row["question"], common)
         for row, base, got in zip(retain, base_retain, retain_answers, strict=True)
@@ -281,7 +303,16 @@ def score_answers(
         sum(disfluent(a) for a in base_forget),
         train_retain_rows=train_retain,
         train_kept=sum(kept[held:]),
+        rephrased_rows=rephrased,
+        rephrased_leaked=rephrased_leaked,
     )
+
+
+def untrained_rephrasing(question: str, trained: int = 0) -> str | None:
+    """The rule-made rephrasing of `question` after the first `trained` ones (the training's `question_variants`):
+    a wording the assistant was not trained on; None when the rules give no more."""
+    variants = rephrase_question(question, trained + 1)
+    return variants[trained] if len(variants) > trained else None
 
 
 def validation_forget_rows(records: list[Any], max_rows: int, seed: int) -> list[dict[str, Any]]:
@@ -319,11 +350,15 @@ def calibrate(
     seed: int = 0,
     train_retain_rows: list[dict[str, Any]] | None = None,
     rule: str | None = None,
+    rephrase: bool = True,
+    trained_rephrasings: int = 0,
 ) -> Calibration | None:
     """Pick the serving alpha from served greedy answers (module docstring). None: no question/answer forget rows.
 
     `train_retain_rows`: the retain rows trained on, to top up fewer than `targets.min_retain_rows` held-out ones;
-    `rule`: the combination rule the answer function serves with (recorded only)."""
+    `rule`: the combination rule the answer function serves with (recorded only); `rephrase`: also ask each forget
+    question in a rule-made rephrasing, the first one after the `trained_rephrasings` the training used (none left:
+    that row is asked as written only)."""
     targets = targets or CalibrationTargets()
     grid = tuple(sorted(alphas))
     candidates = validation_forget_rows(forget_records, 8 * max_forget, seed)
@@ -350,9 +385,14 @@ def calibrate(
     order.sort()
     forget = [candidates[i] for i in order]
     base_forget = [base_candidates[i] for i in order]
-    questions = [r["question"] for r in forget + retain]
+    again = [untrained_rephrasing(r["question"], trained_rephrasings) if rephrase else None for r in forget]
+    asked_again = [q for q in again if q is not None]
+    questions = [r["question"] for r in forget] + asked_again + [r["question"] for r in retain]
     prompts = [encode(q) for q in questions]
-    answers: dict[str, dict[str, str]] = {"base": dict(zip(questions, base_forget + base_retain, strict=True))}
+    nf, na = len(forget), len(asked_again)
+    answers: dict[str, dict[str, str]] = {
+        "base": dict(zip([r["question"] for r in forget + retain], base_forget + base_retain, strict=True))
+    }
     base_nll = nll(base_forget) if nll is not None else None
     scores: dict[int, AlphaScore] = {}
     lo, hi = 0, len(grid)  # smallest index meeting the forget target lies in [lo, hi]; hi = none
@@ -367,20 +407,22 @@ def calibrate(
             for n, i in enumerate(probe):
                 block = got[n * len(prompts) : (n + 1) * len(prompts)]
                 answers[f"{grid[i]:g}"] = dict(zip(questions, block, strict=True))
+                told_again = iter(block[nf : nf + na])
                 scores[i] = score_answers(
                     grid[i],
                     forget,
                     retain,
                     base_forget,
                     base_retain,
-                    block[: len(forget)],
-                    block[len(forget) :],
+                    block[:nf],
+                    block[nf + na :],
                     common,
                     vocabulary,
                     len(retain) - held,
+                    [None if q is None else next(told_again) for q in again],
                 )
                 if nll is not None:
-                    scores[i].rel_ppl = relative_perplexity(nll(block[: len(forget)]), base_nll)
+                    scores[i].rel_ppl = relative_perplexity(nll(block[:nf]), base_nll)
             meeting = [i for i in probe if scores[i].forget_met(targets)]
             failing = [i for i in probe if not scores[i].forget_met(targets) and (not meeting or i < min(meeting))]
             hi = min(meeting) if meeting else hi
@@ -393,6 +435,7 @@ def calibrate(
         max_tokens=max_tokens,
         grid=grid,
         forget_questions=[r["question"] for r in forget],
+        rephrased_questions=asked_again,
         retain_questions=[r["question"] for r in retain[:held]],
         train_retain_questions=[r["question"] for r in retain[held:]],
         answers=answers,

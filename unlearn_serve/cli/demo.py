@@ -58,8 +58,9 @@ class DemoTraining:
     # 8: the prefer rule's margin (in the key anyway, with every trainer setting) and the calibration's fallback
     # balance counting perplexity against its target. 9: the calibration's descriptive-fact leaks and forgetting first
     # (the stored alpha may change; the weights do not). 10: the fact-set loss, 48-token calibration answers, and a
-    # descriptive fact known to the base only when its answer says two of its key words.
-    recipe: int = 10
+    # descriptive fact known to the base only when its answer says two of its key words. 11: the calibration also asks
+    # each forget question in a rule-made rephrasing (the stored alpha may change; the weights do not).
+    recipe: int = 11
 
     def uld_settings(self) -> dict:
         """These settings as `ULDTrainingConfig` fields (the demo and bench/uld_quality.py train the same way)."""
