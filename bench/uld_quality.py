@@ -290,8 +290,9 @@ def leaks(text: str, check: Check, known: frozenset[str]) -> bool:
 # ----------------------------------------------------------------------------- variants
 # bump when the trainer changes what a cached assistant would be (5: rule, near-leaks, retain top-up, ppl; 6: margin;
 # 7: the calibration's descriptive-fact leaks and forgetting first; 8: a descriptive fact is known with two key words;
-# 9: the calibration also asks each forget question rephrased)
-RECIPE = 9
+# 9: the calibration also asks each forget question rephrased; 10: and scores the rest of the grid when the bisection
+# found no alpha that forgets)
+RECIPE = 10
 VARIANTS = {
     "legacy": dict(train=dict(forget_weighting=False, calibrate=False, default_rule="difference"), min_keep=1),
     "legacy-topk": dict(train=dict(forget_weighting=False, calibrate=False, default_rule="difference"), min_keep=None),

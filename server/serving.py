@@ -177,8 +177,9 @@ class OpenAIServing:
         if sequences > most:
             raise bad_request(f"this request needs {sequences} sequences (prompts x n); at most {most} fit", param)
         # waiting + running, not waiting alone: right after a burst the requests wait until the next step moves them
-        # into free batch slots, and counting them as queued refused requests the batch had room for
-        if self.engine.num_waiting() + self.engine.num_running() >= most:
+        # into free batch slots, and counting them as queued refused requests the batch had room for; this request's
+        # own sequences count too (an n=8 request must not overfill a queue with one place left)
+        if self.engine.num_waiting() + self.engine.num_running() + sequences > most:
             raise unavailable(f"server is at capacity ({self.max_queue} requests waiting); retry later", retry_after=1)
 
     def _token_text(self, token_id: int) -> str:

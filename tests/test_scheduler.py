@@ -89,6 +89,8 @@ def test_engine_never_runs_more_than_max_num_seqs(engine, tokenizer):
     ids = tokenizer.encode("Alice likes")
     for i in range(5):
         engine.add_request(Request(f"cap-{i}", ids, params))
+    # not yet drained into the scheduler, but waiting all the same (the serving layer's capacity check sees them)
+    assert engine.num_waiting() == 5 and engine.num_running() == 0
     peak = 0
     finished = set()
     while len(finished) < 5:

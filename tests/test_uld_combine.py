@@ -13,7 +13,7 @@ import pytest
 import torch
 from unlearn_serve.training.augment import rephrase_question
 from unlearn_serve.training.leak import names_fact, near_mentions, words_of
-from unlearn_serve.training.uld_calibrate import CalibrationTargets, calibrate
+from unlearn_serve.training.uld_calibrate import ALPHA_GRID, CalibrationTargets, calibrate
 
 from unlearn_serve.uld_combine import (
     DEFAULT_RULE,
@@ -641,3 +641,26 @@ def test_calibration_asks_each_forget_question_rephrased_too():
     # rephrasing off: the training wording alone decides (the smallest alpha that forgets it)
     cal = calibrate(answer, encode, forget, [], rephrase=False)
     assert cal.alpha == 0.5 and cal.rephrased_questions == [] and "rephrased" not in cal.verdict()
+
+
+def test_calibration_scores_the_whole_grid_before_settling_for_an_alpha_that_leaks():
+    """Leaks need not fall with alpha (SmolLM2 at training seed 2: facts named at 1.5, 3 and 4, none at 2): the
+    bisection alone never asks alpha 2; when it found no alpha that forgets, the rest of the grid is scored."""
+    forget = [{"question": "Who wrote the Harry Potter books?", "answer": "J.K. Rowling wrote them."}]
+    calls: list[list[float]] = []
+
+    def encode(q):
+        return [0]
+
+    def answer(prompts, alphas, max_tokens):
+        calls.append(sorted({a for a in alphas if a is not None}))
+        return ["An author wrote them." if a == 2.0 else "J.K. Rowling wrote them." for a in alphas]
+
+    cal = calibrate(answer, encode, forget, [])
+    assert cal.alpha == 2.0 and cal.chosen.leaked == 0 and cal.met
+    assert sorted(s.alpha for s in cal.scores) == list(ALPHA_GRID)  # bisection first, then the rest, one by one
+    assert all(len(c) <= 1 for c in calls)
+    # a monotone case stops at the bisection: 3 probes
+    calls.clear()
+    cal = calibrate(lambda p, a, m: answer(p, [x if x is None or x < 1.5 else 2.0 for x in a], m), encode, forget, [])
+    assert cal.alpha == 1.5 and len(cal.scores) == 3

@@ -29,7 +29,9 @@ the draft loaded; training/ never imports the server) for greedy answers, `unlea
 
 Alphas are probed by a k-ary search for the smallest alpha on the grid whose forget answers meet the
 leak target (leaks fall as alpha grows): `probes_per_round` alphas per batch, 1 on CPU (bisection: 3
-rounds for the 8-alpha grid), the whole grid in one batch on a GPU. That alpha becomes the default
+rounds for the 8-alpha grid), the whole grid in one batch on a GPU. Leaks do not always fall with alpha
+(SmolLM2: facts named at 1.5, 3 and 4 but not at 2), so a search that found no alpha that forgets scores the rest
+of the grid before giving up. That alpha becomes the default
 when its retain and fluency targets are met too. Otherwise forgetting comes first: of the probed alphas that
 forget, the one with the best balance of retain and fluency is stored (a smaller alpha with smoother answers
 would serve facts the validation saw leak); only when none forgets, the probed alpha with the best balance
@@ -396,6 +398,30 @@ def calibrate(
     base_nll = nll(base_forget) if nll is not None else None
     scores: dict[int, AlphaScore] = {}
     lo, hi = 0, len(grid)  # smallest index meeting the forget target lies in [lo, hi]; hi = none
+
+    def score(probe: list[int]) -> None:
+        """Answer every validation question at the grid alphas `probe` (one batch) and score each."""
+        got = answer([p for _ in probe for p in prompts], [grid[i] for i in probe for _ in prompts], max_tokens)
+        for n, i in enumerate(probe):
+            block = got[n * len(prompts) : (n + 1) * len(prompts)]
+            answers[f"{grid[i]:g}"] = dict(zip(questions, block, strict=True))
+            told_again = iter(block[nf : nf + na])
+            scores[i] = score_answers(
+                grid[i],
+                forget,
+                retain,
+                base_forget,
+                base_retain,
+                block[:nf],
+                block[nf + na :],
+                common,
+                vocabulary,
+                len(retain) - held,
+                [None if q is None else next(told_again) for q in again],
+            )
+            if nll is not None:
+                scores[i].rel_ppl = relative_perplexity(nll(block[:nf]), base_nll)
+
     if any(named):
         while lo < hi:
             span = [i for i in range(lo, hi) if i not in scores]
@@ -403,32 +429,22 @@ def calibrate(
                 break
             k = max(1, min(probes_per_round, len(span)))
             probe = sorted({span[(j + 1) * len(span) // (k + 1)] for j in range(k)} if k < len(span) else set(span))
-            got = answer([p for _ in probe for p in prompts], [grid[i] for i in probe for _ in prompts], max_tokens)
-            for n, i in enumerate(probe):
-                block = got[n * len(prompts) : (n + 1) * len(prompts)]
-                answers[f"{grid[i]:g}"] = dict(zip(questions, block, strict=True))
-                told_again = iter(block[nf : nf + na])
-                scores[i] = score_answers(
-                    grid[i],
-                    forget,
-                    retain,
-                    base_forget,
-                    base_retain,
-                    block[:nf],
-                    block[nf + na :],
-                    common,
-                    vocabulary,
-                    len(retain) - held,
-                    [None if q is None else next(told_again) for q in again],
-                )
-                if nll is not None:
-                    scores[i].rel_ppl = relative_perplexity(nll(block[:nf]), base_nll)
+            score(probe)
             meeting = [i for i in probe if scores[i].forget_met(targets)]
             failing = [i for i in probe if not scores[i].forget_met(targets) and (not meeting or i < min(meeting))]
             hi = min(meeting) if meeting else hi
             lo = max(lo, max(failing) + 1) if failing else lo
+        # leaks need not fall with alpha (SmolLM2 at training seed 2: facts named at 1.5, 3 and 4, none at 2, which
+        # the bisection never asked): before settling for an alpha that names facts, score the rest of the grid
+        rest = [i for i in range(len(grid)) if i not in scores]
+        if rest and not any(s.forget_met(targets) for s in scores.values()):
+            step = max(1, probes_per_round)
+            for j in range(0, len(rest), step):
+                score(rest[j : j + step])
+            meeting = [i for i in scores if scores[i].forget_met(targets)]
+            hi = min(meeting) if meeting else hi
     ordered = [scores[i] for i in sorted(scores)]
-    common = dict(
+    recorded = dict(
         filter=filter_value,
         scores=ordered,
         targets=targets,
@@ -443,10 +459,10 @@ def calibrate(
         rule=rule,
     )
     if not ordered:
-        return Calibration(FALLBACK_ALPHA, met=False, **common)
+        return Calibration(FALLBACK_ALPHA, met=False, **recorded)
     if hi < len(grid) and scores[hi].meets(targets):
-        return Calibration(grid[hi], met=True, **common)
+        return Calibration(grid[hi], met=True, **recorded)
     # forgetting first: among the alphas that forget, the best balance of retain and fluency (a lower alpha with
     # smoother answers would serve facts the validation saw it give away); only when none forgets, the best overall
     best = max(ordered, key=lambda s: (s.forget_met(targets), s.balance(targets), -s.alpha))
-    return Calibration(best.alpha, met=False, **common)
+    return Calibration(best.alpha, met=False, **recorded)

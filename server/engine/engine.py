@@ -147,6 +147,10 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self.eos_token_ids = self._eos_ids()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        # sequences of requests added but not yet drained into the scheduler (counted as waiting: admission control
+        # must see a burst before the engine thread's next step moves it)
+        self._inbox_sequences = 0
+        self._inbox_lock = threading.Lock()
         self.wakeup = threading.Event()
         self.engine_thread: threading.Thread | None = None  # set by AsyncEngine
         self.uld = ULDBackend(model, self.fingerprint, model_name, self.runner)
@@ -269,6 +273,8 @@ class Engine:
         """Validate, resolve the unlearning selection, pin its artifact and queue (any thread)."""
         self.check_request(request.prompt_token_ids, request.params)
         self.artifacts.pin(request)
+        with self._inbox_lock:
+            self._inbox_sequences += len(request.sequences)
         self._inbox.put(("add", request))
         self.wakeup.set()
 
@@ -326,7 +332,8 @@ class Engine:
         return len(self.scheduler.running)
 
     def num_waiting(self) -> int:
-        return self.scheduler.num_waiting_sequences()
+        """Sequences queued for a batch slot, those still in the inbox included."""
+        return self.scheduler.num_waiting_sequences() + self._inbox_sequences
 
     def _drain_inbox(self) -> None:
         while True:
@@ -337,6 +344,8 @@ class Engine:
             if kind == "add":
                 self.requests[item.request_id] = item
                 self.scheduler.add(item)
+                with self._inbox_lock:
+                    self._inbox_sequences -= len(item.sequences)
             elif kind == "abort":
                 self._abort(item)
             elif kind == "call":

@@ -59,7 +59,8 @@ class DemoTraining:
     # balance counting perplexity against its target. 9: the calibration's descriptive-fact leaks and forgetting first
     # (the stored alpha may change; the weights do not). 10: the fact-set loss, 48-token calibration answers, and a
     # descriptive fact known to the base only when its answer says two of its key words. 11: the calibration also asks
-    # each forget question in a rule-made rephrasing (the stored alpha may change; the weights do not).
+    # each forget question in a rule-made rephrasing, and scores the whole grid when the bisection finds no alpha
+    # that forgets (the stored alpha may change; the weights do not).
     recipe: int = 11
 
     def uld_settings(self) -> dict:
