@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import pytest
@@ -145,7 +145,6 @@ class EngineProbe:
     def __init__(self, engine: Engine):
         self.delay = 0.0
         self.aborts: list[str] = []
-        self.server_state: Any = None  # the app's ServerState, set by the `served` fixture
         step, abort = engine.step, engine.abort
 
         def slow_step():
@@ -185,9 +184,16 @@ def artifact_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("artifact-root")
 
 
+class Served(NamedTuple):
+    url: str
+    engine: Engine
+    probe: EngineProbe
+    state: Any  # the app's ServerState: its admission counter, for the `url` fixture's teardown
+
+
 @pytest.fixture(scope="module")
-def served(model_dir, artifact_root):
-    """(url, engine, probe) for a server built the way `serve` builds it."""
+def served(model_dir, artifact_root) -> Iterator[Served]:
+    """A server built the way `serve` builds it, with test hooks on its engine."""
     model, tokenizer = load_model_and_tokenizer(str(model_dir), device="cpu")
     engine = Engine(
         model, tokenizer, EngineConfig(max_num_seqs=MAX_NUM_SEQS, max_model_len=MAX_MODEL_LEN), model_name=MODEL
@@ -197,19 +203,18 @@ def served(model_dir, artifact_root):
         served_model_name=MODEL, max_queue=MAX_QUEUE, max_body_bytes=MAX_BODY, artifact_root=str(artifact_root)
     )
     app = build_app(config, engine=engine)
-    probe.server_state = app.state.server  # the admission counter, for the teardown below
     with run_server(app) as url:
-        yield url, engine, probe
+        yield Served(url, engine, probe, app.state.server)
 
 
 @pytest.fixture
 def url(served) -> Iterator[str]:
-    url, engine, probe = served
+    url, engine, _, state = served
     yield url
     # every test leaves the server idle and serving: the engine empty and every admitted request returned (an aborted
     # stream's handler releases its admission slot only when it returns), so the next test counts admissions from 0
     wait_for(
-        lambda: engine.num_running() == 0 and engine.num_waiting() == 0 and probe.server_state.generating == 0,
+        lambda: engine.num_running() == 0 and engine.num_waiting() == 0 and state.generating == 0,
         "the batch to empty and every admitted request to return",
     )
     assert_serves(url)
@@ -220,7 +225,7 @@ def url(served) -> Iterator[str]:
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-stream"])
 def test_disconnect_frees_the_batch_slot(served, url, stream):
-    _, engine, probe = served
+    _, engine, probe, _ = served
     probe.aborts.clear()
     # >= 0.05 s a step: the 240-token completion needs >= 12 s, longer than the wait below allows, so the
     # slot can only come free through the abort
@@ -244,7 +249,7 @@ def test_disconnect_frees_the_batch_slot(served, url, stream):
 
 
 def test_back_pressure_beyond_max_queue(served, url):
-    _, engine, probe = served
+    _, engine, probe, _ = served
     held: list[HeldStream] = []
     with probe.slow(0.05):
         try:
