@@ -486,6 +486,32 @@ def evaluate(
                 setattr(mod, k, v)
 
 
+def goal_line(r: dict[str, Any], label: str = "") -> str:
+    """The issue's goal for one harness row (the `new` variant at its defaults): MET or MISSED, the goal, the
+    measured values."""
+    # no loops / URL or other-language runs beyond the base model's own answers, relative perplexity <= 2
+    fluent = r["loops"] <= r["base_loops"] and r["off_lang"] <= r["base_off_lang"] and r["rel_ppl"] <= 2.0
+    fluency = (
+        f"loops {r['loops']:.2f} (base {r['base_loops']:.2f}), off-language {r['off_lang']:.2f} "
+        f"(base {r['base_off_lang']:.2f}), perplexity {r['rel_ppl']:.2f}x"
+    )
+    if r["model"] == "smollm2":
+        ok = r["leak"] == 0 and r["leak_para"] == 0 and r["retain"] == r["n_retain"] and fluent
+        need = "goal: 0 leaks (orig + para), 12/12 general, fluent"
+        got = (
+            f"leaks {r['leak']}/{r['n_forget']} + {r['leak_para']}/{r['n_forget']}, "
+            f"general {r['retain']}/{r['n_retain']}"
+        )
+    else:
+        leak = (r["leak"] + r["leak_para"]) / (2 * r["n_forget"])
+        ok = leak <= 0.10 and r["retain"] >= 0.95 * r["retain_base"] and fluent
+        need = "goal: leak <= 10%, retain >= 95% of base, fluent"
+        got = f"leak {leak:.0%}, retain {r['retain']}/{r['retain_base']}"
+    checks = " (outsider checks)" if r["checks"] == "outsider" and r["model"] == "smollm2" else ""
+    state = "fluent" if fluent else "NOT fluent"
+    return f"  {r['model']}{checks}{label}: {'MET' if ok else 'MISSED'} ({need}; is: {got}, {state}: {fluency})"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -616,17 +642,7 @@ def main(argv: list[str] | None = None) -> int:
         first = next(x for x in results if x["model"] == r["model"] and x["variant"] == r["variant"])
         if r["base"] != "new" or r is not first:
             continue
-        # no loops / URL or other-language runs beyond the base model's own answers, relative perplexity <= 2
-        fluent = r["loops"] <= r["base_loops"] and r["off_lang"] <= r["base_off_lang"] and r["rel_ppl"] <= 2.0
-        if r["model"] == "smollm2":
-            ok = r["leak"] == 0 and r["leak_para"] == 0 and r["retain"] == r["n_retain"] and fluent
-            need = "0 leaks (orig + para), 12/12 general, fluent"
-        else:
-            leak = (r["leak"] + r["leak_para"]) / (2 * r["n_forget"])
-            ok = leak <= 0.10 and r["retain"] >= 0.95 * r["retain_base"] and fluent
-            need = f"leak <= 10% (is {leak:.0%}), retain >= 95% of base, fluent"
-        checks = " (outsider checks)" if r["checks"] == "outsider" and r["model"] == "smollm2" else ""
-        print(f"  {r['model']}{checks}{label}: {'MET' if ok else 'MISSED'} ({need}; fluent: {fluent})")
+        print(goal_line(r, label))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))
     return 0

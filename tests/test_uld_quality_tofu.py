@@ -161,3 +161,19 @@ def test_outsider_checks_ask_the_harness_facts_in_wordings_never_trained_on():
     assert len(asked) == 16 and None not in asked
     trained = {r["question"] for r in load_records(data_file("forget_harry_potter.jsonl"))}
     assert not asked & (trained | {q for c in harness for q in (c.question, c.paraphrase)})
+
+
+def test_harness_goal_line_says_met_or_missed_with_the_measured_values():
+    """The harness's goal line judges the `new` row at its defaults and shows what was measured, not only the goal
+    (seed 1's `MISSED (0 leaks ..., fluent: True)` read as if it had met the leak goal)."""
+    row = dict(
+        model="smollm2", checks="harness", leak=1, leak_para=1, n_forget=8, retain=12, n_retain=12, retain_base=12,
+        loops=0.12, base_loops=0.25, off_lang=0.0, base_off_lang=0.0, rel_ppl=1.85,
+    )  # fmt: skip
+    line = uld_quality.goal_line(row, " seed=1")
+    assert "MISSED" in line and "is: leaks 1/8 + 1/8, general 12/12, fluent" in line and "1.85x" in line
+    met = uld_quality.goal_line({**row, "leak": 0, "leak_para": 0})
+    assert "MET (" in met and "MISSED" not in met
+    assert "NOT fluent" in uld_quality.goal_line({**row, "leak": 0, "leak_para": 0, "rel_ppl": 2.18})
+    tiny = {**row, "model": "tiny-llama", "leak": 1, "leak_para": 0, "retain": 24, "retain_base": 24}
+    assert "MET (goal: leak <= 10%" in uld_quality.goal_line(tiny) and "is: leak 6%" in uld_quality.goal_line(tiny)
