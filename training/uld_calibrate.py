@@ -179,10 +179,11 @@ class Calibration:
                 "be checked; "
                 f"alpha {self.alpha:g}: TARGETS NOT MET (check that the forget questions are ones the model answers)"
             )
-        few = f" (the base model names {s.known} of the {self.asked} it was asked)" if s.known < s.forget_rows else ""
-        rule = f", rule {self.rule}" if self.rule else ""
+        notes = [f"the base model names {s.known} of the {self.asked} it was asked"] if s.known < s.forget_rows else []
         if s.rephrased_rows:
-            few += f" (each also asked rephrased: {s.rephrased_leaked} named there)"
+            notes.append(f"each also asked rephrased: {s.rephrased_leaked} named there")
+        few = f" ({'; '.join(notes)})" if notes else ""
+        rule = f", rule {self.rule}" if self.rule else ""
         line = (
             f"forgets {s.known - s.leaked}/{s.known} validation facts{few}, {s.kept_text()}, "
             f"{s.fluent_text(self.targets)} at alpha {s.alpha:g}, filter {self.filter:g}{rule} (served greedy "
