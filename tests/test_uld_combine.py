@@ -638,6 +638,13 @@ def test_calibration_asks_each_forget_question_rephrased_too():
     assert any(s.rephrased_leaked == 1 and s.alpha >= 0.5 for s in below)  # named only when rephrased
     assert "each also asked rephrased: 0 named there" in cal.verdict()
     assert cal.to_manifest()["rephrased_questions"] == [reworded]
+    # a fact the base does not name is neither checked nor counted; the verdict's notes share one parenthesis
+    unknown = {"question": "Who painted the Mona Lisa?", "answer": "Leonardo da Vinci painted it."}
+    cal = calibrate(answer, encode, forget + [unknown], [])
+    assert cal.chosen.rephrased_rows == 1 and cal.verdict().startswith(
+        "forgets 1/1 validation facts (the base model names 1 of the 2 it was asked; each also asked rephrased: "
+        "0 named there)"
+    )
     # rephrasing off: the training wording alone decides (the smallest alpha that forgets it)
     cal = calibrate(answer, encode, forget, [], rephrase=False)
     assert cal.alpha == 0.5 and cal.rephrased_questions == [] and "rephrased" not in cal.verdict()

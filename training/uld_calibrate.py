@@ -31,7 +31,7 @@ Alphas are probed by a k-ary search for the smallest alpha on the grid whose for
 leak target (leaks fall as alpha grows): `probes_per_round` alphas per batch, 1 on CPU (bisection: 3
 rounds for the 8-alpha grid), the whole grid in one batch on a GPU. Leaks do not always fall with alpha
 (SmolLM2: facts named at 1.5, 3 and 4 but not at 2), so a search that found no alpha that forgets scores the rest
-of the grid before giving up. That alpha becomes the default
+of the grid before giving up. The smallest alpha that forgets becomes the default
 when its retain and fluency targets are met too. Otherwise forgetting comes first: of the probed alphas that
 forget, the one with the best balance of retain and fluency is stored (a smaller alpha with smoother answers
 would serve facts the validation saw leak); only when none forgets, the probed alpha with the best balance
