@@ -27,7 +27,6 @@ def _restore_torch_threads():
     yield
     torch.set_num_threads(TEST_THREADS)
 
-
 FACTS = [
     "The capital of France is Paris.",
     "Alice likes green apples.",

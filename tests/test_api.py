@@ -128,7 +128,7 @@ def test_echo_with_logprobs_gives_prompt_logprobs(client, tiny_llama, tokenizer)
         if len(top) == 3:  # added: then it is the least likely of the three
             assert min(top.values()) == top[token]
     # greedy: every generated token is the best of its top list
-    for token, top in zip(lp.tokens[len(ids) :], lp.top_logprobs[len(ids) :], strict=True):
+    for token, top in zip(lp.tokens[len(ids):], lp.top_logprobs[len(ids):], strict=True):
         assert max(top, key=top.get) == token
     # logprobs=0 with echo and max_tokens=0: scoring only, nothing generated
     r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=0)
@@ -268,13 +268,8 @@ def test_chat_streaming_deltas_and_done(client, url):
     messages = [{"role": "user", "content": "Tell me about Alice."}]
     full = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
     stream = client.chat.completions.create(
-        model=MODEL,
-        messages=messages,
-        max_tokens=12,
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-        n=2,
+        model=MODEL, messages=messages, max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True}, n=2,
     )
     chunks = list(stream)
     assert {c.id for c in chunks} == {chunks[0].id} and chunks[0].id.startswith("chatcmpl-")
@@ -453,10 +448,7 @@ def test_malformed_json_is_400(url):
 
 def test_unknown_extra_fields_are_accepted(client):
     r = client.completions.create(
-        model=MODEL,
-        prompt="Alice likes",
-        max_tokens=10,
-        temperature=0,
+        model=MODEL, prompt="Alice likes", max_tokens=10, temperature=0,
         extra_body={"some_future_field": {"x": 1}, "top_k": 1, "min_p": 0.1, "priority": 3},
     )
     assert r.choices[0].text == " green apples."
@@ -474,11 +466,7 @@ def test_server_keeps_serving_after_bad_requests(url, client):
 def test_client_disconnect_mid_stream_frees_the_slot(url, engine):
     aborted_before = metric(httpx.get(f"{url}/metrics").text, "unlearn:request_success_total", finished_reason="abort")
     body = {
-        "model": MODEL,
-        "prompt": "Alice likes",
-        "max_tokens": MAX_LEN - 10,
-        "stream": True,
-        "ignore_eos": True,
+        "model": MODEL, "prompt": "Alice likes", "max_tokens": MAX_LEN - 10, "stream": True, "ignore_eos": True,
     }
     with httpx.stream("POST", f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
         lines = r.iter_lines()

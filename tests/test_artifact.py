@@ -27,6 +27,7 @@ K = 2
 ARTIFACT_FILES = {"adapter_model.safetensors", "adapter_config.json", MANIFEST_NAME}
 
 
+
 def _base(tokenizer, seed: int = 0, name: str = "tiny-base"):
     model = build_tiny_model("llama", tokenizer, seed=seed)
     model.config._name_or_path = name
@@ -82,12 +83,7 @@ def test_manifest_contents(artifact, base):
     assert raw["method"] == manifest.method == "uld"
     assert raw["format_version"] == FORMAT_VERSION
     assert manifest.defaults == {
-        "alpha": 0.75,
-        "filter": 0.01,
-        "rule": DEFAULT_RULE,
-        "refilter": True,
-        "margin": 1.0,
-        "floor": DEFAULT_FLOOR,
+        "alpha": 0.75, "filter": 0.01, "rule": DEFAULT_RULE, "refilter": True, "margin": 1.0, "floor": DEFAULT_FLOOR
     }
     assert manifest.details["assistant_layers"] == K
     assert manifest.base_fingerprint == fingerprint_model(base)

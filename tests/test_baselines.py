@@ -21,6 +21,7 @@ RETAIN = [
 ]
 
 
+
 def _state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -94,45 +95,13 @@ def test_train_baseline_cli(tiny_llama_dir, tmp_path, capsys):
     retain = tmp_path / "retain.json"
     forget.write_text("".join(json.dumps(r) + "\n" for r in FORGET))
     retain.write_text("".join(json.dumps(r) + "\n" for r in RETAIN))
-    rc = main(
-        [
-            "train-baseline",
-            "--method",
-            "ga",
-            "--model",
-            str(tiny_llama_dir),
-            "--forget",
-            str(forget),
-            "--retain",
-            str(retain),
-            "--out",
-            str(tmp_path / "ga"),
-            "--epochs",
-            "1",
-            "--batch-size",
-            "2",
-            "--grad-accum",
-            "1",
-            "--no-progress",
-        ]
-    )
+    rc = main(["train-baseline", "--method", "ga", "--model", str(tiny_llama_dir), "--forget", str(forget),
+               "--retain", str(retain), "--out", str(tmp_path / "ga"), "--epochs", "1", "--batch-size", "2",
+               "--grad-accum", "1", "--no-progress"])
     assert rc == 0 and (tmp_path / "ga" / "config.json").is_file()
     bad = tmp_path / "bad.json"
     bad.write_text("{not json\n")
-    rc = main(
-        [
-            "train-baseline",
-            "--method",
-            "gd",
-            "--model",
-            str(tiny_llama_dir),
-            "--forget",
-            str(bad),
-            "--retain",
-            str(retain),
-            "--out",
-            str(tmp_path / "gd"),
-        ]
-    )
+    rc = main(["train-baseline", "--method", "gd", "--model", str(tiny_llama_dir), "--forget", str(bad),
+               "--retain", str(retain), "--out", str(tmp_path / "gd")])
     err = capsys.readouterr().err
     assert rc == 2 and "bad.json:1" in err and "Traceback" not in err

@@ -133,13 +133,8 @@ def test_token_flattened_inputs_get_the_same_delta(served, gather, monkeypatch):
     module_name = "model.layers.0.self_attn.q_proj"  # targeted by r2 and r8
     in_features = model.get_submodule(module_name).in_features
     x = torch.randn(5, 3, in_features, generator=torch.Generator().manual_seed(2))
-    registry.rows.set(
-        [
-            (registry.assistants["r2"].adapter_id, torch.tensor([0, 3])),
-            (registry.assistants["r8"].adapter_id, torch.tensor([4])),
-        ],
-        3,
-    )
+    registry.rows.set([(registry.assistants["r2"].adapter_id, torch.tensor([0, 3])),
+                       (registry.assistants["r8"].adapter_id, torch.tensor([4]))], 3)
     plan = registry.rows.plan(x.dtype)
     rows3, delta3 = registry.delta(module_name, x, plan)
     rows2, delta2 = registry.delta(module_name, x.reshape(15, -1), plan)
@@ -160,13 +155,8 @@ def test_the_lora_hooks_need_no_host_sync(served, gather, monkeypatch):
     registry, model = served
     layer = model.model.layers[0]
     x = torch.randn(4, 2, model.config.hidden_size)
-    registry.rows.set(
-        [
-            (registry.assistants["r2"].adapter_id, torch.tensor([1])),
-            (registry.assistants["r8"].adapter_id, torch.tensor([2, 3])),
-        ],
-        2,
-    )
+    registry.rows.set([(registry.assistants["r2"].adapter_id, torch.tensor([1])),
+                       (registry.assistants["r8"].adapter_id, torch.tensor([2, 3]))], 2)
     try:
         with torch.no_grad(), forbid_host_sync():
             for _ in range(2):  # plan built on the first call, reused on the second

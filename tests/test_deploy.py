@@ -376,20 +376,9 @@ def test_dockerignore_keeps_the_build_inputs_and_drops_the_rest():
     needed += [f"{folder}/__init__.py" for folder in package_dirs.values()]
     for path in needed:
         assert not dockerignored(path), f".dockerignore drops {path}, which the image build needs"
-    for path in [
-        ".venv/bin/python",
-        ".git/HEAD",
-        "model.safetensors",
-        "out/w.gguf",
-        "ckpt/pytorch_model.bin",
-        "bench/out/run.json",
-        "deploy/.env",
-        ".env",
-        "tests/test_x.py",
-        "server/__pycache__/a.pyc",
-        ".pytest_cache/v",
-        "unlearn_serve.egg-info/PKG-INFO",
-    ]:
+    for path in [".venv/bin/python", ".git/HEAD", "model.safetensors", "out/w.gguf", "ckpt/pytorch_model.bin",
+                 "bench/out/run.json", "deploy/.env", ".env", "tests/test_x.py", "server/__pycache__/a.pyc",
+                 ".pytest_cache/v", "unlearn_serve.egg-info/PKG-INFO"]:
         assert dockerignored(path), f".dockerignore should exclude {path}"
 
 

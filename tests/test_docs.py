@@ -293,24 +293,12 @@ def test_module_names_are_the_installed_ones(path):
 
 def test_stale_module_check_is_effective():
     stale = stale_module_names()
-    for bad in (
-        "from server.engine.engine import Engine",
-        "python -m training.uoe_tiny_facts",
-        "server.app",
-        "import training.uld",
-        "from evaluation.metrics import x",
-        "from training import uld",
-    ):
+    for bad in ("from server.engine.engine import Engine", "python -m training.uoe_tiny_facts", "server.app",
+                "import training.uld", "from evaluation.metrics import x", "from training import uld"):
         assert stale.search(bad), bad
-    for good in (
-        "from unlearn_serve.server.engine.engine import Engine",
-        "`training.losses.history`",
-        "server/engine/engine.py",
-        "python -m unlearn_serve.training.x",
-        "unlearn_serve.server.app",
-        "a checkpoint from training. Then",
-        "results from server and client",
-    ):
+    for good in ("from unlearn_serve.server.engine.engine import Engine", "`training.losses.history`",
+                 "server/engine/engine.py", "python -m unlearn_serve.training.x", "unlearn_serve.server.app",
+                 "a checkpoint from training. Then", "results from server and client"):
         assert not stale.search(good), good
 
 

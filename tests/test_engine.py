@@ -32,12 +32,9 @@ def hf_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
     ids = torch.tensor([tokenizer.encode(prompt)])
     with torch.no_grad():
         out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
-        )[0, ids.shape[1] :].tolist()
+        )[0, ids.shape[1]:].tolist()
     if tokenizer.eos_token_id in out:
         out = out[: out.index(tokenizer.eos_token_id) + 1]
     return out
@@ -183,14 +180,9 @@ def test_repetition_penalty_matches_transformers(engine, tiny_llama, tokenizer):
     ids = torch.tensor([tokenizer.encode(PROMPTS[2])])
     with torch.no_grad():
         ref = tiny_llama.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=10,
-            do_sample=False,
-            repetition_penalty=3.0,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=None,
-        )[0, ids.shape[1] :].tolist()
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False, repetition_penalty=3.0,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=None,
+        )[0, ids.shape[1]:].tolist()
     plain = engine.generate([PROMPTS[2]], greedy(10, ignore_eos=True))[0].completions[0].token_ids
     params = greedy(10, repetition_penalty=3.0, ignore_eos=True)
     # a penalised request next to an unpenalised one, twice (the second reuses slots with stale counts)
@@ -204,11 +196,9 @@ def test_frequency_penalty_discourages_repeats(engine):
     params = greedy(24, ignore_eos=True)
     plain = engine.generate([PROMPTS[4]], params)[0].completions[0].token_ids
     assert len(set(plain)) < len(plain)  # the tiny model loops without a penalty
-    penalised = (
-        engine.generate([PROMPTS[4]], greedy(24, ignore_eos=True, frequency_penalty=2.0, presence_penalty=2.0))[0]
-        .completions[0]
-        .token_ids
-    )
+    penalised = engine.generate(
+        [PROMPTS[4]], greedy(24, ignore_eos=True, frequency_penalty=2.0, presence_penalty=2.0)
+    )[0].completions[0].token_ids
     assert len(set(penalised)) > len(set(plain))
 
 

@@ -15,6 +15,7 @@ TOFU = require_tofu()
 LN = math.log
 
 
+
 # ----------------------------------------------------------------------------- metrics, by hand
 
 
@@ -124,26 +125,11 @@ def test_eval_end_to_end(tiny_llama_dir, uld_dir, tmp_path):
     reference = tmp_path / "ref.json"
     reference.write_text(json.dumps([0.5, 0.8]))
     out = tmp_path / "report"
-    rc = main(
-        [
-            "eval",
-            "--model",
-            str(tiny_llama_dir),
-            "--uld",
-            f"forget-fr={uld_dir}",
-            "--alpha",
-            "0.5,1",
-            "--data",
-            *data,
-            "--retain-reference",
-            str(reference),
-            "--out",
-            str(out),
-            "--max-new-tokens",
-            "8",
-            "--no-progress",
-        ]
-    )
+    rc = main([
+        "eval", "--model", str(tiny_llama_dir), "--uld", f"forget-fr={uld_dir}", "--alpha", "0.5,1",
+        "--data", *data, "--retain-reference", str(reference), "--out", str(out),
+        "--max-new-tokens", "8", "--no-progress",
+    ])
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())
     labels = [m["label"] for m in metrics["methods"]]
@@ -158,15 +144,8 @@ def test_eval_end_to_end(tiny_llama_dir, uld_dir, tmp_path):
             for part in ("probability", "rouge", "truth_ratio")
         }
         forget = m["splits"]["forget"]["per_question"]
-        for key in (
-            "probability",
-            "rouge",
-            "truth_ratio",
-            "extraction_strength",
-            "exact_memorization",
-            "generated",
-            "ngram_loop",
-        ):
+        for key in ("probability", "rouge", "truth_ratio", "extraction_strength", "exact_memorization",
+                    "generated", "ngram_loop"):
             assert len(forget[key]) == 2, key
         assert all(0.0 < p <= 1.0 for p in forget["probability"])
     # Different alphas really change the ULD distribution the engine scores with.
@@ -200,43 +179,15 @@ def test_eval_scores_engine_level_uld_options(tiny_llama_dir, uld_dir, tmp_path,
 
     data = _slice(tmp_path)
     out = tmp_path / "report"
-    common = [
-        "eval",
-        "--model",
-        str(tiny_llama_dir),
-        "--uld",
-        f"u={uld_dir}",
-        "--alpha",
-        "4",
-        "--data",
-        *data,
-        "--out",
-        str(out),
-        "--max-new-tokens",
-        "4",
-        "--attacks",
-        "none",
-        "--no-progress",
-    ]
-    rc = main(
-        [
-            *common,
-            "--uld-options",
-            "rule=prefer,margin=0",
-            "--uld-options",
-            "rule=prefer,margin=0,floor=0.5",
-            "--uld-options",
-            "rule=difference",
-        ]
-    )
+    common = ["eval", "--model", str(tiny_llama_dir), "--uld", f"u={uld_dir}", "--alpha", "4", "--data", *data,
+              "--out", str(out), "--max-new-tokens", "4", "--attacks", "none", "--no-progress"]
+    rc = main([*common, "--uld-options", "rule=prefer,margin=0", "--uld-options", "rule=prefer,margin=0,floor=0.5",
+               "--uld-options", "rule=difference"])
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())
     labels = [m["label"] for m in metrics["methods"]]
     assert labels == [
-        "base",
-        "u α=4 rule=prefer margin=0",
-        "u α=4 rule=prefer margin=0 floor=0.5",
-        "u α=4 rule=difference",
+        "base", "u α=4 rule=prefer margin=0", "u α=4 rule=prefer margin=0 floor=0.5", "u α=4 rule=difference"
     ]
     probs = [m["splits"]["forget"]["per_question"]["probability"] for m in metrics["methods"]]
     assert probs[1] != probs[2] != probs[3]  # the settings reached the engine

@@ -11,6 +11,7 @@ from unlearn_serve.tiny import build_tiny_model, train_tokenizer
 REQUIRED = ("qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss")
 
 
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return train_tokenizer(vocab_size=300)

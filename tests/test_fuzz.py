@@ -48,10 +48,10 @@ EXAMPLES = {
 MIN_REQUESTS = 500
 LIMITED_KEY = "fuzz-limited-key"  # from a key file: only ARTIFACT, no admin, may not weaken (403s and 404s)
 AUTH = st.sampled_from(
-    [{"Authorization": f"Bearer {API_KEY}"}] * 6
-    + [{"Authorization": f"Bearer {LIMITED_KEY}"}] * 2
+    [{"Authorization": f"Bearer {API_KEY}"}] * 6 + [{"Authorization": f"Bearer {LIMITED_KEY}"}] * 2
     + [{}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}]
 )
+
 
 
 @pytest.fixture(scope="module")
@@ -70,13 +70,8 @@ def fuzz_server(tokenizer, tmp_path_factory):
     engine.load_uld(ARTIFACT, root / "good")
     keys = root / "keys.json"
     keys.write_text(json.dumps({"keys": [{"name": "limited", "key": LIMITED_KEY, "models": [ARTIFACT]}]}))
-    config = ServerConfig(
-        served_model_name=MODEL,
-        api_keys=[API_KEY],
-        key_policy=AccessPolicy.from_file(keys),
-        max_queue=64,
-        artifact_root=str(root),
-    )
+    config = ServerConfig(served_model_name=MODEL, api_keys=[API_KEY], key_policy=AccessPolicy.from_file(keys),
+                          max_queue=64, artifact_root=str(root))
     with run_server(build_app(config, engine=engine)) as url:
         yield url, root
 
@@ -168,9 +163,8 @@ def test_fuzz_every_endpoint_no_5xx(fuzz_server):
     assert sent["POST /v1/unlearning/load", 200] >= 1, sent
     # the server's own count agrees: no 5xx was answered to anyone
     metrics = session.get(f"{url}/metrics").text
-    assert not [
-        line for line in metrics.splitlines() if line.startswith("unlearn:http_requests_total") and 'status="5' in line
-    ]
+    assert not [line for line in metrics.splitlines() if line.startswith("unlearn:http_requests_total") and
+                'status="5' in line]
     # and it still serves normally
     ok = session.post(
         f"{url}/v1/completions",

@@ -168,6 +168,7 @@ class EngineProbe:
             self.delay = 0.0
 
 
+
 @pytest.fixture(scope="module")
 def base_model(tokenizer) -> torch.nn.Module:
     """An untrained tiny Llama: these tests need a real model behind the server, not a meaningful one."""
@@ -257,10 +258,8 @@ def test_back_pressure_beyond_max_queue(served, url):
                 held.append(HeldStream(url))
                 assert held[-1].response.status_code == 200
             wait_for(
-                lambda: (
-                    metric(url, "unlearn:num_requests_running") == MAX_NUM_SEQS
-                    and metric(url, "unlearn:num_requests_waiting") == MAX_QUEUE
-                ),
+                lambda: metric(url, "unlearn:num_requests_running") == MAX_NUM_SEQS
+                and metric(url, "unlearn:num_requests_waiting") == MAX_QUEUE,
                 "a full batch and a full queue",
             )
             refused = [
@@ -334,18 +333,8 @@ COMPLETIONS = "/v1/completions"
         (CHAT, {"n": MAX_NUM_SEQS + 1}, "n"),
     ],
     ids=[
-        "prompt-text",
-        "prompt-ids",
-        "max_tokens",
-        "max_tokens-huge",
-        "n-over-cap",
-        "n-zero",
-        "n-over-batch",
-        "chat-max_tokens",
-        "chat-max_completion_tokens",
-        "chat-prompt",
-        "chat-n",
-        "chat-n-over-batch",
+        "prompt-text", "prompt-ids", "max_tokens", "max_tokens-huge", "n-over-cap", "n-zero", "n-over-batch",
+        "chat-max_tokens", "chat-max_completion_tokens", "chat-prompt", "chat-n", "chat-n-over-batch",
     ],
 )
 def test_context_and_n_limits_are_openai_400s(url, path, body, param):
@@ -498,32 +487,14 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(model_dir, tmp_path):
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "serve.log"
     cmd = [
-        sys.executable,
-        "-m",
-        "unlearn_serve.cli",
-        "serve",
-        "--model",
-        str(model_dir),
-        "--device",
-        "cpu",
-        "--served-model-name",
-        MODEL,
-        "--port",
-        str(port),
-        "--max-num-seqs",
-        "2",
-        "--max-model-len",
-        "1024",
-        "--drain-timeout",
-        "60",
-        "--log-level",
-        "info",
+        sys.executable, "-m", "unlearn_serve.cli", "serve", "--model", str(model_dir), "--device", "cpu",
+        "--served-model-name", MODEL, "--port", str(port), "--max-num-seqs", "2", "--max-model-len", "1024",
+        "--drain-timeout", "60", "--log-level", "info",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "UNLEARN_API_KEY": ""}
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
-
         def ready() -> bool:
             assert proc.poll() is None, f"serve exited early:\n{log.read_text()}"
             try:

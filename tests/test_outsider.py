@@ -55,9 +55,8 @@ def test_serve_bad_flag_values_are_one_line_errors(capsys, tmp_path, flags, expe
     _one_line_error(capsys, ["serve", "--model", str(tmp_path / "nope"), *flags], expect)
 
 
-@pytest.mark.parametrize(
-    ("flags", "expect"), [(["--port", "99999"], "--port 99999"), (["--max-num-seqs", "0"], "--max-num-seqs 0")]
-)
+@pytest.mark.parametrize(("flags", "expect"), [(["--port", "99999"], "--port 99999"),
+                                               (["--max-num-seqs", "0"], "--max-num-seqs 0")])
 def test_demo_bad_flag_values_fail_before_training(capsys, flags, expect):
     # was: a traceback only after minutes of converting SmolLM2 and training the assistant
     _one_line_error(capsys, ["demo", *flags], expect)
@@ -104,26 +103,16 @@ def world(tokenizer, tmp_path_factory):
     details = {"assistant_layers": 1, "lora_rank": 2, "lora_alpha": 4}
     save_uld_artifact(peft_model, root / "a", fingerprint_model(model), details, {})
     keys = root / "keys.json"  # the shape of docs/security.md's example
-    keys.write_text(
-        json.dumps(
-            {
-                "keys": [
-                    {"name": "bot", "key": BOT_KEY, "models": [ARTIFACT]},
-                    {"name": "ops", "key": OPS_KEY, "models": ["*"], "admin": True, "can_weaken": True},
-                ]
-            }
-        )
-    )
+    keys.write_text(json.dumps({"keys": [
+        {"name": "bot", "key": BOT_KEY, "models": [ARTIFACT]},
+        {"name": "ops", "key": OPS_KEY, "models": ["*"], "admin": True, "can_weaken": True},
+    ]}))
     keys.chmod(0o600)
     engine = Engine(model, tokenizer, EngineConfig(max_num_seqs=4, max_model_len=64), model_name=MODEL)
     engine.load_uld(ARTIFACT, root / "a")
     audit = root / "audit.jsonl"
-    config = ServerConfig(
-        served_model_name=MODEL,
-        key_policy=AccessPolicy.from_file(keys),
-        audit=AuditConfig(str(audit)),
-        artifact_root=str(root),
-    )
+    config = ServerConfig(served_model_name=MODEL, key_policy=AccessPolicy.from_file(keys),
+                          audit=AuditConfig(str(audit)), artifact_root=str(root))
     with run_server(build_app(config, engine=engine)) as url:
         yield {"url": url, "audit": audit}
 
@@ -170,17 +159,11 @@ def test_bad_stop_values_name_their_field(world):
 
 def test_the_audit_log_names_the_model_of_a_body_refused_by_validation(world):
     # was: an attempt to invert unlearning (alpha < 0) was logged with model null, hiding its target
-    r = httpx.post(
-        f"{world['url']}/v1/completions",
-        headers={"Authorization": f"Bearer {BOT_KEY}"},
-        json={"model": ARTIFACT, "prompt": "hi", "max_tokens": 2, "unlearning": {"alpha": -1}},
-    )
+    r = httpx.post(f"{world['url']}/v1/completions", headers={"Authorization": f"Bearer {BOT_KEY}"},
+                   json={"model": ARTIFACT, "prompt": "hi", "max_tokens": 2, "unlearning": {"alpha": -1}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "unlearning.alpha"
-    unknown = httpx.post(
-        f"{world['url']}/v1/completions",
-        headers={"Authorization": f"Bearer {BOT_KEY}"},
-        json={"model": "x<script>", "prompt": "hi", "n": 0},
-    )
+    unknown = httpx.post(f"{world['url']}/v1/completions", headers={"Authorization": f"Bearer {BOT_KEY}"},
+                         json={"model": "x<script>", "prompt": "hi", "n": 0})
     assert unknown.status_code == 400
     ids = {r.headers["x-request-id"]: ARTIFACT, unknown.headers["x-request-id"]: None}
     deadline = time.monotonic() + 20
@@ -196,12 +179,8 @@ def test_the_audit_log_names_the_model_of_a_body_refused_by_validation(world):
 
 def test_generate_with_a_short_unlearning_list_queues_nothing(tokenizer):
     # was: zip(strict=True) raised only after the first prompts were added, leaving them queued in the engine
-    engine = Engine(
-        build_tiny_model("llama", tokenizer, seed=0),
-        tokenizer,
-        EngineConfig(max_num_seqs=2, max_model_len=32),
-        model_name=MODEL,
-    )
+    engine = Engine(build_tiny_model("llama", tokenizer, seed=0), tokenizer,
+                    EngineConfig(max_num_seqs=2, max_model_len=32), model_name=MODEL)
     with pytest.raises(ValueError, match="2 prompts"):
         engine.generate(["Alice", "Bob"], SamplingParams(max_tokens=2), unlearning=[None])
     assert engine.num_waiting() == 0
@@ -215,12 +194,6 @@ def test_an_alpha_beyond_float32_is_a_400_not_nan_logits(world):
     with pytest.raises(openai.BadRequestError) as err:
         bot.completions.create(model=ARTIFACT, prompt="Alice", max_tokens=2, extra_body={"unlearning": {"alpha": 1e39}})
     assert err.value.body["param"] == "unlearning.alpha"
-    r = bot.completions.create(
-        model=ARTIFACT,
-        prompt="Alice",
-        max_tokens=3,
-        temperature=0,
-        logprobs=1,
-        extra_body={"unlearning": {"alpha": 1e6}},
-    )
+    r = bot.completions.create(model=ARTIFACT, prompt="Alice", max_tokens=3, temperature=0, logprobs=1,
+                               extra_body={"unlearning": {"alpha": 1e6}})
     assert all(lp > -9999.0 for lp in r.choices[0].logprobs.token_logprobs)

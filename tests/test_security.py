@@ -65,32 +65,18 @@ def world(tokenizer, tmp_path_factory):
     make_artifact(model, artifacts / "a", 1, {"alpha": A_ALPHA, "filter": A_FILTER})
     make_artifact(model, artifacts / "b", 2)
     keys = root / "keys.json"
-    keys.write_text(
-        json.dumps(
-            {
-                "keys": [
-                    {"name": "bot", "key": BOT_KEY, "models": [A]},
-                    {
-                        "name": "ops",
-                        "key_sha256": hashlib.sha256(OPS_KEY.encode()).hexdigest(),
-                        "models": ["*"],
-                        "admin": True,
-                        "can_weaken": True,
-                    },
-                ]
-            }
-        )
-    )
+    keys.write_text(json.dumps({"keys": [
+        {"name": "bot", "key": BOT_KEY, "models": [A]},
+        {"name": "ops", "key_sha256": hashlib.sha256(OPS_KEY.encode()).hexdigest(), "models": ["*"],
+         "admin": True, "can_weaken": True},
+    ]}))
     engine = Engine(model, tokenizer, EngineConfig(max_num_seqs=4, max_model_len=64), model_name=MODEL)
     engine.load_uld(A, artifacts / "a")
     engine.load_uld(B, artifacts / "b")
     audit = root / "audit.jsonl"
     config = ServerConfig(
-        served_model_name=MODEL,
-        key_policy=AccessPolicy.from_file(keys),
-        audit=AuditConfig(str(audit)),
-        artifact_root=str(artifacts),
-        chat_template_timeout_s=CHAT_TIMEOUT_S,
+        served_model_name=MODEL, key_policy=AccessPolicy.from_file(keys), audit=AuditConfig(str(audit)),
+        artifact_root=str(artifacts), chat_template_timeout_s=CHAT_TIMEOUT_S,
     )
     app = build_app(config, engine=engine)
     with run_server(app) as url:
@@ -115,9 +101,8 @@ def complete(client, model: str, unlearning: dict | None = None, prompt: str = "
 def post(url: str, path: str, key: str | None, body: dict | bytes) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     if isinstance(body, bytes):
-        return httpx.post(
-            f"{url}{path}", content=body, headers={**headers, "content-type": "application/json"}, timeout=60
-        )
+        return httpx.post(f"{url}{path}", content=body, headers={**headers, "content-type": "application/json"},
+                          timeout=60)
     return httpx.post(f"{url}{path}", json=body, headers=headers, timeout=60)
 
 
@@ -143,10 +128,8 @@ def test_other_models_are_404_exactly_like_unknown_ones(world, bot):
     for name in (MODEL, B, "no-such-model"):
         with pytest.raises(openai.NotFoundError):
             complete(bot, name)
-    errors = [
-        error_of(post(world["url"], "/v1/completions", BOT_KEY, {"model": n, "prompt": "x", "max_tokens": 1}), 404)
-        for n in (B, "no-such-model")
-    ]
+    errors = [error_of(post(world["url"], "/v1/completions", BOT_KEY, {"model": n, "prompt": "x", "max_tokens": 1}),
+                       404) for n in (B, "no-such-model")]
     assert errors[0]["message"].replace(B, "?") == errors[1]["message"].replace("no-such-model", "?")
     assert errors[0]["code"] == errors[1]["code"] == "model_not_found"
     assert complete(bot, A).choices[0].text is not None
@@ -155,15 +138,12 @@ def test_other_models_are_404_exactly_like_unknown_ones(world, bot):
 # --------------------------------------------------------------------------------------------- the weaken rule
 
 
-@pytest.mark.parametrize(
-    ("unlearning", "param", "bound"),
-    [
-        ({"alpha": A_ALPHA / 2}, "unlearning.alpha", A_ALPHA),
-        ({"alpha": 0.0}, "unlearning.alpha", A_ALPHA),
-        ({"filter": 1.0}, "unlearning.filter", A_FILTER),
-        ({"alpha": A_ALPHA * 2, "filter": A_FILTER * 2}, "unlearning.filter", A_FILTER),
-    ],
-)
+@pytest.mark.parametrize(("unlearning", "param", "bound"), [
+    ({"alpha": A_ALPHA / 2}, "unlearning.alpha", A_ALPHA),
+    ({"alpha": 0.0}, "unlearning.alpha", A_ALPHA),
+    ({"filter": 1.0}, "unlearning.filter", A_FILTER),
+    ({"alpha": A_ALPHA * 2, "filter": A_FILTER * 2}, "unlearning.filter", A_FILTER),
+])
 def test_weakening_without_can_weaken_is_403(world, bot, unlearning, param, bound):
     with pytest.raises(openai.PermissionDeniedError) as info:
         complete(bot, A, unlearning)
@@ -172,10 +152,8 @@ def test_weakening_without_can_weaken_is_403(world, bot, unlearning, param, boun
     assert f"{bound:g}" in error["message"], error
 
 
-@pytest.mark.parametrize(
-    "unlearning",
-    [{"alpha": A_ALPHA * 3}, {"alpha": A_ALPHA}, {"filter": A_FILTER / 10}, {"alpha": A_ALPHA + 0.5, "filter": 0.0}],
-)
+@pytest.mark.parametrize("unlearning", [{"alpha": A_ALPHA * 3}, {"alpha": A_ALPHA}, {"filter": A_FILTER / 10},
+                                        {"alpha": A_ALPHA + 0.5, "filter": 0.0}])
 def test_strengthening_is_allowed(bot, unlearning):
     assert complete(bot, A, unlearning).usage.completion_tokens >= 1
 
@@ -214,9 +192,8 @@ def test_admin_routes_need_an_admin_key(world):
     for path, body in (("/v1/unlearning/load", {"name": "c", "path": "a"}), ("/v1/unlearning/unload", {"name": B})):
         error = error_of(post(url, path, BOT_KEY, body), 403)
         assert error["code"] == "permission_denied" and error["type"] == "PermissionDeniedError"
-    assert B in {
-        m["id"] for m in httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {OPS_KEY}"}).json()["data"]
-    }  # the refused unload did nothing
+    assert B in {m["id"] for m in httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {OPS_KEY}"})
+                 .json()["data"]}  # the refused unload did nothing
 
 
 def test_an_admin_key_loads_and_unloads(world, ops):
@@ -232,16 +209,8 @@ def test_an_admin_key_loads_and_unloads(world, ops):
     assert str(world["root"]) not in error["message"], error
 
 
-@pytest.mark.parametrize(
-    "header",
-    [
-        None,
-        "Bearer wrong-key-123",
-        f"Basic {BOT_KEY}",
-        f"Bearer {BOT_KEY}x",
-        f"Bearer {hashlib.sha256(OPS_KEY.encode()).hexdigest()}",
-    ],
-)
+@pytest.mark.parametrize("header", [None, "Bearer wrong-key-123", f"Basic {BOT_KEY}", f"Bearer {BOT_KEY}x",
+                                    f"Bearer {hashlib.sha256(OPS_KEY.encode()).hexdigest()}"])
 def test_wrong_or_missing_key_is_401(world, header):
     headers = {"Authorization": header} if header else {}
     r = httpx.get(f"{world['url']}/v1/models", headers=headers)
@@ -275,12 +244,8 @@ def test_the_audit_log_has_one_line_per_request_and_no_text(world):
         ("base", BOT_KEY, "/v1/completions", {**body, "model": MODEL}),
         ("unknown", BOT_KEY, "/v1/completions", {**body, "model": SECRET_PROMPT}),
         ("nokey", None, "/v1/completions", body),
-        (
-            "chat",
-            OPS_KEY,
-            "/v1/chat/completions",
-            {"model": B, "messages": [{"role": "user", "content": SECRET_PROMPT}], "max_tokens": 2, "ignore_eos": True},
-        ),
+        ("chat", OPS_KEY, "/v1/chat/completions",
+         {"model": B, "messages": [{"role": "user", "content": SECRET_PROMPT}], "max_tokens": 2, "ignore_eos": True}),
     ]
     ids = {}
     for label, key, path, payload in calls:
@@ -290,16 +255,8 @@ def test_the_audit_log_has_one_line_per_request_and_no_text(world):
     assert sorted(line["request_id"] for line in lines) == sorted(ids.values())  # exactly one line each
     by = {label: next(line for line in lines if line["request_id"] == rid) for label, rid in ids.items()}
     assert by["ok"] | {"time": None} == by["ok"] | {
-        "time": None,
-        "key": "bot",
-        "endpoint": "/v1/completions",
-        "method": "POST",
-        "model": A,
-        "artifact": A,
-        "alpha": 2.5,
-        "filter": A_FILTER,
-        "status": 200,
-        "completion_tokens": 3,
+        "time": None, "key": "bot", "endpoint": "/v1/completions", "method": "POST", "model": A, "artifact": A,
+        "alpha": 2.5, "filter": A_FILTER, "status": 200, "completion_tokens": 3,
     }
     assert by["ok"]["prompt_tokens"] > 0 and by["ok"]["time"].endswith("Z")
     assert (by["default"]["alpha"], by["default"]["filter"], by["default"]["status"]) == (A_ALPHA, A_FILTER, 200)
@@ -309,11 +266,7 @@ def test_the_audit_log_has_one_line_per_request_and_no_text(world):
     assert (by["unknown"]["status"], by["unknown"]["model"]) == (404, None)  # a client's string is not logged
     assert (by["nokey"]["status"], by["nokey"]["key"]) == (401, None)
     assert (by["chat"]["key"], by["chat"]["artifact"], by["chat"]["endpoint"], by["chat"]["completion_tokens"]) == (
-        "ops",
-        B,
-        "/v1/chat/completions",
-        2,
-    )
+        "ops", B, "/v1/chat/completions", 2)
     text = world["audit"].read_text()
     assert SECRET_PROMPT not in text and "Zanzibar" not in text
 
@@ -331,23 +284,16 @@ def test_request_metrics_carry_the_key_name(world, bot):
 LOOP = "{% for i in range(1000000) %}{% for j in range(1000000) %}x{% endfor %}{% endfor %}"
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "ok"),
-    [
-        ({"chat_template": LOOP}, False),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, False),
-        ({"enable_thinking": {"nested": True}}, False),
-        ({"reasoning_effort": "x" * 1000}, False),
-        ({"enable_thinking": False, "reasoning_effort": "low"}, True),
-    ],
-)
+@pytest.mark.parametrize(("kwargs", "ok"), [
+    ({"chat_template": LOOP}, False),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, False),
+    ({"enable_thinking": {"nested": True}}, False),
+    ({"reasoning_effort": "x" * 1000}, False),
+    ({"enable_thinking": False, "reasoning_effort": "low"}, True),
+])
 def test_chat_template_kwargs_allow_list(world, kwargs, ok):
-    body = {
-        "model": A,
-        "messages": [{"role": "user", "content": "hi"}],
-        "max_tokens": 1,
-        "chat_template_kwargs": kwargs,
-    }
+    body = {"model": A, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
+            "chat_template_kwargs": kwargs}
     started = time.monotonic()
     r = post(world["url"], "/v1/chat/completions", OPS_KEY, body)
     if ok:
@@ -398,10 +344,8 @@ def test_a_slow_chat_template_times_out_while_the_server_keeps_serving(world, mo
 
 def test_keys_are_held_as_digests_and_every_entry_is_compared(tmp_path):
     f = tmp_path / "keys.yaml"
-    f.write_text(
-        f"keys:\n  - name: a\n    key: {BOT_KEY}\n    models: [m]\n"
-        f"  - name: b\n    key_sha256: {hashlib.sha256(OPS_KEY.encode()).hexdigest()}\n    models: ['*']\n"
-    )
+    f.write_text(f"keys:\n  - name: a\n    key: {BOT_KEY}\n    models: [m]\n"
+                 f"  - name: b\n    key_sha256: {hashlib.sha256(OPS_KEY.encode()).hexdigest()}\n    models: ['*']\n")
     policy = AccessPolicy.from_file(f)
     assert [e.name for e in policy.entries] == ["a", "b"] and policy.has_plain_keys
     assert BOT_KEY not in repr(policy)
@@ -424,19 +368,11 @@ def test_check_unlearning_bounds():
 
 BAD_FILES = {
     "unknown field": ({"keys": [{"name": "x", "key": BOT_KEY, "models": ["*"], "adm": True}]}, ["'x'", "adm"]),
-    "duplicate name": (
-        {"keys": [{"name": "x", "key": BOT_KEY, "models": ["*"]}, {"name": "x", "key": OPS_KEY, "models": ["*"]}]},
-        ["keys[1]", "'x'", "duplicate"],
-    ),
-    "duplicate key": (
-        {
-            "keys": [
-                {"name": "x", "key": BOT_KEY, "models": ["*"]},
-                {"name": "y", "key_sha256": hashlib.sha256(BOT_KEY.encode()).hexdigest(), "models": ["*"]},
-            ]
-        },
-        ["'y'", "same key"],
-    ),
+    "duplicate name": ({"keys": [{"name": "x", "key": BOT_KEY, "models": ["*"]},
+                                 {"name": "x", "key": OPS_KEY, "models": ["*"]}]}, ["keys[1]", "'x'", "duplicate"]),
+    "duplicate key": ({"keys": [{"name": "x", "key": BOT_KEY, "models": ["*"]},
+                                {"name": "y", "key_sha256": hashlib.sha256(BOT_KEY.encode()).hexdigest(),
+                                 "models": ["*"]}]}, ["'y'", "same key"]),
     "model not served": ({"keys": [{"name": "x", "key": BOT_KEY, "models": ["nope"]}]}, ["'x'", "'nope'"]),
     "both key forms": ({"keys": [{"name": "x", "key": BOT_KEY, "key_sha256": "0" * 64, "models": ["*"]}]}, ["'x'"]),
     "not a list": ({"keys": {"name": "x"}}, ["keys"]),
@@ -481,9 +417,8 @@ def test_config_error_is_a_library_error():
 def test_sighup_reloads_the_key_file_and_keeps_the_old_keys_on_a_bad_one(tmp_path):
     f = tmp_path / "keys.json"
     f.write_text(json.dumps({"keys": [{"name": "old", "key": BOT_KEY, "models": ["*"]}]}))
-    state = ServerState(
-        ServerConfig(served_model_name=MODEL, api_keys=["flag-key-1"], key_policy=AccessPolicy.from_file(f))
-    )
+    state = ServerState(ServerConfig(served_model_name=MODEL, api_keys=["flag-key-1"],
+                                     key_policy=AccessPolicy.from_file(f)))
     previous = signal.getsignal(signal.SIGHUP)
     try:
         install_key_reload(state, str(f))
@@ -519,25 +454,9 @@ def test_serve_flags_reach_the_server(tokenizer, tmp_path, monkeypatch):
     monkeypatch.setattr(draining, "draining_server", capture)
     previous = signal.getsignal(signal.SIGHUP)
     try:
-        code = cli_main(
-            [
-                "serve",
-                "--model",
-                str(model_dir),
-                "--served-model-name",
-                MODEL,
-                "--device",
-                "cpu",
-                "--api-keys",
-                str(keys),
-                "--audit-log",
-                str(tmp_path / "audit.jsonl"),
-                "--audit-log-max-bytes",
-                "0",
-                "--chat-template-timeout",
-                "2.5",
-            ]
-        )
+        code = cli_main(["serve", "--model", str(model_dir), "--served-model-name", MODEL, "--device", "cpu",
+                         "--api-keys", str(keys), "--audit-log", str(tmp_path / "audit.jsonl"),
+                         "--audit-log-max-bytes", "0", "--chat-template-timeout", "2.5"])
     finally:
         signal.signal(signal.SIGHUP, previous)
     assert code == 0

@@ -58,9 +58,7 @@ def test_logprobs_are_finite_on_an_unlearned_model(unlearned_url):
 
     raw_events = []
     with httpx.stream(
-        "POST",
-        f"{unlearned_url}/v1/completions",
-        timeout=30,
+        "POST", f"{unlearned_url}/v1/completions", timeout=30,
         json={"model": FORGET, "prompt": prompt, "echo": True, "logprobs": 20, "max_tokens": 3, "stream": True},
     ) as response:
         assert response.status_code == 200
@@ -79,21 +77,12 @@ def test_logprobs_are_finite_on_an_unlearned_model(unlearned_url):
 
     for stream in (False, True):
         chat = client.chat.completions.create(
-            model=FORGET,
-            messages=[{"role": "user", "content": prompt}],
-            logprobs=True,
-            top_logprobs=20,
-            max_tokens=3,
-            temperature=0,
-            stream=stream,
+            model=FORGET, messages=[{"role": "user", "content": prompt}], logprobs=True, top_logprobs=20,
+            max_tokens=3, temperature=0, stream=stream,
         )
         chunks = list(chat) if stream else [chat]
         tops = [
-            t.logprob
-            for c in chunks
-            for ch in c.choices
-            if ch.logprobs
-            for e in ch.logprobs.content
+            t.logprob for c in chunks for ch in c.choices if ch.logprobs for e in ch.logprobs.content
             for t in [e, *e.top_logprobs]
         ]
         assert tops and all(isinstance(v, float) and v >= LOGPROB_FLOOR for v in tops)
@@ -111,13 +100,8 @@ def test_lm_eval_local_completions_loglikelihood_on_the_artifact(unlearned_url, 
     from lm_eval.models.openai_completions import LocalCompletionsAPI
 
     lm = LocalCompletionsAPI(
-        base_url=f"{unlearned_url}/v1/completions",
-        model=FORGET,
-        tokenizer_backend="huggingface",
-        tokenizer=str(tiny_llama_dir),
-        num_concurrent=1,
-        max_retries=1,
-        max_length=64,
+        base_url=f"{unlearned_url}/v1/completions", model=FORGET, tokenizer_backend="huggingface",
+        tokenizer=str(tiny_llama_dir), num_concurrent=1, max_retries=1, max_length=64,
     )
     requests = [
         Instance("loglikelihood", {}, ("The capital of France is", " Paris."), 0),
@@ -419,35 +403,18 @@ def _attention_variant(family: str, tok, features: bool):
 
     from unlearn_serve.tiny import tiny_config
 
-    base = dict(
-        vocab_size=len(tok),
-        hidden_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
+    base = dict(vocab_size=len(tok), hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128, tie_word_embeddings=False)
     if family == "mistral":
         config = AutoConfig.for_model("mistral", **base, sliding_window=4 if features else None)
     elif family == "gemma2":
         config = AutoConfig.for_model(
-            "gemma2",
-            **base,
-            head_dim=16,
-            query_pre_attn_scalar=16,
-            sliding_window=4,
-            attn_logit_softcapping=1.0 if features else None,
-            final_logit_softcapping=2.0 if features else None,
+            "gemma2", **base, head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
+            attn_logit_softcapping=1.0 if features else None, final_logit_softcapping=2.0 if features else None,
         )
     elif family == "gemma3_text":  # local layers: sliding window and their own RoPE base; global layers
         config = AutoConfig.for_model(
-            "gemma3_text",
-            **base,
-            head_dim=16,
-            query_pre_attn_scalar=16,
-            sliding_window=4 if features else 128,
+            "gemma3_text", **base, head_dim=16, query_pre_attn_scalar=16, sliding_window=4 if features else 128,
             layer_types=["sliding_attention", "full_attention"] * 2 if features else ["full_attention"] * 4,
             final_logit_softcapping=2.0 if features else None,
         )
@@ -501,16 +468,8 @@ def test_unimplemented_attention_features_are_refused_at_start_up(tokenizer):
     from unlearn_serve.errors import ModelLoadError
 
     config = AutoConfig.for_model(  # Llama-4: chunked local attention
-        "llama4_text",
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        intermediate_size=64,
-        intermediate_size_mlp=64,
-        num_local_experts=2,
+        "llama4_text", vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, intermediate_size=64, intermediate_size_mlp=64, num_local_experts=2,
         max_position_embeddings=128,
     )
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -24,18 +24,8 @@ def smollm2_url():
     parser = argparse.ArgumentParser()
     configure(parser)
     args = parser.parse_args(
-        [
-            "--model",
-            str(gguf.parent),
-            "--gguf-file",
-            gguf.name,
-            "--max-model-len",
-            "512",
-            "--max-num-seqs",
-            "4",
-            "--served-model-name",
-            "smollm2",
-        ]
+        ["--model", str(gguf.parent), "--gguf-file", gguf.name, "--max-model-len", "512", "--max-num-seqs", "4",
+         "--served-model-name", "smollm2"]
     )
     engine = build_engine(args)
     assert engine.tokenizer.chat_template, "the GGUF carries the model's chat template"

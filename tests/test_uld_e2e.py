@@ -62,39 +62,12 @@ def trained(base_dir, tmp_path_factory) -> Path:
     forget.write_text("".join(json.dumps({"text": p + a + "."}) + "\n" for p, a in remembered.items()))
     retain.write_text("".join(json.dumps({"text": p + a + "."}) + "\n" for p, a in RETAIN.items()))
     out = root / "artifacts" / "forget-alice-bob"
-    rc = cli_main(
-        [
-            "train-uld",
-            "--model",
-            str(model_dir),
-            "--forget",
-            str(forget),
-            "--retain",
-            str(retain),
-            "--out",
-            str(out),
-            "--layers",
-            "1",
-            "--epochs",
-            "1",
-            "--min-steps",
-            "80",
-            "--batch-size",
-            "2",
-            "--grad-accum",
-            "1",
-            "--lr",
-            "3e-3",
-            "--lora-rank",
-            "8",
-            "--lora-alpha",
-            "16",
-            "--no-augment",
-            "--no-progress",
-            "--dtype",
-            "fp32",
-        ]
-    )
+    rc = cli_main([
+        "train-uld", "--model", str(model_dir), "--forget", str(forget), "--retain", str(retain),
+        "--out", str(out), "--layers", "1", "--epochs", "1", "--min-steps", "80", "--batch-size", "2",
+        "--grad-accum", "1", "--lr", "3e-3", "--lora-rank", "8", "--lora-alpha", "16", "--no-augment",
+        "--no-progress", "--dtype", "fp32",
+    ])
     assert rc == 0
     return out
 
@@ -175,11 +148,7 @@ def test_hot_load_use_unload(client, server, base_dir, trained, foreign_artifact
     # in-flight requests finish before the unload completes
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(
-            client.completions.create,
-            model="again",
-            prompt="Bob plays the",
-            max_tokens=200,
-            temperature=0,
+            client.completions.create, model="again", prompt="Bob plays the", max_tokens=200, temperature=0,
             extra_body={"ignore_eos": True},
         )
         deadline = time.monotonic() + 30

@@ -175,14 +175,8 @@ def test_mixed_batch_rows_are_independent(engine):
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     # no filter and the `difference` rule: every row is sure to change; the filter is tested below
     strong = {"alpha": 2.0, "filter": 0.0, "rule": "difference"}
-    selections = [
-        None,
-        Selection("a1", strong),
-        Selection("a2", strong),
-        None,
-        Selection("a2", strong),
-        Selection("a1", strong),
-    ]
+    selections = [None, Selection("a1", strong), Selection("a2", strong), None, Selection("a2", strong),
+                  Selection("a1", strong)]
     prompts = PROMPTS + ["Alice"]
     together = engine.generate(prompts, params, selections)
     alone = [engine.generate([p], params, s)[0] for p, s in zip(prompts, selections, strict=True)]
@@ -245,9 +239,8 @@ def test_unload_waits_for_in_flight(engine, tokenizer):
     from unlearn_serve.server.engine.sequence import Request
 
     rid = engine.new_request_id()
-    engine.add_request(
-        Request(rid, tokenizer.encode("Bob"), SamplingParams(max_tokens=5, ignore_eos=True), Selection("a1"))
-    )
+    engine.add_request(Request(rid, tokenizer.encode("Bob"), SamplingParams(max_tokens=5, ignore_eos=True),
+                               Selection("a1")))
     engine.step()  # prefill: the request is running
     done = engine.unload("a1")
     assert "a1" not in engine.artifact_names()  # no new requests may pick it

@@ -36,6 +36,7 @@ RETAIN = [{"question": q, "answer": a} for q, a in RETAIN_QA]
 METHOD_FOR = {"qwen2_moe": "gd", "qwen3_moe": "npo", "mixtral": "rmu", "olmoe": "ga", "deepseek_v3": "npo"}
 
 
+
 @pytest.fixture(scope="module")
 def tokenizer():
     tok = train_tokenizer(DEFAULT_CORPUS + [f"{q} {a}" for q, a in FORGET_QA + RETAIN_QA], vocab_size=400)
@@ -93,16 +94,8 @@ def test_training_moves_only_the_chosen_expert_and_router(family_name, tokenizer
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     config = UOEConfig(
-        layer=layer,
-        expert=2,
-        method=METHOD_FOR.get(family_name, "rmu"),
-        lr=1e-2,
-        batch_size=3,
-        max_steps=3,
-        eval_every=1,
-        forget_loss_target=1e9,
-        weight_decay=0.1,
-        progress=False,  # decay must not leak either
+        layer=layer, expert=2, method=METHOD_FOR.get(family_name, "rmu"), lr=1e-2, batch_size=3, max_steps=3,
+        eval_every=1, forget_loss_target=1e9, weight_decay=0.1, progress=False,  # decay must not leak either
         recall_check=False,  # the CE rule alone (a random model "answers" nothing: the recall goal is trivial)
     )
     result = train_uoe(model, tokenizer, FORGET, RETAIN, config)
@@ -128,13 +121,8 @@ def test_training_moves_only_the_chosen_expert_and_router(family_name, tokenizer
         param.data.copy_(before[name])
     loaded, manifest = load_expert_patch(tmp_path / "patch", base)
     assert manifest.details == {
-        "family": family_name,
-        "layer": layer,
-        "expert": 2,
-        "num_experts": 8,
-        "method": config.method,
-        "anchor_weight": 1.0,
-        "picked_by": "--layer/--expert",
+        "family": family_name, "layer": layer, "expert": 2, "num_experts": 8,
+        "method": config.method, "anchor_weight": 1.0, "picked_by": "--layer/--expert",
     }
     assert {"losses", "steps", "data"} <= set(manifest.training)
     # unreachable forget target: the kept step is the highest forget CE within the retain bound (both logged)
@@ -241,22 +229,8 @@ def tiny_dir(tokenizer, tmp_path) -> Path:
 def test_cli_attribute_train_export(tiny_dir, capsys):
     d = tiny_dir
     common = ["--model", str(d / "tiny"), "--device", "cpu", "--no-progress"]
-    assert (
-        cli_main(
-            [
-                "attribute",
-                *common,
-                "--forget",
-                str(d / "forget.jsonl"),
-                "--retain",
-                str(d / "retain.jsonl"),
-                "--contrast",
-                "--top",
-                "5",
-            ]
-        )
-        == 0
-    )
+    assert cli_main(["attribute", *common, "--forget", str(d / "forget.jsonl"), "--retain",
+                     str(d / "retain.jsonl"), "--contrast", "--top", "5"]) == 0
     out = capsys.readouterr().out
     assert "full softmax, not top-k masked" in out
     assert "rank  layer  expert" in out and "forget minus retain" in out
@@ -272,46 +246,12 @@ def test_cli_attribute_train_export(tiny_dir, capsys):
     assert report["rankings"]["forget"][0]["forget_topk_share"] > 0.45
     assert "forget affinity" in captured.err  # tqdm bar over the data
 
-    assert (
-        cli_main(
-            [
-                "train-uoe",
-                *common,
-                "--forget",
-                str(d / "forget.jsonl"),
-                "--retain",
-                str(d / "retain.jsonl"),
-                "--out",
-                str(d / "uoe"),
-                "--max-steps",
-                "2",
-                "--lr",
-                "1e-2",
-                "--pick",
-                "forget",
-            ]
-        )
-        == 0
-    )
+    assert cli_main(["train-uoe", *common, "--forget", str(d / "forget.jsonl"), "--retain",
+                     str(d / "retain.jsonl"), "--out", str(d / "uoe"), "--max-steps", "2", "--lr", "1e-2",
+                     "--pick", "forget"]) == 0
     assert "layer 1 expert 6" in capsys.readouterr().out
-    assert (
-        cli_main(
-            [
-                "train-uoe",
-                *common,
-                "--forget",
-                str(d / "forget.jsonl"),
-                "--retain",
-                str(d / "retain.jsonl"),
-                "--out",
-                str(d / "uoe-contrast"),
-                "--max-steps",
-                "1",
-                "--contrast",
-            ]
-        )
-        == 0
-    )
+    assert cli_main(["train-uoe", *common, "--forget", str(d / "forget.jsonl"), "--retain", str(d / "retain.jsonl"),
+                     "--out", str(d / "uoe-contrast"), "--max-steps", "1", "--contrast"]) == 0
     assert "layer {} expert {}".format(*contrast_pick) in capsys.readouterr().out
     assert cli_main(["export", *common[:4], "--uoe", str(d / "uoe"), "--out", str(d / "merged")]) == 0
 
@@ -335,11 +275,8 @@ def test_cli_user_errors_exit_2_without_traceback(tiny_dir, capsys):
     assert cli_main(["export", "--model", str(d / "tiny"), "--uoe", str(d / "nope"), "--out", str(d / "x")]) == 2
     assert "not a directory" in capsys.readouterr().err
     (d / "dense").mkdir()
-    save_tiny(
-        build_tiny_model("llama", train_tokenizer(vocab_size=300), num_layers=1),
-        train_tokenizer(vocab_size=300),
-        d / "dense",
-    )
+    save_tiny(build_tiny_model("llama", train_tokenizer(vocab_size=300), num_layers=1), train_tokenizer(vocab_size=300),
+              d / "dense")
     assert cli_main(["attribute", "--model", str(d / "dense"), "--forget", str(d / "forget.jsonl")]) == 2
     assert "not a supported mixture-of-experts" in capsys.readouterr().err
 
@@ -355,10 +292,8 @@ def test_npo_reference_is_a_frozen_copy(tokenizer):
     for name, param in reference.named_parameters():
         assert not param.requires_grad and param.data_ptr() != student[name].data_ptr(), name
     batch = PairCollator(tokenizer.pad_token_id)(
-        [
-            {"forget": {"input_ids": ids, "labels": ids}, "retain": {"input_ids": ids, "labels": ids}}
-            for ids in forget_ids(tokenizer)["input_ids"].tolist()
-        ]
+        [{"forget": {"input_ids": ids, "labels": ids}, "retain": {"input_ids": ids, "labels": ids}}
+         for ids in forget_ids(tokenizer)["input_ids"].tolist()]
     )
     loss, logs = objective(model, batch)
     loss.backward()
@@ -409,15 +344,8 @@ def test_cli_walkthrough_defaults_and_strict(tmp_path, capsys):
     """The docs' walk-through with no special flags ends with a met goal; --strict exits 3 on a missed one."""
     d = tmp_path / "facts"
     assert cli_main(["make-tiny-moe-facts", "--out", str(d)]) == 0
-    common = [
-        "--model",
-        str(d / "model"),
-        "--forget",
-        str(d / "forget.jsonl"),
-        "--retain",
-        str(d / "retain.jsonl"),
-        "--no-progress",
-    ]
+    common = ["--model", str(d / "model"), "--forget", str(d / "forget.jsonl"), "--retain", str(d / "retain.jsonl"),
+              "--no-progress"]
     capsys.readouterr()
     assert cli_main(["train-uoe", *common, "--out", str(tmp_path / "uoe")]) == 0
     out = capsys.readouterr().out

@@ -58,35 +58,11 @@ def world(tmp_path_factory) -> SimpleNamespace:
     write_jsonl(root / "retain.jsonl", RETAIN_QA)
     common = ["--model", str(root / "base"), "--device", "cpu", "--no-progress"]
     # layer/expert come from attribution (no --layer/--expert); the stopping rule ends training
-    assert (
-        cli_main(
-            [
-                "train-uoe",
-                *common,
-                "--forget",
-                str(root / "forget.jsonl"),
-                "--retain",
-                str(root / "retain.jsonl"),
-                "--out",
-                str(root / "uoe"),
-                "--method",
-                "gd",
-                "--lr",
-                "1e-2",
-                "--batch-size",
-                "3",
-                "--max-steps",
-                "80",
-                "--eval-every",
-                "2",
-                "--forget-loss-target",
-                "3",
-                "--retain-loss-bound",
-                "0.15",
-            ]
-        )
-        == 0
-    )
+    assert cli_main([
+        "train-uoe", *common, "--forget", str(root / "forget.jsonl"), "--retain", str(root / "retain.jsonl"),
+        "--out", str(root / "uoe"), "--method", "gd", "--lr", "1e-2", "--batch-size", "3", "--max-steps", "80",
+        "--eval-every", "2", "--forget-loss-target", "3", "--retain-loss-bound", "0.15",
+    ]) == 0
     assert cli_main(["export", *common[:4], "--uoe", str(root / "uoe"), "--out", str(root / "merged")]) == 0
     manifest = json.loads((root / "uoe" / "unlearning.json").read_text())
     layer = manifest["details"]["layer"]
@@ -182,9 +158,7 @@ def test_http_server_forgets_only_for_patched_requests_in_shared_batches(world):
         models = {m.id: m for m in client.models.list().data}
         card = models["uoe"].model_extra["unlearning"]
         assert card["method"] == "uoe" and (card["layer"], card["expert"]) == (
-            world.manifest["details"]["layer"],
-            world.manifest["details"]["expert"],
-        )
+            world.manifest["details"]["layer"], world.manifest["details"]["expert"])
         # a second patch loaded at run time, then unloaded
         response = httpx.post(f"{url}/v1/unlearning/load", json={"name": "other", "path": str(world.root / "other")})
         assert response.status_code == 200 and response.json()["method"] == "uoe"
@@ -194,10 +168,8 @@ def test_http_server_forgets_only_for_patched_requests_in_shared_batches(world):
         assert response.status_code == 200
         with pytest.raises(openai.NotFoundError):
             chat(client, "other", QUESTIONS[0])
-        bad = httpx.post(
-            f"{url}/v1/chat/completions",
-            json={"model": "uoe", "messages": [{"role": "user", "content": "hi"}], "unlearning": {"alpha": 2.0}},
-        )
+        bad = httpx.post(f"{url}/v1/chat/completions", json={
+            "model": "uoe", "messages": [{"role": "user", "content": "hi"}], "unlearning": {"alpha": 2.0}})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "unlearning"
 
 
@@ -207,9 +179,8 @@ def test_serving_refuses_a_patch_for_another_base(world, tmp_path):
     save_tiny(other, other_tok, tmp_path / "other-base")
     parser = argparse.ArgumentParser()
     cli_serve.configure(parser)
-    args = parser.parse_args(
-        ["--model", str(tmp_path / "other-base"), "--device", "cpu", "--uoe", f"x={world.root / 'uoe'}"]
-    )
+    args = parser.parse_args(["--model", str(tmp_path / "other-base"), "--device", "cpu",
+                              "--uoe", f"x={world.root / 'uoe'}"])
     with pytest.raises(ArtifactError, match="trained on base model"):
         cli_serve.build_engine(args)
     dense = build_tiny_model("llama", other_tok, num_layers=1)

@@ -82,21 +82,13 @@ class BaselineModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(
-        self,
-        forget_input_ids,
-        forget_attention_mask,
-        retain_input_ids,
-        retain_attention_mask,
-        hidden_layer: int | None = None,
-    ):
+    def forward(self, forget_input_ids, forget_attention_mask, retain_input_ids, retain_attention_mask,
+                hidden_layer: int | None = None):
         if hidden_layer is not None:  # RMU: decoder layer outputs (hidden_states[0] is the embedding output)
-            forget = self.model(
-                input_ids=forget_input_ids, attention_mask=forget_attention_mask, output_hidden_states=True
-            )
-            retain = self.model(
-                input_ids=retain_input_ids, attention_mask=retain_attention_mask, output_hidden_states=True
-            )
+            forget = self.model(input_ids=forget_input_ids, attention_mask=forget_attention_mask,
+                                output_hidden_states=True)
+            retain = self.model(input_ids=retain_input_ids, attention_mask=retain_attention_mask,
+                                output_hidden_states=True)
             return (forget.logits, forget.hidden_states[hidden_layer + 1]), retain.hidden_states[hidden_layer + 1]
         forget = self.model(input_ids=forget_input_ids, attention_mask=forget_attention_mask).logits
         retain = self.model(input_ids=retain_input_ids, attention_mask=retain_attention_mask).logits
@@ -115,17 +107,8 @@ def npo_loss(policy_logp: torch.Tensor, reference_logp: torch.Tensor, beta: floa
 
 
 class BaselineTrainer(UnlearningTrainer):
-    def __init__(
-        self,
-        *args,
-        method: str,
-        retain_weight: float,
-        beta: float,
-        reference: nn.Module | None,
-        rmu_layer: int | None = None,
-        steering: torch.Tensor | None = None,
-        **kw,
-    ):
+    def __init__(self, *args, method: str, retain_weight: float, beta: float, reference: nn.Module | None,
+                 rmu_layer: int | None = None, steering: torch.Tensor | None = None, **kw):
         super().__init__(*args, **kw)
         self.method = method
         self.retain_weight = retain_weight
@@ -145,18 +128,13 @@ class BaselineTrainer(UnlearningTrainer):
         target = self.steering.to(forget_hidden.device, forget_hidden.dtype)
         forget_loss = _masked_mse(forget_hidden, target.expand_as(forget_hidden), inputs["forget_attention_mask"])
         with torch.no_grad():
-            frozen = self.reference(
-                input_ids=inputs["retain_input_ids"],
-                attention_mask=inputs["retain_attention_mask"],
-                output_hidden_states=True,
-            ).hidden_states[self.rmu_layer + 1]
+            frozen = self.reference(input_ids=inputs["retain_input_ids"],
+                                    attention_mask=inputs["retain_attention_mask"],
+                                    output_hidden_states=True).hidden_states[self.rmu_layer + 1]
         retain_loss = _masked_mse(retain_hidden, frozen, inputs["retain_attention_mask"])
         loss = forget_loss + self.retain_weight * retain_loss
-        self.record(
-            forget_ce=causal_ce(forget_logits, inputs["forget_labels"]).detach(),
-            rmu_forget=forget_loss,
-            rmu_retain=retain_loss,
-        )
+        self.record(forget_ce=causal_ce(forget_logits, inputs["forget_labels"]).detach(), rmu_forget=forget_loss,
+                    rmu_retain=retain_loss)
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

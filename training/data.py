@@ -24,6 +24,8 @@ DEFAULT_QUESTION_TEMPLATE = "Question: {question}\nAnswer: "
 SHAPE_HINT = "expected a JSON object with 'text', 'question'+'answer' or 'messages'"
 
 
+
+
 # ----------------------------------------------------------------------------- loading
 
 

@@ -146,22 +146,16 @@ class UOEVerdict:
 
     def lines(self) -> list[str]:
         ok = "goal met" if self.goal_met else "GOAL NOT MET"
-        out = [
-            f"verdict: {ok} (kept step {self.kept_step} of {self.steps}; stopped by {self.stopped_by}; "
-            f"final lr {self.final_lr:.2g})"
-        ]
+        out = [f"verdict: {ok} (kept step {self.kept_step} of {self.steps}; stopped by {self.stopped_by}; "
+               f"final lr {self.final_lr:.2g})"]
         if self.forgot is not None:
-            out.append(
-                f"  forgot {self.forgot}/{self.forget_checked} validation forget facts "
-                f"(goal: at most {self.forget_allowed} still answered)"
-            )
+            out.append(f"  forgot {self.forgot}/{self.forget_checked} validation forget facts "
+                       f"(goal: at most {self.forget_allowed} still answered)")
         else:
             out.append("  recall not checked: the forget set has no question/answer records")
         if self.retain_kept is not None:
-            out.append(
-                f"  kept {self.retain_kept}/{self.retain_checked} validation retain facts "
-                f"(base model: {self.retain_base}/{self.retain_checked})"
-            )
+            out.append(f"  kept {self.retain_kept}/{self.retain_checked} validation retain facts "
+                       f"(base model: {self.retain_base}/{self.retain_checked})")
         within = "within" if self.retain_ce <= self.retain_loss_bound else "OVER"
         if self.forgot is None:  # no recall check: the CE target is the goal
             reached = "reached" if self.forget_ce >= self.forget_loss_target else "NOT reached"
@@ -431,9 +425,8 @@ class UOETrainer(Trainer):
 
 
 @torch.no_grad()
-def greedy_answers(
-    model: nn.Module, tokenizer, questions: Sequence[str], config: UOEConfig, max_new_tokens: Sequence[int]
-) -> list[str]:
+def greedy_answers(model: nn.Module, tokenizer, questions: Sequence[str], config: UOEConfig,
+                   max_new_tokens: Sequence[int]) -> list[str]:
     """Greedy answers (chat template or question template, as in training), one question at a time."""
     was_training = model.training
     model.eval()
@@ -442,10 +435,9 @@ def greedy_answers(
     answers = []
     for question, budget in zip(questions, max_new_tokens, strict=True):
         ids = torch.tensor([encode_prompt(tokenizer, question, config.question_template)], device=device)
-        out = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=budget, do_sample=False, pad_token_id=pad
-        )
-        answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=budget,
+                             do_sample=False, pad_token_id=pad)
+        answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
     model.train(was_training)
     return answers
 
@@ -459,12 +451,12 @@ class RecallCheck:
         self.retain = [r for r in retain if "question" in r and "answer" in r]
 
     def _budget(self, records: list[dict]) -> list[int]:
-        return [min(len(self.tokenizer(r["answer"], add_special_tokens=False)["input_ids"]) + 8, 128) for r in records]
+        return [min(len(self.tokenizer(r["answer"], add_special_tokens=False)["input_ids"]) + 8, 128)
+                for r in records]
 
     def answered(self, records: list[dict]) -> int:
-        answers = greedy_answers(
-            self.model, self.tokenizer, [r["question"] for r in records], self.config, self._budget(records)
-        )
+        answers = greedy_answers(self.model, self.tokenizer, [r["question"] for r in records], self.config,
+                                 self._budget(records))
         return sum(answer_leaked(a, r["answer"], r["question"]) for a, r in zip(answers, records, strict=True))
 
     @property
@@ -527,12 +519,8 @@ class AdaptiveSchedule(TrainerCallback):
         if self.retain_bound is None:  # default: the initial retain CE plus a slack
             self.retain_bound = retain_ce + cfg.retain_slack
         lr = cfg.lr * self.scale
-        entry: dict[str, Any] = {
-            "step": step,
-            "forget_ce": round(forget_ce, 4),
-            "retain_ce": round(retain_ce, 4),
-            "lr": float(f"{lr:.3g}"),
-        }
+        entry: dict[str, Any] = {"step": step, "forget_ce": round(forget_ce, 4), "retain_ce": round(retain_ce, 4),
+                                 "lr": float(f"{lr:.3g}")}
         if self.objective is not None and cfg.method != "ga":
             entry["retain_weight"] = self.objective.retain_weight
         reached = forget_ce >= cfg.forget_loss_target
@@ -572,11 +560,8 @@ class AdaptiveSchedule(TrainerCallback):
             self.safe_patch = extract_expert_patch(self.model, self.layer, self.expert, self.family)
         self.goal_reached = goal
         if cfg.progress:
-            extra = (
-                f", answered forget {recall[0]}/{len(self.recall.forget)} retain {recall[1]}/{len(self.recall.retain)}"
-                if recall is not None
-                else ""
-            )
+            extra = f", answered forget {recall[0]}/{len(self.recall.forget)} retain {recall[1]}/" \
+                    f"{len(self.recall.retain)}" if recall is not None else ""
             print(
                 f"[uoe] step {step}: forget CE {forget_ce:.3f} (target >= {cfg.forget_loss_target}), "
                 f"retain CE {retain_ce:.3f} (bound <= {self.retain_bound:.3f}), lr {lr:.2g}{extra}",
@@ -602,15 +587,10 @@ class AdaptiveSchedule(TrainerCallback):
             if self.objective is not None and 0 < self.objective.retain_weight < cfg.max_retain_weight:
                 self.objective.retain_weight = min(2 * self.objective.retain_weight, cfg.max_retain_weight)
             if cfg.progress:
-                weight = (
-                    f", retain weight {self.objective.retain_weight:g}"
-                    if self.objective is not None and cfg.method != "ga"
-                    else ""
-                )
-                print(
-                    f"[uoe]   retain over its bound: back to the last state within it, lr {self.lr():.2g}{weight}",
-                    flush=True,
-                )
+                weight = f", retain weight {self.objective.retain_weight:g}" if self.objective is not None and \
+                    cfg.method != "ga" else ""
+                print(f"[uoe]   retain over its bound: back to the last state within it, lr {self.lr():.2g}{weight}",
+                      flush=True)
             return self.scale >= 1e-3
         if previous is None or entry["forget_ce"] >= cfg.forget_loss_target:
             return True
@@ -640,7 +620,7 @@ class AdaptiveSchedule(TrainerCallback):
             entry = self.evaluate(step)
             within = entry["_within"]
             keep_going = self._adapt(entry, previous)
-            for group in self.optimizer.param_groups if self.optimizer is not None else []:
+            for group in (self.optimizer.param_groups if self.optimizer is not None else []):
                 group["lr"] = self.lr()  # now, not one scheduler step later
             entry.pop("_within")
             if not within and self.config.adaptive_lr:
@@ -671,14 +651,8 @@ def choose_expert(model, tokenizer, forget_records, retain_records, config: UOEC
     if config.layer is not None:
         return config.layer, config.expert
     result = attribute(
-        model,
-        tokenizer,
-        forget_records,
-        retain_records,
-        contrast=config.pick == "contrast",
-        max_length=config.max_length,
-        question_template=config.question_template,
-        progress=config.progress,
+        model, tokenizer, forget_records, retain_records, contrast=config.pick == "contrast",
+        max_length=config.max_length, question_template=config.question_template, progress=config.progress,
     )
     return result.top1(config.pick)
 
@@ -716,17 +690,8 @@ def train_uoe(
         model, tokenizer, [kept_forget[i] for i in forget_idx], [kept_retain[i] for i in retain_idx], config
     )
     callback = AdaptiveSchedule(
-        model,
-        family,
-        layer,
-        expert,
-        isolation,
-        [forget[i] for i in forget_idx],
-        [retain[i] for i in retain_idx],
-        pad_id,
-        config,
-        recall,
-        objective,
+        model, family, layer, expert, isolation, [forget[i] for i in forget_idx], [retain[i] for i in retain_idx],
+        pad_id, config, recall, objective,
     )
     dataset = PairedDataset(forget, retain)
     cap = math.ceil(config.max_epochs * math.ceil(len(dataset) / config.batch_size))
