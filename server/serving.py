@@ -179,8 +179,13 @@ class OpenAIServing:
         # waiting + running, not waiting alone: right after a burst the requests wait until the next step moves them
         # into free batch slots, and counting them as queued refused requests the batch had room for; this request's
         # own sequences count too (an n=8 request must not overfill a queue with one place left)
-        if self.engine.num_waiting() + self.engine.num_running() + sequences > most:
-            raise unavailable(f"server is at capacity ({self.max_queue} requests waiting); retry later", retry_after=1)
+        held = self.engine.num_waiting() + self.engine.num_running()
+        if held + sequences > most:
+            raise unavailable(
+                f"server is at capacity ({held} sequences running or waiting, at most {most}: --max-num-seqs + "
+                "--max-queue); retry later",
+                retry_after=1,
+            )
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)

@@ -555,3 +555,5 @@ def test_queue_check_counts_free_batch_slots():
     with pytest.raises(APIError) as exc:
         OpenAIServing._check_capacity(serving(waiting=1, running=4), sequences=2)
     assert exc.value.status == 503
+    # the message says what is full and which flags size it
+    assert "5 sequences running or waiting, at most 6" in exc.value.message and "--max-queue" in exc.value.message
