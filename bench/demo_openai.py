@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 from throughput import Server, start, stop  # noqa: E402
-from uld_quality import GENERAL_CHECKS, HP_CHECKS, leaks, names  # noqa: E402
+from uld_quality import GENERAL_CHECKS, HP_CHECKS, has_loop, leaks, names, off_language  # noqa: E402
 
 BASE, FORGET = "smollm2", "smollm2-forget-harry-potter"
 TABLE = (
@@ -51,6 +51,18 @@ def ask(client, model: str, question: str, max_tokens: int, stream: bool) -> str
 def short(text: str, width: int = 160) -> str:
     text = " ".join(text.split()).replace("|", "\\|")
     return text if len(text) <= width else text[: width - 4].rstrip() + " ..."
+
+
+def fluency_misses(base: list[str], unlearned: list[str]) -> list[str]:
+    """The harness's text measures of fluency on the forget answers (original + paraphrased questions): no more
+    answers that loop or leave the language than the base model's. Perplexity needs the model's own scores, which a
+    client does not get; bench/uld_quality.py judges it on the same weights."""
+    misses = []
+    for what, measure in (("loop", has_loop), ("leave the language", off_language)):
+        mine, theirs = sum(map(measure, unlearned)), sum(map(measure, base))
+        if mine > theirs:
+            misses.append(f"{mine}/{len(unlearned)} forget answers {what} (base {theirs}/{len(base)})")
+    return misses
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,6 +129,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  leak ({k}): {q} -> {short(got[q], 200)}")
             if k == "general" and not names(got[q], c):
                 print(f"  general lost: {q} -> {short(got[q], 200)}")
+    forget_questions = [q for q, _, k in checks if k != "general"]
+    for model in (BASE, FORGET):
+        texts = [answers[model][q] for q in forget_questions]
+        print(
+            f"{model}: forget answers that loop {sum(map(has_loop, texts))}/{len(texts)}, "
+            f"leave the language {sum(map(off_language, texts))}/{len(texts)}"
+        )
     print(f"streamed == plain for {2 * len(checks) - len(mismatched)}/{2 * len(checks)} answers")
     for model, q in mismatched:
         print(f"  differs: {model}: {q}")
@@ -127,9 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     misses = [f"{k} leak: {q}" for q, c, k in checks if k != "general" and leaks(got[q], c, known)]
     misses += [f"general answer lost: {q}" for q, c, k in checks if k == "general" and not names(got[q], c)]
     misses += [f"streamed answer differs: {m}: {q}" for m, q in mismatched]
-    # fluency (loops, perplexity) is bench/uld_quality.py's to judge; this checks what a client sees
+    misses += fluency_misses([answers[BASE][q] for q in forget_questions], [got[q] for q in forget_questions])
     verdict = "MET" if not misses else f"MISSED ({len(misses)}: {'; '.join(misses)})"
-    print(f"\ngoal (no forget fact named, original or paraphrased; 12/12 general; streaming == plain): {verdict}")
+    print(
+        "\ngoal (no forget fact named, original or paraphrased; 12/12 general; streaming == plain; no more forget "
+        f"answers that loop or leave the language than the base's; perplexity: bench/uld_quality.py): {verdict}"
+    )
     return 0
 
 

@@ -52,6 +52,15 @@ def test_cache_key_changes_with_base_data_and_settings(tmp_path: Path, monkeypat
     monkeypatch.setattr(demo.DemoTraining, "uld_settings", lambda self: {**settings(self), "retain_candidates": 3})
     assert key != demo.cache_key(base, [forget, retain], training)
     monkeypatch.undo()
+    # the margins the calibration chooses from: set in the settings or by the library default, a new key
+    monkeypatch.setattr(demo.DemoTraining, "uld_settings", lambda self: {**settings(self), "calibration_margins": [1, 2]})
+    assert key != demo.cache_key(base, [forget, retain], training)
+    monkeypatch.undo()
+    from unlearn_serve import uld_combine
+
+    monkeypatch.setattr(uld_combine, "CALIBRATION_MARGINS", (uld_combine.DEFAULT_MARGIN, 2.0))
+    assert key != demo.cache_key(base, [forget, retain], training)
+    monkeypatch.undo()
     retain.write_text('{"question": "q2", "answer": "changed"}\n')
     assert key != demo.cache_key(base, [forget, retain], training)
     d = demo.cached_artifact_dir(tmp_path, "harry-potter", key)

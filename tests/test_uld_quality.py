@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -183,6 +184,13 @@ def test_defaults_forget_keep_and_keep_the_lead_in(memorised, tmp_path):
     )
     assert set(recorded) == set(questions + again + calibration.train_retain_questions)
 
+    # the calibration's answer function serves the margin it is asked for (`--calibration-margins`): one that no
+    # assistant logit clears subtracts nothing (the base's answers); without one, the artifact's own
+    answer = serve_with_engine(copy.deepcopy(model), tokenizer, tmp_path / "a")
+    at_default = answer(prompts[:nf], [calibration.alpha] * nf, calibration.max_tokens)
+    at_huge = answer(prompts[:nf], [calibration.alpha] * nf, calibration.max_tokens, margin=1e6)
+    assert at_default == served[:nf] and at_huge == base_answers[:nf] != at_default
+
 
 def test_cli_strict_exit_code_follows_the_served_verdict(memorised, tmp_path, capsys):
     _, _, model_dir = memorised
@@ -242,9 +250,15 @@ def test_cli_strict_exit_code_follows_the_served_verdict(memorised, tmp_path, ca
     assert manifest["training"]["calibration"]["met"] and manifest["defaults"]["alpha"] in ALPHA_GRID
 
 
-def _fake_answers(leak_below: float, lose_retain_from: float, calls: list[list[float | None]], loop_from: float = 99):
+def _fake_answers(
+    leak_below: float,
+    lose_retain_from: float,
+    calls: list[list[float | None]],
+    loop_from: float = 99,
+    by_margin: dict[float, tuple[float, float]] | None = None,
+):
     """A stand-in server: forget facts named below `leak_below`, retain facts lost from `lose_retain_from`, forget
-    answers that loop from `loop_from`."""
+    answers that loop from `loop_from`; `by_margin`: (leak_below, lose_retain_from) per `prefer` margin asked."""
     questions = {}
 
     def encode(q: str) -> list[int]:
@@ -253,8 +267,9 @@ def _fake_answers(leak_below: float, lose_retain_from: float, calls: list[list[f
 
     rows = {i: r for i, r in enumerate(FORGET + RETAIN)}
 
-    def answer(prompts, alphas, max_tokens):
+    def answer(prompts, alphas, max_tokens, margin=None):
         calls.append(sorted({a for a in alphas if a is not None}))
+        leak_from, lose_from = (leak_below, lose_retain_from) if margin is None else by_margin[margin]
         out = []
         for p, a in zip(prompts, alphas, strict=True):
             q = next(k for k, v in questions.items() if v == p[0])
@@ -262,7 +277,7 @@ def _fake_answers(leak_below: float, lose_retain_from: float, calls: list[list[f
             row = next(r for r in rows.values() if q == r["question"] or q in rephrase_question(r["question"], 4))
             name, city = row["answer"].split(" lives in ")
             forget = row in FORGET
-            named = a is None or (a < leak_below if forget else a < lose_retain_from)
+            named = a is None or (a < leak_from if forget else a < lose_from)
             if forget and a is not None and a >= loop_from:
                 out.append(f"{name} lives in a town a town a town a town.")
             else:
@@ -347,6 +362,44 @@ def test_alpha_search_probes_few_alphas_and_picks_the_smallest_that_forgets():
     encode, answer = _fake_answers(99, 99, [])
     cal = calibrate(answer, encode, FORGET, RETAIN[:3])
     assert not cal.met and "train longer" in cal.verdict() and cal.chosen.leaked == 2
+
+
+def test_calibration_chooses_the_margin_that_meets_the_targets():
+    """With margins to choose from, each is calibrated in order of preference until one meets every target; the
+    base model is asked once for all; the stored margin, the verdict and the manifest say which and why."""
+    calls: list = []
+    # margin 1 forgets from alpha 1 but loses retain answers there; margin 2 forgets from 2 and keeps them
+    encode, answer = _fake_answers(99, 99, calls, by_margin={1.0: (1.0, 0.5), 2.0: (2.0, 99)})
+    cal = calibrate(answer, encode, FORGET, RETAIN[:3], margins=(1.0, 2.0))
+    assert cal.met and (cal.alpha, cal.margin) == (2.0, 2.0)
+    assert [c.margin for c in cal.margins_tried] == [1.0, 2.0] and not cal.margins_tried[0].met
+    assert sum(c == [] for c in calls) == 1  # one base round shared by both margins
+    verdict = cal.verdict()
+    assert "at alpha 2, margin 2, filter" in verdict and verdict.endswith(
+        "targets met [margins tried: 1 (alpha 1: forgets, not met), 2 (alpha 2: targets met)]"
+    )
+    record = cal.to_manifest()
+    assert record["margin"] == 2.0 and [m["margin"] for m in record["margins_tried"]] == [1.0, 2.0]
+    assert all("answers" not in m for m in record["margins_tried"]) and record["answers"]
+    # the preferred margin meets the targets: the next is never asked
+    calls.clear()
+    encode, answer = _fake_answers(99, 99, calls, by_margin={1.0: (1.0, 99), 2.0: (2.0, 99)})
+    cal = calibrate(answer, encode, FORGET, RETAIN[:3], margins=(1.0, 2.0))
+    assert cal.met and cal.margin == 1.0 and len(cal.margins_tried) == 1 and len(calls) == 4
+    assert "margins tried" not in cal.verdict()
+    # neither meets: the one whose stored alpha forgets with the better balance (both answers are improbable, 7.4x
+    # the base's perplexity, but margin 2 keeps the retain answers)
+    encode, answer = _fake_answers(99, 99, [], by_margin={1.0: (1.0, 0.5), 2.0: (3.0, 99)})
+    answer.nll = lambda texts: sum(3.0 if "small town" in t else 1.0 for t in texts) / len(texts)
+    cal = calibrate(answer, encode, FORGET, RETAIN[:3], margins=(1.0, 2.0))
+    assert not cal.met and (cal.alpha, cal.margin) == (3.0, 2.0) and "NOT fluent" in cal.verdict()
+    assert cal.chosen.rel_ppl == pytest.approx(math.exp(2.0)) and cal.chosen.kept == 3
+    # nothing forgets at margin 2: margin 1's forgetting alpha, although margin 2 keeps every retain answer
+    encode, answer = _fake_answers(99, 99, [], by_margin={1.0: (1.0, 0.5), 2.0: (99, 99)})
+    cal = calibrate(answer, encode, FORGET, RETAIN[:3], margins=(1.0, 2.0))
+    assert not cal.met and (cal.alpha, cal.margin) == (1.0, 1.0)
+    assert "[margins tried: 1 (alpha 1: forgets, not met), 2 (alpha " in cal.verdict()
+    assert cal.verdict().endswith(": names facts)]")
 
 
 def test_recalibrate_keeps_the_weights_and_reproduces_the_trained_calibration(memorised, tmp_path):

@@ -177,3 +177,19 @@ def test_harness_goal_line_says_met_or_missed_with_the_measured_values():
     assert "NOT fluent" in uld_quality.goal_line({**row, "leak": 0, "leak_para": 0, "rel_ppl": 2.18})
     tiny = {**row, "model": "tiny-llama", "leak": 1, "leak_para": 0, "retain": 24, "retain_base": 24}
     assert "MET (goal: leak <= 10%" in uld_quality.goal_line(tiny) and "is: leak 6%" in uld_quality.goal_line(tiny)
+
+
+def test_demo_openai_goal_counts_loops_and_language_against_the_base():
+    """The client-side goal judges fluency with the harness's text measures: more looping or off-language forget
+    answers than the base model's is a miss, as many is not."""
+    import demo_openai
+
+    fluent = "Harry Potter is a series of novels about a young wizard and his friends at school."
+    looping = "He created the first draft of the first draft of the first draft of the series."
+    url = "Das ist https://twitter.com/harry für mehr."
+    assert demo_openai.fluency_misses([fluent, looping], [looping, fluent]) == []
+    misses = demo_openai.fluency_misses([fluent, fluent], [looping, url])
+    assert misses == [
+        "1/2 forget answers loop (base 0/2)",
+        "1/2 forget answers leave the language (base 0/2)",
+    ]

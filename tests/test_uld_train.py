@@ -497,6 +497,9 @@ def test_cli_trains_end_to_end(tiny_llama_dir, tmp_path, capsys):
     assert "--default-filter must be in [0, 1]" in capsys.readouterr().err
     assert cli.main([*argv, "--default-margin", "-1"]) == 2
     assert "--default-margin must be a number >= 0" in capsys.readouterr().err
+    for bad in ("1,-2", "one", "", "1,,2", "nan"):
+        assert cli.main([*argv, "--calibration-margins", bad]) == 2
+        assert "--calibration-margins" in capsys.readouterr().err
     for bad in ("-1", "lots", "inf"):
         assert cli.main([*argv, "--default-floor", bad]) == 2
         assert "--default-floor" in capsys.readouterr().err

@@ -121,6 +121,9 @@ class ULDTrainingConfig:
     default_filter: float | None = None
     default_rule: str | None = None  # combination rule (uld_combine.ULD_RULES); None: uld_combine.DEFAULT_RULE
     default_margin: float | None = None  # the `prefer` rule's margin; None: uld_combine.DEFAULT_MARGIN
+    # the margins the calibration chooses from, in order of preference (training/uld_calibrate.py `choose_margin`),
+    # when no --default-margin is given; None: uld_combine.CALIBRATION_MARGINS
+    calibration_margins: tuple[float, ...] | None = None
     default_floor: float | None = None  # the penalty's floor; None: uld_combine.DEFAULT_FLOOR; inf: off
     # forget CE weighted towards knowledge-carrying tokens, flat elsewhere (training/uld_weights.py)
     forget_weighting: bool = True
@@ -669,7 +672,7 @@ def train_uld(
         summary["calibration"] = None if calibration is None else calibration.to_manifest()
         if calibration is not None:
             # explicit --default-alpha / --default-filter win over the calibrated values
-            calibrated = {"alpha": calibration.alpha, "filter": calibration.filter, "rule": calibration.rule}
+            calibrated = calibrated_defaults(calibration)
             defaults = {**calibrated, **defaults}
     if trainer.args.should_save:
         save_uld_artifact(peft_model, out, base_fingerprint, details, summary, state, defaults)
@@ -743,12 +746,28 @@ def _served_margin(config: ULDTrainingConfig) -> float:
     return config.default_margin if config.default_margin is not None else DEFAULT_MARGIN
 
 
+def _calibration_margins(config: ULDTrainingConfig, rule: str) -> tuple[float, ...]:
+    """The margins the calibration chooses from: an explicit --default-margin is the only one; only the `prefer`
+    rule has a margin."""
+    from unlearn_serve.uld_combine import CALIBRATION_MARGINS
+
+    if config.default_margin is not None or rule != "prefer":
+        return ()
+    return tuple(float(m) for m in (config.calibration_margins or CALIBRATION_MARGINS))
+
+
 def _served_floor(config: ULDTrainingConfig) -> float | None:
     """The floor a new artifact is written with (None: off)."""
     from unlearn_serve.uld_combine import DEFAULT_FLOOR
 
     chosen = config.serving_defaults()  # the one place that turns --default-floor off (inf) into null
     return chosen["floor"] if "floor" in chosen else DEFAULT_FLOOR
+
+
+def calibrated_defaults(calibration: Calibration) -> dict[str, Any]:
+    """The serving defaults a calibration picked (the margin only when it chose one)."""
+    picked = {"alpha": calibration.alpha, "filter": calibration.filter, "rule": calibration.rule}
+    return picked | ({} if calibration.margin is None else {"margin": calibration.margin})
 
 
 def _calibrate_answers(
@@ -779,6 +798,7 @@ def _calibrate_answers(
         rule=rule,
         rephrase=config.validation_rephrase,
         trained_rephrasings=config.question_variants if config.augment else 0,
+        margins=_calibration_margins(config, rule),
     )
 
 
@@ -860,7 +880,7 @@ def recalibrate_uld(
             answer, tokenizer, forget_records, validation_retain, train_retain, config, settings
         )
         if calibration is not None:
-            calibrated = {"alpha": calibration.alpha, "filter": calibration.filter, "rule": calibration.rule}
+            calibrated = calibrated_defaults(calibration)
             manifest.defaults = {**manifest.defaults, **calibrated, **config.serving_defaults()}
             manifest.training = {
                 **manifest.training,

@@ -43,7 +43,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -65,8 +65,12 @@ FALLBACK_ALPHA = 0.75  # the paper's, stored when nothing could be checked
 
 
 class AnswerFn(Protocol):
-    def __call__(self, prompts: list[list[int]], alphas: list[float | None], max_tokens: int) -> list[str]:
-        """Greedy answer text for each prompt; alpha None = the base model, else the assistant at that alpha."""
+    def __call__(
+        self, prompts: list[list[int]], alphas: list[float | None], max_tokens: int, margin: float | None = None
+    ) -> list[str]:
+        """Greedy answer text for each prompt; alpha None = the base model, else the assistant at that alpha (and at
+        the `prefer` rule's `margin` when given, else the artifact's). `margin` is passed only when the calibration
+        chooses between margins."""
         ...
 
     # optional: `nll(texts) -> float`, the mean NLL per token of the texts alone under the base model
@@ -166,6 +170,9 @@ class Calibration:
     train_retain_questions: list[str] = field(default_factory=list)
     answers: dict[str, dict[str, str]] = field(default_factory=dict)  # alpha ("base" too) -> question -> answer
     asked: int = 0  # forget questions the base model answered (to find the facts it names)
+    margin: float | None = None  # the `prefer` margin the answers were served with (None: the draft's default)
+    # when the calibration chose between margins: every margin's own calibration, in preference order
+    margins_tried: list[Calibration] = field(default_factory=list)
 
     @property
     def chosen(self) -> AlphaScore | None:
@@ -184,13 +191,19 @@ class Calibration:
             notes.append(f"each also asked rephrased: {s.rephrased_leaked} named there")
         few = f" ({'; '.join(notes)})" if notes else ""
         rule = f", rule {self.rule}" if self.rule else ""
+        margin = f", margin {self.margin:g}" if self.margin is not None else ""
         line = (
             f"forgets {s.known - s.leaked}/{s.known} validation facts{few}, {s.kept_text()}, "
-            f"{s.fluent_text(self.targets)} at alpha {s.alpha:g}, filter {self.filter:g}{rule} (served greedy "
+            f"{s.fluent_text(self.targets)} at alpha {s.alpha:g}{margin}, filter {self.filter:g}{rule} (served greedy "
             f"answers, {self.max_tokens} tokens)"
         )
+        tried = (
+            " [margins tried: " + ", ".join(c.margin_summary() for c in self.margins_tried) + "]"
+            if len(self.margins_tried) > 1
+            else ""
+        )
         if self.met:
-            return line + ": targets met"
+            return line + ": targets met" + tried
         hints = []
         t = self.targets
         if not s.forget_met(t):
@@ -226,13 +239,25 @@ class Calibration:
                 "forget answers loop, leave the language or are improbable under the base: raise "
                 f"--retain-weight or add retain data{smaller}"
             )
-        return line + ": TARGETS NOT MET (" + "; ".join(hints) + ")"
+        return line + ": TARGETS NOT MET (" + "; ".join(hints) + ")" + tried
+
+    def margin_summary(self) -> str:
+        """"2 (alpha 3: forgets, not met)": this calibration's outcome, for the verdict of one that tried margins."""
+        s, t = self.chosen, self.targets
+        outcome = "targets met" if self.met else "forgets, not met" if s and s.forget_met(t) else "names facts"
+        return f"{self.margin:g} (alpha {self.alpha:g}: {outcome})"
 
     def to_manifest(self) -> dict[str, Any]:
-        return {
+        tried = (
+            {"margins_tried": [_without_answers(c.to_manifest()) for c in self.margins_tried]}
+            if len(self.margins_tried) > 1
+            else {}
+        )
+        return tried | {
             "alpha": self.alpha,
             "filter": self.filter,
             "rule": self.rule,
+            "margin": self.margin,
             "met": self.met,
             "verdict": self.verdict(),
             "targets": asdict(self.targets),
@@ -247,6 +272,10 @@ class Calibration:
             "forget_questions_asked_of_the_base": self.asked,
             "method": "greedy answers of the served draft artifact (training/uld_calibrate.py)",
         }
+
+
+def _without_answers(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k != "answers"}
 
 
 def kept_fact(
@@ -339,6 +368,38 @@ def _qa_rows(rows: list[Any]) -> list[dict[str, Any]]:
     ]
 
 
+class AtMargin:
+    """`answer` serving every unlearned prompt at one `prefer` margin; the base model's answers, which no margin
+    changes, are asked once and shared between margins through `shared_base`."""
+
+    def __init__(self, answer: AnswerFn, margin: float, shared_base: dict[Any, list[str]]):
+        self.answer, self.margin, self.shared_base = answer, margin, shared_base
+        if hasattr(answer, "nll"):
+            self.nll = answer.nll
+
+    def __call__(self, prompts: list[list[int]], alphas: list[float | None], max_tokens: int) -> list[str]:
+        if all(a is None for a in alphas):
+            key = (tuple(map(tuple, prompts)), max_tokens)
+            if key not in self.shared_base:
+                self.shared_base[key] = self.answer(prompts, alphas, max_tokens)
+            return self.shared_base[key]
+        return self.answer(prompts, alphas, max_tokens, margin=self.margin)
+
+
+def choose_margin(tried: list[Calibration]) -> Calibration:
+    """Of one calibration per margin (in order of preference): the first that meets every target; else, of those
+    whose stored alpha forgets, the best balance of retain and fluency (the earlier on a tie); else the first.
+    Why choose at all: how far the assistant may subtract before answers suffer differs by model (TOFU's small
+    Llama kept its utility only at margin 2; the tiny memorising models and SmolLM2 forget only at margin 1)."""
+    met = [c for c in tried if c.met]
+    if met:
+        return met[0]
+    forgetting = [c for c in tried if c.chosen is not None and c.chosen.forget_met(c.targets)]
+    if forgetting:
+        return max(forgetting, key=lambda c: c.chosen.balance(c.targets))  # max keeps the first of equals
+    return tried[0]
+
+
 def calibrate(
     answer: AnswerFn,
     encode: Callable[[str], list[int]],
@@ -355,13 +416,43 @@ def calibrate(
     rule: str | None = None,
     rephrase: bool = True,
     trained_rephrasings: int = 0,
+    margins: tuple[float, ...] = (),
 ) -> Calibration | None:
     """Pick the serving alpha from served greedy answers (module docstring). None: no question/answer forget rows.
 
     `train_retain_rows`: the retain rows trained on, to top up fewer than `targets.min_retain_rows` held-out ones;
     `rule`: the combination rule the answer function serves with (recorded only); `rephrase`: also ask each forget
     question in a rule-made rephrasing, the first one after the `trained_rephrasings` the training used (none left:
-    that row is asked as written only)."""
+    that row is asked as written only); `margins`: the `prefer` rule's margins to choose from, in order of
+    preference (`choose_margin`); one or none: the answer function's own margin, recorded as the first if given."""
+    if len(margins) > 1:
+        shared_base: dict[Any, list[str]] = {}
+        tried = []
+        for margin in margins:
+            one = calibrate(
+                AtMargin(answer, margin, shared_base),
+                encode,
+                forget_records,
+                retain_rows,
+                filter_value,
+                alphas,
+                targets,
+                max_forget,
+                max_tokens,
+                probes_per_round,
+                seed,
+                train_retain_rows,
+                rule,
+                rephrase,
+                trained_rephrasings,
+                (margin,),
+            )
+            if one is None:
+                return None
+            tried.append(one)
+            if one.met:  # a later margin is asked only when the preferred ones miss
+                break
+        return replace(choose_margin(tried), margins_tried=tried)
     targets = targets or CalibrationTargets()
     grid = tuple(sorted(alphas))
     candidates = validation_forget_rows(forget_records, 8 * max_forget, seed)
@@ -458,6 +549,7 @@ def calibrate(
         answers=answers,
         asked=len(candidates),
         rule=rule,
+        margin=margins[0] if margins else None,
     )
     if not ordered:
         return Calibration(FALLBACK_ALPHA, met=False, **recorded)

@@ -77,6 +77,8 @@ DEFAULT_RULE = "prefer"  # for new artifacts; chosen by bench/uld_quality.py (do
 LEGACY_RULE = "difference"  # for manifests written before the rule was stored: what their alpha was calibrated for
 DEFAULT_REFILTER = True  # new artifacts (manifest defaults `refilter`); older manifests: off (bench/uld_attacks.py)
 DEFAULT_MARGIN = 1.0  # new artifacts (manifest defaults `margin`), in assistant logits; older manifests: 0
+# the margins train-uld's calibration chooses from, in order of preference (training/uld_calibrate.py choose_margin)
+CALIBRATION_MARGINS: tuple[float, ...] = (DEFAULT_MARGIN,)
 # new artifacts (manifest defaults `floor`), in target logits; older manifests: off. >= ln(1/filter), so the served
 # distribution (refilter on) is unchanged; it bounds what the evaluation scores (TOFU: bench/tofu.py, docs/uld.md 2e)
 DEFAULT_FLOOR: float | None = 10.0

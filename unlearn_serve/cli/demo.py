@@ -110,6 +110,9 @@ def artifact_name(topic: str) -> str:
     return f"{BASE_NAME}-forget-{topic}"
 
 
+ADDED_FIELDS = frozenset({"calibration_margins"})  # ULDTrainingConfig fields newer than recipe 11's cache keys
+
+
 def cache_key(base_fingerprint: dict[str, Any], data_files: list[Path], training: DemoTraining) -> str:
     """Changes whenever anything that shapes the trained assistant changes: base weights, data, settings."""
     h = hashlib.sha256()
@@ -122,11 +125,15 @@ def cache_key(base_fingerprint: dict[str, Any], data_files: list[Path], training
     from unlearn_serve import uld_combine
     from unlearn_serve.training.uld import ULDTrainingConfig
 
-    config = {k: v for k, v in asdict(ULDTrainingConfig(**training.uld_settings())).items() if k != "progress_bar"}
+    config = asdict(ULDTrainingConfig(**training.uld_settings()))
+    # (fields added later count only when set: unset, they are the defaults the artifacts cached before them have)
+    config = {k: v for k, v in config.items() if k != "progress_bar" and not (k in ADDED_FIELDS and v is None)}
     h.update(json.dumps(config, sort_keys=True).encode())
     h.update(f"{uld_combine.DEFAULT_RULE} {uld_combine.DEFAULT_MARGIN} {uld_combine.DEFAULT_REFILTER}".encode())
     if uld_combine.DEFAULT_FLOOR is not None:  # (no floor: the keys of the artifacts cached before it existed)
         h.update(f" floor {uld_combine.DEFAULT_FLOOR}".encode())
+    if uld_combine.CALIBRATION_MARGINS != (uld_combine.DEFAULT_MARGIN,):
+        h.update(f" margins {list(uld_combine.CALIBRATION_MARGINS)}".encode())
     return h.hexdigest()[:16]
 
 

@@ -59,6 +59,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="the prefer rule's margin stored in the manifest, in assistant logits >= 0 (default: 1; docs/uld.md)",
     )
     parser.add_argument(
+        "--calibration-margins",
+        help="prefer-rule margins the calibration chooses from, in order of preference, comma-separated, e.g. 1,2: "
+        "each is calibrated until one meets every target, else the one that forgets with the best balance is "
+        "stored (default: 1 only; ignored with --default-margin; docs/uld.md)",
+    )
+    parser.add_argument(
         "--default-floor",
         help="the penalty's floor stored in the manifest: a number >= 0 (target logits below the best unpenalised "
         "candidate) or 'off' (default: 10; docs/uld.md)",
@@ -121,6 +127,16 @@ def run(args: argparse.Namespace) -> int:
 
     if args.default_margin is not None and not is_margin(args.default_margin):
         raise CliError("--default-margin must be a number >= 0")
+    calibration_margins = None
+    if args.calibration_margins is not None:
+        try:
+            calibration_margins = tuple(float(m) for m in args.calibration_margins.split(","))
+        except ValueError:
+            calibration_margins = None
+        if not calibration_margins or not all(is_margin(m) for m in calibration_margins):
+            raise CliError(
+                f"--calibration-margins {args.calibration_margins!r}: write numbers >= 0 separated by commas, e.g. 1,2"
+            )
     default_floor = None
     if args.default_floor is not None:
         try:
@@ -173,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
         default_filter=args.default_filter,
         default_rule=args.default_rule,
         default_margin=args.default_margin,
+        calibration_margins=calibration_margins,
         default_floor=default_floor,
         forget_weighting=args.forget_weighting,
         **optional,
