@@ -53,7 +53,8 @@ def test_cache_key_changes_with_base_data_and_settings(tmp_path: Path, monkeypat
     assert key != demo.cache_key(base, [forget, retain], training)
     monkeypatch.undo()
     # the margins the calibration chooses from: set in the settings or by the library default, a new key
-    monkeypatch.setattr(demo.DemoTraining, "uld_settings", lambda self: {**settings(self), "calibration_margins": [1, 2]})
+    margins = {"calibration_margins": [1, 2]}
+    monkeypatch.setattr(demo.DemoTraining, "uld_settings", lambda self: {**settings(self), **margins})
     assert key != demo.cache_key(base, [forget, retain], training)
     monkeypatch.undo()
     from unlearn_serve import uld_combine
