@@ -748,11 +748,13 @@ def _served_margin(config: ULDTrainingConfig) -> float:
 
 def _calibration_margins(config: ULDTrainingConfig, rule: str) -> tuple[float, ...]:
     """The margins the calibration chooses from: an explicit --default-margin is the only one; only the `prefer`
-    rule has a margin."""
+    rule has a margin (none: the verdict names none)."""
     from unlearn_serve.uld_combine import CALIBRATION_MARGINS
 
-    if config.default_margin is not None or rule != "prefer":
+    if rule != "prefer":
         return ()
+    if config.default_margin is not None:
+        return (float(config.default_margin),)
     return tuple(float(m) for m in (config.calibration_margins or CALIBRATION_MARGINS))
 
 
