@@ -402,6 +402,24 @@ def test_calibration_chooses_the_margin_that_meets_the_targets():
     assert cal.verdict().endswith(": names facts)]")
 
 
+def test_the_draft_is_served_at_the_margin_the_calibration_records():
+    """A single calibrated margin is the one the draft is served at (else the verdict and the manifest would name a
+    margin the answers never saw); --default-margin is the only margin; `difference` has none."""
+    from unlearn_serve.training.uld import _calibration_margins, _served_margin
+
+    from unlearn_serve.uld_combine import DEFAULT_MARGIN
+
+    default = ULDTrainingConfig()
+    assert _served_margin(default) == DEFAULT_MARGIN and _calibration_margins(default, "prefer") == (DEFAULT_MARGIN,)
+    one = ULDTrainingConfig(calibration_margins=(2.0,))
+    assert _served_margin(one) == 2.0 and _calibration_margins(one, "prefer") == (2.0,)
+    two = ULDTrainingConfig(calibration_margins=(2.0, 1.0))
+    assert _served_margin(two) == 2.0 and _calibration_margins(two, "prefer") == (2.0, 1.0)
+    fixed = ULDTrainingConfig(default_margin=0.5, calibration_margins=(1.0, 2.0))
+    assert _served_margin(fixed) == 0.5 and _calibration_margins(fixed, "prefer") == (0.5,)
+    assert _calibration_margins(two, "difference") == ()
+
+
 def test_recalibrate_keeps_the_weights_and_reproduces_the_trained_calibration(memorised, tmp_path):
     """`recalibrate_uld` (bench --recalibrate): the same rule gives train-uld's own calibration back; another rule
     is calibrated for itself; the adapter weights are copied unchanged."""
