@@ -36,6 +36,10 @@ when its retain and fluency targets are met too. Otherwise forgetting comes firs
 forget, the one with the best balance of retain and fluency is stored (a smaller alpha with smoother answers
 would serve facts the validation saw leak); only when none forgets, the probed alpha with the best balance
 overall. Either way the verdict says what was missed and what to try.
+
+Given several `prefer` margins (`train-uld --calibration-margins 1,2`; default: margin 1 only), the search runs
+once per margin, in order, until one meets every target; else `choose_margin` keeps the margin whose stored alpha
+forgets with the best balance (measured on TOFU full, docs/benchmarks.md section 18).
 """
 
 from __future__ import annotations
