@@ -168,7 +168,6 @@ class EngineProbe:
             self.delay = 0.0
 
 
-
 @pytest.fixture(scope="module")
 def base_model(tokenizer) -> torch.nn.Module:
     """An untrained tiny Llama: these tests need a real model behind the server, not a meaningful one."""

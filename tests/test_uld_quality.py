@@ -390,9 +390,13 @@ def test_calibration_chooses_the_margin_that_meets_the_targets():
     # neither meets: the one whose stored alpha forgets with the better balance (both answers are improbable, 7.4x
     # the base's perplexity, but margin 2 keeps the retain answers)
     encode, answer = _fake_answers(99, 99, [], by_margin={1.0: (1.0, 0.5), 2.0: (3.0, 99)})
-    answer.nll = lambda texts: sum(3.0 if "small town" in t else 1.0 for t in texts) / len(texts)
+    scored: list[list[str]] = []
+    answer.nll = lambda texts: scored.append(texts) or sum(3.0 if "small town" in t else 1.0 for t in texts) / len(
+        texts
+    )
     cal = calibrate(answer, encode, FORGET, RETAIN[:3], margins=(1.0, 2.0))
     assert not cal.met and (cal.alpha, cal.margin) == (3.0, 2.0) and "NOT fluent" in cal.verdict()
+    assert sum("small town" not in t[0] for t in scored) == 1  # the base's answers scored once for both margins
     assert cal.chosen.rel_ppl == pytest.approx(math.exp(2.0)) and cal.chosen.kept == 3
     # nothing forgets at margin 2: margin 1's forgetting alpha, although margin 2 keeps every retain answer
     encode, answer = _fake_answers(99, 99, [], by_margin={1.0: (1.0, 0.5), 2.0: (99, 99)})

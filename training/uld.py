@@ -743,12 +743,7 @@ def _served_settings(config: ULDTrainingConfig, model: nn.Module) -> tuple[float
 def _served_margin(config: ULDTrainingConfig) -> float:
     """The margin the calibration's draft (and a recalibrated artifact) is written with: --default-margin, else the
     first margin the calibration prefers, so that a single calibrated margin is the one the answers were served at."""
-    from unlearn_serve.uld_combine import CALIBRATION_MARGINS, DEFAULT_MARGIN
-
-    if config.default_margin is not None:
-        return config.default_margin
-    preferred = config.calibration_margins or CALIBRATION_MARGINS
-    return float(preferred[0]) if preferred else DEFAULT_MARGIN
+    return _calibration_margins(config, "prefer")[0]
 
 
 def _calibration_margins(config: ULDTrainingConfig, rule: str) -> tuple[float, ...]:

@@ -373,21 +373,28 @@ def _qa_rows(rows: list[Any]) -> list[dict[str, Any]]:
 
 
 class AtMargin:
-    """`answer` serving every unlearned prompt at one `prefer` margin; the base model's answers, which no margin
-    changes, are asked once and shared between margins through `shared_base`."""
+    """`answer` serving every unlearned prompt at one `prefer` margin. What no margin changes is computed once and
+    shared between margins through `shared`: the base model's answers and the base's score of its own answers."""
 
-    def __init__(self, answer: AnswerFn, margin: float, shared_base: dict[Any, list[str]]):
-        self.answer, self.margin, self.shared_base = answer, margin, shared_base
+    def __init__(self, answer: AnswerFn, margin: float, shared: dict[Any, Any]):
+        self.answer, self.margin, self.shared = answer, margin, shared
         if hasattr(answer, "nll"):
-            self.nll = answer.nll
+            self.nll = self._shared_nll
 
     def __call__(self, prompts: list[list[int]], alphas: list[float | None], max_tokens: int) -> list[str]:
         if all(a is None for a in alphas):
-            key = (tuple(map(tuple, prompts)), max_tokens)
-            if key not in self.shared_base:
-                self.shared_base[key] = self.answer(prompts, alphas, max_tokens)
-            return self.shared_base[key]
+            key = ("base", tuple(map(tuple, prompts)), max_tokens)
+            if key not in self.shared:
+                self.shared[key] = self.answer(prompts, alphas, max_tokens)
+            return self.shared[key]
         return self.answer(prompts, alphas, max_tokens, margin=self.margin)
+
+    def _shared_nll(self, texts: list[str]) -> float:
+        # the base answers' score (the relative perplexity's denominator) is asked again by every margin
+        key = ("nll", tuple(texts))
+        if key not in self.shared:
+            self.shared[key] = self.answer.nll(texts)  # type: ignore[attr-defined]
+        return self.shared[key]
 
 
 def choose_margin(tried: list[Calibration]) -> Calibration:
@@ -430,26 +437,26 @@ def calibrate(
     that row is asked as written only); `margins`: the `prefer` rule's margins to choose from, in order of
     preference (`choose_margin`); one or none: the answer function's own margin, recorded as the first if given."""
     if len(margins) > 1:
-        shared_base: dict[Any, list[str]] = {}
+        shared: dict[Any, Any] = {}
         tried = []
         for margin in margins:
             one = calibrate(
-                AtMargin(answer, margin, shared_base),
+                AtMargin(answer, margin, shared),
                 encode,
                 forget_records,
                 retain_rows,
-                filter_value,
-                alphas,
-                targets,
-                max_forget,
-                max_tokens,
-                probes_per_round,
-                seed,
-                train_retain_rows,
-                rule,
-                rephrase,
-                trained_rephrasings,
-                (margin,),
+                filter_value=filter_value,
+                alphas=alphas,
+                targets=targets,
+                max_forget=max_forget,
+                max_tokens=max_tokens,
+                probes_per_round=probes_per_round,
+                seed=seed,
+                train_retain_rows=train_retain_rows,
+                rule=rule,
+                rephrase=rephrase,
+                trained_rephrasings=trained_rephrasings,
+                margins=(margin,),
             )
             if one is None:
                 return None
