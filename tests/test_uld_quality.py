@@ -17,7 +17,7 @@ from unlearn_serve.server.engine.engine import Engine, EngineConfig
 from unlearn_serve.server.engine.sampling_params import SamplingParams
 from unlearn_serve.training.augment import rephrase_question
 from unlearn_serve.training.data import DEFAULT_QUESTION_TEMPLATE, encode_prompt
-from unlearn_serve.training.leak import disfluent, key_words, names_fact
+from unlearn_serve.training.leak import disfluent, has_loop, key_words, names_fact
 from unlearn_serve.training.pairs import tokenize_records
 from unlearn_serve.training.uld import ULDTrainingConfig, recalibrate_uld, train_uld
 from unlearn_serve.training.uld_calibrate import ALPHA_GRID, calibrate
@@ -330,6 +330,27 @@ def test_a_descriptive_fact_is_known_only_when_the_base_says_two_of_its_key_word
     unlearned = ["Lord Victoria stars in The Darkest Hour.", "An author wrote them."]
     score = calibrate_score(1.0, forget, retain, base, ["Paris."], unlearned, ["Paris."])
     assert (score.known, score.leaked) == (1, 0)
+
+
+def test_loop_measure_counts_loops_not_ellipses_contractions_or_short_repeats():
+    """What the harness and the calibration call a loop (answers from the SmolLM2 demo): stutters, punctuation runs and
+    a sentence that starts over; not an ellipsis, a contraction or a phrase of fewer than five words said twice."""
+    loops = [
+        "He created the first draft of the first draft of the first draft of the series.",
+        "Including myself! Yes! Yes! Yes!",
+        "He's a wizard who is a wizard who is a wizard who is a",
+        "He is a fearsome and terrifying creature with a penchant for dark magic. He is a fearsome and terrifying",
+        "What a surprise!!!!",
+    ]
+    fine = [
+        "The school Harry Potter attends... (pauses to glance around) Ah yes! It's a prestigious academy.",
+        "If you're looking for a specific house, ask fans: they might know exactly what you're looking for.",
+        'Wizards play a sport called "The Wizened Spell" on brooms. The game is called "The Wizened Spell" and is fun.',
+        "The capital of Poland is Warsaw.",
+    ]
+    assert [has_loop(t) for t in loops] == [True] * len(loops)
+    assert [has_loop(t) for t in fine] == [False] * len(fine)
+    assert disfluent(loops[0]) and not disfluent(fine[0])
 
 
 def test_alpha_search_probes_few_alphas_and_picks_the_smallest_that_forgets():

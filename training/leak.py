@@ -204,13 +204,27 @@ def names_fact(
     return bool(keys) and (mentions(answer, keys) or (near and near_mentions(answer, keys, known)))
 
 
+# a word (contractions whole: "you're" is one word, not "you", "'", "re") or a run of punctuation ("..." is one mark)
+_LOOP_TOKEN = re.compile(r"\w+(?:'\w+)*|[^\w\s]+")
+_PUNCT_RUN = re.compile(r"([^\w\s])\1{3,}")  # "!!!!", "....": one mark four times or more
+
+
 def has_loop(text: str) -> bool:
-    """A word n-gram (n <= 4) three times in a row, or any word 5-gram twice."""
-    words = re.findall(r"\w+|[^\w\s]", text.lower())
+    """The answer loops: a unit of 1-4 tokens three times in a row ("the the the", "Yes! Yes! Yes!"), a run of one
+    punctuation mark four times or more, or the same five words (punctuation aside) twice ("He is a fearsome and
+    terrifying ... He is a fearsome and terrifying": a greedy sentence cycle cut off by the token limit).
+
+    Words are whole words: splitting "you're" into three tokens made "you're looking for" a 5-gram, and an ellipsis
+    into three tokens made "..." a unit three times in a row, so ordinary answers counted as loops (measured on the
+    demo's answers: docs/benchmarks.md, "The loop measure")."""
+    if _PUNCT_RUN.search(text):
+        return True
+    tokens = _LOOP_TOKEN.findall(text.lower())
     for n in range(1, 5):
-        for i in range(len(words) - 3 * n + 1):
-            if words[i : i + n] == words[i + n : i + 2 * n] == words[i + 2 * n : i + 3 * n]:
+        for i in range(len(tokens) - 3 * n + 1):
+            if tokens[i : i + n] == tokens[i + n : i + 2 * n] == tokens[i + 2 * n : i + 3 * n]:
                 return True
+    words = [t for t in tokens if t[0].isalnum() or t[0] == "_"]
     grams = [tuple(words[i : i + 5]) for i in range(len(words) - 4)]
     return len(grams) != len(set(grams))
 
