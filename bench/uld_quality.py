@@ -16,6 +16,9 @@ by the base model's fingerprint, the data and the settings), serves it with the 
   training/leak.py `near_mentions`), on the original questions and on hand-written paraphrases (never
   trained on);
 - retain: answers right (keyword match) with unlearning, against the base model's count;
+- retain tokens changed: the share of the retain answers' tokens where the unlearning chose another token than
+  the target would have (unlearn_serve/evaluation/trace.py; bench/uld_trace.py prints them): interference where
+  nothing should change, even when the answer still names its fact;
 - fluency of the forget answers: share with a word n-gram loop, share with URL/markup runs or a
   script/language other than the question's (non-ASCII letters; English function words), and the
   perplexity of the answer text alone (no question) under the base model, relative to the base
@@ -400,6 +403,7 @@ def evaluate(
 
     from unlearn_serve import uld_combine
     from unlearn_serve.evaluation.fluency import answers_nll, relative_perplexity
+    from unlearn_serve.evaluation.trace import substitution_share, trace_answers
 
     keep = uld_combine.ULD_MIN_CANDIDATES if min_keep is None else min_keep
     patched = {
@@ -449,6 +453,8 @@ def evaluate(
             sel = Selection("forget", options)
             got = answers(sel)
             forget_answers = got[: 2 * nf]
+            # tokens of the retain answers the unlearning decided (the target would have written another one there)
+            changed = substitution_share(trace_answers(engine, prompts[2 * nf :], sel, suite.max_tokens))
             checks2 = suite.forget_checks + suite.forget_checks
             rows.append(
                 dict(
@@ -469,6 +475,7 @@ def evaluate(
                     n_forget=nf,
                     retain=sum(names(a, c) for a, c in zip(got[2 * nf :], suite.retain_checks, strict=True)),
                     retain_base=sum(names(a, c) for a, c in zip(base[2 * nf :], suite.retain_checks, strict=True)),
+                    retain_changed=changed,
                     n_retain=len(suite.retain_checks),
                     loops=sum(has_loop(a) for a in forget_answers) / len(forget_answers),
                     base_loops=sum(has_loop(a) for a in base[: 2 * nf]) / (2 * nf),
@@ -591,10 +598,10 @@ def main(argv: list[str] | None = None) -> int:
     margins: list[float | None] = [float(m) for m in args.margins.split(",") if m.strip()] or [None]
     results: list[dict[str, Any]] = []
     header = (
-        "| model | variant | rule | margin | alpha | filter | leak (orig) | leak (para) | retain / base | loops "
-        "| URL/off-lang | rel. ppl | train s |"
+        "| model | variant | rule | margin | alpha | filter | leak (orig) | leak (para) | retain / base "
+        "| retain tokens changed | loops | URL/off-lang | rel. ppl | train s |"
     )
-    lines = [header, "|" + "---|" * 13]
+    lines = [header, "|" + "---|" * 14]
     for suite in suites:
         model, tokenizer = suite.model_loader()
         for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
@@ -625,7 +632,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"| {r['filter']:g} "
                     f"| {r['leak']}/{r['n_forget']} (base {r['base_known']}) "
                     f"| {r['leak_para']}/{r['n_forget']} (base {r['base_known_para']}) "
-                    f"| {r['retain']}/{r['retain_base']} | {r['loops']:.2f} (base {r['base_loops']:.2f}) "
+                    f"| {r['retain']}/{r['retain_base']} | {r['retain_changed']:.1%} "
+                    f"| {r['loops']:.2f} (base {r['base_loops']:.2f}) "
                     f"| {r['off_lang']:.2f} (base {r['base_off_lang']:.2f}) | {r['rel_ppl']:.2f} | {seconds:.0f} |"
                 )
                 lines.append(line)

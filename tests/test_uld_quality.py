@@ -26,6 +26,7 @@ from unlearn_serve.training.uld_weights import knowledge_weights
 
 from unlearn_serve import cli
 from unlearn_serve.artifact import MANIFEST_NAME
+from unlearn_serve.evaluation.trace import substitution_share, trace_answers
 from unlearn_serve.evaluation.uld_validation import serve_with_engine
 from unlearn_serve.tiny import build_tiny_model, fit_texts, save_tiny, train_tokenizer
 from unlearn_serve.uld_combine import (
@@ -149,6 +150,19 @@ def test_defaults_forget_keep_and_keep_the_lead_in(memorised, tmp_path):
         assert city not in answer and answer.startswith(f"{name} lives in"), answer
     kept = sum(city in a for a, (_, city) in zip(got[2:], PEOPLE[2:], strict=True))
     assert kept == len(RETAIN), got
+
+    # the trace (bench/uld_trace.py): the target's own greedy answers have no substitution; each unlearned forget
+    # answer is the target's own up to the fact, where the unlearning substitutes a token
+    prompts = [encode_prompt(tokenizer, r["question"]) for r in FORGET + RETAIN]
+    assert substitution_share(trace_answers(engine, prompts, None, 8)) == 0
+    traced = trace_answers(engine, prompts, "forget", 8)
+    assert [t.text for t in traced] == got
+    for t, (name, city) in zip(traced[:2], PEOPLE[:2], strict=True):
+        first = t.substituted.index(True)
+        assert tokenizer.decode(t.tokens[:first]).strip() == f"{name} lives in", t.marked(tokenizer.decode)
+        wanted = tokenizer.decode([t.target_best[first]]).strip()  # what the target would have said: the city
+        assert wanted and city.startswith(wanted), t.marked(tokenizer.decode)
+    assert 0 < substitution_share(traced)
 
     # the verdict's counts are what a fresh engine serving the written artifact answers, greedily, at its alpha
     fresh = Engine(copy.deepcopy(model), tokenizer, EngineConfig(max_num_seqs=8, max_model_len=128), "tiny")

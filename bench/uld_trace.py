@@ -1,0 +1,88 @@
+"""Where did the unlearning change an answer? A trace of served greedy answers against the target's own choices.
+
+Serves the SmolLM2 harness's forget questions (bench/uld_quality.py: 8 questions + 8 paraphrases, or the 16 outsider
+wordings) through the engine with a ULD artifact at its defaults (or `--alpha`), then scores each answer once more
+with and without unlearning (`prompt_logprobs=1`: each position's best token). A position where the target's best
+token differs from the one served is a *substitution*, printed as `[served|target's]`; every other token is the
+target's own greedy choice given the text so far. For each answer it also says whether it loops (the harness's
+`has_loop`) and, for a looping answer, whether its loop starts at a substitution or is the target's own continuation.
+
+    python bench/uld_trace.py --artifact ~/.cache/unlearn-serve/demo/smollm2-forget-harry-potter-<key>
+    python bench/uld_trace.py --artifact DIR --alpha 2 --checks outsider --all
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--artifact", type=Path, required=True, help="a ULD artifact for SmolLM2 (e.g. the demo's)")
+    parser.add_argument("--alpha", type=float, help="serve at this alpha (default: the artifact's)")
+    parser.add_argument("--checks", choices=("harness", "outsider"), default="harness")
+    parser.add_argument("--all", action="store_true", help="trace every forget answer (default: the looping ones)")
+    parser.add_argument("--general", action="store_true", help="trace the 12 general questions instead")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    import torch
+    import uld_quality
+    from unlearn_serve.server.engine.engine import Engine, EngineConfig
+    from unlearn_serve.server.engine.sequence import Selection
+    from unlearn_serve.training.data import encode_prompt
+    from unlearn_serve.training.leak import has_loop
+
+    from unlearn_serve.evaluation.trace import substitution_share, trace_answers
+
+    torch.set_num_threads(args.threads)
+    suite = uld_quality.smollm2_suite()
+    checks = uld_quality.HP_OUTSIDER_CHECKS if args.checks == "outsider" else suite.forget_checks
+    questions = [c.question for c in checks] + [c.paraphrase or c.question for c in checks]
+    kind = "forget"
+    if args.general:
+        questions, kind = [c.question for c in suite.retain_checks], "general"
+    model, tokenizer = suite.model_loader()
+    engine = Engine(model, tokenizer, EngineConfig(max_num_seqs=32, max_model_len=512), "base")
+    engine.load_uld("forget", args.artifact)
+    selection = Selection("forget", {} if args.alpha is None else {"alpha": args.alpha})
+    prompts = [encode_prompt(tokenizer, q) for q in questions]
+    traces = trace_answers(engine, prompts, selection, suite.max_tokens)
+    loops = entered = 0
+    for q, t in zip(questions, traces, strict=True):
+        looping = has_loop(t.text)
+        loops += looping
+        if looping:
+            start = first_repeat(t.tokens)
+            entered += start is not None and any(t.substituted[max(0, start - 1) : start + 1])
+        if looping or args.all:
+            flag = " (LOOPS)" if looping else ""
+            print(f"Q: {q}{flag}\n   {t.marked(tokenizer.decode)!r}")
+            print(f"   substitutions {sum(t.substituted)}/{len(t.tokens)}")
+    print(
+        f"\n{len(questions)} {kind} answers at alpha {args.alpha if args.alpha is not None else 'default'}: "
+        f"{substitution_share(traces):.1%} of their tokens substituted; {loops} loop{'s' if loops != 1 else ''}, "
+        f"{entered} of them entered at a substitution"
+    )
+    return 0
+
+
+def first_repeat(tokens: list[int], n: int = 3) -> int | None:
+    """Index where the first token n-gram that occurs again later in `tokens` starts (its second occurrence), or
+    None: the point where the answer starts repeating itself."""
+    seen: dict[tuple[int, ...], int] = {}
+    for i in range(len(tokens) - n + 1):
+        gram = tuple(tokens[i : i + n])
+        if gram in seen:
+            return i
+        seen[gram] = i
+    return None
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
