@@ -28,6 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checks", choices=("harness", "outsider"), default="harness")
     parser.add_argument("--all", action="store_true", help="trace every forget answer (default: the looping ones)")
     parser.add_argument("--general", action="store_true", help="trace the 12 general questions instead")
+    parser.add_argument(
+        "--facts",
+        action="store_true",
+        help="instead: at each fact token of the base's own forget answers, the assistant's preference for it "
+        "(logits above its median over the candidates), the penalty it gets and the target's lead to overcome",
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
 
@@ -49,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         questions, kind = [c.question for c in suite.retain_checks], "general"
     model, tokenizer = suite.model_loader()
     engine = Engine(model, tokenizer, EngineConfig(max_num_seqs=32, max_model_len=512), "base")
-    engine.load_uld("forget", args.artifact)
+    assistant = engine.load_uld("forget", args.artifact)
+    if args.facts:
+        return fact_preferences(engine, model, tokenizer, args.artifact, questions, checks, assistant, args.alpha)
     selection = Selection("forget", {} if args.alpha is None else {"alpha": args.alpha})
     prompts = [encode_prompt(tokenizer, q) for q in questions]
     traces = trace_answers(engine, prompts, selection, suite.max_tokens)
@@ -69,6 +77,55 @@ def main(argv: list[str] | None = None) -> int:
         f"{substitution_share(traces):.1%} of their tokens substituted; {loops} loop{'s' if loops != 1 else ''}, "
         f"{entered} of them entered at a substitution"
     )
+    return 0
+
+
+def fact_preferences(engine, model, tokenizer, artifact: Path, questions, checks, assistant, alpha) -> int:
+    """Print, for each fact token in the base's own greedy forget answers, what the `prefer` rule does there: the
+    assistant's logit above its median over the candidates (`d`), the penalty alpha * max(0, d - margin), and the
+    target's lead of that token over its runner-up (the penalty must exceed it to remove the fact *there*)."""
+    import copy
+    import math
+
+    import torch
+    from peft import PeftModel
+    from unlearn_serve.server.engine.sampling_params import SamplingParams
+    from unlearn_serve.training.data import encode_prompt
+
+    from unlearn_serve.assistant import assistant_logits
+    from unlearn_serve.uld_combine import plausible_mask
+
+    alpha = assistant.alpha if alpha is None else alpha
+    margin, layers = assistant.combine.margin, assistant.num_layers
+    helper = PeftModel.from_pretrained(copy.deepcopy(model), str(artifact)).eval()
+    prompts = [encode_prompt(tokenizer, q) for q in questions]
+    params = SamplingParams(max_tokens=48, temperature=0.0)
+    answers = [r.completions[0].token_ids for r in engine.generate(prompts, params, None)]
+    print(f"alpha {alpha:g}, margin {margin:g}, filter {assistant.filter:g}; fact tokens of the base's own answers:")
+    removed = total = 0
+    for q, p, a, check in zip(questions, prompts, answers, list(checks) * 2, strict=True):
+        ids = torch.tensor([list(p) + list(a)])
+        with torch.no_grad():
+            target = model(ids).logits[0, len(p) - 1 : -1].float()
+            helper_logits = assistant_logits(helper, ids, None, layers)[0, len(p) - 1 : -1].float()
+        keep = plausible_mask(target, torch.full((len(a),), math.log(assistant.filter)))
+        above = helper_logits - helper_logits.masked_fill(~keep, float("nan")).nanmedian(-1, keepdim=True).values
+        for i, token in enumerate(a):
+            piece = tokenizer.decode([token]).strip().lower()
+            if len(piece) < 3 or not any(k.lower().startswith(piece) for k in check.keywords):
+                continue
+            others = target[i].clone()
+            others[token] = float("-inf")
+            lead = float(target[i, token] - others.max())
+            d = float(above[i, token])
+            penalty = alpha * max(0.0, d - margin)
+            total += 1
+            removed += penalty > lead
+            print(
+                f"  {q[:48]:48} {tokenizer.decode([token])!r:12} d {d:5.2f}  penalty {penalty:5.2f}  "
+                f"target's lead {lead:5.2f}  {'removed here' if penalty > lead else 'kept here'}"
+            )
+    print(f"{removed}/{total} fact tokens removed at their own position; the rest only if the answer turns earlier")
     return 0
 
 
