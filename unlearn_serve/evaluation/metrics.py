@@ -176,7 +176,10 @@ _CHAR_LOOP = re.compile(r"(.{3,40}?)\1{3,}", re.DOTALL)
 def has_ngram_loop(text: str, max_n: int = 8, repeats: int = 3) -> bool:
     """True when the text falls into a loop: some run of 1..max_n words repeated back to back at
     least `repeats` times ("the the the", "is a is a is a"), or a 3..40-character chunk repeated
-    four times in a row (loops in text without spaces)."""
+    four times in a row (loops in text without spaces). Only back-to-back repeats: TOFU's answers run to 200 tokens,
+    where a phrase may recur naturally; the 48-token served-answer checks (`train-uld`'s calibration,
+    bench/uld_quality.py) use the stricter `unlearn_serve.training.leak.has_loop`, which also counts five words said
+    twice."""
     words = text.split()
     for n in range(1, max_n + 1):
         needed = n * repeats
