@@ -193,3 +193,14 @@ def test_demo_openai_goal_counts_loops_and_language_against_the_base():
         "1/2 forget answers loop (base 0/2)",
         "1/2 forget answers leave the language (base 0/2)",
     ]
+
+
+def test_trace_script_finds_where_an_answer_starts_repeating():
+    """bench/uld_trace.py's loop entry point: the second occurrence of the first token 3-gram that recurs."""
+    import uld_trace
+
+    # "the first draft of the first draft" as token ids: 1 2 3 4 1 2 3 4
+    assert uld_trace.first_repeat([1, 2, 3, 4, 1, 2, 3, 4]) == 4
+    assert uld_trace.first_repeat([5, 1, 2, 3, 1, 2, 3]) == 4
+    assert uld_trace.first_repeat([1, 2, 3, 4, 5, 6]) is None
+    assert uld_trace.first_repeat([1, 2]) is None
