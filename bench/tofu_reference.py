@@ -86,6 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     disfluent = f"{s.disfluent}/{s.forget_rows} (target: {s.base_disfluent})"
     print(f"  forget answers that loop or leave the language: {disfluent}")
     print(f"  perplexity of its forget answers under the target, relative to the target's own: {s.rel_ppl:.2f}x")
+    t = result.targets
+    if not s.fluent_met(t) or not s.forget_met(t):
+        print(
+            "  the calibration would NOT accept this model's answers: "
+            + "; ".join(
+                ([f"perplexity {s.rel_ppl:.2f}x > {t.max_rel_ppl:g}x"] if not s.fluent_met(t) else [])
+                + ([f"{s.leaked} fact(s) named"] if not s.forget_met(t) else [])
+            )
+            + " (where the calibration and TOFU's reference disagree)"
+        )
     if args.show_answers:
         for q in result.forget_questions:
             print(f"- {q}\n    target: {result.answers['base'][q]!r}\n    retain: {result.answers['1'][q]!r}")

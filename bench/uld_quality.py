@@ -403,7 +403,7 @@ def evaluate(
 
     from unlearn_serve import uld_combine
     from unlearn_serve.evaluation.fluency import answers_nll, relative_perplexity
-    from unlearn_serve.evaluation.trace import substitution_share, trace_answers
+    from unlearn_serve.evaluation.trace import substitution_share, trace_served
 
     keep = uld_combine.ULD_MIN_CANDIDATES if min_keep is None else min_keep
     patched = {
@@ -431,8 +431,11 @@ def evaluate(
         params = SamplingParams(max_tokens=suite.max_tokens, temperature=0.0)
         nf = len(suite.forget_checks)
 
+        def served(selection) -> list[Any]:
+            return [r.completions[0] for r in engine.generate(prompts, params, selection)]
+
         def answers(selection) -> list[str]:
-            return [r.completions[0].text for r in engine.generate(prompts, params, selection)]
+            return [c.text for c in served(selection)]
 
         def nll(texts: list[str]) -> float:
             return answers_nll(engine, tokenizer, texts)
@@ -451,10 +454,11 @@ def evaluate(
             options = ({} if alpha is None else {"alpha": alpha}) | ({} if rule is None else {"rule": rule})
             options |= {} if margin is None else {"margin": margin}
             sel = Selection("forget", options)
-            got = answers(sel)
+            completions = served(sel)
+            got = [c.text for c in completions]
             forget_answers = got[: 2 * nf]
             # tokens of the retain answers the unlearning decided (the target would have written another one there)
-            changed = substitution_share(trace_answers(engine, prompts[2 * nf :], sel, suite.max_tokens))
+            changed = substitution_share(trace_served(engine, prompts[2 * nf :], completions[2 * nf :]))
             checks2 = suite.forget_checks + suite.forget_checks
             rows.append(
                 dict(

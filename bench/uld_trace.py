@@ -93,7 +93,7 @@ def fact_preferences(engine, model, tokenizer, artifact: Path, questions, checks
     from unlearn_serve.training.data import encode_prompt
 
     from unlearn_serve.assistant import assistant_logits
-    from unlearn_serve.uld_combine import plausible_mask
+    from unlearn_serve.uld_combine import assistant_penalty, plausible_mask
 
     alpha = assistant.alpha if alpha is None else alpha
     margin, layers = assistant.combine.margin, assistant.num_layers
@@ -109,6 +109,8 @@ def fact_preferences(engine, model, tokenizer, artifact: Path, questions, checks
             target = model(ids).logits[0, len(p) - 1 : -1].float()
             helper_logits = assistant_logits(helper, ids, None, layers)[0, len(p) - 1 : -1].float()
         keep = plausible_mask(target, torch.full((len(a),), math.log(assistant.filter)))
+        # the serving rule's own penalty (uld_combine), and d for display (negative: below the median)
+        penalties = alpha * assistant_penalty(helper_logits, keep, True, margin)
         above = helper_logits - helper_logits.masked_fill(~keep, float("nan")).nanmedian(-1, keepdim=True).values
         for i, token in enumerate(a):
             piece = tokenizer.decode([token]).strip().lower()
@@ -118,7 +120,7 @@ def fact_preferences(engine, model, tokenizer, artifact: Path, questions, checks
             others[token] = float("-inf")
             lead = float(target[i, token] - others.max())
             d = float(above[i, token])
-            penalty = alpha * max(0.0, d - margin)
+            penalty = float(penalties[i, token])
             total += 1
             removed += penalty > lead
             print(

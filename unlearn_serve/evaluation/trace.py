@@ -44,15 +44,20 @@ def trace_answers(
     from unlearn_serve.server.engine.sampling_params import SamplingParams
 
     served = engine.generate(list(prompts), SamplingParams(max_tokens=max_tokens, temperature=0.0), selection)
-    answers = [r.completions[0] for r in served]
+    return trace_served(engine, prompts, [r.completions[0] for r in served])
+
+
+def trace_served(engine: Any, prompts: Sequence[list[int]], completions: Sequence[Any]) -> list[AnswerTrace]:
+    """Trace answers already served (each completion's `token_ids` and `text`): one scoring pass of the target."""
+    from unlearn_serve.server.engine.sampling_params import SamplingParams
+
     scoring = SamplingParams(max_tokens=0, prompt_logprobs=1, temperature=0.0)
-    full = [list(p) + list(a.token_ids) for p, a in zip(prompts, answers, strict=True)]
+    full = [list(p) + list(c.token_ids) for p, c in zip(prompts, completions, strict=True)]
     scored = engine.generate(full, scoring, None)
     traces = []
-    for p, a, s in zip(prompts, answers, scored, strict=True):
-        entries = s.prompt_logprobs[len(p) :]
-        best = [e.top[0][0] if e is not None and e.top else -1 for e in entries]
-        traces.append(AnswerTrace(list(a.token_ids), best, a.text))
+    for p, c, s in zip(prompts, completions, scored, strict=True):
+        best = [e.top[0][0] if e is not None and e.top else -1 for e in s.prompt_logprobs[len(p) :]]
+        traces.append(AnswerTrace(list(c.token_ids), best, c.text))
     return traces
 
 
