@@ -74,6 +74,17 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    parser.add_argument(
+        "--no-repeat-substitution",
+        type=int,
+        help="the engine's repeat guard n-gram size (0 = off; default: the engine's)",
+    )
+    parser.add_argument(
+        "--guard-ab",
+        action="store_true",
+        help="also time the unlearned and mixed loads with the repeat guard switched off, interleaved in the same "
+        "rounds (what the guard costs, free of run-to-run drift)",
+    )
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per configuration (best kept)")
     args = parser.parse_args()
     if args.threads:
@@ -89,10 +100,11 @@ def main() -> None:
     else:
         model, tok = small_model(args.layers, args.hidden)
     n_layers = model.config.num_hidden_layers
+    guard = {} if args.no_repeat_substitution is None else {"no_repeat_substitution": args.no_repeat_substitution}
     k = max(1, round(n_layers / 4))
     with tempfile.TemporaryDirectory() as tmp:
         artifact = Path(args.uld) if args.uld else random_assistant(model, Path(tmp) / "uld", k, args.rank)
-        engine = Engine(model, tok, EngineConfig(max_num_seqs=args.requests, max_model_len=1024), "bench")
+        engine = Engine(model, tok, EngineConfig(max_num_seqs=args.requests, max_model_len=1024, **guard), "bench")
         gc.collect()
         params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
         gen = torch.Generator().manual_seed(0)
@@ -118,10 +130,18 @@ def main() -> None:
         n = args.requests
         # interleaved rounds so that load drift on a shared machine hits every configuration alike
         runs: dict[str, list[tuple[float, float]]] = {"off": [], "on": [], "mixed": []}
+        guard_n = engine._guard_n
+        if args.guard_ab:
+            runs |= {"on, guard off": [], "mixed, guard off": []}
         for _ in range(args.rounds):
             runs["off"].append(tok_s([None] * n))
             runs["on"].append(tok_s(["forget"] * n))
             runs["mixed"].append(tok_s(["forget" if i % 2 else None for i in range(n)]))
+            if args.guard_ab:
+                engine._guard_n = 0  # the history buffers stay; only the step's guard is skipped
+                runs["on, guard off"].append(tok_s(["forget"] * n))
+                runs["mixed, guard off"].append(tok_s(["forget" if i % 2 else None for i in range(n)]))
+                engine._guard_n = guard_n
         best = {name: max(v[0] for v in values) for name, values in runs.items()}
         best_cpu = {name: max(v[1] for v in values) for name, values in runs.items()}
 
@@ -134,6 +154,11 @@ def main() -> None:
     print(f"per CPU second  off {best_cpu['off']:.1f}   on {best_cpu['on']:.1f} "
           f"({best_cpu['on'] / best_cpu['off']:.2f}x)   mixed 50/50 {best_cpu['mixed']:.1f} "
           f"({best_cpu['mixed'] / best_cpu['off']:.2f}x)   (best of {args.rounds} rounds)")
+    if args.guard_ab:
+        on, mixed = best["on, guard off"], best["mixed, guard off"]
+        print(f"repeat guard (n = {guard_n}) off: on {on:.1f} ({on / best['off']:.2f}x)   mixed 50/50 {mixed:.1f} "
+              f"({mixed / best['off']:.2f}x); the guard's cost: on {best['on'] / on:.3f}x, mixed "
+              f"{best['mixed'] / mixed:.3f}x of its throughput without it")
     allowed = assistant.nbytes + 0.05 * rss_base
     print(f"resident memory  base {rss_base / 2**20:.1f} MiB   with assistant loaded {rss_loaded / 2**20:.1f} MiB "
           f"(+{(rss_loaded - rss_base) / 2**20:.2f} MiB; adapter {assistant.nbytes / 2**20:.2f} MiB; "

@@ -52,6 +52,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 CACHE = Path.home() / ".cache/unlearn-serve/uld-quality"
+# engine options for every row this script serves (--no-repeat-substitution)
+ENGINE_OPTIONS: dict[str, int] = {}
 
 
 # ----------------------------------------------------------------------------- check sets
@@ -422,7 +424,7 @@ def evaluate(
             for k, v in patched.items():
                 setattr(mod, k, v)
     try:
-        engine = Engine(model, tokenizer, EngineConfig(max_num_seqs=32, max_model_len=512), "base")
+        engine = Engine(model, tokenizer, EngineConfig(max_num_seqs=32, max_model_len=512, **ENGINE_OPTIONS), "base")
         assistant = engine.load_uld("forget", artifact)
         questions = [c.question for c in suite.forget_checks]
         questions += [c.paraphrase or c.question for c in suite.forget_checks]
@@ -566,10 +568,19 @@ def main(argv: list[str] | None = None) -> int:
         default="harness",
         help="SmolLM2's forget questions: the harness's 8 + 8 paraphrases, or 16 other wordings of the same facts",
     )
+    parser.add_argument(
+        "--no-repeat-substitution",
+        type=int,
+        help="serve with this repeat-guard n-gram size (EngineConfig.no_repeat_substitution; 0 = off; default: the "
+        "engine's)",
+    )
     parser.add_argument("--show-answers", action="store_true", help="print every answer (base | unlearned)")
     parser.add_argument("--json", type=Path, help="also write all rows (answers included) to this file")
     args = parser.parse_args(argv)
     from unlearn_serve.training.uld import ULDTrainingConfig
+
+    if args.no_repeat_substitution is not None:
+        ENGINE_OPTIONS["no_repeat_substitution"] = args.no_repeat_substitution
 
     try:
         overrides = ULDTrainingConfig.parse_overrides(args.overrides)

@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         help="instead: at each fact token of the base's own forget answers, the assistant's preference for it "
         "(logits above its median over the candidates), the penalty it gets and the target's lead to overcome",
     )
+    parser.add_argument("--no-repeat-substitution", type=int, help="the engine's repeat guard n-gram size (0 = off)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
 
@@ -54,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.general:
         questions, kind = [c.question for c in suite.retain_checks], "general"
     model, tokenizer = suite.model_loader()
-    engine = Engine(model, tokenizer, EngineConfig(max_num_seqs=32, max_model_len=512), "base")
+    options = {} if args.no_repeat_substitution is None else {"no_repeat_substitution": args.no_repeat_substitution}
+    engine = Engine(model, tokenizer, EngineConfig(max_num_seqs=32, max_model_len=512, **options), "base")
     assistant = engine.load_uld("forget", args.artifact)
     if args.facts:
         return fact_preferences(engine, model, tokenizer, args.artifact, questions, checks, assistant, args.alpha)

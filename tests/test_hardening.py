@@ -467,7 +467,9 @@ def test_a_good_artifact_still_loads_and_serves(url, good_artifact):
 
 
 @pytest.mark.parametrize(
-    "flags", [["--max-queue", "-1"], ["--max-body-bytes", "10"], ["--drain-timeout", "-5"]], ids=lambda f: f[0]
+    "flags",
+    [["--max-queue", "-1"], ["--max-body-bytes", "10"], ["--drain-timeout", "-5"], ["--no-repeat-substitution", "-1"]],
+    ids=lambda f: f[0],
 )
 def test_bad_limit_flags_are_one_line_cli_errors(flags, capsys):
     from unlearn_serve import cli

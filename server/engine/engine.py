@@ -48,6 +48,12 @@ from unlearn_serve.server.engine.output_processor import (
     logprob_entries,
     prompt_logprobs,
 )
+from unlearn_serve.server.engine.repeat_guard import (
+    DEFAULT_NO_REPEAT_NGRAM,
+    guard_substitutions,
+    repeat_completions,
+    row_argmax,
+)
 from unlearn_serve.server.engine.sampler import SamplingBatch, apply_penalties, gather_logprobs, sample
 from unlearn_serve.server.engine.sampling_params import SamplingParams, SamplingParamsError
 from unlearn_serve.server.engine.scheduler import Scheduler
@@ -95,6 +101,9 @@ class EngineConfig:
     sync_free_decode: bool | None = None
     # CUDA: no CUDA graphs, every decode step eager (--enforce-eager). On CPU the engine always runs eager.
     enforce_eager: bool = False
+    # n-gram size: where the unlearning replaced the target's best token, candidates that would repeat an n-gram of
+    # the answer are removed (server/engine/repeat_guard.py). 0: off.
+    no_repeat_substitution: int = DEFAULT_NO_REPEAT_NGRAM
 
 
 @dataclass
@@ -171,6 +180,12 @@ class Engine:
         # Penalty state per target slot: prompt tokens seen, output token counts.
         self._prompt_mask = torch.zeros(m, self.vocab_size, dtype=torch.bool, device=self.device)
         self._output_counts = torch.zeros(m, self.vocab_size, dtype=torch.int32, device=self.device)
+        # The repeat guard's state per target slot: the output so far and its length (repeat_guard.py).
+        self._guard_n = max(0, int(self.config.no_repeat_substitution))
+        width = self.max_model_len if self._guard_n else 0
+        self._history = torch.zeros(m, width, dtype=torch.int32, device=self.device)
+        self._history_len = torch.zeros(m, dtype=torch.long, device=self.device)
+        self._guard_width = width  # columns of the history a decode step scans (set per step in _decode)
 
     @classmethod
     def from_pretrained(cls, model: str, config: EngineConfig | None = None, **load_kwargs) -> Engine:
@@ -436,6 +451,9 @@ class Engine:
         tokens = sample(processed, sampling)
         if sampling.any_penalty:
             self._output_counts[slots, tokens] += 1
+        if self._guard_n:
+            self._history[slots, 0] = tokens.to(self._history.dtype)
+            self._history_len[slots] = 1
         want = [i for i, s in enumerate(seqs) if s.request.params.logprobs is not None]
         entries = self._token_logprobs(last, tokens, want, [seqs[i].request.params.logprobs for i in want])
         for i, (seq, token) in enumerate(zip(seqs, tokens.tolist(), strict=True)):
@@ -459,6 +477,9 @@ class Engine:
     def _decode(self) -> None:
         state = self.builder.decode_state()
         batch = self.builder.decode_batch(state)
+        if self._guard_n:  # the repeat guard scans the outputs so far, in power-of-two widths (few shapes)
+            longest = max(len(s.output_ids) for s in state.rows if s is not None)
+            self._guard_width = min(self._history.shape[1], 1 << max(4, longest.bit_length()))
         tokens, logprobs = self._decode_step(state, batch)
         token_list = self._to_host(tokens)
         entries: dict[int, TokenLogprob] = {}
@@ -487,7 +508,7 @@ class Engine:
         return host.tolist()
 
     def _decode_step(self, state: DecodeState, batch) -> tuple[torch.Tensor, tuple | None]:
-        """One token for every row: forward -> unlearning backends -> penalties -> sample.
+        """One token for every row: forward -> unlearning backends -> repeat guard -> penalties -> sample.
 
         Tensor ops only, on inputs already in the builder's buffers: no host sync (tested under a
         patched `Tensor.item`/`tolist`/...), static shapes per decode bucket.
@@ -497,14 +518,25 @@ class Engine:
         else:
             hidden_t, hidden_a = self.runner.forward(batch, self.assistants.rows)
             logits = self.runner.logits(hidden_t[:, 0])
+        n = len(state.rows)
+        guard = self._guard_n and any(backend is self.uld for backend, _ in state.plans)  # UOE acts in the forward
+        if guard:
+            target_best = row_argmax(logits)
         for backend, plan in state.plans:
             logits = backend.process_logits(plan, logits, hidden_a)
-        n = len(state.rows)
+        if guard:
+            history = self._history[:n, : self._guard_width]
+            followers, repeats = repeat_completions(history, self._history_len[:n], self._guard_n)
+            logits = guard_substitutions(logits, target_best, followers, repeats)
         sampling = state.sampling
         processed = apply_penalties(logits, sampling, self._prompt_mask[:n], self._output_counts[:n])
         tokens = sample(processed, sampling)
         if sampling.any_penalty:
             self._output_counts[state.row_index, tokens] += 1
+        if self._guard_n:  # row i is slot i; padding rows write too (reset at their next prefill), capped at L
+            at = self._history_len[:n].clamp_max(self._history.shape[1] - 1)
+            self._history[:n].scatter_(1, at[:, None], tokens[:, None].to(self._history.dtype))
+            self._history_len[:n] += 1
         logprobs = None
         if state.logprob_rows is not None:
             rows = state.logprob_rows

@@ -54,6 +54,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="CUDA: run every decode step eagerly, without CUDA graphs (on CPU the engine always runs eager)",
     )
+    parser.add_argument(
+        "--no-repeat-substitution",
+        type=int,
+        metavar="N",
+        help="where unlearning replaces the model's own next token, never with one that repeats an N-gram of the "
+        "answer (0 = off; default: the engine's, 3; docs/uld.md)",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(
@@ -112,6 +119,7 @@ def build_engine(args: argparse.Namespace):
         kv_cache_memory=kv_cache_bytes(args),
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager,
+        **({} if args.no_repeat_substitution is None else {"no_repeat_substitution": args.no_repeat_substitution}),
     )
     engine = Engine(model, tokenizer, config, model_name=args.served_model_name or args.model)
     for name, path in parse_named_dirs(args.uld, "--uld"):
@@ -160,6 +168,8 @@ def check_limits(args: argparse.Namespace) -> None:
     ):
         if value is not None and value < 1:
             raise CliError(f"{flag} {value}: must be 1 or more")
+    if args.no_repeat_substitution is not None and args.no_repeat_substitution < 0:
+        raise CliError(f"--no-repeat-substitution {args.no_repeat_substitution}: must be 0 (off) or more")
     if args.assistant_kv_layers is not None and args.assistant_kv_layers < 0:
         raise CliError(f"--assistant-kv-layers {args.assistant_kv_layers}: must be 0 or more")
     if args.max_body_bytes < 1024:

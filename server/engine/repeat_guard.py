@@ -1,0 +1,89 @@
+"""The unlearning must not start a repetition: a guard on the positions where it changed the answer.
+
+Where the unlearning removes the target's choice (a remembered name), the token that wins instead is the target's
+next best, and on a small model that is often a copy of the text so far: "He created the first draft of the[ first|
+Harry][ draft| Harry] of the first draft of …" (docs/benchmarks.md, the trace of the SmolLM2 demo: the loop enters at
+a substitution and the target itself then keeps it going). The target alone would not have written that copy; the
+unlearning chose it.
+
+So at a *substituted* position (the unlearned winner differs from the target's own best token) every candidate that
+would complete an n-gram already in the answer gets -inf (HF's `no_repeat_ngram_size`, but only where the unlearning
+acts). Everywhere else the answer is the target's own, untouched: answers without unlearning, and the target's
+choices inside unlearned answers, never change. A row whose every finite candidate would repeat keeps its unlearned
+logits as they were (the guard never leaves a row without a token). It only removes candidates: a token the
+unlearning pushed down is never raised by it.
+
+Tensor-only over [R, L] output histories (an `unfold` and a scatter): no host sync, no loop over rows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# n-gram size of the guard: EngineConfig.no_repeat_substitution's default; 0 = off. Chosen by bench/uld_quality.py
+# (docs/benchmarks.md, "The unlearning must not start a repetition").
+DEFAULT_NO_REPEAT_NGRAM = 3
+
+
+_ARGMAX_BLOCK = 256
+
+
+def row_argmax(x: torch.Tensor) -> torch.Tensor:
+    """`x.argmax(dim=-1)` for [R, V], the same index (the first maximum), in two passes of `amax` on the CPU, where
+    `argmax` over a 49k vocabulary is ~10x slower than `amax` (4.4 vs 0.4 ms for 64 rows): the block holding the first
+    maximum, then the first maximum inside it."""
+    rows, width = x.shape
+    if x.device.type != "cpu" or width % _ARGMAX_BLOCK:
+        return x.argmax(dim=-1)
+    blocks = x.view(rows, width // _ARGMAX_BLOCK, _ARGMAX_BLOCK)
+    block = blocks.amax(dim=-1).argmax(dim=-1)
+    inner = blocks[torch.arange(rows, device=x.device), block].argmax(dim=-1)
+    return block * _ARGMAX_BLOCK + inner
+
+
+def repeat_completions(history: torch.Tensor, lengths: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens that would complete an n-gram already in each row's output, sparse: `(followers, repeats)`, both
+    [R, W] (W = L - n + 1 n-gram starts); `followers[r, w]` repeats an n-gram where `repeats[r, w]`.
+
+    `history`: [R, L] output token ids (only the first `lengths[r]` of row r are real), `lengths`: [R]. Sparse, so a
+    step touches R x W entries, not R x V (a vocabulary of 49k is ~1000x the output so far)."""
+    rows, width = history.shape
+    if width < n:
+        empty = history.new_zeros(rows, 0, dtype=torch.long)
+        return empty, empty.bool()
+    lengths = lengths.clamp_max(width)
+    windows = history.unfold(1, n, 1)  # [R, W, n]: every n-gram start
+    if n > 1:
+        # the answer's last n-1 tokens (positions lengths-n+1 .. lengths-1; rows too short match nothing)
+        offsets = torch.arange(n - 1, device=history.device)
+        last = (lengths[:, None] - (n - 1) + offsets[None, :]).clamp_min(0)
+        context = history.gather(1, last)  # [R, n-1]
+        repeats = (windows[..., : n - 1] == context[:, None, :]).all(dim=-1)
+    else:
+        repeats = torch.ones(windows.shape[:2], dtype=torch.bool, device=history.device)
+    # a window counts when it lies inside the output and its context is a real one (length >= n - 1)
+    start = torch.arange(windows.shape[1], device=history.device)
+    repeats &= (start[None, :] + n <= lengths[:, None]) & (lengths[:, None] >= n - 1)
+    return windows[..., n - 1].long(), repeats
+
+
+def guard_substitutions(
+    logits: torch.Tensor, target_best: torch.Tensor, followers: torch.Tensor, repeats: torch.Tensor
+) -> torch.Tensor:
+    """In place: -inf for the repeating `followers` (`repeat_completions`) of the rows whose winner in the [R, V]
+    unlearned `logits` is not the target's own best token `target_best` [R]; a row that would be left without a
+    finite logit keeps its logits. Returns `logits`.
+
+    Two reads of [R, V] (`row_argmax`, one `amax`) and writes of [R, W] only: the guard runs every decode step."""
+    if followers.shape[1] == 0:
+        return logits
+    substituted = row_argmax(logits) != target_best
+    banned = repeats & substituted[:, None]
+    original = logits.gather(1, followers)
+    # amin with +inf / -inf: a token banned by any of its windows ends at -inf (no last-write-wins between windows)
+    ban = torch.where(banned, float("-inf"), float("inf")).to(logits.dtype)
+    logits.scatter_reduce_(1, followers, ban, "amin")
+    dead = logits.amax(dim=-1) == float("-inf")
+    # a dead row gets its followers' values back; other rows write the values they now hold (duplicates agree)
+    logits.scatter_(1, followers, torch.where(dead[:, None], original, logits.gather(1, followers)))
+    return logits

@@ -1,0 +1,106 @@
+"""The repeat guard: where the unlearning replaced the target's best token, the substitute never completes an n-gram
+the answer already holds; every other token, and every answer without unlearning, is untouched."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_uld_serving import make_random_assistant
+from unlearn_serve.server.engine.engine import Engine, EngineConfig
+from unlearn_serve.server.engine.repeat_guard import guard_substitutions, repeat_completions, row_argmax
+from unlearn_serve.server.engine.sampling_params import SamplingParams
+
+from unlearn_serve.evaluation.trace import trace_served
+
+PROMPTS = ["The capital of France is", "Once upon a time", "Hello", "A B C D E F G H", "the the the", "Paris is"]
+
+
+def _banned(history: list[list[int]], lengths: list[int], n: int) -> list[set[int]]:
+    followers, repeats = repeat_completions(torch.tensor(history), torch.tensor(lengths), n)
+    return [set(f[r].tolist()) for f, r in zip(followers, repeats, strict=True)]
+
+
+def test_repeat_completions_lists_the_tokens_that_would_repeat_an_ngram():
+    history = [[5, 6, 7, 5, 6, 0, 0], [1, 2, 3, 4, 0, 0, 0], [5, 7, 3, 7, 5, 0, 0], [4, 0, 0, 0, 0, 0, 0]]
+    lengths = [5, 4, 5, 1]
+    # trigram: row 0 ends "5 6" and "5 6 7" was written; padding past the length never counts
+    assert _banned(history, lengths, 3) == [{7}, set(), set(), set()]
+    assert _banned(history, lengths, 2) == [{7}, set(), {7}, set()]  # bigram: row 2 ends with 5, "5 7" was written
+    assert _banned(history, lengths, 1)[1] == {1, 2, 3, 4}  # unigram: every token already written
+    assert _banned(history, lengths, 8) == [set()] * 4  # longer than the history
+
+
+def test_the_guard_acts_only_where_the_unlearning_changed_the_winner():
+    inf = float("inf")
+    logits = torch.tensor([[0.0, 3.0, 2.0, 1.0], [0.0, 3.0, 2.0, 1.0], [0.0, 3.0, -inf, -inf], [0.0, 3.0, 2.0, 1.0]])
+    target_best = torch.tensor([1, 0, 0, 0])  # row 0: the target's own choice; rows 1-3: substituted
+    # token 1 follows in a repeating window everywhere; row 3 also lists it in a window that does not repeat (and
+    # after it, so a last-write-wins scatter would lose the ban); row 2 lists token 0 too: nothing finite would be left
+    followers = torch.tensor([[1, 1], [1, 1], [1, 0], [1, 1]])
+    repeats = torch.tensor([[True, False], [True, False], [True, True], [True, False]])
+    guarded = guard_substitutions(logits.clone(), target_best, followers, repeats)
+    assert torch.equal(guarded[0], logits[0])  # not substituted: untouched, though token 1 would repeat
+    assert guarded[1].argmax() == 2 and guarded[1, 1] == -inf  # the repeat removed, the next one wins
+    assert torch.equal(guarded[2], logits[2])  # every finite candidate would repeat: the row keeps its logits
+    assert torch.equal(guarded[3], guarded[1])
+
+
+@pytest.mark.parametrize("vocab", [512, 1000, 49152])
+def test_row_argmax_is_argmax(vocab):
+    x = torch.randn(12, vocab, generator=torch.Generator().manual_seed(vocab))
+    x[1] = 0.0  # all tied: the first index
+    x[2, vocab - 1] = 100.0  # the last column
+    x[3] = float("-inf")
+    x[4, 300 % vocab] = x[4, 10] = 50.0  # a tie across blocks: the first one
+    x[5, 7] = float("inf")
+    assert torch.equal(row_argmax(x), x.argmax(dim=-1))
+
+
+def _substituted_repeats(trace, n: int) -> int:
+    """Substituted positions whose n-gram (ending there) already occurs earlier in the answer."""
+    tokens, count = trace.tokens, 0
+    for i, changed in enumerate(trace.substituted):
+        gram = tokens[i - n + 1 : i + 1]
+        if changed and i >= n - 1 and any(tokens[j : j + n] == gram for j in range(i - n + 1)):
+            count += 1
+    return count
+
+
+@pytest.fixture(scope="module")
+def strong_assistant(tiny_llama, tmp_path_factory):
+    """A random assistant subtracted hard (raw difference, alpha 20): it changes many tokens of every answer."""
+    defaults = {"alpha": 20.0, "rule": "difference", "refilter": False}
+    return make_random_assistant(tiny_llama, tmp_path_factory.mktemp("guard") / "a", 2, seed=0, defaults=defaults)
+
+
+def _serve(model, tokenizer, artifact, n: int, selection):
+    engine = Engine(
+        copy.deepcopy(model), tokenizer, EngineConfig(max_model_len=96, max_num_seqs=8, no_repeat_substitution=n)
+    )
+    engine.load_uld("a", artifact)
+    prompts = [engine.encode_prompt(p) for p in PROMPTS]
+    results = engine.generate(prompts, SamplingParams(max_tokens=40, temperature=0.0), selection)
+    return engine, prompts, [r.completions[0] for r in results]
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_served_substitutions_never_repeat_an_ngram(tiny_llama, tokenizer, strong_assistant, n):
+    repeats = {}
+    for size in (0, n):
+        engine, prompts, completions = _serve(tiny_llama, tokenizer, strong_assistant, size, "a")
+        traces = trace_served(engine, prompts, completions)
+        assert sum(sum(t.substituted) for t in traces) > 20  # the unlearning does act on these answers
+        repeats[size] = sum(_substituted_repeats(t, n) for t in traces)
+    assert repeats[0] > 0  # without the guard the substitutes repeat the answer (so the check below can fail)
+    assert repeats[n] == 0
+
+
+def test_answers_without_unlearning_are_untouched(tiny_llama, tokenizer, strong_assistant):
+    plain = [c.token_ids for c in _serve(tiny_llama, tokenizer, strong_assistant, 0, None)[2]]
+    assert [c.token_ids for c in _serve(tiny_llama, tokenizer, strong_assistant, 3, None)[2]] == plain
+    # mixed with unlearned rows in one batch: the base rows are still the target's own answers
+    mixed = [None, "a"] * (len(PROMPTS) // 2)
+    served = _serve(tiny_llama, tokenizer, strong_assistant, 3, mixed)[2]
+    assert [c.token_ids for c, s in zip(served, mixed, strict=True) if s is None] == plain[::2]
