@@ -100,11 +100,13 @@ def main() -> None:
     else:
         model, tok = small_model(args.layers, args.hidden)
     n_layers = model.config.num_hidden_layers
-    guard = {} if args.no_repeat_substitution is None else {"no_repeat_substitution": args.no_repeat_substitution}
     k = max(1, round(n_layers / 4))
     with tempfile.TemporaryDirectory() as tmp:
         artifact = Path(args.uld) if args.uld else random_assistant(model, Path(tmp) / "uld", k, args.rank)
-        engine = Engine(model, tok, EngineConfig(max_num_seqs=args.requests, max_model_len=1024, **guard), "bench")
+        config = EngineConfig(
+            max_num_seqs=args.requests, max_model_len=1024, no_repeat_substitution=args.no_repeat_substitution
+        )
+        engine = Engine(model, tok, config, "bench")
         gc.collect()
         params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
         gen = torch.Generator().manual_seed(0)

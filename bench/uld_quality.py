@@ -52,8 +52,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 CACHE = Path.home() / ".cache/unlearn-serve/uld-quality"
-# engine options for every row this script serves (--no-repeat-substitution)
-ENGINE_OPTIONS: dict[str, int] = {}
+# the repeat guard's n-gram size for every row this script serves (--no-repeat-substitution; None: the engine's)
+NO_REPEAT_SUBSTITUTION: int | None = None
 
 
 # ----------------------------------------------------------------------------- check sets
@@ -424,7 +424,8 @@ def evaluate(
             for k, v in patched.items():
                 setattr(mod, k, v)
     try:
-        engine = Engine(model, tokenizer, EngineConfig(max_num_seqs=32, max_model_len=512, **ENGINE_OPTIONS), "base")
+        config = EngineConfig(max_num_seqs=32, max_model_len=512, no_repeat_substitution=NO_REPEAT_SUBSTITUTION)
+        engine = Engine(model, tokenizer, config, "base")
         assistant = engine.load_uld("forget", artifact)
         questions = [c.question for c in suite.forget_checks]
         questions += [c.paraphrase or c.question for c in suite.forget_checks]
@@ -579,8 +580,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from unlearn_serve.training.uld import ULDTrainingConfig
 
-    if args.no_repeat_substitution is not None:
-        ENGINE_OPTIONS["no_repeat_substitution"] = args.no_repeat_substitution
+    global NO_REPEAT_SUBSTITUTION
+    NO_REPEAT_SUBSTITUTION = args.no_repeat_substitution
 
     try:
         overrides = ULDTrainingConfig.parse_overrides(args.overrides)

@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.general:
         questions, kind = [c.question for c in suite.retain_checks], "general"
     model, tokenizer = suite.model_loader()
-    options = {} if args.no_repeat_substitution is None else {"no_repeat_substitution": args.no_repeat_substitution}
-    engine = Engine(model, tokenizer, EngineConfig(max_num_seqs=32, max_model_len=512, **options), "base")
+    config = EngineConfig(max_num_seqs=32, max_model_len=512, no_repeat_substitution=args.no_repeat_substitution)
+    engine = Engine(model, tokenizer, config, "base")
     assistant = engine.load_uld("forget", args.artifact)
     if args.facts:
         return fact_preferences(engine, model, tokenizer, args.artifact, questions, checks, assistant, args.alpha)

@@ -102,8 +102,8 @@ class EngineConfig:
     # CUDA: no CUDA graphs, every decode step eager (--enforce-eager). On CPU the engine always runs eager.
     enforce_eager: bool = False
     # n-gram size: where the unlearning replaced the target's best token, candidates that would repeat an n-gram of
-    # the answer are removed (server/engine/repeat_guard.py). 0: off.
-    no_repeat_substitution: int = DEFAULT_NO_REPEAT_NGRAM
+    # the answer are removed (server/engine/repeat_guard.py). 0: off; None: DEFAULT_NO_REPEAT_NGRAM.
+    no_repeat_substitution: int | None = None
 
 
 @dataclass
@@ -181,7 +181,8 @@ class Engine:
         self._prompt_mask = torch.zeros(m, self.vocab_size, dtype=torch.bool, device=self.device)
         self._output_counts = torch.zeros(m, self.vocab_size, dtype=torch.int32, device=self.device)
         # The repeat guard's state per target slot: the output so far and its length (repeat_guard.py).
-        self._guard_n = max(0, int(self.config.no_repeat_substitution))
+        n = self.config.no_repeat_substitution
+        self._guard_n = DEFAULT_NO_REPEAT_NGRAM if n is None else max(0, int(n))
         width = self.max_model_len if self._guard_n else 0
         self._history = torch.zeros(m, width, dtype=torch.int32, device=self.device)
         self._history_len = torch.zeros(m, dtype=torch.long, device=self.device)
@@ -451,7 +452,7 @@ class Engine:
         tokens = sample(processed, sampling)
         if sampling.any_penalty:
             self._output_counts[slots, tokens] += 1
-        if self._guard_n:
+        if self._guarded(layout.plans):
             self._history[slots, 0] = tokens.to(self._history.dtype)
             self._history_len[slots] = 1
         want = [i for i, s in enumerate(seqs) if s.request.params.logprobs is not None]
@@ -477,7 +478,7 @@ class Engine:
     def _decode(self) -> None:
         state = self.builder.decode_state()
         batch = self.builder.decode_batch(state)
-        if self._guard_n:  # the repeat guard scans the outputs so far, in power-of-two widths (few shapes)
+        if self._guarded(state.plans):  # the repeat guard scans the outputs so far, in power-of-two widths
             longest = max(len(s.output_ids) for s in state.rows if s is not None)
             self._guard_width = min(self._history.shape[1], 1 << max(4, longest.bit_length()))
         tokens, logprobs = self._decode_step(state, batch)
@@ -494,6 +495,11 @@ class Engine:
             self.output.append(seq, token_list[i], entries.get(i))
             active.append(seq)
         self.output.emit_many(active)
+
+    def _guarded(self, plans: list) -> bool:
+        """Whether the repeat guard runs for a batch with these backend plans: on, and some backend decides tokens
+        after the forward (ULD). Host-side, decided per batch composition's plans."""
+        return bool(self._guard_n) and any(backend.changes_logits for backend, _ in plans)
 
     def _to_host(self, tokens: torch.Tensor) -> list[int]:
         """The step's one device-to-host transfer: a non-blocking copy into pinned memory, then a wait on
@@ -519,7 +525,7 @@ class Engine:
             hidden_t, hidden_a = self.runner.forward(batch, self.assistants.rows)
             logits = self.runner.logits(hidden_t[:, 0])
         n = len(state.rows)
-        guard = self._guard_n and any(backend is self.uld for backend, _ in state.plans)  # UOE acts in the forward
+        guard = self._guarded(state.plans)
         if guard:
             target_best = row_argmax(logits)
         for backend, plan in state.plans:
@@ -533,7 +539,7 @@ class Engine:
         tokens = sample(processed, sampling)
         if sampling.any_penalty:
             self._output_counts[state.row_index, tokens] += 1
-        if self._guard_n:  # row i is slot i; padding rows write too (reset at their next prefill), capped at L
+        if guard:  # the rows it guards are in every batch with a guard; row i is slot i; padding rows write too
             at = self._history_len[:n].clamp_max(self._history.shape[1] - 1)
             self._history[:n].scatter_(1, at[:, None], tokens[:, None].to(self._history.dtype))
             self._history_len[:n] += 1

@@ -74,6 +74,7 @@ def log_filter(filters: torch.Tensor) -> torch.Tensor:
 
 class ULDBackend(UnlearningBackend):
     kind = "uld"
+    changes_logits = True  # target - alpha * assistant decides the token after the forward
 
     def __init__(self, model: torch.nn.Module, fingerprint: dict, model_name: str, runner):
         self.registry = AssistantRegistry(model, fingerprint, model_name)

@@ -45,6 +45,10 @@ class BatchRows:
 
 class UnlearningBackend(ABC):
     kind: str  # "uld", "uoe": shown in logs and errors
+    # True when `process_logits` decides the token (ULD): the target's own best token is then known before it, and
+    # the engine's repeat guard (engine/repeat_guard.py) acts where the two differ. False when the method acts inside
+    # the forward (UOE): there is no "target's own" token to compare with.
+    changes_logits: bool = False
 
     # ------------------------------------------------------------------ artifacts
     @abstractmethod

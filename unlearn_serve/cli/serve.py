@@ -119,7 +119,7 @@ def build_engine(args: argparse.Namespace):
         kv_cache_memory=kv_cache_bytes(args),
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager,
-        **({} if args.no_repeat_substitution is None else {"no_repeat_substitution": args.no_repeat_substitution}),
+        no_repeat_substitution=args.no_repeat_substitution,
     )
     engine = Engine(model, tokenizer, config, model_name=args.served_model_name or args.model)
     for name, path in parse_named_dirs(args.uld, "--uld"):
