@@ -409,7 +409,7 @@ def evaluate(
 
     keep = uld_combine.ULD_MIN_CANDIDATES if min_keep is None else min_keep
     patched = {
-        "plausible_mask": functools.partial(uld_combine.plausible_mask, min_keep=keep),
+        "plausible_candidates": functools.partial(uld_combine.plausible_candidates, min_keep=keep),
         "combine_logits": functools.partial(uld_combine.combine_logits, min_keep=keep),
     }
     # the serving rule is a module-level default; score other candidate counts by patching its callers
@@ -419,7 +419,7 @@ def evaluate(
             mod = importlib.import_module(name)
         except ImportError:
             continue
-        if hasattr(mod, "plausible_mask"):
+        if hasattr(mod, "plausible_candidates"):
             users.append((mod, {k: getattr(mod, k) for k in patched}))
             for k, v in patched.items():
                 setattr(mod, k, v)

@@ -22,6 +22,7 @@ from unlearn_serve.uld_combine import (
     assistant_penalty,
     combine_logits,
     combine_on_candidates,
+    plausible_candidates,
     plausible_mask,
 )
 
@@ -671,3 +672,64 @@ def test_calibration_scores_the_whole_grid_before_settling_for_an_alpha_that_lea
     calls.clear()
     cal = calibrate(lambda p, a, m: answer(p, [x if x is None or x < 1.5 else 2.0 for x in a], m), encode, forget, [])
     assert cal.alpha == 1.5 and len(cal.scores) == 3
+
+
+@pytest.mark.parametrize("vocab", [300, 2048, 49152])
+def test_plausible_candidates_are_plausible_mask_and_topk(vocab):
+    """The block search finds exactly `plausible_mask`'s candidates, as the top-M columns by target logit (M the
+    batch's largest count): vocabularies that are and are not a multiple of the block, peaked and flat rows, ties,
+    -inf columns, filters 0 < f <= 1, min_keep 1 and 8; None above the cap."""
+    gen = torch.Generator().manual_seed(vocab)
+    rows = 9
+    target = torch.randn(rows, vocab, generator=gen) * 2
+    target[0, 5] = 40.0  # a memorised token: the relative-top rule keeps one, min_keep the rest
+    target[1, : vocab // 3 : 7] += 6.0  # many plausible tokens spread over the blocks
+    target[2] = target[2].round()  # many ties at the threshold
+    target[3, vocab // 2 :] = float("-inf")  # a masked half
+    target[4, -1] = 30.0  # the best token in the last (padded) block
+    target[5] = 0.0  # flat: every token ties
+    filters = torch.tensor([1e-2, 1e-2, 5e-2, 1e-2, 1e-3, 0.5, 1.0, 1e-4, 0.2])
+    log_filter = filters.log()
+    for min_keep in (1, 8):
+        keep = plausible_mask(target, log_filter, min_keep)
+        m = int(keep.sum(-1).max())
+        found = plausible_candidates(target, log_filter, vocab, min_keep)
+        assert found is not None
+        candidates, kept = found
+        assert candidates.shape == kept.shape == (rows, m)
+        assert int(candidates.max()) < vocab
+        # the same set per row, found among the top-M columns, sorted by target logit
+        for r in range(rows):
+            assert set(candidates[r][kept[r]].tolist()) == set(keep[r].nonzero().flatten().tolist())
+        values = target.gather(1, candidates)
+        assert torch.equal(values, target.topk(m, dim=-1).values)
+        assert plausible_candidates(target, log_filter, m - 1, min_keep) is None
+    # filter 0 keeps every token: above any cap below the vocabulary
+    assert plausible_candidates(target, torch.full((rows,), float("-inf")), vocab - 1) is None
+
+
+def test_process_logits_in_place_equals_combine(tiny_llama, tokenizer, tmp_path):
+    """The decode step's in-place write (every row unlearned, or some) gives the rows `combine` gives and leaves the
+    other rows untouched, on the plausible-only head and the whole-vocabulary one."""
+    from unlearn_serve.server.unlearning.backends import ULDPlan
+
+    defaults = {"filter": 0.01, "rule": "prefer"}
+    pair = _served_pair(tiny_llama, tokenizer, tmp_path, "refilter", defaults, nontrivial=True)
+    backend = pair.backend
+    gen = torch.Generator().manual_seed(3)
+    vocab = pair.engine.vocab_size
+    hidden = torch.randn(4, 1, pair.engine.model.config.hidden_size, generator=gen)
+    logits = torch.randn(4, vocab, generator=gen) * 4
+    settings = CombineSettings(prefer=True, refilter=True, margin=1.0)
+    for sync_free in (False, True):
+        backend.sync_free = sync_free
+        for rows in ([0, 1, 2, 3], [1, 3]):
+            idx = torch.tensor(rows)
+            alpha, lf = torch.full((len(rows),), 2.0), torch.log(torch.full((len(rows),), 0.01))
+            plan = ULDPlan(idx, idx, torch.zeros_like(idx), alpha, lf, settings, every_row=rows == [0, 1, 2, 3])
+            expected = backend.combine(logits[idx], hidden[idx, 0], alpha, lf, settings)
+            out = backend.process_logits(plan, logits.clone(), hidden)
+            assert torch.equal(out[idx], expected)
+            others = [r for r in range(4) if r not in rows]
+            assert torch.equal(out[others], logits[others])
+    backend.sync_free = False

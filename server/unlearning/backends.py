@@ -22,11 +22,10 @@ from unlearn_serve.server.unlearning.uld import (
     CombineOptions,
     CombineSettings,
     combine_logits,
-    combine_on_candidates,
-    plausible_mask,
 )
 
 from unlearn_serve.artifact import ArtifactError
+from unlearn_serve.uld_combine import combine_candidate_values, plausible_candidates
 
 # Above this many plausible tokens in a row, the assistant's LM head runs on the whole vocabulary.
 ULD_MAX_CANDIDATES = 256
@@ -65,6 +64,7 @@ class ULDPlan:
     alpha: torch.Tensor
     log_filter: torch.Tensor
     settings: CombineSettings = field(default_factory=CombineSettings)  # rule, refilter, margin, floor of the rows
+    every_row: bool = False  # logit_rows is every logits row, in order (all unlearned): no row gather or scatter
 
 
 def log_filter(filters: torch.Tensor) -> torch.Tensor:
@@ -158,15 +158,27 @@ class ULDBackend(UnlearningBackend):
             t(alpha),
             log_filter(t(filt, torch.float32)),
             CombineSettings.of_rows(combine, filt, dev),
+            every_row=logit_rows == list(range(len(rows.logit_rows))),
         )
 
     def process_logits(self, plan: ULDPlan | None, logits: torch.Tensor, assistant_hidden) -> torch.Tensor:
+        """The unlearned rows' logits replaced in place by the combination (`combine`); other rows untouched."""
         if plan is None:
             return logits
         hidden = assistant_hidden[plan.hidden_rows, plan.hidden_pos]
-        logits[plan.logit_rows] = self.combine(
-            logits[plan.logit_rows], hidden, plan.alpha, plan.log_filter, plan.settings
-        )
+        rows, every_row = plan.logit_rows, plan.every_row
+        target = logits if every_row else logits.index_select(0, rows)
+        found = self.combine_on_candidates(target, hidden, plan.alpha, plan.log_filter, plan.settings)
+        if found is None:
+            combined = self.combine_full(target, hidden, plan.alpha, plan.log_filter, plan.settings).to(logits.dtype)
+            return logits.copy_(combined) if every_row else logits.index_copy_(0, rows, combined)
+        # written in place: -inf on the unlearned rows, then their candidates' values (no [R, V] temporary)
+        candidates, values = found
+        values = values.to(logits.dtype)
+        if every_row:
+            return logits.fill_(float("-inf")).scatter_(1, candidates, values)
+        logits.index_fill_(0, rows, float("-inf"))
+        logits[rows[:, None], candidates] = values
         return logits
 
     def combine(
@@ -178,25 +190,55 @@ class ULDBackend(UnlearningBackend):
         settings: CombineSettings,
     ) -> torch.Tensor:
         """ULD logits for [S] unlearned rows: target - alpha * penalty(assistant) on the target's plausible tokens,
-        combined as `settings` say (rule, margin, floor, refilter: uld_combine.py).
+        combined as `settings` say (rule, margin, floor, refilter: uld_combine.py), as a new [S, V] tensor.
 
         The assistant's LM head runs only on the plausible tokens (the top-M by target logit, M the
-        largest plausible-set size in the batch: one host read) unless M is large (a low filter), the
+        largest plausible-set size in the batch: host reads) unless M is large (a low filter), the
         head cannot be sliced, or the step must not read the device (`sync_free`); then it runs on the
         whole vocabulary.
         """
-        runner, kwargs = self.runner, settings.kwargs()
-        if not self.sync_free:
-            keep = plausible_mask(target_logits, log_filter)
-            m = int(keep.sum(dim=-1).max())
-            if m <= ULD_MAX_CANDIDATES:
-                candidates = target_logits.topk(m, dim=-1).indices
-                assistant = runner.candidate_logits(assistant_hidden, candidates)
-                if assistant is not None:
-                    return combine_on_candidates(
-                        target_logits, candidates, assistant, alpha, keep, log_filter=log_filter, **kwargs
-                    )
-        return combine_logits(target_logits, runner.logits(assistant_hidden), alpha, log_filter, **kwargs)
+        found = self.combine_on_candidates(target_logits, assistant_hidden, alpha, log_filter, settings)
+        if found is None:
+            return self.combine_full(target_logits, assistant_hidden, alpha, log_filter, settings)
+        candidates, values = found
+        return torch.full_like(target_logits.float(), float("-inf")).scatter_(-1, candidates, values)
+
+    def combine_on_candidates(
+        self,
+        target_logits: torch.Tensor,
+        assistant_hidden: torch.Tensor,
+        alpha: torch.Tensor,
+        log_filter: torch.Tensor,
+        settings: CombineSettings,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`combine` on the candidate columns only: ([S, M] token ids, [S, M] combined logits; every other token of
+        a row is -inf), or None where the assistant's head must run on the whole vocabulary (`combine_full`)."""
+        if self.sync_free:
+            return None
+        found = plausible_candidates(target_logits, log_filter, ULD_MAX_CANDIDATES)
+        if found is None:
+            return None
+        candidates, kept = found
+        assistant = self.runner.candidate_logits(assistant_hidden, candidates)
+        if assistant is None:
+            return None
+        target = target_logits.gather(-1, candidates)
+        values = combine_candidate_values(
+            target, assistant, alpha, kept, log_filter=log_filter, **settings.kwargs()
+        )
+        return candidates, values
+
+    def combine_full(
+        self,
+        target_logits: torch.Tensor,
+        assistant_hidden: torch.Tensor,
+        alpha: torch.Tensor,
+        log_filter: torch.Tensor,
+        settings: CombineSettings,
+    ) -> torch.Tensor:
+        """`combine` with the assistant's LM head on the whole vocabulary: a new [S, V] tensor."""
+        assistant = self.runner.logits(assistant_hidden)
+        return combine_logits(target_logits, assistant, alpha, log_filter, **settings.kwargs())
 
 
 class UOEBackend(UnlearningBackend):
