@@ -9,7 +9,8 @@ import pytest
 import torch
 from test_uld_serving import make_random_assistant
 from unlearn_serve.server.engine.engine import Engine, EngineConfig
-from unlearn_serve.server.engine.repeat_guard import guard_substitutions, repeat_completions, row_argmax
+from unlearn_serve.server.engine.repeat_guard import guard_substitutions, repeat_completions
+from unlearn_serve.server.engine.sampler import row_argmax
 from unlearn_serve.server.engine.sampling_params import SamplingParams
 
 from unlearn_serve.evaluation.trace import trace_served
@@ -56,6 +57,8 @@ def test_row_argmax_is_argmax(vocab):
     x[4, 300 % vocab] = x[4, 10] = 50.0  # a tie across blocks: the first one
     x[5, 7] = float("inf")
     assert torch.equal(row_argmax(x), x.argmax(dim=-1))
+    assert torch.equal(row_argmax(x[::2]), x[::2].argmax(dim=-1))  # every other row: not contiguous
+    assert torch.equal(row_argmax(x.t().contiguous().t()), x.argmax(dim=-1))  # column-major
 
 
 def _substituted_repeats(trace, n: int) -> int:

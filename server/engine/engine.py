@@ -52,9 +52,8 @@ from unlearn_serve.server.engine.repeat_guard import (
     DEFAULT_NO_REPEAT_NGRAM,
     guard_substitutions,
     repeat_completions,
-    row_argmax,
 )
-from unlearn_serve.server.engine.sampler import SamplingBatch, apply_penalties, gather_logprobs, sample
+from unlearn_serve.server.engine.sampler import SamplingBatch, apply_penalties, gather_logprobs, row_argmax, sample
 from unlearn_serve.server.engine.sampling_params import SamplingParams, SamplingParamsError
 from unlearn_serve.server.engine.scheduler import Scheduler
 from unlearn_serve.server.engine.sequence import (

@@ -198,9 +198,26 @@ def _filter_top_k_top_p(scaled: torch.Tensor, batch: SamplingBatch) -> torch.Ten
     return scaled.index_copy(0, rows, filtered)
 
 
+_ARGMAX_BLOCK = 256
+
+
+def row_argmax(x: torch.Tensor) -> torch.Tensor:
+    """`x.argmax(dim=-1)` for [R, V], the same index (the first maximum). On the CPU `argmax` over a 49k vocabulary
+    is ~10x slower than `amax` (4.4 vs 0.4 ms for 64 rows), so: one `amax` per block of 256 columns, then `argmax`
+    over that small table (the block holding the first maximum) and inside the chosen block. Used for every greedy
+    token (the sampler) and the repeat guard's target choice."""
+    rows, width = x.shape
+    if x.device.type != "cpu" or width % _ARGMAX_BLOCK or not x.is_contiguous():
+        return x.argmax(dim=-1)
+    blocks = x.view(rows, width // _ARGMAX_BLOCK, _ARGMAX_BLOCK)
+    block = blocks.amax(dim=-1).argmax(dim=-1)
+    inner = blocks[torch.arange(rows, device=x.device), block].argmax(dim=-1)
+    return block * _ARGMAX_BLOCK + inner
+
+
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Pick one token per row from processed logits [R, V]; returns [R] long. Advances the seeded rows' steps."""
-    greedy_tokens = logits.argmax(dim=-1)
+    greedy_tokens = row_argmax(logits)
     if batch.all_greedy:
         return greedy_tokens
     scaled = logits / batch.temperature[:, None]
@@ -215,7 +232,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         seeded = seeded_exponential(batch.seed_keys, batch.seed_steps, probs.shape[-1]).to(noise.dtype)
         noise.index_copy_(0, batch.seeded_rows, seeded)
         batch.seed_steps += 1  # in place: the next call on this batch draws the next token's noise
-    sampled = (probs / noise).argmax(dim=-1)
+    sampled = row_argmax(probs / noise)
     return torch.where(batch.greedy, greedy_tokens, sampled)
 
 
