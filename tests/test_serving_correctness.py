@@ -112,6 +112,32 @@ def test_lm_eval_local_completions_loglikelihood_on_the_artifact(unlearned_url, 
     assert math.isfinite(ruled_out) and ruled_out <= LOGPROB_FLOOR  # -inf tokens come back as the floor
 
 
+def test_lm_eval_generate_until_gives_the_engines_answers(
+    unlearned_url, tiny_llama, tokenizer, uld_artifact, tiny_llama_dir
+):
+    """lm-eval-harness `local-completions` generation (token-id prompts, stop strings, greedy) on the unlearned model
+    returns the engine's own greedy answers (the repeat guard at its default), batched as lm-eval sends them."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    lm = LocalCompletionsAPI(
+        base_url=f"{unlearned_url}/v1/completions", model=FORGET, tokenizer_backend="huggingface",
+        tokenizer=str(tiny_llama_dir), num_concurrent=2, max_retries=1, max_length=64, batch_size=2,
+    )
+    contexts = [fact[: len(fact) // 2] for fact in FACTS]
+    until = {"until": ["."], "max_gen_toks": 12}
+    requests = [Instance("generate_until", {}, (ctx, dict(until)), i) for i, ctx in enumerate(contexts)]
+    answers = lm.generate_until(requests, disable_tqdm=True)
+
+    engine = Engine(copy.deepcopy(tiny_llama), tokenizer, EngineConfig(max_num_seqs=4, max_model_len=64), "tiny")
+    engine.load_uld(FORGET, uld_artifact)
+    prompts = [lm.tok_encode(ctx) for ctx in contexts]  # the ids lm-eval sent
+    params = SamplingParams(max_tokens=12, temperature=0, stop=["."])
+    expected = [r.completions[0].text for r in engine.generate(prompts, params, FORGET)]
+    assert answers == expected
+    assert any(answers)  # the model wrote something before its stop string
+
+
 # ---------------------------------------------------------------------------------------------- item 1
 def _sixteen_streams(engine: Engine, tokenizer, on_step=None) -> list[str]:
     """16 greedy streams over the memorised facts, stepped by hand; `on_step(i)` runs before step i."""
