@@ -132,7 +132,7 @@ def main() -> None:
         n = args.requests
         # interleaved rounds so that load drift on a shared machine hits every configuration alike
         runs: dict[str, list[tuple[float, float]]] = {"off": [], "on": [], "mixed": []}
-        guard_n = engine._guard_n
+        guard_n = engine.no_repeat_substitution
         if args.guard_ab:
             runs |= {"on, guard off": [], "mixed, guard off": []}
         for _ in range(args.rounds):
@@ -140,10 +140,10 @@ def main() -> None:
             runs["on"].append(tok_s(["forget"] * n))
             runs["mixed"].append(tok_s(["forget" if i % 2 else None for i in range(n)]))
             if args.guard_ab:
-                engine._guard_n = 0  # the history buffers stay; only the step's guard is skipped
+                engine.set_no_repeat_substitution(0)
                 runs["on, guard off"].append(tok_s(["forget"] * n))
                 runs["mixed, guard off"].append(tok_s(["forget" if i % 2 else None for i in range(n)]))
-                engine._guard_n = guard_n
+                engine.set_no_repeat_substitution(guard_n)
         best = {name: max(v[0] for v in values) for name, values in runs.items()}
         best_cpu = {name: max(v[1] for v in values) for name, values in runs.items()}
 

@@ -107,3 +107,22 @@ def test_answers_without_unlearning_are_untouched(tiny_llama, tokenizer, strong_
     mixed = [None, "a"] * (len(PROMPTS) // 2)
     served = _serve(tiny_llama, tokenizer, strong_assistant, 3, mixed)[2]
     assert [c.token_ids for c, s in zip(served, mixed, strict=True) if s is None] == plain[::2]
+
+
+def test_switching_the_guard_between_requests(tiny_llama, tokenizer, strong_assistant):
+    """An engine built with the guard off, switched on between requests, serves what one built with it on serves;
+    switching while a sequence runs is refused (its history would be incomplete), and so is a negative size."""
+    from unlearn_serve.server.engine.sequence import Request
+
+    guarded = [c.token_ids for c in _serve(tiny_llama, tokenizer, strong_assistant, 3, "a")[2]]
+    engine, prompts, off = _serve(tiny_llama, tokenizer, strong_assistant, 0, "a")
+    assert engine.no_repeat_substitution == 0 and [c.token_ids for c in off] != guarded
+    engine.set_no_repeat_substitution(3)
+    params = SamplingParams(max_tokens=40, temperature=0.0)
+    assert [r.completions[0].token_ids for r in engine.generate(prompts, params, "a")] == guarded
+    with pytest.raises(ValueError, match=">= 0"):
+        engine.set_no_repeat_substitution(-1)
+    engine.add_request(Request(engine.new_request_id(), prompts[0], params))
+    engine.step()  # admitted: it runs now
+    with pytest.raises(RuntimeError, match="while no sequence runs"):
+        engine.set_no_repeat_substitution(0)

@@ -180,12 +180,11 @@ class Engine:
         self._prompt_mask = torch.zeros(m, self.vocab_size, dtype=torch.bool, device=self.device)
         self._output_counts = torch.zeros(m, self.vocab_size, dtype=torch.int32, device=self.device)
         # The repeat guard's state per target slot: the output so far and its length (repeat_guard.py).
-        n = self.config.no_repeat_substitution
-        self._guard_n = DEFAULT_NO_REPEAT_NGRAM if n is None else max(0, int(n))
-        width = self.max_model_len if self._guard_n else 0
-        self._history = torch.zeros(m, width, dtype=torch.int32, device=self.device)
+        self._guard_n = 0
+        self._history = torch.zeros(m, 0, dtype=torch.int32, device=self.device)
         self._history_len = torch.zeros(m, dtype=torch.long, device=self.device)
-        self._guard_width = width  # columns of the history a decode step scans (set per step in _decode)
+        n = self.config.no_repeat_substitution
+        self.set_no_repeat_substitution(DEFAULT_NO_REPEAT_NGRAM if n is None else n)
 
     @classmethod
     def from_pretrained(cls, model: str, config: EngineConfig | None = None, **load_kwargs) -> Engine:
@@ -477,9 +476,6 @@ class Engine:
     def _decode(self) -> None:
         state = self.builder.decode_state()
         batch = self.builder.decode_batch(state)
-        if self._guarded(state.plans):  # the repeat guard scans the outputs so far, in power-of-two widths
-            longest = max(len(s.output_ids) for s in state.rows if s is not None)
-            self._guard_width = min(self._history.shape[1], 1 << max(4, longest.bit_length()))
         tokens, logprobs = self._decode_step(state, batch)
         token_list = self._to_host(tokens)
         entries: dict[int, TokenLogprob] = {}
@@ -494,6 +490,28 @@ class Engine:
             self.output.append(seq, token_list[i], entries.get(i))
             active.append(seq)
         self.output.emit_many(active)
+
+    @property
+    def no_repeat_substitution(self) -> int:
+        """The repeat guard's n-gram size (0 = off)."""
+        return self._guard_n
+
+    def set_no_repeat_substitution(self, n: int) -> None:
+        """The repeat guard's n-gram size (0 = off; `EngineConfig.no_repeat_substitution`). Only while no sequence
+        runs: the guard reads each answer's history, which is written only while it is on."""
+        if n < 0:
+            raise ValueError(f"no_repeat_substitution must be >= 0 (got {n})")
+        if self.scheduler.running:
+            raise RuntimeError("the repeat guard can only be switched while no sequence runs")
+        self._guard_n = int(n)
+        if n and not self._history.shape[1]:
+            self._history = torch.zeros(len(self._history), self.max_model_len, dtype=torch.int32, device=self.device)
+
+    def _guard_scan_width(self, rows: list[Sequence | None]) -> int:
+        """Columns of the output history the guard scans this step: the longest output so far, rounded up to a power
+        of two (a few distinct shapes). Host-side: the outputs' lengths are on the host."""
+        longest = max(len(s.output_ids) for s in rows if s is not None)
+        return min(self._history.shape[1], 1 << max(4, longest.bit_length()))
 
     def _guarded(self, plans: list) -> bool:
         """Whether the repeat guard runs for a batch with these backend plans: on, and some backend decides tokens
@@ -530,7 +548,7 @@ class Engine:
         for backend, plan in state.plans:
             logits = backend.process_logits(plan, logits, hidden_a)
         if guard:
-            history = self._history[:n, : self._guard_width]
+            history = self._history[:n, : self._guard_scan_width(state.rows)]
             followers, repeats = repeat_completions(history, self._history_len[:n], self._guard_n)
             logits = guard_substitutions(logits, target_best, followers, repeats)
         sampling = state.sampling
