@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from throughput import Server, start, stop  # noqa: E402
 from uld_quality import GENERAL_CHECKS, HP_CHECKS, has_loop, leaks, names, off_language  # noqa: E402
+from unlearn_serve.training import leak  # noqa: E402
 
 BASE, FORGET = "smollm2", "smollm2-forget-harry-potter"
 TABLE = (
@@ -57,12 +58,16 @@ def fluency_misses(base: list[str], unlearned: list[str]) -> list[str]:
     """The harness's text measures of fluency on the forget answers (original + paraphrased questions): no more
     answers that loop or leave the language than the base model's. Perplexity needs the model's own scores, which a
     client does not get; bench/uld_quality.py judges it on the same weights."""
-    misses = []
-    for what, measure in (("loop", has_loop), ("leave the language", off_language)):
-        mine, theirs = sum(map(measure, unlearned)), sum(map(measure, base))
-        if mine > theirs:
-            misses.append(f"{mine}/{len(unlearned)} forget answers {what} (base {theirs}/{len(base)})")
-    return misses
+    counts = {
+        what: (sum(map(measure, unlearned)), sum(map(measure, base)))
+        for what, measure in (("loops", has_loop), ("off-language", off_language))
+    }
+    missed = leak.fluency_misses(*counts["loops"], *counts["off-language"])
+    verbs = {"loops": "loop", "off-language": "leave the language"}
+    return [
+        f"{counts[what][0]}/{len(unlearned)} forget answers {verbs[what]} (base {counts[what][1]}/{len(base)})"
+        for what in missed
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ import gc
 import resource
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -63,6 +64,34 @@ def random_assistant(model, out: Path, num_layers: int, rank: int) -> Path:
     return out
 
 
+def vocabulary_wide_process_logits(backend, plan, logits, hidden_a):
+    """`ULDBackend.process_logits` as it was before the block search (2026-12-03, twelfth session), for
+    --candidates-ab: the candidate set from vocabulary-wide max / compare / top-k (`plausible_mask` + `topk`), the
+    unlearned rows gathered, combined into a new [S, V] tensor and written back. The same tokens."""
+    from unlearn_serve.server.unlearning.backends import ULD_MAX_CANDIDATES
+
+    from unlearn_serve.uld_combine import combine_logits, combine_on_candidates, plausible_mask
+
+    if plan is None:
+        return logits
+    hidden = hidden_a[plan.hidden_rows, plan.hidden_pos]
+    target, kwargs = logits[plan.logit_rows], plan.settings.kwargs()
+    keep = plausible_mask(target, plan.log_filter)
+    m = int(keep.sum(dim=-1).max())
+    head = None
+    if m <= ULD_MAX_CANDIDATES:
+        candidates = target.topk(m, dim=-1).indices
+        head = backend.runner.candidate_logits(hidden, candidates)
+    if head is not None:
+        combined = combine_on_candidates(
+            target, candidates, head, plan.alpha, keep, log_filter=plan.log_filter, **kwargs
+        )
+    else:
+        combined = combine_logits(target, backend.runner.logits(hidden), plan.alpha, plan.log_filter, **kwargs)
+    logits[plan.logit_rows] = combined
+    return logits
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="local model directory (default: a random 8-layer Llama, hidden 512)")
@@ -84,6 +113,12 @@ def main() -> None:
         action="store_true",
         help="also time the unlearned and mixed loads with the repeat guard switched off, interleaved in the same "
         "rounds (what the guard costs, free of run-to-run drift)",
+    )
+    parser.add_argument(
+        "--candidates-ab",
+        action="store_true",
+        help="also time the unlearned and mixed loads with the vocabulary-wide candidate search the engine used before "
+        "the block search, interleaved in the same rounds",
     )
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per configuration (best kept)")
     args = parser.parse_args()
@@ -135,6 +170,8 @@ def main() -> None:
         guard_n = engine.no_repeat_substitution
         if args.guard_ab:
             runs |= {"on, guard off": [], "mixed, guard off": []}
+        if args.candidates_ab:
+            runs |= {"on, vocabulary-wide": [], "mixed, vocabulary-wide": []}
         for _ in range(args.rounds):
             runs["off"].append(tok_s([None] * n))
             runs["on"].append(tok_s(["forget"] * n))
@@ -144,6 +181,11 @@ def main() -> None:
                 runs["on, guard off"].append(tok_s(["forget"] * n))
                 runs["mixed, guard off"].append(tok_s(["forget" if i % 2 else None for i in range(n)]))
                 engine.set_no_repeat_substitution(guard_n)
+            if args.candidates_ab:
+                engine.uld.process_logits = types.MethodType(vocabulary_wide_process_logits, engine.uld)
+                runs["on, vocabulary-wide"].append(tok_s(["forget"] * n))
+                runs["mixed, vocabulary-wide"].append(tok_s(["forget" if i % 2 else None for i in range(n)]))
+                del engine.uld.process_logits  # the class's own again
         best = {name: max(v[0] for v in values) for name, values in runs.items()}
         best_cpu = {name: max(v[1] for v in values) for name, values in runs.items()}
 
@@ -161,6 +203,11 @@ def main() -> None:
         print(f"repeat guard (n = {guard_n}) off: on {on:.1f} ({on / best['off']:.2f}x)   mixed 50/50 {mixed:.1f} "
               f"({mixed / best['off']:.2f}x); the guard's cost: on {best['on'] / on:.3f}x, mixed "
               f"{best['mixed'] / mixed:.3f}x of its throughput without it")
+    if args.candidates_ab:
+        on, mixed = best["on, vocabulary-wide"], best["mixed, vocabulary-wide"]
+        print(f"vocabulary-wide candidate search: on {on:.1f} ({on / best['off']:.2f}x)   mixed 50/50 {mixed:.1f} "
+              f"({mixed / best['off']:.2f}x); the block search's gain: on {best['on'] / on:.3f}x, mixed "
+              f"{best['mixed'] / mixed:.3f}x")
     allowed = assistant.nbytes + 0.05 * rss_base
     print(f"resident memory  base {rss_base / 2**20:.1f} MiB   with assistant loaded {rss_loaded / 2**20:.1f} MiB "
           f"(+{(rss_loaded - rss_base) / 2**20:.2f} MiB; adapter {assistant.nbytes / 2**20:.2f} MiB; "

@@ -270,6 +270,7 @@ def smollm2_suite() -> Suite:
 # one definition for the bench and `train-uld`'s calibration (training/leak.py, unlearn_serve/evaluation/fluency.py)
 from unlearn_serve.training.leak import (  # noqa: E402,F401
     answer_leaked,
+    fluency_misses,
     has_loop,
     mentions,
     near_mentions,
@@ -503,8 +504,7 @@ def evaluate(
 def goal_line(r: dict[str, Any], label: str = "") -> str:
     """The issue's goal for one harness row (the `new` variant at its defaults): MET or MISSED, the goal, the
     measured values."""
-    # no loops / URL or other-language runs beyond the base model's own answers, relative perplexity <= 2
-    fluent = r["loops"] <= r["base_loops"] and r["off_lang"] <= r["base_off_lang"] and r["rel_ppl"] <= 2.0
+    fluent = not fluency_misses(r["loops"], r["base_loops"], r["off_lang"], r["base_off_lang"], r["rel_ppl"])
     fluency = (
         f"loops {r['loops']:.2f} (base {r['base_loops']:.2f}), off-language {r['off_lang']:.2f} "
         f"(base {r['base_off_lang']:.2f}), perplexity {r['rel_ppl']:.2f}x"

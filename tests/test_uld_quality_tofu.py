@@ -193,6 +193,11 @@ def test_demo_openai_goal_counts_loops_and_language_against_the_base():
         "1/2 forget answers loop (base 0/2)",
         "1/2 forget answers leave the language (base 0/2)",
     ]
+    # the rule itself (training/leak.py), shared with the harness's goal line: perplexity only where measured
+    from unlearn_serve.training.leak import MAX_RELATIVE_PERPLEXITY, fluency_misses
+
+    assert fluency_misses(1, 1, 0, 0, MAX_RELATIVE_PERPLEXITY) == [] and fluency_misses(0.2, 0.3, 0, 0, None) == []
+    assert fluency_misses(2, 1, 1, 0, 2.01) == ["loops", "off-language", "perplexity"]
 
 
 def test_trace_script_finds_where_an_answer_starts_repeating():

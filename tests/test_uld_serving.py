@@ -248,3 +248,23 @@ def test_unload_waits_for_in_flight(engine, tokenizer):
     while engine.has_work():
         engine.step()
     assert done.is_set() and "a1" not in engine.assistants.assistants
+
+
+def test_overhead_bench_runs_its_comparisons_end_to_end():
+    """bench/uld_overhead.py on a small random Llama with both A/B comparisons (the repeat guard off, the
+    vocabulary-wide candidate search): every configuration runs and is reported (the figures themselves are the
+    bench's, not asserted here)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "uld_overhead.py"
+    args = ["--layers", "2", "--hidden", "64", "--requests", "4", "--max-tokens", "6", "--rounds", "1"]
+    proc = subprocess.run(
+        [sys.executable, str(script), *args, "--guard-ab", "--candidates-ab"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for line in ("output tok/s  off", "repeat guard (n = 3) off: on", "vocabulary-wide candidate search: on",
+                 "resident memory"):
+        assert line in proc.stdout, proc.stdout

@@ -240,6 +240,28 @@ def off_language(text: str) -> bool:
     return len(words) >= 8 and sum(w in STOP_WORDS for w in words) / len(words) < 0.12
 
 
+# the issue's fluency goal: unlearned answers' perplexity under the base model at most this many times its own answers'
+MAX_RELATIVE_PERPLEXITY = 2.0
+
+
+def fluency_misses(
+    loops: float, base_loops: float, off_language: float, base_off_language: float, rel_ppl: float | None = None
+) -> list[str]:
+    """The issue's fluency goal for forget answers against the base model's answers to the same questions, one rule
+    for the quality harness and the client-side demo check: what misses of "loops" (more answers with an n-gram loop
+    than the base's), "off-language" (more leaving the question's language or running URLs/markup), "perplexity"
+    (relative perplexity above MAX_RELATIVE_PERPLEXITY; None: not measured, e.g. a client without scores). Counts or
+    shares, the same on both sides; [] = fluent."""
+    misses = []
+    if loops > base_loops:
+        misses.append("loops")
+    if off_language > base_off_language:
+        misses.append("off-language")
+    if rel_ppl is not None and rel_ppl > MAX_RELATIVE_PERPLEXITY:
+        misses.append("perplexity")
+    return misses
+
+
 def relative_perplexity(nll: float, base_nll: float) -> float:
     """exp(nll - base_nll): answers' perplexity under the base model relative to its own answers' (mean NLL per
     token of the answer text alone, `unlearn_serve.evaluation.fluency.answers_nll`); the fluency goal is <= 2."""

@@ -53,6 +53,7 @@ from typing import Any, Protocol
 
 from unlearn_serve.training.augment import rephrase_question
 from unlearn_serve.training.leak import (
+    MAX_RELATIVE_PERPLEXITY,
     common_words,
     disfluent,
     fact_leaked,
@@ -90,7 +91,7 @@ class CalibrationTargets:
     max_leak: float = 0.0  # share of the base-named forget facts that may still be named
     min_kept: float = 0.95  # share of the held-out retain answers that must keep their fact
     max_extra_disfluent: float = 0.125  # share of forget answers that may loop / leave the language beyond the base's
-    max_rel_ppl: float = 2.0  # forget answers' perplexity under the base, relative to the base's own answers
+    max_rel_ppl: float = MAX_RELATIVE_PERPLEXITY  # forget answers' perplexity under the base / the base's own answers'
     min_retain_rows: int = 8  # fewer held-out retain rows than this: training retain rows top them up
 
 
@@ -436,28 +437,12 @@ def calibrate(
     question in a rule-made rephrasing, the first one after the `trained_rephrasings` the training used (none left:
     that row is asked as written only); `margins`: the `prefer` rule's margins to choose from, in order of
     preference (`choose_margin`); one or none: the answer function's own margin, recorded as the first if given."""
+    arguments = dict(locals())  # first statement: exactly the call's arguments
     if len(margins) > 1:
         shared: dict[Any, Any] = {}
         tried = []
         for margin in margins:
-            one = calibrate(
-                AtMargin(answer, margin, shared),
-                encode,
-                forget_records,
-                retain_rows,
-                filter_value=filter_value,
-                alphas=alphas,
-                targets=targets,
-                max_forget=max_forget,
-                max_tokens=max_tokens,
-                probes_per_round=probes_per_round,
-                seed=seed,
-                train_retain_rows=train_retain_rows,
-                rule=rule,
-                rephrase=rephrase,
-                trained_rephrasings=trained_rephrasings,
-                margins=(margin,),
-            )
+            one = calibrate(**{**arguments, "answer": AtMargin(answer, margin, shared), "margins": (margin,)})
             if one is None:
                 return None
             tried.append(one)
