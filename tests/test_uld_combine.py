@@ -704,8 +704,11 @@ def test_plausible_candidates_are_plausible_mask_and_topk(vocab):
         values = target.gather(1, candidates)
         assert torch.equal(values, target.topk(m, dim=-1).values)
         assert plausible_candidates(target, log_filter, m - 1, min_keep) is None
-    # filter 0 keeps every token: above any cap below the vocabulary
-    assert plausible_candidates(target, torch.full((rows,), float("-inf")), vocab - 1) is None
+    # filter 0 keeps every token: above any cap below the vocabulary, the whole vocabulary at a cap that allows it
+    unfiltered = torch.full((rows,), float("-inf"))
+    assert plausible_candidates(target, unfiltered, vocab - 1) is None
+    candidates, kept = plausible_candidates(target, unfiltered, vocab)
+    assert kept.all() and all(sorted(row.tolist()) == list(range(vocab)) for row in candidates)
 
 
 def test_process_logits_in_place_equals_combine(tiny_llama, tokenizer, tmp_path):

@@ -139,9 +139,10 @@ def plausible_candidates(
     if k > 1:
         kth_block = scanned_max.topk(min(k, scanned_max.shape[1]), dim=-1).values[:, -1:]
         needed = relative | (scanned_max >= kth_block)
-    # every needed block is among a row's `width` largest block maxima
-    width, at_least = torch.stack([needed[:, : block_max.shape[1]].sum(-1), relative.sum(-1)]).amax(-1).tolist()
-    if at_least > max_candidates:
+    # every needed block is among a row's `width` largest block maxima; a filter of 0 keeps the whole vocabulary
+    counts = [needed[:, : block_max.shape[1]].sum(-1), relative.sum(-1), (log_filter == float("-inf")).long()]
+    width, at_least, unfiltered = torch.stack(counts).amax(-1).tolist()
+    if at_least > max_candidates or (unfiltered and vocab > max_candidates):
         return None
     chosen = block_max.topk(width, dim=-1).indices  # [R, width]
     offsets = torch.arange(CANDIDATE_BLOCK, device=target.device)

@@ -168,9 +168,10 @@ class ULDBackend(UnlearningBackend):
         hidden = assistant_hidden[plan.hidden_rows, plan.hidden_pos]
         rows, every_row = plan.logit_rows, plan.every_row
         target = logits if every_row else logits.index_select(0, rows)
-        found = self.combine_on_candidates(target, hidden, plan.alpha, plan.log_filter, plan.settings)
+        found = self.candidate_combination(target, hidden, plan.alpha, plan.log_filter, plan.settings)
         if found is None:
-            combined = self.combine_full(target, hidden, plan.alpha, plan.log_filter, plan.settings).to(logits.dtype)
+            combined = self.full_combination(target, hidden, plan.alpha, plan.log_filter, plan.settings)
+            combined = combined.to(logits.dtype)
             return logits.copy_(combined) if every_row else logits.index_copy_(0, rows, combined)
         # written in place: -inf on the unlearned rows, then their candidates' values (no [R, V] temporary)
         candidates, values = found
@@ -197,13 +198,13 @@ class ULDBackend(UnlearningBackend):
         head cannot be sliced, or the step must not read the device (`sync_free`); then it runs on the
         whole vocabulary.
         """
-        found = self.combine_on_candidates(target_logits, assistant_hidden, alpha, log_filter, settings)
+        found = self.candidate_combination(target_logits, assistant_hidden, alpha, log_filter, settings)
         if found is None:
-            return self.combine_full(target_logits, assistant_hidden, alpha, log_filter, settings)
+            return self.full_combination(target_logits, assistant_hidden, alpha, log_filter, settings)
         candidates, values = found
         return torch.full_like(target_logits.float(), float("-inf")).scatter_(-1, candidates, values)
 
-    def combine_on_candidates(
+    def candidate_combination(
         self,
         target_logits: torch.Tensor,
         assistant_hidden: torch.Tensor,
@@ -212,7 +213,7 @@ class ULDBackend(UnlearningBackend):
         settings: CombineSettings,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """`combine` on the candidate columns only: ([S, M] token ids, [S, M] combined logits; every other token of
-        a row is -inf), or None where the assistant's head must run on the whole vocabulary (`combine_full`)."""
+        a row is -inf), or None where the assistant's head must run on the whole vocabulary (`full_combination`)."""
         if self.sync_free:
             return None
         found = plausible_candidates(target_logits, log_filter, ULD_MAX_CANDIDATES)
@@ -228,7 +229,7 @@ class ULDBackend(UnlearningBackend):
         )
         return candidates, values
 
-    def combine_full(
+    def full_combination(
         self,
         target_logits: torch.Tensor,
         assistant_hidden: torch.Tensor,
