@@ -83,11 +83,11 @@ def test_padded_rows_never_change_live_kv(tiny_llama, tokenizer):
     inner = engine._decode_step
     padded_steps = []
 
-    def checked(state, batch):
+    def checked(state, batch, **step_kwargs):
         assert state.graphed
         cache = engine.runner.cache
         before = [k.clone() for k in cache.keys] + [v.clone() for v in cache.values]
-        out = inner(state, batch)
+        out = inner(state, batch, **step_kwargs)
         after = list(cache.keys) + list(cache.values)
         live = {i: seq.total_len - 1 for i, seq in enumerate(state.rows) if seq is not None}
         padded_steps.append(len(live) < len(state.rows))
@@ -124,9 +124,9 @@ def test_a_graphed_step_completes_with_every_host_sync_forbidden(tiny_llama, tok
     engine = _engine(tiny_llama, tokenizer, graphs)
     inner = engine._decode_step
 
-    def guarded(state, batch):
+    def guarded(state, batch, **step_kwargs):
         with forbid_host_sync():
-            return inner(state, batch)
+            return inner(state, batch, **step_kwargs)
 
     engine._decode_step = guarded
     result = _tokens(engine.generate(PROMPTS, params))
@@ -142,9 +142,9 @@ def test_batches_with_unlearning_rows_run_eagerly(tiny_llama, tokenizer, tmp_pat
         engine.load_uld("a", artifact)
         inner = engine._decode_step
 
-        def spy(state, batch, inner=inner):
+        def spy(state, batch, inner=inner, **step_kwargs):
             seen.append((state.graphed, _has_unlearning_rows(state)))
-            return inner(state, batch)
+            return inner(state, batch, **step_kwargs)
 
         engine._decode_step = spy
         outputs.append(_tokens(engine.generate(PROMPTS, _params(), selections)))
@@ -199,9 +199,9 @@ def test_a_moe_model_with_expert_patch_rows_graphs_its_plain_batches(tokenizer, 
         engine.load_uoe("p", patch)  # its hooks sit on the model; plain rows take the base path through them
         inner = engine._decode_step
 
-        def spy(state, batch, inner=inner):
+        def spy(state, batch, inner=inner, **step_kwargs):
             seen.append((state.graphed, _has_unlearning_rows(state)))
-            return inner(state, batch)
+            return inner(state, batch, **step_kwargs)
 
         engine._decode_step = spy
         outputs.append(_tokens(engine.generate(PROMPTS, _params(), selections)))

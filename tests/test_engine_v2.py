@@ -110,12 +110,12 @@ def test_a_decode_step_completes_with_every_host_sync_forbidden(tiny_llama, toke
         steps = []
         inner = engine._decode_step
 
-        def guarded(state, batch, inner=inner, steps=steps, forbid=forbid):
+        def guarded(state, batch, inner=inner, steps=steps, forbid=forbid, **step_kwargs):
             steps.append(1)
             if not forbid:
-                return inner(state, batch)
+                return inner(state, batch, **step_kwargs)
             with forbid_host_sync():
-                return inner(state, batch)
+                return inner(state, batch, **step_kwargs)
 
         engine._decode_step = guarded
         outputs.append(_tokens(engine.generate(PROMPTS, params, selections)))
@@ -135,11 +135,11 @@ def test_a_decode_step_with_expert_patch_rows_reads_nothing_from_the_device(toke
         engine.load_uoe("p", patch)
         inner = engine._decode_step
 
-        def guarded(state, batch, inner=inner, forbid=forbid):
+        def guarded(state, batch, inner=inner, forbid=forbid, **step_kwargs):
             if not forbid:
-                return inner(state, batch)
+                return inner(state, batch, **step_kwargs)
             with forbid_host_sync():
-                return inner(state, batch)
+                return inner(state, batch, **step_kwargs)
 
         engine._decode_step = guarded
         outputs.append(_tokens(engine.generate(PROMPTS, params, ["p", None, "p", None])))

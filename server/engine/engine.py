@@ -476,7 +476,9 @@ class Engine:
     def _decode(self) -> None:
         state = self.builder.decode_state()
         batch = self.builder.decode_batch(state)
-        tokens, logprobs = self._decode_step(state, batch)
+        # the repeat guard scans the outputs so far (their lengths are on the host): a power-of-two width, few shapes
+        guard_width = self._guard_scan_width(state.rows) if self._guarded(state.plans) else 0
+        tokens, logprobs = self._decode_step(state, batch, guard_width=guard_width)
         token_list = self._to_host(tokens)
         entries: dict[int, TokenLogprob] = {}
         if logprobs is not None:
@@ -509,7 +511,7 @@ class Engine:
 
     def _guard_scan_width(self, rows: list[Sequence | None]) -> int:
         """Columns of the output history the guard scans this step: the longest output so far, rounded up to a power
-        of two (a few distinct shapes). Host-side: the outputs' lengths are on the host."""
+        of two (a few distinct shapes)."""
         longest = max(len(s.output_ids) for s in rows if s is not None)
         return min(self._history.shape[1], 1 << max(4, longest.bit_length()))
 
@@ -530,8 +532,13 @@ class Engine:
         done.synchronize()
         return host.tolist()
 
-    def _decode_step(self, state: DecodeState, batch) -> tuple[torch.Tensor, tuple | None]:
+    def _decode_step(
+        self, state: DecodeState, batch, guard_width: int | None = None
+    ) -> tuple[torch.Tensor, tuple | None]:
         """One token for every row: forward -> unlearning backends -> repeat guard -> penalties -> sample.
+
+        `guard_width`: columns of the output history the repeat guard scans (`_guard_scan_width`, computed by the
+        caller on the host; None: the whole history).
 
         Tensor ops only, on inputs already in the builder's buffers: no host sync (tested under a
         patched `Tensor.item`/`tolist`/...), static shapes per decode bucket.
@@ -548,7 +555,7 @@ class Engine:
         for backend, plan in state.plans:
             logits = backend.process_logits(plan, logits, hidden_a)
         if guard:
-            history = self._history[:n, : self._guard_scan_width(state.rows)]
+            history = self._history[:n, :guard_width]
             followers, repeats = repeat_completions(history, self._history_len[:n], self._guard_n)
             logits = guard_substitutions(logits, target_best, followers, repeats)
         sampling = state.sampling
