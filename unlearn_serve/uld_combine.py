@@ -341,31 +341,18 @@ def combine_on_candidates(
     assistant_candidate_logits: torch.Tensor,
     alpha: torch.Tensor,
     keep: torch.Tensor,
-    *,
-    prefer: bool | torch.Tensor = DEFAULT_RULE == "prefer",
-    refilter: bool | torch.Tensor = False,
-    log_filter: torch.Tensor | None = None,
-    margin: float | torch.Tensor = 0.0,
-    floor: float | torch.Tensor | None = None,
+    **options: Any,
 ) -> torch.Tensor:
-    """`combine_logits` when the assistant was scored only on `candidates` [R, M] (a superset of `keep`).
+    """`combine_logits` when the assistant was scored only on `candidates` [R, M] (a superset of the [R, V] `keep`),
+    as a new [R, V] tensor; `options`: `combine_candidate_values`'s (rule, refilter + log_filter, margin, floor).
 
     Everything outside the candidate set is -inf anyway, so the assistant's LM head is needed on
-    those tokens only: M columns instead of V (SmolLM2: tens instead of 49,152). `refilter` needs the
-    rows' `log_filter` (the same as `plausible_mask`'s); it runs on the M columns.
+    those tokens only: M columns instead of V (SmolLM2: tens instead of 49,152).
     """
     target = target_logits.float()
-    values = combine_candidate_values(
-        target.gather(-1, candidates),
-        assistant_candidate_logits,
-        alpha,
-        keep.gather(-1, candidates),
-        prefer=prefer,
-        refilter=refilter,
-        log_filter=log_filter,
-        margin=margin,
-        floor=floor,
-    )
+    on_candidates = target.gather(-1, candidates)
+    kept = keep.gather(-1, candidates)
+    values = combine_candidate_values(on_candidates, assistant_candidate_logits, alpha, kept, **options)
     return torch.full_like(target, float("-inf")).scatter_(-1, candidates, values)
 
 
@@ -383,7 +370,7 @@ def combine_candidate_values(
 ) -> torch.Tensor:
     """The combined logits on [R, M] candidate columns only (`combine_on_candidates` without the scatter back to the
     vocabulary): target's and assistant's logits on them, `kept` [R, M] which of them are the row's candidates (the
-    others end at -inf)."""
+    others end at -inf). `refilter` needs the rows' `log_filter` (the same as `plausible_mask`'s)."""
     on_candidates = target_candidate_logits.float()
     penalty = assistant_penalty(assistant_candidate_logits, kept, prefer, margin)
     values = on_candidates - alpha[:, None] * penalty

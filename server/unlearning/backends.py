@@ -168,14 +168,11 @@ class ULDBackend(UnlearningBackend):
         hidden = assistant_hidden[plan.hidden_rows, plan.hidden_pos]
         rows, every_row = plan.logit_rows, plan.every_row
         target = logits if every_row else logits.index_select(0, rows)
-        found = self.candidate_combination(target, hidden, plan.alpha, plan.log_filter, plan.settings)
-        if found is None:
-            combined = self.full_combination(target, hidden, plan.alpha, plan.log_filter, plan.settings)
-            combined = combined.to(logits.dtype)
-            return logits.copy_(combined) if every_row else logits.index_copy_(0, rows, combined)
-        # written in place: -inf on the unlearned rows, then their candidates' values (no [R, V] temporary)
-        candidates, values = found
+        candidates, values = self._combined(target, hidden, plan.alpha, plan.log_filter, plan.settings)
         values = values.to(logits.dtype)
+        if candidates is None:  # the whole vocabulary
+            return logits.copy_(values) if every_row else logits.index_copy_(0, rows, values)
+        # written in place: -inf on the unlearned rows, then their candidates' values (no [R, V] temporary)
         if every_row:
             return logits.fill_(float("-inf")).scatter_(1, candidates, values)
         logits.index_fill_(0, rows, float("-inf"))
@@ -191,55 +188,38 @@ class ULDBackend(UnlearningBackend):
         settings: CombineSettings,
     ) -> torch.Tensor:
         """ULD logits for [S] unlearned rows: target - alpha * penalty(assistant) on the target's plausible tokens,
-        combined as `settings` say (rule, margin, floor, refilter: uld_combine.py), as a new [S, V] tensor.
-
-        The assistant's LM head runs only on the plausible tokens (the top-M by target logit, M the
-        largest plausible-set size in the batch: host reads) unless M is large (a low filter), the
-        head cannot be sliced, or the step must not read the device (`sync_free`); then it runs on the
-        whole vocabulary.
-        """
-        found = self.candidate_combination(target_logits, assistant_hidden, alpha, log_filter, settings)
-        if found is None:
-            return self.full_combination(target_logits, assistant_hidden, alpha, log_filter, settings)
-        candidates, values = found
+        combined as `settings` say (rule, margin, floor, refilter: uld_combine.py), as a new [S, V] tensor."""
+        candidates, values = self._combined(target_logits, assistant_hidden, alpha, log_filter, settings)
+        if candidates is None:
+            return values
         return torch.full_like(target_logits.float(), float("-inf")).scatter_(-1, candidates, values)
 
-    def candidate_combination(
+    def _combined(
         self,
         target_logits: torch.Tensor,
         assistant_hidden: torch.Tensor,
         alpha: torch.Tensor,
         log_filter: torch.Tensor,
         settings: CombineSettings,
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """`combine` on the candidate columns only: ([S, M] token ids, [S, M] combined logits; every other token of
-        a row is -inf), or None where the assistant's head must run on the whole vocabulary (`full_combination`)."""
-        if self.sync_free:
-            return None
-        found = plausible_candidates(target_logits, log_filter, ULD_MAX_CANDIDATES)
-        if found is None:
-            return None
-        candidates, kept = found
-        assistant = self.runner.candidate_logits(assistant_hidden, candidates)
-        if assistant is None:
-            return None
-        target = target_logits.gather(-1, candidates)
-        values = combine_candidate_values(
-            target, assistant, alpha, kept, log_filter=log_filter, **settings.kwargs()
-        )
-        return candidates, values
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """`combine`'s values as ([S, M] candidate ids, their [S, M] combined logits; every other token is -inf), or
+        (None, [S, V] combined logits) where the assistant's LM head runs on the whole vocabulary.
 
-    def full_combination(
-        self,
-        target_logits: torch.Tensor,
-        assistant_hidden: torch.Tensor,
-        alpha: torch.Tensor,
-        log_filter: torch.Tensor,
-        settings: CombineSettings,
-    ) -> torch.Tensor:
-        """`combine` with the assistant's LM head on the whole vocabulary: a new [S, V] tensor."""
+        The head runs only on the plausible tokens (the top-M by target logit, M the largest plausible-set size in
+        the batch: `plausible_candidates`, two host reads) unless M is large (a low filter), the head cannot be
+        sliced, or the step must not read the device (`sync_free`)."""
+        kwargs = settings.kwargs()
+        found = None if self.sync_free else plausible_candidates(target_logits, log_filter, ULD_MAX_CANDIDATES)
+        if found is not None:
+            candidates, kept = found
+            assistant = self.runner.candidate_logits(assistant_hidden, candidates)
+            if assistant is not None:
+                target = target_logits.gather(-1, candidates)
+                return candidates, combine_candidate_values(
+                    target, assistant, alpha, kept, log_filter=log_filter, **kwargs
+                )
         assistant = self.runner.logits(assistant_hidden)
-        return combine_logits(target_logits, assistant, alpha, log_filter, **settings.kwargs())
+        return None, combine_logits(target_logits, assistant, alpha, log_filter, **kwargs)
 
 
 class UOEBackend(UnlearningBackend):
