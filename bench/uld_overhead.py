@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import gc
 import resource
 import tempfile
@@ -120,6 +121,12 @@ def main() -> None:
         help="also time the unlearned and mixed loads with the vocabulary-wide candidate search the engine used before "
         "the block search, interleaved in the same rounds",
     )
+    parser.add_argument(
+        "--split-ab",
+        action="store_true",
+        help="also time the unlearned and mixed loads with every row on the whole-vocabulary path whenever one row has "
+        "more plausible tokens than the plausible-only head takes (the rule before rows were split), interleaved",
+    )
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per configuration (best kept)")
     args = parser.parse_args()
     if args.threads:
@@ -172,6 +179,8 @@ def main() -> None:
             runs |= {"on, guard off": [], "mixed, guard off": []}
         if args.candidates_ab:
             runs |= {"on, vocabulary-wide": [], "mixed, vocabulary-wide": []}
+        if args.split_ab:
+            runs |= {"on, no split": [], "mixed, no split": []}
         for _ in range(args.rounds):
             runs["off"].append(tok_s([None] * n))
             runs["on"].append(tok_s(["forget"] * n))
@@ -186,6 +195,11 @@ def main() -> None:
                 runs["on, vocabulary-wide"].append(tok_s(["forget"] * n))
                 runs["mixed, vocabulary-wide"].append(tok_s(["forget" if i % 2 else None for i in range(n)]))
                 del engine.uld.process_logits  # the class's own again
+            if args.split_ab:
+                engine.uld._combined = functools.partial(type(engine.uld)._combined, engine.uld, split=False)
+                runs["on, no split"].append(tok_s(["forget"] * n))
+                runs["mixed, no split"].append(tok_s(["forget" if i % 2 else None for i in range(n)]))
+                del engine.uld._combined
         best = {name: max(v[0] for v in values) for name, values in runs.items()}
         best_cpu = {name: max(v[1] for v in values) for name, values in runs.items()}
 
@@ -207,6 +221,11 @@ def main() -> None:
         on, mixed = best["on, vocabulary-wide"], best["mixed, vocabulary-wide"]
         print(f"vocabulary-wide candidate search: on {on:.1f} ({on / best['off']:.2f}x)   mixed 50/50 {mixed:.1f} "
               f"({mixed / best['off']:.2f}x); the block search's gain: on {best['on'] / on:.3f}x, mixed "
+              f"{best['mixed'] / mixed:.3f}x")
+    if args.split_ab:
+        on, mixed = best["on, no split"], best["mixed, no split"]
+        print(f"no split of wide rows: on {on:.1f} ({on / best['off']:.2f}x)   mixed 50/50 {mixed:.1f} "
+              f"({mixed / best['off']:.2f}x); the split's gain: on {best['on'] / on:.3f}x, mixed "
               f"{best['mixed'] / mixed:.3f}x")
     allowed = assistant.nbytes + 0.05 * rss_base
     print(f"resident memory  base {rss_base / 2**20:.1f} MiB   with assistant loaded {rss_loaded / 2**20:.1f} MiB "

@@ -736,3 +736,48 @@ def test_process_logits_in_place_equals_combine(tiny_llama, tokenizer, tmp_path)
             others = [r for r in range(4) if r not in rows]
             assert torch.equal(out[others], logits[others])
     backend.sync_free = False
+
+
+def test_rows_with_many_plausible_tokens_take_the_whole_vocabulary_alone(tiny_llama, tokenizer, tmp_path):
+    """A row whose distribution is flat (more than ULD_MAX_CANDIDATES plausible tokens) runs the assistant's head on
+    the whole vocabulary by itself; the other rows keep the plausible-only head. The result is the whole-vocabulary
+    combination's for every row, in `combine` and written in place, with per-row alphas and margins."""
+    from unlearn_serve.server.unlearning.backends import ULD_MAX_CANDIDATES, ULDPlan
+
+    defaults = {"filter": 0.01, "rule": "prefer"}
+    pair = _served_pair(tiny_llama, tokenizer, tmp_path, "refilter", defaults, nontrivial=True)
+    backend = pair.backend
+    vocab = pair.engine.vocab_size
+    assert vocab > ULD_MAX_CANDIDATES
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(5, 1, pair.engine.model.config.hidden_size, generator=gen)
+    logits = torch.randn(5, vocab, generator=gen) * 4
+    logits[[1, 3]] = torch.randn(2, vocab, generator=gen) * 0.01  # flat: every token plausible
+    head_rows: list[int] = []
+    whole_head = backend.runner.logits
+
+    def counting_head(h):
+        head_rows.append(h.shape[0])
+        return whole_head(h)
+
+    backend.runner.logits = counting_head
+    settings = CombineSettings(prefer=True, refilter=True, margin=torch.tensor([0.0, 1.0, 2.0, 1.0, 0.5]))
+    alpha, lf = torch.tensor([1.0, 2.0, 3.0, 1.5, 2.5]), torch.log(torch.full((5,), 0.01))
+    split = backend.combine(logits, hidden[:, 0], alpha, lf, settings)
+    assert head_rows == [2]  # the two flat rows only
+    backend.sync_free = True  # the whole-vocabulary path for every row
+    whole = backend.combine(logits, hidden[:, 0], alpha, lf, settings)
+    backend.sync_free = False
+    assert torch.equal(torch.isinf(split), torch.isinf(whole))
+    assert torch.allclose(split[torch.isfinite(split)], whole[torch.isfinite(whole)], atol=1e-4)
+    assert torch.isfinite(split[[1, 3]]).sum(-1).min() > ULD_MAX_CANDIDATES
+    # in place, every row unlearned and a subset (the engine's row order)
+    for rows in ([0, 1, 2, 3, 4], [1, 2, 4]):
+        idx = torch.tensor(rows)
+        every_row = len(rows) == 5
+        plan = ULDPlan(idx, idx, torch.zeros_like(idx), alpha[idx], lf[idx], settings.rows(idx), every_row=every_row)
+        out = backend.process_logits(plan, logits.clone(), hidden)
+        expected = backend.combine(logits[idx], hidden[idx, 0], alpha[idx], lf[idx], settings.rows(idx))
+        assert torch.equal(out[idx], expected)
+        others = [r for r in range(5) if r not in rows]
+        assert torch.equal(out[others], logits[others])

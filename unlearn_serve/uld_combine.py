@@ -305,6 +305,14 @@ class CombineSettings:
             else per_row([math.inf if f is None else f for f in floors], torch.float32),
         )
 
+    def rows(self, index: torch.Tensor) -> CombineSettings:
+        """The settings of the rows `index` selects (per-row tensors indexed; shared values kept)."""
+
+        def pick(value: Any) -> Any:
+            return value.index_select(0, index) if isinstance(value, torch.Tensor) else value
+
+        return CombineSettings(pick(self.prefer), pick(self.refilter), pick(self.margin), pick(self.floor))
+
     def kwargs(self) -> dict[str, Any]:
         """As keyword arguments of `combine_logits` / `combine_on_candidates` (no copy of the tensors)."""
         return {"prefer": self.prefer, "refilter": self.refilter, "margin": self.margin, "floor": self.floor}

@@ -168,15 +168,22 @@ class ULDBackend(UnlearningBackend):
         hidden = assistant_hidden[plan.hidden_rows, plan.hidden_pos]
         rows, every_row = plan.logit_rows, plan.every_row
         target = logits if every_row else logits.index_select(0, rows)
-        candidates, values = self._combined(target, hidden, plan.alpha, plan.log_filter, plan.settings)
-        values = values.to(logits.dtype)
-        if candidates is None:  # the whole vocabulary
-            return logits.copy_(values) if every_row else logits.index_copy_(0, rows, values)
-        # written in place: -inf on the unlearned rows, then their candidates' values (no [R, V] temporary)
-        if every_row:
-            return logits.fill_(float("-inf")).scatter_(1, candidates, values)
-        logits.index_fill_(0, rows, float("-inf"))
-        logits[rows[:, None], candidates] = values
+        # every part is computed before the first write: `target` may be `logits` itself
+        parts = self._combined(target, hidden, plan.alpha, plan.log_filter, plan.settings)
+        for part_rows, candidates, values in parts:
+            values = values.to(logits.dtype)
+            if part_rows is None and every_row:  # the usual case: no row gather or scatter
+                if candidates is None:
+                    logits.copy_(values)
+                else:  # -inf on the unlearned rows, then their candidates' values (no [R, V] temporary)
+                    logits.fill_(float("-inf")).scatter_(1, candidates, values)
+                continue
+            dest = rows if part_rows is None else rows.index_select(0, part_rows)
+            if candidates is None:
+                logits.index_copy_(0, dest, values)
+            else:
+                logits.index_fill_(0, dest, float("-inf"))
+                logits[dest[:, None], candidates] = values
         return logits
 
     def combine(
@@ -189,10 +196,15 @@ class ULDBackend(UnlearningBackend):
     ) -> torch.Tensor:
         """ULD logits for [S] unlearned rows: target - alpha * penalty(assistant) on the target's plausible tokens,
         combined as `settings` say (rule, margin, floor, refilter: uld_combine.py), as a new [S, V] tensor."""
-        candidates, values = self._combined(target_logits, assistant_hidden, alpha, log_filter, settings)
-        if candidates is None:
-            return values
-        return torch.full_like(target_logits.float(), float("-inf")).scatter_(-1, candidates, values)
+        out = torch.full_like(target_logits.float(), float("-inf"))
+        parts = self._combined(target_logits, assistant_hidden, alpha, log_filter, settings)
+        for part_rows, candidates, values in parts:
+            dest = torch.arange(out.shape[0], device=out.device) if part_rows is None else part_rows
+            if candidates is None:
+                out.index_copy_(0, dest, values.float())
+            else:
+                out[dest[:, None], candidates] = values.float()
+        return out
 
     def _combined(
         self,
@@ -201,13 +213,17 @@ class ULDBackend(UnlearningBackend):
         alpha: torch.Tensor,
         log_filter: torch.Tensor,
         settings: CombineSettings,
-    ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """`combine`'s values as ([S, M] candidate ids, their [S, M] combined logits; every other token is -inf), or
-        (None, [S, V] combined logits) where the assistant's LM head runs on the whole vocabulary.
+        split: bool = True,
+    ) -> list[tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]]:
+        """`combine`'s values in one or two parts (part rows, candidates, values): rows None = all S rows; candidates
+        [s, M] token ids with values their [s, M] combined logits (every other token is -inf), or None with values
+        the [s, V] combined logits, where the assistant's LM head ran on the whole vocabulary.
 
-        The head runs only on the plausible tokens (the top-M by target logit, M the largest plausible-set size in
-        the batch: `plausible_candidates`, two host reads) unless M is large (a low filter), the head cannot be
-        sliced, or the step must not read the device (`sync_free`)."""
+        The head runs only on the plausible tokens (the top-M by target logit, M the largest plausible-set size of
+        the rows: `plausible_candidates`, two host reads) unless the head cannot be sliced or the step must not read
+        the device (`sync_free`). Rows with more than ULD_MAX_CANDIDATES plausible tokens (a flat distribution, or a
+        low filter) take the whole vocabulary on their own, so one such row does not send the batch there (random
+        prompts: most decode steps of SmolLM2's overhead bench had one)."""
         kwargs = settings.kwargs()
         found = None if self.sync_free else plausible_candidates(target_logits, log_filter, ULD_MAX_CANDIDATES)
         if found is not None:
@@ -215,11 +231,29 @@ class ULDBackend(UnlearningBackend):
             assistant = self.runner.candidate_logits(assistant_hidden, candidates)
             if assistant is not None:
                 target = target_logits.gather(-1, candidates)
-                return candidates, combine_candidate_values(
-                    target, assistant, alpha, kept, log_filter=log_filter, **kwargs
-                )
+                values = combine_candidate_values(target, assistant, alpha, kept, log_filter=log_filter, **kwargs)
+                return [(None, candidates, values)]
+        elif split and not self.sync_free and target_logits.shape[0] > 1:
+            # plausible count per row: the relative-top tokens (they are the row's top ones), at least min_keep
+            target = target_logits.float()
+            relative = target >= target.amax(dim=-1, keepdim=True) + log_filter[:, None]
+            wide = relative.sum(dim=-1) > ULD_MAX_CANDIDATES
+            narrow_rows, wide_rows = (~wide).nonzero()[:, 0], wide.nonzero()[:, 0]
+            if len(narrow_rows) and len(wide_rows):
+                parts = []
+                for rows in (narrow_rows, wide_rows):
+                    ((_, candidates, values),) = self._combined(
+                        target_logits.index_select(0, rows),
+                        assistant_hidden.index_select(0, rows),
+                        alpha.index_select(0, rows),
+                        log_filter.index_select(0, rows),
+                        settings.rows(rows),
+                        split=False,
+                    )
+                    parts.append((rows, candidates, values))
+                return parts
         assistant = self.runner.logits(assistant_hidden)
-        return None, combine_logits(target_logits, assistant, alpha, log_filter, **kwargs)
+        return [(None, None, combine_logits(target_logits, assistant, alpha, log_filter, **kwargs))]
 
 
 class UOEBackend(UnlearningBackend):
