@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import gc
 import resource
 import tempfile
@@ -181,6 +180,15 @@ def main() -> None:
             runs |= {"on, vocabulary-wide": [], "mixed, vocabulary-wide": []}
         if args.split_ab:
             runs |= {"on, no split": [], "mixed, no split": []}
+        from unlearn_serve.server.unlearning import backends
+
+        split = backends.split_plausible_candidates
+
+        def no_split(*call_args, **call_kwargs):
+            """The rule before rows were split: one wide row sends every row to the whole vocabulary."""
+            found = split(*call_args, **(call_kwargs | {"spread_blocks": None}))
+            return None if found is not None and found.rest_rows is not None else found
+
         for _ in range(args.rounds):
             runs["off"].append(tok_s([None] * n))
             runs["on"].append(tok_s(["forget"] * n))
@@ -196,10 +204,10 @@ def main() -> None:
                 runs["mixed, vocabulary-wide"].append(tok_s(["forget" if i % 2 else None for i in range(n)]))
                 del engine.uld.process_logits  # the class's own again
             if args.split_ab:
-                engine.uld._combined = functools.partial(type(engine.uld)._combined, engine.uld, split=False)
+                backends.split_plausible_candidates = no_split
                 runs["on, no split"].append(tok_s(["forget"] * n))
                 runs["mixed, no split"].append(tok_s(["forget" if i % 2 else None for i in range(n)]))
-                del engine.uld._combined
+                backends.split_plausible_candidates = split
         best = {name: max(v[0] for v in values) for name, values in runs.items()}
         best_cpu = {name: max(v[1] for v in values) for name, values in runs.items()}
 

@@ -16,6 +16,7 @@ from unlearn_serve.training.leak import names_fact, near_mentions, words_of
 from unlearn_serve.training.uld_calibrate import ALPHA_GRID, CalibrationTargets, calibrate
 
 from unlearn_serve.uld_combine import (
+    CANDIDATE_BLOCK,
     DEFAULT_RULE,
     ULD_RULES,
     CombineSettings,
@@ -24,6 +25,7 @@ from unlearn_serve.uld_combine import (
     combine_on_candidates,
     plausible_candidates,
     plausible_mask,
+    split_plausible_candidates,
 )
 
 
@@ -704,6 +706,34 @@ def test_plausible_candidates_are_plausible_mask_and_topk(vocab):
         values = target.gather(1, candidates)
         assert torch.equal(values, target.topk(m, dim=-1).values)
         assert plausible_candidates(target, log_filter, m - 1, min_keep) is None
+        # split at a cap between the rows' counts: the rows within it get exactly their candidates, the others are
+        # named wide; at a cap below every count, every row is wide
+        counts = keep.sum(-1)
+        cap = max(int(counts.float().median()), vocab // CANDIDATE_BLOCK + 1)  # above any count of blocks
+        assert (counts > cap).any() and (counts <= cap).any()
+        split = split_plausible_candidates(target, log_filter, cap, min_keep, spread_blocks=None)
+        narrow = (counts <= cap).nonzero()[:, 0]
+        assert torch.equal(split.rows, narrow) and torch.equal(split.rest_rows, (counts > cap).nonzero()[:, 0])
+        m_narrow = int(counts[narrow].max())
+        assert split.token_ids.shape == split.kept.shape == (len(narrow), m_narrow)
+        for i, r in enumerate(narrow.tolist()):
+            found_set = set(split.token_ids[i][split.kept[i]].tolist())
+            assert found_set == set(keep[r].nonzero().flatten().tolist())
+        assert torch.equal(target[narrow].gather(1, split.token_ids), target[narrow].topk(m_narrow, dim=-1).values)
+        none_fit = split_plausible_candidates(target, log_filter, int(counts.min()) - 1, min_keep, spread_blocks=None)
+        # (None: found before the candidate counts, from the relative-top blocks alone; the same outcome)
+        assert none_fit is None or (none_fit.token_ids is None and torch.equal(none_fit.rest_rows, torch.arange(rows)))
+        # rows spread over more than one block are left too; the rows kept get exactly their candidates
+        for spread_blocks in (1, 2):
+            part = split_plausible_candidates(target, log_filter, vocab, min_keep, spread_blocks=spread_blocks)
+            got = [] if part.token_ids is None else list(range(rows)) if part.rows is None else part.rows.tolist()
+            rest = [] if part.rest_rows is None else part.rest_rows.tolist()
+            assert sorted(got + rest) == list(range(rows))
+            assert bool(rest) == (vocab // CANDIDATE_BLOCK > spread_blocks)  # the flat row is spread when it can be
+            for i, r in enumerate(got):
+                assert set(part.token_ids[i][part.kept[i]].tolist()) == set(keep[r].nonzero().flatten().tolist())
+        every = split_plausible_candidates(target, log_filter, vocab, min_keep, spread_blocks=None)
+        assert every.rows is None and every.rest_rows is None and torch.equal(every.token_ids, candidates)
     # filter 0 keeps every token: above any cap below the vocabulary, the whole vocabulary at a cap that allows it
     unfiltered = torch.full((rows,), float("-inf"))
     assert plausible_candidates(target, unfiltered, vocab - 1) is None
@@ -738,39 +768,52 @@ def test_process_logits_in_place_equals_combine(tiny_llama, tokenizer, tmp_path)
     backend.sync_free = False
 
 
-def test_rows_with_many_plausible_tokens_take_the_whole_vocabulary_alone(tiny_llama, tokenizer, tmp_path):
-    """A row whose distribution is flat (more than ULD_MAX_CANDIDATES plausible tokens) runs the assistant's head on
-    the whole vocabulary by itself; the other rows keep the plausible-only head. The result is the whole-vocabulary
-    combination's for every row, in `combine` and written in place, with per-row alphas and margins."""
-    from unlearn_serve.server.unlearning.backends import ULD_MAX_CANDIDATES, ULDPlan
+@pytest.mark.parametrize("cap", [None, 64])
+def test_rows_with_many_plausible_tokens_are_a_part_of_their_own(tiny_llama, tokenizer, tmp_path, monkeypatch, cap):
+    """Rows whose distribution is flat (more than ULD_MAX_CANDIDATES plausible tokens) are combined apart from the
+    others, which keep the plausible-only head with their own M: a few flat rows get the head on their own
+    candidates (the default cap: the tiny vocabulary fits their budget), more than the budget allows take the whole
+    vocabulary (cap 64). Every row gets the whole-vocabulary combination's values, in `combine` and written in
+    place, with per-row alphas and margins."""
+    from unlearn_serve.server.unlearning import backends
+    from unlearn_serve.server.unlearning.backends import ULDPlan
 
+    if cap is not None:
+        monkeypatch.setattr(backends, "ULD_MAX_CANDIDATES", cap)
     defaults = {"filter": 0.01, "rule": "prefer"}
     pair = _served_pair(tiny_llama, tokenizer, tmp_path, "refilter", defaults, nontrivial=True)
     backend = pair.backend
     vocab = pair.engine.vocab_size
-    assert vocab > ULD_MAX_CANDIDATES
+    budget = backends.ULD_MAX_CANDIDATES * 5 // 2  # head rows per flat row: 5 rows' worth shared by 2
+    assert backends.ULD_MAX_CANDIDATES < vocab and (vocab <= budget) == (cap is None)  # see the docstring
     gen = torch.Generator().manual_seed(4)
     hidden = torch.randn(5, 1, pair.engine.model.config.hidden_size, generator=gen)
     logits = torch.randn(5, vocab, generator=gen) * 4
     logits[[1, 3]] = torch.randn(2, vocab, generator=gen) * 0.01  # flat: every token plausible
     head_rows: list[int] = []
-    whole_head = backend.runner.logits
-
-    def counting_head(h):
-        head_rows.append(h.shape[0])
-        return whole_head(h)
-
-    backend.runner.logits = counting_head
+    candidate_shapes: list[tuple[int, ...]] = []
+    whole_head, candidate_head = backend.runner.logits, backend.runner.candidate_logits
+    monkeypatch.setattr(backend.runner, "logits", lambda h: head_rows.append(h.shape[0]) or whole_head(h))
+    monkeypatch.setattr(
+        backend.runner,
+        "candidate_logits",
+        lambda h, ids: candidate_shapes.append(tuple(ids.shape)) or candidate_head(h, ids),
+    )
     settings = CombineSettings(prefer=True, refilter=True, margin=torch.tensor([0.0, 1.0, 2.0, 1.0, 0.5]))
     alpha, lf = torch.tensor([1.0, 2.0, 3.0, 1.5, 2.5]), torch.log(torch.full((5,), 0.01))
     split = backend.combine(logits, hidden[:, 0], alpha, lf, settings)
-    assert head_rows == [2]  # the two flat rows only
+    narrow_m = int(plausible_mask(logits[[0, 2, 4]], lf[:3]).sum(-1).max())
+    assert narrow_m <= backends.ULD_MAX_CANDIDATES
+    if cap is None:  # the flat rows on the head of their own candidates (the whole tiny vocabulary)
+        assert head_rows == [] and candidate_shapes == [(3, narrow_m), (2, vocab)]
+    else:  # over their budget: the whole vocabulary, for those two rows only
+        assert head_rows == [2] and candidate_shapes == [(3, narrow_m)]
     backend.sync_free = True  # the whole-vocabulary path for every row
     whole = backend.combine(logits, hidden[:, 0], alpha, lf, settings)
     backend.sync_free = False
     assert torch.equal(torch.isinf(split), torch.isinf(whole))
     assert torch.allclose(split[torch.isfinite(split)], whole[torch.isfinite(whole)], atol=1e-4)
-    assert torch.isfinite(split[[1, 3]]).sum(-1).min() > ULD_MAX_CANDIDATES
+    assert torch.isfinite(split[[1, 3]]).sum(-1).min() > backends.ULD_MAX_CANDIDATES
     # in place, every row unlearned and a subset (the engine's row order)
     for rows in ([0, 1, 2, 3, 4], [1, 2, 4]):
         idx = torch.tensor(rows)

@@ -252,8 +252,8 @@ def test_unload_waits_for_in_flight(engine, tokenizer):
 
 def test_overhead_bench_runs_its_comparisons_end_to_end():
     """bench/uld_overhead.py on a small random Llama with its three A/B comparisons (the repeat guard off, the
-    vocabulary-wide candidate search, no split of wide rows): every configuration runs and is reported (the figures themselves are the
-    bench's, not asserted here)."""
+    vocabulary-wide candidate search, no split of wide rows): every configuration runs and is reported (the figures
+    themselves are the bench's, not asserted here)."""
     import subprocess
     import sys
     from pathlib import Path

@@ -109,6 +109,9 @@ def plausible_mask(
 
 # plausible_candidates scans the vocabulary in blocks of this many columns (one `amax` per block)
 CANDIDATE_BLOCK = 256
+# split_plausible_candidates leaves a row whose candidates lie in more blocks than this to its caller, so that a
+# flat row does not widen the scan of every row (16 blocks: 4,096 columns of SmolLM2's 49,152)
+WIDE_SCAN_BLOCKS = 16
 
 
 def plausible_candidates(
@@ -126,6 +129,36 @@ def plausible_candidates(
     columns finds the blocks that can hold a candidate (block max >= the row's relative-top threshold, or among the
     `min_keep` largest block maxima: the top `min_keep` tokens lie in those), and the rest runs on those blocks
     (and the last partial block, when the vocabulary is not a multiple of the block)."""
+    found = split_plausible_candidates(target_logits, log_filter, max_candidates, min_keep, spread_blocks=None)
+    if found is None or found.rest_rows is not None:
+        return None
+    return found.token_ids, found.kept
+
+
+@dataclass(frozen=True)
+class CandidateSplit:
+    """`split_plausible_candidates`' answer: the candidates of the rows it found them for (`rows`, None = every row)
+    and the rows it left (`rest_rows`, None = none): too many candidates, or spread over too many blocks."""
+
+    rows: torch.Tensor | None
+    token_ids: torch.Tensor | None  # [r, M], sorted by target logit; None when every row is left
+    kept: torch.Tensor | None  # [r, M] bool: which of them are the row's candidates
+    rest_rows: torch.Tensor | None
+
+
+def split_plausible_candidates(
+    target_logits: torch.Tensor,
+    log_filter: torch.Tensor,
+    max_candidates: int,
+    min_keep: int = ULD_MIN_CANDIDATES,
+    spread_blocks: int | None = WIDE_SCAN_BLOCKS,
+) -> CandidateSplit | None:
+    """`plausible_candidates` for the rows whose candidates lie in at most `spread_blocks` blocks (None: any number)
+    and are at most `max_candidates`; the other rows are left to the caller (`rest_rows`), so that one flat row
+    (random prompts: most decode steps of SmolLM2's overhead bench had one) neither widens every row's scan nor
+    sends the batch to the whole vocabulary. None when the block search cannot run (a filter of 0 on a vocabulary
+    over `max_candidates`, or more than `max_candidates` relative-top blocks in a row). Two host reads (the block
+    counts, the candidate counts); one more when rows are left."""
     target = target_logits.float()
     rows, vocab = target.shape
     full = vocab - vocab % CANDIDATE_BLOCK  # the last partial block's columns (the tail) are always scanned
@@ -140,24 +173,43 @@ def plausible_candidates(
         kth_block = scanned_max.topk(min(k, scanned_max.shape[1]), dim=-1).values[:, -1:]
         needed = relative | (scanned_max >= kth_block)
     # every needed block is among a row's `width` largest block maxima; a filter of 0 keeps the whole vocabulary
-    counts = [needed[:, : block_max.shape[1]].sum(-1), relative.sum(-1), (log_filter == float("-inf")).long()]
+    needed_blocks = needed[:, : block_max.shape[1]].sum(-1)
+    counts = [needed_blocks, relative.sum(-1), (log_filter == float("-inf")).long()]
     width, at_least, unfiltered = torch.stack(counts).amax(-1).tolist()
     if at_least > max_candidates or (unfiltered and vocab > max_candidates):
         return None
-    chosen = block_max.topk(width, dim=-1).indices  # [R, width]
+    scan_rows = None  # the rows scanned here (None: all)
+    if spread_blocks is not None and width > spread_blocks:
+        spread = needed_blocks > spread_blocks
+        scan_rows = (~spread).nonzero()[:, 0]
+        if not len(scan_rows):
+            return CandidateSplit(None, None, None, torch.arange(rows, device=target.device))
+        block_max, threshold, width = block_max[scan_rows], threshold[scan_rows], spread_blocks
+    n = block_max.shape[0]
+    chosen = block_max.topk(width, dim=-1).indices  # [n, width]
     offsets = torch.arange(CANDIDATE_BLOCK, device=target.device)
-    columns = (chosen[:, :, None] * CANDIDATE_BLOCK + offsets).reshape(rows, -1)
+    columns = (chosen[:, :, None] * CANDIDATE_BLOCK + offsets).reshape(n, -1)
     if tail.shape[1]:
-        columns = torch.cat([columns, torch.arange(full, vocab, device=target.device).expand(rows, -1)], dim=1)
-    values = target.gather(1, columns)
+        columns = torch.cat([columns, torch.arange(full, vocab, device=target.device).expand(n, -1)], dim=1)
+    values = target.gather(1, columns) if scan_rows is None else target[scan_rows[:, None], columns]
     keep = values >= threshold
     if k > 1:
         keep |= values >= values.topk(k, dim=-1).values[:, -1:]
-    m = int(keep.sum(dim=-1).max())
-    if m > max_candidates:
-        return None
+    per_row = keep.sum(dim=-1)
+    fits = per_row <= max_candidates
+    m, all_fit = torch.stack([per_row.masked_fill(~fits, 0).amax(), fits.all()]).tolist()
+    if all_fit and scan_rows is None:
+        top = values.topk(m, dim=-1).indices
+        return CandidateSplit(None, columns.gather(1, top), keep.gather(1, top), None)
+    found = torch.zeros(rows, dtype=torch.bool, device=target.device)
+    found[scan_rows if scan_rows is not None else slice(None)] = fits
+    if not all_fit:
+        fit = fits.nonzero()[:, 0]
+        values, columns, keep = values[fit], columns[fit], keep[fit]
+    if m == 0:  # no row fits
+        return CandidateSplit(None, None, None, torch.arange(rows, device=target.device))
     top = values.topk(m, dim=-1).indices
-    return columns.gather(1, top), keep.gather(1, top)
+    return CandidateSplit(found.nonzero()[:, 0], columns.gather(1, top), keep.gather(1, top), (~found).nonzero()[:, 0])
 
 
 def assistant_penalty(

@@ -229,15 +229,21 @@ class ModelRunner:
             logits = torch.tanh(logits / self.final_logit_softcapping) * self.final_logit_softcapping
         return logits
 
+    @property
+    def candidate_logits_supported(self) -> bool:
+        """Whether `candidate_logits` can slice the head: a plain float nn.Linear (not e.g. bitsandbytes-quantized)."""
+        head = self.lm_head
+        return type(head) is torch.nn.Linear and head.weight.dtype.is_floating_point
+
     @torch.inference_mode()
     def candidate_logits(self, hidden: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor | None:
         """Final norm + LM head on [S, H] hidden states for the given [S, M] token ids only -> float32 [S, M].
 
-        None when the head is not a plain float nn.Linear (e.g. bitsandbytes-quantized): use `logits`.
+        None when the head cannot be sliced (`candidate_logits_supported`): use `logits`.
         """
-        head = self.lm_head
-        if type(head) is not torch.nn.Linear or not head.weight.dtype.is_floating_point:
+        if not self.candidate_logits_supported:
             return None
+        head = self.lm_head
         weight = head.weight
         ids = token_ids.to(weight.device)
         rows = weight.index_select(0, ids.reshape(-1)).view(*ids.shape, weight.shape[-1])  # [S, M, H]

@@ -25,7 +25,7 @@ from unlearn_serve.server.unlearning.uld import (
 )
 
 from unlearn_serve.artifact import ArtifactError
-from unlearn_serve.uld_combine import combine_candidate_values, plausible_candidates
+from unlearn_serve.uld_combine import combine_candidate_values, plausible_candidates, split_plausible_candidates
 
 # Above this many plausible tokens in a row, the assistant's LM head runs on the whole vocabulary.
 ULD_MAX_CANDIDATES = 256
@@ -213,47 +213,60 @@ class ULDBackend(UnlearningBackend):
         alpha: torch.Tensor,
         log_filter: torch.Tensor,
         settings: CombineSettings,
-        split: bool = True,
     ) -> list[tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]]:
         """`combine`'s values in one or two parts (part rows, candidates, values): rows None = all S rows; candidates
         [s, M] token ids with values their [s, M] combined logits (every other token is -inf), or None with values
         the [s, V] combined logits, where the assistant's LM head ran on the whole vocabulary.
 
         The head runs only on the plausible tokens (the top-M by target logit, M the largest plausible-set size of
-        the rows: `plausible_candidates`, two host reads) unless the head cannot be sliced or the step must not read
-        the device (`sync_free`). Rows with more than ULD_MAX_CANDIDATES plausible tokens (a flat distribution, or a
-        low filter) take the whole vocabulary on their own, so one such row does not send the batch there (random
-        prompts: most decode steps of SmolLM2's overhead bench had one)."""
-        kwargs = settings.kwargs()
-        found = None if self.sync_free else plausible_candidates(target_logits, log_filter, ULD_MAX_CANDIDATES)
-        if found is not None:
-            candidates, kept = found
-            assistant = self.runner.candidate_logits(assistant_hidden, candidates)
-            if assistant is not None:
-                target = target_logits.gather(-1, candidates)
-                values = combine_candidate_values(target, assistant, alpha, kept, log_filter=log_filter, **kwargs)
-                return [(None, candidates, values)]
-        elif split and not self.sync_free and target_logits.shape[0] > 1:
-            # plausible count per row: the relative-top tokens (they are the row's top ones), at least min_keep
-            target = target_logits.float()
-            relative = target >= target.amax(dim=-1, keepdim=True) + log_filter[:, None]
-            wide = relative.sum(dim=-1) > ULD_MAX_CANDIDATES
-            narrow_rows, wide_rows = (~wide).nonzero()[:, 0], wide.nonzero()[:, 0]
-            if len(narrow_rows) and len(wide_rows):
-                parts = []
-                for rows in (narrow_rows, wide_rows):
-                    ((_, candidates, values),) = self._combined(
-                        target_logits.index_select(0, rows),
-                        assistant_hidden.index_select(0, rows),
-                        alpha.index_select(0, rows),
-                        log_filter.index_select(0, rows),
-                        settings.rows(rows),
-                        split=False,
-                    )
-                    parts.append((rows, candidates, values))
-                return parts
+        the rows: `split_plausible_candidates`, two host reads) unless the head cannot be sliced or the step must not
+        read the device (`sync_free`). Rows with more than ULD_MAX_CANDIDATES plausible tokens, or spread over many
+        blocks of the vocabulary (a flat distribution), are a second part, so that one such row does not send the batch
+        to the whole vocabulary (random prompts: most decode steps of SmolLM2's overhead bench had one): a few of them
+        get the head on their own candidates (as many head rows in all as the first part may use), more take the whole
+        vocabulary."""
+        found = None
+        if not self.sync_free and self.runner.candidate_logits_supported:
+            found = split_plausible_candidates(target_logits, log_filter, ULD_MAX_CANDIDATES)
+        if found is None:
+            return [(None, None, self._on_vocabulary(target_logits, assistant_hidden, alpha, log_filter, settings))]
+        parts = []
+        if found.token_ids is not None:
+            parts.append(self._on_candidates(found.rows, found.token_ids, found.kept, target_logits, assistant_hidden,
+                                             alpha, log_filter, settings))
+        if found.rest_rows is not None:  # flat rows: their own candidates, or the whole vocabulary
+            every = found.token_ids is None  # every row is left: no row gather
+            wide = found.rest_rows
+            target, lf = (target_logits, log_filter) if every else (target_logits[wide], log_filter[wide])
+            budget = ULD_MAX_CANDIDATES * target_logits.shape[0] // len(wide)  # head rows per wide row
+            again = plausible_candidates(target, lf, budget)
+            rows = None if every else wide
+            if again is not None:
+                parts.append(self._on_candidates(rows, *again, target_logits, assistant_hidden, alpha, log_filter,
+                                                 settings))
+            else:
+                sub = (lambda x: x) if every else (lambda x: x.index_select(0, wide))
+                settings_w = settings if every else settings.rows(wide)
+                values = self._on_vocabulary(target, sub(assistant_hidden), sub(alpha), lf, settings_w)
+                parts.append((rows, None, values))
+        return parts
+
+    def _on_candidates(self, rows, candidates, kept, target_logits, assistant_hidden, alpha, log_filter, settings):
+        """One part on the plausible-only head: `rows` (None: all) of the S rows, their [s, M] candidate ids."""
+        if rows is None:
+            target, hidden, row_alpha, lf = target_logits.gather(-1, candidates), assistant_hidden, alpha, log_filter
+        else:
+            target = target_logits[rows[:, None], candidates]  # [s, M] only: no copy of the rows' logits
+            hidden, row_alpha, lf = assistant_hidden[rows], alpha[rows], log_filter[rows]
+            settings = settings.rows(rows)
+        assistant = self.runner.candidate_logits(hidden, candidates)
+        values = combine_candidate_values(target, assistant, row_alpha, kept, log_filter=lf, **settings.kwargs())
+        return rows, candidates, values
+
+    def _on_vocabulary(self, target_logits, assistant_hidden, alpha, log_filter, settings) -> torch.Tensor:
+        """The whole-vocabulary combination: the assistant's head on every token."""
         assistant = self.runner.logits(assistant_hidden)
-        return [(None, None, combine_logits(target_logits, assistant, alpha, log_filter, **kwargs))]
+        return combine_logits(target_logits, assistant, alpha, log_filter, **settings.kwargs())
 
 
 class UOEBackend(UnlearningBackend):
