@@ -158,7 +158,7 @@ def split_plausible_candidates(
     (random prompts: most decode steps of SmolLM2's overhead bench had one) neither widens every row's scan nor
     sends the batch to the whole vocabulary. None when the block search cannot run (a filter of 0 on a vocabulary
     over `max_candidates`, or more than `max_candidates` relative-top blocks in a row). Two host reads (the block
-    counts, the candidate counts); one more when rows are left."""
+    counts, the candidate counts); a few more (the row indices) when rows are left."""
     target = target_logits.float()
     rows, vocab = target.shape
     full = vocab - vocab % CANDIDATE_BLOCK  # the last partial block's columns (the tail) are always scanned
