@@ -824,3 +824,67 @@ def test_rows_with_many_plausible_tokens_are_a_part_of_their_own(tiny_llama, tok
         assert torch.equal(out[idx], expected)
         others = [r for r in range(5) if r not in rows]
         assert torch.equal(out[others], logits[others])
+
+
+class _HeadOnlyRunner:
+    """The ModelRunner's LM-head methods on a random head of a real vocabulary size (no transformer): enough for the
+    ULD backend's combination."""
+
+    from unlearn_serve.server.engine.model_runner import ModelRunner as _Runner
+
+    logits = _Runner.logits
+    candidate_logits = _Runner.candidate_logits
+    candidate_logits_supported = _Runner.candidate_logits_supported
+    _finish_logits = _Runner._finish_logits
+
+    def __init__(self, vocab: int, hidden: int, seed: int):
+        torch.manual_seed(seed)
+        self.lm_head = torch.nn.Linear(hidden, vocab, bias=False)
+        self.norm = torch.nn.Identity()
+        self.logit_scale = self.logits_scaling = self.final_logit_softcapping = None
+        self.device = torch.device("cpu")
+
+
+@pytest.mark.parametrize("very_flat_row", [False, True])
+def test_spread_rows_on_a_49k_vocabulary(very_flat_row, monkeypatch):
+    """On SmolLM2's vocabulary size: rows whose 100 candidates are spread over the whole vocabulary leave the narrow
+    block scan and get the head on their own candidates; with a row where every token is plausible among them, the
+    left rows take the whole vocabulary instead. The peaked rows keep the narrow head, and every row gets the
+    whole-vocabulary combination's values."""
+    from unlearn_serve.server.unlearning.backends import ULDBackend
+
+    vocab, hidden = 49152, 16
+    backend = ULDBackend.__new__(ULDBackend)  # the combination only: no model, no registry
+    backend.runner, backend.sync_free = _HeadOnlyRunner(vocab, hidden, seed=5), False
+    gen = torch.Generator().manual_seed(5)
+    target = torch.randn(6, vocab, generator=gen)
+    target[:, :40] += 9.0  # peaked rows: tens of candidates in one block
+    for r in (1, 4):  # 100 candidates spread over every block
+        target[r] = torch.randn(vocab, generator=gen)
+        target[r, torch.randperm(vocab, generator=gen)[:100]] += 12.0
+    if very_flat_row:
+        target[2] = torch.randn(vocab, generator=gen) * 0.01
+    hidden_rows = torch.randn(6, hidden, generator=gen)
+    alpha, lf = torch.linspace(1.0, 3.0, 6), torch.log(torch.full((6,), 0.01))
+    settings = CombineSettings(prefer=True, refilter=True, margin=torch.tensor([1.0, 0.5, 1.0, 2.0, 1.0, 0.0]))
+    head_rows: list[int] = []
+    candidate_shapes: list[tuple[int, ...]] = []
+    runner = backend.runner
+    whole_head, candidate_head = runner.logits, runner.candidate_logits
+    monkeypatch.setattr(runner, "logits", lambda h: head_rows.append(h.shape[0]) or whole_head(h))
+    monkeypatch.setattr(
+        runner, "candidate_logits", lambda h, ids: candidate_shapes.append(tuple(ids.shape)) or candidate_head(h, ids)
+    )
+    split = backend.combine(target, hidden_rows, alpha, lf, settings)
+    narrow_rows = [0, 3, 5] if very_flat_row else [0, 2, 3, 5]
+    m = int(plausible_mask(target[narrow_rows], lf[narrow_rows]).sum(-1).max())
+    assert m < 100
+    if very_flat_row:  # rows 1, 2, 4 left; row 2's 49,152 candidates are over their budget: the whole vocabulary
+        assert candidate_shapes == [(3, m)] and head_rows == [3]
+    else:  # rows 1 and 4 left, on the head of their own (up to 100) candidates
+        m_left = int(plausible_mask(target[[1, 4]], lf[:2]).sum(-1).max())
+        assert m < m_left <= 100 and candidate_shapes == [(4, m), (2, m_left)] and head_rows == []
+    backend.sync_free = True
+    whole = backend.combine(target, hidden_rows, alpha, lf, settings)
+    assert torch.equal(torch.isinf(split), torch.isinf(whole))
+    assert torch.allclose(split[torch.isfinite(split)], whole[torch.isfinite(whole)], atol=1e-4)
