@@ -181,10 +181,11 @@ def split_plausible_candidates(
     scan_rows = None  # the rows scanned here (None: all)
     if spread_blocks is not None and width > spread_blocks:
         spread = needed_blocks > spread_blocks
-        scan_rows = (~spread).nonzero()[:, 0]
-        if not len(scan_rows):
+        scanned, width = torch.stack([(~spread).sum(), needed_blocks.masked_fill(spread, 0).amax()]).tolist()
+        if not scanned:
             return CandidateSplit(None, None, None, torch.arange(rows, device=target.device))
-        block_max, threshold, width = block_max[scan_rows], threshold[scan_rows], spread_blocks
+        scan_rows = (~spread).nonzero()[:, 0]
+        block_max, threshold = block_max[scan_rows], threshold[scan_rows]
     n = block_max.shape[0]
     chosen = block_max.topk(width, dim=-1).indices  # [n, width]
     offsets = torch.arange(CANDIDATE_BLOCK, device=target.device)

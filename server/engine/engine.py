@@ -538,7 +538,8 @@ class Engine:
         """One token for every row: forward -> unlearning backends -> repeat guard -> penalties -> sample.
 
         `guard_width`: columns of the output history the repeat guard scans (`_guard_scan_width`, computed by the
-        caller on the host; None: the whole history).
+        caller on the host, which has decided whether the guard runs: 0 = it does not); None: decided here, the
+        whole history.
 
         Tensor ops only, on inputs already in the builder's buffers: no host sync (tested under a
         patched `Tensor.item`/`tolist`/...), static shapes per decode bucket.
@@ -549,7 +550,7 @@ class Engine:
             hidden_t, hidden_a = self.runner.forward(batch, self.assistants.rows)
             logits = self.runner.logits(hidden_t[:, 0])
         n = len(state.rows)
-        guard = self._guarded(state.plans)
+        guard = self._guarded(state.plans) if guard_width is None else guard_width > 0
         if guard:
             target_best = row_argmax(logits)
         for backend, plan in state.plans:
