@@ -888,3 +888,20 @@ def test_spread_rows_on_a_49k_vocabulary(very_flat_row, monkeypatch):
     whole = backend.combine(target, hidden_rows, alpha, lf, settings)
     assert torch.equal(torch.isinf(split), torch.isinf(whole))
     assert torch.allclose(split[torch.isfinite(split)], whole[torch.isfinite(whole)], atol=1e-4)
+
+
+def test_split_keeps_rows_whose_candidates_lie_only_in_the_last_partial_block():
+    """With a row spread over every full block left to the caller, the rows scanned here may need no full block at
+    all (their candidates in the last, partial block): they still get exactly their candidates."""
+    vocab = 3 * 256 + 100
+    gen = torch.Generator().manual_seed(6)
+    target = torch.randn(3, vocab, generator=gen)
+    target[0, 800] = 30.0  # its only candidate, in the tail
+    target[1, torch.randperm(768, generator=gen)[:200]] += 10.0  # spread over every full block
+    target[2, 790], target[2, 850] = 25.0, 24.0
+    log_filter = torch.log(torch.full((3,), 0.01))
+    found = split_plausible_candidates(target, log_filter, 256, min_keep=1, spread_blocks=1)
+    assert found.rows.tolist() == [0, 2] and found.rest_rows.tolist() == [1]
+    keep = plausible_mask(target, log_filter, 1)
+    for i, r in enumerate((0, 2)):
+        assert set(found.token_ids[i][found.kept[i]].tolist()) == set(keep[r].nonzero().flatten().tolist())
