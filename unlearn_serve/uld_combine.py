@@ -202,15 +202,15 @@ def split_plausible_candidates(
     if all_fit and scan_rows is None:
         top = values.topk(m, dim=-1).indices
         return CandidateSplit(None, columns.gather(1, top), keep.gather(1, top), None)
-    found = torch.zeros(rows, dtype=torch.bool, device=target.device)
-    found[scan_rows if scan_rows is not None else slice(None)] = fits
-    if not all_fit:
-        fit = fits.nonzero()[:, 0]
-        values, columns, keep = values[fit], columns[fit], keep[fit]
     if m == 0:  # no row fits
         return CandidateSplit(None, None, None, torch.arange(rows, device=target.device))
+    if not all_fit:
+        values, columns, keep = values[fits], columns[fits], keep[fits]
+    kept_rows = torch.zeros(rows, dtype=torch.bool, device=target.device)
+    kept_rows[fits.nonzero()[:, 0] if scan_rows is None else scan_rows[fits]] = True
     top = values.topk(m, dim=-1).indices
-    return CandidateSplit(found.nonzero()[:, 0], columns.gather(1, top), keep.gather(1, top), (~found).nonzero()[:, 0])
+    left = (~kept_rows).nonzero()[:, 0]
+    return CandidateSplit(kept_rows.nonzero()[:, 0], columns.gather(1, top), keep.gather(1, top), left)
 
 
 def assistant_penalty(

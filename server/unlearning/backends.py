@@ -25,9 +25,14 @@ from unlearn_serve.server.unlearning.uld import (
 )
 
 from unlearn_serve.artifact import ArtifactError
-from unlearn_serve.uld_combine import combine_candidate_values, plausible_candidates, split_plausible_candidates
+from unlearn_serve.uld_combine import (
+    CandidateSplit,
+    combine_candidate_values,
+    plausible_candidates,
+    split_plausible_candidates,
+)
 
-# Above this many plausible tokens in a row, the assistant's LM head runs on the whole vocabulary.
+# Plausible tokens per row for the batch's plausible-only LM head; rows with more are combined apart (`_combined`).
 ULD_MAX_CANDIDATES = 256
 
 
@@ -225,48 +230,54 @@ class ULDBackend(UnlearningBackend):
         to the whole vocabulary (random prompts: most decode steps of SmolLM2's overhead bench had one): a few of them
         get the head on their own candidates (as many head rows in all as the first part may use), more take the whole
         vocabulary."""
+        every_row = (target_logits, assistant_hidden, alpha, log_filter, settings)
         found = None
         if not self.sync_free and self.runner.candidate_logits_supported:
             found = split_plausible_candidates(target_logits, log_filter, ULD_MAX_CANDIDATES)
         if found is None:
-            return [(None, None, self._on_vocabulary(target_logits, assistant_hidden, alpha, log_filter, settings))]
+            return [(None, None, self._on_vocabulary(*every_row))]
         parts = []
         if found.token_ids is not None:
-            parts.append(self._on_candidates(found.rows, found.token_ids, found.kept, target_logits, assistant_hidden,
-                                             alpha, log_filter, settings))
-        if found.rest_rows is not None:  # flat rows: their own candidates, or the whole vocabulary
-            every = found.token_ids is None  # every row is left: no row gather
-            wide = found.rest_rows
-            target, lf = (target_logits, log_filter) if every else (target_logits[wide], log_filter[wide])
-            budget = ULD_MAX_CANDIDATES * target_logits.shape[0] // len(wide)  # head rows per wide row
-            again = plausible_candidates(target, lf, budget)
-            rows = None if every else wide
-            if again is not None:
-                parts.append(self._on_candidates(rows, *again, target_logits, assistant_hidden, alpha, log_filter,
-                                                 settings))
+            parts.append((found.rows, found.token_ids, self._on_candidates(found, every_row)))
+        if found.rest_rows is not None:  # flat rows: their own candidates when few, else the whole vocabulary
+            rows = None if found.token_ids is None else found.rest_rows  # None: every row is left
+            rest = every_row if rows is None else (target_logits[rows], *_row_args(rows, *every_row[1:]))
+            budget = ULD_MAX_CANDIDATES * target_logits.shape[0] // len(found.rest_rows)  # head rows per left row
+            again = plausible_candidates(rest[0], rest[3], budget)
+            if again is None:
+                parts.append((rows, None, self._on_vocabulary(*rest)))
             else:
-                sub = (lambda x: x) if every else (lambda x: x.index_select(0, wide))
-                settings_w = settings if every else settings.rows(wide)
-                values = self._on_vocabulary(target, sub(assistant_hidden), sub(alpha), lf, settings_w)
-                parts.append((rows, None, values))
+                parts.append((rows, again[0], self._on_candidates(CandidateSplit(None, *again, None), rest)))
         return parts
 
-    def _on_candidates(self, rows, candidates, kept, target_logits, assistant_hidden, alpha, log_filter, settings):
-        """One part on the plausible-only head: `rows` (None: all) of the S rows, their [s, M] candidate ids."""
+    def _on_candidates(self, found: CandidateSplit, args: tuple) -> torch.Tensor:
+        """[s, M] combined logits of the rows `found` keeps, on the plausible-only head: `args` are `_combined`'s
+        (target logits, assistant hidden, alpha, log filter, settings) for the rows `found` indexes."""
+        target_logits, assistant_hidden, alpha, log_filter, settings = args
+        candidates, rows = found.token_ids, found.rows
         if rows is None:
-            target, hidden, row_alpha, lf = target_logits.gather(-1, candidates), assistant_hidden, alpha, log_filter
+            target = target_logits.gather(-1, candidates)
         else:
             target = target_logits[rows[:, None], candidates]  # [s, M] only: no copy of the rows' logits
-            hidden, row_alpha, lf = assistant_hidden[rows], alpha[rows], log_filter[rows]
-            settings = settings.rows(rows)
-        assistant = self.runner.candidate_logits(hidden, candidates)
-        values = combine_candidate_values(target, assistant, row_alpha, kept, log_filter=lf, **settings.kwargs())
-        return rows, candidates, values
+            assistant_hidden, alpha, log_filter, settings = _row_args(rows, *args[1:])
+        assistant = self.runner.candidate_logits(assistant_hidden, candidates)
+        kwargs = settings.kwargs()
+        return combine_candidate_values(target, assistant, alpha, found.kept, log_filter=log_filter, **kwargs)
 
     def _on_vocabulary(self, target_logits, assistant_hidden, alpha, log_filter, settings) -> torch.Tensor:
         """The whole-vocabulary combination: the assistant's head on every token."""
         assistant = self.runner.logits(assistant_hidden)
         return combine_logits(target_logits, assistant, alpha, log_filter, **settings.kwargs())
+
+
+def _row_args(rows: torch.Tensor, assistant_hidden, alpha, log_filter, settings: CombineSettings) -> tuple:
+    """`_combined`'s per-row arguments after the target logits, for `rows` only."""
+    return (
+        assistant_hidden.index_select(0, rows),
+        alpha.index_select(0, rows),
+        log_filter.index_select(0, rows),
+        settings.rows(rows),
+    )
 
 
 class UOEBackend(UnlearningBackend):
