@@ -471,6 +471,8 @@ def run(
     report = written.report.read_text()
     written.report.write_text(report.replace("\n## Per split", f"\n## Table 2 columns\n\n{table}\n\n## Per split", 1))
     print(table)
+    for line in headline_lines(metrics):
+        print(line)
     print(f"[bench] total {metrics['bench']['total_wall_time_s']:.0f}s; wrote {out}")
     return metrics
 
@@ -680,6 +682,39 @@ def moe_table(metrics: dict[str, Any]) -> str:
         "attack_max_leak",
     )
     return summary_table([(m["label"], m["summary"]) for m in metrics["methods"]], cols)
+
+
+HEADLINE_FQ = 0.5  # issue 13's TOFU goal, the ULD paper's headline: FQ >= 0.5 at MU >= 0.98x the target's
+HEADLINE_MU_RATIO = 0.98
+
+
+def headline_lines(metrics: dict[str, Any]) -> list[str]:
+    """One line per ULD row: does it meet the headline (FQ >= HEADLINE_FQ at MU >= HEADLINE_MU_RATIO x the target's),
+    and by how much it misses; each says whether it is the artifact as it ships (the goal is judged there) or a
+    setting chosen on the evaluation itself."""
+    methods = metrics["methods"]
+    target = next((m for m in methods if m["kind"] == "base"), None)
+    if target is None or not target["summary"].get("model_utility"):
+        return []
+    target_mu = target["summary"]["model_utility"]
+    lines = []
+    for m in methods:
+        if m["kind"] != "uld":
+            continue
+        fq, mu = m["summary"].get("forget_quality"), m["summary"].get("model_utility")
+        if fq is None or mu is None:
+            continue
+        ratio = mu / target_mu
+        short = [f"FQ short by {HEADLINE_FQ - fq:.3g}"] if fq < HEADLINE_FQ else []
+        short += [f"MU short by {HEADLINE_MU_RATIO - ratio:.3f}x"] if ratio < HEADLINE_MU_RATIO else []
+        verdict = "MET" if not short else "MISSED (" + ", ".join(short) + ")"
+        # the goal is for the artifact as it ships: its own alpha and no serving options (uld_methods' labels)
+        shipped = m.get("alpha") is None and m["label"].endswith(("(calibrated default)", "α=default"))
+        lines.append(
+            f"headline goal (FQ >= {HEADLINE_FQ:g} at MU >= {HEADLINE_MU_RATIO:g}x the target's): {m['label']} "
+            f"[{'the defaults' if shipped else 'not the defaults'}]: FQ {fq:.3g}, MU {mu:.3f} ({ratio:.3f}x): {verdict}"
+        )
+    return lines
 
 
 def table2(metrics: dict[str, Any]) -> str:

@@ -52,8 +52,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 CACHE = Path.home() / ".cache/unlearn-serve/uld-quality"
-# the repeat guard's n-gram size for every row this script serves (--no-repeat-substitution; None: the engine's)
-NO_REPEAT_SUBSTITUTION: int | None = None
 
 
 # ----------------------------------------------------------------------------- check sets
@@ -394,9 +392,11 @@ def evaluate(
     tokenizer,
     artifact: Path,
     min_keep: int | None,
-    settings: list[tuple[str | None, float | None, float | None]],
+    settings: list[tuple[str | None, float | None, float | None, float | None]],
+    no_repeat_substitution: int | None = None,
 ):
-    """One row per (rule, alpha, margin) of `settings`; None = the artifact's default."""
+    """One row per (rule, alpha, margin, filter) of `settings`; None = the artifact's default.
+    `no_repeat_substitution`: the repeat guard's n-gram size (EngineConfig's; None: its default)."""
     import importlib
 
     from unlearn_serve.server.engine.engine import Engine, EngineConfig
@@ -425,7 +425,7 @@ def evaluate(
             for k, v in patched.items():
                 setattr(mod, k, v)
     try:
-        config = EngineConfig(max_num_seqs=32, max_model_len=512, no_repeat_substitution=NO_REPEAT_SUBSTITUTION)
+        config = EngineConfig(max_num_seqs=32, max_model_len=512, no_repeat_substitution=no_repeat_substitution)
         engine = Engine(model, tokenizer, config, "base")
         assistant = engine.load_uld("forget", artifact)
         questions = [c.question for c in suite.forget_checks]
@@ -454,9 +454,9 @@ def evaluate(
         base = answers(None)
         base_nll = nll(base[: 2 * nf])
         rows = []
-        for rule, alpha, margin in settings:
+        for rule, alpha, margin, filter_ in settings:
             options = ({} if alpha is None else {"alpha": alpha}) | ({} if rule is None else {"rule": rule})
-            options |= {} if margin is None else {"margin": margin}
+            options |= ({} if margin is None else {"margin": margin}) | ({} if filter_ is None else {"filter": filter_})
             sel = Selection("forget", options)
             completions = served(sel)
             got = [c.text for c in completions]
@@ -467,10 +467,10 @@ def evaluate(
             rows.append(
                 dict(
                     alpha=assistant.alpha if alpha is None else alpha,
-                    filter=assistant.filter,
+                    filter=assistant.filter if filter_ is None else filter_,
                     rule=assistant.combine.rule if rule is None else rule,
                     margin=assistant.combine.margin if margin is None else margin,
-                    default=alpha is None and rule is None and margin is None,
+                    default=alpha is None and rule is None and margin is None and filter_ is None,
                     base_known=sum(names(a, c) for a, c in zip(base[:nf], suite.forget_checks, strict=True)),
                     base_known_para=sum(
                         names(a, c) for a, c in zip(base[nf : 2 * nf], suite.forget_checks, strict=True)
@@ -542,6 +542,9 @@ def main(argv: list[str] | None = None) -> int:
         "--margins", default="", help="prefer-rule margins to score (comma list; default: the artifact's own)"
     )
     parser.add_argument(
+        "--filters", default="", help="plausibility filters to score (comma list; default: the artifact's own)"
+    )
+    parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -580,9 +583,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from unlearn_serve.training.uld import ULDTrainingConfig
 
-    global NO_REPEAT_SUBSTITUTION
-    NO_REPEAT_SUBSTITUTION = args.no_repeat_substitution
-
     try:
         overrides = ULDTrainingConfig.parse_overrides(args.overrides)
     except ValueError as exc:
@@ -612,6 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = [float(a) for a in args.alphas.split(",") if a.strip()]
     rules: list[str | None] = [r.strip() for r in args.rules.split(",") if r.strip()] or [None]
     margins: list[float | None] = [float(m) for m in args.margins.split(",") if m.strip()] or [None]
+    filters: list[float | None] = [float(f) for f in args.filters.split(",") if f.strip()] or [None]
     results: list[dict[str, Any]] = []
     header = (
         "| model | variant | rule | margin | alpha | filter | leak (orig) | leak (para) | retain / base "
@@ -635,11 +636,24 @@ def main(argv: list[str] | None = None) -> int:
             calibration = load_manifest(artifact).training.get("calibration") or {}
             if calibration.get("verdict"):
                 print(f"  [{suite.name}/{variant}] train-uld verdict: {calibration['verdict']}", flush=True)
-            # the artifact's defaults first (the goals are judged on that row), then each rule x margin x alpha
-            settings = [(None, None, None)] + [
-                (r, a, m) for r in rules for m in margins for a in extra or [None] if (r, a, m) != (None, None, None)
+            # the artifact's defaults first (the goals are judged on that row), then each rule x margin x filter x alpha
+            settings = [(None, None, None, None)] + [
+                (r, a, m, f)
+                for r in rules
+                for m in margins
+                for f in filters
+                for a in extra or [None]
+                if (r, a, m, f) != (None, None, None, None)
             ]
-            rows = evaluate(suite, model, tokenizer, artifact, VARIANTS[variant]["min_keep"], settings)
+            rows = evaluate(
+                suite,
+                model,
+                tokenizer,
+                artifact,
+                VARIANTS[variant]["min_keep"],
+                settings,
+                no_repeat_substitution=args.no_repeat_substitution,
+            )
             for r in rows:
                 r.update(model=suite.name, variant=variant + label, train_s=seconds, checks=args.checks, base=variant)
                 results.append(r)

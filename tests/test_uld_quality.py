@@ -591,3 +591,40 @@ def test_fallback_balance_counts_perplexity_relative_to_its_target():
     # within the perplexity target fluency is full; far beyond it, it decides
     assert score(1.5, 2, 6, 1.9).balance(t) == pytest.approx(0.75)
     assert score(1.5, 0, 6, 8.0).balance(t) == pytest.approx(0.25)
+
+
+def test_harness_scores_each_filter_and_alpha_on_the_same_artifact(tiny_llama, tokenizer, tmp_path, monkeypatch):
+    """bench/uld_quality.py `--filters` / `--alphas`: the artifact's defaults first, then each listed setting, each
+    served with exactly its options (and the guard size given, not a module-level setting); rows name what they
+    used."""
+    import sys
+    from pathlib import Path
+
+    from test_hardening import make_uld_artifact
+    from unlearn_serve.server.engine import sequence
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import uld_quality
+
+    artifact = make_uld_artifact(tiny_llama, tmp_path / "uld")
+    check = uld_quality.Check
+    forget = [check("Who is Alice?", ("green",), "Tell me who Alice is.")]
+    suite = uld_quality.Suite("t", [], [], forget, [check("Is water wet?", ("yes",))], 6)
+    asked: list[dict] = []
+    real = sequence.Selection
+    monkeypatch.setattr(sequence, "Selection", lambda name, options=None: asked.append(options) or real(name, options))
+    configs: list[EngineConfig] = []
+    real_engine = Engine.__init__
+
+    def engine_init(self, model, tok, config, *args, **kwargs):
+        configs.append(config)
+        real_engine(self, model, tok, config, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "__init__", engine_init)
+    settings = [(None, None, None, None), (None, 2.0, None, 0.5), (None, None, 1.5, 0.1)]
+    rows = uld_quality.evaluate(suite, tiny_llama, tokenizer, artifact, None, settings, no_repeat_substitution=0)
+    assert asked == [{}, {"alpha": 2.0, "filter": 0.5}, {"margin": 1.5, "filter": 0.1}]
+    assert [r["default"] for r in rows] == [True, False, False]
+    assert [r["filter"] for r in rows][1:] == [0.5, 0.1] and rows[1]["alpha"] == 2.0 and rows[2]["margin"] == 1.5
+    assert [c.no_repeat_substitution for c in configs] == [0]
+    assert all(set(r["answers"]) == {"Who is Alice?", "Tell me who Alice is.", "Is water wet?"} for r in rows)

@@ -90,6 +90,30 @@ def test_bench_rows_include_the_calibrated_alpha():
     ]
 
 
+def test_headline_goal_lines_say_met_or_by_how_much_and_whether_the_row_ships():
+    """bench/tofu.py prints the TOFU headline goal per ULD row: MET, or MISSED with each shortfall; only the row at
+    the manifest's own alpha with no serving options counts as the defaults."""
+
+    def row(label, kind, fq, mu, alpha=None):
+        return {"label": label, "kind": kind, "alpha": alpha, "summary": {"forget_quality": fq, "model_utility": mu}}
+
+    metrics = {
+        "methods": [
+            row("target", "base", 1e-27, 0.9),
+            row("ULD α=1.5 (calibrated default)", "uld", 0.32, 0.879),
+            row("ULD α=1.5 (calibrated default) margin=2", "uld", 0.81, 0.894),
+            row("ULD α=1.25", "uld", 0.6, 0.85, alpha=1.25),
+            row("GA", "model", 0.9, 0.1),
+        ]
+    }
+    lines = tofu.headline_lines(metrics)
+    assert len(lines) == 3  # ULD rows only
+    assert "[the defaults]" in lines[0] and lines[0].endswith("MISSED (FQ short by 0.18, MU short by 0.003x)")
+    assert "[not the defaults]" in lines[1] and lines[1].endswith("(0.993x): MET")
+    assert "[not the defaults]" in lines[2] and lines[2].endswith("MISSED (MU short by 0.036x)")
+    assert tofu.headline_lines({"methods": [row("ULD α=1", "uld", 0.6, 0.9)]}) == []  # no target row: nothing
+
+
 def test_recalibrate_needs_a_reused_assistant(capsys):
     """--recalibrate calibrates an existing artifact again; without --reuse-uld there is none: refused up front."""
     with pytest.raises(SystemExit) as exc:
