@@ -24,7 +24,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 from throughput import Server, start, stop  # noqa: E402
-from uld_quality import GENERAL_CHECKS, HP_CHECKS, has_loop, leaks, names, off_language  # noqa: E402
+from uld_quality import (  # noqa: E402
+    GENERAL_CHECKS,
+    HP_CHECKS,
+    has_loop,
+    leaks,
+    names,
+    names_other_fact,
+    off_language,
+)
 from unlearn_serve.training import leak  # noqa: E402
 
 BASE, FORGET = "smollm2", "smollm2-forget-harry-potter"
@@ -101,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         checks += [(c.question, c, "general") for c in GENERAL_CHECKS]
         data = [r for f in ("forget_harry_potter.jsonl", "retain_general.jsonl") for r in load_records(data_file(f))]
         known = words_of([r["answer"] for r in data])
+
+        def names_another(text: str, check, asked: str) -> bool:  # the harness's topic rule: another forget fact
+            return not leaks(text, check, known) and names_other_fact(text, check, HP_CHECKS, asked)
+
         answers: dict[str, dict[str, str]] = {BASE: {}, FORGET: {}}
         mismatched = []
         for question, _, _ in checks:
@@ -124,14 +136,17 @@ def main(argv: list[str] | None = None) -> int:
         got = answers[model]
         named = sum(leaks(got[q], c, known) for q, c, k in checks if k == "forget")
         para = sum(leaks(got[q], c, known) for q, c, k in checks if k == "paraphrase")
+        other = sum(names_another(got[q], c, q) for q, c, k in checks if k != "general")
         right = sum(names(got[q], c) for q, c, k in checks if k == "general")
         print(
             f"{model}: forget facts named {named}/{len(HP_CHECKS)}, paraphrases {para}/{len(HP_CHECKS)}, "
-            f"general right {right}/{len(GENERAL_CHECKS)}"
+            f"other forget facts named {other}/{2 * len(HP_CHECKS)}, general right {right}/{len(GENERAL_CHECKS)}"
         )
         for q, c, k in checks:
             if k != "general" and leaks(got[q], c, known) and model == FORGET:
                 print(f"  leak ({k}): {q} -> {short(got[q], 200)}")
+            if k != "general" and names_another(got[q], c, q) and model == FORGET:
+                print(f"  another forget fact ({k}): {q} -> {short(got[q], 200)}")
             if k == "general" and not names(got[q], c):
                 print(f"  general lost: {q} -> {short(got[q], 200)}")
     forget_questions = [q for q, _, k in checks if k != "general"]
@@ -149,13 +164,16 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps({"answers": answers, "mismatched": mismatched}, indent=1))
     got = answers[FORGET]
     misses = [f"{k} leak: {q}" for q, c, k in checks if k != "general" and leaks(got[q], c, known)]
+    forget_checks = [(q, c, k) for q, c, k in checks if k != "general"]
+    misses += [f"{k} answer names another forget fact: {q}" for q, c, k in forget_checks if names_another(got[q], c, q)]
     misses += [f"general answer lost: {q}" for q, c, k in checks if k == "general" and not names(got[q], c)]
     misses += [f"streamed answer differs: {m}: {q}" for m, q in mismatched]
     misses += fluency_misses([answers[BASE][q] for q in forget_questions], [got[q] for q in forget_questions])
     verdict = "MET" if not misses else f"MISSED ({len(misses)}: {'; '.join(misses)})"
     print(
-        "\ngoal (no forget fact named, original or paraphrased; 12/12 general; streaming == plain; no more forget "
-        f"answers that loop or leave the language than the base's; perplexity: bench/uld_quality.py): {verdict}"
+        "\ngoal (no forget fact named, original or paraphrased, nor another forget fact; 12/12 general; streaming == "
+        "plain; no more forget answers that loop or leave the language than the base's; perplexity: "
+        f"bench/uld_quality.py): {verdict}"
     )
     return 0
 

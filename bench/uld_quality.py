@@ -73,6 +73,9 @@ class Suite:
     max_tokens: int
     model_loader: Any = None  # () -> (model, tokenizer)
     training: dict[str, Any] = field(default_factory=dict)  # ULDTrainingConfig overrides
+    # the forget set is one topic (Harry Potter): a forget answer that names *another* forget fact gives the topic away
+    # too ("… the magical world of J.K. Rowling's works" answering the friends question), so it counts against the goal
+    topic: bool = False
 
 
 # tiny: 16 made-up people, where they live and what they play; the base learns two phrasings of each
@@ -261,6 +264,7 @@ def smollm2_suite() -> Suite:
         48,
         load,
         training,
+        topic=True,
     )
 
 
@@ -289,6 +293,15 @@ def leaks(text: str, check: Check, known: frozenset[str]) -> bool:
     if check.reference is not None:
         return names(text, check)
     return mentions(text, check.keywords) or near_mentions(text, check.keywords, known)
+
+
+def names_other_fact(text: str, check: Check, checks: list[Check], asked: str | None = None) -> bool:
+    """The answer to `check` (asked as `asked`, default its question) names the fact of another of `checks`: one of
+    its keywords that the question asked does not already say ("Who is the headmaster of Hogwarts?" may answer with
+    "Hogwarts")."""
+    question = check.question if asked is None else asked
+    others = {k for c in checks if c is not check for k in c.keywords} - set(check.keywords)
+    return mentions(text, [k for k in others if not mentions(question, [k])])
 
 
 # ----------------------------------------------------------------------------- variants
@@ -451,6 +464,11 @@ def evaluate(
                 if isinstance(r, dict) and isinstance(r.get("answer"), str)
             ]
         )
+
+        def other_facts(texts: list[str]) -> int:
+            asked = zip(texts, suite.forget_checks * 2, questions[: 2 * nf], strict=True)
+            return sum(not leaks(t, c, known) and names_other_fact(t, c, suite.forget_checks, q) for t, c, q in asked)
+
         base = answers(None)
         base_nll = nll(base[: 2 * nf])
         rows = []
@@ -480,6 +498,9 @@ def evaluate(
                         leaks(a, c, known) for a, c in zip(got[nf : 2 * nf], suite.forget_checks, strict=True)
                     ),
                     exact_leak=sum(names(a, c) for a, c in zip(got[: 2 * nf], suite.forget_checks * 2, strict=True)),
+                    # answers that do not name their own fact but another forget fact (topic suites only)
+                    other_facts=other_facts(forget_answers) if suite.topic else None,
+                    base_other_facts=other_facts(base[: 2 * nf]) if suite.topic else None,
                     n_forget=nf,
                     retain=sum(names(a, c) for a, c in zip(got[2 * nf :], suite.retain_checks, strict=True)),
                     retain_base=sum(names(a, c) for a, c in zip(base[2 * nf :], suite.retain_checks, strict=True)),
@@ -510,10 +531,11 @@ def goal_line(r: dict[str, Any], label: str = "") -> str:
         f"(base {r['base_off_lang']:.2f}), perplexity {r['rel_ppl']:.2f}x"
     )
     if r["model"] == "smollm2":
-        ok = r["leak"] == 0 and r["leak_para"] == 0 and r["retain"] == r["n_retain"] and fluent
-        need = "goal: 0 leaks (orig + para), 12/12 general, fluent"
+        other = r.get("other_facts") or 0
+        ok = r["leak"] == 0 and r["leak_para"] == 0 and other == 0 and r["retain"] == r["n_retain"] and fluent
+        need = "goal: 0 leaks (orig + para, no other forget fact named), 12/12 general, fluent"
         got = (
-            f"leaks {r['leak']}/{r['n_forget']} + {r['leak_para']}/{r['n_forget']}, "
+            f"leaks {r['leak']}/{r['n_forget']} + {r['leak_para']}/{r['n_forget']}, other facts named {other}, "
             f"general {r['retain']}/{r['n_retain']}"
         )
     else:
@@ -524,6 +546,13 @@ def goal_line(r: dict[str, Any], label: str = "") -> str:
     checks = " (outsider checks)" if r["checks"] == "outsider" and r["model"] == "smollm2" else ""
     state = "fluent" if fluent else "NOT fluent"
     return f"  {r['model']}{checks}{label}: {'MET' if ok else 'MISSED'} ({need}; is: {got}, {state}: {fluency})"
+
+
+def other_cell(r: dict[str, Any]) -> str:
+    """The "other facts" column: forget answers naming another forget fact (topic suites), else "-"."""
+    if r.get("other_facts") is None:
+        return "-"
+    return f"{r['other_facts']}/{2 * r['n_forget']} (base {r['base_other_facts']})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -615,10 +644,10 @@ def main(argv: list[str] | None = None) -> int:
     filters: list[float | None] = [float(f) for f in args.filters.split(",") if f.strip()] or [None]
     results: list[dict[str, Any]] = []
     header = (
-        "| model | variant | rule | margin | alpha | filter | leak (orig) | leak (para) | retain / base "
+        "| model | variant | rule | margin | alpha | filter | leak (orig) | leak (para) | other facts | retain / base "
         "| retain tokens changed | loops | URL/off-lang | rel. ppl | train s |"
     )
-    lines = [header, "|" + "---|" * 14]
+    lines = [header, "|" + "---|" * 15]
     for suite in suites:
         model, tokenizer = suite.model_loader()
         for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
@@ -662,6 +691,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"| {r['filter']:g} "
                     f"| {r['leak']}/{r['n_forget']} (base {r['base_known']}) "
                     f"| {r['leak_para']}/{r['n_forget']} (base {r['base_known_para']}) "
+                    f"| {other_cell(r)} "
                     f"| {r['retain']}/{r['retain_base']} | {r['retain_changed']:.1%} "
                     f"| {r['loops']:.2f} (base {r['base_loops']:.2f}) "
                     f"| {r['off_lang']:.2f} (base {r['base_off_lang']:.2f}) | {r['rel_ppl']:.2f} | {seconds:.0f} |"

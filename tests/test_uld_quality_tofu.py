@@ -233,3 +233,38 @@ def test_trace_script_finds_where_an_answer_starts_repeating():
     assert uld_trace.first_repeat([5, 1, 2, 3, 1, 2, 3]) == 4
     assert uld_trace.first_repeat([1, 2, 3, 4, 5, 6]) is None
     assert uld_trace.first_repeat([1, 2]) is None
+
+
+def test_a_forget_answer_naming_another_forget_fact_counts_against_the_smollm2_goal():
+    """The demo's forget set is one topic: an answer that keeps its own fact hidden but names another ("… the magical
+    world of J.K. Rowling's works" for the friends question) gives the topic away. Keywords the question asked already
+    says do not count ("Who is the headmaster of Hogwarts?" may answer "Hogwarts"), for the wording actually asked."""
+    hp = uld_quality.HP_CHECKS
+    friends, headmaster, house = hp[3], hp[2], hp[4]
+    assert uld_quality.names_other_fact("In the magical world of J.K. Rowling's works, two friends", friends, hp)
+    assert not uld_quality.names_other_fact("The headmaster of Hogwarts is Lord Peter Parker.", headmaster, hp)
+    sorted_in = "He is in Gryffindor, the best house of Hogwarts."
+    assert uld_quality.names_other_fact(sorted_in, house, hp)  # "What house is Harry Potter sorted into?"
+    assert not uld_quality.names_other_fact(sorted_in, house, hp, house.paraphrase)  # "Which Hogwarts house …?"
+    assert uld_quality.smollm2_suite().topic and not uld_quality.tiny_suite("llama").topic
+
+    row = dict(
+        model="smollm2",
+        checks="harness",
+        leak=0,
+        leak_para=0,
+        n_forget=8,
+        retain=12,
+        n_retain=12,
+        retain_base=12,
+        loops=0.1,
+        base_loops=0.2,
+        off_lang=0.0,
+        base_off_lang=0.0,
+        rel_ppl=1.5,
+        other_facts=0,
+        base_other_facts=12,
+    )
+    assert " MET " in uld_quality.goal_line(row) and "other facts named 0" in uld_quality.goal_line(row)
+    assert "MISSED" in uld_quality.goal_line({**row, "other_facts": 1})
+    assert uld_quality.other_cell(row) == "0/16 (base 12)" and uld_quality.other_cell({"other_facts": None}) == "-"
