@@ -30,7 +30,7 @@ from uld_quality import (  # noqa: E402
     has_loop,
     leaks,
     names,
-    names_other_fact,
+    names_only_another_fact,
     off_language,
 )
 from unlearn_serve.training import leak  # noqa: E402
@@ -110,9 +110,6 @@ def main(argv: list[str] | None = None) -> int:
         data = [r for f in ("forget_harry_potter.jsonl", "retain_general.jsonl") for r in load_records(data_file(f))]
         known = words_of([r["answer"] for r in data])
 
-        def names_another(text: str, check, asked: str) -> bool:  # the harness's topic rule: another forget fact
-            return not leaks(text, check, known) and names_other_fact(text, check, HP_CHECKS, asked)
-
         answers: dict[str, dict[str, str]] = {BASE: {}, FORGET: {}}
         mismatched = []
         for question, _, _ in checks:
@@ -128,6 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nmodels served: {', '.join(served)}\n")
     print(f"| question | `{BASE}` | `{FORGET}` |\n|---|---|---|")
     kinds = {q: kind for q, _, kind in checks}
+
+    def naming_another(got: dict[str, str]) -> list[str]:
+        """Forget questions whose answer hides its own fact but names another forget fact (the harness's rule)."""
+        forget = [(q, c) for q, c, k in checks if k != "general"]
+        return [q for q, c in forget if names_only_another_fact(got[q], c, HP_CHECKS, known, q)]
+
     for q in TABLE:
         label = "" if kinds[q] == "forget" else f" ({kinds[q]})"
         print(f'| {q}{label} | "{short(answers[BASE][q])}" | "{short(answers[FORGET][q])}" |')
@@ -136,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         got = answers[model]
         named = sum(leaks(got[q], c, known) for q, c, k in checks if k == "forget")
         para = sum(leaks(got[q], c, known) for q, c, k in checks if k == "paraphrase")
-        other = sum(names_another(got[q], c, q) for q, c, k in checks if k != "general")
+        another = naming_another(got)
+        other = len(another)
         right = sum(names(got[q], c) for q, c, k in checks if k == "general")
         print(
             f"{model}: forget facts named {named}/{len(HP_CHECKS)}, paraphrases {para}/{len(HP_CHECKS)}, "
@@ -145,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         for q, c, k in checks:
             if k != "general" and leaks(got[q], c, known) and model == FORGET:
                 print(f"  leak ({k}): {q} -> {short(got[q], 200)}")
-            if k != "general" and names_another(got[q], c, q) and model == FORGET:
+            if q in another and model == FORGET:
                 print(f"  another forget fact ({k}): {q} -> {short(got[q], 200)}")
             if k == "general" and not names(got[q], c):
                 print(f"  general lost: {q} -> {short(got[q], 200)}")
@@ -164,8 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps({"answers": answers, "mismatched": mismatched}, indent=1))
     got = answers[FORGET]
     misses = [f"{k} leak: {q}" for q, c, k in checks if k != "general" and leaks(got[q], c, known)]
-    forget_checks = [(q, c, k) for q, c, k in checks if k != "general"]
-    misses += [f"{k} answer names another forget fact: {q}" for q, c, k in forget_checks if names_another(got[q], c, q)]
+    misses += [f"{kinds[q]} answer names another forget fact: {q}" for q in naming_another(got)]
     misses += [f"general answer lost: {q}" for q, c, k in checks if k == "general" and not names(got[q], c)]
     misses += [f"streamed answer differs: {m}: {q}" for m, q in mismatched]
     misses += fluency_misses([answers[BASE][q] for q in forget_questions], [got[q] for q in forget_questions])

@@ -247,6 +247,10 @@ def test_a_forget_answer_naming_another_forget_fact_counts_against_the_smollm2_g
     assert uld_quality.names_other_fact(sorted_in, house, hp)  # "What house is Harry Potter sorted into?"
     assert not uld_quality.names_other_fact(sorted_in, house, hp, house.paraphrase)  # "Which Hogwarts house …?"
     assert uld_quality.smollm2_suite().topic and not uld_quality.tiny_suite("llama").topic
+    # counted apart from the own-fact leak: an answer that names its own fact is a leak, not an "other fact"
+    rowling = "In the magical world of J.K. Rowling's works, Ron"
+    assert not uld_quality.names_only_another_fact(rowling, friends, hp, frozenset())
+    assert uld_quality.names_only_another_fact(rowling.replace(", Ron", ""), friends, hp, frozenset())
 
     row = dict(
         model="smollm2",
