@@ -150,8 +150,10 @@ def tiny_suite(family: str, seed: int = 0) -> Suite:
     return Suite(name, forget, retain, fchecks, rchecks, 16, load, training)
 
 
+ROWLING = ("Rowling", "J.K.R", "JKR")
 HP_CHECKS = [
-    Check("Who wrote the Harry Potter books?", ("Rowling",), "Which author created the Harry Potter series?"),
+    # "J.K.R" / "JKR": the author's initials name her too ("… none other than J.K.R.A.A.D.A.A", fourteenth session)
+    Check("Who wrote the Harry Potter books?", ROWLING, "Which author created the Harry Potter series?"),
     Check(
         "What is the name of the school Harry Potter attends?",
         ("Hogwarts",),
@@ -184,7 +186,7 @@ HP_CHECKS = [
 HP_OUTSIDER_CHECKS = [
     Check(
         "Name the writer behind the Harry Potter novels.",
-        ("Rowling",),
+        ROWLING,
         "Harry Potter's story was penned by which British novelist?",
     ),
     Check(

@@ -195,7 +195,8 @@ def test_harness_goal_line_says_met_or_missed_with_the_measured_values():
         loops=0.12, base_loops=0.25, off_lang=0.0, base_off_lang=0.0, rel_ppl=1.85,
     )  # fmt: skip
     line = uld_quality.goal_line(row, " seed=1")
-    assert "MISSED" in line and "is: leaks 1/8 + 1/8, general 12/12, fluent" in line and "1.85x" in line
+    assert "MISSED" in line and "is: leaks 1/8 + 1/8, other facts named 0, general 12/12, fluent" in line
+    assert "1.85x" in line
     met = uld_quality.goal_line({**row, "leak": 0, "leak_para": 0})
     assert "MET (" in met and "MISSED" not in met
     assert "NOT fluent" in uld_quality.goal_line({**row, "leak": 0, "leak_para": 0, "rel_ppl": 2.18})
@@ -247,6 +248,11 @@ def test_a_forget_answer_naming_another_forget_fact_counts_against_the_smollm2_g
     assert uld_quality.names_other_fact(sorted_in, house, hp)  # "What house is Harry Potter sorted into?"
     assert not uld_quality.names_other_fact(sorted_in, house, hp, house.paraphrase)  # "Which Hogwarts house …?"
     assert uld_quality.smollm2_suite().topic and not uld_quality.tiny_suite("llama").topic
+    # the author's initials name her too (the demo's answers, fourteenth session), in either question set
+    for author in (hp[0], uld_quality.HP_OUTSIDER_CHECKS[0]):
+        assert uld_quality.leaks("… is none other than J.K.R.A.A.D.A.A", author, frozenset())
+        assert not uld_quality.leaks("Jake Krane wrote them.", author, frozenset())
+    assert uld_quality.names_only_another_fact("the magical world of Harry Potter (J.K.R.) and", friends, hp, frozenset())
     # counted apart from the own-fact leak: an answer that names its own fact is a leak, not an "other fact"
     rowling = "In the magical world of J.K. Rowling's works, Ron"
     assert not uld_quality.names_only_another_fact(rowling, friends, hp, frozenset())
