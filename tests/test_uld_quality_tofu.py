@@ -252,7 +252,7 @@ def test_a_forget_answer_naming_another_forget_fact_counts_against_the_smollm2_g
     for author in (hp[0], uld_quality.HP_OUTSIDER_CHECKS[0]):
         assert uld_quality.leaks("… is none other than J.K.R.A.A.D.A.A", author, frozenset())
         assert not uld_quality.leaks("Jake Krane wrote them.", author, frozenset())
-    assert uld_quality.names_only_another_fact("the magical world of Harry Potter (J.K.R.) and", friends, hp, frozenset())
+    assert uld_quality.names_only_another_fact("the world of Harry Potter (J.K.R.) and", friends, hp, frozenset())
     # counted apart from the own-fact leak: an answer that names its own fact is a leak, not an "other fact"
     rowling = "In the magical world of J.K. Rowling's works, Ron"
     assert not uld_quality.names_only_another_fact(rowling, friends, hp, frozenset())
