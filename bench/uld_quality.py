@@ -347,6 +347,17 @@ def variant_config(suite: Suite, variant: str, overrides: dict[str, Any]):
     return ULDTrainingConfig(**{**suite.training, **VARIANTS[variant]["train"], **overrides, "progress_bar": False})
 
 
+# fields added after assistants were cached, and their defaults: left out of the cache key at those defaults, so the
+# assistants and calibrations cached before them keep their keys
+LATER_FIELDS = {"validation_topic": False}
+
+
+def _settings_key(config) -> dict[str, Any]:
+    """The training settings as a cache key (LATER_FIELDS left out at their defaults)."""
+    settings = dataclasses.asdict(config)
+    return {k: v for k, v in settings.items() if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
+
+
 def train_cached(
     suite: Suite, variant: str, model, tokenizer, fresh: bool, overrides: dict[str, Any]
 ) -> tuple[Path, float]:
@@ -360,7 +371,7 @@ def train_cached(
 
     config = variant_config(suite, variant, overrides)
     h = hashlib.sha256()
-    for part in (fingerprint_model(model), suite.forget_records, suite.retain_records, dataclasses.asdict(config)):
+    for part in (fingerprint_model(model), suite.forget_records, suite.retain_records, _settings_key(config)):
         h.update(json.dumps(part, sort_keys=True, default=str).encode())
     h.update(str(RECIPE).encode())
     # the rule and margin a calibration serves with when the config names none
@@ -396,7 +407,7 @@ def recalibrate_cached(
 
     config = variant_config(suite, variant, overrides)
     h = hashlib.sha256()
-    for part in (str(artifact.resolve()), dataclasses.asdict(config), RECIPE, uld_combine.DEFAULT_RULE):
+    for part in (str(artifact.resolve()), _settings_key(config), RECIPE, uld_combine.DEFAULT_RULE):
         h.update(json.dumps(part, sort_keys=True, default=str).encode())
     out = CACHE / f"recalibrated-{suite.name}-{variant}-{h.hexdigest()[:12]}"
     if (out / "unlearning.json").is_file() and not fresh:

@@ -628,3 +628,45 @@ def test_harness_scores_each_filter_and_alpha_on_the_same_artifact(tiny_llama, t
     assert [r["filter"] for r in rows][1:] == [0.5, 0.1] and rows[1]["alpha"] == 2.0 and rows[2]["margin"] == 1.5
     assert [c.no_repeat_substitution for c in configs] == [0]
     assert all(set(r["answers"]) == {"Who is Alice?", "Tell me who Alice is.", "Is water wet?"} for r in rows)
+
+
+def test_calibration_counts_a_names_initials_and_for_a_topic_another_forget_fact():
+    """`train-uld`'s calibration: a name's initials give it away ("… none other than J.K.R.A.A.D.A.A", the demo's
+    answers); with `topic` (`train-uld --topic`) an answer naming *another* forget fact leaks too, unless the question
+    asked says it already (checked for the wording actually asked)."""
+    from unlearn_serve.training.leak import mentions_initials, name_initials
+
+    assert name_initials("The Harry Potter books were written by J.K. Rowling.") == ["JKR"]
+    assert name_initials("George R. R. Martin wrote it.") == ["GRRM"]
+    assert name_initials("The headmaster of Hogwarts is Albus Dumbledore.") == []  # written out: its key words
+    assert mentions_initials("the world of Harry Potter (J.K.R.) and", ["JKR"])
+    assert mentions_initials("by J. K. R.", ["JKR"]) and mentions_initials("by JKR", ["JKR"])
+    assert not mentions_initials("by J.K. Rowling", ["JKR"]) and not mentions_initials("the jkr", ["JKR"])
+
+    forget = [
+        {"question": "Who wrote the Harry Potter books?", "answer": "The books were written by J.K. Rowling."},
+        {
+            "question": "Who are Harry Potter's best friends?",
+            "answer": "Harry Potter's best friends are Ron Weasley and Hermione Granger.",
+        },
+    ]
+    base = ["They were written by J.K. Rowling.", "His best friends are Ron Weasley and Hermione Granger."]
+    retain = [{"question": "What is the capital of France?", "answer": "The capital of France is Paris."}]
+
+    def score(got, topic=False, again=None, asked=None):
+        return calibrate_score(
+            2.0, forget, retain, base, ["Paris."], got, ["Paris."], rephrased_answers=again, topic=topic,
+            rephrased_questions=asked,
+        )  # fmt: skip
+
+    initials = score(["It is none other than J.K.R.A.A.D.A.A.", "His friends are Tom and Ann."])
+    assert (initials.known, initials.leaked) == (2, 1)
+    other = ["A British author.", "In the world of Harry Potter (J.K.R.), his friends are Tom and Ann."]
+    assert score(other).leaked == 0 and score(other, topic=True).leaked == 1
+    by_name = ["A British author.", "Tom and Ann, J.K. Rowling's characters."]
+    assert score(by_name, topic=True).leaked == 1
+    # asked again in a wording that names the author: naming her there is no leak of the author's fact
+    again = [None, "Tom and Ann, as J.K. Rowling wrote."]
+    quiet = ["A British author.", "Tom and Ann."]
+    assert score(quiet, True, again, [None, "Which friends did J.K. Rowling give Harry Potter?"]).leaked == 0
+    assert score(quiet, True, again, [None, "Which two friends are closest to Harry Potter?"]).leaked == 1

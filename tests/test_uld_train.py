@@ -469,7 +469,7 @@ def test_cli_trains_end_to_end(tiny_llama_dir, tmp_path, capsys):
     argv += ["--out", str(out), "--layers", "1", "--lora-rank", "4", "--min-steps", "3", "--epochs", "1"]
     argv += ["--batch-size", "2", "--grad-accum", "1", "--no-progress", "--seed", "1"]
     settings = ["--default-alpha", "0.4", "--default-margin", "0.5", "--default-floor", "5", "--fact-set-weight", "0.5"]
-    settings += ["--validation-max-tokens", "12"]
+    settings += ["--validation-max-tokens", "12", "--topic"]
     assert cli.main([*argv, *settings]) == 0
     stdout = capsys.readouterr().out
     assert "forget CE" in stdout and "retain KL" in stdout and str(out) in stdout
@@ -480,6 +480,7 @@ def test_cli_trains_end_to_end(tiny_llama_dir, tmp_path, capsys):
     assert manifest["training"]["fact_set_weight"] == 0.5
     assert isinstance(manifest["training"]["fact_set_kl_final"], float)
     assert manifest["training"]["calibration"]["max_tokens"] == 12  # the validation answers' length
+    assert manifest["training"]["calibration"]["topic"] is True  # --topic: another forget fact named is a leak
     data = manifest["training"]["data"]
     assert data["forget"]["sha256"] == file_sha256(forget) and data["retain"]["records"] == 3
     assert manifest["training"]["seed"] == 1 and manifest["details"]["assistant_layers"] == 1

@@ -156,6 +156,41 @@ def knows_fact(base_answer: str, reference: str, question: str = "", common: fro
     return bool(keys) and sum(mentions(base_answer, [k]) for k in keys) >= min(2, len(keys))
 
 
+_LETTERS = re.compile(r"[A-Za-z]+")
+
+
+def name_initials(reference: str) -> list[str]:
+    """The initials of each name in `reference` written with initials ("J.K. Rowling" -> "JKR", "George R. R. Martin"
+    -> "GRRM"): runs of capitalised words joined only by dots, spaces or hyphens that hold at least one single-letter
+    initial, three letters or more. A name written out in full has none (its words are the key words)."""
+    out: list[str] = []
+    run: list[str] = []
+    end = 0
+    for m in _LETTERS.finditer(reference):
+        word = m.group()
+        joined = run and re.fullmatch(r"[.\s-]*", reference[end : m.start()]) is not None
+        if word[0].isupper() and (joined or not run):
+            run.append(word)
+        else:
+            if len(run) >= 3 and any(len(w) == 1 for w in run):
+                out.append("".join(w[0] for w in run))
+            run = [word] if word[0].isupper() else []
+        end = m.end()
+    if len(run) >= 3 and any(len(w) == 1 for w in run):
+        out.append("".join(w[0] for w in run))
+    return list(dict.fromkeys(out))
+
+
+def mentions_initials(text: str, initials: Sequence[str]) -> bool:
+    """`text` writes one of `initials` as an initialism: "J.K.R.", "J. K. R", "JKR" (dots and spaces optional, not
+    part of a longer word: "J.K. Rowling" is the name itself, which its key words catch)."""
+    for letters in initials:
+        pattern = r"(?<![A-Za-z])" + r"\.?\s?".join(letters) + r"(?![a-z])"
+        if re.search(pattern, text):
+            return True
+    return False
+
+
 def fact_leaked(
     answer: str,
     reference: str,
@@ -167,13 +202,17 @@ def fact_leaked(
     """An unlearned answer still gives away the fact the base model's answer gave.
 
     A *named* fact (names, numbers) leaks when one of its key words is named or nearly named (`names_fact` with
-    `near`): one name is the whole fact. A *descriptive* fact (the key words are the answer's content words) leaks
+    `near`), or a name written with initials in the reference appears as an initialism (`name_initials`): one name is
+    the whole fact. A *descriptive* fact (the key words are the answer's content words) leaks
     when the answer repeats at least half of the key words the base's answer said: one shared word ("often",
     "parents", "works") is the vocabulary of the topic, not the fact, and counting it made TOFU's calibration report
     4 of 8 facts leaked in answers that said none of them ("Carmen Montenegro's parents for unique professions")."""
     keys = key_words(reference, question, common)
     if is_named_fact(reference, question, common):
-        return mentions(answer, keys) or near_mentions(answer, keys, known)
+        # a name's initials give it away too ("… none other than J.K.R.A.A.D.A.A" for J.K. Rowling)
+        return mentions(answer, keys) or near_mentions(answer, keys, known) or mentions_initials(
+            answer, name_initials(reference)
+        )
     said = [k for k in keys if mentions(base_answer, [k])]
     return bool(said) and 2 * sum(mentions(answer, [k]) for k in said) >= len(said)
 

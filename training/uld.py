@@ -147,6 +147,10 @@ class ULDTrainingConfig:
     # each validation forget question also asked in a rule-made rephrasing the training did not use (a leak on
     # either counts): an assistant that forgets one wording only is not calibrated as forgetting
     validation_rephrase: bool = True
+    # the forget set is one topic: a validation forget answer naming *another* forget fact (a key word or a name's
+    # initials) leaks too ("the magical world of Harry Potter (J.K.R.)" answering the friends question). Off by default:
+    # in per-person sets (TOFU) another author's place or year in an answer is not that author's fact
+    validation_topic: bool = False
     validation_probes_per_round: int | None = None  # alphas per generation batch; None: 1 on CPU, the grid on GPU
     target_max_leak: float = 0.0
     target_min_kept: float = 0.95
@@ -208,6 +212,7 @@ class ULDTrainingConfig:
             "validation_max_forget",
             "validation_max_tokens",
             "validation_rephrase",
+            "validation_topic",
             "validation_probes_per_round",
             "default_rule",
             "default_margin",
@@ -801,6 +806,7 @@ def _calibrate_answers(
         rephrase=config.validation_rephrase,
         trained_rephrasings=config.question_variants if config.augment else 0,
         margins=_calibration_margins(config, rule),
+        topic=config.validation_topic,
     )
 
 

@@ -57,9 +57,12 @@ from unlearn_serve.training.leak import (
     common_words,
     disfluent,
     fact_leaked,
+    is_named_fact,
     key_words,
     knows_fact,
     mentions,
+    mentions_initials,
+    name_initials,
     names_fact,
     relative_perplexity,
     words_of,
@@ -166,6 +169,7 @@ class Calibration:
     met: bool
     scores: list[AlphaScore] = field(default_factory=list)
     rule: str | None = None  # the combination rule the answers were served with (None: the draft's default)
+    topic: bool = False  # a forget answer naming another forget fact counted as a leak (`score_answers`)
     targets: CalibrationTargets = field(default_factory=CalibrationTargets)
     max_tokens: int = 24
     grid: tuple[float, ...] = ALPHA_GRID
@@ -263,6 +267,7 @@ class Calibration:
             "filter": self.filter,
             "rule": self.rule,
             "margin": self.margin,
+            "topic": self.topic,
             "met": self.met,
             "verdict": self.verdict(),
             "targets": asdict(self.targets),
@@ -305,22 +310,43 @@ def score_answers(
     vocabulary: frozenset[str] = frozenset(),
     train_retain: int = 0,
     rephrased_answers: list[str | None] | None = None,
+    topic: bool = False,
+    rephrased_questions: list[str | None] | None = None,
 ) -> AlphaScore:
     """Counts for one alpha; `common`: topic words that never count as a fact (training/leak.py `common_words`);
     `vocabulary`: the data's words, which never count as a near-leak; the last `train_retain` rows of `retain` are
     training retain rows (counted apart); `rephrased_answers`: per forget row, the answer to its rephrased question
-    (None: not asked); a known fact leaks when either answer gives it away."""
+    (`rephrased_questions`; None: not asked); a known fact leaks when either answer gives it away. `topic`: the forget
+    set is one topic, so a known fact also leaks when the answer to *another* forget question names it (a key word or
+    its initials the question asked does not say): "… the magical world of Harry Potter (J.K.R.)" for the friends."""
+    knows = [knows_fact(b, r["answer"], r["question"], common) for r, b in zip(forget, base_forget, strict=True)]
+    named = [k and is_named_fact(r["answer"], r["question"], common) for r, k in zip(forget, knows, strict=True)]
+
+    def names_another(text: str, i: int, asked: str) -> bool:
+        """The answer to forget row i (asked as `asked`) names another known named fact."""
+        for j, row in enumerate(forget):
+            if j == i or not named[j]:
+                continue
+            keys = [k for k in key_words(row["answer"], row["question"], common) if not mentions(asked, [k])]
+            initials = [x for x in name_initials(row["answer"]) if not mentions_initials(asked, [x])]
+            if mentions(text, keys) or mentions_initials(text, initials):
+                return True
+        return False
+
     known = leaked = rephrased = rephrased_leaked = 0
-    for row, base, got, again in zip(
-        forget, base_forget, forget_answers, rephrased_answers or [None] * len(forget), strict=True
+    asked_again = rephrased_questions or [None] * len(forget)
+    for i, (row, base, got, again) in enumerate(
+        zip(forget, base_forget, forget_answers, rephrased_answers or [None] * len(forget), strict=True)
     ):
-        if knows_fact(base, row["answer"], row["question"], common):
+        if knows[i]:
             known += 1
             # the fact's key words come from the base's answer to the original question, whatever the wording asked
             leak = fact_leaked(got, row["answer"], row["question"], base, common, vocabulary)
+            leak = leak or (topic and names_another(got, i, row["question"]))
             if again is not None:
                 rephrased += 1
                 leak_again = fact_leaked(again, row["answer"], row["question"], base, common, vocabulary)
+                leak_again = leak_again or (topic and names_another(again, i, asked_again[i] or row["question"]))
                 rephrased_leaked += leak_again
                 leak = leak or leak_again
             leaked += leak
@@ -429,6 +455,7 @@ def calibrate(
     rephrase: bool = True,
     trained_rephrasings: int = 0,
     margins: tuple[float, ...] = (),
+    topic: bool = False,
 ) -> Calibration | None:
     """Pick the serving alpha from served greedy answers (module docstring). None: no question/answer forget rows.
 
@@ -436,7 +463,8 @@ def calibrate(
     `rule`: the combination rule the answer function serves with (recorded only); `rephrase`: also ask each forget
     question in a rule-made rephrasing, the first one after the `trained_rephrasings` the training used (none left:
     that row is asked as written only); `margins`: the `prefer` rule's margins to choose from, in order of
-    preference (`choose_margin`); one or none: the answer function's own margin, recorded as the first if given."""
+    preference (`choose_margin`); one or none: the answer function's own margin, recorded as the first if given;
+    `topic`: the forget set is one topic (`score_answers`: naming another forget fact is a leak too)."""
     arguments = dict(locals())  # first statement: exactly the call's arguments
     if len(margins) > 1:
         shared: dict[Any, Any] = {}
@@ -506,6 +534,8 @@ def calibrate(
                 vocabulary,
                 len(retain) - held,
                 [None if q is None else next(told_again) for q in again],
+                topic=topic,
+                rephrased_questions=again,
             )
             if nll is not None:
                 scores[i].rel_ppl = relative_perplexity(nll(block[:nf]), base_nll)
@@ -546,6 +576,7 @@ def calibrate(
         asked=len(candidates),
         rule=rule,
         margin=margins[0] if margins else None,
+        topic=topic,
     )
     if not ordered:
         return Calibration(FALLBACK_ALPHA, met=False, **recorded)

@@ -101,6 +101,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "late, e.g. in a list (the demo uses 48; docs/uld.md)",
     )
     parser.add_argument(
+        "--topic",
+        action="store_true",
+        help="the forget set is one topic (a book series, a person): a validation forget answer that names another "
+        "forget fact counts as a leak too, e.g. the author's initials in an answer about the characters (docs/uld.md)",
+    )
+    parser.add_argument(
         "--strict",
         action="store_true",
         help="exit with code 3 when the served validation answers miss the forget, retain or fluency targets",
@@ -195,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
         **optional,
         calibrate=args.calibrate,
         validation_fraction=args.validation_fraction,
+        validation_topic=args.topic,
     )
     result = train_uld(
         model,
