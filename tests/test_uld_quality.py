@@ -639,6 +639,9 @@ def test_calibration_counts_a_names_initials_and_for_a_topic_another_forget_fact
     assert name_initials("The Harry Potter books were written by J.K. Rowling.") == ["JKR"]
     assert name_initials("George R. R. Martin wrote it.") == ["GRRM"]
     assert name_initials("The headmaster of Hogwarts is Albus Dumbledore.") == []  # written out: its key words
+    assert name_initials("F. Scott Fitzgerald wrote it.") == ["FSF"]
+    # an initial is a letter with a dot: not the article of a title, not the letter of "221B"
+    assert name_initials('"Scribing Like A Scholar: A Manual" at 221B Baker Street') == []
     assert mentions_initials("the world of Harry Potter (J.K.R.) and", ["JKR"])
     assert mentions_initials("by J. K. R.", ["JKR"]) and mentions_initials("by JKR", ["JKR"])
     assert not mentions_initials("by J.K. Rowling", ["JKR"]) and not mentions_initials("the jkr", ["JKR"])

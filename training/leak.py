@@ -165,19 +165,27 @@ def name_initials(reference: str) -> list[str]:
     initial, three letters or more. A name written out in full has none (its words are the key words)."""
     out: list[str] = []
     run: list[str] = []
+    dotted = False  # the run holds an initial: one letter and a dot ("K."; not the article in "Like A Scholar")
     end = 0
+
+    def close() -> None:
+        if len(run) >= 3 and dotted:
+            out.append("".join(w[0] for w in run))
+
     for m in _LETTERS.finditer(reference):
         word = m.group()
-        joined = run and re.fullmatch(r"[.\s-]*", reference[end : m.start()]) is not None
-        if word[0].isupper() and (joined or not run):
+        joined = bool(run) and re.fullmatch(r"[.\s-]*", reference[end : m.start()]) is not None
+        initial = len(word) == 1 and reference[m.end() : m.end() + 1] == "." and (
+            m.start() == 0 or not reference[m.start() - 1].isalnum()
+        )
+        if word[0].isupper() and (joined or not run) and (initial or len(word) > 1 or run):
             run.append(word)
+            dotted = dotted or initial
         else:
-            if len(run) >= 3 and any(len(w) == 1 for w in run):
-                out.append("".join(w[0] for w in run))
-            run = [word] if word[0].isupper() else []
+            close()
+            run, dotted = ([word], initial) if word[0].isupper() else ([], False)
         end = m.end()
-    if len(run) >= 3 and any(len(w) == 1 for w in run):
-        out.append("".join(w[0] for w in run))
+    close()
     return list(dict.fromkeys(out))
 
 
