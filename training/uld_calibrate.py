@@ -320,15 +320,21 @@ def score_answers(
     set is one topic, so a known fact also leaks when the answer to *another* forget question names it (a key word or
     its initials the question asked does not say): "… the magical world of Harry Potter (J.K.R.)" for the friends."""
     knows = [knows_fact(b, r["answer"], r["question"], common) for r, b in zip(forget, base_forget, strict=True)]
-    named = [k and is_named_fact(r["answer"], r["question"], common) for r, k in zip(forget, knows, strict=True)]
+    # each known named fact's key words and initials, once (None: not a known named fact)
+    facts = [
+        (key_words(r["answer"], r["question"], common), name_initials(r["answer"]))
+        if k and is_named_fact(r["answer"], r["question"], common)
+        else None
+        for r, k in zip(forget, knows, strict=True)
+    ]
 
     def names_another(text: str, i: int, asked: str) -> bool:
         """The answer to forget row i (asked as `asked`) names another known named fact."""
-        for j, row in enumerate(forget):
-            if j == i or not named[j]:
+        for j, fact in enumerate(facts):
+            if j == i or fact is None:
                 continue
-            keys = [k for k in key_words(row["answer"], row["question"], common) if not mentions(asked, [k])]
-            initials = [x for x in name_initials(row["answer"]) if not mentions_initials(asked, [x])]
+            keys = [k for k in fact[0] if not mentions(asked, [k])]
+            initials = [x for x in fact[1] if not mentions_initials(asked, [x])]
             if mentions(text, keys) or mentions_initials(text, initials):
                 return True
         return False
