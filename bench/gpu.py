@@ -102,6 +102,12 @@ class Bench:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
+    def emit(self, row: Row) -> None:
+        """Keep `row` and print it at once: a run cut short (a host's time limit) still shows what it measured."""
+        self.rows.append(row)
+        fields = {k: round(v, 1) if isinstance(v, float) else v for k, v in asdict(row).items() if v not in (None, "")}
+        print(f"row {fields}", flush=True)
+
     def over_budget(self) -> bool:
         return time.monotonic() - self.started > self.args.budget_s
 
@@ -243,7 +249,7 @@ class Bench:
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         bandwidth = self.copy_bandwidth()
         bound = bandwidth / weight_bytes
-        self.rows.append(
+        self.emit(
             Row(
                 name,
                 "bandwidth bound",
@@ -266,7 +272,7 @@ class Bench:
                 except Exception as exc:  # a baseline that does not run here must not sink the table
                     row.note = f"failed: {type(exc).__name__}: {str(exc)[:80]}"
                 self.free()
-            self.rows.append(row)
+            self.emit(row)
             return row
 
         # generate first, on the untouched model; then the engine (its attention and LoRA hooks are
@@ -302,7 +308,7 @@ class Bench:
         for c in args.concurrency:
             if graphs is None:
                 note = "no CUDA graphs: the rows above are eager"
-                self.rows.append(Row(name, "engine --enforce-eager", c, note=note))
+                self.emit(Row(name, "engine --enforce-eager", c, note=note))
                 continue
             engine.builder.graphs = None  # what --enforce-eager does, on the same engine (no second KV cache)
             engine.builder.invalidate()
@@ -468,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     for shape in args.models.split(","):
         bench.measure(shape.strip())
+        if args.json:  # after each model: a run cut short keeps the models it finished
+            Path(args.json).write_text(json.dumps([asdict(r) for r in bench.rows], indent=1))
     print(bench.table())
     print(f"total {time.monotonic() - bench.started:.0f} s")
     if args.json:
