@@ -116,7 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+    import importlib
+
     import torch
+
+    # the installed package first: uld_quality puts the checkout on sys.path, whose unlearn_serve/ lacks training/
+    importlib.import_module("unlearn_serve.training")
     from uld_quality import names, tiny_suite
 
     on_cuda = args.device.startswith("cuda")
