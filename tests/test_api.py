@@ -491,6 +491,23 @@ def test_serve_quantization_on_cpu_is_a_clear_error(tiny_llama_dir, capsys):
     assert "--quantization 4bit" in err and "CUDA" in err and len(err.strip().splitlines()) == 1
 
 
+def test_loaded_models_never_swap_in_hub_kernels(tiny_llama_dir, monkeypatch):
+    """transformers 5.2x loads with Hub kernels on by default, and `.train()` on a GPU then fetches them: offline a
+    GPU host's `train-uld` stopped with "Version 2 of 'kernels-community/rotary' is not available in the local
+    cache" (2026-12-04). The loader turns them off, for serving and training alike."""
+    import transformers.modeling_utils as modeling_utils
+
+    from unlearn_serve.loading import load_model_and_tokenizer
+
+    calls = []
+    monkeypatch.setattr(modeling_utils, "kernelize", lambda *a, **k: calls.append(k), raising=False)
+    model, _ = load_model_and_tokenizer(str(tiny_llama_dir), device="cpu")
+    assert not model.use_kernels and model.kernels_mode is None
+    model.train()  # what the trainers do: must not (re)kernelize
+    model.eval()
+    assert calls == [] and not model.use_kernels
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [

@@ -108,18 +108,23 @@ def load_model_and_tokenizer(
             raise ModelLoadError(f"{local / gguf_file}: no such GGUF file")
 
     extra = {"gguf_file": gguf_file} if gguf_file else {}
+    # No Hub kernels: transformers (5.2x, `kernels` installed) swaps layers for kernels fetched from the Hub when the
+    # model is on a GPU (on load with a device map, on `.train()` otherwise). Offline that fails ("… not available in
+    # the local cache", seen on a GPU host: train-uld stopped there); online it runs downloaded code in place of the
+    # modules the engine and the trainers hook (attention, LoRA, experts).
+    model_extra = {**extra, "use_kernels": False}
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **extra)
         if device_map is not None:  # accelerate shards the model over the host's GPUs
             loaded = AutoModelForCausalLM.from_pretrained(
-                name, dtype=torch_dtype, quantization_config=quant, device_map=device_map, **extra
+                name, dtype=torch_dtype, quantization_config=quant, device_map=device_map, **model_extra
             )
         elif quant is not None:
             loaded = AutoModelForCausalLM.from_pretrained(
-                name, dtype=torch_dtype, quantization_config=quant, device_map={"": target.index or 0}, **extra
+                name, dtype=torch_dtype, quantization_config=quant, device_map={"": target.index or 0}, **model_extra
             )
         else:
-            loaded = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, **extra).to(target)
+            loaded = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, **model_extra).to(target)
     except Exception as exc:  # hub, config, weights and OOM errors all come back as one line
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = "" if local.exists() else " (no such local directory; tried the Hugging Face Hub)"
