@@ -153,5 +153,5 @@ class CudaGraphRunner:
             n_target=rows,
             target_group=group,
         )
-        hidden, _ = self.runner.forward(batch, None)
+        hidden, _ = self.runner.forward(batch, None, for_graph=True)
         self.logits_out[:rows].copy_(self.runner.logits(hidden[:, 0]))

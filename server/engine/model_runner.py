@@ -157,8 +157,16 @@ class ModelRunner:
             hook.set_rows(row_ids)
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, lora_rows) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns final-normed hidden states (target [n_target, T, H], assistant [n_a, T, H] | None)."""
+    def forward(
+        self, batch: ForwardBatch, lora_rows, for_graph: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns final-normed hidden states (target [n_target, T, H], assistant [n_a, T, H] | None).
+
+        `for_graph`: the CUDA-graph runner's forward (warm-up, capture, and its eager fallback) keeps SDPA's default
+        kernels: the warm-up must build what the capture then uses (a cuDNN plan built inside a capture invalidates
+        it, seen on an H200), and its key lengths are bucketed (a plan per bucket)."""
+        if for_graph:
+            return self._forward(batch, lora_rows)
         with eager_attention_backends(self.device):
             return self._forward(batch, lora_rows)
 
@@ -261,11 +269,11 @@ class ModelRunner:
 
 # SDPA kernels an eager CUDA forward may use: not cuDNN's. Its attention builds an execution plan for every new
 # shape (2-3 ms of host time per layer, measured on an H200: 59 ms per eager decode step of a 1B model at 32 rows,
-# of which 41 ms in `_cudnn_attention_forward`), and an eager decode step's key length grows by one every step. A
-# CUDA-graph capture keeps the default: its plans are built once per captured shape.
+# of which 41 ms in `_cudnn_attention_forward`; 18 ms without it), and an eager decode step's key length grows by one
+# every step. CUDA graphs keep the default (`ModelRunner.forward(for_graph=True)`).
 def eager_attention_backends(device: torch.device) -> contextlib.AbstractContextManager:
-    """The SDPA kernels for one eager forward on `device` (a no-op off CUDA and while a CUDA graph is captured)."""
-    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+    """The SDPA kernels for one eager forward on `device` (a no-op off CUDA)."""
+    if device.type != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
