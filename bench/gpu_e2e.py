@@ -1,6 +1,6 @@
 """GPU end to end: a tiny memorising model unlearned by `train-uld` on the GPU and served on CUDA, one table out.
 
-    python bench/gpu_e2e.py                                  # on a GPU host: about 2 minutes
+    python bench/gpu_e2e.py                                  # on a GPU host: about 3 minutes (H200: the ULD part 140 s)
     python bench/gpu_e2e.py --device cpu --dtype float32     # the same steps on CPU (no graphs; the suite runs it)
 
 What a user does, step by step, each step timed and printed as it ends:
@@ -229,13 +229,36 @@ def main(argv: list[str] | None = None) -> int:
         "retain >= 95% of base": kept[0] >= 0.95 * base_retain[0],
         "streamed == non-streamed": streamed_equal == len(jobs),
     }
+    results["goals"] = goals
+    results["answers"] = [{"model": m, "question": q, "answer": a} for (m, q), a in zip(jobs, graphed, strict=True)]
+
+    def save() -> None:  # after every part: a run cut short (a host's time limit) keeps what it measured
+        (out / "gpu_e2e.json").write_text(json.dumps(results, indent=1))
+
+    save()
+    print(f"\nULD quality ({args.device}, {args.dtype}; greedy, {MAX_TOKENS} tokens):")
+    print(
+        f"  base recalls {base_recall[0]}/{base_recall[1]} forget facts, "
+        f"answers {base_retain[0]}/{base_retain[1]} retain"
+    )
+    print(
+        f"  unlearned: leaks {leak_orig[0]}/{n_f} (questions) {leak_para[0]}/{n_f} (paraphrases), "
+        f"keeps {kept[0]}/{kept[1]}"
+    )
+    print(f"  streamed == non-streamed: {streamed_equal}/{len(jobs)}")
+    for q, a in list(by_job.items())[: 2 * n_f : 2]:
+        print(f"  {q[1]!r}: base {a!r} | unlearned {by_job[('forget', q[1])]!r}")
+    print(flush=True)
     if on_cuda:
         eager = serve_and_ask("eager", args.device, args.dtype, "--enforce-eager")
         same = sum(a == b for a, b in zip(graphed, eager, strict=True))
         results["graphed_equal_eager"] = same
         goals["graphed == eager"] = same == len(jobs)
+        print(f"  graphed == eager: {same}/{len(jobs)}", flush=True)
         cpu = serve_and_ask("cpu-fp32", "cpu", "float32")
         results["gpu_equal_cpu_fp32"] = sum(a == b for a, b in zip(graphed, cpu, strict=True))
+        print(f"  GPU {args.dtype} == CPU float32: {results['gpu_equal_cpu_fp32']}/{len(jobs)} (informative; no goal)")
+        save()
     # 6. UOE: a tiny MoE that knows six facts, its one-expert patch trained with the defaults, served
     started = time.monotonic()
     moe = work / "moe"
@@ -277,25 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         goals["UOE: forget recall <= 10%"] = uoe["forget forget"] <= 0.1 * len(records["forget"])
         goals["UOE: retain >= 95% of base"] = uoe["forget retain"] >= 0.95 * uoe["base retain"]
         goals["UOE: the base recalls its forget facts"] = uoe["base forget"] == len(records["forget"])
-    results["goals"] = goals
-    results["answers"] = [{"model": m, "question": q, "answer": a} for (m, q), a in zip(jobs, graphed, strict=True)]
-    (out / "gpu_e2e.json").write_text(json.dumps(results, indent=1))
-
-    print(f"\nquality ({args.device}, {args.dtype}; greedy, {MAX_TOKENS} tokens):")
-    print(
-        f"  base recalls {base_recall[0]}/{base_recall[1]} forget facts, "
-        f"answers {base_retain[0]}/{base_retain[1]} retain"
-    )
-    print(
-        f"  unlearned: leaks {leak_orig[0]}/{n_f} (questions) {leak_para[0]}/{n_f} (paraphrases), "
-        f"keeps {kept[0]}/{kept[1]}"
-    )
-    print(f"  streamed == non-streamed: {streamed_equal}/{len(jobs)}")
-    if on_cuda:
-        print(f"  graphed == eager: {results['graphed_equal_eager']}/{len(jobs)}")
-        print(f"  GPU {args.dtype} == CPU float32: {results['gpu_equal_cpu_fp32']}/{len(jobs)} (informative; no goal)")
-    for q, a in list(by_job.items())[: 2 * n_f : 2]:
-        print(f"  {q[1]!r}: base {a!r} | unlearned {by_job[('forget', q[1])]!r}")
+    save()
     missed = [g for g, ok in goals.items() if not ok]
     print("\nGOALS: " + ("all met" if not missed else "MISSED: " + "; ".join(missed)))
     return 0 if not missed else 1

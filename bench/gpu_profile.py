@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
         for ids, sel in zip(prompts, selections, strict=True):
             engine.add_request(Request(engine.new_request_id(), ids, params, Selection(sel) if sel else None))
-        for _ in range(6):  # prefill, then warm-up decode steps (graph capture on first use)
+        while engine.scheduler.waiting:  # every prompt prefilled (long batches take several prefill steps)
+            engine.step()
+        for _ in range(4):  # warm-up decode steps (graph capture on first use)
             engine.step()
         bench.sync()
         started = time.perf_counter()

@@ -54,3 +54,21 @@ def test_gpu_bench_smoke_runs_with_only_the_ml_stack(tmp_path):
         row = systems[("engine --enforce-eager", c)]
         assert row["decode_tok_s"] > 0 and row["ratio_of"] == "x graphed engine", row
     assert "decode tok/s" in proc.stdout  # the table
+
+
+def test_gpu_profile_smoke_times_every_batch_composition():
+    """`bench/gpu_profile.py --smoke`: the profile script runs on CPU (so it never rots) and reports each composition."""
+    proc = subprocess.run(
+        [sys.executable, "bench/gpu_profile.py", "--smoke", "--rows", "4"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=170,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    timed = [line for line in proc.stdout.splitlines() if line.startswith("=== ")]
+    labels = ["plain, graphs", "plain, --enforce-eager", "ULD all rows", "ULD half the rows"]
+    assert [line.split(":")[0][4:] for line in timed] == labels, timed
+    assert all(float(line.split(": ")[1].split(" ms/step")[0]) > 0 for line in timed)
+    assert "Self CPU" in proc.stdout  # the profiler's tables
