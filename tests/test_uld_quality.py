@@ -159,9 +159,16 @@ def test_defaults_forget_keep_and_keep_the_lead_in(memorised, tmp_path):
     assert [t.text for t in traced] == got
     for t, (name, city) in zip(traced[:2], PEOPLE[:2], strict=True):
         first = t.substituted.index(True)
-        assert tokenizer.decode(t.tokens[:first]).strip() == f"{name} lives in", t.marked(tokenizer.decode)
-        wanted = tokenizer.decode([t.target_best[first]]).strip()  # what the target would have said: the city
-        assert wanted and city.startswith(wanted), t.marked(tokenizer.decode)
+        # at the fact: right after the lead-in, or inside the city's word before it is complete ("Os[ome|lo]" with
+        # transformers 5.25's training, where 5.24's substituted " Oslo"'s first token)
+        kept = tokenizer.decode(t.tokens[:first]).strip()
+        lead_in = f"{name} lives in"
+        city_so_far = kept[len(lead_in) :].strip()
+        assert kept.startswith(lead_in) and city.startswith(city_so_far) and city_so_far != city, (
+            t.marked(tokenizer.decode)
+        )
+        wanted = tokenizer.decode([t.target_best[first]]).strip()  # what the target would have said: the city (rest)
+        assert wanted and city[len(city_so_far) :].startswith(wanted), t.marked(tokenizer.decode)
     assert 0 < substitution_share(traced)
 
     # the verdict's counts are what a fresh engine serving the written artifact answers, greedily, at its alpha
