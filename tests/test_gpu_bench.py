@@ -57,7 +57,7 @@ def test_gpu_bench_smoke_runs_with_only_the_ml_stack(tmp_path):
 
 
 def test_gpu_profile_smoke_times_every_batch_composition():
-    """`bench/gpu_profile.py --smoke`: the profile script runs on CPU (so it never rots) and reports each composition."""
+    """`bench/gpu_profile.py --smoke`: the profile script runs on CPU (it never rots) and reports each composition."""
     proc = subprocess.run(
         [sys.executable, "bench/gpu_profile.py", "--smoke", "--rows", "4"],
         cwd=ROOT,
