@@ -72,3 +72,29 @@ def test_gpu_profile_smoke_times_every_batch_composition():
     assert [line.split(":")[0][4:] for line in timed] == labels, timed
     assert all(float(line.split(": ")[1].split(" ms/step")[0]) > 0 for line in timed)
     assert "Self CPU" in proc.stdout  # the profiler's tables
+
+
+def test_gpu_e2e_runs_end_to_end_on_cpu(tmp_path):
+    """`bench/gpu_e2e.py --device cpu`: the GPU host's end-to-end script (train-uld, serve with the openai client,
+    train-uoe and serve --uoe) runs here too, so it does not rot between GPU sessions; correctness parts asserted
+    (every request answered, streamed == non-streamed, the base knows its facts), the unlearning quality is the
+    harness's business."""
+    out = tmp_path / "e2e"
+    proc = subprocess.run(
+        [sys.executable, "bench/gpu_e2e.py", "--device", "cpu", "--dtype", "float32", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode in (0, 1), proc.stdout[-2000:] + proc.stderr[-3000:]  # 1: a quality goal missed
+    result = json.loads((out / "gpu_e2e.json").read_text())
+    steps = result["steps"]
+    assert {"base", "train-uld", "serve cpu", "train-uoe", "serve uoe"} <= set(steps), steps
+    requests = steps["serve cpu"]["requests"]
+    assert requests == len(result["answers"]) and steps["serve cpu"]["streamed_equal"] == requests
+    assert steps["serve cpu"]["metrics_lines"] > 0
+    assert result["goals"]["base recalls its forget facts"] and result["goals"]["streamed == non-streamed"]
+    assert steps["serve uoe"]["base forget"] == steps["serve uoe"]["of"]
+    assert "GOALS:" in proc.stdout
