@@ -22,66 +22,41 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import httpx  # noqa: E402
+from throughput import Server as ServerSpec  # noqa: E402
+from throughput import free_port, start, stop  # noqa: E402
+
 MAX_TOKENS = 16
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def cli(*argv: str) -> list[str]:
-    return [sys.executable, "-m", "unlearn_serve", *argv]
+    # -P: the working directory (the checkout, whose unlearn_serve/ is not the installed package) not on sys.path
+    return [sys.executable, "-P", "-m", "unlearn_serve", *argv]
 
 
-class Server:
-    """`unlearn-serve serve` in a subprocess on 127.0.0.1, ready when /ready says 200."""
-
-    def __init__(self, argv: list[str], log: Path, timeout: float = 240):
-        import httpx
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        started = time.monotonic()
-        with open(log, "w") as out:
-            self.proc = subprocess.Popen(
-                cli("serve", *argv, "--host", "127.0.0.1", "--port", str(self.port)),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=log.parent,  # not the repo root (see run_cli)
-            )
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() - started > timeout:
-                self.close()
-                raise RuntimeError(f"server not ready after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        self.start_s = time.monotonic() - started
-
-    def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+@contextmanager
+def serving(argv: list[str], log: Path) -> Iterator[tuple[str, float]]:
+    """`unlearn-serve serve ARGV` on 127.0.0.1 (bench/throughput.py's start / stop): (its URL, seconds to ready)."""
+    port = free_port()
+    spec = ServerSpec("unlearn-serve", cli("serve", *argv, "--host", "127.0.0.1", "--port", str(port)), port,
+                      "/ready", "base", {})  # fmt: skip
+    started = time.monotonic()
+    proc = start(spec, dict(os.environ), log, timeout=240)
+    try:
+        yield f"http://127.0.0.1:{port}", time.monotonic() - started
+    finally:
+        stop(proc)
 
 
 def ask_all(url: str, jobs: list[tuple[str, str]], stream: bool = False, workers: int = 32) -> list[str]:
@@ -153,8 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     def run_cli(tag: str, *argv: str) -> str | None:
         """One `unlearn-serve` command, on the GPU when there is one; its output (None: it failed, printed)."""
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0") if on_cuda else ""}
-        proc = subprocess.run(cli(*argv), capture_output=True, text=True, env=env, cwd=work)  # not the repo root:
-        # `-m` puts the working directory first on sys.path, and the checkout's unlearn_serve/ is not the installed one
+        proc = subprocess.run(cli(*argv), capture_output=True, text=True, env=env)
         (out / f"{tag}.log").write_text(proc.stdout + proc.stderr)
         if proc.returncode != 0:
             print(f"{tag}: exit code {proc.returncode}", proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
@@ -172,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     log = run_cli("train-uld", "train-uld", "--model", str(base), "--forget", str(work / "forget.jsonl"),
                   "--retain", str(work / "retain.jsonl"), "--out", str(uld), "--no-progress")  # fmt: skip
     if log is None:
+        print("\nGOALS: MISSED: train-uld failed (its output above and in train-uld.log); nothing was served")
         return 1
     from unlearn_serve.artifact import MANIFEST_NAME
 
@@ -185,23 +160,18 @@ def main(argv: list[str] | None = None) -> int:
 
     def serve_and_ask(tag: str, device: str, dtype: str, *extra: str, stream_check: bool = False) -> list[str]:
         started = time.monotonic()
-        server = Server(
+        with serving(
             ["--model", str(base), "--served-model-name", "base", "--device", device, "--dtype", dtype, "--uld",
              f"forget={uld}", "--max-num-seqs", "32", "--max-model-len", "256", *extra],
             out / f"serve-{tag}.log",
-        )  # fmt: skip
-        try:
-            answers = ask_all(server.url, jobs)
-            fields: dict = {"server_start_s": round(server.start_s, 1), "requests": len(jobs)}
+        ) as (url, start_s):  # fmt: skip
+            answers = ask_all(url, jobs)
+            fields: dict = {"server_start_s": round(start_s, 1), "requests": len(jobs)}
             if stream_check:
-                streamed = ask_all(server.url, jobs, stream=True)
+                streamed = ask_all(url, jobs, stream=True)
                 fields["streamed_equal"] = sum(a == b for a, b in zip(answers, streamed, strict=True))
-            import httpx
-
-            metrics = httpx.get(server.url + "/metrics", timeout=10).text
+            metrics = httpx.get(url + "/metrics", timeout=10).text
             fields["metrics_lines"] = sum(1 for line in metrics.splitlines() if line.startswith("unlearn:"))
-        finally:
-            server.close()
         step(f"serve {tag}", started, **fields)
         return answers
 
@@ -275,18 +245,15 @@ def main(argv: list[str] | None = None) -> int:
             for kind in ("forget", "retain")
         }
         started = time.monotonic()
-        server = Server(
+        with serving(
             ["--model", str(moe / "model"), "--served-model-name", "base", "--device", args.device, "--dtype",
              args.dtype, "--uoe", f"forget={moe / 'uoe'}", "--max-num-seqs", "32", "--max-model-len", "128"],
             out / "serve-uoe.log",
-        )  # fmt: skip
-        try:
+        ) as (url, _):  # fmt: skip
             moe_jobs = [
                 (m, r["question"]) for kind in ("forget", "retain") for r in records[kind] for m in ("base", "forget")
             ]
-            moe_answers = dict(zip(moe_jobs, ask_all(server.url, moe_jobs), strict=True))
-        finally:
-            server.close()
+            moe_answers = dict(zip(moe_jobs, ask_all(url, moe_jobs), strict=True))
 
         def recalled(model_name: str, kind: str) -> int:  # the answer's last word ("green") in the reply
             return sum(

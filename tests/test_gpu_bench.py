@@ -28,16 +28,21 @@ runpy.run_path("bench/gpu.py", run_name="__main__")
 """
 
 
-def test_gpu_bench_smoke_runs_with_only_the_ml_stack(tmp_path):
-    out = tmp_path / "rows.json"
-    proc = subprocess.run(
-        [sys.executable, "-c", RUNNER, str(out)],
+def _run_bench(*argv: str, timeout: float) -> subprocess.CompletedProcess:
+    """A bench script from the repository root, one torch thread."""
+    return subprocess.run(
+        [sys.executable, *argv],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=170,
+        timeout=timeout,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
+
+
+def test_gpu_bench_smoke_runs_with_only_the_ml_stack(tmp_path):
+    out = tmp_path / "rows.json"
+    proc = _run_bench("-c", RUNNER, str(out), timeout=170)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     rows = json.loads(out.read_text())
     systems = {(r["system"], r["concurrency"]): r for r in rows}
@@ -58,14 +63,7 @@ def test_gpu_bench_smoke_runs_with_only_the_ml_stack(tmp_path):
 
 def test_gpu_profile_smoke_times_every_batch_composition():
     """`bench/gpu_profile.py --smoke`: the profile script runs on CPU (it never rots) and reports each composition."""
-    proc = subprocess.run(
-        [sys.executable, "bench/gpu_profile.py", "--smoke", "--rows", "4"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=170,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    proc = _run_bench("bench/gpu_profile.py", "--smoke", "--rows", "4", timeout=170)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     timed = [line for line in proc.stdout.splitlines() if line.startswith("=== ")]
     labels = ["plain, graphs", "plain, --enforce-eager", "ULD all rows", "ULD half the rows"]
@@ -80,14 +78,7 @@ def test_gpu_e2e_runs_end_to_end_on_cpu(tmp_path):
     (every request answered, streamed == non-streamed, the base knows its facts), the unlearning quality is the
     harness's business."""
     out = tmp_path / "e2e"
-    proc = subprocess.run(
-        [sys.executable, "bench/gpu_e2e.py", "--device", "cpu", "--dtype", "float32", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=400,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    proc = _run_bench("bench/gpu_e2e.py", "--device", "cpu", "--dtype", "float32", "--out", str(out), timeout=400)
     assert proc.returncode in (0, 1), proc.stdout[-2000:] + proc.stderr[-3000:]  # 1: a quality goal missed
     result = json.loads((out / "gpu_e2e.json").read_text())
     steps = result["steps"]

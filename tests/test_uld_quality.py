@@ -159,8 +159,8 @@ def test_defaults_forget_keep_and_keep_the_lead_in(memorised, tmp_path):
     assert [t.text for t in traced] == got
     for t, (name, city) in zip(traced[:2], PEOPLE[:2], strict=True):
         first = t.substituted.index(True)
-        # at the fact: right after the lead-in, or inside the city's word before it is complete ("Os[ome|lo]" with
-        # transformers 5.25's training, where 5.24's substituted " Oslo"'s first token)
+        # at the fact: right after the lead-in, or inside the city's word before it is complete ("Os[ome|lo]" in the
+        # fifteenth session's environment, where earlier ones substituted " Oslo"'s first token)
         kept = tokenizer.decode(t.tokens[:first]).strip()
         lead_in = f"{name} lives in"
         city_so_far = kept[len(lead_in) :].strip()

@@ -15,6 +15,7 @@ import inspect
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from unlearn_serve.server.engine.kv_cache import (
     ATTN_IMPLEMENTATION,
     AttnGroup,
@@ -271,10 +272,9 @@ class ModelRunner:
 # shape (2-3 ms of host time per layer, measured on an H200: 59 ms per eager decode step of a 1B model at 32 rows,
 # of which 41 ms in `_cudnn_attention_forward`; 18 ms without it), and an eager decode step's key length grows by one
 # every step. CUDA graphs keep the default (`ModelRunner.forward(for_graph=True)`).
+EAGER_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def eager_attention_backends(device: torch.device) -> contextlib.AbstractContextManager:
     """The SDPA kernels for one eager forward on `device` (a no-op off CUDA)."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    return sdpa_kernel(EAGER_SDPA_BACKENDS) if device.type == "cuda" else contextlib.nullcontext()
