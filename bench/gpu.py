@@ -322,7 +322,13 @@ class Bench:
                 ("all rows", ["forget"] * c),
                 ("half the rows", ["forget" if i % 2 else None for i in range(c)]),
             ):
+                if graphs is not None and not self.over_budget():  # capture this composition's graphs untimed
+                    self.run_engine(engine, prompts[:c], selections, max_tokens=2)
                 row = add(f"engine + ULD (K={k}), {label}", c, self.run_engine, engine, prompts[:c], selections)
+                if graphs is not None and not row.note:  # whether its steps were graph replays
+                    uld_graphs = sum(len(key) == 5 for key in graphs.graphs)
+                    row.note = f"{uld_graphs} ULD graphs" if graphs.enabled else "graph capture failed: eager"
+                    print(f"  {row.system} at {c}: {row.note}", flush=True)
                 uld_rows.append((row, c))
         done = engine.unload("forget")  # removes the LoRA hooks once nothing uses the assistant
         while not done.is_set() and engine.has_work():

@@ -90,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
             bench.sync()
         events = prof.key_averages()
         syncs = {e.key: e.count / 3 for e in events if e.key in SYNC_OPS}
-        print(f"\n=== {label}: {1000 * per_step:.2f} ms/step ({n / per_step:.0f} tok/s); per step: {syncs}")
+        captured = "off" if graphs is None else f"{len(graphs.graphs)} captured, enabled={graphs.enabled}"
+        print(f"\n=== {label}: {1000 * per_step:.2f} ms/step ({n / per_step:.0f} tok/s); per step: {syncs}; "
+              f"graphs: {captured}")  # fmt: skip
         print(events.table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=60))
         if device == "cuda":
             print(events.table(sort_by="self_cuda_time_total", row_limit=8, max_name_column_width=60))

@@ -166,23 +166,111 @@ def test_a_graphed_step_completes_with_every_host_sync_forbidden(tiny_llama, tok
     assert graphs.captures >= 3 and result == _tokens(_engine(tiny_llama, tokenizer).generate(PROMPTS, params))
 
 
-def test_batches_with_unlearning_rows_run_eagerly(tiny_llama, tokenizer, tmp_path):
-    artifact = make_random_assistant(tiny_llama, tmp_path / "a", num_layers=1, seed=3)
-    selections = [None, None, None, "a", None, "a", "a", None, None]  # the unlearned rows finish first
+def _spied_engine(model, tokenizer, graphs, seen: list, **config) -> Engine:
+    """An engine whose decode steps record (graphed plain, graphed ULD, has unlearning rows)."""
+    engine = _engine(model, tokenizer, graphs, **config)
+    inner = engine._decode_step
+
+    def spy(state, batch, **step_kwargs):
+        seen.append((state.graphed, state.uld_graph is not None, _has_unlearning_rows(state)))
+        return inner(state, batch, **step_kwargs)
+
+    engine._decode_step = spy
+    return engine
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_uld_batches_are_graphed_and_decode_as_eager(tiny_llama, tokenizer, tmp_path, sync_free):
+    """Target rows stacked with ULD assistant rows of two adapters (same K), mixed with plain rows: one graph per
+    (rows, assistant rows, view, K, layout), the same tokens as eager (greedy, sampled, penalised, logprobs)."""
+    a = make_random_assistant(tiny_llama, tmp_path / "a", num_layers=1, seed=3)
+    b = make_random_assistant(tiny_llama, tmp_path / "b", num_layers=1, seed=4, rank=8)
+    selections = [None, "b", None, "a", None, "a", "b", None, "a"]
+    params = _params()
+    params[1] = _params(1, temperature=0.9, top_p=0.9, seed=5, repetition_penalty=1.2)
+    params[3] = _params(3, logprobs=3, frequency_penalty=0.4)
     outputs, seen = [], []
     for graphs in (None, RecordedGraphs()):
-        engine = _engine(tiny_llama, tokenizer, graphs)
-        engine.load_uld("a", artifact)
-        inner = engine._decode_step
+        engine = _spied_engine(tiny_llama, tokenizer, graphs, seen, sync_free_decode=sync_free)
+        engine.load_uld("a", a)
+        engine.load_uld("b", b)
+        outputs.append(engine.generate(PROMPTS, params, selections))
+    assert _tokens(outputs[0]) == _tokens(outputs[1])
+    got, want = outputs[1][3].completions[0].logprobs, outputs[0][3].completions[0].logprobs
+    assert [e.logprob for e in got] == pytest.approx([e.logprob for e in want], abs=1e-5)
+    uld_keys = [key for key in engine.graphs.graphs if len(key) == 5]
+    assert len(uld_keys) >= 3 and {k for _, _, _, k, _ in uld_keys} == {1}
+    assert (False, True, True) in seen and (True, False, False) in seen  # ULD batches and, later, plain ones
+    assert not any(graphed and uld for graphed, uld, _ in seen)
+    assert all(uld for graphed, uld, unlearned in seen[len(seen) // 2 :] if unlearned)  # the graphed engine's
+    assert graphs.replays > 2 * graphs.captures
+    # the unlearning acted: the same prompts without it decode otherwise
+    plain = _engine(tiny_llama, tokenizer).generate(PROMPTS, params)
+    assert _tokens(plain) != _tokens(outputs[1])
 
-        def spy(state, batch, inner=inner, **step_kwargs):
-            seen.append((state.graphed, _has_unlearning_rows(state)))
+
+def test_a_graphed_uld_step_reads_nothing_back_from_the_device(tiny_llama, tokenizer, tmp_path):
+    """With the sync-free combination (CUDA's default) the whole ULD step, capture and replay included, runs with
+    every host read forbidden."""
+    a = make_random_assistant(tiny_llama, tmp_path / "a", num_layers=2, seed=3)
+    graphs, seen = RecordedGraphs(), []
+    engine = _spied_engine(tiny_llama, tokenizer, graphs, seen, sync_free_decode=True)
+    engine.load_uld("a", a)
+    inner = engine._decode_step
+
+    def guarded(state, batch, **step_kwargs):
+        with forbid_host_sync():
             return inner(state, batch, **step_kwargs)
 
-        engine._decode_step = spy
+    engine._decode_step = guarded
+    selections = ["a", None, "a", "a", None, None, "a", None, "a"]
+    result = _tokens(engine.generate(PROMPTS, _params(), selections))
+    eager = _engine(tiny_llama, tokenizer, sync_free_decode=True)
+    eager.load_uld("a", a)
+    assert result == _tokens(eager.generate(PROMPTS, _params(), selections))
+    assert any(uld for _, uld, _ in seen) and graphs.captures >= 3
+
+
+def test_uld_batches_of_two_depths_run_eagerly(tiny_llama, tokenizer, tmp_path):
+    a = make_random_assistant(tiny_llama, tmp_path / "a", num_layers=1, seed=3)
+    b = make_random_assistant(tiny_llama, tmp_path / "b", num_layers=2, seed=4)
+    selections = ["a", "b", None, None, None, None, "a", None, None]  # the two depths share the first steps
+    outputs, seen = [], []
+    for graphs in (None, RecordedGraphs()):
+        engine = _spied_engine(tiny_llama, tokenizer, graphs, seen)
+        engine.load_uld("a", a)
+        engine.load_uld("b", b)
         outputs.append(_tokens(engine.generate(PROMPTS, _params(), selections)))
     assert outputs[0] == outputs[1]
-    assert (True, True) not in seen and (True, False) in seen and (False, True) in seen
+    graphed_run = seen[len(seen) // 2 :]
+    assert (False, False, True) in graphed_run  # both depths in the batch: eager
+    assert (False, True, True) in graphed_run  # "b" finished, "a" alone: graphed
+
+
+def test_loading_an_assistant_drops_the_graphs_of_the_old_adapter_layout(tiny_llama, tokenizer, tmp_path):
+    """A load restacks every adapter's LoRA into new tensors: graphs that point at the old ones must go."""
+    a = make_random_assistant(tiny_llama, tmp_path / "a", num_layers=1, seed=3)
+    b = make_random_assistant(tiny_llama, tmp_path / "b", num_layers=1, seed=4)
+    selections = ["a", None, "a", None]
+    graphs = RecordedGraphs()
+    engine = _engine(tiny_llama, tokenizer, graphs)
+    engine.load_uld("a", a)
+    first = _tokens(engine.generate(PROMPTS[:4], _params()[:4], selections))
+    versions = {key[4] for key in engine.graphs.graphs if len(key) == 5}
+    engine.load_uld("b", b)
+    second = _tokens(engine.generate(PROMPTS[:4], _params()[:4], ["b", "a", None, "a"]))
+    after = {key[4] for key in engine.graphs.graphs if len(key) == 5}
+    assert len(versions) == 1 and len(after) == 1 and versions != after
+    eager = _engine(tiny_llama, tokenizer)
+    eager.load_uld("a", a)
+    assert first == _tokens(eager.generate(PROMPTS[:4], _params()[:4], selections))
+    eager.load_uld("b", b)
+    assert second == _tokens(eager.generate(PROMPTS[:4], _params()[:4], ["b", "a", None, "a"]))
+    engine.unload("b")
+    engine.step()  # no request pins it: removed at the next step
+    assert engine.artifact_names() == ["a"]
+    assert _tokens(engine.generate(PROMPTS[:4], _params()[:4], selections)) == first
+    assert {key[4] for key in engine.graphs.graphs if len(key) == 5} - after  # a third layout, its own graphs
 
 
 class _Failing:

@@ -13,9 +13,9 @@ Attention is mask-free when every row of a group is at the same position (batch 
 that started together): SDPA may then use its fused kernels; padding rows take that position too
 (their KV goes to free slots, their output is dropped).
 
-A *graphed* decode state (CUDA graphs on, and no row of it selected any unlearning) runs
-its forward in the `CudaGraphRunner`: the step then only needs the ids and positions in the buffers and
-the attention view rounded up to a length bucket; the graph builds its own mask from the positions.
+A *graphed* decode state (CUDA graphs on, and no row of it selected any unlearning, or only ULD assistants
+of one depth K) runs its forward in the `CudaGraphRunner`: the step then only needs the ids and positions in the
+buffers and the attention view rounded up to a length bucket; the graph builds its own masks from the positions.
 """
 
 from __future__ import annotations
@@ -63,6 +63,8 @@ class DecodeState:
     logprob_top: int = 0
     row_index: torch.Tensor | None = None  # arange(rows), for the penalty counts
     graphed: bool = False  # plain target rows with CUDA graphs on: the forward is a graph replay
+    # target rows with ULD assistant rows, CUDA graphs on (ULDPlan.graph): the stacked forward is a graph replay
+    uld_graph: Any = None
 
 
 @dataclass
@@ -201,6 +203,7 @@ class BatchBuilder:
         choices = [s.request.backend if s else None for s in rows]
         plain = not na and all(c is None for c in choices)  # no unlearning in any row: a graph may run it
         plans = self._prepare(choices, assistant_row, na, [(i, 0) for i in range(n)], batch)
+        graphs_on = self.graphs is not None and self.graphs.enabled
         logprob_rows = [i for i, s in enumerate(rows) if s is not None and s.request.params.logprobs is not None]
         tops = [rows[i].request.params.logprobs for i in logprob_rows]
         return DecodeState(
@@ -215,7 +218,8 @@ class BatchBuilder:
             logprob_tops=tops,
             logprob_top=max(tops, default=0),
             row_index=torch.arange(n, device=dev),
-            graphed=self.graphs is not None and self.graphs.enabled and plain and not plans,
+            graphed=graphs_on and plain and not plans,
+            uld_graph=_uld_graph(plans, choices) if graphs_on and na else None,
         )
 
     def decode_batch(self, state: DecodeState) -> ForwardBatch:
@@ -226,12 +230,15 @@ class BatchBuilder:
         # one host-to-device copy per buffer (before the masks that read it); the step reads the buffers only
         self.input_ids[: n + na].copy_(torch.tensor(ids + a_ids), non_blocking=True)
         self.positions[: n + na].copy_(torch.tensor(pos + a_pos), non_blocking=True)
-        if state.graphed:  # keys up to the length bucket; the graph masks those past each row's position
-            view = self.graphs.view_bucket(max(pos) + 1)
+        graphed = state.graphed or state.uld_graph is not None
+        if graphed:  # keys up to the length bucket; the graph masks those past each row's position
+            view = self.graphs.view_bucket(max(pos + a_pos) + 1)
             target_group = AttnGroup(0, n, 0, positions=self.positions[:n], view_len=view)
         else:
             target_group = _decode_group(0, n, 0, self.positions[:n], pos)
-        if na:
+        if na and graphed:  # the same view: an assistant row is at its target row's position
+            assistant_group = AttnGroup(n, n + na, self.num_slots, positions=self.positions[n : n + na], view_len=view)
+        elif na:
             assistant_group = _decode_group(n, n + na, self.num_slots, self.positions[n : n + na], a_pos)
         batch = state.batch
         batch.input_ids = self.input_ids[: n + na, None]
@@ -239,6 +246,18 @@ class BatchBuilder:
         batch.target_group = target_group
         batch.assistant_group = assistant_group if na else None
         return batch
+
+
+def _uld_graph(plans: list[tuple[UnlearningBackend, Any]], choices: list[Any]) -> Any:
+    """The ULD plan's graph inputs when the batch's only unlearning is ULD with graphable rows (one K, few
+    adapters: `ULDPlan.graph`), else None. A row of another method (a UOE patch acts inside the forward through
+    per-batch host plans) keeps the batch eager."""
+    if len(plans) != 1:
+        return None
+    backend, plan = plans[0]
+    inputs = getattr(plan, "graph", None)
+    owned = set(backend.names())
+    return inputs if inputs is not None and all(c is None or c.name in owned for c in choices) else None
 
 
 def _tokens_and_positions(rows: list[Sequence | None]) -> tuple[list[int], list[int]]:

@@ -37,6 +37,8 @@ from typing import Protocol
 import torch
 from unlearn_serve.server.engine.kv_cache import AttnGroup, decode_mask
 from unlearn_serve.server.engine.model_runner import ForwardBatch, ModelRunner
+from unlearn_serve.server.unlearning.backends import ULDGraphInputs
+from unlearn_serve.server.unlearning.uld import LoRARowContext, fixed_plan
 
 log = logging.getLogger("unlearn_serve")
 
@@ -93,8 +95,9 @@ def graph_unsupported(model: torch.nn.Module) -> str | None:
 
 
 class CudaGraphRunner:
-    """The decode forward of plain target rows over the builder's persistent buffers, one graph per
-    (rows, view) bucket pair; `logits(rows, view)` replays it and returns the persistent logits."""
+    """The decode forward over the builder's persistent buffers, one graph per shape: plain target rows per (rows,
+    view) bucket pair (`logits`), and target rows stacked with ULD assistant rows per (rows, assistant rows, view,
+    K, adapter layout) (`uld_logits`)."""
 
     def __init__(
         self,
@@ -109,10 +112,16 @@ class CudaGraphRunner:
         self.runner = runner
         self.input_ids, self.positions = input_ids, positions
         self.lengths = length_buckets(max_len)
+        self.max_rows = max_rows
         self.logits_out = torch.empty(max_rows, vocab_size, dtype=torch.float32, device=runner.device)
         self.capturer = capture
-        self.graphs: dict[tuple[int, int], Callable[[], None]] = {}
+        self.graphs: dict[tuple, Callable[[], None]] = {}
         self.enabled = True  # False after a failed capture: every step then runs eagerly
+        # ULD: the assistant rows' final hidden states, and the per-row adapter columns (made on first use)
+        self.assistant_out: torch.Tensor | None = None
+        self.lora_slots: torch.Tensor | None = None
+        self.lora_mask: torch.Tensor | None = None
+        self.layout_version = -1
 
     def view_bucket(self, view_len: int) -> int:
         """The length bucket holding `view_len` keys."""
@@ -120,26 +129,55 @@ class CudaGraphRunner:
 
     def logits(self, rows: int, view: int) -> torch.Tensor:
         """float32 [rows, V] logits of this step's inputs (already in the buffers)."""
-        replay = self.graphs.get((rows, view)) if self.enabled else None
+        self._run((rows, view), lambda: self._forward(rows, view))
+        return self.logits_out[:rows]
+
+    def uld_logits(
+        self, rows: int, assistant_rows: int, view: int, inputs: ULDGraphInputs, lora_rows: LoRARowContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 [rows, V] target logits and the [assistant_rows, 1, H] assistant hidden states of this step's
+        inputs: target rows [0, rows) and assistant rows [rows, rows + assistant_rows) of the buffers."""
+        self._use_layout(inputs)
+        self.lora_slots[:assistant_rows].copy_(inputs.slots)
+        self.lora_mask[:assistant_rows].copy_(inputs.lora_mask)
+        key = (rows, view, assistant_rows, inputs.num_layers, inputs.layout_version)
+        self._run(key, lambda: self._forward_uld(rows, assistant_rows, view, inputs.num_layers, lora_rows))
+        return self.logits_out[:rows], self.assistant_out[:assistant_rows]
+
+    def _use_layout(self, inputs: ULDGraphInputs) -> None:
+        """The LoRA column buffers for `inputs`' adapter layout. A load or unload restacks every adapter's A/B into
+        new tensors, which the graphs of the previous layout still point at: those are dropped."""
+        if inputs.layout_version == self.layout_version:
+            return
+        self.graphs = {key: g for key, g in self.graphs.items() if len(key) == 2}
+        width = inputs.lora_mask.shape[1]
+        device = self.runner.device
+        self.lora_slots = torch.full((self.max_rows,), -1, dtype=torch.long, device=device)
+        self.lora_mask = torch.zeros(self.max_rows, width, dtype=inputs.lora_mask.dtype, device=device)
+        if self.assistant_out is None:
+            hidden = self.runner.embed.weight.shape[1]
+            self.assistant_out = torch.zeros(self.max_rows, 1, hidden, dtype=self.runner.dtype, device=device)
+        self.layout_version = inputs.layout_version
+
+    def _run(self, key: tuple, forward: Callable[[], None]) -> None:
+        """Replay the graph of `key` (captured on first use); eager when graphs are off or its capture failed."""
+        replay = self.graphs.get(key) if self.enabled else None
         if replay is None and self.enabled:
-            replay = self._capture(rows, view)
+            replay = self._capture(key, forward)
         if replay is not None:
             replay()
         else:
-            self._forward(rows, view)
-        return self.logits_out[:rows]
+            forward()
 
-    def _capture(self, rows: int, view: int) -> Callable[[], None] | None:
+    def _capture(self, key: tuple, forward: Callable[[], None]) -> Callable[[], None] | None:
         try:
-            replay = self.capturer.capture(lambda: self._forward(rows, view))
+            replay = self.capturer.capture(forward)
         except Exception as exc:  # an op that cannot be captured: serve eagerly rather than fail
             self.enabled = False
             self.graphs.clear()
-            log.warning(
-                "CUDA graph capture failed (rows %d, keys %d), decoding eagerly from now on: %s", rows, view, exc
-            )
+            log.warning("CUDA graph capture failed (shape %s), decoding eagerly from now on: %s", key, exc)
             return None
-        self.graphs[(rows, view)] = replay
+        self.graphs[key] = replay
         return replay
 
     def _forward(self, rows: int, view: int) -> None:
@@ -155,3 +193,32 @@ class CudaGraphRunner:
         )
         hidden, _ = self.runner.forward(batch, None, for_graph=True)
         self.logits_out[:rows].copy_(self.runner.logits(hidden[:, 0]))
+
+    def _forward_uld(self, rows: int, na: int, view: int, num_layers: int, lora_rows: LoRARowContext) -> None:
+        """What a ULD graph holds: target rows as in `_forward`, and assistant rows (every one of them, padding too:
+        a padding row has no LoRA columns and writes its K/V into its own free slot) through layers < K with their
+        adapters' LoRA, stacked under them; target logits and assistant hidden states copied to the outputs."""
+        positions, assistant_positions = self.positions[:rows], self.positions[rows : rows + na]
+        target = AttnGroup(0, rows, 0, positions=positions, mask=decode_mask(positions, view), view_len=view)
+        assistant = AttnGroup(
+            rows,
+            rows + na,
+            self.runner.num_slots,
+            positions=assistant_positions,
+            mask=decode_mask(assistant_positions, view),
+            view_len=view,
+        )
+        every = torch.arange(na, device=self.runner.device)
+        batch = ForwardBatch(
+            input_ids=self.input_ids[: rows + na, None],
+            position_ids=self.positions[: rows + na, None],
+            prefill=False,
+            n_target=rows,
+            target_group=target,
+            assistant_group=assistant,
+            assistant_exits={num_layers: every},
+            lora_plan=fixed_plan(every + rows, self.lora_slots[:na], self.lora_mask[:na]),
+        )
+        hidden, assistant_hidden = self.runner.forward(batch, lora_rows, for_graph=True)
+        self.logits_out[:rows].copy_(self.runner.logits(hidden[:, 0]))
+        self.assistant_out[:na].copy_(assistant_hidden)

@@ -546,6 +546,10 @@ class Engine:
         """
         if state.graphed:  # plain target rows: a CUDA graph replay (captured on first use of the shape)
             logits, hidden_a = self.graphs.logits(len(state.rows), batch.target_group.view_len), None
+        elif state.uld_graph is not None:  # target + ULD assistant rows: a graph replay of the stacked forward
+            view = batch.target_group.view_len
+            rows, assistant_rows = len(state.rows), len(state.assistant_rows)
+            logits, hidden_a = self.graphs.uld_logits(rows, assistant_rows, view, state.uld_graph, self.assistants.rows)
         else:
             hidden_t, hidden_a = self.runner.forward(batch, self.assistants.rows)
             logits = self.runner.logits(hidden_t[:, 0])

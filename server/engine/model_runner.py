@@ -43,6 +43,7 @@ class ForwardBatch:
     # assistant-local row indices leaving after layer K-1, per K (one entry per distinct K)
     assistant_exits: dict[int, torch.Tensor] = field(default_factory=dict)
     lora_groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # stacked-row indices
+    lora_plan: object | None = None  # a fixed LoRA row plan instead of `lora_groups` (CUDA-graphed ULD decode)
     row_hooks_target: torch.Tensor | None = None  # per target row id for row hooks (UOE), -1 = none
     row_hooks_stacked: torch.Tensor | None = None  # the same with -1 for the assistant rows (built once per batch)
 
@@ -192,7 +193,7 @@ class ModelRunner:
         if has_assistant:
             n_a = hidden.shape[0] - n_t
             assistant_hidden = hidden.new_empty(n_a, *hidden.shape[1:])
-            lora_rows.set(batch.lora_groups, batch.input_ids.shape[1])
+            lora_rows.set(batch.lora_groups, batch.input_ids.shape[1], plan=batch.lora_plan)
             if self.row_hooks:
                 stacked = batch.row_hooks_stacked
                 if stacked is None and batch.row_hooks_target is not None:

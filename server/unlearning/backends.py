@@ -16,11 +16,13 @@ import torch
 from unlearn_serve.server.engine.errors import EngineInputError
 from unlearn_serve.server.unlearning.base import BatchRows, UnlearningBackend
 from unlearn_serve.server.unlearning.uld import (
+    MASKED_MAX_ADAPTERS,
     Assistant,
     AssistantRegistry,
     CombineOptionError,
     CombineOptions,
     CombineSettings,
+    adapter_columns_mask,
     combine_logits,
 )
 
@@ -62,6 +64,17 @@ class PatchChoice:
 
 
 @dataclass
+class ULDGraphInputs:
+    """What a CUDA graph of a ULD decode step reads besides the builder's buffers (engine/cuda_graphs.py): every
+    assistant row leaves after the same K layers, and each row's LoRA is its adapter's columns of the stacked A/B."""
+
+    num_layers: int  # K of every assistant row of the batch
+    slots: torch.Tensor  # [na] adapter slot per assistant row (-1: padding)
+    lora_mask: torch.Tensor  # [na, W] 0/1 columns of each row's adapter (zeros: padding)
+    layout_version: int  # the stacked A/B these columns index (a load or unload restacks them)
+
+
+@dataclass
 class ULDPlan:
     logit_rows: torch.Tensor  # logits rows of unlearned target rows
     hidden_rows: torch.Tensor  # their assistant rows
@@ -70,6 +83,7 @@ class ULDPlan:
     log_filter: torch.Tensor
     settings: CombineSettings = field(default_factory=CombineSettings)  # rule, refilter, margin, floor of the rows
     every_row: bool = False  # logit_rows is every logits row, in order (all unlearned): no row gather or scatter
+    graph: ULDGraphInputs | None = None  # decode: the step may be a CUDA graph replay (None: it must run eagerly)
 
 
 def log_filter(filters: torch.Tensor) -> torch.Tensor:
@@ -156,6 +170,17 @@ class ULDBackend(UnlearningBackend):
         def t(values, dtype=None):
             return torch.tensor(values, device=dev, dtype=dtype)
 
+        graph = None
+        layout = self.registry.rows.layout
+        if not batch.prefill and len(by_k) == 1 and layout.width <= MASKED_MAX_ADAPTERS * layout.max_rank:
+            slots = [-1] * rows.num_assistant_rows
+            for choice, arow in zip(rows.choices, rows.assistant_row, strict=True):
+                if choice is not None and arow >= 0:
+                    slots[arow] = layout.slots[choice.assistant.adapter_id]
+            slot_ids = t(slots)
+            mask = adapter_columns_mask(layout, slot_ids, self.runner.dtype)
+            graph = ULDGraphInputs(next(iter(by_k)), slot_ids, mask, layout.version)
+
         return ULDPlan(
             t(logit_rows),
             t(hidden_rows),
@@ -164,6 +189,7 @@ class ULDBackend(UnlearningBackend):
             log_filter(t(filt, torch.float32)),
             CombineSettings.of_rows(combine, filt, dev),
             every_row=logit_rows == list(range(len(rows.logit_rows))),
+            graph=graph,
         )
 
     def process_logits(self, plan: ULDPlan | None, logits: torch.Tensor, assistant_hidden) -> torch.Tensor:

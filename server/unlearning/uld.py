@@ -111,6 +111,18 @@ class _RowPlan:
         return self._tokens
 
 
+def fixed_plan(rows: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor) -> _RowPlan:
+    """A plan for one decode row per assistant row over tensors that outlive it (a CUDA graph reads them at replay):
+    `rows` [n] stacked-batch rows, `slots` [n] adapter slot per row, `mask` [n, W] 0/1 columns of each row's adapter
+    (all zero: a padding row, no LoRA delta). Always the masked concatenation (`MASKED_MAX_ADAPTERS`)."""
+    return _RowPlan(rows, slots, mask, None, False, 1)
+
+
+def adapter_columns_mask(layout: _AdapterLayout, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[n, W] 0/1: the rank columns of each row's adapter slot (slot -1: none)."""
+    return (layout.col_slot[None, :] == slots[:, None]).to(dtype)
+
+
 class LoRARowContext:
     """Which stacked-batch rows use which adapter during the current forward (set by the runner).
 
@@ -126,17 +138,25 @@ class LoRARowContext:
         self.layout: _AdapterLayout | None = None  # set by the registry
         self._plan: _RowPlan | None = None
         self._plan_key: tuple | None = None
+        self._fixed: _RowPlan | None = None
 
-    def set(self, groups: list[tuple[int, torch.Tensor]], seq_len: int) -> None:
+    def set(self, groups: list[tuple[int, torch.Tensor]], seq_len: int, plan: _RowPlan | None = None) -> None:
+        """`plan`: a fixed plan over persistent tensors (a CUDA-graphed step: `fixed_plan`), used instead of one
+        built from `groups`."""
         self.groups, self.seq_len = groups, seq_len
         if self._plan is not None:
             self._plan.last_input = None  # hold no activation between forwards
+        self._fixed = plan
+        if plan is not None:
+            plan.last_input = None
 
     def clear(self) -> None:
         self.set([], 1)
 
     def plan(self, dtype: torch.dtype) -> _RowPlan | None:
         """The current forward's plan, or None when no row uses an adapter."""
+        if self._fixed is not None:
+            return self._fixed
         groups, layout = self.groups, self.layout
         if not groups or layout is None:
             return None
@@ -153,7 +173,7 @@ class LoRARowContext:
         if len(groups) == 1:
             columns = layout.columns[slot_ids[0]]  # one adapter in the batch: slice its columns, no mask
         elif not gather:
-            mask = (layout.col_slot[None, :] == slots[:, None]).to(dtype)
+            mask = adapter_columns_mask(layout, slots, dtype)
         self._plan = _RowPlan(rows, slots, mask, columns, gather and len(groups) > 1, self.seq_len)
         self._plan_key = key
         return self._plan
