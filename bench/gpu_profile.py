@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
         for ids, sel in zip(prompts, selections, strict=True):
             engine.add_request(Request(engine.new_request_id(), ids, params, Selection(sel) if sel else None))
-        while engine.scheduler.waiting:  # every prompt prefilled (long batches take several prefill steps)
+        while engine.num_waiting():  # every prompt prefilled (long batches take several prefill steps; the
+            # requests sit in the engine's inbox until its next step, so `scheduler.waiting` alone starts out empty)
             engine.step()
         for _ in range(4):  # warm-up decode steps (graph capture on first use)
             engine.step()
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
               f"graphs: {captured}")  # fmt: skip
         print(events.table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=60))
         if device == "cuda":
-            print(events.table(sort_by="self_cuda_time_total", row_limit=8, max_name_column_width=60))
+            print(events.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60))
         while engine.has_work():
             engine.step()
     return 0

@@ -6,7 +6,8 @@
 #   OUT=/tmp/gpu bash bench/gpu_run.sh    # elsewhere than bench/out/gpu
 #
 # A host without network: carry the wheels it lacks in .whl/ (this package's own included: `pip wheel --no-deps
-# --no-build-isolation -w .whl .`); they are installed into /tmp/site first. Limits: PROFILE_S, TABLE_S, E2E_S.
+# --no-build-isolation -w .whl .`); they are installed into /tmp/site first. Limits: PROFILE_S, TABLE_S, E2E_S (0:
+# skip that part); extra arguments: PROFILE_ARGS (e.g. "--model 8b --rows 128"), TABLE_ARGS (e.g. "--models 8b").
 set -u
 OUT=${OUT:-bench/out/gpu}
 mkdir -p "$OUT"
@@ -20,13 +21,20 @@ export HF_HUB_OFFLINE=1
 } > "$OUT/host.txt" 2>&1
 cat "$OUT/host.txt"
 started=$SECONDS
-timeout "${PROFILE_S:-120}" python3 -P bench/gpu_profile.py > "$OUT/profile.txt" 2>&1
-echo "profile: rc $? after $((SECONDS - started)) s"
-grep -E "^===|failed" "$OUT/profile.txt"
-timeout "${TABLE_S:-240}" python3 -P bench/gpu.py --skip-cb --budget-s "${TABLE_BUDGET_S:-190}" \
-    --json "$OUT/gpu.json" > "$OUT/table.txt" 2>&1
-echo "table: rc $? after $((SECONDS - started)) s"
-grep -E "^(8b|1b) |ULD graphs|capture failed" "$OUT/table.txt"
-timeout "${E2E_S:-200}" python3 -P bench/gpu_e2e.py --out "$OUT/e2e" > "$OUT/e2e.txt" 2>&1
-echo "e2e: rc $? after $((SECONDS - started)) s"
-tail -25 "$OUT/e2e.txt"
+# shellcheck disable=SC2086  # the *_ARGS are word lists
+if [ "${PROFILE_S:-120}" != 0 ]; then
+    timeout "${PROFILE_S:-120}" python3 -P bench/gpu_profile.py ${PROFILE_ARGS:-} > "$OUT/profile.txt" 2>&1
+    echo "profile: rc $? after $((SECONDS - started)) s"
+    grep -E "^===|failed" "$OUT/profile.txt"
+fi
+if [ "${TABLE_S:-240}" != 0 ]; then
+    timeout "${TABLE_S:-240}" python3 -P bench/gpu.py --skip-cb --budget-s "${TABLE_BUDGET_S:-190}" ${TABLE_ARGS:-} \
+        --json "$OUT/gpu.json" > "$OUT/table.txt" 2>&1
+    echo "table: rc $? after $((SECONDS - started)) s"
+    grep -E "^(8b|1b) |ULD graphs|capture failed" "$OUT/table.txt"
+fi
+if [ "${E2E_S:-200}" != 0 ]; then
+    timeout "${E2E_S:-200}" python3 -P bench/gpu_e2e.py --out "$OUT/e2e" > "$OUT/e2e.txt" 2>&1
+    echo "e2e: rc $? after $((SECONDS - started)) s"
+    tail -25 "$OUT/e2e.txt"
+fi

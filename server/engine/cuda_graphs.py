@@ -139,7 +139,8 @@ class CudaGraphRunner:
         inputs: target rows [0, rows) and assistant rows [rows, rows + assistant_rows) of the buffers."""
         self._use_layout(inputs)
         self.lora_slots[:assistant_rows].copy_(inputs.slots)
-        self.lora_mask[:assistant_rows].copy_(inputs.lora_mask)
+        if inputs.lora_mask is not None:
+            self.lora_mask[:assistant_rows].copy_(inputs.lora_mask)
         key = (rows, view, assistant_rows, inputs.num_layers, inputs.layout_version)
         self._run(key, lambda: self._forward_uld(rows, assistant_rows, view, inputs.num_layers, lora_rows))
         return self.logits_out[:rows], self.assistant_out[:assistant_rows]
@@ -150,10 +151,10 @@ class CudaGraphRunner:
         if inputs.layout_version == self.layout_version:
             return
         self.graphs = {key: g for key, g in self.graphs.items() if len(key) == 2}
-        width = inputs.lora_mask.shape[1]
         device = self.runner.device
         self.lora_slots = torch.full((self.max_rows,), -1, dtype=torch.long, device=device)
-        self.lora_mask = torch.zeros(self.max_rows, width, dtype=inputs.lora_mask.dtype, device=device)
+        mask = inputs.lora_mask
+        self.lora_mask = None if mask is None else mask.new_zeros(self.max_rows, mask.shape[1])
         if self.assistant_out is None:
             hidden = self.runner.embed.weight.shape[1]
             self.assistant_out = torch.zeros(self.max_rows, 1, hidden, dtype=self.runner.dtype, device=device)
@@ -209,6 +210,7 @@ class CudaGraphRunner:
             view_len=view,
         )
         every = torch.arange(na, device=self.runner.device)
+        mask = None if self.lora_mask is None else self.lora_mask[:na]
         batch = ForwardBatch(
             input_ids=self.input_ids[: rows + na, None],
             position_ids=self.positions[: rows + na, None],
@@ -217,7 +219,7 @@ class CudaGraphRunner:
             target_group=target,
             assistant_group=assistant,
             assistant_exits={num_layers: every},
-            lora_plan=fixed_plan(every + rows, self.lora_slots[:na], self.lora_mask[:na]),
+            lora_plan=fixed_plan(rows, self.lora_slots[:na], mask),
         )
         hidden, assistant_hidden = self.runner.forward(batch, lora_rows, for_graph=True)
         self.logits_out[:rows].copy_(self.runner.logits(hidden[:, 0]))

@@ -70,7 +70,7 @@ class ULDGraphInputs:
 
     num_layers: int  # K of every assistant row of the batch
     slots: torch.Tensor  # [na] adapter slot per assistant row (-1: padding)
-    lora_mask: torch.Tensor  # [na, W] 0/1 columns of each row's adapter (zeros: padding)
+    lora_mask: torch.Tensor | None  # [na, W] 0/1 columns of each row's adapter (zeros: padding); None: one adapter
     layout_version: int  # the stacked A/B these columns index (a load or unload restacks them)
 
 
@@ -178,7 +178,7 @@ class ULDBackend(UnlearningBackend):
                 if choice is not None and arow >= 0:
                     slots[arow] = layout.slots[choice.assistant.adapter_id]
             slot_ids = t(slots)
-            mask = adapter_columns_mask(layout, slot_ids, self.runner.dtype)
+            mask = adapter_columns_mask(layout, slot_ids, self.runner.dtype) if len(layout.columns) > 1 else None
             graph = ULDGraphInputs(next(iter(by_k)), slot_ids, mask, layout.version)
 
         return ULDPlan(

@@ -97,6 +97,8 @@ class _RowPlan:
     columns: tuple[int, int] | None  # that one adapter's columns
     gather: bool  # per-row padded A/B (many adapters) instead of the masked concatenation
     seq_len: int
+    # [start, end): the rows are exactly this contiguous range (a CUDA-graphed step): a slice, no gather or scatter
+    span: tuple[int, int] | None = None
     _tokens: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
     # (input, its gathered rows): q/k/v (and gate/up) get the same input tensor, gathered once
     last_input: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -111,11 +113,14 @@ class _RowPlan:
         return self._tokens
 
 
-def fixed_plan(rows: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor) -> _RowPlan:
-    """A plan for one decode row per assistant row over tensors that outlive it (a CUDA graph reads them at replay):
-    `rows` [n] stacked-batch rows, `slots` [n] adapter slot per row, `mask` [n, W] 0/1 columns of each row's adapter
-    (all zero: a padding row, no LoRA delta). Always the masked concatenation (`MASKED_MAX_ADAPTERS`)."""
-    return _RowPlan(rows, slots, mask, None, False, 1)
+def fixed_plan(start: int, slots: torch.Tensor, mask: torch.Tensor | None) -> _RowPlan:
+    """A plan for the decode rows [start, start + n) of the stacked batch, one per assistant row, over tensors that
+    outlive it (a CUDA graph reads them at replay): `slots` [n] adapter slot per row, `mask` [n, W] 0/1 columns of
+    each row's adapter (all zero: a padding row). `mask` None: one adapter is loaded, every row takes its columns
+    (padding rows too: their outputs are dropped and their K/V goes to their own free slots)."""
+    n = slots.shape[0]
+    rows = torch.arange(start, start + n, device=slots.device)
+    return _RowPlan(rows, slots, mask, None, False, 1, span=(start, start + n))  # no columns, no mask: every column
 
 
 def adapter_columns_mask(layout: _AdapterLayout, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -330,7 +335,11 @@ class AssistantRegistry:
             plan = self.rows.plan(x.dtype)
             if plan is None:
                 return output
-            output.index_add_(0, *self.delta(module_name, x, plan))
+            rows, delta = self.delta(module_name, x, plan)
+            if plan.span is not None and x.dim() == 3:  # contiguous rows: add into the slice
+                output[plan.span[0] : plan.span[1]] += delta
+            else:
+                output.index_add_(0, rows, delta)
             return output
 
         return hook
@@ -345,7 +354,7 @@ class AssistantRegistry:
         if plan.last_input is not None and plan.last_input[0] is x:
             xa = plan.last_input[1]
         else:
-            xa = x.index_select(0, rows)
+            xa = x[plan.span[0] : plan.span[1]] if plan.span is not None and x.dim() == 3 else x.index_select(0, rows)
             plan.last_input = (x, xa)
         if plan.gather:
             a_pad, b_pad = self._padded(stack)
