@@ -13,12 +13,13 @@ graph reads, at fixed shapes:
 * inputs: token ids and positions are the batch builder's persistent buffers, written before replay;
 * output: float32 logits, copied inside the graph into one persistent buffer shared by all graphs.
 
-Which batches are graphed: those of plain target rows, i.e. where no row selected any unlearning (no
-ULD assistant row, no UOE patch row, no other method's row). Those methods act inside the forward with
-per-batch host plans (assistant exits, LoRA groups, per-row expert hooks) that a graph would freeze, so
-their batches run eagerly; their hooks stay on the model and take the base path for plain rows. The
-sampler (penalties, filters, seeded noise) and logprobs run eagerly after the replay, on the graph's
-logits, as in vLLM.
+Which batches are graphed: those of plain target rows (`logits`), and those whose only unlearning is ULD with
+assistants of one depth K (`uld_logits`: the stacked target + assistant forward, every assistant row's LoRA taken
+from a fixed plan over persistent buffers, `uld.fixed_plan`; one graph per adapter layout, since a load or unload
+restacks the LoRA weights). A UOE patch row acts inside the forward through per-batch host plans (per-row expert
+hooks) that a graph would freeze, so its batches run eagerly; the hooks stay on the model and take the base path
+for plain rows. The ULD combination, the sampler (penalties, filters, seeded noise) and logprobs run eagerly after
+the replay, on the graph's outputs, as vLLM's sampler does.
 
 Graphs are captured lazily, the first time a (rows, view) pair is met, on the step's real inputs: the
 warm-up run and the replay write the same K/V to the same places, so capturing mid-serving is safe. All
