@@ -176,6 +176,7 @@ class Bench:
             engine.step()
         self.sync()
         t1 = time.monotonic()
+        self.last_tokens = [list(s.output_ids) for r in requests for s in r.sequences]  # for the sync-vs-async check
         generated = sum(len(s.output_ids) for r in requests for s in r.sequences)
         first = [r.first_token_time - t0 for r in requests]
         decode_time = max(t1 - t0 - max(first), 1e-9)
@@ -288,12 +289,15 @@ class Bench:
         attn_implementation = model.config._attn_implementation
         k = max(1, model.config.num_hidden_layers // 4)
         engine_rows: list[Row] = []
+        engine_tokens: dict[int, list | None] = {}
         uld_rows: list[tuple[Row, int]] = []
         with tempfile.TemporaryDirectory() as tmp:
             artifact = write_random_assistant(model, Path(tmp) / "uld", k, args.rank, fingerprint_model(model))
             options = dict(max_num_seqs=top, max_model_len=args.prompt_len + args.max_tokens + 8)
             if "assistant_kv_layers" in getattr(EngineConfig, "__dataclass_fields__", {}):
                 options["assistant_kv_layers"] = k
+            if args.smoke and "async_output" in getattr(EngineConfig, "__dataclass_fields__", {}):
+                options["async_output"] = True  # the CUDA default, so that the CPU check runs its path too
             engine = Engine(model, tokenizer, EngineConfig(**options), "bench", **self.graph_standin())
             engine.load_uld("forget", artifact)  # before any request: its KV rows are part of the start-up budget
         self.run_engine(engine, prompts[:2], [None, "forget"])  # warm-up
@@ -302,8 +306,25 @@ class Bench:
             if graphs is not None and not self.over_budget():  # capture this batch size's graphs untimed
                 self.run_engine(engine, prompts[:c], [None] * c, max_tokens=2)
             engine_rows.append(add("unlearn-serve engine", c, self.run_engine, engine, prompts[:c], [None] * c))
+            engine_tokens[c] = getattr(self, "last_tokens", None)
             if args.smoke:
                 engine_rows[-1].note = "graphs: the tests' CPU stand-in (Python replay, slow; not a speed)"
+        # the same engine with asynchronous output processing off: its speed, and whether its tokens are the same
+        sync_rows: list[Row] = []
+        async_default = getattr(engine, "async_output", False)
+        for c in [c for c in args.concurrency if c <= 32]:
+            engine.async_output = False
+            try:
+                self.last_tokens = None
+                row = add("engine, synchronous output", c, self.run_engine, engine, prompts[:c], [None] * c)
+            finally:
+                engine.async_output = async_default
+            if self.last_tokens is not None and engine_tokens.get(c) is not None:
+                row.note = f"async output {'on' if async_default else 'off'} above; tokens " + (
+                    "equal" if self.last_tokens == engine_tokens[c] else "DIFFER"
+                )
+                print(f"  {row.system} at {c}: {row.note}", flush=True)
+            sync_rows.append(row)
         eager_rows: list[Row] = []
         for c in args.concurrency:
             if graphs is None:
@@ -325,6 +346,14 @@ class Bench:
                 if graphs is not None and not self.over_budget():  # capture this composition's graphs untimed
                     self.run_engine(engine, prompts[:c], selections, max_tokens=2)
                 row = add(f"engine + ULD (K={k}), {label}", c, self.run_engine, engine, prompts[:c], selections)
+                if c == min(args.uld_concurrency) and label == "half the rows" and not self.over_budget():
+                    unlearned_tokens, engine.async_output = self.last_tokens, False  # the same, output synchronous
+                    try:
+                        self.run_engine(engine, prompts[:c], selections)
+                    finally:
+                        engine.async_output = async_default
+                    same = "equal" if self.last_tokens == unlearned_tokens else "DIFFER"
+                    print(f"  {row.system} at {c}: tokens with synchronous output {same}", flush=True)
                 if graphs is not None and not row.note:  # whether its steps were graph replays
                     uld_graphs = sum(len(key) == 5 for key in graphs.graphs)
                     row.note = f"{uld_graphs} ULD graphs" if graphs.enabled else "graph capture failed: eager"
@@ -355,6 +384,9 @@ class Bench:
         for row in eager_rows:
             if plain.get(row.concurrency) and row.decode_tok_s:
                 row.ratio, row.ratio_of = row.decode_tok_s / plain[row.concurrency], "x graphed engine"
+        for row in sync_rows:
+            if plain.get(row.concurrency) and row.decode_tok_s:
+                row.ratio, row.ratio_of = row.decode_tok_s / plain[row.concurrency], "x engine above"
         del model
         self.free()
 

@@ -31,7 +31,7 @@ if [ "${TABLE_S:-240}" != 0 ]; then
     timeout "${TABLE_S:-240}" python3 -P bench/gpu.py --skip-cb --budget-s "${TABLE_BUDGET_S:-190}" ${TABLE_ARGS:-} \
         --json "$OUT/gpu.json" > "$OUT/table.txt" 2>&1
     echo "table: rc $? after $((SECONDS - started)) s"
-    grep -E "^(8b|1b) |ULD graphs|capture failed" "$OUT/table.txt"
+    grep -E "^(8b|1b) |ULD graphs|capture failed|synchronous output" "$OUT/table.txt"
 fi
 if [ "${E2E_S:-200}" != 0 ]; then
     timeout "${E2E_S:-200}" python3 -P bench/gpu_e2e.py --out "$OUT/e2e" > "$OUT/e2e.txt" 2>&1

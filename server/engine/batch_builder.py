@@ -65,6 +65,8 @@ class DecodeState:
     graphed: bool = False  # plain target rows with CUDA graphs on: the forward is a graph replay
     # target rows with ULD assistant rows, CUDA graphs on (ULDPlan.graph): the stacked forward is a graph replay
     uld_graph: Any = None
+    # [na] the target row of each assistant row (0 for padding): a chained step copies its token from there
+    assistant_source: torch.Tensor | None = None
 
 
 @dataclass
@@ -91,9 +93,24 @@ class BatchBuilder:
         self.positions = torch.zeros(2 * num_slots, dtype=torch.long, device=device)
         self._state: DecodeState | None = None
         self.graphs = None  # the engine's CudaGraphRunner over these buffers (None: every step eager)
+        # CUDA: pinned staging for the host-to-device copies, four in turn (at most two per step). A copy from pageable
+        # memory may wait for the stream, which would undo the overlap of asynchronous output processing; a buffer is
+        # written again two steps later at the earliest, when the host has waited for the step that read it.
+        pinned = torch.device(device).type == "cuda"
+        self._stage = [torch.empty(2 * num_slots, dtype=torch.long, pin_memory=True) for _ in range(4 * pinned)]
+        self._stage_turn = 0
 
     def invalidate(self) -> None:
         self._state = None
+
+    def _staged(self, values: list[int]) -> torch.Tensor:
+        """`values` as a host tensor to copy from: pinned on CUDA (ids and positions: two buffers per step)."""
+        if not self._stage:
+            return torch.tensor(values, dtype=torch.long)
+        buffer = self._stage[self._stage_turn][: len(values)]
+        self._stage_turn = (self._stage_turn + 1) % len(self._stage)
+        buffer.copy_(torch.tensor(values, dtype=torch.long))
+        return buffer
 
     # ------------------------------------------------------------------ prefill
     def prefill(self, seqs: list[Sequence]) -> PrefillLayout:
@@ -193,6 +210,10 @@ class BatchBuilder:
                 assistant_row[i] = seq.assistant_slot
         if all(s is None for s in assistant_rows):
             assistant_rows, na = [], 0
+        source = [0] * na
+        for i, j in enumerate(assistant_row):
+            if j >= 0:
+                source[j] = i
         batch = ForwardBatch(
             input_ids=self.input_ids[:0],
             position_ids=self.positions[:0],
@@ -220,16 +241,26 @@ class BatchBuilder:
             row_index=torch.arange(n, device=dev),
             graphed=graphs_on and plain and not plans,
             uld_graph=_uld_graph(plans, choices) if graphs_on and na else None,
+            assistant_source=torch.tensor(source, device=dev, dtype=torch.long) if na else None,
         )
 
-    def decode_batch(self, state: DecodeState) -> ForwardBatch:
-        """This step's inputs in the persistent buffers, and the attention groups over them."""
+    def decode_batch(self, state: DecodeState, chained: torch.Tensor | None = None) -> ForwardBatch:
+        """This step's inputs in the persistent buffers, and the attention groups over them.
+
+        `chained`: the previous step's sampled tokens, still on the device and not yet appended to the sequences
+        (asynchronous output processing): they are this step's inputs, one position further on."""
         n, na = len(state.rows), len(state.assistant_rows)
-        ids, pos = _tokens_and_positions(state.rows)
-        a_ids, a_pos = _tokens_and_positions(state.assistant_rows)
+        ahead = 0 if chained is None else 1
+        ids, pos = _tokens_and_positions(state.rows, ahead)
+        a_ids, a_pos = _tokens_and_positions(state.assistant_rows, ahead)
         # one host-to-device copy per buffer (before the masks that read it); the step reads the buffers only
-        self.input_ids[: n + na].copy_(torch.tensor(ids + a_ids), non_blocking=True)
-        self.positions[: n + na].copy_(torch.tensor(pos + a_pos), non_blocking=True)
+        if chained is None:
+            self.input_ids[: n + na].copy_(self._staged(ids + a_ids), non_blocking=True)
+        else:  # device to device: the host has not read these tokens yet
+            self.input_ids[:n].copy_(chained)
+            if na:
+                self.input_ids[n : n + na].copy_(chained.index_select(0, state.assistant_source))
+        self.positions[: n + na].copy_(self._staged(pos + a_pos), non_blocking=True)
         graphed = state.graphed or state.uld_graph is not None
         if graphed:  # keys up to the length bucket; the graph masks those past each row's position
             view = self.graphs.view_bucket(max(pos + a_pos) + 1)
@@ -260,13 +291,14 @@ def _uld_graph(plans: list[tuple[UnlearningBackend, Any]], choices: list[Any]) -
     return inputs if inputs is not None and all(c is None or c.name in owned for c in choices) else None
 
 
-def _tokens_and_positions(rows: list[Sequence | None]) -> tuple[list[int], list[int]]:
+def _tokens_and_positions(rows: list[Sequence | None], ahead: int = 0) -> tuple[list[int], list[int]]:
     """Newest token and its position per row; padding rows take the real rows' position when they all
-    share one (so the group needs no mask), else 0."""
-    live = [s.total_len - 1 for s in rows if s is not None]
+    share one (so the group needs no mask), else 0. `ahead`: tokens sampled but not yet appended to the sequences
+    (the positions are that much further on; the ids are not known here)."""
+    live = [s.total_len - 1 + ahead for s in rows if s is not None]
     pad = live[0] if live and min(live) == max(live) else 0
     ids = [s.output_ids[-1] if s is not None else 0 for s in rows]
-    pos = [s.total_len - 1 if s is not None else pad for s in rows]
+    pos = [s.total_len - 1 + ahead if s is not None else pad for s in rows]
     return ids, pos
 
 

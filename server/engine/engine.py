@@ -103,6 +103,21 @@ class EngineConfig:
     # n-gram size: where the unlearning replaced the target's best token, candidates that would repeat an n-gram of
     # the answer are removed (server/engine/repeat_guard.py). 0: off; None: DEFAULT_NO_REPEAT_NGRAM.
     no_repeat_substitution: int | None = None
+    # Asynchronous output processing: a decode step is launched before the previous step's tokens are read back and
+    # processed (detokenised, stop rules), so the host's work overlaps the device's. None: on CUDA only (on CPU the
+    # host does the device's work itself: nothing to overlap). Outputs then come one step later.
+    async_output: bool | None = None
+
+
+@dataclass
+class _PendingStep:
+    """A launched decode step: its tokens on the device (a chained step's inputs) and their host copies."""
+
+    state: DecodeState
+    tokens: torch.Tensor
+    host_tokens: torch.Tensor
+    logprobs: tuple | None  # host copies of gather_logprobs' (chosen, top values, top ids)
+    done: torch.cuda.Event | None  # recorded after the copies (CUDA); None on CPU
 
 
 @dataclass
@@ -174,6 +189,9 @@ class Engine:
         self.builder: BatchBuilder | None = None  # made with the KV allocation, when the slot count is final
         self.graphs: CudaGraphRunner | None = None  # made with the builder, unless eager
         self._last_step_prefilled = False
+        self._pending: _PendingStep | None = None  # a launched decode step whose tokens are not yet processed
+        async_output = self.config.async_output
+        self.async_output = self.device.type == "cuda" if async_output is None else async_output
         self._ids = itertools.count()
         m = self.config.max_num_seqs
         # Penalty state per target slot: prompt tokens seen, output token counts.
@@ -336,7 +354,8 @@ class Engine:
     # ================================================================== stepping
     def has_work(self) -> bool:
         return bool(
-            self.scheduler.waiting
+            self._pending is not None
+            or self.scheduler.waiting
             or self.scheduler.running
             or not self._inbox.empty()
             or self.artifacts.pending_unloads
@@ -384,6 +403,7 @@ class Engine:
     def fail_all(self, message: str) -> list[RequestOutput]:
         """After an unexpected step failure: end every request with an error, free every slot."""
         self.output.take()
+        self._pending = None  # its tokens belong to requests ended here
         for request in list(self.requests.values()):
             if request.finished:
                 continue
@@ -405,12 +425,16 @@ class Engine:
         # At least one decode step between two prefills while sequences run: a steady stream of
         # arrivals must not stall the running streams (each prefill is bounded by max_prefill_tokens).
         may_prefill = not (self.scheduler.running and self._last_step_prefilled)
+        if self._pending is not None and self.scheduler.waiting and may_prefill:
+            self._flush()  # its finishes free slots for the admission; a prefill changes the running set
         admitted = self.scheduler.admit() if self.scheduler.waiting and may_prefill else []
         self._last_step_prefilled = bool(admitted)
         if admitted:
             self._prefill(admitted)
         elif self.scheduler.running:
             self._decode()
+        else:
+            self._flush()
         if self.artifacts.pending_unloads:
             self.artifacts.finish_unloads()
         return self.output.take()
@@ -474,16 +498,68 @@ class Engine:
 
     # ------------------------------------------------------------------ decode
     def _decode(self) -> None:
+        """Launch one decode step; process its tokens now, or (asynchronous output processing) at the next call,
+        after launching the next step from those tokens while they are still on the device (a *chained* step).
+
+        A step is chained only onto a step of the same running set (no arrival, finish or abort in between) none of
+        whose sequences that step finishes by length; otherwise the pending step is processed first and the next
+        one built from the sequences. A sequence finished by its pending token (EOS, a stop rule) still gets the
+        chained step's token, which is dropped: its K/V lands in its own slot, freed the next moment."""
+        pending, self._pending = self._pending, None
         state = self.builder.decode_state()
-        batch = self.builder.decode_batch(state)
+        chain = pending is not None and pending.state is state and not self._length_finish_ahead(state)
+        if pending is not None and not chain:
+            self._process(pending)
+            if not self.scheduler.running:
+                return
+            state = self.builder.decode_state()
+        launched = self._launch(state, pending.tokens if chain else None)
+        if chain:
+            self._process(pending)
+        if self.async_output:
+            self._pending = launched
+        else:
+            self._process(launched)
+
+    def _flush(self) -> None:
+        """Process the pending decode step, if any (before a prefill, which changes the running set)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._process(pending)
+
+    def _length_finish_ahead(self, state) -> bool:
+        """Whether the pending token finishes some running sequence by length (max_tokens, the context): a chained
+        step would then write its K/V past what that sequence may hold."""
+        limit = self.max_model_len
+        return any(
+            s is not None and (len(s.output_ids) + 1 >= s.request.params.max_tokens or s.total_len + 1 >= limit)
+            for s in state.rows
+        )
+
+    def _launch(self, state: DecodeState, chained: torch.Tensor | None) -> _PendingStep:
+        """Build the inputs, run the step and start copying its tokens (and logprobs) to the host."""
+        batch = self.builder.decode_batch(state, chained)
         # the repeat guard scans the outputs so far (their lengths are on the host): a power-of-two width, few shapes
-        guard_width = self._guard_scan_width(state.rows) if self._guarded(state.plans) else 0
+        ahead = 0 if chained is None else 1
+        guard_width = self._guard_scan_width(state.rows, ahead) if self._guarded(state.plans) else 0
         tokens, logprobs = self._decode_step(state, batch, guard_width=guard_width)
-        token_list = self._to_host(tokens)
+        host = [self._copy_to_host(t) for t in (tokens, *(logprobs or ()))]
+        done = None
+        if tokens.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        return _PendingStep(state, tokens, host[0], tuple(host[1:]) if logprobs is not None else None, done)
+
+    def _process(self, step: _PendingStep) -> None:
+        """Wait for a launched step's host copies, then append its tokens to their sequences and emit."""
+        if step.done is not None:
+            step.done.synchronize()
+        token_list = step.host_tokens.tolist()
+        state = step.state
         entries: dict[int, TokenLogprob] = {}
-        if logprobs is not None:
+        if step.logprobs is not None:
             rows = state.logprob_row_ids
-            chosen = logprob_entries([token_list[r] for r in rows], *logprobs, state.logprob_tops)
+            chosen = logprob_entries([token_list[r] for r in rows], *step.logprobs, state.logprob_tops)
             entries = dict(zip(rows, chosen, strict=True))
         active = []
         for i, seq in enumerate(state.rows):
@@ -509,10 +585,10 @@ class Engine:
         if n and not self._history.shape[1]:
             self._history = torch.zeros(len(self._history), self.max_model_len, dtype=torch.int32, device=self.device)
 
-    def _guard_scan_width(self, rows: list[Sequence | None]) -> int:
-        """Columns of the output history the guard scans this step: the longest output so far, rounded up to a power
-        of two (a few distinct shapes)."""
-        longest = max(len(s.output_ids) for s in rows if s is not None)
+    def _guard_scan_width(self, rows: list[Sequence | None], ahead: int = 0) -> int:
+        """Columns of the output history the guard scans this step: the longest output so far (`ahead`: tokens
+        sampled but not yet appended), rounded up to a power of two (a few distinct shapes)."""
+        longest = max(len(s.output_ids) for s in rows if s is not None) + ahead
         return min(self._history.shape[1], 1 << max(4, longest.bit_length()))
 
     def _guarded(self, plans: list) -> bool:
@@ -520,17 +596,14 @@ class Engine:
         after the forward (ULD). Host-side, decided per batch composition's plans."""
         return bool(self._guard_n) and any(backend.changes_logits for backend, _ in plans)
 
-    def _to_host(self, tokens: torch.Tensor) -> list[int]:
-        """The step's one device-to-host transfer: a non-blocking copy into pinned memory, then a wait on
-        its event (on CPU the tensor is already on the host)."""
-        if tokens.device.type != "cuda":
-            return tokens.tolist()
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        done.synchronize()
-        return host.tolist()
+    @staticmethod
+    def _copy_to_host(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        """A non-blocking copy into pinned memory (read after the step's event); on CPU the tensor itself."""
+        if tensor is None or tensor.device.type != "cuda":
+            return tensor
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        return host
 
     def _decode_step(
         self, state: DecodeState, batch, guard_width: int | None = None

@@ -55,6 +55,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="CUDA: run every decode step eagerly, without CUDA graphs (on CPU the engine always runs eager)",
     )
     parser.add_argument(
+        "--async-output",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="process each decode step's tokens (detokenise, stop rules, stream) while the next step runs on the "
+        "device (default: on with CUDA, off on CPU; --no-async-output turns it off)",
+    )
+    parser.add_argument(
         "--no-repeat-substitution",
         type=int,
         metavar="N",
@@ -119,6 +126,7 @@ def build_engine(args: argparse.Namespace):
         kv_cache_memory=kv_cache_bytes(args),
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager,
+        async_output=args.async_output,
         no_repeat_substitution=args.no_repeat_substitution,
     )
     engine = Engine(model, tokenizer, config, model_name=args.served_model_name or args.model)
