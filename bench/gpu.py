@@ -96,6 +96,8 @@ class Bench:
         self.dtype = getattr(torch, args.dtype)
         self.started = time.monotonic()
         self.rows: list[Row] = []
+        self.last_tokens: list[list[int]] | None = None  # the last engine run's outputs (sync-vs-async check)
+        self.checks: list[str] = []  # token comparisons that failed
 
     # ------------------------------------------------------------------ helpers
     def sync(self) -> None:
@@ -306,7 +308,7 @@ class Bench:
             if graphs is not None and not self.over_budget():  # capture this batch size's graphs untimed
                 self.run_engine(engine, prompts[:c], [None] * c, max_tokens=2)
             engine_rows.append(add("unlearn-serve engine", c, self.run_engine, engine, prompts[:c], [None] * c))
-            engine_tokens[c] = getattr(self, "last_tokens", None)
+            engine_tokens[c] = self.last_tokens
             if args.smoke:
                 engine_rows[-1].note = "graphs: the tests' CPU stand-in (Python replay, slow; not a speed)"
         # the same engine with asynchronous output processing off: its speed, and whether its tokens are the same
@@ -320,9 +322,12 @@ class Bench:
             finally:
                 engine.async_output = async_default
             if self.last_tokens is not None and engine_tokens.get(c) is not None:
+                equal = self.last_tokens == engine_tokens[c]
                 row.note = f"async output {'on' if async_default else 'off'} above; tokens " + (
-                    "equal" if self.last_tokens == engine_tokens[c] else "DIFFER"
+                    "equal" if equal else "DIFFER"
                 )
+                if not equal:
+                    self.checks.append(f"{name} engine at {c}: tokens differ with synchronous output")
                 print(f"  {row.system} at {c}: {row.note}", flush=True)
             sync_rows.append(row)
         eager_rows: list[Row] = []
@@ -353,6 +358,8 @@ class Bench:
                     finally:
                         engine.async_output = async_default
                     same = "equal" if self.last_tokens == unlearned_tokens else "DIFFER"
+                    if same == "DIFFER":
+                        self.checks.append(f"{name} {row.system} at {c}: tokens differ with synchronous output")
                     print(f"  {row.system} at {c}: tokens with synchronous output {same}", flush=True)
                 if graphs is not None and not row.note:  # whether its steps were graph replays
                     uld_graphs = sum(len(key) == 5 for key in graphs.graphs)
@@ -389,6 +396,24 @@ class Bench:
                 row.ratio, row.ratio_of = row.decode_tok_s / plain[row.concurrency], "x engine above"
         del model
         self.free()
+
+    def goals(self) -> list[str]:
+        """The throughput goals (docs/benchmarks.md, GPU measurement) as measured: one line each, MET or MISSED."""
+        lines = []
+        for r in self.rows:
+            if r.ratio is None:
+                continue
+            if r.ratio_of == "of bound":
+                goal = ("batch-1 decode vs the bandwidth bound", 0.6)
+            elif r.ratio_of == "x transformers CB" and r.concurrency == 128:
+                goal = ("128 streams vs transformers continuous batching", 2.0)
+            elif r.ratio_of == "x plain engine":
+                goal = (r.system, 0.8 if "all rows" in r.system else 0.9)
+            else:
+                continue
+            verdict = "MET" if r.ratio >= goal[1] else f"MISSED (short by {goal[1] - r.ratio:.2f})"
+            lines.append(f"{r.model} {goal[0]} at {r.concurrency}: {r.ratio:.2f} (goal >= {goal[1]}): {verdict}")
+        return lines + [f"{check}: MISSED" for check in self.checks]
 
     def table(self) -> str:
         header = (
@@ -515,6 +540,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:  # after each model: a run cut short keeps the models it finished
             Path(args.json).write_text(json.dumps([asdict(r) for r in bench.rows], indent=1))
     print(bench.table())
+    goals = bench.goals()
+    header = "goals (--smoke: a CPU stand-in, not a speed)" if args.smoke else "goals (the 8B shape counts)"
+    print("\n".join([f"{header}:", *goals]))
+    missed = sum("MISSED" in line for line in goals)
+    print(f"GOALS: {'all met' if not missed else f'{missed} MISSED'} ({len(goals)} measured)")
     print(f"total {time.monotonic() - bench.started:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in bench.rows], indent=1))

@@ -11,21 +11,13 @@ import copy
 
 import pytest
 from graph_standin import RecordedGraphs
+from test_cuda_graphs import PROMPTS as GRAPH_PROMPTS
 from test_uld_serving import make_random_assistant
 from unlearn_serve.server.engine.engine import Engine, EngineConfig
 from unlearn_serve.server.engine.sampling_params import SamplingParams
 from unlearn_serve.server.engine.sequence import Request
 
-PROMPTS = [
-    "The capital of France is",
-    "Once upon a time",
-    "Hello",
-    "A B C D E F G H",
-    "x y z",
-    "Bob plays the",
-    "Water boils at",
-    "Alice likes",
-]
+PROMPTS = GRAPH_PROMPTS[:8]  # mixed lengths; more prompts than the 4 slots
 
 
 def _engine(model, tokenizer, async_output: bool, graphs=None, **config) -> Engine:

@@ -195,6 +195,7 @@ def test_uld_batches_are_graphed_and_decode_as_eager(tiny_llama, tokenizer, tmp_
         engine.load_uld("a", a)
         engine.load_uld("b", b)
         outputs.append(engine.generate(PROMPTS, params, selections))
+        assert engine.uld.graphs is (graphs is not None)  # no graph inputs are built for an eager engine
     assert _tokens(outputs[0]) == _tokens(outputs[1])
     got, want = outputs[1][3].completions[0].logprobs, outputs[0][3].completions[0].logprobs
     assert [e.logprob for e in got] == pytest.approx([e.logprob for e in want], abs=1e-5)

@@ -120,7 +120,6 @@ class CudaGraphRunner:
         self.enabled = True  # False after a failed capture: every step then runs eagerly
         # ULD: the assistant rows' final hidden states, and the per-row adapter columns (made on first use)
         self.assistant_out: torch.Tensor | None = None
-        self.lora_slots: torch.Tensor | None = None
         self.lora_mask: torch.Tensor | None = None
         self.layout_version = -1
 
@@ -139,7 +138,6 @@ class CudaGraphRunner:
         """float32 [rows, V] target logits and the [assistant_rows, 1, H] assistant hidden states of this step's
         inputs: target rows [0, rows) and assistant rows [rows, rows + assistant_rows) of the buffers."""
         self._use_layout(inputs)
-        self.lora_slots[:assistant_rows].copy_(inputs.slots)
         if inputs.lora_mask is not None:
             self.lora_mask[:assistant_rows].copy_(inputs.lora_mask)
         key = (rows, view, assistant_rows, inputs.num_layers, inputs.layout_version)
@@ -153,7 +151,6 @@ class CudaGraphRunner:
             return
         self.graphs = {key: g for key, g in self.graphs.items() if len(key) == 2}
         device = self.runner.device
-        self.lora_slots = torch.full((self.max_rows,), -1, dtype=torch.long, device=device)
         mask = inputs.lora_mask
         self.lora_mask = None if mask is None else mask.new_zeros(self.max_rows, mask.shape[1])
         if self.assistant_out is None:
@@ -210,7 +207,8 @@ class CudaGraphRunner:
             mask=decode_mask(assistant_positions, view),
             view_len=view,
         )
-        every = torch.arange(na, device=self.runner.device)
+        device = self.runner.device
+        every = torch.arange(na, device=device)
         mask = None if self.lora_mask is None else self.lora_mask[:na]
         batch = ForwardBatch(
             input_ids=self.input_ids[: rows + na, None],
@@ -220,7 +218,7 @@ class CudaGraphRunner:
             target_group=target,
             assistant_group=assistant,
             assistant_exits={num_layers: every},
-            lora_plan=fixed_plan(rows, self.lora_slots[:na], mask),
+            lora_plan=fixed_plan(rows, na, mask, device),
         )
         hidden, assistant_hidden = self.runner.forward(batch, lora_rows, for_graph=True)
         self.logits_out[:rows].copy_(self.runner.logits(hidden[:, 0]))

@@ -255,6 +255,7 @@ class Engine:
         self.runner.cache.allocate(self._kv_shapes)
         self.builder = BatchBuilder(self.scheduler, self.artifacts.backends, slots, self.vocab_size, self.device)
         self.graphs = self.builder.graphs = self._graph_runner(slots)
+        self.uld.graphs = self.graphs is not None
 
     def _graph_runner(self, slots: int) -> CudaGraphRunner | None:
         capture = self._graph_capture

@@ -69,7 +69,6 @@ class ULDGraphInputs:
     assistant row leaves after the same K layers, and each row's LoRA is its adapter's columns of the stacked A/B."""
 
     num_layers: int  # K of every assistant row of the batch
-    slots: torch.Tensor  # [na] adapter slot per assistant row (-1: padding)
     lora_mask: torch.Tensor | None  # [na, W] 0/1 columns of each row's adapter (zeros: padding); None: one adapter
     layout_version: int  # the stacked A/B these columns index (a load or unload restacks them)
 
@@ -101,6 +100,9 @@ class ULDBackend(UnlearningBackend):
         # True where the decode step must not read the device (CUDA graphs): the assistant's LM head then
         # runs on the whole vocabulary, since the plausible-set size would be a host read.
         self.sync_free = False
+        # True where decode steps may be CUDA graphs (the engine's graph runner exists): `prepare` then says which
+        # compositions a graph can run (ULDPlan.graph); elsewhere it does none of that work.
+        self.graphs = False
 
     def names(self) -> list[str]:
         return list(self.registry.assistants)
@@ -172,14 +174,16 @@ class ULDBackend(UnlearningBackend):
 
         graph = None
         layout = self.registry.rows.layout
-        if not batch.prefill and len(by_k) == 1 and layout.width <= MASKED_MAX_ADAPTERS * layout.max_rank:
-            slots = [-1] * rows.num_assistant_rows
-            for choice, arow in zip(rows.choices, rows.assistant_row, strict=True):
-                if choice is not None and arow >= 0:
-                    slots[arow] = layout.slots[choice.assistant.adapter_id]
-            slot_ids = t(slots)
-            mask = adapter_columns_mask(layout, slot_ids, self.runner.dtype) if len(layout.columns) > 1 else None
-            graph = ULDGraphInputs(next(iter(by_k)), slot_ids, mask, layout.version)
+        graphable = len(by_k) == 1 and layout.width <= MASKED_MAX_ADAPTERS * layout.max_rank
+        if self.graphs and not batch.prefill and graphable:
+            mask = None
+            if len(layout.columns) > 1:  # several adapters loaded: each row's own columns
+                slots = [-1] * rows.num_assistant_rows
+                for choice, arow in zip(rows.choices, rows.assistant_row, strict=True):
+                    if choice is not None and arow >= 0:
+                        slots[arow] = layout.slots[choice.assistant.adapter_id]
+                mask = adapter_columns_mask(layout, t(slots), self.runner.dtype)
+            graph = ULDGraphInputs(next(iter(by_k)), mask, layout.version)
 
         return ULDPlan(
             t(logit_rows),

@@ -92,7 +92,7 @@ class _RowPlan:
     """The assistant rows of one batch composition and the adapter of each (cached across decode steps)."""
 
     rows: torch.Tensor  # [n] stacked-batch row indices
-    slots: torch.Tensor  # [n] adapter slot per row
+    slots: torch.Tensor | None  # [n] adapter slot per row (read by the per-row gather only; None in `fixed_plan`)
     mask: torch.Tensor | None  # [n, W] 0/1 column mask; None when one adapter's columns suffice
     columns: tuple[int, int] | None  # that one adapter's columns
     gather: bool  # per-row padded A/B (many adapters) instead of the masked concatenation
@@ -109,18 +109,17 @@ class _RowPlan:
             t = self.seq_len
             rows = (self.rows[:, None] * t + torch.arange(t, device=self.rows.device)).reshape(-1)
             mask = None if self.mask is None else self.mask.repeat_interleave(t, dim=0)
-            self._tokens = (rows, self.slots.repeat_interleave(t), mask)
+            self._tokens = (rows, None if self.slots is None else self.slots.repeat_interleave(t), mask)
         return self._tokens
 
 
-def fixed_plan(start: int, slots: torch.Tensor, mask: torch.Tensor | None) -> _RowPlan:
+def fixed_plan(start: int, n: int, mask: torch.Tensor | None, device: torch.device) -> _RowPlan:
     """A plan for the decode rows [start, start + n) of the stacked batch, one per assistant row, over tensors that
-    outlive it (a CUDA graph reads them at replay): `slots` [n] adapter slot per row, `mask` [n, W] 0/1 columns of
-    each row's adapter (all zero: a padding row). `mask` None: one adapter is loaded, every row takes its columns
-    (padding rows too: their outputs are dropped and their K/V goes to their own free slots)."""
-    n = slots.shape[0]
-    rows = torch.arange(start, start + n, device=slots.device)
-    return _RowPlan(rows, slots, mask, None, False, 1, span=(start, start + n))  # no columns, no mask: every column
+    outlive it (a CUDA graph reads them at replay): `mask` [n, W] 0/1 columns of each row's adapter (all zero: a
+    padding row). `mask` None: one adapter is loaded, every row takes its columns (padding rows too: their outputs
+    are dropped and their K/V goes to their own free slots). Never the per-row gather, so no slot ids."""
+    rows = torch.arange(start, start + n, device=device)
+    return _RowPlan(rows, None, mask, None, False, 1, span=(start, start + n))  # no columns, no mask: every column
 
 
 def adapter_columns_mask(layout: _AdapterLayout, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
