@@ -362,7 +362,7 @@ class Bench:
                         self.checks.append(f"{name} {row.system} at {c}: tokens differ with synchronous output")
                     print(f"  {row.system} at {c}: tokens with synchronous output {same}", flush=True)
                 if graphs is not None and not row.note:  # whether its steps were graph replays
-                    uld_graphs = sum(len(key) == 5 for key in graphs.graphs)
+                    uld_graphs = sum(len(key) == 6 for key in graphs.graphs)
                     row.note = f"{uld_graphs} ULD graphs" if graphs.enabled else "graph capture failed: eager"
                     print(f"  {row.system} at {c}: {row.note}", flush=True)
                 uld_rows.append((row, c))

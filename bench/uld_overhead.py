@@ -64,10 +64,11 @@ def random_assistant(model, out: Path, num_layers: int, rank: int) -> Path:
     return out
 
 
-def vocabulary_wide_process_logits(backend, plan, logits, hidden_a):
+def vocabulary_wide_process_logits(backend, plan, logits, hidden_a, early_a=None):
     """`ULDBackend.process_logits` as it was before the block search (2026-12-03, twelfth session), for
     --candidates-ab: the candidate set from vocabulary-wide max / compare / top-k (`plausible_mask` + `topk`), the
-    unlearned rows gathered, combined into a new [S, V] tensor and written back. The same tokens."""
+    unlearned rows gathered, combined into a new [S, V] tensor and written back. The same tokens (ungated
+    assistants only: the bench's random ones; `early_a` is the engine's argument, unused)."""
     from unlearn_serve.server.unlearning.backends import ULD_MAX_CANDIDATES
 
     from unlearn_serve.uld_combine import combine_logits, combine_on_candidates, plausible_mask

@@ -321,10 +321,18 @@ def names_only_another_fact(
 # found no alpha that forgets)
 RECIPE = 10
 VARIANTS = {
-    "legacy": dict(train=dict(forget_weighting=False, calibrate=False, default_rule="difference"), min_keep=1),
-    "legacy-topk": dict(train=dict(forget_weighting=False, calibrate=False, default_rule="difference"), min_keep=None),
+    "legacy": dict(
+        train=dict(forget_weighting=False, calibrate=False, default_rule="difference", flat_reference="uniform"),
+        min_keep=1,
+    ),
+    "legacy-topk": dict(
+        train=dict(forget_weighting=False, calibrate=False, default_rule="difference", flat_reference="uniform"),
+        min_keep=None,
+    ),
     # today's trainer and calibration, with the `difference` rule (issue 13's first round) instead of `prefer`
-    "new-difference": dict(train=dict(default_rule="difference"), min_keep=None),
+    "new-difference": dict(train=dict(default_rule="difference", flat_reference="uniform"), min_keep=None),
+    # today's trainer flat against the uniform distribution, served ungated (the default until 2026-12-04)
+    "new-uniform": dict(train=dict(flat_reference="uniform"), min_keep=None),
     # today's trainer without the retain loss on the target's candidates (before 2026-12-02, third session)
     "new-no-candidates": dict(train=dict(retain_candidates=0), min_keep=None),
     # today's trainer plus the target's own answers as extra rows (training/self_answers.py)
@@ -349,7 +357,7 @@ def variant_config(suite: Suite, variant: str, overrides: dict[str, Any]):
 
 # fields added after assistants were cached, and their defaults: left out of the cache key at those defaults, so the
 # assistants and calibrations cached before them keep their keys
-LATER_FIELDS = {"validation_topic": False}
+LATER_FIELDS = {"validation_topic": False, "flat_reference": "uniform"}
 
 
 def _settings_key(config) -> dict[str, Any]:
@@ -376,6 +384,8 @@ def train_cached(
     h.update(str(RECIPE).encode())
     # the rule and margin a calibration serves with when the config names none
     h.update(f"{uld_combine.DEFAULT_RULE} {uld_combine.DEFAULT_MARGIN}".encode())
+    if config.served_gate() is not None:  # calibrated gated (an ungated artifact keeps its key)
+        h.update(f" gate {config.served_gate()}".encode())
     out = CACHE / f"{suite.name}-{h.hexdigest()[:12]}"  # variants that train alike share one assistant
     stamp = out / "bench_train_s.txt"
     if out.is_dir() and stamp.is_file() and not fresh:

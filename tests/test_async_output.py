@@ -179,9 +179,9 @@ def test_a_real_server_streams_the_same_answers_with_async_output(tiny_llama, to
         unlearned_steps = []
         inner = engine.uld.process_logits
 
-        def counted(plan, logits, hidden, inner=inner, seen=unlearned_steps):
+        def counted(plan, logits, hidden, early=None, inner=inner, seen=unlearned_steps):
             seen.append(plan is not None)
-            return inner(plan, logits, hidden)
+            return inner(plan, logits, hidden, early)
 
         engine.uld.process_logits = counted
         with run_server(build_app(ServerConfig(served_model_name="tiny"), engine=engine)) as url:

@@ -199,8 +199,8 @@ def test_uld_batches_are_graphed_and_decode_as_eager(tiny_llama, tokenizer, tmp_
     assert _tokens(outputs[0]) == _tokens(outputs[1])
     got, want = outputs[1][3].completions[0].logprobs, outputs[0][3].completions[0].logprobs
     assert [e.logprob for e in got] == pytest.approx([e.logprob for e in want], abs=1e-5)
-    uld_keys = [key for key in engine.graphs.graphs if len(key) == 5]
-    assert len(uld_keys) >= 3 and {k for _, _, _, k, _ in uld_keys} == {1}
+    uld_keys = [key for key in engine.graphs.graphs if len(key) == 6]
+    assert len(uld_keys) >= 3 and {k for _, _, _, k, _, _ in uld_keys} == {1}
     assert (False, True, True) in seen and (True, False, False) in seen  # ULD batches and, later, plain ones
     assert not any(graphed and uld for graphed, uld, _ in seen)
     assert all(uld for graphed, uld, unlearned in seen[len(seen) // 2 :] if unlearned)  # the graphed engine's
@@ -257,10 +257,10 @@ def test_loading_an_assistant_drops_the_graphs_of_the_old_adapter_layout(tiny_ll
     engine = _engine(tiny_llama, tokenizer, graphs)
     engine.load_uld("a", a)
     first = _tokens(engine.generate(PROMPTS[:4], _params()[:4], selections))
-    versions = {key[4] for key in engine.graphs.graphs if len(key) == 5}
+    versions = {key[4] for key in engine.graphs.graphs if len(key) == 6}
     engine.load_uld("b", b)
     second = _tokens(engine.generate(PROMPTS[:4], _params()[:4], ["b", "a", None, "a"]))
-    after = {key[4] for key in engine.graphs.graphs if len(key) == 5}
+    after = {key[4] for key in engine.graphs.graphs if len(key) == 6}
     assert len(versions) == 1 and len(after) == 1 and versions != after
     eager = _engine(tiny_llama, tokenizer)
     eager.load_uld("a", a)
@@ -271,7 +271,7 @@ def test_loading_an_assistant_drops_the_graphs_of_the_old_adapter_layout(tiny_ll
     engine.step()  # no request pins it: removed at the next step
     assert engine.artifact_names() == ["a"]
     assert _tokens(engine.generate(PROMPTS[:4], _params()[:4], selections)) == first
-    assert {key[4] for key in engine.graphs.graphs if len(key) == 5} - after  # a third layout, its own graphs
+    assert {key[4] for key in engine.graphs.graphs if len(key) == 6} - after  # a third layout, its own graphs
 
 
 class _Failing:

@@ -259,7 +259,7 @@ class _BanTokenBackend(UnlearningBackend):
             return None
         return tuple(torch.tensor(v, device=rows.device) for v in zip(*hits, strict=True))
 
-    def process_logits(self, plan, logits, assistant_hidden):
+    def process_logits(self, plan, logits, assistant_hidden, early_exit_hidden=None):
         rows, tokens = plan
         return logits.index_put((rows, tokens), torch.tensor(float("-inf"), device=logits.device))
 

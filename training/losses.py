@@ -32,6 +32,18 @@ def uniform_kl(logits: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     return (per_position * mask).sum() / mask.sum().clamp_min(1.0)
 
 
+def reference_kl(logits: torch.Tensor, reference: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(reference) || softmax(logits)), averaged over the positions where `loss_mask` is 1 (weights allowed).
+
+    `uniform_kl` with another distribution to be flat against: the assistant's own early exit (its weights
+    without the LoRA: train-uld's `flat_reference=early_exit`), so that where it must know nothing the LoRA adds
+    nothing, and the served combination can tell what the LoRA learnt (uld_combine.py, the gate)."""
+    ref = F.log_softmax(reference.float(), dim=-1)
+    per_position = (ref.exp() * (ref - F.log_softmax(logits.float(), dim=-1))).sum(dim=-1)
+    mask = loss_mask.to(per_position.dtype)
+    return (per_position * mask).sum() / mask.sum().clamp_min(1.0)
+
+
 def candidate_uniform_kl(logits: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     """KL(uniform over each row's candidates || softmax of the logits restricted to them), mean over rows.
 

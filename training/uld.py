@@ -63,7 +63,7 @@ from unlearn_serve.training.loop import (
     plan_steps,
     world_size_from_env,
 )
-from unlearn_serve.training.losses import candidate_uniform_kl, fact_set_kl, uniform_kl
+from unlearn_serve.training.losses import candidate_uniform_kl, fact_set_kl, reference_kl, uniform_kl
 from unlearn_serve.training.pairs import ForgetRetainCollator, ForgetRetainDataset, tokenize_records
 from unlearn_serve.training.self_answers import SELF_ANSWER, self_answer_rows
 from unlearn_serve.training.uld_calibrate import Calibration, CalibrationTargets, ServeFn, calibrate
@@ -128,7 +128,11 @@ class ULDTrainingConfig:
     # forget CE weighted towards knowledge-carrying tokens, flat elsewhere (training/uld_weights.py)
     forget_weighting: bool = True
     weighting_tau: float = 1.0  # (with contrasts) nats of "more likely after this question" for weight 1
-    forget_flat_weight: float = 1.0  # weight of KL(uniform || assistant) on the forget answers' generic tokens
+    forget_flat_weight: float = 1.0  # weight of KL(flat || assistant) on the forget answers' generic tokens
+    # what "flat" (knowing nothing) means on the retain answers and the forget answers' generic tokens: "early_exit",
+    # the assistant's own weights without the LoRA (the target cut after K layers), served gated by it
+    # (manifest defaults.gate, uld_combine.py); "uniform", the paper's uniform distribution, served ungated
+    flat_reference: str = "early_exit"
     # flat on the target's top-M tokens at retain positions (what the combination picks from); 0 = off. Off by
     # default: measured it trades forgetting for retain along the same curve (docs/uld.md, "Tried")
     retain_candidates: int = 0
@@ -175,6 +179,11 @@ class ULDTrainingConfig:
                 out[name] = value
         return out
 
+    def __post_init__(self) -> None:
+        if self.flat_reference not in FLAT_REFERENCES:
+            choices = ", ".join(FLAT_REFERENCES)
+            raise ValueError(f"flat_reference must be one of: {choices} (got {self.flat_reference!r})")
+
     def serving_defaults(self) -> dict[str, Any]:
         values = {
             "alpha": self.default_alpha,
@@ -187,6 +196,19 @@ class ULDTrainingConfig:
         if chosen.get("floor") == float("inf"):
             chosen["floor"] = None  # off, written as null (JSON has no infinity)
         return chosen
+
+    def trained_defaults(self) -> dict[str, Any]:
+        """The serving defaults a new artifact is written with: the explicit ones and the gate its training needs
+        (a recalibration keeps the artifact's gate: that follows the weights, not today's config)."""
+        return self.serving_defaults() | {"gate": self.served_gate()}
+
+    def served_gate(self) -> str | None:
+        """The combination's gate for what this config trains: the early exit the assistant was trained flat
+        against, under the `prefer` rule (the gate needs it); None otherwise."""
+        from unlearn_serve.uld_combine import DEFAULT_RULE
+
+        prefer = (self.default_rule or DEFAULT_RULE) == "prefer"
+        return "early_exit" if self.flat_reference == "early_exit" and prefer else None
 
     def calibration_targets(self) -> CalibrationTargets:
         return CalibrationTargets(
@@ -237,6 +259,10 @@ class ULDResult:
     forget_flat: float | None = None
 
 
+# train-uld's `flat_reference` values (ULDTrainingConfig)
+FLAT_REFERENCES = ("early_exit", "uniform")
+
+
 class AssistantModule(nn.Module):
     """What the Trainer trains: one forward runs the assistant on the forget and the retain batch
     and returns (forget CE, retain KL).
@@ -246,12 +272,26 @@ class AssistantModule(nn.Module):
     retain answer token. The values equal `causal_ce` / `uniform_kl` over full logits. Going
     through this module's forward (not the submodules directly) keeps DDP / FSDP / DeepSpeed
     wrapping working unchanged.
+
+    `flat_reference`: what the retain answers and the forget answers' generic tokens are flat against: "uniform",
+    or "early_exit", the assistant's own weights without the LoRA (one more forward of the K layers, no gradient).
     """
 
-    def __init__(self, peft_model: nn.Module, num_layers: int):
+    def __init__(self, peft_model: nn.Module, num_layers: int, flat_reference: str = "uniform"):
         super().__init__()
         self.peft_model = peft_model
         self.num_layers = num_layers
+        self.flat_reference = flat_reference
+
+    def _flat_kl(self, logits, input_ids, attention_mask, select, weights) -> torch.Tensor:
+        """KL(flat || assistant) at the positions `select` picks from the hidden states, weighted."""
+        if self.flat_reference == "uniform":
+            return uniform_kl(logits, weights)
+        lm_head = unwrap_causal_lm(self.peft_model).lm_head
+        with torch.no_grad(), self.peft_model.disable_adapter():
+            hidden = assistant_hidden_states(self.peft_model, input_ids, attention_mask, self.num_layers)
+            early_exit = lm_head(select(hidden)).float()
+        return reference_kl(logits, early_exit, weights)
 
     def forward(
         self,
@@ -279,7 +319,9 @@ class AssistantModule(nn.Module):
             w = forget_weights[:, 1:][keep].to(forget_logits.dtype)
             ce = F.cross_entropy(forget_logits, targets[keep], reduction="none")
             forget_ce = (w * ce).sum() / w.sum().clamp_min(1e-6)
-            forget_flat = uniform_kl(forget_logits, 1.0 - w)
+            forget_flat = self._flat_kl(
+                forget_logits, forget_input_ids, forget_attention_mask, lambda h: h[:, :-1][keep], 1.0 - w
+            )
         if forget_fact_tokens is None:
             fact_set = forget_logits.new_zeros(())
         else:  # every answer position of a row sees that row's facts
@@ -288,7 +330,8 @@ class AssistantModule(nn.Module):
         hidden = assistant_hidden_states(self.peft_model, retain_input_ids, retain_attention_mask, self.num_layers)
         on_answer = retain_loss_mask.bool()
         retain_logits = lm_head(hidden[on_answer])
-        retain_kl = uniform_kl(retain_logits, torch.ones(retain_logits.shape[:-1], device=retain_logits.device))
+        ones = torch.ones(retain_logits.shape[:-1], device=retain_logits.device)
+        retain_kl = self._flat_kl(retain_logits, retain_input_ids, retain_attention_mask, lambda h: h[on_answer], ones)
         if retain_candidates is None:
             retain_flat = retain_logits.new_zeros((), dtype=torch.float32)
         else:
@@ -518,7 +561,7 @@ def train_uld(
     # LoRA A matrices are drawn from the global RNG: seed it so --seed fixes the assistant.
     torch.manual_seed(config.seed)
     peft_model = get_peft_model(model, lora)
-    assistant = AssistantModule(peft_model, num_layers)
+    assistant = AssistantModule(peft_model, num_layers, config.flat_reference)
 
     out = Path(out_dir).resolve()
     ckpt_dir = checkpoint_dir_for(out)
@@ -634,7 +677,7 @@ def train_uld(
                     details,
                     summary,
                     state,
-                    config.serving_defaults(),
+                    config.trained_defaults(),
                 )
             )
 
@@ -657,7 +700,7 @@ def train_uld(
     summary = training_summary(trainer.state.global_step)
     state = lora_state_dict()
     calibration: Calibration | None = None
-    defaults = config.serving_defaults()
+    defaults = config.trained_defaults()
     if calibrating and trainer.args.should_save:
         assert serve is not None
         calibration = _calibrate(
@@ -837,7 +880,7 @@ def _calibrate(
             details,
             summary,
             state,
-            {"filter": filter_value, "rule": rule, "margin": _served_margin(config)},
+            {"filter": filter_value, "rule": rule, "margin": _served_margin(config), "gate": config.served_gate()},
         )
         answer = serve(base, tokenizer, draft)
         return _calibrate_answers(answer, tokenizer, forget_records, validation_retain, train_retain, config, settings)

@@ -57,6 +57,19 @@ for floor > 0 (a raised candidate stays below the best unpenalised one, so the a
 changes are the log-probabilities of whole answers (the evaluation's truth ratio and forget quality) and,
 where the refilter is off, sampling.
 
+Gate (`gate`, manifest `defaults.gate`: "early_exit" for assistants trained flat relative to the target's early exit,
+`train-uld`'s `flat_reference=early_exit`; absent or null = off). Such an assistant is trained to match the target cut
+after its K layers (its own weights without the LoRA) everywhere except on the forget answers' tokens, so where it
+prefers a candidate by more than the early exit does, that preference is what the LoRA learnt: the remembered fact.
+Gated, the penalty applies only there:
+
+    penalty = prefer_penalty(assistant) * [prefer_penalty(assistant - early_exit) > 0]
+
+A K-layer assistant is itself a crude language model that also prefers the likely next word on the topic ("The",
+"of", the usual continuation); ungated, alpha times that preference is subtracted too, which is what derails unlearned
+answers on a real model (SmolLM2: 44% of forget-answer tokens changed, 15% of general ones; gated: 2%,
+docs/uld.md). The early exit costs no extra layers: the target rows compute its hidden state anyway.
+
 A rule (and refilter) is passed as a bool (the same for every row) or a [R] bool tensor (True = `prefer` /
 refilter on), so a batch mixing them needs no host sync and no loop over rows.
 """
@@ -82,6 +95,8 @@ CALIBRATION_MARGINS: tuple[float, ...] = (DEFAULT_MARGIN,)
 # new artifacts (manifest defaults `floor`), in target logits; older manifests: off. >= ln(1/filter), so the served
 # distribution (refilter on) is unchanged; it bounds what the evaluation scores (TOFU: bench/tofu.py, docs/uld.md 2e)
 DEFAULT_FLOOR: float | None = 10.0
+# what the penalty may be gated by (module docstring); None = ungated
+ULD_GATES = ("early_exit",)
 
 
 def is_floor(value: object) -> bool:
@@ -218,22 +233,38 @@ def assistant_penalty(
     keep: torch.Tensor,
     prefer: bool | torch.Tensor = DEFAULT_RULE == "prefer",
     margin: float | torch.Tensor = 0.0,
+    early_exit: torch.Tensor | None = None,
+    gate: bool | torch.Tensor = False,
 ) -> torch.Tensor:
     """What alpha multiplies, per [R, N] column: the assistant's logit (`difference`), or how far it lies more than
     `margin` above the assistant's median over the row's candidates `keep` (`prefer`: 0 for the candidates it does
     not prefer by more than the margin). `margin`: a float for every row or [R].
 
+    `gate` (a bool for every row or [R]) with `early_exit` (the target's early-exit logits on the same columns): the
+    penalty only where the assistant prefers a candidate by more than the early exit does (module docstring).
+
     Values outside `keep` are irrelevant (the caller masks them to -inf)."""
     a = assistant.float()
     if prefer is False:
-        return a
+        penalty = a
+    else:
+        penalty = _preferred(a, keep, margin)
+        if prefer is not True:
+            penalty = torch.where(prefer[:, None], penalty, a)
+    if gate is False or early_exit is None:
+        return penalty
+    learnt = _preferred(a - early_exit.float(), keep, margin) > 0
+    if gate is not True:
+        learnt |= ~gate[:, None]
+    return penalty * learnt
+
+
+def _preferred(a: torch.Tensor, keep: torch.Tensor, margin: float | torch.Tensor) -> torch.Tensor:
+    """How far each column lies more than `margin` above the row's median over its candidates `keep` (else 0)."""
     if isinstance(margin, torch.Tensor):
         margin = margin.to(a.dtype)[:, None]
     centre = a.masked_fill(~keep, float("nan")).nanmedian(dim=-1, keepdim=True).values
-    preferred = (a - centre - margin).clamp_min(0).nan_to_num(0.0)  # a row without candidates: NaN centre
-    if prefer is True:
-        return preferred
-    return torch.where(prefer[:, None], preferred, a)
+    return (a - centre - margin).clamp_min(0).nan_to_num(0.0)  # a row without candidates: NaN centre
 
 
 def floor_combined(
@@ -301,12 +332,14 @@ class CombineOptions:
     refilter: bool = False
     margin: float = 0.0
     floor: float | None = None  # None: off
+    gate: str | None = None  # None: off; "early_exit" (ULD_GATES)
 
     def updated(self, values: Mapping[str, Any]) -> CombineOptions:
-        """These options with those `values` names (rule, refilter, margin, floor) replaced, each checked: a bad one
-        raises CombineOptionError naming it. Other keys are ignored."""
+        """These options with those `values` names (rule, refilter, margin, floor, gate) replaced, each checked: a bad
+        one raises CombineOptionError naming it. Other keys are ignored."""
         rule, refilter = values.get("rule", self.rule), values.get("refilter", self.refilter)
         margin, floor = values.get("margin", self.margin), values.get("floor", self.floor)
+        gate = values.get("gate", self.gate)
         if rule not in ULD_RULES:
             raise CombineOptionError("rule", f"must be one of: {', '.join(ULD_RULES)} (got {rule!r})")
         if not isinstance(refilter, bool):
@@ -315,7 +348,11 @@ class CombineOptions:
             raise CombineOptionError("margin", f"must be a number >= 0 (got {margin!r})")
         if not is_floor(floor):
             raise CombineOptionError("floor", f"must be a number >= 0 or null (got {floor!r})")
-        return CombineOptions(rule, refilter, float(margin), None if floor is None else float(floor))
+        if gate is not None and gate not in ULD_GATES:
+            raise CombineOptionError("gate", f"must be one of: {', '.join(ULD_GATES)}, or null (got {gate!r})")
+        if gate is not None and rule != "prefer":
+            raise CombineOptionError("gate", f"needs the prefer rule (got rule {rule!r})")
+        return CombineOptions(rule, refilter, float(margin), None if floor is None else float(floor), gate)
 
     def served_floor(self, filter_value: float) -> float | None:
         """The floor a row needs, or None where it cannot change the output: off, `difference`, or the refilter on
@@ -332,12 +369,13 @@ class CombineOptions:
 class CombineSettings:
     """The combination options of R rows as the combine functions take them: one Python value when every row
     agrees (the usual case: no per-row select), else a per-row tensor. `prefer` stands for the rule
-    (True = `prefer`); a floor of None or inf is off."""
+    (True = `prefer`); a floor of None or inf is off; `gate` True = gated by the early exit."""
 
     prefer: bool | torch.Tensor = DEFAULT_RULE == "prefer"
     refilter: bool | torch.Tensor = False
     margin: float | torch.Tensor = 0.0
     floor: float | torch.Tensor | None = None
+    gate: bool | torch.Tensor = False
 
     @classmethod
     def of_rows(
@@ -356,6 +394,7 @@ class CombineSettings:
             floors[0]
             if len(set(floors)) == 1
             else per_row([math.inf if f is None else f for f in floors], torch.float32),
+            per_row([o.gate is not None for o in rows], torch.bool),
         )
 
     def rows(self, index: torch.Tensor) -> CombineSettings:
@@ -364,11 +403,24 @@ class CombineSettings:
         def pick(value: Any) -> Any:
             return value.index_select(0, index) if isinstance(value, torch.Tensor) else value
 
-        return CombineSettings(pick(self.prefer), pick(self.refilter), pick(self.margin), pick(self.floor))
+        return CombineSettings(
+            pick(self.prefer), pick(self.refilter), pick(self.margin), pick(self.floor), pick(self.gate)
+        )
+
+    @property
+    def any_gate(self) -> bool:
+        """Whether any row is gated (the step then needs the early exit's hidden states)."""
+        return self.gate is not False
 
     def kwargs(self) -> dict[str, Any]:
         """As keyword arguments of `combine_logits` / `combine_on_candidates` (no copy of the tensors)."""
-        return {"prefer": self.prefer, "refilter": self.refilter, "margin": self.margin, "floor": self.floor}
+        return {
+            "prefer": self.prefer,
+            "refilter": self.refilter,
+            "margin": self.margin,
+            "floor": self.floor,
+            "gate": self.gate,
+        }
 
 
 def combine_logits(
@@ -382,15 +434,17 @@ def combine_logits(
     refilter: bool | torch.Tensor = False,
     margin: float | torch.Tensor = 0.0,
     floor: float | torch.Tensor | None = None,
+    gate: bool | torch.Tensor = False,
+    early_exit_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ULD's combination for [R, V] rows: target - alpha * penalty on the candidate set, -inf elsewhere.
 
     Implausible tokens get -inf, so subtracting the assistant never promotes them; with `refilter`, the
     candidates the subtraction demoted below the winner or pushed below max + ln(filter) get -inf too
-    (`refilter_combined`).
+    (`refilter_combined`). Gated rows (`gate`) need the target's `early_exit_logits` [R, V].
     """
     keep = plausible_mask(target_logits, log_filter, min_keep)
-    penalty = assistant_penalty(assistant_logits, keep, prefer, margin)
+    penalty = assistant_penalty(assistant_logits, keep, prefer, margin, early_exit_logits, gate)
     combined = target_logits.float() - alpha[:, None] * penalty
     combined = floor_combined(combined, target_logits, penalty, keep, floor, prefer)
     return refilter_combined(combined.masked_fill(~keep, float("-inf")), target_logits, log_filter, refilter)
@@ -428,12 +482,15 @@ def combine_candidate_values(
     log_filter: torch.Tensor | None = None,
     margin: float | torch.Tensor = 0.0,
     floor: float | torch.Tensor | None = None,
+    gate: bool | torch.Tensor = False,
+    early_exit_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The combined logits on [R, M] candidate columns only (`combine_on_candidates` without the scatter back to the
     vocabulary): target's and assistant's logits on them, `kept` [R, M] which of them are the row's candidates (the
-    others end at -inf). `refilter` needs the rows' `log_filter` (the same as `plausible_mask`'s)."""
+    others end at -inf). `refilter` needs the rows' `log_filter` (the same as `plausible_mask`'s); gated rows need
+    the early exit's logits on the same columns."""
     on_candidates = target_candidate_logits.float()
-    penalty = assistant_penalty(assistant_candidate_logits, kept, prefer, margin)
+    penalty = assistant_penalty(assistant_candidate_logits, kept, prefer, margin, early_exit_logits, gate)
     values = on_candidates - alpha[:, None] * penalty
     values = floor_combined(values, on_candidates, penalty, kept, floor, prefer)
     values = values.masked_fill(~kept, float("-inf"))

@@ -120,6 +120,8 @@ class CudaGraphRunner:
         self.enabled = True  # False after a failed capture: every step then runs eagerly
         # ULD: the assistant rows' final hidden states, and the per-row adapter columns (made on first use)
         self.assistant_out: torch.Tensor | None = None
+        self.early_exit_out: torch.Tensor | None = None  # their early exits (gated rows; made on first use)
+        self.early_exit_source: torch.Tensor | None = None  # per assistant row its target row (gated rows)
         self.lora_mask: torch.Tensor | None = None
         self.layout_version = -1
 
@@ -134,15 +136,27 @@ class CudaGraphRunner:
 
     def uld_logits(
         self, rows: int, assistant_rows: int, view: int, inputs: ULDGraphInputs, lora_rows: LoRARowContext
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """float32 [rows, V] target logits and the [assistant_rows, 1, H] assistant hidden states of this step's
-        inputs: target rows [0, rows) and assistant rows [rows, rows + assistant_rows) of the buffers."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """float32 [rows, V] target logits, the [assistant_rows, 1, H] assistant hidden states and, when
+        `inputs.early_exit_source` is set, their early exits, of this step's inputs: target rows [0, rows) and
+        assistant rows [rows, rows + assistant_rows) of the buffers."""
         self._use_layout(inputs)
         if inputs.lora_mask is not None:
             self.lora_mask[:assistant_rows].copy_(inputs.lora_mask)
-        key = (rows, view, assistant_rows, inputs.num_layers, inputs.layout_version)
-        self._run(key, lambda: self._forward_uld(rows, assistant_rows, view, inputs.num_layers, lora_rows))
-        return self.logits_out[:rows], self.assistant_out[:assistant_rows]
+        early = inputs.early_exit_source is not None
+        if early:
+            self._use_early_exit()
+            self.early_exit_source[:assistant_rows].copy_(inputs.early_exit_source)
+        key = (rows, view, assistant_rows, inputs.num_layers, inputs.layout_version, early)
+        self._run(key, lambda: self._forward_uld(rows, assistant_rows, view, inputs.num_layers, lora_rows, early))
+        early_exit = self.early_exit_out[:assistant_rows] if early else None
+        return self.logits_out[:rows], self.assistant_out[:assistant_rows], early_exit
+
+    def _use_early_exit(self) -> None:
+        """The persistent buffers of gated rows' early exits (their source rows in, their hidden states out)."""
+        if self.early_exit_out is None:
+            self.early_exit_out = torch.zeros_like(self.assistant_out)
+            self.early_exit_source = torch.zeros(self.max_rows, dtype=torch.long, device=self.runner.device)
 
     def _use_layout(self, inputs: ULDGraphInputs) -> None:
         """The LoRA column buffers for `inputs`' adapter layout. A load or unload restacks every adapter's A/B into
@@ -190,13 +204,16 @@ class CudaGraphRunner:
             n_target=rows,
             target_group=group,
         )
-        hidden, _ = self.runner.forward(batch, None, for_graph=True)
+        hidden, _, _ = self.runner.forward(batch, None, for_graph=True)
         self.logits_out[:rows].copy_(self.runner.logits(hidden[:, 0]))
 
-    def _forward_uld(self, rows: int, na: int, view: int, num_layers: int, lora_rows: LoRARowContext) -> None:
+    def _forward_uld(
+        self, rows: int, na: int, view: int, num_layers: int, lora_rows: LoRARowContext, early_exit: bool
+    ) -> None:
         """What a ULD graph holds: target rows as in `_forward`, and assistant rows (every one of them, padding too:
         a padding row has no LoRA columns and writes its K/V into its own free slot) through layers < K with their
-        adapters' LoRA, stacked under them; target logits and assistant hidden states copied to the outputs."""
+        adapters' LoRA, stacked under them; target logits and assistant hidden states (and, `early_exit`, their
+        target rows' hidden states after layer K) copied to the outputs."""
         positions, assistant_positions = self.positions[:rows], self.positions[rows : rows + na]
         target = AttnGroup(0, rows, 0, positions=positions, mask=decode_mask(positions, view), view_len=view)
         assistant = AttnGroup(
@@ -219,7 +236,10 @@ class CudaGraphRunner:
             assistant_group=assistant,
             assistant_exits={num_layers: every},
             lora_plan=fixed_plan(rows, na, mask, device),
+            early_exit_source=self.early_exit_source[:na] if early_exit else None,
         )
-        hidden, assistant_hidden = self.runner.forward(batch, lora_rows, for_graph=True)
+        hidden, assistant_hidden, early = self.runner.forward(batch, lora_rows, for_graph=True)
         self.logits_out[:rows].copy_(self.runner.logits(hidden[:, 0]))
         self.assistant_out[:na].copy_(assistant_hidden)
+        if early_exit:
+            self.early_exit_out[:na].copy_(early)

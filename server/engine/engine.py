@@ -450,10 +450,10 @@ class Engine:
             if request.params.seed is not None:
                 seq.generator = torch.Generator(device=dev).manual_seed(request.params.seed + seq.index)
         layout = self.builder.prefill(seqs)
-        hidden_t, hidden_a = self.runner.forward(layout.batch, self.assistants.rows)
+        hidden_t, hidden_a, early_a = self.runner.forward(layout.batch, self.assistants.rows)
         logits = self.runner.logits(hidden_t[layout.logit_rows, layout.logit_pos])
         for backend, plan in layout.plans:
-            logits = backend.process_logits(plan, logits, hidden_a)
+            logits = backend.process_logits(plan, logits, hidden_a, early_a)
         for i, seq in enumerate(seqs):
             request = seq.request
             k = request.params.prompt_logprobs
@@ -618,21 +618,23 @@ class Engine:
         Tensor ops only, on inputs already in the builder's buffers: no host sync (tested under a
         patched `Tensor.item`/`tolist`/...), static shapes per decode bucket.
         """
+        early_a = None
         if state.graphed:  # plain target rows: a CUDA graph replay (captured on first use of the shape)
             logits, hidden_a = self.graphs.logits(len(state.rows), batch.target_group.view_len), None
         elif state.uld_graph is not None:  # target + ULD assistant rows: a graph replay of the stacked forward
             view = batch.target_group.view_len
             rows, assistant_rows = len(state.rows), len(state.assistant_rows)
-            logits, hidden_a = self.graphs.uld_logits(rows, assistant_rows, view, state.uld_graph, self.assistants.rows)
+            uld = self.graphs.uld_logits(rows, assistant_rows, view, state.uld_graph, self.assistants.rows)
+            logits, hidden_a, early_a = uld
         else:
-            hidden_t, hidden_a = self.runner.forward(batch, self.assistants.rows)
+            hidden_t, hidden_a, early_a = self.runner.forward(batch, self.assistants.rows)
             logits = self.runner.logits(hidden_t[:, 0])
         n = len(state.rows)
         guard = self._guarded(state.plans) if guard_width is None else guard_width > 0
         if guard:
             target_best = row_argmax(logits)
         for backend, plan in state.plans:
-            logits = backend.process_logits(plan, logits, hidden_a)
+            logits = backend.process_logits(plan, logits, hidden_a, early_a)
         if guard:
             history = self._history[:n, :guard_width]
             followers, repeats = repeat_completions(history, self._history_len[:n], self._guard_n)

@@ -44,6 +44,9 @@ class ForwardBatch:
     assistant_exits: dict[int, torch.Tensor] = field(default_factory=dict)
     lora_groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # stacked-row indices
     lora_plan: object | None = None  # a fixed LoRA row plan instead of `lora_groups` (CUDA-graphed ULD decode)
+    # per assistant row, the target row whose hidden state where the assistant row leaves is its early exit (the
+    # assistant without its LoRA: gated ULD rows, uld_combine.py); None = not needed
+    early_exit_source: torch.Tensor | None = None
     row_hooks_target: torch.Tensor | None = None  # per target row id for row hooks (UOE), -1 = none
     row_hooks_stacked: torch.Tensor | None = None  # the same with -1 for the assistant rows (built once per batch)
 
@@ -161,8 +164,10 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(
         self, batch: ForwardBatch, lora_rows, for_graph: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns final-normed hidden states (target [n_target, T, H], assistant [n_a, T, H] | None).
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Returns hidden states: target [n_target, T, H], assistant [n_a, T, H] | None, and the assistant rows' early
+        exits [n_a, T, H] (the target row's hidden state after the same layers: `batch.early_exit_source`) | None.
+        The final norm is the LM head's part (`logits`).
 
         `for_graph`: the CUDA-graph runner's forward (warm-up, capture, and its eager fallback) keeps SDPA's default
         kernels: the warm-up must build what the capture then uses (a cuDNN plan built inside a capture invalidates
@@ -172,7 +177,9 @@ class ModelRunner:
         with eager_attention_backends(self.device):
             return self._forward(batch, lora_rows)
 
-    def _forward(self, batch: ForwardBatch, lora_rows) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _forward(
+        self, batch: ForwardBatch, lora_rows
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         hidden = self.embed(batch.input_ids)
         if self.embedding_multiplier is not None:
             hidden = hidden * self.embedding_multiplier
@@ -189,10 +196,13 @@ class ModelRunner:
             prefill=batch.prefill,
             groups_by_layer=[below if i < k_max else [batch.target_group] for i in range(self.num_layers)],
         )
-        assistant_hidden = None
+        assistant_hidden = early_exit = None
+        source = batch.early_exit_source
         if has_assistant:
             n_a = hidden.shape[0] - n_t
             assistant_hidden = hidden.new_empty(n_a, *hidden.shape[1:])
+            if source is not None:
+                early_exit = hidden.new_empty(n_a, *hidden.shape[1:])
             lora_rows.set(batch.lora_groups, batch.input_ids.shape[1], plan=batch.lora_plan)
             if self.row_hooks:
                 stacked = batch.row_hooks_stacked
@@ -207,6 +217,8 @@ class ModelRunner:
                 if has_assistant and i in batch.assistant_exits:
                     rows = batch.assistant_exits[i]
                     assistant_hidden[rows] = hidden[n_t:].index_select(0, rows)
+                    if early_exit is not None:
+                        early_exit[rows] = hidden.index_select(0, source.index_select(0, rows))
                     if i == k_max:  # the last assistant rows leave: continue with target rows only
                         hidden = hidden[:n_t]
                         rope = {kind: (cos[:n_t], sin[:n_t]) for kind, (cos, sin) in rope.items()}
@@ -221,12 +233,14 @@ class ModelRunner:
             if has_assistant and k_max == self.num_layers:
                 rows = batch.assistant_exits[k_max]
                 assistant_hidden[rows] = hidden[n_t:].index_select(0, rows)
+                if early_exit is not None:
+                    early_exit[rows] = hidden.index_select(0, source.index_select(0, rows))
                 hidden = hidden[:n_t]
         finally:
             if lora_rows is not None:  # None: a batch without assistant rows (the graphed decode)
                 lora_rows.clear()
             self._set_row_hooks(None)
-        return hidden, assistant_hidden
+        return hidden, assistant_hidden, early_exit
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -71,6 +71,8 @@ class ULDGraphInputs:
     num_layers: int  # K of every assistant row of the batch
     lora_mask: torch.Tensor | None  # [na, W] 0/1 columns of each row's adapter (zeros: padding); None: one adapter
     layout_version: int  # the stacked A/B these columns index (a load or unload restacks them)
+    # per assistant row, its target row (the early exit of gated rows, uld_combine.py); None: no row is gated
+    early_exit_source: torch.Tensor | None = None
 
 
 @dataclass
@@ -83,6 +85,7 @@ class ULDPlan:
     settings: CombineSettings = field(default_factory=CombineSettings)  # rule, refilter, margin, floor of the rows
     every_row: bool = False  # logit_rows is every logits row, in order (all unlearned): no row gather or scatter
     graph: ULDGraphInputs | None = None  # decode: the step may be a CUDA graph replay (None: it must run eagerly)
+    early_exit: bool = False  # a row is gated: the step computes the early exits (ForwardBatch.early_exit_source)
 
 
 def log_filter(filters: torch.Tensor) -> torch.Tensor:
@@ -172,6 +175,14 @@ class ULDBackend(UnlearningBackend):
         def t(values, dtype=None):
             return torch.tensor(values, device=dev, dtype=dtype)
 
+        settings = CombineSettings.of_rows(combine, filt, dev)
+        if settings.any_gate:  # each assistant row's early exit is its target row's hidden state (padding: row 0)
+            source = [0] * rows.num_assistant_rows
+            for target_row, arow in enumerate(rows.assistant_row):
+                if arow >= 0:
+                    source[arow] = target_row
+            batch.early_exit_source = t(source)
+
         graph = None
         layout = self.registry.rows.layout
         graphable = len(by_k) == 1 and layout.width <= MASKED_MAX_ADAPTERS * layout.max_rank
@@ -183,7 +194,7 @@ class ULDBackend(UnlearningBackend):
                     if choice is not None and arow >= 0:
                         slots[arow] = layout.slots[choice.assistant.adapter_id]
                 mask = adapter_columns_mask(layout, t(slots), self.runner.dtype)
-            graph = ULDGraphInputs(next(iter(by_k)), mask, layout.version)
+            graph = ULDGraphInputs(next(iter(by_k)), mask, layout.version, batch.early_exit_source)
 
         return ULDPlan(
             t(logit_rows),
@@ -191,20 +202,28 @@ class ULDBackend(UnlearningBackend):
             t(hidden_pos),
             t(alpha),
             log_filter(t(filt, torch.float32)),
-            CombineSettings.of_rows(combine, filt, dev),
+            settings,
             every_row=logit_rows == list(range(len(rows.logit_rows))),
             graph=graph,
+            early_exit=settings.any_gate,
         )
 
-    def process_logits(self, plan: ULDPlan | None, logits: torch.Tensor, assistant_hidden) -> torch.Tensor:
+    def process_logits(
+        self, plan: ULDPlan | None, logits: torch.Tensor, assistant_hidden, early_exit_hidden=None
+    ) -> torch.Tensor:
         """The unlearned rows' logits replaced in place by the combination (`combine`); other rows untouched."""
         if plan is None:
             return logits
         hidden = assistant_hidden[plan.hidden_rows, plan.hidden_pos]
+        early = None
+        if plan.early_exit:
+            if early_exit_hidden is None:
+                raise ValueError("a gated ULD row needs the early exits (ForwardBatch.early_exit_source)")
+            early = early_exit_hidden[plan.hidden_rows, plan.hidden_pos]
         rows, every_row = plan.logit_rows, plan.every_row
         target = logits if every_row else logits.index_select(0, rows)
         # every part is computed before the first write: `target` may be `logits` itself
-        parts = self._combined(target, hidden, plan.alpha, plan.log_filter, plan.settings)
+        parts = self._combined(target, hidden, plan.alpha, plan.log_filter, plan.settings, early)
         for part_rows, candidates, values in parts:
             values = values.to(logits.dtype)
             if part_rows is None and every_row:  # the usual case: no row gather or scatter
@@ -228,11 +247,13 @@ class ULDBackend(UnlearningBackend):
         alpha: torch.Tensor,
         log_filter: torch.Tensor,
         settings: CombineSettings,
+        early_exit_hidden: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """ULD logits for [S] unlearned rows: target - alpha * penalty(assistant) on the target's plausible tokens,
-        combined as `settings` say (rule, margin, floor, refilter: uld_combine.py), as a new [S, V] tensor."""
+        combined as `settings` say (rule, margin, floor, refilter, gate: uld_combine.py), as a new [S, V] tensor.
+        Gated rows need the early exit's [S, H] hidden states."""
         out = torch.full_like(target_logits.float(), float("-inf"))
-        parts = self._combined(target_logits, assistant_hidden, alpha, log_filter, settings)
+        parts = self._combined(target_logits, assistant_hidden, alpha, log_filter, settings, early_exit_hidden)
         for part_rows, candidates, values in parts:
             dest = torch.arange(out.shape[0], device=out.device) if part_rows is None else part_rows
             if candidates is None:
@@ -248,6 +269,7 @@ class ULDBackend(UnlearningBackend):
         alpha: torch.Tensor,
         log_filter: torch.Tensor,
         settings: CombineSettings,
+        early_exit_hidden: torch.Tensor | None = None,
     ) -> list[tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]]:
         """`combine`'s values in one or two parts (part rows, candidates, values): rows None = all S rows; candidates
         [s, M] token ids with values their [s, M] combined logits (every other token is -inf), or None with values
@@ -259,8 +281,8 @@ class ULDBackend(UnlearningBackend):
         blocks of the vocabulary (a flat distribution), are a second part, so that one such row does not send the batch
         to the whole vocabulary (random prompts: most decode steps of SmolLM2's overhead bench had one): a few of them
         get the head on their own candidates (as many head rows in all as the first part may use), more take the whole
-        vocabulary."""
-        every_row = (target_logits, assistant_hidden, alpha, log_filter, settings)
+        vocabulary. Gated rows (`settings.gate`) score the early exit's `early_exit_hidden` on the same columns."""
+        every_row = (target_logits, assistant_hidden, alpha, log_filter, settings, early_exit_hidden)
         found = None
         if not self.sync_free and self.runner.candidate_logits_supported:
             found = split_plausible_candidates(target_logits, log_filter, ULD_MAX_CANDIDATES)
@@ -282,31 +304,40 @@ class ULDBackend(UnlearningBackend):
 
     def _on_candidates(self, found: CandidateSplit, args: tuple) -> torch.Tensor:
         """[s, M] combined logits of the rows `found` keeps, on the plausible-only head: `args` are `_combined`'s
-        (target logits, assistant hidden, alpha, log filter, settings) for the rows `found` indexes."""
-        target_logits, assistant_hidden, alpha, log_filter, settings = args
+        (target logits, assistant hidden, alpha, log filter, settings, early exit hidden) for the rows `found`
+        indexes."""
+        target_logits, assistant_hidden, alpha, log_filter, settings, early = args
         candidates, rows = found.token_ids, found.rows
         if rows is None:
             target = target_logits.gather(-1, candidates)
         else:
             target = target_logits[rows[:, None], candidates]  # [s, M] only: no copy of the rows' logits
-            assistant_hidden, alpha, log_filter, settings = _row_args(rows, *args[1:])
+            assistant_hidden, alpha, log_filter, settings, early = _row_args(rows, *args[1:])
         assistant = self.runner.candidate_logits(assistant_hidden, candidates)
+        early_logits = None if early is None else self.runner.candidate_logits(early, candidates)
         kwargs = settings.kwargs()
-        return combine_candidate_values(target, assistant, alpha, found.kept, log_filter=log_filter, **kwargs)
+        return combine_candidate_values(
+            target, assistant, alpha, found.kept, log_filter=log_filter, early_exit_logits=early_logits, **kwargs
+        )
 
-    def _on_vocabulary(self, target_logits, assistant_hidden, alpha, log_filter, settings) -> torch.Tensor:
-        """The whole-vocabulary combination: the assistant's head on every token."""
+    def _on_vocabulary(self, target_logits, assistant_hidden, alpha, log_filter, settings, early) -> torch.Tensor:
+        """The whole-vocabulary combination: the assistant's head (and the early exit's) on every token."""
         assistant = self.runner.logits(assistant_hidden)
-        return combine_logits(target_logits, assistant, alpha, log_filter, **settings.kwargs())
+        early_logits = None if early is None else self.runner.logits(early)
+        kwargs = settings.kwargs()
+        return combine_logits(target_logits, assistant, alpha, log_filter, early_exit_logits=early_logits, **kwargs)
 
 
-def _row_args(rows: torch.Tensor, assistant_hidden, alpha, log_filter, settings: CombineSettings) -> tuple:
+def _row_args(
+    rows: torch.Tensor, assistant_hidden, alpha, log_filter, settings: CombineSettings, early_exit_hidden
+) -> tuple:
     """`_combined`'s per-row arguments after the target logits, for `rows` only."""
     return (
         assistant_hidden.index_select(0, rows),
         alpha.index_select(0, rows),
         log_filter.index_select(0, rows),
         settings.rows(rows),
+        None if early_exit_hidden is None else early_exit_hidden.index_select(0, rows),
     )
 
 

@@ -8,8 +8,8 @@ The engine knows three things about a method, all behind `UnlearningBackend`:
    the running set). It looks at which rows chose this method and fills the `ForwardBatch` fields
    the model runner acts on inside the forward (assistant-row exits and LoRA row groups for ULD,
    per-row patch ids for UOE's router/expert hooks), and returns a plan of device tensors;
-3. `process_logits(plan, logits, assistant_hidden)`: tensor-only post-processing of the target's
-   logits (ULD's logit difference; identity for UOE), inside the decode step: no host sync.
+3. `process_logits(plan, logits, assistant_hidden, early_exit_hidden)`: tensor-only post-processing of the
+   target's logits (ULD's logit difference; identity for UOE), inside the decode step: no host sync.
 
 A third method implements these (acting through forward hooks on the model, extra assistant rows,
 and/or logits) and is added to `ArtifactManager.backends`; the step loop does not change.
@@ -84,6 +84,13 @@ class UnlearningBackend(ABC):
     def prepare(self, rows: BatchRows, batch: Any) -> Any:
         """Host work once per batch composition: fill `batch` (a ForwardBatch); return a plan or None."""
 
-    def process_logits(self, plan: Any, logits: torch.Tensor, assistant_hidden: torch.Tensor | None) -> torch.Tensor:
-        """Post-process the target's float32 logits [S, V] of the rows in `plan` (tensor ops only)."""
+    def process_logits(
+        self,
+        plan: Any,
+        logits: torch.Tensor,
+        assistant_hidden: torch.Tensor | None,
+        early_exit_hidden: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Post-process the target's float32 logits [S, V] of the rows in `plan` (tensor ops only). The hidden states
+        are the model runner's: the assistant rows', and their early exits where `prepare` asked for them."""
         return logits

@@ -54,6 +54,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="serving combination rule stored in the manifest (default: prefer; docs/uld.md)",
     )
     parser.add_argument(
+        "--flat-reference",
+        choices=["early_exit", "uniform"],
+        default="early_exit",
+        help="what the assistant is trained flat against where it must know nothing: the target cut after its K "
+        "layers, served gated by it (default), or the paper's uniform distribution (docs/uld.md)",
+    )
+    parser.add_argument(
         "--default-margin",
         type=float,
         help="the prefer rule's margin stored in the manifest, in assistant logits >= 0 (default: 1; docs/uld.md)",
@@ -198,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
         calibration_margins=calibration_margins,
         default_floor=default_floor,
         forget_weighting=args.forget_weighting,
+        flat_reference=args.flat_reference,
         **optional,
         calibrate=args.calibrate,
         validation_fraction=args.validation_fraction,
