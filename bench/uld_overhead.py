@@ -58,7 +58,9 @@ def random_assistant(model, out: Path, num_layers: int, rank: int) -> Path:
         for name, p in peft_model.named_parameters():
             if "lora_" in name:
                 p.normal_(0, 0.02)
-    save_uld_artifact(peft_model, out, fingerprint, {"assistant_layers": num_layers, "lora_rank": rank}, {})
+    # gated by the early exit, as train-uld's artifacts are by default (`--gate-ab` times it without)
+    details = {"assistant_layers": num_layers, "lora_rank": rank}
+    save_uld_artifact(peft_model, out, fingerprint, details, {}, None, {"gate": "early_exit"})
     del peft_model
     gc.collect()
     return out
@@ -67,8 +69,7 @@ def random_assistant(model, out: Path, num_layers: int, rank: int) -> Path:
 def vocabulary_wide_process_logits(backend, plan, logits, hidden_a, early_a=None):
     """`ULDBackend.process_logits` as it was before the block search (2026-12-03, twelfth session), for
     --candidates-ab: the candidate set from vocabulary-wide max / compare / top-k (`plausible_mask` + `topk`), the
-    unlearned rows gathered, combined into a new [S, V] tensor and written back. The same tokens (ungated
-    assistants only: the bench's random ones; `early_a` is the engine's argument, unused)."""
+    unlearned rows gathered, combined into a new [S, V] tensor and written back. The same tokens (gated rows too)."""
     from unlearn_serve.server.unlearning.backends import ULD_MAX_CANDIDATES
 
     from unlearn_serve.uld_combine import combine_logits, combine_on_candidates, plausible_mask
@@ -76,6 +77,7 @@ def vocabulary_wide_process_logits(backend, plan, logits, hidden_a, early_a=None
     if plan is None:
         return logits
     hidden = hidden_a[plan.hidden_rows, plan.hidden_pos]
+    early = early_a[plan.hidden_rows, plan.hidden_pos] if plan.early_exit else None
     target, kwargs = logits[plan.logit_rows], plan.settings.kwargs()
     keep = plausible_mask(target, plan.log_filter)
     m = int(keep.sum(dim=-1).max())
@@ -84,11 +86,16 @@ def vocabulary_wide_process_logits(backend, plan, logits, hidden_a, early_a=None
         candidates = target.topk(m, dim=-1).indices
         head = backend.runner.candidate_logits(hidden, candidates)
     if head is not None:
+        early_head = None if early is None else backend.runner.candidate_logits(early, candidates)
         combined = combine_on_candidates(
-            target, candidates, head, plan.alpha, keep, log_filter=plan.log_filter, **kwargs
+            target, candidates, head, plan.alpha, keep, log_filter=plan.log_filter, early_exit_logits=early_head,
+            **kwargs,
         )
     else:
-        combined = combine_logits(target, backend.runner.logits(hidden), plan.alpha, plan.log_filter, **kwargs)
+        early_head = None if early is None else backend.runner.logits(early)
+        combined = combine_logits(
+            target, backend.runner.logits(hidden), plan.alpha, plan.log_filter, early_exit_logits=early_head, **kwargs
+        )
     logits[plan.logit_rows] = combined
     return logits
 
@@ -126,6 +133,12 @@ def main() -> None:
         action="store_true",
         help="also time the unlearned and mixed loads with every row on the whole-vocabulary path whenever one row has "
         "more plausible tokens than the plausible-only head takes (the rule before rows were split), interleaved",
+    )
+    parser.add_argument(
+        "--gate-ab",
+        action="store_true",
+        help="also time the unlearned and mixed loads without the early-exit gate (the request option gate=null), "
+        "interleaved in the same rounds (what the gate's second LM head costs)",
     )
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per configuration (best kept)")
     args = parser.parse_args()
@@ -181,6 +194,8 @@ def main() -> None:
             runs |= {"on, vocabulary-wide": [], "mixed, vocabulary-wide": []}
         if args.split_ab:
             runs |= {"on, no split": [], "mixed, no split": []}
+        if args.gate_ab:
+            runs |= {"on, ungated": [], "mixed, ungated": []}
         from unlearn_serve.server.unlearning import backends
 
         split = backends.split_plausible_candidates
@@ -204,6 +219,12 @@ def main() -> None:
                 runs["on, vocabulary-wide"].append(tok_s(["forget"] * n))
                 runs["mixed, vocabulary-wide"].append(tok_s(["forget" if i % 2 else None for i in range(n)]))
                 del engine.uld.process_logits  # the class's own again
+            if args.gate_ab:
+                from unlearn_serve.server.engine.sequence import Selection
+
+                ungated = Selection("forget", {"gate": None})
+                runs["on, ungated"].append(tok_s([ungated] * n))
+                runs["mixed, ungated"].append(tok_s([ungated if i % 2 else None for i in range(n)]))
             if args.split_ab:
                 backends.split_plausible_candidates = no_split
                 runs["on, no split"].append(tok_s(["forget"] * n))
@@ -236,6 +257,12 @@ def main() -> None:
         print(f"no split of wide rows: on {on:.1f} ({on / best['off']:.2f}x)   mixed 50/50 {mixed:.1f} "
               f"({mixed / best['off']:.2f}x); the split's gain: on {best['on'] / on:.3f}x, mixed "
               f"{best['mixed'] / mixed:.3f}x")
+    if args.gate_ab:
+        on, mixed = best["on, ungated"], best["mixed, ungated"]
+        print(f"without the early-exit gate: on {on:.1f} ({on / best['off']:.2f}x)   mixed 50/50 {mixed:.1f} "
+              f"({mixed / best['off']:.2f}x); the gate's cost: on {best['on'] / on:.3f}x, mixed "
+              f"{best['mixed'] / mixed:.3f}x of its throughput without it")
+    print(f"assistant served {'gated by the early exit' if assistant.combine.gate else 'ungated'}")
     allowed = assistant.nbytes + 0.05 * rss_base
     print(f"resident memory  base {rss_base / 2**20:.1f} MiB   with assistant loaded {rss_loaded / 2**20:.1f} MiB "
           f"(+{(rss_loaded - rss_base) / 2**20:.2f} MiB; adapter {assistant.nbytes / 2**20:.2f} MiB; "

@@ -99,6 +99,7 @@ def fact_preferences(engine, model, tokenizer, artifact: Path, questions, checks
 
     alpha = assistant.alpha if alpha is None else alpha
     margin, layers = assistant.combine.margin, assistant.num_layers
+    gated = assistant.combine.gate is not None
     helper = PeftModel.from_pretrained(copy.deepcopy(model), str(artifact)).eval()
     prompts = [encode_prompt(tokenizer, q) for q in questions]
     params = SamplingParams(max_tokens=48, temperature=0.0)
@@ -110,9 +111,13 @@ def fact_preferences(engine, model, tokenizer, artifact: Path, questions, checks
         with torch.no_grad():
             target = model(ids).logits[0, len(p) - 1 : -1].float()
             helper_logits = assistant_logits(helper, ids, None, layers)[0, len(p) - 1 : -1].float()
+            early = None
+            if gated:  # the early exit: the assistant without its LoRA
+                with helper.disable_adapter():
+                    early = assistant_logits(helper, ids, None, layers)[0, len(p) - 1 : -1].float()
         keep = plausible_mask(target, torch.full((len(a),), math.log(assistant.filter)))
         # the serving rule's own penalty (uld_combine), and d for display (negative: below the median)
-        penalties = alpha * assistant_penalty(helper_logits, keep, True, margin)
+        penalties = alpha * assistant_penalty(helper_logits, keep, True, margin, early, gated)
         above = helper_logits - helper_logits.masked_fill(~keep, float("nan")).nanmedian(-1, keepdim=True).values
         for i, token in enumerate(a):
             piece = tokenizer.decode([token]).strip().lower()

@@ -277,9 +277,11 @@ def _fake_answers(
     calls: list[list[float | None]],
     loop_from: float = 99,
     by_margin: dict[float, tuple[float, float]] | None = None,
+    loop_until: float = 99,
 ):
     """A stand-in server: forget facts named below `leak_below`, retain facts lost from `lose_retain_from`, forget
-    answers that loop from `loop_from`; `by_margin`: (leak_below, lose_retain_from) per `prefer` margin asked."""
+    answers that loop from `loop_from` (below `loop_until`); `by_margin`: (leak_below, lose_retain_from) per `prefer`
+    margin asked."""
     questions = {}
 
     def encode(q: str) -> list[int]:
@@ -299,7 +301,7 @@ def _fake_answers(
             name, city = row["answer"].split(" lives in ")
             forget = row in FORGET
             named = a is None or (a < leak_from if forget else a < lose_from)
-            if forget and a is not None and a >= loop_from:
+            if forget and a is not None and loop_from <= a < loop_until:
                 out.append(f"{name} lives in a town a town a town a town.")
             else:
                 out.append(f"{name} lives in {city}" if named else f"{name} lives in a small town.")
@@ -400,6 +402,11 @@ def test_alpha_search_probes_few_alphas_and_picks_the_smallest_that_forgets():
     assert cal.alpha == 1.0 and not cal.met and "NOT fluent" in cal.verdict() and "forgets 2/2" in cal.verdict()
     # and the verdict does not send the operator to a smaller alpha without saying it names facts there
     assert "a smaller --default-alpha names facts: the validation saw it at alpha" in cal.verdict()
+    # the smallest alpha that forgets loops, a larger one the search scored meets every target: stored, and met (the
+    # verdict must not say "TARGETS NOT MET" with nothing missed)
+    encode, answer = _fake_answers(1.0, 99, [], loop_from=1.0, loop_until=1.5)
+    cal = calibrate(answer, encode, FORGET, RETAIN[:3])
+    assert cal.alpha == 1.5 and cal.met and cal.verdict().endswith("targets met")
     # facts named at every alpha: not met, train longer
     encode, answer = _fake_answers(99, 99, [])
     cal = calibrate(answer, encode, FORGET, RETAIN[:3])

@@ -251,9 +251,9 @@ def test_unload_waits_for_in_flight(engine, tokenizer):
 
 
 def test_overhead_bench_runs_its_comparisons_end_to_end():
-    """bench/uld_overhead.py on a small random Llama with its three A/B comparisons (the repeat guard off, the
-    vocabulary-wide candidate search, no split of wide rows): every configuration runs and is reported (the figures
-    themselves are the bench's, not asserted here)."""
+    """bench/uld_overhead.py on a small random Llama with its four A/B comparisons (the repeat guard off, the
+    vocabulary-wide candidate search, no split of wide rows, no gate): every configuration runs and is reported (the
+    figures themselves are the bench's, not asserted here)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -261,10 +261,11 @@ def test_overhead_bench_runs_its_comparisons_end_to_end():
     script = Path(__file__).resolve().parents[1] / "bench" / "uld_overhead.py"
     args = ["--layers", "2", "--hidden", "64", "--requests", "4", "--max-tokens", "6", "--rounds", "1"]
     proc = subprocess.run(
-        [sys.executable, str(script), *args, "--guard-ab", "--candidates-ab", "--split-ab"],
+        [sys.executable, str(script), *args, "--guard-ab", "--candidates-ab", "--split-ab", "--gate-ab"],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     for line in ("output tok/s  off", "repeat guard (n = 3) off: on", "vocabulary-wide candidate search: on",
-                 "no split of wide rows: on", "resident memory"):
+                 "no split of wide rows: on", "without the early-exit gate: on", "assistant served gated",
+                 "resident memory"):
         assert line in proc.stdout, proc.stdout

@@ -530,3 +530,52 @@ def test_floor_serving_default_off_is_written_as_null():
     off = ULDTrainingConfig(default_floor=float("inf")).serving_defaults()
     assert "floor" in off and off["floor"] is None
     assert json.loads(json.dumps({**ULD_DEFAULTS, **off}))["floor"] is None  # valid JSON, served as off
+
+
+def test_early_exit_flat_reference_is_the_assistant_without_its_lora(tokenizer, tmp_path):
+    """flat_reference=early_exit: the KL terms are to the assistant's own weights without the LoRA (0 while the LoRA
+    adds nothing, where the uniform reference is not); equal to the KL over full logits; the manifest then asks for
+    the gate, which only the prefer rule takes."""
+    from peft import get_peft_model
+    from unlearn_serve.training.losses import reference_kl
+    from unlearn_serve.training.uld import AssistantModule
+
+    model = build_tiny_model("llama", tokenizer, seed=4, initializer_range=0.2)
+    peft_model = get_peft_model(model, assistant_lora_config(model, 2, rank=4, alpha=8, dropout=0.0)).eval()
+    template = ULDTrainingConfig().question_template
+    forget = tokenize_records(tokenizer, FORGET, 64, template, "forget").examples
+    retain = tokenize_records(tokenizer, RETAIN, 64, template, "retain").examples
+    weights = [[0.25 * (p % 5) for p in range(sum(1 for t in lab[1:] if t != -100))] for _, lab in forget]
+    dataset = ForgetRetainDataset(forget, retain, forget_weights=weights)
+    batch = ForgetRetainCollator(tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
+    inputs = {k: v for k, v in batch.items() if k != "retain_labels"}
+    with torch.no_grad():  # LoRA B starts at 0: the assistant is its early exit
+        _, retain_kl, forget_flat, _, _ = AssistantModule(peft_model, 2, "early_exit")(**inputs)
+        _, uniform_retain, uniform_forget, _, _ = AssistantModule(peft_model, 2, "uniform")(**inputs)
+    assert abs(float(retain_kl)) < 1e-6 and abs(float(forget_flat)) < 1e-6
+    assert float(uniform_retain) > 0.1 and float(uniform_forget) > 0.1
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+        _, retain_kl, _, _, _ = AssistantModule(peft_model, 2, "early_exit")(**inputs)
+        retain_logits = assistant_logits(peft_model, batch["retain_input_ids"], batch["retain_attention_mask"], 2)
+        with peft_model.disable_adapter():
+            early = assistant_logits(peft_model, batch["retain_input_ids"], batch["retain_attention_mask"], 2)
+    assert float(retain_kl) > 1e-3
+    torch.testing.assert_close(retain_kl, reference_kl(retain_logits, early, batch["retain_loss_mask"]))
+
+    assert ULDTrainingConfig().flat_reference == "early_exit"
+    with pytest.raises(ValueError, match="flat_reference must be one of"):
+        ULDTrainingConfig(flat_reference="zero")
+    gates = {}
+    for label, overrides in (
+        ("early_exit", {}),
+        ("uniform", {"flat_reference": "uniform"}),
+        ("difference", {"default_rule": "difference"}),
+    ):
+        config = _config(min_steps=2, layers=1, **overrides)
+        train_uld(build_tiny_model("llama", tokenizer, seed=3), tokenizer, FORGET, RETAIN, tmp_path / label, config)
+        manifest = json.loads((tmp_path / label / MANIFEST_NAME).read_text())
+        gates[label] = manifest["defaults"]["gate"]
+    assert gates == {"early_exit": "early_exit", "uniform": None, "difference": None}

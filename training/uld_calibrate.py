@@ -590,5 +590,6 @@ def calibrate(
         return Calibration(grid[hi], met=True, **recorded)
     # forgetting first: among the alphas that forget, the best balance of retain and fluency (a lower alpha with
     # smoother answers would serve facts the validation saw it give away); only when none forgets, the best overall
+    # (the smallest alpha that forgets may miss another target that a larger one meets: then that one is met)
     best = max(ordered, key=lambda s: (s.forget_met(targets), s.balance(targets), -s.alpha))
-    return Calibration(best.alpha, met=False, **recorded)
+    return Calibration(best.alpha, met=best.meets(targets), **recorded)

@@ -60,8 +60,9 @@ class DemoTraining:
     # (the stored alpha may change; the weights do not). 10: the fact-set loss, 48-token calibration answers, and a
     # descriptive fact known to the base only when its answer says two of its key words. 11: the calibration also asks
     # each forget question in a rule-made rephrasing, and scores the whole grid when the bisection finds no alpha
-    # that forgets (the stored alpha may change; the weights do not).
-    recipe: int = 11
+    # that forgets (the stored alpha may change; the weights do not). 12: the assistant trained flat against the
+    # target's early exit and served gated by it (train-uld's default since 2026-12-04; docs/uld.md 2g).
+    recipe: int = 12
 
     def uld_settings(self) -> dict:
         """These settings as `ULDTrainingConfig` fields (the demo and bench/uld_quality.py train the same way)."""
