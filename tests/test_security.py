@@ -167,11 +167,20 @@ def test_alpha_must_be_finite_and_non_negative_for_everybody(world, raw):
 
 
 @pytest.mark.parametrize(
-    "field", [b'"margin": 100', b'"rule": "difference"', b'"refilter": false', b'"floor": 0', b'"floor": null']
+    "field",
+    [
+        b'"margin": 100',
+        b'"rule": "difference"',
+        b'"refilter": false',
+        b'"floor": 0',
+        b'"floor": null',
+        b'"gate": null',
+    ],
 )
 def test_engine_level_settings_are_not_request_fields(world, field):
-    """The combination rule, its margin, floor and the refilter are the artifact's (or the operator's engine-level
-    choice): a request that names one, which could switch most of the unlearning off, gets a 400 for everybody."""
+    """The combination rule, its margin, floor, the refilter and the early-exit gate are the artifact's (or the
+    operator's engine-level choice): a request that names one, which could switch most of the unlearning off (or, the
+    gate, change what it removes), gets a 400 for everybody."""
     body = b'{"model": "%s", "prompt": "x", "max_tokens": 1, "unlearning": {%s}}' % (A.encode(), field)
     for key in (BOT_KEY, OPS_KEY):
         error = error_of(post(world["url"], "/v1/completions", key, body), 400)
