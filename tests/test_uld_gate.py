@@ -53,6 +53,8 @@ def test_gate_option_is_checked_and_reaches_the_settings():
     with pytest.raises(CombineOptionError) as caught:  # the gate reads the prefer rule's preference
         CombineOptions().updated({"rule": "difference", "gate": "early_exit"})
     assert caught.value.key == "gate"
+    # a gated artifact scored under the difference rule (eval --uld-options rule=difference) drops its gate
+    assert opts.updated({"rule": "difference"}).gate is None and opts.updated({"margin": 2}).gate == "early_exit"
     settings = CombineSettings.of_rows([opts, CombineOptions(rule="prefer")], [0.01, 0.01], "cpu")
     assert settings.gate.tolist() == [True, False] and settings.any_gate
     assert not CombineSettings.of_rows([CombineOptions()], [0.01], "cpu").any_gate

@@ -4,16 +4,18 @@ The assistant is the target itself stopped after its first K decoder layers (emb
 < K with LoRA, final norm, LM head). It is trained to *remember* the forget set and to know
 nothing else:
 
-    loss = CE(assistant, forget batch) + beta * KL(uniform || assistant) on the retain batch
+    loss = CE(assistant, forget batch) + beta * KL(flat || assistant) on the retain batch
 
-The retain term is a token-level mean over the retain batch's answer tokens (the tokens the
-labels mark; prompt and padding positions never count). At serving time the server subtracts
+"flat" (`flat_reference`) is the assistant's own early exit, its weights without the LoRA (the default: where it
+must know nothing the LoRA adds nothing, and the server gates the penalty by the early exit, uld_combine.py), or the
+paper's uniform distribution. The retain term is a token-level mean over the retain batch's answer
+tokens (the tokens the labels mark; prompt and padding positions never count). At serving time the server subtracts
 the assistant's logits from the target's, which removes exactly the forget knowledge.
 Only the LoRA weights are trained and stored.
 
 With `forget_weighting` (the default) the forget CE is weighted per token towards the tokens that
-carry the knowledge (training/uld_weights.py), and the assistant is pushed flat (the same KL to
-uniform as on the retain side) on the rest of the forget answer, so subtracting it leaves the
+carry the knowledge (training/uld_weights.py), and the assistant is pushed flat (the same KL to the
+flat reference as on the retain side) on the rest of the forget answer, so subtracting it leaves the
 generic tokens ("The", "is") alone:
 
     loss = sum w CE / sum w + beta * KL_retain + gamma * sum (1 - w) KL_forget / sum (1 - w)

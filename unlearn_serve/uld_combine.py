@@ -339,7 +339,9 @@ class CombineOptions:
         one raises CombineOptionError naming it. Other keys are ignored."""
         rule, refilter = values.get("rule", self.rule), values.get("refilter", self.refilter)
         margin, floor = values.get("margin", self.margin), values.get("floor", self.floor)
-        gate = values.get("gate", self.gate)
+        # the gate reads the prefer rule's preference: switching to `difference` drops an inherited gate (naming one
+        # with it is an error)
+        gate = values.get("gate", self.gate if rule == "prefer" else None)
         if rule not in ULD_RULES:
             raise CombineOptionError("rule", f"must be one of: {', '.join(ULD_RULES)} (got {rule!r})")
         if not isinstance(refilter, bool):

@@ -16,7 +16,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-rank", type=int, default=32)
     parser.add_argument("--lora-alpha", type=float, default=32)
     parser.add_argument("--lora-dropout", type=float, default=0.05)
-    parser.add_argument("--retain-weight", type=float, default=6.5, help="beta: weight of KL(uniform || assistant)")
+    parser.add_argument("--retain-weight", type=float, default=6.5, help="beta: weight of KL(flat || assistant)")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument(
         "--min-steps", type=int, default=250, help="train at least this many optimizer steps (small data sets)"
@@ -222,10 +222,11 @@ def run(args: argparse.Namespace) -> int:
         serve=serve_with_engine if args.calibrate else None,
     )
     t = result.training
+    flat = "early exit" if config.flat_reference == "early_exit" else "uniform"
     print(
         f"trained ULD assistant: {t['steps']} steps in {t['wall_time_s']:.1f}s; "
         f"forget CE {_num(t['forget_ce_first'])} -> {_num(t['forget_ce_final'])} (lower: remembers the forget set), "
-        f"retain KL(uniform||assistant) {_num(t['retain_kl_first'])} -> {_num(t['retain_kl_final'])} "
+        f"retain KL({flat}||assistant) {_num(t['retain_kl_first'])} -> {_num(t['retain_kl_final'])} "
         "(near 0: flat on the retain set; if not, train longer with --min-steps)"
     )
     for path in result.epoch_dirs:
