@@ -77,7 +77,7 @@ def vocabulary_wide_process_logits(backend, plan, logits, hidden_a, early_a=None
     if plan is None:
         return logits
     hidden = hidden_a[plan.hidden_rows, plan.hidden_pos]
-    early = early_a[plan.hidden_rows, plan.hidden_pos] if plan.early_exit else None
+    early = early_a[plan.hidden_rows, plan.hidden_pos] if plan.settings.any_gate else None
     target, kwargs = logits[plan.logit_rows], plan.settings.kwargs()
     keep = plausible_mask(target, plan.log_filter)
     m = int(keep.sum(dim=-1).max())

@@ -266,7 +266,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def candidate_logits(self, hidden: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor | None:
-        """Final norm + LM head on [S, H] hidden states for the given [S, M] token ids only -> float32 [S, M].
+        """Final norm + LM head on [S, H] hidden states for the given [S, M] token ids only -> float32 [S, M]; or on
+        [S, P, H] (P states per row sharing its candidates: a gated ULD row's assistant and early exit) -> [S, P, M],
+        with the head's rows gathered once.
 
         None when the head cannot be sliced (`candidate_logits_supported`): use `logits`.
         """
@@ -277,10 +279,12 @@ class ModelRunner:
         ids = token_ids.to(weight.device)
         rows = weight.index_select(0, ids.reshape(-1)).view(*ids.shape, weight.shape[-1])  # [S, M, H]
         normed = self.norm(hidden).to(weight.device, weight.dtype)
-        out = torch.bmm(rows, normed[:, :, None])[:, :, 0]
+        states = normed if normed.dim() == 3 else normed[:, None]  # [S, P, H]
+        out = torch.bmm(states, rows.transpose(1, 2))  # [S, P, M]
         if head.bias is not None:
-            out = out + head.bias[ids]
-        return self._finish_logits(out.float()).to(self.device)
+            out = out + head.bias[ids][:, None]
+        out = self._finish_logits(out.float()).to(self.device)
+        return out if normed.dim() == 3 else out[:, 0]
 
 
 # SDPA kernels an eager CUDA forward may use: not cuDNN's. Its attention builds an execution plan for every new

@@ -85,7 +85,6 @@ class ULDPlan:
     settings: CombineSettings = field(default_factory=CombineSettings)  # rule, refilter, margin, floor of the rows
     every_row: bool = False  # logit_rows is every logits row, in order (all unlearned): no row gather or scatter
     graph: ULDGraphInputs | None = None  # decode: the step may be a CUDA graph replay (None: it must run eagerly)
-    early_exit: bool = False  # a row is gated: the step computes the early exits (ForwardBatch.early_exit_source)
 
 
 def log_filter(filters: torch.Tensor) -> torch.Tensor:
@@ -205,7 +204,6 @@ class ULDBackend(UnlearningBackend):
             settings,
             every_row=logit_rows == list(range(len(rows.logit_rows))),
             graph=graph,
-            early_exit=settings.any_gate,
         )
 
     def process_logits(
@@ -216,7 +214,7 @@ class ULDBackend(UnlearningBackend):
             return logits
         hidden = assistant_hidden[plan.hidden_rows, plan.hidden_pos]
         early = None
-        if plan.early_exit:
+        if plan.settings.any_gate:  # `prepare` asked the forward for the early exits
             if early_exit_hidden is None:
                 raise ValueError("a gated ULD row needs the early exits (ForwardBatch.early_exit_source)")
             early = early_exit_hidden[plan.hidden_rows, plan.hidden_pos]
@@ -313,8 +311,12 @@ class ULDBackend(UnlearningBackend):
         else:
             target = target_logits[rows[:, None], candidates]  # [s, M] only: no copy of the rows' logits
             assistant_hidden, alpha, log_filter, settings, early = _row_args(rows, *args[1:])
-        assistant = self.runner.candidate_logits(assistant_hidden, candidates)
-        early_logits = None if early is None else self.runner.candidate_logits(early, candidates)
+        if early is None:
+            assistant, early_logits = self.runner.candidate_logits(assistant_hidden, candidates), None
+        else:  # both on the same candidates: the head's rows gathered once
+            assistant, early_logits = self.runner.candidate_logits(
+                torch.stack([assistant_hidden, early], 1), candidates
+            ).unbind(1)
         kwargs = settings.kwargs()
         return combine_candidate_values(
             target, assistant, alpha, found.kept, log_filter=log_filter, early_exit_logits=early_logits, **kwargs
@@ -322,8 +324,10 @@ class ULDBackend(UnlearningBackend):
 
     def _on_vocabulary(self, target_logits, assistant_hidden, alpha, log_filter, settings, early) -> torch.Tensor:
         """The whole-vocabulary combination: the assistant's head (and the early exit's) on every token."""
-        assistant = self.runner.logits(assistant_hidden)
-        early_logits = None if early is None else self.runner.logits(early)
+        if early is None:
+            assistant, early_logits = self.runner.logits(assistant_hidden), None
+        else:  # one LM head matmul for both
+            assistant, early_logits = self.runner.logits(torch.cat([assistant_hidden, early])).chunk(2)
         kwargs = settings.kwargs()
         return combine_logits(target_logits, assistant, alpha, log_filter, early_exit_logits=early_logits, **kwargs)
 
