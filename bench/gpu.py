@@ -456,6 +456,7 @@ def write_random_assistant(model, out: Path, num_layers: int, rank: int, fingerp
     from safetensors.torch import save_file
 
     from unlearn_serve.artifact import Manifest, save_manifest
+    from unlearn_serve.uld_artifact import ULD_DEFAULTS
 
     out.mkdir(parents=True)
     gen = torch.Generator().manual_seed(1)
@@ -487,7 +488,9 @@ def write_random_assistant(model, out: Path, num_layers: int, rank: int, fingerp
         Manifest(
             method="uld",
             base_fingerprint=fingerprint,
-            defaults={"alpha": 0.75, "filter": 0.01},
+            # what train-uld writes today (prefer rule, refilter, margin, floor, the early-exit gate), so that the
+            # measured cost is a new artifact's; runs 1-6 (2026-12-04) used alpha/filter only: the legacy rule, ungated
+            defaults={**ULD_DEFAULTS, "gate": "early_exit"},
             details={"assistant_layers": num_layers, "lora_rank": rank, "lora_alpha": rank},
         ),
         out,

@@ -31,8 +31,10 @@ with the relative-top rule alone; `legacy-topk` = the same assistant served with
 rule (relative-top + the target's top 8); `new` = the current defaults (for SmolLM2: the demo's recipe,
 `DemoTraining`, which adds the fact-set loss and 48-token calibration answers) (knowledge-weighted forget loss,
 alpha calibrated on served answers (training/uld_calibrate.py), relative-top + top-8 candidates, the
-`prefer` combination rule); `new-difference` = the same with the paper's `difference` rule. `--rules`
-scores other rules on the same assistant (engine-level `unlearning` option). Goals are printed under the
+`prefer` combination rule, the assistant trained flat against the early exit and served gated by it);
+`new-difference` = the same with the paper's `difference` rule (and the uniform flat reference, ungated);
+`new-uniform` = the current defaults with the uniform flat reference, ungated (the defaults before 2026-12-04).
+`--rules` scores other rules on the same assistant (engine-level `unlearning` option). Goals are printed under the
 table, for the first row of `new` (its defaults).
 """
 
