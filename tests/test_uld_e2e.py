@@ -69,6 +69,11 @@ def trained(base_dir, tmp_path_factory) -> Path:
         "--no-progress", "--dtype", "fp32",
     ])
     assert rc == 0
+    # the model's first layer already predicts the forget text (it memorised it): `auto` trains against uniform and
+    # serves ungated, since the early-exit gate would see nothing to remove (docs/uld.md 2g)
+    manifest = json.loads((out / "unlearning.json").read_text())
+    assert manifest["training"]["flat_reference"] == "uniform" and manifest["training"]["early_exit_forget_ce"] <= 1.0
+    assert manifest["defaults"]["gate"] is None
     return out
 
 

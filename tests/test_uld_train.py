@@ -103,8 +103,9 @@ def llama_run(tiny_llama, tokenizer, tmp_path_factory):
     before_state = _base_state(model)
     before_stats = _assistant_stats(model, tokenizer, num_layers)
     out = tmp_path_factory.mktemp("uld") / "assistant"
-    # the plain objective (CE on every forget answer token): the knowledge-weighted one is in test_uld_quality.py
-    result = train_uld(model, tokenizer, FORGET, RETAIN, out, _config(forget_weighting=False))
+    # the paper's objective (CE on every forget answer token, flat = uniform): the knowledge-weighted one is in
+    # test_uld_quality.py, the early-exit reference below
+    result = train_uld(model, tokenizer, FORGET, RETAIN, out, _config(forget_weighting=False, flat_reference="uniform"))
     return {
         "result": result,
         "base": model,
@@ -171,6 +172,7 @@ def test_manifest_records_training(llama_run):
         "refilter": True,
         "margin": 1.0,
         "floor": DEFAULT_FLOOR,
+        "gate": None,  # trained against uniform: served ungated
     }
     assert training["forget_ce_final"] == pytest.approx(llama_run["result"].forget_ce)
     assert training["retain_kl_final"] == pytest.approx(llama_run["result"].retain_kl)
@@ -485,7 +487,11 @@ def test_cli_trains_end_to_end(tiny_llama_dir, tmp_path, capsys):
     assert data["forget"]["sha256"] == file_sha256(forget) and data["retain"]["records"] == 3
     assert manifest["training"]["seed"] == 1 and manifest["details"]["assistant_layers"] == 1
     defaults = {"alpha": 0.4, "filter": 0.01, "rule": DEFAULT_RULE, "refilter": True, "margin": 0.5, "floor": 5.0}
-    assert manifest["defaults"] == defaults
+    # --flat-reference auto (the default) chose by the early exit's CE, recorded; the gate follows the choice
+    chosen = manifest["training"]["flat_reference"]
+    assert chosen in ("early_exit", "uniform") and isinstance(manifest["training"]["early_exit_forget_ce"], float)
+    assert manifest["defaults"] == defaults | {"gate": "early_exit" if chosen == "early_exit" else None}
+    assert f"flat reference: {'the early exit' if chosen == 'early_exit' else 'uniform'}" in stdout
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
@@ -565,17 +571,50 @@ def test_early_exit_flat_reference_is_the_assistant_without_its_lora(tokenizer, 
     assert float(retain_kl) > 1e-3
     torch.testing.assert_close(retain_kl, reference_kl(retain_logits, early, batch["retain_loss_mask"]))
 
-    assert ULDTrainingConfig().flat_reference == "early_exit"
+    assert ULDTrainingConfig().flat_reference == "auto"
     with pytest.raises(ValueError, match="flat_reference must be one of"):
         ULDTrainingConfig(flat_reference="zero")
-    gates = {}
+    gates, chosen = {}, {}
     for label, overrides in (
-        ("early_exit", {}),
+        ("auto", {}),  # a random tiny model's first layer knows nothing of the forget set: the early exit
         ("uniform", {"flat_reference": "uniform"}),
-        ("difference", {"default_rule": "difference"}),
+        ("difference", {"flat_reference": "early_exit", "default_rule": "difference"}),
     ):
         config = _config(min_steps=2, layers=1, **overrides)
         train_uld(build_tiny_model("llama", tokenizer, seed=3), tokenizer, FORGET, RETAIN, tmp_path / label, config)
         manifest = json.loads((tmp_path / label / MANIFEST_NAME).read_text())
-        gates[label] = manifest["defaults"]["gate"]
-    assert gates == {"early_exit": "early_exit", "uniform": None, "difference": None}
+        gates[label], chosen[label] = manifest["defaults"]["gate"], manifest["training"]["flat_reference"]
+    assert gates == {"auto": "early_exit", "uniform": None, "difference": None}
+    assert chosen == {"auto": "early_exit", "uniform": "uniform", "difference": "early_exit"}
+
+
+def test_auto_flat_reference_falls_back_to_uniform_where_the_early_exit_knows_the_forget_answers(tokenizer):
+    """`auto`: the early exit's CE on the forget answers decides; a model whose first layer has memorised them (the
+    gate's blind spot) trains against uniform, served ungated; the measurement is the early exit's own CE."""
+    from unlearn_serve.training.uld import (
+        EARLY_EXIT_KNOWS_CE,
+        choose_flat_reference,
+        early_exit_forget_ce,
+    )
+
+    from unlearn_serve.tiny import fit_texts
+
+    template = ULDTrainingConfig().question_template
+    forget = tokenize_records(tokenizer, FORGET, 64, template, "forget").examples
+    fresh = build_tiny_model("llama", tokenizer, seed=3)
+    memorised = build_tiny_model("llama", tokenizer, seed=3)
+    texts = [tokenizer.decode(ids, skip_special_tokens=False) for ids, _ in forget]
+    fit_texts(memorised, tokenizer, texts, steps=150)
+    fresh_ce = early_exit_forget_ce(fresh, forget, None, 1)
+    known_ce = early_exit_forget_ce(memorised, forget, None, 1)
+    assert fresh_ce > 3 * EARLY_EXIT_KNOWS_CE and known_ce < EARLY_EXIT_KNOWS_CE, (fresh_ce, known_ce)
+    # the same number as the CE of assistant_logits over the answer tokens
+    ids, labels = forget[0]
+    logits = assistant_logits(fresh, torch.tensor([ids]), None, 1)[0, :-1]
+    targets = torch.tensor(labels[1:])
+    keep = targets != -100
+    one = early_exit_forget_ce(fresh, forget[:1], None, 1)
+    assert one == pytest.approx(float(F.cross_entropy(logits[keep], targets[keep])), rel=1e-5)
+    auto = ULDTrainingConfig()
+    assert choose_flat_reference(auto, fresh_ce) == "early_exit" and choose_flat_reference(auto, known_ce) == "uniform"
+    assert choose_flat_reference(ULDTrainingConfig(flat_reference="early_exit"), known_ce) == "early_exit"

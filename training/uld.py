@@ -39,7 +39,7 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,7 @@ from unlearn_serve.training.uld_weights import fact_tokens, fact_word_weights, k
 from unlearn_serve.artifact import file_sha256, fingerprint_model, load_weights
 from unlearn_serve.assistant import (
     assistant_hidden_states,
+    assistant_logits,
     assistant_lora_config,
     decoder_layers,
     default_assistant_layers,
@@ -133,8 +134,9 @@ class ULDTrainingConfig:
     forget_flat_weight: float = 1.0  # weight of KL(flat || assistant) on the forget answers' generic tokens
     # what "flat" (knowing nothing) means on the retain answers and the forget answers' generic tokens: "early_exit",
     # the assistant's own weights without the LoRA (the target cut after K layers), served gated by it
-    # (manifest defaults.gate, uld_combine.py); "uniform", the paper's uniform distribution, served ungated
-    flat_reference: str = "early_exit"
+    # (manifest defaults.gate, uld_combine.py); "uniform", the paper's uniform distribution, served ungated; "auto":
+    # early_exit unless the early exit already predicts the forget answers (`choose_flat_reference`)
+    flat_reference: str = "auto"
     # flat on the target's top-M tokens at retain positions (what the combination picks from); 0 = off. Off by
     # default: measured it trades forgetting for retain along the same curve (docs/uld.md, "Tried")
     retain_candidates: int = 0
@@ -210,6 +212,8 @@ class ULDTrainingConfig:
         from unlearn_serve.uld_combine import DEFAULT_RULE
 
         prefer = (self.default_rule or DEFAULT_RULE) == "prefer"
+        if self.flat_reference == "auto":
+            raise ValueError("flat_reference 'auto' is resolved by train_uld before the artifact is written")
         return "early_exit" if self.flat_reference == "early_exit" and prefer else None
 
     def calibration_targets(self) -> CalibrationTargets:
@@ -262,7 +266,46 @@ class ULDResult:
 
 
 # train-uld's `flat_reference` values (ULDTrainingConfig)
-FLAT_REFERENCES = ("early_exit", "uniform")
+FLAT_REFERENCES = ("auto", "early_exit", "uniform")
+# `auto` trains against uniform (served ungated) when the early exit's weighted CE on the forget answers is at most
+# this many nats: the first K layers already predict the facts, so the LoRA has nothing to add that the gate could see
+# (a 2-layer tiny model with K = 1: 0.17 nats; the tiny harness models, SmolLM2 at K = 4 and TOFU's: 3.9-18 nats)
+EARLY_EXIT_KNOWS_CE = 1.0
+EARLY_EXIT_CE_ROWS = 256  # forget rows `early_exit_forget_ce` scores (the first ones; no-gradient forwards of K layers)
+
+
+def early_exit_forget_ce(
+    model: nn.Module, examples: list, weights: list[list[float]] | None, num_layers: int
+) -> float | None:
+    """The target's early exit's (its first `num_layers` layers, norm and head: the assistant before training)
+    cross-entropy on the forget answers' tokens, weighted by the knowledge weights when given (the facts), over the
+    first EARLY_EXIT_CE_ROWS rows; None without answer tokens."""
+    device = next(model.parameters()).device
+    total = mass = 0.0
+    was_training = model.training
+    model.eval()  # no dropout in the measurement
+    with torch.no_grad():
+        for i, (ids, labels) in enumerate(examples[:EARLY_EXIT_CE_ROWS]):
+            ids_t = torch.tensor([ids], device=device)
+            logits = assistant_logits(model, ids_t, None, num_layers)[0, :-1].float()
+            targets = torch.tensor(labels[1:], device=device)
+            keep = targets != IGNORE_INDEX
+            if not keep.any():
+                continue
+            ce = F.cross_entropy(logits[keep], targets[keep], reduction="none")
+            w = torch.ones_like(ce) if weights is None else torch.tensor(weights[i], device=device, dtype=ce.dtype)
+            total += float((w * ce).sum())
+            mass += float(w.sum())
+    model.train(was_training)
+    return total / mass if mass > 0 else None
+
+
+def choose_flat_reference(config: ULDTrainingConfig, early_exit_ce: float | None) -> str:
+    """`config.flat_reference`, with "auto" resolved: uniform when the early exit already predicts the forget answers
+    (CE <= EARLY_EXIT_KNOWS_CE nats), else early_exit."""
+    if config.flat_reference != "auto":
+        return config.flat_reference
+    return "uniform" if early_exit_ce is not None and early_exit_ce <= EARLY_EXIT_KNOWS_CE else "early_exit"
 
 
 class AssistantModule(nn.Module):
@@ -558,6 +601,22 @@ def train_uld(
         forget_fact_tokens=facts,
     )
 
+    # ---- the flat reference ("auto": whether the first K layers already know the forget answers)
+    early_ce = None
+    if config.flat_reference == "auto":
+        early_ce = early_exit_forget_ce(model, forget_set.examples, weights, num_layers)
+        flat_reference = choose_flat_reference(config, early_ce)
+        said = "n/a" if early_ce is None else f"{early_ce:.2f} nats"
+        if flat_reference == "uniform":
+            print(
+                f"flat reference: uniform, served ungated: the first {num_layers} layers already predict the forget "
+                f"answers (the early exit's CE on them {said}, <= {EARLY_EXIT_KNOWS_CE:g}), so an assistant trained "
+                "against them would learn nothing the early-exit gate could see"
+            )
+        else:
+            print(f"flat reference: the early exit (its CE on the forget answers {said}), served gated by it")
+        config = replace(config, flat_reference=flat_reference)
+
     # ---- model
     lora = assistant_lora_config(model, num_layers, config.lora_rank, config.lora_alpha, config.lora_dropout)
     # LoRA A matrices are drawn from the global RNG: seed it so --seed fixes the assistant.
@@ -644,6 +703,8 @@ def train_uld(
             "retain_kl_final": retain_trace[-1] if retain_trace else None,
             "retain_kl_averaging": "token mean over the retain batch's answer tokens (no prompt, no padding)",
             "retain_weight": config.retain_weight,
+            "flat_reference": config.flat_reference,
+            "early_exit_forget_ce": early_ce,
             "learning_rate": config.learning_rate,
             "warmup_ratio": config.warmup_ratio,
             "weight_decay": config.weight_decay,

@@ -55,10 +55,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--flat-reference",
-        choices=["early_exit", "uniform"],
-        default="early_exit",
+        choices=["auto", "early_exit", "uniform"],
+        default="auto",
         help="what the assistant is trained flat against where it must know nothing: the target cut after its K "
-        "layers, served gated by it (default), or the paper's uniform distribution (docs/uld.md)",
+        "layers, served gated by it, or the paper's uniform distribution; auto (default): the early exit unless it "
+        "already predicts the forget answers (docs/uld.md)",
     )
     parser.add_argument(
         "--default-margin",
@@ -222,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
         serve=serve_with_engine if args.calibrate else None,
     )
     t = result.training
-    flat = "early exit" if config.flat_reference == "early_exit" else "uniform"
+    flat = "early exit" if t.get("flat_reference") == "early_exit" else "uniform"
     print(
         f"trained ULD assistant: {t['steps']} steps in {t['wall_time_s']:.1f}s; "
         f"forget CE {_num(t['forget_ce_first'])} -> {_num(t['forget_ce_final'])} (lower: remembers the forget set), "
