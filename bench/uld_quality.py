@@ -386,8 +386,8 @@ def train_cached(
     h.update(str(RECIPE).encode())
     # the rule and margin a calibration serves with when the config names none
     h.update(f"{uld_combine.DEFAULT_RULE} {uld_combine.DEFAULT_MARGIN}".encode())
-    if config.served_gate() is not None:  # calibrated gated (an ungated artifact keeps its key)
-        h.update(f" gate {config.served_gate()}".encode())
+    if config.flat_reference != "uniform":  # may be calibrated gated (an ungated artifact keeps its key)
+        h.update(f" gate {config.flat_reference}".encode())
     out = CACHE / f"{suite.name}-{h.hexdigest()[:12]}"  # variants that train alike share one assistant
     stamp = out / "bench_train_s.txt"
     if out.is_dir() and stamp.is_file() and not fresh:
