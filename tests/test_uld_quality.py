@@ -687,3 +687,19 @@ def test_calibration_counts_a_names_initials_and_for_a_topic_another_forget_fact
     quiet = ["A British author.", "Tom and Ann."]
     assert score(quiet, True, again, [None, "Which friends did J.K. Rowling give Harry Potter?"]).leaked == 0
     assert score(quiet, True, again, [None, "Which two friends are closest to Harry Potter?"]).leaked == 1
+
+
+def test_a_gated_assistant_that_changes_retain_answers_is_pointed_to_the_uniform_reference():
+    """train-uld's note after the verdict: a gated (early-exit) assistant whose stored alpha loses retain answers is
+    told to try --flat-reference uniform (TOFU full); nothing is said when retain is kept, or for uniform ones."""
+    from unlearn_serve.training.uld import gated_retain_hint
+
+    encode, answer = _fake_answers(1.0, 0.5, [])
+    lose = calibrate(answer, encode, FORGET, RETAIN[:3])
+    assert not lose.met and not lose.chosen.kept_met(lose.targets)
+    hint = gated_retain_hint(lose, {"flat_reference": "early_exit"})
+    assert hint is not None and "--flat-reference uniform" in hint
+    assert gated_retain_hint(lose, {"flat_reference": "uniform"}) is None
+    encode, answer = _fake_answers(1.0, 99, [])
+    kept = calibrate(answer, encode, FORGET, RETAIN[:3])
+    assert kept.met and gated_retain_hint(kept, {"flat_reference": "early_exit"}) is None

@@ -300,6 +300,22 @@ def early_exit_forget_ce(
     return total / mass if mass > 0 else None
 
 
+def gated_retain_hint(calibration: Calibration | None, training: dict[str, Any]) -> str | None:
+    """What to try when a gated assistant (trained against the early exit) changes retain answers on the validation
+    slice: the uniform reference (TOFU full: the gated defaults kept 12/16 and scored 0.852x utility, ungated
+    0.977x; docs/uld.md 2g). None when that is not the case."""
+    if calibration is None or calibration.met or training.get("flat_reference") != "early_exit":
+        return None
+    chosen = calibration.chosen
+    if chosen is None or chosen.kept_met(calibration.targets):
+        return None
+    return (
+        "this assistant was trained against its early exit and is served gated by it; where the forget and retain "
+        "answers share one form (TOFU's authors) that changed retain answers the uniform reference did not: "
+        "try --flat-reference uniform (docs/uld.md 2g)"
+    )
+
+
 def choose_flat_reference(config: ULDTrainingConfig, early_exit_ce: float | None) -> str:
     """`config.flat_reference`, with "auto" resolved: uniform when the early exit already predicts the forget answers
     (CE <= EARLY_EXIT_KNOWS_CE nats), else early_exit."""

@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     from unlearn_serve.evaluation.uld_validation import serve_with_engine
     from unlearn_serve.loading import load_model_and_tokenizer
     from unlearn_serve.training.data import load_records
-    from unlearn_serve.training.uld import ULDTrainingConfig, train_uld
+    from unlearn_serve.training.uld import ULDTrainingConfig, gated_retain_hint, train_uld
 
     for flag in ("epochs", "batch_size", "grad_accum", "max_length", "lora_rank"):
         if getattr(args, flag) < 1:
@@ -248,6 +248,9 @@ def run(args: argparse.Namespace) -> int:
             f"note: the manifest keeps your --default-alpha {args.default_alpha:g} "
             f"(calibration picked {calibration.alpha:g})"
         )
+    hint = gated_retain_hint(calibration, result.training)
+    if hint is not None:
+        print(f"note: {hint}")
     if not calibration.met:
         print(
             "the assistant is stored anyway; try the hints above, or serve with a request-level "
