@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, dump = [], []
     for suite in suites:
         model, tokenizer = suite.model_loader()
-        artifact = Path(args.artifact) if args.artifact else train_cached(suite, "new", model, tokenizer, False)[0]
+        artifact = Path(args.artifact) if args.artifact else train_cached(suite, "new", model, tokenizer, False, {})[0]
         engine = Engine(model, tokenizer, EngineConfig(max_num_seqs=32, max_model_len=512), "base")
         assistant = engine.load_uld("forget", artifact)
         records = records_for(suite)
