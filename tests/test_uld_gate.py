@@ -4,27 +4,26 @@ the peft assistant with its adapter disabled), through both heads, decode and pr
 
 from __future__ import annotations
 
-import copy
-import math
-
 import pytest
 import torch
 from graph_standin import RecordedGraphs
-from peft import PeftModel
 from test_cuda_graphs import PROMPTS as GRAPH_PROMPTS
 from test_cuda_graphs import _engine, _params, _tokens
-from test_uld_serving import OPTS, make_random_assistant
+from test_uld_serving import (
+    OPTS,
+    assert_follows_reference,
+    assert_scores_follow_reference,
+    make_random_assistant,
+    reference_combined_logprobs,
+)
 from unlearn_serve.server.engine.sampling_params import SamplingParams
 from unlearn_serve.server.engine.sequence import Selection
 
-from unlearn_serve.artifact import load_manifest
-from unlearn_serve.assistant import assistant_logits
 from unlearn_serve.uld_combine import (
     CombineOptionError,
     CombineOptions,
     CombineSettings,
     assistant_penalty,
-    combine_logits,
 )
 
 GATED = {"gate": "early_exit"}
@@ -60,31 +59,6 @@ def test_gate_option_is_checked_and_reaches_the_settings():
     assert not CombineSettings.of_rows([CombineOptions()], [0.01], "cpu").any_gate
 
 
-def _reference(base, artifact, num_layers, ids, alpha, filt):
-    """Two separate models: the target's full forward, the peft assistant truncated after K layers, and the same
-    assistant with its adapter disabled (the early exit), combined gated."""
-    ids_t = torch.tensor([ids])
-    with torch.no_grad():
-        target = base(ids_t).logits[0]
-        peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(artifact))
-        assistant = assistant_logits(peft_model, ids_t, None, num_layers)[0]
-        with peft_model.disable_adapter():
-            early = assistant_logits(peft_model, ids_t, None, num_layers)[0]
-    defaults = load_manifest(artifact).defaults
-    n = len(ids)
-    combined = combine_logits(
-        target,
-        assistant,
-        torch.full((n,), alpha),
-        torch.full((n,), math.log(filt)),
-        refilter=defaults["refilter"],
-        margin=defaults["margin"],
-        gate=True,
-        early_exit_logits=early,
-    )
-    return combined.log_softmax(-1)
-
-
 @pytest.fixture(scope="module")
 def gated_artifacts(tiny_llama, tmp_path_factory):
     root = tmp_path_factory.mktemp("gated")
@@ -106,6 +80,7 @@ def test_gated_rows_equal_the_two_model_reference(tiny_llama, tokenizer, gated_a
     for name, path in gated_artifacts.items():
         engine.load_uld(name, path)
     opts = {**OPTS, "alpha": 2.0}
+    alpha_filter = {"alpha": opts["alpha"], "filt": opts["filter"]}
     prompts = [tokenizer.encode(p) for p in ("The capital of France is", "Alice likes", "Bob plays the", "The")]
     selections = [Selection("g1", opts), Selection("g2", opts), Selection("u1", opts), None]
     params = SamplingParams(max_tokens=6, temperature=0, logprobs=3, ignore_eos=True)
@@ -115,21 +90,18 @@ def test_gated_rows_equal_the_two_model_reference(tiny_llama, tokenizer, gated_a
         completion = outputs[sel.name]
         full = prompt + completion.token_ids
         k = {"g1": 1, "g2": 2}[sel.name]
-        ref = _reference(tiny_llama, gated_artifacts[sel.name], k, full, opts["alpha"], opts["filter"])
-        for step, entry in enumerate(completion.logprobs):
-            row = ref[len(prompt) - 1 + step]
-            assert entry.token_id == int(row.argmax())
-            assert entry.logprob == pytest.approx(float(row[entry.token_id]), abs=1e-4)
-            for token_id, value in entry.top:
-                assert value == pytest.approx(float(row[token_id]), abs=1e-4)
+        ref = reference_combined_logprobs(tiny_llama, gated_artifacts[sel.name], k, full, **alpha_filter)
+        if sel.name == "g1":  # the gate must matter here: u1 is g1's weights, ungated
+            ungated = reference_combined_logprobs(tiny_llama, gated_artifacts["u1"], k, full, **alpha_filter)
+            assert (ref.exp() - ungated.exp()).abs().max() > 0.05
+        assert_follows_reference(prompt, completion, ref)
     # prefill: prompt log-probs under the gated combination
     prompt = prompts[0]
     scored = engine.score([prompt[:2]] * 2, [prompt[2:]] * 2, selections[:2])
     for sel, values in zip(selections[:2], scored, strict=True):
         k = {"g1": 1, "g2": 2}[sel.name]
-        ref = _reference(tiny_llama, gated_artifacts[sel.name], k, prompt, opts["alpha"], opts["filter"])
-        for j, value in enumerate(values):
-            assert value == pytest.approx(float(ref[1 + j, prompt[2 + j]]), abs=1e-4)
+        ref = reference_combined_logprobs(tiny_llama, gated_artifacts[sel.name], k, prompt, **alpha_filter)
+        assert_scores_follow_reference(prompt, values, ref)
 
 
 def test_the_gate_removes_what_the_early_exit_already_predicts(tiny_llama, tokenizer, tmp_path):

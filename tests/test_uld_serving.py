@@ -62,18 +62,20 @@ OPTS = {"alpha": 0.75, "filter": 1e-4}
 
 
 def reference_combined_logprobs(base, artifact_dir, num_layers, ids, alpha, filt, use_lora=True):
-    """Two separate models: the target's full forward, and a peft assistant truncated after K layers."""
+    """Two separate models: the target's full forward, and a peft assistant truncated after K layers; with the
+    manifest's gate, the same assistant with its adapter disabled is the early exit."""
     ids_t = torch.tensor([ids])
+    defaults = load_manifest(artifact_dir).defaults  # the artifact's own refilter, margin, gate (new ones: on, 1)
+    early = None
     with torch.no_grad():
         target = base(ids_t).logits[0]
         peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(artifact_dir))
-        if use_lora:
-            assistant = assistant_logits(peft_model, ids_t, None, num_layers)[0]
-        else:
-            with peft_model.disable_adapter():
-                assistant = assistant_logits(peft_model, ids_t, None, num_layers)[0]
+        with peft_model.disable_adapter():
+            no_lora = assistant_logits(peft_model, ids_t, None, num_layers)[0]
+        assistant = assistant_logits(peft_model, ids_t, None, num_layers)[0] if use_lora else no_lora
+        if defaults.get("gate") is not None:
+            early = no_lora
     log_filter = torch.full((len(ids),), math.log(filt))
-    defaults = load_manifest(artifact_dir).defaults  # the artifact's own refilter and margin (new ones: on, 1)
     combined = combine_logits(
         target,
         assistant,
@@ -81,8 +83,26 @@ def reference_combined_logprobs(base, artifact_dir, num_layers, ids, alpha, filt
         log_filter,
         refilter=defaults.get("refilter", False),
         margin=defaults.get("margin", 0.0),
+        gate=early is not None,
+        early_exit_logits=early,
     )
     return combined.log_softmax(-1)
+
+
+def assert_follows_reference(prompt: list[int], completion, ref: torch.Tensor) -> None:
+    """Each generated token is the reference's argmax, with its log-prob and the reported top-k log-probs."""
+    for step, entry in enumerate(completion.logprobs):
+        row = ref[len(prompt) - 1 + step]
+        assert entry.token_id == int(row.argmax())
+        assert entry.logprob == pytest.approx(float(row[entry.token_id]), abs=1e-4)
+        for token_id, value in entry.top:  # the reported top-k are the combined distribution's
+            assert value == pytest.approx(float(row[token_id]), abs=1e-4)
+
+
+def assert_scores_follow_reference(prompt: list[int], values: list[float], ref: torch.Tensor) -> None:
+    """Prompt log-probs scored from the first two tokens on (engine.score) equal the reference's."""
+    for j, value in enumerate(values):
+        assert value == pytest.approx(float(ref[1 + j, prompt[2 + j]]), abs=1e-4)
 
 
 @pytest.fixture(params=["plausible-only head", "full-vocabulary head"])
@@ -144,20 +164,14 @@ def test_single_pass_equals_two_model_reference(engine, tiny_llama, tokenizer, a
                 tiny_llama, artifacts[sel.name], k, full, OPTS["alpha"], OPTS["filter"], use_lora=False
             )
             assert (ref.exp() - no_lora.exp()).abs().max() > 0.05
-        for step, entry in enumerate(completion.logprobs):
-            row = ref[len(prompt) - 1 + step]
-            assert entry.token_id == int(row.argmax())
-            assert entry.logprob == pytest.approx(float(row[entry.token_id]), abs=1e-4)
-            for token_id, value in entry.top:  # the reported top-k are the combined distribution's
-                assert value == pytest.approx(float(row[token_id]), abs=1e-4)
+        assert_follows_reference(prompt, completion, ref)
     # prefill path: prompt log-probs (score) under the combined distribution, both adapters in one batch
     prompt = prompts[0]
     scored = engine.score([prompt[:2]] * 2, [prompt[2:]] * 2, selections[:2])
     for sel, values in zip(selections[:2], scored, strict=True):
         k = {"a1": 1, "a2": 2}[sel.name]
         ref = reference_combined_logprobs(tiny_llama, artifacts[sel.name], k, prompt, OPTS["alpha"], OPTS["filter"])
-        for j, value in enumerate(values):
-            assert value == pytest.approx(float(ref[1 + j, prompt[2 + j]]), abs=1e-4)
+        assert_scores_follow_reference(prompt, values, ref)
 
 
 def test_alpha_zero_equals_base_exactly(engine, tokenizer):

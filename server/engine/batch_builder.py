@@ -29,7 +29,7 @@ from unlearn_serve.server.engine.model_runner import ForwardBatch
 from unlearn_serve.server.engine.sampler import SamplingBatch
 from unlearn_serve.server.engine.scheduler import Scheduler
 from unlearn_serve.server.engine.sequence import Sequence
-from unlearn_serve.server.unlearning.base import BatchRows, UnlearningBackend
+from unlearn_serve.server.unlearning.base import BatchRows, UnlearningBackend, assistant_sources
 
 
 def decode_buckets(limit: int) -> list[int]:
@@ -210,10 +210,6 @@ class BatchBuilder:
                 assistant_row[i] = seq.assistant_slot
         if all(s is None for s in assistant_rows):
             assistant_rows, na = [], 0
-        source = [0] * na
-        for i, j in enumerate(assistant_row):
-            if j >= 0:
-                source[j] = i
         batch = ForwardBatch(
             input_ids=self.input_ids[:0],
             position_ids=self.positions[:0],
@@ -241,7 +237,7 @@ class BatchBuilder:
             row_index=torch.arange(n, device=dev),
             graphed=graphs_on and plain and not plans,
             uld_graph=_uld_graph(plans, choices) if graphs_on and na else None,
-            assistant_source=torch.tensor(source, device=dev, dtype=torch.long) if na else None,
+            assistant_source=torch.tensor(assistant_sources(assistant_row, na), device=dev) if na else None,
         )
 
     def decode_batch(self, state: DecodeState, chained: torch.Tensor | None = None) -> ForwardBatch:

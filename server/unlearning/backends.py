@@ -175,12 +175,8 @@ class ULDBackend(UnlearningBackend):
             return torch.tensor(values, device=dev, dtype=dtype)
 
         settings = CombineSettings.of_rows(combine, filt, dev)
-        if settings.any_gate:  # each assistant row's early exit is its target row's hidden state (padding: row 0)
-            source = [0] * rows.num_assistant_rows
-            for target_row, arow in enumerate(rows.assistant_row):
-                if arow >= 0:
-                    source[arow] = target_row
-            batch.early_exit_source = t(source)
+        if settings.any_gate:  # each assistant row's early exit is its target row's hidden state
+            batch.early_exit_source = t(rows.assistant_source())
 
         graph = None
         layout = self.registry.rows.layout

@@ -42,6 +42,19 @@ class BatchRows:
     logit_rows: list[tuple[int, int]]
     device: torch.device
 
+    def assistant_source(self) -> list[int]:
+        """Per assistant row, the target row it is a copy of (0 for padding rows)."""
+        return assistant_sources(self.assistant_row, self.num_assistant_rows)
+
+
+def assistant_sources(assistant_row: list[int], num_assistant_rows: int) -> list[int]:
+    """Per assistant row, its target row (0 for padding rows): `assistant_row` inverted."""
+    source = [0] * num_assistant_rows
+    for target_row, row in enumerate(assistant_row):
+        if row >= 0:
+            source[row] = target_row
+    return source
+
 
 class UnlearningBackend(ABC):
     kind: str  # "uld", "uoe": shown in logs and errors
