@@ -703,3 +703,73 @@ def test_a_gated_assistant_that_changes_retain_answers_is_pointed_to_the_uniform
     encode, answer = _fake_answers(1.0, 99, [])
     kept = calibrate(answer, encode, FORGET, RETAIN[:3])
     assert kept.met and gated_retain_hint(kept, {"flat_reference": "early_exit"}) is None
+
+
+def test_auto_keeps_the_uniform_build_only_when_it_does_better():
+    """`auto`'s comparison after the early-exit build missed its targets: a uniform build that meets them wins; else
+    forgetting, then retain answers kept decide; fluency alone does not, and a tie keeps the early-exit build."""
+    from unlearn_serve.training.uld import prefer_uniform
+
+    def calibration(leak_below: float, lose_retain_from: float, loop_from: float = 99):
+        encode, answer = _fake_answers(leak_below, lose_retain_from, [], loop_from=loop_from)
+        return calibrate(answer, encode, FORGET, RETAIN[:3])
+
+    loses_retain = calibration(1.0, 0.5)  # forgets from alpha 1, where a retain answer is already lost
+    assert not loses_retain.met and loses_retain.chosen.forget_met(loses_retain.targets)
+    meets = calibration(1.0, 99)
+    assert meets.met
+    assert prefer_uniform(loses_retain, meets)[0]
+    assert not prefer_uniform(loses_retain, None)[0]
+    # neither meets: the uniform build forgets and keeps every retain answer but loops (not fluent): kept
+    keeps_but_loops = calibration(1.0, 99, loop_from=0.0)
+    assert not keeps_but_loops.met and keeps_but_loops.chosen.kept_met(keeps_but_loops.targets)
+    keep, why = prefer_uniform(loses_retain, keeps_but_loops)
+    assert keep and "neither meets" in why
+    # the same retain loss on both sides: the early-exit build stays
+    assert not prefer_uniform(loses_retain, calibration(1.0, 0.5))[0]
+    # an early-exit build that keeps retain but is not fluent is not replaced by one that loses retain answers
+    assert not prefer_uniform(keeps_but_loops, loses_retain)[0]
+
+
+@pytest.mark.parametrize("keep_uniform", [True, False])
+def test_auto_trains_the_uniform_reference_when_the_early_exit_build_misses(
+    memorised, tmp_path, monkeypatch, keep_uniform
+):
+    """train_uld with `auto`: the early-exit build's calibration misses (an unreachable perplexity target here), so
+    the uniform reference is trained too; whichever is kept is the artifact at `out` (weights, gate and the comparison
+    in its manifest), the other build's directory is gone, and the returned model carries the kept adapter."""
+    from safetensors.torch import load_file
+    from unlearn_serve.training import uld
+
+    seen = []
+
+    def decide(early, uniform):
+        seen.append((early.met, None if uniform is None else uniform.met))
+        return keep_uniform, "forced by the test"
+
+    monkeypatch.setattr(uld, "prefer_uniform", decide)
+    model, tokenizer, _ = memorised
+    config = _config(min_steps=60, target_max_rel_ppl=1e-6)  # no build can meet this: the comparison runs
+    out = tmp_path / "a"
+    result = train_uld(copy.deepcopy(model), tokenizer, FORGET, RETAIN, out, config, serve=serve_with_engine)
+    assert seen == [(False, False)]
+    kept = "uniform" if keep_uniform else "early_exit"
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    compared = manifest["training"]["flat_reference_compared"]
+    assert compared["kept"] == kept and compared["why"] == "forced by the test"
+    assert compared["early_exit"]["met"] is False and compared["uniform"]["met"] is False
+    assert manifest["training"]["flat_reference"] == kept
+    assert manifest["defaults"].get("gate") == (None if keep_uniform else "early_exit")
+    assert manifest["training"]["calibration"]["verdict"] == compared[kept]["verdict"]
+    assert result.training["flat_reference_compared"] == compared and result.out_dir == out.resolve()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # the other build and every checkpoint dir removed
+    # the returned model carries the kept adapter (the other one unloaded)
+    stored = load_file(out / "adapter_model.safetensors")
+    live = {k: v for k, v in result.peft_model.state_dict().items() if "lora_" in k}
+    assert len(live) == len(stored) > 0
+    for name, tensor in stored.items():
+        match = [v for k, v in live.items() if k.replace(".default", "") == name]
+        assert len(match) == 1 and torch.equal(match[0], tensor), name
+    engine = Engine(copy.deepcopy(model), tokenizer, EngineConfig(max_num_seqs=8, max_model_len=64), "tiny")
+    engine.load_uld("forget", out)
+    assert len(_answers(engine, tokenizer, "forget")) == len(PEOPLE)

@@ -27,7 +27,8 @@ With `calibrate` (the default) and a `serve` function (the CLI passes the servin
 slice of the retain set is kept out of training, and the serving alpha is picked from the greedy answers
 the served draft artifact gives to forget questions and to the held-out rows (training/uld_calibrate.py);
 the manifest stores it with the per-alpha scores and a verdict. Without `serve` nothing is held out and
-the alpha stays at --default-alpha or the paper's 0.75.
+the alpha stays at --default-alpha or the paper's 0.75. With `flat_reference="auto"` a calibrated early-exit build
+that misses its targets is compared with a uniform build trained on the same data (`train_uld`, `prefer_uniform`).
 """
 
 from __future__ import annotations
@@ -68,10 +69,17 @@ from unlearn_serve.training.loop import (
 from unlearn_serve.training.losses import candidate_uniform_kl, fact_set_kl, reference_kl, uniform_kl
 from unlearn_serve.training.pairs import ForgetRetainCollator, ForgetRetainDataset, tokenize_records
 from unlearn_serve.training.self_answers import SELF_ANSWER, self_answer_rows
-from unlearn_serve.training.uld_calibrate import Calibration, CalibrationTargets, ServeFn, calibrate
+from unlearn_serve.training.uld_calibrate import AlphaScore, Calibration, CalibrationTargets, ServeFn, calibrate
 from unlearn_serve.training.uld_weights import fact_tokens, fact_word_weights, knowledge_weights, target_candidates
 
-from unlearn_serve.artifact import file_sha256, fingerprint_model, load_weights
+from unlearn_serve.artifact import (
+    atomic_artifact_dir,
+    file_sha256,
+    fingerprint_model,
+    load_manifest,
+    load_weights,
+    save_manifest,
+)
 from unlearn_serve.assistant import (
     assistant_hidden_states,
     assistant_logits,
@@ -306,6 +314,8 @@ def gated_retain_hint(calibration: Calibration | None, training: dict[str, Any])
     0.977x; docs/uld.md 2g). None when that is not the case."""
     if calibration is None or calibration.met or training.get("flat_reference") != "early_exit":
         return None
+    if "flat_reference_compared" in training:  # auto trained the uniform reference too and kept this one
+        return None
     chosen = calibration.chosen
     if chosen is None or chosen.kept_met(calibration.targets):
         return None
@@ -509,10 +519,115 @@ def train_uld(
     Epoch checkpoints for --resume live in `<out_dir>.checkpoints/` and are removed on success.
     `serve` (base model, tokenizer, artifact dir) -> answer function: with `config.calibrate`, the serving
     alpha is picked from its greedy answers (training/uld_calibrate.py); None skips the calibration.
+
+    `flat_reference="auto"` measures instead of guessing where it can: when the early-exit build (served gated)
+    misses its calibration targets, the uniform reference (served ungated) is trained too, on the same data, and
+    the artifact is the one whose validation answers are better (`prefer_uniform`); the manifest records both.
     """
+    config = config or ULDTrainingConfig()
+    args = (tokenizer, forget_records, retain_records)
+    first = _train_uld_once(model, *args, out_dir, config, data_files, callbacks, serve)
+    early = first.calibration
+    if config.flat_reference != "auto" or first.training.get("flat_reference") != "early_exit":
+        return first
+    if early is None or early.met:
+        return first
+    print(
+        f"auto: the early-exit build misses its targets ({early.verdict()}); training the uniform reference too "
+        "(served ungated) to keep the better of the two"
+    )
+    out = Path(out_dir).resolve()
+    other_dir = out.parent / f".{out.name}.uniform-reference"
+    base = first.peft_model.unload()  # the caller's model without this build's LoRA
+    second = _train_uld_once(
+        base,
+        *args,
+        other_dir,
+        replace(config, flat_reference="uniform", save_every_epoch=False),
+        data_files,
+        callbacks,
+        serve,
+    )
+    keep_uniform, why = prefer_uniform(early, second.calibration)
+    comparison = {
+        "kept": "uniform" if keep_uniform else "early_exit",
+        "why": why,
+        "early_exit": _comparison_entry(first),
+        "uniform": _comparison_entry(second),
+    }
+    print(f"auto: kept the {'uniform' if keep_uniform else 'early-exit'} build: {why}")
+    kept = second if keep_uniform else first
+    _finish_artifact(other_dir if keep_uniform else out, out, comparison)
+    shutil.rmtree(other_dir, ignore_errors=True)
+    kept.training["flat_reference_compared"] = comparison
+    kept.out_dir = out
+    if keep_uniform:
+        return kept
+    # the early-exit build is kept: its LoRA back on the caller's model (the uniform one's removed)
+    from peft import PeftModel
+
+    kept.peft_model = PeftModel.from_pretrained(second.peft_model.unload(), str(out))
+    return kept
+
+
+def prefer_uniform(early: Calibration, uniform: Calibration | None) -> tuple[bool, str]:
+    """Whether `auto` keeps the uniform build over the early-exit one whose calibration missed its targets, and why.
+    The uniform build wins when it meets every target, or when its chosen alpha does better in this order: forgets
+    the facts (the targets' leak), then keeps more retain answers. Fluency does not decide: TOFU full's early-exit
+    build was the more fluent (2.15x against 4.8x) and kept 12/16 retain answers (the uniform one 15/16): 0.852x the
+    target's utility against 0.977x (docs/uld.md 2g). On a tie the early-exit build (the more fluent) stays."""
+    if uniform is None or uniform.chosen is None:
+        return False, "the uniform build was not calibrated"
+    if uniform.met:
+        return True, f"it meets every target ({uniform.verdict()})"
+    a, b = early.chosen, uniform.chosen
+    if a is None:
+        return True, "the early-exit build had no calibrated alpha"
+
+    def key(score: AlphaScore, targets: CalibrationTargets) -> tuple[bool, float]:
+        rows = score.retain_rows + score.train_retain_rows
+        return score.forget_met(targets), (score.kept + score.train_kept) / rows if rows else 1.0
+
+    ka, kb = key(a, early.targets), key(b, uniform.targets)
+    if kb > ka:
+        return True, f"neither meets every target; it {b.kept_text()} where the early-exit build {a.kept_text()}"
+    return False, f"neither meets every target; the uniform build {b.kept_text()}, no better ({uniform.verdict()})"
+
+
+def _comparison_entry(result: ULDResult) -> dict[str, Any]:
+    calibration = result.calibration
+    return {
+        "met": None if calibration is None else calibration.met,
+        "alpha": None if calibration is None else calibration.alpha,
+        "verdict": None if calibration is None else calibration.verdict(),
+        "wall_time_s": result.wall_time_s,
+    }
+
+
+def _finish_artifact(source: Path, out: Path, comparison: dict[str, Any]) -> None:
+    """Write the kept build (`source`: out itself or the other build's dir) to `out` atomically, its manifest
+    recording the comparison."""
+    with atomic_artifact_dir(out) as tmp:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+        manifest = load_manifest(tmp)
+        manifest.training = {**manifest.training, "flat_reference_compared": comparison}
+        save_manifest(manifest, tmp)
+
+
+def _train_uld_once(
+    model: nn.Module,
+    tokenizer,
+    forget_records: list[dict[str, Any]],
+    retain_records: list[dict[str, Any]],
+    out_dir: str | Path,
+    config: ULDTrainingConfig,
+    data_files: dict[str, str | Path] | None,
+    callbacks: list[TrainerCallback] | None,
+    serve: ServeFn | None,
+) -> ULDResult:
+    """One build: `train_uld` without the `auto` comparison."""
     from peft import get_peft_model
 
-    config = config or ULDTrainingConfig()
     started = time.monotonic()
     num_hidden = len(decoder_layers(model))
     num_layers = config.layers if config.layers is not None else default_assistant_layers(num_hidden)

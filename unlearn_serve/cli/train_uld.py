@@ -59,7 +59,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="what the assistant is trained flat against where it must know nothing: the target cut after its K "
         "layers, served gated by it, or the paper's uniform distribution; auto (default): the early exit unless it "
-        "already predicts the forget answers (docs/uld.md)",
+        "already predicts the forget answers, and when that build misses its calibration targets the uniform one is "
+        "trained too and the better kept (docs/uld.md)",
     )
     parser.add_argument(
         "--default-margin",
