@@ -157,6 +157,10 @@ def test_set_overrides_a_config_field_for_every_variant(capsys):
         with pytest.raises(SystemExit) as exc:
             main([flag, "no_such_field=1"])
         assert exc.value.code == 2 and "no field 'no_such_field'" in capsys.readouterr().err
+        # a field's bad value too, before anything is trained
+        with pytest.raises(SystemExit) as exc:
+            main([flag, "flat_reference=bad"])
+        assert exc.value.code == 2 and "flat_reference must be one of" in capsys.readouterr().err
 
 
 def test_a_reused_assistant_keeps_its_training_time(tmp_path):

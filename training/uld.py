@@ -189,6 +189,7 @@ class ULDTrainingConfig:
                 out[name] = json.loads(value)
             except json.JSONDecodeError:
                 out[name] = value
+        cls(**out)  # a value the config refuses (an unknown flat_reference) fails here, not mid-run
         return out
 
     def __post_init__(self) -> None:
