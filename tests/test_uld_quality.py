@@ -245,6 +245,11 @@ def test_cli_strict_exit_code_follows_the_served_verdict(memorised, tmp_path, ca
     out = capsys.readouterr().out
     assert "verdict: forgets " in out and "TARGETS NOT MET" in out
     assert (tmp_path / "weak" / MANIFEST_NAME).is_file()  # stored anyway, with its scores
+    # auto's early-exit build missed, so the uniform one was trained too; the CLI says which was kept and why
+    weak = json.loads((tmp_path / "weak" / MANIFEST_NAME).read_text())["training"]
+    kept = weak["flat_reference_compared"]["kept"]
+    assert kept == weak["flat_reference"] and "auto: trained both flat references" in out
+    assert f"kept the {'uniform' if kept == 'uniform' else 'early-exit'} build" in out
     # without --strict the same outcome is a warning, exit 0
     assert cli.main([*argv, "--out", str(tmp_path / "weak2"), "--min-steps", "1"]) == 0
     assert cli.main([*argv, "--out", str(tmp_path / "x"), "--strict", "--no-calibrate"]) == 2

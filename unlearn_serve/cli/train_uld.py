@@ -231,6 +231,11 @@ def run(args: argparse.Namespace) -> int:
         f"retain KL({flat}||assistant) {_num(t['retain_kl_first'])} -> {_num(t['retain_kl_final'])} "
         "(near 0: flat on the retain set; if not, train longer with --min-steps)"
     )
+    compared = t.get("flat_reference_compared")
+    if compared:
+        times = " + ".join(f"{compared[k]['wall_time_s']:.1f}s" for k in ("early_exit", "uniform"))
+        kept = "uniform" if compared["kept"] == "uniform" else "early-exit"
+        print(f"auto: trained both flat references ({times}); kept the {kept} build: {compared['why']}")
     for path in result.epoch_dirs:
         print(f"wrote {path}")
     print(f"wrote {result.out_dir}")
