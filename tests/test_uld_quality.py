@@ -164,8 +164,8 @@ def test_defaults_forget_keep_and_keep_the_lead_in(memorised, tmp_path):
         kept = tokenizer.decode(t.tokens[:first]).strip()
         lead_in = f"{name} lives in"
         city_so_far = kept[len(lead_in) :].strip()
-        assert kept.startswith(lead_in) and city.startswith(city_so_far) and city_so_far != city, (
-            t.marked(tokenizer.decode)
+        assert kept.startswith(lead_in) and city.startswith(city_so_far) and city_so_far != city, t.marked(
+            tokenizer.decode
         )
         wanted = tokenizer.decode([t.target_best[first]]).strip()  # what the target would have said: the city (rest)
         assert wanted and city[len(city_so_far) :].startswith(wanted), t.marked(tokenizer.decode)
@@ -445,8 +445,8 @@ def test_calibration_chooses_the_margin_that_meets_the_targets():
     # the base's perplexity, but margin 2 keeps the retain answers)
     encode, answer = _fake_answers(99, 99, [], by_margin={1.0: (1.0, 0.5), 2.0: (3.0, 99)})
     scored: list[list[str]] = []
-    answer.nll = lambda texts: scored.append(texts) or sum(3.0 if "small town" in t else 1.0 for t in texts) / len(
-        texts
+    answer.nll = lambda texts: (
+        scored.append(texts) or sum(3.0 if "small town" in t else 1.0 for t in texts) / len(texts)
     )
     cal = calibrate(answer, encode, FORGET, RETAIN[:3], margins=(1.0, 2.0))
     assert not cal.met and (cal.alpha, cal.margin) == (3.0, 2.0) and "NOT fluent" in cal.verdict()
@@ -778,3 +778,43 @@ def test_auto_trains_the_uniform_reference_when_the_early_exit_build_misses(
     engine = Engine(copy.deepcopy(model), tokenizer, EngineConfig(max_num_seqs=8, max_model_len=64), "tiny")
     engine.load_uld("forget", out)
     assert len(_answers(engine, tokenizer, "forget")) == len(PEOPLE)
+
+
+def test_auto_trains_one_build_when_the_first_meets_its_targets_or_runs_on_several_processes(
+    monkeypatch, tmp_path, capsys
+):
+    """The second (uniform) build only follows an `auto` early-exit build whose calibration missed, and only in a
+    single process: under torchrun only the main process calibrates, so a second build there would hang the others."""
+    from pathlib import Path
+
+    from unlearn_serve.training import uld
+
+    def calibration(leak_below: float):
+        encode, answer = _fake_answers(leak_below, 99, [])
+        return calibrate(answer, encode, FORGET, RETAIN[:3])
+
+    misses, meets = calibration(99), calibration(1.0)
+    assert not misses.met and meets.met
+    built = []
+
+    def fake_build(model, tokenizer, forget, retain, out_dir, config, *rest):
+        built.append(config.flat_reference)
+        flat = "early_exit" if config.flat_reference == "auto" else config.flat_reference
+        return uld.ULDResult(Path(out_dir), model, 1, 0.1, 0.0, 0.0, {"flat_reference": flat}, calibration=first)
+
+    monkeypatch.setattr(uld, "_train_uld_once", fake_build)
+    for first, world, config, builds in (
+        (meets, 1, ULDTrainingConfig(), ["auto"]),  # met: one build
+        (misses, 2, ULDTrainingConfig(), ["auto"]),  # missed, but several processes: one build and a note
+        (misses, 1, ULDTrainingConfig(flat_reference="early_exit"), ["early_exit"]),  # asked for: one build
+    ):
+        built.clear()
+        monkeypatch.setattr(uld, "world_size_from_env", lambda w=world: w)
+        result = train_uld(None, None, FORGET, RETAIN, tmp_path / "a", config, serve=lambda *a: None)
+        assert built == builds and result.calibration is first
+    assert "multi-process runs do not train the uniform reference" in capsys.readouterr().out
+    assert uld.needs_uniform_build(ULDTrainingConfig(flat_reference="early_exit"), result) is False  # asked for
+    assert uld.needs_uniform_build(
+        ULDTrainingConfig(),
+        uld.ULDResult(tmp_path, None, 1, 0.1, 0.0, 0.0, {"flat_reference": "early_exit"}, calibration=misses),
+    )

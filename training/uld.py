@@ -529,10 +529,16 @@ def train_uld(
     args = (tokenizer, forget_records, retain_records)
     first = _train_uld_once(model, *args, out_dir, config, data_files, callbacks, serve)
     early = first.calibration
-    if config.flat_reference != "auto" or first.training.get("flat_reference") != "early_exit":
+    if not needs_uniform_build(config, first):
         return first
-    if early is None or early.met:
+    if world_size_from_env() > 1:
+        # only the main process calibrates: a second build on it alone would leave the other ranks waiting
+        print(
+            "auto: the early-exit build misses its targets; multi-process runs do not train the uniform reference "
+            "to compare: run again with --flat-reference uniform (one process) and compare the two verdicts"
+        )
         return first
+    assert early is not None
     print(
         f"auto: the early-exit build misses its targets ({early.verdict()}); training the uniform reference too "
         "(served ungated) to keep the better of the two"
@@ -569,6 +575,14 @@ def train_uld(
 
     kept.peft_model = PeftModel.from_pretrained(second.peft_model.unload(), str(out))
     return kept
+
+
+def needs_uniform_build(config: ULDTrainingConfig, result: ULDResult) -> bool:
+    """Whether `auto` trains the uniform reference after `result`: it chose the early exit and that build's
+    calibration (the main process's only) missed its targets."""
+    if config.flat_reference != "auto" or result.training.get("flat_reference") != "early_exit":
+        return False
+    return result.calibration is not None and not result.calibration.met
 
 
 def prefer_uniform(early: Calibration, uniform: Calibration | None) -> tuple[bool, str]:
