@@ -733,7 +733,14 @@ def test_auto_keeps_the_uniform_build_only_when_it_does_better():
     # the same retain loss on both sides: the early-exit build stays
     assert not prefer_uniform(loses_retain, calibration(1.0, 0.5))[0]
     # an early-exit build that keeps retain but is not fluent is not replaced by one that loses retain answers
-    assert not prefer_uniform(keeps_but_loops, loses_retain)[0]
+    keep, why = prefer_uniform(keeps_but_loops, loses_retain)
+    assert not keep and "no better" in why
+    # forgetting comes first: an early-exit build that names its facts loses to one that forgets, retain lost or not
+    never_forgets = calibration(99, 99)
+    assert not never_forgets.chosen.forget_met(never_forgets.targets)
+    keep, why = prefer_uniform(never_forgets, loses_retain)
+    assert keep and "forgets the validation facts" in why
+    assert not prefer_uniform(loses_retain, never_forgets)[0]
 
 
 @pytest.mark.parametrize("keep_uniform", [True, False])

@@ -589,7 +589,7 @@ def prefer_uniform(early: Calibration, uniform: Calibration | None) -> tuple[boo
     """Whether `auto` keeps the uniform build over the early-exit one whose calibration missed its targets, and why.
     The uniform build wins when it meets every target, or when its chosen alpha does better in this order: forgets
     the facts (the targets' leak), then keeps more retain answers. Fluency does not decide: TOFU full's early-exit
-    build was the more fluent (2.15x against 4.8x) and kept 12/16 retain answers (the uniform one 15/16): 0.852x the
+    build was the more fluent (2.15x against 6.46x) and kept 12/16 retain answers (the uniform one 15/16): 0.852x the
     target's utility against 0.977x (docs/uld.md 2g). On a tie the early-exit build (the more fluent) stays."""
     if uniform is None or uniform.chosen is None:
         return False, "the uniform build was not calibrated"
@@ -604,9 +604,14 @@ def prefer_uniform(early: Calibration, uniform: Calibration | None) -> tuple[boo
         return score.forget_met(targets), (score.kept + score.train_kept) / rows if rows else 1.0
 
     ka, kb = key(a, early.targets), key(b, uniform.targets)
+    if kb[0] and not ka[0]:
+        return True, (
+            f"neither meets every target; it forgets the validation facts ({b.leaked}/{b.known} still named) where "
+            f"the early-exit build does not ({a.leaked}/{a.known})"
+        )
     if kb > ka:
         return True, f"neither meets every target; it {b.kept_text()} where the early-exit build {a.kept_text()}"
-    return False, f"neither meets every target; the uniform build {b.kept_text()}, no better ({uniform.verdict()})"
+    return False, f"neither meets every target; the uniform build is no better ({uniform.verdict()})"
 
 
 def _comparison_entry(result: ULDResult) -> dict[str, Any]:
