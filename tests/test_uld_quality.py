@@ -10,9 +10,11 @@ from __future__ import annotations
 import copy
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
+from transformers import TrainerCallback
 from unlearn_serve.server.engine.engine import Engine, EngineConfig
 from unlearn_serve.server.engine.sampling_params import SamplingParams
 from unlearn_serve.training.augment import rephrase_question
@@ -804,7 +806,7 @@ def test_auto_trains_one_build_when_the_first_meets_its_targets_or_runs_on_sever
     assert not misses.met and meets.met
     built = []
 
-    def fake_build(model, tokenizer, forget, retain, out_dir, config, *rest):
+    def fake_build(model, tokenizer, forget, retain, out_dir, config, *rest, **options):
         built.append(config.flat_reference)
         flat = "early_exit" if config.flat_reference == "auto" else config.flat_reference
         return uld.ULDResult(Path(out_dir), model, 1, 0.1, 0.0, 0.0, {"flat_reference": flat}, calibration=first)
@@ -825,3 +827,50 @@ def test_auto_trains_one_build_when_the_first_meets_its_targets_or_runs_on_sever
         ULDTrainingConfig(),
         uld.ULDResult(tmp_path, None, 1, 0.1, 0.0, 0.0, {"flat_reference": "early_exit"}, calibration=misses),
     )
+
+
+class _PerBuild(TrainerCallback):
+    """Counts the optimizer steps of each training run (build); raises at step `crash_at` of build `crash_in`."""
+
+    def __init__(self, crash_in: int | None = None, crash_at: int = 0):
+        self.steps: list[int] = []
+        self.crash_in, self.crash_at = crash_in, crash_at
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.steps.append(0)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps[-1] += 1
+        if len(self.steps) == self.crash_in and state.global_step == self.crash_at:
+            raise RuntimeError("killed in the second build")
+
+
+def test_auto_resume_after_a_crash_in_the_uniform_build_skips_the_first_training(memorised, tmp_path):
+    """A crash while auto trains its second (uniform) build leaves the first build's checkpoints: --resume then
+    trains no step of the first build (it calibrates it again) and finishes the comparison; nothing is left over."""
+    model, tokenizer, _ = memorised
+    config = _config(min_steps=30, target_max_rel_ppl=1e-6)  # no build meets this: the second build runs
+    out = tmp_path / "a"
+    crash = _PerBuild(crash_in=2, crash_at=5)
+    with pytest.raises(RuntimeError, match="second build"):
+        train_uld(
+            copy.deepcopy(model), tokenizer, FORGET, RETAIN, out, config, callbacks=[crash], serve=serve_with_engine
+        )
+    assert crash.steps[0] == 30 and crash.steps[1] == 5
+    assert (out / MANIFEST_NAME).is_file()  # the first build, stored
+    assert (tmp_path / "a.checkpoints").is_dir()
+    resumed = _PerBuild()
+    result = train_uld(
+        copy.deepcopy(model),
+        tokenizer,
+        FORGET,
+        RETAIN,
+        out,
+        replace(config, resume=True),
+        callbacks=[resumed],
+        serve=serve_with_engine,
+    )
+    assert resumed.steps[0] == 0 and resumed.steps[1] > 0, resumed.steps  # the first build's training skipped
+    assert "flat_reference_compared" in json.loads((out / MANIFEST_NAME).read_text())["training"]
+    assert result.training["flat_reference_compared"]["kept"] in ("uniform", "early_exit")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]

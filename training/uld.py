@@ -527,23 +527,42 @@ def train_uld(
     """
     config = config or ULDTrainingConfig()
     args = (tokenizer, forget_records, retain_records)
-    first = _train_uld_once(model, *args, out_dir, config, data_files, callbacks, serve)
+    out = Path(out_dir).resolve()
+    # auto may train a second build: until it is done, the first build's resume checkpoints stay (one process only)
+    keep = config.flat_reference == "auto" and world_size_from_env() == 1
+    first = _train_uld_once(model, *args, out_dir, config, data_files, callbacks, serve, keep_checkpoints=keep)
+    result = first
+    if needs_uniform_build(config, first):
+        if world_size_from_env() > 1:
+            # only the main process calibrates: a second build on it alone would leave the other ranks waiting
+            print(
+                "auto: the early-exit build misses its targets; multi-process runs do not train the uniform "
+                "reference to compare: run again with --flat-reference uniform (one process) and compare the verdicts"
+            )
+        else:
+            # a crash in here leaves the first build's checkpoints: --resume then skips its training
+            result = _compare_with_uniform(first, out, config, args, data_files, callbacks, serve)
+    if keep:
+        shutil.rmtree(checkpoint_dir_for(out), ignore_errors=True)
+    return result
+
+
+def _compare_with_uniform(
+    first: ULDResult,
+    out: Path,
+    config: ULDTrainingConfig,
+    args: tuple,
+    data_files: dict[str, str | Path] | None,
+    callbacks: list[TrainerCallback] | None,
+    serve: ServeFn | None,
+) -> ULDResult:
+    """auto's second build and the choice between the two (`train_uld`)."""
     early = first.calibration
-    if not needs_uniform_build(config, first):
-        return first
-    if world_size_from_env() > 1:
-        # only the main process calibrates: a second build on it alone would leave the other ranks waiting
-        print(
-            "auto: the early-exit build misses its targets; multi-process runs do not train the uniform reference "
-            "to compare: run again with --flat-reference uniform (one process) and compare the two verdicts"
-        )
-        return first
     assert early is not None
     print(
         f"auto: the early-exit build misses its targets ({early.verdict()}); training the uniform reference too "
         "(served ungated) to keep the better of the two"
     )
-    out = Path(out_dir).resolve()
     other_dir = out.parent / f".{out.name}.uniform-reference"
     base = first.peft_model.unload()  # the caller's model without this build's LoRA
     second = _train_uld_once(
@@ -644,8 +663,10 @@ def _train_uld_once(
     data_files: dict[str, str | Path] | None,
     callbacks: list[TrainerCallback] | None,
     serve: ServeFn | None,
+    keep_checkpoints: bool = False,
 ) -> ULDResult:
-    """One build: `train_uld` without the `auto` comparison."""
+    """One build: `train_uld` without the `auto` comparison. `keep_checkpoints`: leave the resume checkpoints for the
+    caller to remove (auto's first build: a --resume after a crash in the second build then skips its training)."""
     from peft import get_peft_model
 
     started = time.monotonic()
@@ -938,7 +959,8 @@ def _train_uld_once(
             defaults = {**calibrated, **defaults}
     if trainer.args.should_save:
         save_uld_artifact(peft_model, out, base_fingerprint, details, summary, state, defaults)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        if not keep_checkpoints:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
     return ULDResult(
         out_dir=out,
         peft_model=peft_model,
