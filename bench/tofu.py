@@ -496,7 +496,17 @@ def uld_summary(result) -> dict[str, Any]:
         "default_alpha": None if calibration is None else calibration.alpha,
         "calibration_met": None if calibration is None else calibration.met,
         "verdict": None if calibration is None else calibration.verdict(),
+        **_flat_reference_summary(t),
     }
+
+
+def _flat_reference_summary(training: dict[str, Any]) -> dict[str, Any]:
+    """Which flat reference the kept build has, and auto's comparison when it trained both (train_uld)."""
+    compared = training.get("flat_reference_compared")
+    out: dict[str, Any] = {"flat_reference": training.get("flat_reference")}
+    if compared:
+        out["compared"] = {k: compared[k] if k in ("kept", "why") else compared[k]["verdict"] for k in compared}
+    return out
 
 
 def reused_uld_summary(uld_dir: Path) -> dict[str, Any]:
@@ -504,13 +514,18 @@ def reused_uld_summary(uld_dir: Path) -> dict[str, Any]:
     manifest = json.loads((uld_dir / "unlearning.json").read_text())
     training = manifest.get("training", {})
     calibration = training.get("calibration") or {}
+    compared = training.get("flat_reference_compared")
     return {
         "reused": str(uld_dir),
         "steps": training.get("steps"),
-        "training_time_s": training.get("wall_time_s"),  # of the run that trained it (train_uld's own clock)
+        # of the run that trained it (train_uld's own clock; both builds when auto compared two)
+        "training_time_s": sum(compared[k]["wall_time_s"] for k in ("early_exit", "uniform"))
+        if compared
+        else training.get("wall_time_s"),
         "default_alpha": manifest.get("defaults", {}).get("alpha"),
         "calibration_met": calibration.get("met"),
         "verdict": calibration.get("verdict"),
+        **_flat_reference_summary(training),
     }
 
 
