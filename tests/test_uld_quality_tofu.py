@@ -174,6 +174,18 @@ def test_a_reused_assistant_keeps_its_training_time(tmp_path):
     assert summary["training_time_s"] == 123.4 and summary["default_alpha"] == 2.0 and summary["steps"] == 7
     (tmp_path / "unlearning.json").write_text(json.dumps({"training": {}}))
     assert tofu.reused_uld_summary(tmp_path)["training_time_s"] is None
+    # auto trained both flat references: both builds' time, the kept one named with the comparison
+    compared = {
+        "kept": "uniform",
+        "why": "w",
+        "early_exit": {"verdict": "e", "wall_time_s": 100.0},
+        "uniform": {"verdict": "u", "wall_time_s": 20.5},
+    }
+    training = {"wall_time_s": 20.5, "flat_reference": "uniform", "flat_reference_compared": compared}
+    (tmp_path / "unlearning.json").write_text(json.dumps({"training": training}))
+    summary = tofu.reused_uld_summary(tmp_path)
+    assert summary["training_time_s"] == 120.5 and summary["flat_reference"] == "uniform"
+    assert summary["compared"] == {"kept": "uniform", "why": "w", "early_exit": "e", "uniform": "u"}
 
 
 def test_outsider_checks_ask_the_harness_facts_in_wordings_never_trained_on():
