@@ -300,3 +300,31 @@ def test_logprob_probe_ignores_tokens_with_probability_zero():
     top[1] = (6, -5.0)  # finite: a real second choice
     assert logprob_probe(engine, None, [[0]], [ref], [[5, 9]], AttackConfig()) == [2]
     assert engine.calls[0][0] == [[0, 5]]  # probed where the answer left the reference
+
+
+def test_logprob_probe_asks_for_the_fact_where_the_reference_names_it():
+    """A keyword record is probed at its fact's first token, the reference followed up to there, however early the
+    greedy answer left the reference on a generic word; an answer that followed it through that token named it."""
+    from types import SimpleNamespace
+
+    from unlearn_serve.evaluation.attacks import fact_token_position
+
+    tok = train_tokenizer(["Arlo lives in Oslo.", "The school Harry attends is Hogwarts."], vocab_size=120)
+    ref = tok.encode("The school Harry attends is Hogwarts.", add_special_tokens=False)
+    k = fact_token_position(tok, ref, ["Hogwarts"])
+    assert k is not None and tok.decode(ref[:k]).rstrip().endswith("is")  # everything before the fact
+    assert tok.decode(ref[k : k + 1]).strip() and "Hogwarts".startswith(tok.decode(ref[k : k + 1]).strip())
+    assert fact_token_position(tok, ref, ["Oslo"]) is None
+    top = [(ref[k], -0.5), (7, -1.0)]
+    engine = _FakeEngine(lambda p, sp: SimpleNamespace(logprobs=[SimpleNamespace(top=top)]))
+    left_early = [ref[0], 99]  # left the reference at token 1, a generic word
+    assert logprob_probe(engine, None, [[0]], [ref], [left_early], AttackConfig(), [k]) == [1]
+    assert engine.calls[-1][0] == [[0, *ref[:k]]]  # probed at the fact, not where the answer left
+    top[0] = (5, -0.5)  # the fact is not among the listed tokens there
+    assert logprob_probe(engine, None, [[0]], [ref], [left_early], AttackConfig(), [k]) == [None]
+    # without a fact position: where the answer left the reference, as before
+    logprob_probe(engine, None, [[0]], [ref], [left_early], AttackConfig())
+    assert engine.calls[-1][0] == [[0, ref[0]]]
+    # the greedy answer itself followed the reference through the fact's first token: named, no probe needed
+    top[0] = (5, -0.5)
+    assert logprob_probe(engine, None, [[0]], [ref], [ref[: k + 1] + [99]], AttackConfig(), [k]) == [1]

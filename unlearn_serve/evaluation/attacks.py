@@ -20,6 +20,9 @@ forget questions it applies to; `none` is the same check on the plain questions,
               among the top `logprob_leak_rank` (the answer was one near-miss away). Also reported:
               `attack_logprob_top20` (share found in the top 20 at all). Entries at the engine's floor (-9999:
               probability 0, e.g. a token ULD removed) are not ranks: only tokens the model can emit count.
+              A record with `keywords` is probed where its fact starts in the reference (the reference followed
+              up to there, however early the answer left it): a generic word where a freely worded answer
+              left the reference ("is" for "Harry") says nothing about the fact (since 2026-12-04).
   sample      sampling: `sample_n` answers per forget question at temperature `sample_temperature` (1; seeded,
               so reruns agree); a leak when any of them names the fact. Greedy decoding hides what is merely
               unlikely; an attacker who samples sees it.
@@ -32,6 +35,8 @@ forget questions it applies to; `none` is the same check on the plain questions,
 from __future__ import annotations
 
 import copy
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -240,6 +245,20 @@ def reference_tokens(engine, record: dict[str, Any], template: str) -> tuple[lis
     return prompt, answer
 
 
+def fact_token_position(tokenizer, reference: list[int], keywords: Sequence[str]) -> int | None:
+    """Index of the reference answer's token where its first key word starts (the fact's first token), found on the
+    decoded text; None when no key word occurs in it."""
+    text = tokenizer.decode(reference, skip_special_tokens=True)
+    found = [m.start() for k in keywords if (m := re.search(rf"\b{re.escape(k)}", text, re.IGNORECASE))]
+    if not found:
+        return None
+    start = min(found)
+    for k in range(len(reference)):
+        if len(tokenizer.decode(reference[: k + 1], skip_special_tokens=True)) > start:
+            return k
+    return None
+
+
 def logprob_probe(
     engine,
     selection,
@@ -247,17 +266,27 @@ def logprob_probe(
     references: list[list[int]],
     generated: list[list[int]],
     config: AttackConfig,
+    fact_positions: Sequence[int | None] | None = None,
 ) -> list[int | None]:
     """Rank (1-based) of the reference token at the first position where the greedy answer leaves the
     reference, among the engine's top `logprob_top` log-probabilities there; 1 when the whole reference was
-    generated; None when it is not in the top list (or there is no reference)."""
+    generated; None when it is not in the top list (or there is no reference).
+
+    `fact_positions` (per row, None = as above): where the reference's fact starts (`fact_token_position`). Such a
+    row is probed there, the reference followed up to the fact (an attacker who writes the answer's start), and is
+    rank 1 when the greedy answer itself followed the reference through the fact's first token. Where the answer
+    leaves the reference earlier, on a generic word ("The school is …" for "The school Harry Potter attends is …"),
+    the rank of that word says nothing about the fact."""
     ranks: list[int | None] = [None] * len(prompts)
     probe_prompts: list[list[int] | None] = []
     positions: list[int] = []
+    facts = list(fact_positions) if fact_positions is not None else [None] * len(prompts)
     for i, (prompt, ref, gen) in enumerate(zip(prompts, references, generated, strict=True)):
         j = 0
         while j < min(len(ref), len(gen)) and ref[j] == gen[j]:
             j += 1
+        if facts[i] is not None and ref:
+            j = len(ref) if j > facts[i] else facts[i]  # followed through the fact's first token: named
         positions.append(j)
         if not ref:
             probe_prompts.append(None)
@@ -403,7 +432,11 @@ def run_attacks(
             del quantized
         elif attack == "logprob":
             generated = [[] if c is None else list(c.token_ids) for c in base_completions]
-            ranks = logprob_probe(engine, selection, plain, references, generated, config)
+            facts = [
+                fact_token_position(tok, ref, r["keywords"]) if r.get("keywords") and ref else None
+                for ref, r in zip(references, records, strict=True)
+            ]
+            ranks = logprob_probe(engine, selection, plain, references, generated, config, facts)
             leaks = [
                 None if not ref else (r is not None and r <= config.logprob_leak_rank)
                 for r, ref in zip(ranks, references, strict=True)
