@@ -325,6 +325,8 @@ def test_logprob_probe_asks_for_the_fact_where_the_reference_names_it():
     # without a fact position: where the answer left the reference, as before
     logprob_probe(engine, None, [[0]], [ref], [left_early], AttackConfig())
     assert engine.calls[-1][0] == [[0, ref[0]]]
-    # the greedy answer itself followed the reference through the fact's first token: named, no probe needed
-    top[0] = (5, -0.5)
+    # an answer that followed the reference into the fact (a shared first letter) is probed where it left it
+    top[0] = (ref[k + 1], -0.5)
     assert logprob_probe(engine, None, [[0]], [ref], [ref[: k + 1] + [99]], AttackConfig(), [k]) == [1]
+    assert engine.calls[-1][0] == [[0, *ref[: k + 1]]]
+    assert logprob_probe(engine, None, [[0]], [ref], [list(ref)], AttackConfig(), [k]) == [1]  # the whole answer

@@ -273,10 +273,10 @@ def logprob_probe(
     generated; None when it is not in the top list (or there is no reference).
 
     `fact_positions` (per row, None = as above): where the reference's fact starts (`fact_token_position`). Such a
-    row is probed there, the reference followed up to the fact (an attacker who writes the answer's start), and is
-    rank 1 when the greedy answer itself followed the reference through the fact's first token. Where the answer
-    leaves the reference earlier, on a generic word ("The school is …" for "The school Harry Potter attends is …"),
-    the rank of that word says nothing about the fact."""
+    row is probed at the later of that position and the one where the answer left the reference (the reference
+    followed up to there: an attacker who writes the answer's start). Where the answer leaves the reference earlier,
+    on a generic word ("The school is …" for "The school Harry Potter attends is …"), the rank of that word says
+    nothing about the fact."""
     ranks: list[int | None] = [None] * len(prompts)
     probe_prompts: list[list[int] | None] = []
     positions: list[int] = []
@@ -285,8 +285,8 @@ def logprob_probe(
         j = 0
         while j < min(len(ref), len(gen)) and ref[j] == gen[j]:
             j += 1
-        if facts[i] is not None and ref:
-            j = len(ref) if j > facts[i] else facts[i]  # followed through the fact's first token: named
+        if facts[i] is not None:
+            j = max(j, facts[i])  # never before the fact starts; inside or after it, where the answer left it
         positions.append(j)
         if not ref:
             probe_prompts.append(None)
