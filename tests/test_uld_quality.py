@@ -763,7 +763,8 @@ def test_auto_trains_the_uniform_reference_when_the_early_exit_build_misses(
 
     monkeypatch.setattr(uld, "prefer_uniform", decide)
     model, tokenizer, _ = memorised
-    config = _config(min_steps=60, target_max_rel_ppl=1e-6)  # no build can meet this: the comparison runs
+    # no build can meet this perplexity target: the comparison runs
+    config = _config(min_steps=60, target_max_rel_ppl=1e-6, save_every_epoch=True)
     out = tmp_path / "a"
     result = train_uld(copy.deepcopy(model), tokenizer, FORGET, RETAIN, out, config, serve=serve_with_engine)
     assert seen == [(False, False)]
@@ -776,7 +777,10 @@ def test_auto_trains_the_uniform_reference_when_the_early_exit_build_misses(
     assert manifest["defaults"].get("gate") == (None if keep_uniform else "early_exit")
     assert manifest["training"]["calibration"]["verdict"] == compared[kept]["verdict"]
     assert result.training["flat_reference_compared"] == compared and result.out_dir == out.resolve()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # the other build and every checkpoint dir removed
+    # the other build and every checkpoint dir removed; the epoch snapshot is the kept build's
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "a-epoch-1"]
+    epoch = json.loads((tmp_path / "a-epoch-1" / MANIFEST_NAME).read_text())["training"]
+    assert epoch["flat_reference"] == kept and result.epoch_dirs == [(tmp_path / "a-epoch-1").resolve()]
     # the returned model carries the kept adapter (the other one unloaded)
     stored = load_file(out / "adapter_model.safetensors")
     live = {k: v for k, v in result.peft_model.state_dict().items() if "lora_" in k}

@@ -569,7 +569,7 @@ def _compare_with_uniform(
         base,
         *args,
         other_dir,
-        replace(config, flat_reference="uniform", save_every_epoch=False),
+        replace(config, flat_reference="uniform"),
         data_files,
         callbacks,
         serve,
@@ -585,6 +585,14 @@ def _compare_with_uniform(
     kept = second if keep_uniform else first
     _finish_artifact(other_dir if keep_uniform else out, out, comparison)
     shutil.rmtree(other_dir, ignore_errors=True)
+    # --save-every-epoch: the epoch snapshots are the kept build's, under the output's name
+    dropped = first.epoch_dirs if keep_uniform else second.epoch_dirs
+    for path in dropped:
+        shutil.rmtree(path, ignore_errors=True)
+    if keep_uniform:
+        second.epoch_dirs = [
+            path.rename(epoch_dir_for(out, int(path.name.rsplit("-", 1)[1]))) for path in second.epoch_dirs
+        ]
     kept.training["flat_reference_compared"] = comparison
     kept.out_dir = out
     if keep_uniform:
