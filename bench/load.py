@@ -21,7 +21,6 @@ import asyncio
 import json
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,8 @@ from pathlib import Path
 
 import httpx
 import psutil
+
+from unlearn_serve.testing import free_port
 
 READY_TIMEOUT_S = 300
 RSS_TOLERANCE = 0.10
@@ -44,11 +45,6 @@ def build_tiny(out: Path) -> Path:
     model = build_tiny_model("llama", tokenizer, seed=0)
     return save_tiny(model, tokenizer, out)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

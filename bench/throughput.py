@@ -17,7 +17,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,8 @@ from pathlib import Path
 
 import httpx
 import openai
+
+from unlearn_serve.testing import free_port
 
 SERVE_TIMEOUT_S = 300
 
@@ -47,11 +48,6 @@ def build_model(out: Path, hidden: int, layers: int, vocab: int) -> Path:
     print(f"model: llama hidden={hidden} layers={layers} vocab={len(tokenizer)} params={params / 1e6:.1f}M -> {out}")
     return out
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

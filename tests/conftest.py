@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ import pytest
 import torch
 import uvicorn
 
+from unlearn_serve.testing import free_port
 from unlearn_serve.tiny import build_tiny_model, fit_texts, save_tiny, train_tokenizer
 
 # Tiny models: one OpenMP thread is fastest (two spin against each other on a busy box).
@@ -52,11 +52,6 @@ def tiny_llama(tokenizer):
 def tiny_llama_dir(tiny_llama, tokenizer, tmp_path_factory) -> Path:
     return save_tiny(tiny_llama, tokenizer, tmp_path_factory.mktemp("tiny-llama"))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
