@@ -74,6 +74,7 @@ from unlearn_serve.training.uld_weights import fact_tokens, fact_word_weights, k
 
 from unlearn_serve.artifact import (
     atomic_artifact_dir,
+    check_fingerprint,
     file_sha256,
     fingerprint_model,
     load_manifest,
@@ -529,11 +530,12 @@ def train_uld(
     args = (tokenizer, forget_records, retain_records)
     out = Path(out_dir).resolve()
     # auto may train a second build: until it is done, the first build's resume checkpoints stay (one process only)
-    keep = config.flat_reference == "auto" and world_size_from_env() == 1
+    single_process = world_size_from_env() == 1
+    keep = config.flat_reference == "auto" and single_process
     first = _train_uld_once(model, *args, out_dir, config, data_files, callbacks, serve, keep_checkpoints=keep)
     result = first
     if needs_uniform_build(config, first):
-        if world_size_from_env() > 1:
+        if not single_process:
             # only the main process calibrates: a second build on it alone would leave the other ranks waiting
             print(
                 "auto: the early-exit build misses its targets; multi-process runs do not train the uniform "
@@ -1148,8 +1150,6 @@ def recalibrate_uld(
     `training.calibration`; the weights are
     copied unchanged. An explicit `config.default_alpha` / `default_filter` still wins, as in `train_uld`.
     """
-    from unlearn_serve.artifact import atomic_artifact_dir, check_fingerprint, load_manifest, save_manifest
-
     source = Path(artifact)
     manifest = load_manifest(source)
     check_fingerprint(manifest, fingerprint_model(model), str(source), "the base model")
