@@ -19,6 +19,9 @@ by the base model's fingerprint, the data and the settings), serves it with the 
 - retain tokens changed: the share of the retain answers' tokens where the unlearning chose another token than
   the target would have (unlearn_serve/evaluation/trace.py; bench/uld_trace.py prints them): interference where
   nothing should change, even when the answer still names its fact;
+- broad: changed; right (SmolLM2): of 40 general questions of kinds the retain set does not have (`BROAD_CHECKS`:
+  opposites, colours, animals, science, ...), the answers unlearning changed (text != the base's), and the answers
+  right (keyword) against the base's count;
 - fluency of the forget answers: share with a word n-gram loop, share with URL/markup runs or a
   script/language other than the question's (non-ASCII letters; English function words), and the
   perplexity of the answer text alone (no question) under the base model, relative to the base
@@ -78,6 +81,8 @@ class Suite:
     # the forget set is one topic (Harry Potter): a forget answer that names *another* forget fact gives the topic away
     # too ("… the magical world of J.K. Rowling's works" answering the friends question), so it counts against the goal
     topic: bool = False
+    # general questions of kinds the retain set does not have: answers changed by unlearning, answers right
+    broad_checks: list[Check] = field(default_factory=list)
 
 
 # tiny: 16 made-up people, where they live and what they play; the base learns two phrasings of each
@@ -245,6 +250,54 @@ GENERAL_CHECKS = [
 ]
 
 
+# General questions of kinds the retain set (capitals, authors, numbers) does not have, written on 2026-12-05
+# (nineteenth session) as the probe that found unlearning changes such answers (docs/benchmarks.md, "Broad general
+# questions"); never trained on nor used to choose a setting. Scored two ways: answers changed (text != the base's)
+# and answers right (keyword) against the base's count.
+BROAD_CHECKS = [
+    Check("What is the opposite of big?", ("small", "little", "tiny")),
+    Check("What is the opposite of fast?", ("slow",)),
+    Check("What color is the sky on a clear day?", ("blue",)),
+    Check("What color are bananas when they are ripe?", ("yellow",)),
+    Check("What do bees make?", ("honey",)),
+    Check("What animal says moo?", ("cow",)),
+    Check("How many sides does a triangle have?", ("three", "3")),
+    Check("What is 12 times 12?", ("144",)),
+    Check("What gas do plants absorb from the air?", ("carbon dioxide", "CO2")),
+    Check("What is the freezing point of water in Fahrenheit?", ("32",)),
+    Check("What do you call a baby cat?", ("kitten",)),
+    Check("What is the plural of mouse?", ("mice",)),
+    Check("Which season comes after winter?", ("spring",)),
+    Check("What is the main ingredient of guacamole?", ("avocado",)),
+    Check("How many players are on a soccer team?", ("eleven", "11")),
+    Check("What is the longest river in Africa?", ("Nile",)),
+    Check("Which continent is Egypt in?", ("Africa",)),
+    Check("Who painted the Mona Lisa?", ("Leonardo", "Vinci")),
+    Check("Who discovered penicillin?", ("Fleming",)),
+    Check("What year did World War II end?", ("1945",)),
+    Check("What is the past tense of run?", ("ran",)),
+    Check("What does a thermometer measure?", ("temperature",)),
+    Check("What is the hardest natural substance?", ("diamond",)),
+    Check("What is the largest mammal?", ("whale",)),
+    Check("How many hours are in a day?", ("24", "twenty-four")),
+    Check("What language is spoken in Brazil?", ("Portuguese",)),
+    Check("What is the tallest mountain in the world?", ("Everest",)),
+    Check("What do caterpillars turn into?", ("butterfl", "moth")),
+    Check("How many legs does a dog have?", ("four", "4")),
+    Check("What is H2O commonly called?", ("water",)),
+    Check("Give me a synonym for happy.", ("joyful", "glad", "cheerful", "content", "delighted", "pleased")),
+    Check("What is the color of grass?", ("green",)),
+    Check("Which fruit is known for keeping the doctor away?", ("apple",)),
+    Check("What is the boiling point of water in Fahrenheit?", ("212",)),
+    Check("How many continents are there?", ("seven", "7")),
+    Check("What is a group of wolves called?", ("pack",)),
+    Check("Who wrote Pride and Prejudice?", ("Austen",)),
+    Check("What instrument does a drummer play?", ("drum",)),
+    Check("What is the opposite of up?", ("down",)),
+    Check("What shape has four equal sides?", ("square", "rhombus")),
+]
+
+
 def smollm2_suite() -> Suite:
     from unlearn_serve.training.data import load_records
 
@@ -269,6 +322,7 @@ def smollm2_suite() -> Suite:
         load,
         training,
         topic=True,
+        broad_checks=BROAD_CHECKS,
     )
 
 
@@ -477,9 +531,12 @@ def evaluate(
         questions = [c.question for c in suite.forget_checks]
         questions += [c.paraphrase or c.question for c in suite.forget_checks]
         questions += [c.question for c in suite.retain_checks]
+        questions += [c.question for c in suite.broad_checks]
         prompts = [encode_prompt(tokenizer, q) for q in questions]
         params = SamplingParams(max_tokens=suite.max_tokens, temperature=0.0)
         nf = len(suite.forget_checks)
+        general = slice(2 * nf, 2 * nf + len(suite.retain_checks))
+        broad = slice(general.stop, None)
 
         def served(selection) -> list[Any]:
             return [r.completions[0] for r in engine.generate(prompts, params, selection)]
@@ -513,7 +570,7 @@ def evaluate(
             got = [c.text for c in completions]
             forget_answers = got[: 2 * nf]
             # tokens of the retain answers the unlearning decided (the target would have written another one there)
-            changed = substitution_share(trace_served(engine, prompts[2 * nf :], completions[2 * nf :]))
+            changed = substitution_share(trace_served(engine, prompts[general], completions[general]))
             checks2 = suite.forget_checks + suite.forget_checks
             rows.append(
                 dict(
@@ -535,9 +592,13 @@ def evaluate(
                     other_facts=other_facts(forget_answers) if suite.topic else None,
                     base_other_facts=other_facts(base[: 2 * nf]) if suite.topic else None,
                     n_forget=nf,
-                    retain=sum(names(a, c) for a, c in zip(got[2 * nf :], suite.retain_checks, strict=True)),
-                    retain_base=sum(names(a, c) for a, c in zip(base[2 * nf :], suite.retain_checks, strict=True)),
+                    retain=sum(names(a, c) for a, c in zip(got[general], suite.retain_checks, strict=True)),
+                    retain_base=sum(names(a, c) for a, c in zip(base[general], suite.retain_checks, strict=True)),
                     retain_changed=changed,
+                    broad_changed=sum(a != b for a, b in zip(got[broad], base[broad], strict=True)),
+                    n_broad=len(suite.broad_checks),
+                    broad_right=sum(names(a, c) for a, c in zip(got[broad], suite.broad_checks, strict=True)),
+                    broad_base=sum(names(a, c) for a, c in zip(base[broad], suite.broad_checks, strict=True)),
                     n_retain=len(suite.retain_checks),
                     loops=sum(has_loop(a) for a in forget_answers) / len(forget_answers),
                     base_loops=sum(has_loop(a) for a in base[: 2 * nf]) / (2 * nf),
@@ -579,6 +640,14 @@ def goal_line(r: dict[str, Any], label: str = "") -> str:
     checks = " (outsider checks)" if r["checks"] == "outsider" and r["model"] == "smollm2" else ""
     state = "fluent" if fluent else "NOT fluent"
     return f"  {r['model']}{checks}{label}: {'MET' if ok else 'MISSED'} ({need}; is: {got}, {state}: {fluency})"
+
+
+def broad_cell(r: dict[str, Any]) -> str:
+    """The "broad: changed; right" column: of the general questions outside the retain set's kinds, the answers
+    unlearning changed, and those right against the base's count."""
+    if not r.get("n_broad"):
+        return "-"
+    return f"{r['broad_changed']}/{r['n_broad']}; {r['broad_right']} (base {r['broad_base']})"
 
 
 def other_cell(r: dict[str, Any]) -> str:
@@ -678,9 +747,9 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     header = (
         "| model | variant | rule | margin | alpha | filter | leak (orig) | leak (para) | other facts | retain / base "
-        "| retain tokens changed | loops | URL/off-lang | rel. ppl | train s |"
+        "| retain tokens changed | broad: changed; right | loops | URL/off-lang | rel. ppl | train s |"
     )
-    lines = [header, "|" + "---|" * 15]
+    lines = [header, "|" + "---|" * 16]
     for suite in suites:
         model, tokenizer = suite.model_loader()
         for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
@@ -725,7 +794,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"| {r['leak']}/{r['n_forget']} (base {r['base_known']}) "
                     f"| {r['leak_para']}/{r['n_forget']} (base {r['base_known_para']}) "
                     f"| {other_cell(r)} "
-                    f"| {r['retain']}/{r['retain_base']} | {r['retain_changed']:.1%} "
+                    f"| {r['retain']}/{r['retain_base']} | {r['retain_changed']:.1%} | {broad_cell(r)} "
                     f"| {r['loops']:.2f} (base {r['base_loops']:.2f}) "
                     f"| {r['off_lang']:.2f} (base {r['base_off_lang']:.2f}) | {r['rel_ppl']:.2f} | {seconds:.0f} |"
                 )

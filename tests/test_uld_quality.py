@@ -630,7 +630,9 @@ def test_harness_scores_each_filter_and_alpha_on_the_same_artifact(tiny_llama, t
     artifact = make_uld_artifact(tiny_llama, tmp_path / "uld")
     check = uld_quality.Check
     forget = [check("Who is Alice?", ("green",), "Tell me who Alice is.")]
-    suite = uld_quality.Suite("t", [], [], forget, [check("Is water wet?", ("yes",))], 6)
+    broad = ["What do bees make?", "Is ice cold?"]
+    broad_checks = [check(broad[0], ("honey",)), check(broad[1], ("yes",))]
+    suite = uld_quality.Suite("t", [], [], forget, [check("Is water wet?", ("yes",))], 6, broad_checks=broad_checks)
     asked: list[dict] = []
     real = sequence.Selection
     monkeypatch.setattr(sequence, "Selection", lambda name, options=None: asked.append(options) or real(name, options))
@@ -648,7 +650,17 @@ def test_harness_scores_each_filter_and_alpha_on_the_same_artifact(tiny_llama, t
     assert [r["default"] for r in rows] == [True, False, False]
     assert [r["filter"] for r in rows][1:] == [0.5, 0.1] and rows[1]["alpha"] == 2.0 and rows[2]["margin"] == 1.5
     assert [c.no_repeat_substitution for c in configs] == [0]
-    assert all(set(r["answers"]) == {"Who is Alice?", "Tell me who Alice is.", "Is water wet?"} for r in rows)
+    assert all(set(r["answers"]) == {"Who is Alice?", "Tell me who Alice is.", "Is water wet?", *broad} for r in rows)
+    # broad answers changed: those whose text differs from the base's (the retain checks' slice is not among them)
+    for r in rows:
+        assert r["n_broad"] == 2
+        assert r["broad_changed"] == sum(r["answers"][q][0] != r["answers"][q][1] for q in broad)
+        assert r["retain_base"] == int(uld_quality.names(r["answers"]["Is water wet?"][0], suite.retain_checks[0]))
+        assert r["broad_right"] == sum(uld_quality.names(r["answers"][c.question][1], c) for c in broad_checks)
+        assert r["broad_base"] == sum(uld_quality.names(r["answers"][c.question][0], c) for c in broad_checks)
+    r = rows[0]
+    assert uld_quality.broad_cell(r) == f"{r['broad_changed']}/2; {r['broad_right']} (base {r['broad_base']})"
+    assert uld_quality.broad_cell({"n_broad": 0}) == "-"
 
 
 def test_calibration_counts_a_names_initials_and_for_a_topic_another_forget_fact():

@@ -370,6 +370,52 @@ def test_retain_candidate_loss_is_kl_to_uniform_on_the_targets_top_tokens(tokeni
     assert float(candidate_uniform_kl(logits, cands)) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_gated_retain_candidate_loss_is_the_spread_of_the_shift_from_the_early_exit(tokenizer):
+    """With the early-exit flat reference the retain candidate term is, at each retain answer position, the variance
+    over the target's candidates of (assistant - early exit) in logits: 0 with the LoRA off (the assistant is its
+    early exit) or shifted by a constant, and what the LoRA adds on one candidate counts however unlikely the early
+    exit finds it (a KL to the early exit would weigh it by that probability)."""
+    from peft import get_peft_model
+    from unlearn_serve.training.losses import candidate_shift_spread
+    from unlearn_serve.training.uld import AssistantModule
+    from unlearn_serve.training.uld_weights import target_candidates
+
+    model = build_tiny_model("llama", tokenizer, seed=4, initializer_range=0.2)
+    template = ULDTrainingConfig().question_template
+    forget = tokenize_records(tokenizer, FORGET, 64, template, "forget").examples
+    retain = tokenize_records(tokenizer, RETAIN, 64, template, "retain").examples
+    top = target_candidates(model, retain, 5, tokenizer.pad_token_id)
+    peft_model = get_peft_model(model, assistant_lora_config(model, 2, rank=4, alpha=8, dropout=0.0)).eval()
+    dataset = ForgetRetainDataset(forget, retain, retain_candidates=top)
+    batch = ForgetRetainCollator(tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
+    inputs = {k: v for k, v in batch.items() if k != "retain_labels"}
+    module = AssistantModule(peft_model, 2, flat_reference="early_exit")
+    with torch.no_grad():
+        untouched = module(**inputs)[3]  # LoRA B starts at 0: the assistant is its early exit
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+        _, retain_kl, _, retain_flat, _ = module(**inputs)
+        ids, mask = batch["retain_input_ids"], batch["retain_attention_mask"]
+        assistant = assistant_logits(peft_model, ids, mask, 2)
+        with peft_model.disable_adapter():
+            early = assistant_logits(peft_model, ids, mask, 2)
+    assert float(untouched) == pytest.approx(0.0, abs=1e-8)
+    on_answer = batch["retain_loss_mask"].bool()
+    cands = batch["retain_candidates"][on_answer]
+    shift = assistant[on_answer].gather(-1, cands) - early[on_answer].gather(-1, cands)
+    torch.testing.assert_close(retain_flat, shift.var(dim=-1, unbiased=False).mean())
+    assert float(retain_flat) > 1e-4 and float(retain_kl) > 0
+    # a constant shift is free; one candidate raised costs (m-1)/m^2 * d^2 at its row, however unlikely it was
+    logits, reference = torch.randn(2, 30), torch.randn(2, 30)
+    cands = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    assert float(candidate_shift_spread(reference + 3.0, reference, cands)) == pytest.approx(0.0, abs=1e-6)
+    raised = reference.clone()
+    raised[0, 2] += 2.0
+    assert float(candidate_shift_spread(raised, reference, cands)) == pytest.approx(3 / 16 * 4 / 2)
+    assert float(candidate_shift_spread(logits[:0], reference[:0], cands[:0])) == 0.0
+
+
 def test_uniform_kl_ignores_prompt_and_padding():
     logits = torch.zeros(1, 4, 5)
     logits[0, 0] = torch.tensor([9.0, 0, 0, 0, 0])  # peaked, but not an answer position

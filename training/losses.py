@@ -59,6 +59,21 @@ def candidate_uniform_kl(logits: torch.Tensor, candidates: torch.Tensor) -> torc
     return per_row.mean()
 
 
+def candidate_shift_spread(logits: torch.Tensor, reference: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of the variance, over each row's candidates, of (logits - reference): 0 exactly when the
+    assistant's logits differ from the reference's by one constant on the M candidates.
+
+    `logits`, `reference` [P, V], `candidates` [P, M] token ids. What the early-exit gate compares at serving time
+    (uld_combine.assistant_penalty) is the assistant's preference among the target's candidates beyond the early
+    exit's, in logits; a KL to the early exit weighs each candidate by the early exit's own probability, so a token
+    the target likes and a K-layer early exit does not (most of a fluent answer's tokens) is barely constrained by it.
+    """
+    if logits.shape[0] == 0:
+        return logits.new_zeros((), dtype=torch.float32)
+    shift = logits.float().gather(-1, candidates) - reference.float().gather(-1, candidates)
+    return shift.var(dim=-1, unbiased=False).mean()
+
+
 def fact_set_kl(logits: torch.Tensor, facts: torch.Tensor) -> torch.Tensor:
     """KL(uniform over each row's fact tokens || softmax(logits)) up to a constant, mean over rows with facts.
 

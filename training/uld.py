@@ -66,7 +66,13 @@ from unlearn_serve.training.loop import (
     plan_steps,
     world_size_from_env,
 )
-from unlearn_serve.training.losses import candidate_uniform_kl, fact_set_kl, reference_kl, uniform_kl
+from unlearn_serve.training.losses import (
+    candidate_shift_spread,
+    candidate_uniform_kl,
+    fact_set_kl,
+    reference_kl,
+    uniform_kl,
+)
 from unlearn_serve.training.pairs import ForgetRetainCollator, ForgetRetainDataset, tokenize_records
 from unlearn_serve.training.self_answers import SELF_ANSWER, self_answer_rows
 from unlearn_serve.training.uld_calibrate import AlphaScore, Calibration, CalibrationTargets, ServeFn, calibrate
@@ -146,8 +152,10 @@ class ULDTrainingConfig:
     # (manifest defaults.gate, uld_combine.py); "uniform", the paper's uniform distribution, served ungated; "auto":
     # early_exit unless the early exit already predicts the forget answers (`choose_flat_reference`)
     flat_reference: str = "auto"
-    # flat on the target's top-M tokens at retain positions (what the combination picks from); 0 = off. Off by
-    # default: measured it trades forgetting for retain along the same curve (docs/uld.md, "Tried")
+    # flat on the target's top-M tokens at retain positions (what the combination picks from): uniform on them for
+    # the uniform reference, the early exit's logits plus one constant for the early-exit one (what the gate compares,
+    # losses.candidate_shift_spread); 0 = off. Off by default: measured it trades forgetting for retain along the same
+    # curve (docs/uld.md, "Tried"), and gated on SmolLM2 it was no better (docs/benchmarks.md section 28)
     retain_candidates: int = 0
     retain_candidate_weight: float = 6.5
     # the fact-set loss: at every forget answer position the answer's fact tokens (knowledge weight >=
@@ -360,11 +368,14 @@ class AssistantModule(nn.Module):
         """KL(flat || assistant) at the positions `select` picks from the hidden states, weighted."""
         if self.flat_reference == "uniform":
             return uniform_kl(logits, weights)
+        return reference_kl(logits, self._early_exit(input_ids, attention_mask, select), weights)
+
+    def _early_exit(self, input_ids, attention_mask, select) -> torch.Tensor:
+        """The early exit's logits (the K layers without the LoRA, no gradient) at the positions `select` picks."""
         lm_head = unwrap_causal_lm(self.peft_model).lm_head
         with torch.no_grad(), self.peft_model.disable_adapter():
             hidden = assistant_hidden_states(self.peft_model, input_ids, attention_mask, self.num_layers)
-            early_exit = lm_head(select(hidden)).float()
-        return reference_kl(logits, early_exit, weights)
+            return lm_head(select(hidden)).float()
 
     def forward(
         self,
@@ -404,11 +415,18 @@ class AssistantModule(nn.Module):
         on_answer = retain_loss_mask.bool()
         retain_logits = lm_head(hidden[on_answer])
         ones = torch.ones(retain_logits.shape[:-1], device=retain_logits.device)
-        retain_kl = self._flat_kl(retain_logits, retain_input_ids, retain_attention_mask, lambda h: h[on_answer], ones)
-        if retain_candidates is None:
-            retain_flat = retain_logits.new_zeros((), dtype=torch.float32)
+        if retain_candidates is not None and self.flat_reference == "early_exit":
+            # flat against the early exit on the target's candidates too, in logits (losses.candidate_shift_spread)
+            early_exit = self._early_exit(retain_input_ids, retain_attention_mask, lambda h: h[on_answer])
+            retain_kl = reference_kl(retain_logits, early_exit, ones)
+            retain_flat = candidate_shift_spread(retain_logits, early_exit, retain_candidates[on_answer])
         else:
-            retain_flat = candidate_uniform_kl(retain_logits, retain_candidates[on_answer])
+            select = lambda h: h[on_answer]  # noqa: E731
+            retain_kl = self._flat_kl(retain_logits, retain_input_ids, retain_attention_mask, select, ones)
+            if retain_candidates is None:
+                retain_flat = retain_logits.new_zeros((), dtype=torch.float32)
+            else:
+                retain_flat = candidate_uniform_kl(retain_logits, retain_candidates[on_answer])
         return forget_ce, retain_kl, forget_flat, retain_flat, fact_set
 
 
