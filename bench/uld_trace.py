@@ -9,6 +9,7 @@ target's own greedy choice given the text so far. For each answer it also says w
 
     python bench/uld_trace.py --artifact ~/.cache/unlearn-serve/demo/smollm2-forget-harry-potter-<key>
     python bench/uld_trace.py --artifact DIR --alpha 2 --checks outsider --all
+    python bench/uld_trace.py --artifact DIR --interference   # where the rule penalises the target's own best token
 """
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ def main(argv: list[str] | None = None) -> int:
         help="instead: at each fact token of the base's own forget answers, the assistant's preference for it "
         "(logits above its median over the candidates), the penalty it gets and the target's lead to overcome",
     )
+    parser.add_argument(
+        "--interference",
+        action="store_true",
+        help="instead: on the base's own greedy answers to four question sets (forget, retain set, the 12 general, the "
+        "40 broad), the share of positions where the serving rule penalises the target's best token, and where the "
+        "LoRA prefers it by more than 1 / 2 logits beyond the early exit",
+    )
     parser.add_argument("--no-repeat-substitution", type=int, help="the engine's repeat guard n-gram size (0 = off)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -58,6 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     config = EngineConfig(max_num_seqs=32, max_model_len=512, no_repeat_substitution=args.no_repeat_substitution)
     engine = Engine(model, tokenizer, config, "base")
     assistant = engine.load_uld("forget", args.artifact)
+    if args.interference:
+        sets = {
+            "forget (8 + 8 paraphrases)": questions,
+            "retain set (trained on)": [r["question"] for r in suite.retain_records if "question" in r],
+            "general (12)": [c.question for c in suite.retain_checks],
+            "broad (40)": [c.question for c in uld_quality.BROAD_CHECKS],
+        }
+        interference(engine, model, tokenizer, args.artifact, sets, assistant, args.alpha)
+        return 0
     if args.facts:
         return fact_preferences(engine, model, tokenizer, args.artifact, questions, checks, assistant, args.alpha)
     selection = Selection("forget", {} if args.alpha is None else {"alpha": args.alpha})
@@ -136,6 +153,59 @@ def fact_preferences(engine, model, tokenizer, artifact: Path, questions, checks
             )
     print(f"{removed}/{total} fact tokens removed at their own position; the rest only if the answer turns earlier")
     return 0
+
+
+def interference(engine, model, tokenizer, artifact: Path, sets: dict, assistant, alpha) -> dict[str, tuple]:
+    """Per question set, over the positions of the base's own greedy answers (32 tokens): the share where the serving
+    rule (the artifact's rule, margin and gate at `alpha`) penalises the target's own best token (what can change an
+    answer that should stay), and, for a gated artifact, where the LoRA prefers that token by more than 1 and 2 logits
+    beyond the early exit (`_preferred(assistant - early exit)`, the gate's measure without the margin). Returns
+    {set: (positions, share penalised, share > 1, share > 2)}."""
+    import copy
+    import math
+
+    import torch
+    from peft import PeftModel
+    from unlearn_serve.server.engine.sampling_params import SamplingParams
+    from unlearn_serve.training.data import encode_prompt
+
+    from unlearn_serve.assistant import assistant_logits
+    from unlearn_serve.uld_combine import _preferred, assistant_penalty, plausible_mask
+
+    alpha = assistant.alpha if alpha is None else alpha
+    combine, layers = assistant.combine, assistant.num_layers
+    gated = combine.gate is not None
+    helper = PeftModel.from_pretrained(copy.deepcopy(model), str(artifact)).eval()
+    params = SamplingParams(max_tokens=32, temperature=0.0)
+    print(f"alpha {alpha:g}, rule {combine.rule}, margin {combine.margin:g}, gate {combine.gate}")
+    out: dict[str, tuple] = {}
+    for name, questions in sets.items():
+        prompts = [encode_prompt(tokenizer, q) for q in questions]
+        answers = [r.completions[0].token_ids for r in engine.generate(prompts, params, None)]
+        positions = penalised = 0
+        added: list[float] = []
+        for p, a in zip(prompts, answers, strict=True):
+            ids = torch.tensor([list(p) + list(a)])
+            with torch.no_grad():
+                target = model(ids).logits[0, len(p) - 1 : -1].float()
+                helper_logits = assistant_logits(helper, ids, None, layers)[0, len(p) - 1 : -1].float()
+                with helper.disable_adapter():
+                    early = assistant_logits(helper, ids, None, layers)[0, len(p) - 1 : -1].float()
+            keep = plausible_mask(target, torch.full((len(a),), math.log(assistant.filter)))
+            prefer = combine.rule == "prefer"
+            penalty = alpha * assistant_penalty(helper_logits, keep, prefer, combine.margin, early, gated)
+            best = target.argmax(-1, keepdim=True)
+            positions += len(a)
+            penalised += int((penalty.gather(1, best) > 0).sum())
+            added += _preferred(helper_logits - early, keep, 0.0).gather(1, best)[:, 0].tolist()
+        over = torch.tensor(added)
+        share = penalised / max(1, positions)
+        out[name] = (positions, share, float((over > 1).float().mean()), float((over > 2).float().mean()))
+        print(
+            f"  {name:28} {positions:5d} positions: best token penalised {out[name][1]:6.1%}; "
+            f"LoRA prefers it beyond the early exit by > 1: {out[name][2]:6.1%}, > 2: {out[name][3]:6.1%}"
+        )
+    return out
 
 
 def first_repeat(tokens: list[int], n: int = 3) -> int | None:

@@ -294,3 +294,29 @@ def test_a_forget_answer_naming_another_forget_fact_counts_against_the_smollm2_g
     assert " MET " in uld_quality.goal_line(row) and "other facts named 0" in uld_quality.goal_line(row)
     assert "MISSED" in uld_quality.goal_line({**row, "other_facts": 1})
     assert uld_quality.other_cell(row) == "0/16 (base 12)" and uld_quality.other_cell({"other_facts": None}) == "-"
+
+
+def test_trace_interference_counts_where_the_rule_penalises_the_targets_best_token(tiny_llama, tokenizer, tmp_path):
+    """bench/uld_trace.py --interference: alpha 0 penalises nothing; a random LoRA under `prefer` does somewhere; the
+    early-exit gate only removes penalties (never more than ungated); every set is reported."""
+    import uld_trace
+    from test_hardening import make_uld_artifact
+    from unlearn_serve.server.engine.engine import Engine, EngineConfig
+
+    from unlearn_serve.artifact import load_manifest, save_manifest
+
+    shares = {}
+    for gate in (None, "early_exit"):
+        artifact = make_uld_artifact(tiny_llama, tmp_path / f"uld-{gate}")
+        manifest = load_manifest(artifact)
+        manifest.defaults = {**manifest.defaults, "rule": "prefer", "margin": 0.0, "gate": gate}
+        save_manifest(manifest, artifact)
+        engine = Engine(tiny_llama, tokenizer, EngineConfig(max_num_seqs=4, max_model_len=128), "base")
+        assistant = engine.load_uld("forget", artifact)
+        sets = {"a": ["Who is Alice?", "What is two?"], "b": ["Where is Oslo?"]}
+        zero = uld_trace.interference(engine, tiny_llama, tokenizer, artifact, sets, assistant, 0.0)
+        assert set(zero) == {"a", "b"} and all(v[1] == 0.0 and v[0] > 0 for v in zero.values())
+        shares[gate] = uld_trace.interference(engine, tiny_llama, tokenizer, artifact, sets, assistant, 1.0)
+    assert any(v[1] > 0 for v in shares[None].values())
+    assert all(shares["early_exit"][k][1] <= shares[None][k][1] for k in sets)
+    assert all(0.0 <= v[3] <= v[2] <= 1.0 for v in shares["early_exit"].values())
