@@ -755,6 +755,20 @@ def test_auto_keeps_the_uniform_build_only_when_it_does_better():
     keep, why = prefer_uniform(never_forgets, loses_retain)
     assert keep and "forgets the validation facts" in why
     assert not prefer_uniform(loses_retain, never_forgets)[0]
+    # neither forgets every fact: the one naming fewer wins, even over one that keeps its retain answers by not
+    # unlearning (TOFU quick with retain_candidates: 0/8 forgotten, 16/16 kept, against 4/8 and 15/16)
+
+    def naming(c, leaked: int):
+        scores = [replace(x, leaked=leaked) if x.alpha == c.alpha else x for x in c.scores]
+        return replace(c, scores=scores)
+
+    assert never_forgets.chosen.known == never_forgets.chosen.leaked == 2
+    partly = naming(loses_retain, 1)
+    assert not partly.chosen.forget_met(partly.targets) and not partly.chosen.kept_met(partly.targets)
+    keep, why = prefer_uniform(never_forgets, partly)
+    assert keep and "names fewer validation facts (1/2 still named against the early-exit build's 2/2)" in why
+    assert not prefer_uniform(partly, never_forgets)[0]
+    assert not prefer_uniform(partly, naming(loses_retain, 1))[0]  # the same on both sides: a tie
 
 
 @pytest.mark.parametrize("keep_uniform", [True, False])

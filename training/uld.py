@@ -635,7 +635,9 @@ def needs_uniform_build(config: ULDTrainingConfig, result: ULDResult) -> bool:
 def prefer_uniform(early: Calibration, uniform: Calibration | None) -> tuple[bool, str]:
     """Whether `auto` keeps the uniform build over the early-exit one whose calibration missed its targets, and why.
     The uniform build wins when it meets every target, or when its chosen alpha does better in this order: forgets
-    the facts (the targets' leak), then keeps more retain answers. Fluency does not decide: TOFU full's early-exit
+    the facts (the targets' leak), then names fewer of them (a build that forgets nothing must not win on retain
+    answers it keeps by not unlearning: TOFU quick with `retain_candidates`, docs/benchmarks.md section 28), then
+    keeps more retain answers. Fluency does not decide: TOFU full's early-exit
     build was the more fluent (2.15x against 6.46x) and kept 12/16 retain answers (the uniform one 15/16): 0.852x the
     target's utility against 0.977x (docs/uld.md 2g). On a tie the early-exit build (the more fluent) stays."""
     if uniform is None or uniform.chosen is None:
@@ -646,15 +648,21 @@ def prefer_uniform(early: Calibration, uniform: Calibration | None) -> tuple[boo
     if a is None:
         return True, "the early-exit build had no calibrated alpha"
 
-    def key(score: AlphaScore, targets: CalibrationTargets) -> tuple[bool, float]:
+    def key(score: AlphaScore, targets: CalibrationTargets) -> tuple[bool, float, float]:
         rows = score.retain_rows + score.train_retain_rows
-        return score.forget_met(targets), (score.kept + score.train_kept) / rows if rows else 1.0
+        named = score.leaked / score.known if score.known else 0.0
+        return score.forget_met(targets), -named, (score.kept + score.train_kept) / rows if rows else 1.0
 
     ka, kb = key(a, early.targets), key(b, uniform.targets)
     if kb[0] and not ka[0]:
         return True, (
             f"neither meets every target; it forgets the validation facts ({b.leaked}/{b.known} still named) where "
             f"the early-exit build does not ({a.leaked}/{a.known})"
+        )
+    if kb[:2] > ka[:2]:
+        return True, (
+            f"neither meets every target; it names fewer validation facts ({b.leaked}/{b.known} still named against "
+            f"the early-exit build's {a.leaked}/{a.known})"
         )
     if kb > ka:
         return True, f"neither meets every target; it {b.kept_text()} where the early-exit build {a.kept_text()}"
