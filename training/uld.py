@@ -650,8 +650,9 @@ def prefer_uniform(early: Calibration, uniform: Calibration | None) -> tuple[boo
 
     def key(score: AlphaScore, targets: CalibrationTargets) -> tuple[bool, float, float]:
         rows = score.retain_rows + score.train_retain_rows
-        named = score.leaked / score.known if score.known else 0.0
-        return score.forget_met(targets), -named, (score.kept + score.train_kept) / rows if rows else 1.0
+        forgets = score.forget_met(targets)  # within the target's leak, how many are named does not rank them
+        named = 0.0 if forgets or not score.known else score.leaked / score.known
+        return forgets, -named, (score.kept + score.train_kept) / rows if rows else 1.0
 
     ka, kb = key(a, early.targets), key(b, uniform.targets)
     if kb[0] and not ka[0]:
