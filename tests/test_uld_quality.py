@@ -769,6 +769,12 @@ def test_auto_keeps_the_uniform_build_only_when_it_does_better():
     assert keep and "names fewer validation facts (1/2 still named against the early-exit build's 2/2)" in why
     assert not prefer_uniform(partly, never_forgets)[0]
     assert not prefer_uniform(partly, naming(loses_retain, 1))[0]  # the same on both sides: a tie
+    # within a lenient leak target both forget: how many they name does not rank them, retain answers do
+    lenient = replace(loses_retain.targets, max_leak=0.5)
+    early, uniform = (replace(naming(c, n), targets=lenient) for c, n in ((keeps_but_loops, 1), (loses_retain, 0)))
+    assert early.chosen.forget_met(lenient) and uniform.chosen.forget_met(lenient)
+    keep, why = prefer_uniform(early, uniform)
+    assert not keep and "no better" in why
 
 
 @pytest.mark.parametrize("keep_uniform", [True, False])
