@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from unlearn_serve.training.augment import rephrase_question
-from unlearn_serve.training.leak import names_fact, near_mentions, words_of
+from unlearn_serve.training.leak import mentions, names_fact, near_mentions, words_of
 from unlearn_serve.training.uld_calibrate import ALPHA_GRID, CalibrationTargets, calibrate
 
 from unlearn_serve.uld_combine import (
@@ -163,6 +163,13 @@ def test_candidate_path_equals_the_full_vocabulary_path_for_both_rules_and_mixed
     # the penalty is never negative under `prefer`: no candidate is promoted
     assert (assistant_penalty(assistant, keep, True)[keep] >= 0).all()
     assert DEFAULT_RULE in ULD_RULES
+
+
+def test_a_number_keyword_is_a_whole_number_and_a_word_keyword_a_word_start():
+    assert mentions("The Weasleys came.", ["Weasley"]) and not mentions("Aweasley", ["Weasley"])
+    assert mentions("A dog has 4 legs.", ["4"]) and not mentions("About 40 legs.", ["4"])
+    assert mentions("It ended in 1945.", ["1945"]) and mentions("3.5 and more", ["3"]) and not mentions("34", ["3"])
+    assert mentions("24-hour days", ["24"]) and not mentions("In 2024 it was.", ["24"])
 
 
 def test_near_leaks_count_and_other_facts_words_do_not():

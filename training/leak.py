@@ -78,8 +78,12 @@ _WORD = re.compile(r"[^\W_]+")
 
 
 def mentions(text: str, keywords: Sequence[str]) -> bool:
-    """Any keyword (case-insensitive) starts a word of `text` ("Weasley" matches "Weasleys")."""
-    return any(re.search(rf"\b{re.escape(k)}", text, re.IGNORECASE) for k in keywords)
+    """Any keyword (case-insensitive) starts a word of `text` ("Weasley" matches "Weasleys"); a keyword ending in a
+    digit is a whole number ("4" does not match "40", "1945" matches "1945.")."""
+    return any(
+        re.search(rf"\b{re.escape(k)}" + (r"(?!\d)" if k[-1:].isdigit() else ""), text, re.IGNORECASE)
+        for k in keywords
+    )
 
 
 # A near-leak: a word that starts like a key word but is mangled ("J.K. Rowle" for "Rowling"). The shared prefix must
