@@ -99,10 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def fact_preferences(engine, model, tokenizer, artifact: Path, questions, checks, assistant, alpha) -> int:
-    """Print, for each fact token in the base's own greedy forget answers, what the `prefer` rule does there: the
-    assistant's logit above its median over the candidates (`d`), the penalty alpha * max(0, d - margin), and the
-    target's lead of that token over its runner-up (the penalty must exceed it to remove the fact *there*)."""
+def scored_answers(engine, model, tokenizer, artifact: Path, questions, assistant, alpha, max_tokens: int, prefer):
+    """The base's own greedy answers to `questions`, each with what the serving rule sees at its positions: yields
+    (answer token ids, target logits, assistant logits, early-exit logits, candidate mask, penalty), the penalty the
+    rule's own (`assistant_penalty`, margin and gate of the artifact, times `alpha`; `prefer`: the rule)."""
     import copy
     import math
 
@@ -114,27 +114,40 @@ def fact_preferences(engine, model, tokenizer, artifact: Path, questions, checks
     from unlearn_serve.assistant import assistant_logits
     from unlearn_serve.uld_combine import assistant_penalty, plausible_mask
 
-    alpha = assistant.alpha if alpha is None else alpha
-    margin, layers = assistant.combine.margin, assistant.num_layers
-    gated = assistant.combine.gate is not None
+    combine, layers = assistant.combine, assistant.num_layers
     helper = PeftModel.from_pretrained(copy.deepcopy(model), str(artifact)).eval()
     prompts = [encode_prompt(tokenizer, q) for q in questions]
-    params = SamplingParams(max_tokens=48, temperature=0.0)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     answers = [r.completions[0].token_ids for r in engine.generate(prompts, params, None)]
-    print(f"alpha {alpha:g}, margin {margin:g}, filter {assistant.filter:g}; fact tokens of the base's own answers:")
-    removed = total = 0
-    for q, p, a, check in zip(questions, prompts, answers, list(checks) * 2, strict=True):
+    for p, a in zip(prompts, answers, strict=True):
         ids = torch.tensor([list(p) + list(a)])
+        positions = slice(len(p) - 1, -1)
         with torch.no_grad():
-            target = model(ids).logits[0, len(p) - 1 : -1].float()
-            helper_logits = assistant_logits(helper, ids, None, layers)[0, len(p) - 1 : -1].float()
-            early = None
-            if gated:  # the early exit: the assistant without its LoRA
-                with helper.disable_adapter():
-                    early = assistant_logits(helper, ids, None, layers)[0, len(p) - 1 : -1].float()
+            target = model(ids).logits[0, positions].float()
+            helper_logits = assistant_logits(helper, ids, None, layers)[0, positions].float()
+            with helper.disable_adapter():  # the early exit: the assistant without its LoRA
+                early = assistant_logits(helper, ids, None, layers)[0, positions].float()
         keep = plausible_mask(target, torch.full((len(a),), math.log(assistant.filter)))
-        # the serving rule's own penalty (uld_combine), and d for display (negative: below the median)
-        penalties = alpha * assistant_penalty(helper_logits, keep, True, margin, early, gated)
+        gated = combine.gate is not None
+        penalty = alpha * assistant_penalty(helper_logits, keep, prefer, combine.margin, early, gated)
+        yield a, target, helper_logits, early, keep, penalty
+
+
+def fact_preferences(engine, model, tokenizer, artifact: Path, questions, checks, assistant, alpha) -> int:
+    """Print, for each fact token in the base's own greedy forget answers, what the `prefer` rule does there: the
+    assistant's logit above its median over the candidates (`d`), the penalty alpha * max(0, d - margin), and the
+    target's lead of that token over its runner-up (the penalty must exceed it to remove the fact *there*)."""
+    alpha = assistant.alpha if alpha is None else alpha
+    print(
+        f"alpha {alpha:g}, margin {assistant.combine.margin:g}, filter {assistant.filter:g}; "
+        "fact tokens of the base's own answers:"
+    )
+    removed = total = 0
+    scored = scored_answers(engine, model, tokenizer, artifact, questions, assistant, alpha, 48, True)
+    for q, check, (a, target, helper_logits, _, keep, penalties) in zip(
+        questions, list(checks) * 2, scored, strict=True
+    ):
+        # d for display (negative: below the median)
         above = helper_logits - helper_logits.masked_fill(~keep, float("nan")).nanmedian(-1, keepdim=True).values
         for i, token in enumerate(a):
             piece = tokenizer.decode([token]).strip().lower()
@@ -158,46 +171,28 @@ def fact_preferences(engine, model, tokenizer, artifact: Path, questions, checks
 def interference(engine, model, tokenizer, artifact: Path, sets: dict, assistant, alpha) -> dict[str, tuple]:
     """Per question set, over the positions of the base's own greedy answers (32 tokens): the share where the serving
     rule (the artifact's rule, margin and gate at `alpha`) penalises the target's own best token (what can change an
-    answer that should stay), and, for a gated artifact, where the LoRA prefers that token by more than 1 and 2 logits
-    beyond the early exit (`_preferred(assistant - early exit)`, the gate's measure without the margin). Returns
+    answer that should stay), and where the LoRA prefers that token by more than 1 and 2 logits beyond the early exit
+    (the `prefer` preference of assistant - early exit: the gate's measure without the margin). Returns
     {set: (positions, share penalised, share > 1, share > 2)}."""
-    import copy
-    import math
-
     import torch
-    from peft import PeftModel
-    from unlearn_serve.server.engine.sampling_params import SamplingParams
-    from unlearn_serve.training.data import encode_prompt
 
-    from unlearn_serve.assistant import assistant_logits
-    from unlearn_serve.uld_combine import _preferred, assistant_penalty, plausible_mask
+    from unlearn_serve.uld_combine import assistant_penalty
 
     alpha = assistant.alpha if alpha is None else alpha
-    combine, layers = assistant.combine, assistant.num_layers
-    gated = combine.gate is not None
-    helper = PeftModel.from_pretrained(copy.deepcopy(model), str(artifact)).eval()
-    params = SamplingParams(max_tokens=32, temperature=0.0)
+    combine = assistant.combine
     print(f"alpha {alpha:g}, rule {combine.rule}, margin {combine.margin:g}, gate {combine.gate}")
     out: dict[str, tuple] = {}
     for name, questions in sets.items():
-        prompts = [encode_prompt(tokenizer, q) for q in questions]
-        answers = [r.completions[0].token_ids for r in engine.generate(prompts, params, None)]
         positions = penalised = 0
         added: list[float] = []
-        for p, a in zip(prompts, answers, strict=True):
-            ids = torch.tensor([list(p) + list(a)])
-            with torch.no_grad():
-                target = model(ids).logits[0, len(p) - 1 : -1].float()
-                helper_logits = assistant_logits(helper, ids, None, layers)[0, len(p) - 1 : -1].float()
-                with helper.disable_adapter():
-                    early = assistant_logits(helper, ids, None, layers)[0, len(p) - 1 : -1].float()
-            keep = plausible_mask(target, torch.full((len(a),), math.log(assistant.filter)))
-            prefer = combine.rule == "prefer"
-            penalty = alpha * assistant_penalty(helper_logits, keep, prefer, combine.margin, early, gated)
+        prefer = combine.rule == "prefer"
+        for a, target, helper_logits, early, keep, penalty in scored_answers(
+            engine, model, tokenizer, artifact, questions, assistant, alpha, 32, prefer
+        ):
             best = target.argmax(-1, keepdim=True)
             positions += len(a)
             penalised += int((penalty.gather(1, best) > 0).sum())
-            added += _preferred(helper_logits - early, keep, 0.0).gather(1, best)[:, 0].tolist()
+            added += assistant_penalty(helper_logits - early, keep, True, 0.0).gather(1, best)[:, 0].tolist()
         over = torch.tensor(added)
         share = penalised / max(1, positions)
         out[name] = (positions, share, float((over > 1).float().mean()), float((over > 2).float().mean()))

@@ -415,13 +415,15 @@ class AssistantModule(nn.Module):
         on_answer = retain_loss_mask.bool()
         retain_logits = lm_head(hidden[on_answer])
         ones = torch.ones(retain_logits.shape[:-1], device=retain_logits.device)
+        def select(h: torch.Tensor) -> torch.Tensor:
+            return h[on_answer]
+
         if retain_candidates is not None and self.flat_reference == "early_exit":
             # flat against the early exit on the target's candidates too, in logits (losses.candidate_shift_spread)
-            early_exit = self._early_exit(retain_input_ids, retain_attention_mask, lambda h: h[on_answer])
+            early_exit = self._early_exit(retain_input_ids, retain_attention_mask, select)
             retain_kl = reference_kl(retain_logits, early_exit, ones)
             retain_flat = candidate_shift_spread(retain_logits, early_exit, retain_candidates[on_answer])
         else:
-            select = lambda h: h[on_answer]  # noqa: E731
             retain_kl = self._flat_kl(retain_logits, retain_input_ids, retain_attention_mask, select, ones)
             if retain_candidates is None:
                 retain_flat = retain_logits.new_zeros((), dtype=torch.float32)
