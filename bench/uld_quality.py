@@ -440,6 +440,8 @@ def train_cached(
     h.update(str(RECIPE).encode())
     # the rule and margin a calibration serves with when the config names none
     h.update(f"{uld_combine.DEFAULT_RULE} {uld_combine.DEFAULT_MARGIN}".encode())
+    if uld_combine.DEFAULT_PREFIX_GUARD:  # calibrated with the prefix guard (builds from before keep their key)
+        h.update(b" prefix_guard")
     if config.flat_reference != "uniform":  # may be calibrated gated (an ungated artifact keeps its key)
         h.update(f" gate {config.flat_reference}".encode())
     out = CACHE / f"{suite.name}-{h.hexdigest()[:12]}"  # variants that train alike share one assistant
@@ -475,6 +477,8 @@ def recalibrate_cached(
     h = hashlib.sha256()
     for part in (str(artifact.resolve()), _settings_key(config), RECIPE, uld_combine.DEFAULT_RULE):
         h.update(json.dumps(part, sort_keys=True, default=str).encode())
+    if uld_combine.DEFAULT_PREFIX_GUARD:
+        h.update(b" prefix_guard")
     out = CACHE / f"recalibrated-{suite.name}-{variant}-{h.hexdigest()[:12]}"
     if (out / "unlearning.json").is_file() and not fresh:
         return out

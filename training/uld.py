@@ -97,6 +97,7 @@ from unlearn_serve.assistant import (
 )
 from unlearn_serve.errors import TrainingError
 from unlearn_serve.uld_artifact import save_uld_artifact
+from unlearn_serve.uld_combine import DEFAULT_PREFIX_GUARD
 
 RUN_FILE = "uld_run.json"  # in the checkpoint dir: what a --resume must match
 
@@ -1190,13 +1191,15 @@ def recalibrate_uld(
         for f in source.iterdir():
             if f.is_file():
                 shutil.copy2(f, tmp / f.name)
-        # today's margin and floor too: a manifest without them was calibrated for margin 0 and no floor
+        # today's margin, floor and prefix guard too: a manifest without them was calibrated for margin 0, no floor
+        # and no guard
         manifest.defaults = {
             **manifest.defaults,
             "filter": filter_value,
             "rule": rule,
             "margin": _served_margin(config),
             "floor": _served_floor(config),
+            "prefix_guard": DEFAULT_PREFIX_GUARD,
         }
         save_manifest(manifest, tmp)
         answer = serve(shared_copy(model), tokenizer, tmp)

@@ -25,12 +25,19 @@ from unlearn_serve.artifact import (
     save_manifest,
 )
 from unlearn_serve.assistant import unwrap_causal_lm
-from unlearn_serve.uld_combine import DEFAULT_FLOOR, DEFAULT_MARGIN, DEFAULT_REFILTER, DEFAULT_RULE
+from unlearn_serve.uld_combine import (
+    DEFAULT_FLOOR,
+    DEFAULT_MARGIN,
+    DEFAULT_PREFIX_GUARD,
+    DEFAULT_REFILTER,
+    DEFAULT_RULE,
+)
 
 # rule: how the assistant's logits are subtracted (uld_combine.py); a manifest without one means `difference`
 # refilter: the relative-top rule again on the combined logits (uld_combine.py); a manifest without it: off
 # margin: what the `prefer` rule ignores of the assistant's preference (uld_combine.py); without it: 0
 # floor: how far below the best unpenalised candidate the penalty may push (uld_combine.py); null or absent: off
+# prefix_guard: candidates that begin a penalised one's text share its penalty (uld_combine.py); absent: off
 ULD_DEFAULTS = {
     "alpha": 0.75,
     "filter": 0.01,
@@ -38,6 +45,7 @@ ULD_DEFAULTS = {
     "refilter": DEFAULT_REFILTER,
     "margin": DEFAULT_MARGIN,
     "floor": DEFAULT_FLOOR,
+    "prefix_guard": DEFAULT_PREFIX_GUARD,
 }
 # peft's saved key layout: adapter name stripped, `base_model.model.` prefix kept.
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")

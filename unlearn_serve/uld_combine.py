@@ -83,6 +83,8 @@ from typing import Any
 
 import torch
 
+from unlearn_serve.token_prefixes import TokenPrefixes
+
 # Always-kept top tokens of the target (besides the relative-top ones); chosen by bench/uld_quality.py.
 ULD_MIN_CANDIDATES = 8
 ULD_RULES = ("prefer", "difference")
@@ -97,6 +99,10 @@ CALIBRATION_MARGINS: tuple[float, ...] = (DEFAULT_MARGIN,)
 DEFAULT_FLOOR: float | None = 10.0
 # what the penalty may be gated by (module docstring); None = ungated
 ULD_GATES = ("early_exit",)
+# new artifacts (manifest defaults `prefix_guard`); older manifests: off. Whole-vocabulary rows: how many of the most
+# penalised candidates pass their penalty on to the tokens that begin them (`close_over_prefixes`)
+DEFAULT_PREFIX_GUARD = True
+PREFIX_GUARD_TOP = 8
 
 
 def is_floor(value: object) -> bool:
@@ -267,6 +273,54 @@ def _preferred(a: torch.Tensor, keep: torch.Tensor, margin: float | torch.Tensor
     return (a - centre - margin).clamp_min(0).nan_to_num(0.0)  # a row without candidates: NaN centre
 
 
+def _guarded(
+    penalty: torch.Tensor,
+    keep: torch.Tensor,
+    guard: bool | torch.Tensor,
+    prefixes: TokenPrefixes | None,
+    token_ids: torch.Tensor | None,
+) -> torch.Tensor:
+    if guard is False:
+        return penalty
+    if prefixes is None:
+        raise ValueError("the prefix guard needs the tokenizer's prefixes (token_prefixes.TokenPrefixes)")
+    return close_over_prefixes(penalty, keep, prefixes, token_ids, guard)
+
+
+def close_over_prefixes(
+    penalty: torch.Tensor,
+    keep: torch.Tensor,
+    prefixes: TokenPrefixes,
+    token_ids: torch.Tensor | None = None,
+    guard: bool | torch.Tensor = True,
+) -> torch.Tensor:
+    """The prefix guard: every candidate whose text begins a penalised candidate's (token_prefixes.py) takes that
+    penalty too (the largest, when it begins several), so that a remembered word pushed down is not spelt out by its
+    first letters instead ("J.K.R." for "J.K. Rowling"). `token_ids` [R, N]: the columns' token ids (None: the whole
+    vocabulary, where the PREFIX_GUARD_TOP most penalised candidates of each row pass theirs on). `guard`: a bool for
+    every row or [R] (False rows unchanged). Tensor-only: no host read."""
+    if guard is False:
+        return penalty
+    given = penalty.masked_fill(~keep, 0.0).clamp_min(0.0)
+    rows = penalty.shape[0]
+    if token_ids is not None:  # a few candidate columns: look every (c, d) pair up in the sorted keys
+        keys = token_ids[:, :, None] * prefixes.vocab_size + token_ids[:, None, :]
+        flat = keys.reshape(-1)
+        found = torch.searchsorted(prefixes.pair_keys, flat).clamp_max(prefixes.pair_keys.numel() - 1)
+        begins = (prefixes.pair_keys[found] == flat).view_as(keys)  # [R, c, d]: c's text begins d's
+        inherited = (given[:, None, :] * begins).amax(-1)
+    else:  # the whole vocabulary: the most penalised candidates pass theirs on through the prefix table
+        values, ids = given.topk(min(PREFIX_GUARD_TOP, given.shape[-1]), dim=-1)
+        columns = prefixes.table[ids].reshape(rows, -1)  # [R, top * L], padding = the dropped column V
+        spread = values[:, :, None].expand(-1, -1, prefixes.table.shape[1]).reshape(rows, -1)
+        inherited = torch.zeros(rows, prefixes.vocab_size + 1, dtype=given.dtype, device=given.device)
+        inherited = inherited.scatter_reduce(1, columns, spread, "amax")[:, : penalty.shape[-1]]
+    closed = torch.maximum(penalty, inherited * keep)
+    if guard is not True:
+        closed = torch.where(guard[:, None], closed, penalty)
+    return closed
+
+
 def floor_combined(
     combined: torch.Tensor,
     target: torch.Tensor,
@@ -333,15 +387,17 @@ class CombineOptions:
     margin: float = 0.0
     floor: float | None = None  # None: off
     gate: str | None = None  # None: off; "early_exit" (ULD_GATES)
+    prefix_guard: bool = False  # `prefer` only: candidates that begin a penalised one's text share its penalty
 
     def updated(self, values: Mapping[str, Any]) -> CombineOptions:
-        """These options with those `values` names (rule, refilter, margin, floor, gate) replaced, each checked: a bad
-        one raises CombineOptionError naming it. Other keys are ignored."""
+        """These options with those `values` names (rule, refilter, margin, floor, gate, prefix_guard) replaced, each
+        checked: a bad one raises CombineOptionError naming it. Other keys are ignored."""
         rule, refilter = values.get("rule", self.rule), values.get("refilter", self.refilter)
         margin, floor = values.get("margin", self.margin), values.get("floor", self.floor)
         # the gate reads the prefer rule's preference: switching to `difference` drops an inherited gate (naming one
         # with it is an error)
         gate = values.get("gate", self.gate if rule == "prefer" else None)
+        prefix_guard = values.get("prefix_guard", self.prefix_guard)
         if rule not in ULD_RULES:
             raise CombineOptionError("rule", f"must be one of: {', '.join(ULD_RULES)} (got {rule!r})")
         if not isinstance(refilter, bool):
@@ -354,7 +410,10 @@ class CombineOptions:
             raise CombineOptionError("gate", f"must be one of: {', '.join(ULD_GATES)}, or null (got {gate!r})")
         if gate is not None and rule != "prefer":
             raise CombineOptionError("gate", f"needs the prefer rule (got rule {rule!r})")
-        return CombineOptions(rule, refilter, float(margin), None if floor is None else float(floor), gate)
+        if not isinstance(prefix_guard, bool):
+            raise CombineOptionError("prefix_guard", f"must be true or false (got {prefix_guard!r})")
+        floor = None if floor is None else float(floor)
+        return CombineOptions(rule, refilter, float(margin), floor, gate, prefix_guard)
 
     def served_floor(self, filter_value: float) -> float | None:
         """The floor a row needs, or None where it cannot change the output: off, `difference`, or the refilter on
@@ -378,6 +437,7 @@ class CombineSettings:
     margin: float | torch.Tensor = 0.0
     floor: float | torch.Tensor | None = None
     gate: bool | torch.Tensor = False
+    prefix_guard: bool | torch.Tensor = False  # True = the prefix guard (`prefer` rows only)
 
     @classmethod
     def of_rows(
@@ -397,6 +457,7 @@ class CombineSettings:
             if len(set(floors)) == 1
             else per_row([math.inf if f is None else f for f in floors], torch.float32),
             per_row([o.gate is not None for o in rows], torch.bool),
+            per_row([o.prefix_guard and o.rule == "prefer" for o in rows], torch.bool),
         )
 
     def rows(self, index: torch.Tensor) -> CombineSettings:
@@ -406,7 +467,12 @@ class CombineSettings:
             return value.index_select(0, index) if isinstance(value, torch.Tensor) else value
 
         return CombineSettings(
-            pick(self.prefer), pick(self.refilter), pick(self.margin), pick(self.floor), pick(self.gate)
+            pick(self.prefer),
+            pick(self.refilter),
+            pick(self.margin),
+            pick(self.floor),
+            pick(self.gate),
+            pick(self.prefix_guard),
         )
 
     @property
@@ -422,6 +488,7 @@ class CombineSettings:
             "margin": self.margin,
             "floor": self.floor,
             "gate": self.gate,
+            "prefix_guard": self.prefix_guard,
         }
 
 
@@ -438,15 +505,19 @@ def combine_logits(
     floor: float | torch.Tensor | None = None,
     gate: bool | torch.Tensor = False,
     early_exit_logits: torch.Tensor | None = None,
+    prefix_guard: bool | torch.Tensor = False,
+    prefixes: TokenPrefixes | None = None,
 ) -> torch.Tensor:
     """ULD's combination for [R, V] rows: target - alpha * penalty on the candidate set, -inf elsewhere.
 
     Implausible tokens get -inf, so subtracting the assistant never promotes them; with `refilter`, the
     candidates the subtraction demoted below the winner or pushed below max + ln(filter) get -inf too
-    (`refilter_combined`). Gated rows (`gate`) need the target's `early_exit_logits` [R, V].
+    (`refilter_combined`). Gated rows (`gate`) need the target's `early_exit_logits` [R, V]; guarded rows
+    (`prefix_guard`) the tokenizer's `prefixes`.
     """
     keep = plausible_mask(target_logits, log_filter, min_keep)
     penalty = assistant_penalty(assistant_logits, keep, prefer, margin, early_exit_logits, gate)
+    penalty = _guarded(penalty, keep, prefix_guard, prefixes, None)
     combined = target_logits.float() - alpha[:, None] * penalty
     combined = floor_combined(combined, target_logits, penalty, keep, floor, prefer)
     return refilter_combined(combined.masked_fill(~keep, float("-inf")), target_logits, log_filter, refilter)
@@ -469,7 +540,9 @@ def combine_on_candidates(
     target = target_logits.float()
     on_candidates = target.gather(-1, candidates)
     kept = keep.gather(-1, candidates)
-    values = combine_candidate_values(on_candidates, assistant_candidate_logits, alpha, kept, **options)
+    values = combine_candidate_values(
+        on_candidates, assistant_candidate_logits, alpha, kept, token_ids=candidates, **options
+    )
     return torch.full_like(target, float("-inf")).scatter_(-1, candidates, values)
 
 
@@ -486,13 +559,20 @@ def combine_candidate_values(
     floor: float | torch.Tensor | None = None,
     gate: bool | torch.Tensor = False,
     early_exit_logits: torch.Tensor | None = None,
+    prefix_guard: bool | torch.Tensor = False,
+    prefixes: TokenPrefixes | None = None,
+    token_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The combined logits on [R, M] candidate columns only (`combine_on_candidates` without the scatter back to the
     vocabulary): target's and assistant's logits on them, `kept` [R, M] which of them are the row's candidates (the
     others end at -inf). `refilter` needs the rows' `log_filter` (the same as `plausible_mask`'s); gated rows need
-    the early exit's logits on the same columns."""
+    the early exit's logits on the same columns; guarded rows (`prefix_guard`) the `prefixes` and the columns'
+    `token_ids` [R, M]."""
     on_candidates = target_candidate_logits.float()
     penalty = assistant_penalty(assistant_candidate_logits, kept, prefer, margin, early_exit_logits, gate)
+    if prefix_guard is not False and token_ids is None:
+        raise ValueError("the prefix guard needs the candidates' token ids")
+    penalty = _guarded(penalty, kept, prefix_guard, prefixes, token_ids)
     values = on_candidates - alpha[:, None] * penalty
     values = floor_combined(values, on_candidates, penalty, kept, floor, prefer)
     values = values.masked_fill(~kept, float("-inf"))

@@ -67,6 +67,7 @@ from unlearn_serve.server.unlearning.backends import PatchChoice, ULDBackend, UL
 from unlearn_serve.server.unlearning.uld import Assistant
 
 from unlearn_serve.artifact import fingerprint_model
+from unlearn_serve.token_prefixes import TokenPrefixes
 
 __all__ = [
     "Completion",
@@ -177,6 +178,7 @@ class Engine:
         self.wakeup = threading.Event()
         self.engine_thread: threading.Thread | None = None  # set by AsyncEngine
         self.uld = ULDBackend(model, self.fingerprint, model_name, self.runner)
+        self.uld.prefixes_factory = lambda: TokenPrefixes.from_tokenizer(tokenizer, self.vocab_size).to(self.device)
         self.uoe = UOEBackend(model, self.fingerprint, model_name, self.runner)
         sync_free = self.config.sync_free_decode
         self.uld.sync_free = self.device.type == "cuda" if sync_free is None else sync_free

@@ -9,6 +9,7 @@ UOE: per-row expert patches applied by router/expert hooks; logits untouched.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ from unlearn_serve.server.unlearning.uld import (
 )
 
 from unlearn_serve.artifact import ArtifactError
+from unlearn_serve.token_prefixes import TokenPrefixes
 from unlearn_serve.uld_combine import (
     CandidateSplit,
     combine_candidate_values,
@@ -105,6 +107,18 @@ class ULDBackend(UnlearningBackend):
         # True where decode steps may be CUDA graphs (the engine's graph runner exists): `prepare` then says which
         # compositions a graph can run (ULDPlan.graph); elsewhere it does none of that work.
         self.graphs = False
+        # the tokenizer's TokenPrefixes for the prefix guard (uld_combine.close_over_prefixes), made on first use by
+        # `prefixes_factory` (the engine's: it has the tokenizer); None where no row is guarded yet
+        self.prefixes_factory: Callable[[], TokenPrefixes] | None = None
+        self._prefixes: TokenPrefixes | None = None
+
+    def prefixes(self) -> TokenPrefixes:
+        """The prefix guard's table (built once, on the engine's device)."""
+        if self._prefixes is None:
+            if self.prefixes_factory is None:
+                raise ValueError("the prefix guard needs the tokenizer's prefixes (ULDBackend.prefixes_factory)")
+            self._prefixes = self.prefixes_factory()
+        return self._prefixes
 
     def names(self) -> list[str]:
         return list(self.registry.assistants)
@@ -133,6 +147,8 @@ class ULDBackend(UnlearningBackend):
     def install(self, assistant: Assistant) -> Assistant:
         # Never reallocates KV that running sequences use: refused beyond the reserved budget.
         self.runner.ensure_assistant_cache(assistant.num_layers, assistant.name)
+        if self.prefixes_factory is not None:  # built here, not in a decode step (SmolLM2's vocabulary: ~1 s, once)
+            self.prefixes()
         return self.registry.add(assistant)
 
     def remove(self, name: str) -> None:
@@ -313,9 +329,16 @@ class ULDBackend(UnlearningBackend):
             assistant, early_logits = self.runner.candidate_logits(
                 torch.stack([assistant_hidden, early], 1), candidates
             ).unbind(1)
-        kwargs = settings.kwargs()
+        kwargs = self._combine_kwargs(settings)
         return combine_candidate_values(
-            target, assistant, alpha, found.kept, log_filter=log_filter, early_exit_logits=early_logits, **kwargs
+            target,
+            assistant,
+            alpha,
+            found.kept,
+            log_filter=log_filter,
+            early_exit_logits=early_logits,
+            token_ids=candidates,
+            **kwargs,
         )
 
     def _on_vocabulary(self, target_logits, assistant_hidden, alpha, log_filter, settings, early) -> torch.Tensor:
@@ -324,8 +347,14 @@ class ULDBackend(UnlearningBackend):
             assistant, early_logits = self.runner.logits(assistant_hidden), None
         else:  # one LM head matmul for both
             assistant, early_logits = self.runner.logits(torch.cat([assistant_hidden, early])).chunk(2)
-        kwargs = settings.kwargs()
+        kwargs = self._combine_kwargs(settings)
         return combine_logits(target_logits, assistant, alpha, log_filter, early_exit_logits=early_logits, **kwargs)
+
+    def _combine_kwargs(self, settings: CombineSettings) -> dict[str, Any]:
+        kwargs = settings.kwargs()
+        if settings.prefix_guard is not False:
+            kwargs["prefixes"] = self.prefixes()
+        return kwargs
 
 
 def _row_args(
