@@ -62,6 +62,14 @@ def test_cache_key_changes_with_base_data_and_settings(tmp_path: Path, monkeypat
     monkeypatch.setattr(uld_combine, "CALIBRATION_MARGINS", (uld_combine.DEFAULT_MARGIN, 2.0))
     assert key != demo.cache_key(base, [forget, retain], training)
     monkeypatch.undo()
+    # the prefix guard the calibration serves with: the library default or --no-prefix-guard, a new key each
+    monkeypatch.setattr(uld_combine, "DEFAULT_PREFIX_GUARD", not uld_combine.DEFAULT_PREFIX_GUARD)
+    assert key != demo.cache_key(base, [forget, retain], training)
+    monkeypatch.undo()
+    guard_off = {"default_prefix_guard": False}
+    monkeypatch.setattr(demo.DemoTraining, "uld_settings", lambda self: {**settings(self), **guard_off})
+    assert key != demo.cache_key(base, [forget, retain], training)
+    monkeypatch.undo()
     retain.write_text('{"question": "q2", "answer": "changed"}\n')
     assert key != demo.cache_key(base, [forget, retain], training)
     d = demo.cached_artifact_dir(tmp_path, "harry-potter", key)

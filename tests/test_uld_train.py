@@ -517,7 +517,7 @@ def test_cli_trains_end_to_end(tiny_llama_dir, tmp_path, capsys):
     argv += ["--out", str(out), "--layers", "1", "--lora-rank", "4", "--min-steps", "3", "--epochs", "1"]
     argv += ["--batch-size", "2", "--grad-accum", "1", "--no-progress", "--seed", "1"]
     settings = ["--default-alpha", "0.4", "--default-margin", "0.5", "--default-floor", "5", "--fact-set-weight", "0.5"]
-    settings += ["--validation-max-tokens", "12", "--topic"]
+    settings += ["--validation-max-tokens", "12", "--topic", "--no-prefix-guard"]
     assert cli.main([*argv, *settings]) == 0
     stdout = capsys.readouterr().out
     assert "forget CE" in stdout and "retain KL" in stdout and str(out) in stdout
@@ -533,6 +533,7 @@ def test_cli_trains_end_to_end(tiny_llama_dir, tmp_path, capsys):
     assert data["forget"]["sha256"] == file_sha256(forget) and data["retain"]["records"] == 3
     assert manifest["training"]["seed"] == 1 and manifest["details"]["assistant_layers"] == 1
     defaults = {"alpha": 0.4, "filter": 0.01, "rule": DEFAULT_RULE, "refilter": True, "margin": 0.5, "floor": 5.0}
+    defaults["prefix_guard"] = False  # --no-prefix-guard (new artifacts: true, tests/test_prefix_guard.py)
     # --flat-reference auto (the default) chose by the early exit's CE, recorded; the gate follows the choice
     chosen = manifest["training"]["flat_reference"]
     assert chosen in ("early_exit", "uniform") and isinstance(manifest["training"]["early_exit_forget_ce"], float)

@@ -144,6 +144,7 @@ class ULDTrainingConfig:
     # when no --default-margin is given; None: uld_combine.CALIBRATION_MARGINS
     calibration_margins: tuple[float, ...] | None = None
     default_floor: float | None = None  # the penalty's floor; None: uld_combine.DEFAULT_FLOOR; inf: off
+    default_prefix_guard: bool | None = None  # the prefix guard; None: uld_combine.DEFAULT_PREFIX_GUARD
     # forget CE weighted towards knowledge-carrying tokens, flat elsewhere (training/uld_weights.py)
     forget_weighting: bool = True
     weighting_tau: float = 1.0  # (with contrasts) nats of "more likely after this question" for weight 1
@@ -214,6 +215,7 @@ class ULDTrainingConfig:
             "rule": self.default_rule,
             "margin": self.default_margin,
             "floor": self.default_floor,
+            "prefix_guard": self.default_prefix_guard,
         }
         chosen = {k: v for k, v in values.items() if v is not None}
         if chosen.get("floor") == float("inf"):
@@ -416,6 +418,7 @@ class AssistantModule(nn.Module):
         on_answer = retain_loss_mask.bool()
         retain_logits = lm_head(hidden[on_answer])
         ones = torch.ones(retain_logits.shape[:-1], device=retain_logits.device)
+
         def select(h: torch.Tensor) -> torch.Tensor:
             return h[on_answer]
 
@@ -1156,10 +1159,22 @@ def _calibrate(
             details,
             summary,
             state,
-            {"filter": filter_value, "rule": rule, "margin": _served_margin(config), "gate": config.served_gate()},
+            {
+                "filter": filter_value,
+                "rule": rule,
+                "margin": _served_margin(config),
+                "gate": config.served_gate(),
+                "prefix_guard": _served_prefix_guard(config),
+            },
         )
         answer = serve(base, tokenizer, draft)
         return _calibrate_answers(answer, tokenizer, forget_records, validation_retain, train_retain, config, settings)
+
+
+def _served_prefix_guard(config: ULDTrainingConfig) -> bool:
+    """The prefix guard the calibration's draft (and a recalibrated artifact) is served with: --no-prefix-guard, else
+    today's default (uld_combine.DEFAULT_PREFIX_GUARD)."""
+    return DEFAULT_PREFIX_GUARD if config.default_prefix_guard is None else config.default_prefix_guard
 
 
 def recalibrate_uld(
@@ -1199,7 +1214,7 @@ def recalibrate_uld(
             "rule": rule,
             "margin": _served_margin(config),
             "floor": _served_floor(config),
-            "prefix_guard": DEFAULT_PREFIX_GUARD,
+            "prefix_guard": _served_prefix_guard(config),
         }
         save_manifest(manifest, tmp)
         answer = serve(shared_copy(model), tokenizer, tmp)

@@ -111,7 +111,8 @@ def artifact_name(topic: str) -> str:
     return f"{BASE_NAME}-forget-{topic}"
 
 
-ADDED_FIELDS = frozenset({"calibration_margins"})  # ULDTrainingConfig fields newer than recipe 11's cache keys
+# ULDTrainingConfig fields newer than recipe 11's cache keys
+ADDED_FIELDS = frozenset({"calibration_margins", "default_prefix_guard"})
 
 
 def cache_key(base_fingerprint: dict[str, Any], data_files: list[Path], training: DemoTraining) -> str:
@@ -133,6 +134,8 @@ def cache_key(base_fingerprint: dict[str, Any], data_files: list[Path], training
     h.update(f"{uld_combine.DEFAULT_RULE} {uld_combine.DEFAULT_MARGIN} {uld_combine.DEFAULT_REFILTER}".encode())
     if uld_combine.DEFAULT_FLOOR is not None:  # (no floor: the keys of the artifacts cached before it existed)
         h.update(f" floor {uld_combine.DEFAULT_FLOOR}".encode())
+    if uld_combine.DEFAULT_PREFIX_GUARD:  # calibrated with the prefix guard: a new calibration
+        h.update(b" prefix_guard")
     if uld_combine.CALIBRATION_MARGINS != (uld_combine.DEFAULT_MARGIN,):
         h.update(f" margins {list(uld_combine.CALIBRATION_MARGINS)}".encode())
     return h.hexdigest()[:16]

@@ -79,6 +79,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "candidate) or 'off' (default: 10; docs/uld.md)",
     )
     parser.add_argument(
+        "--no-prefix-guard",
+        dest="default_prefix_guard",
+        action="store_const",
+        const=False,
+        help="store prefix_guard false in the manifest (default: true: a candidate whose text begins a penalised "
+        "one's is penalised too, so a fact pushed down is not spelt by its first letters; docs/uld.md)",
+    )
+    parser.add_argument(
         "--no-forget-weighting",
         dest="forget_weighting",
         action="store_false",
@@ -206,6 +214,7 @@ def run(args: argparse.Namespace) -> int:
         default_margin=args.default_margin,
         calibration_margins=calibration_margins,
         default_floor=default_floor,
+        default_prefix_guard=args.default_prefix_guard,
         forget_weighting=args.forget_weighting,
         flat_reference=args.flat_reference,
         **optional,
