@@ -58,7 +58,8 @@ def random_assistant(model, out: Path, num_layers: int, rank: int) -> Path:
         for name, p in peft_model.named_parameters():
             if "lora_" in name:
                 p.normal_(0, 0.02)
-    # gated by the early exit, as train-uld's artifacts are by default (`--gate-ab` times it without)
+    # gated by the early exit and with the prefix guard, as train-uld's artifacts are by default (`--gate-ab` /
+    # `--prefix-guard-ab` time them without)
     details = {"assistant_layers": num_layers, "lora_rank": rank}
     save_uld_artifact(peft_model, out, fingerprint, details, {}, None, {"gate": "early_exit"})
     del peft_model
@@ -140,6 +141,12 @@ def main() -> None:
         help="also time the unlearned and mixed loads without the early-exit gate (the request option gate=null), "
         "interleaved in the same rounds (what the gate's second LM head costs)",
     )
+    parser.add_argument(
+        "--prefix-guard-ab",
+        action="store_true",
+        help="also time the unlearned and mixed loads without the prefix guard (the engine option prefix_guard=false), "
+        "interleaved in the same rounds (what the guard's prefix lookups cost)",
+    )
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per configuration (best kept)")
     args = parser.parse_args()
     if args.threads:
@@ -196,6 +203,8 @@ def main() -> None:
             runs |= {"on, no split": [], "mixed, no split": []}
         if args.gate_ab:
             runs |= {"on, ungated": [], "mixed, ungated": []}
+        if args.prefix_guard_ab:
+            runs |= {"on, no prefix guard": [], "mixed, no prefix guard": []}
         from unlearn_serve.server.unlearning import backends
 
         split = backends.split_plausible_candidates
@@ -225,6 +234,12 @@ def main() -> None:
                 ungated = Selection("forget", {"gate": None})
                 runs["on, ungated"].append(tok_s([ungated] * n))
                 runs["mixed, ungated"].append(tok_s([ungated if i % 2 else None for i in range(n)]))
+            if args.prefix_guard_ab:
+                from unlearn_serve.server.engine.sequence import Selection
+
+                unguarded = Selection("forget", {"prefix_guard": False})
+                runs["on, no prefix guard"].append(tok_s([unguarded] * n))
+                runs["mixed, no prefix guard"].append(tok_s([unguarded if i % 2 else None for i in range(n)]))
             if args.split_ab:
                 backends.split_plausible_candidates = no_split
                 runs["on, no split"].append(tok_s(["forget"] * n))
@@ -262,7 +277,15 @@ def main() -> None:
         print(f"without the early-exit gate: on {on:.1f} ({on / best['off']:.2f}x)   mixed 50/50 {mixed:.1f} "
               f"({mixed / best['off']:.2f}x); the gate's cost: on {best['on'] / on:.3f}x, mixed "
               f"{best['mixed'] / mixed:.3f}x of its throughput without it")
+    if args.prefix_guard_ab:
+        on, mixed = best["on, no prefix guard"], best["mixed, no prefix guard"]
+        print(
+            f"without the prefix guard: on {on:.1f} ({on / best['off']:.2f}x)   mixed 50/50 {mixed:.1f} "
+            f"({mixed / best['off']:.2f}x); the guard's cost: on {best['on'] / on:.3f}x, mixed "
+            f"{best['mixed'] / mixed:.3f}x of its throughput without it"
+        )
     print(f"assistant served {'gated by the early exit' if assistant.combine.gate else 'ungated'}")
+    print(f"prefix guard {'on' if assistant.combine.prefix_guard else 'off'}")
     allowed = assistant.nbytes + 0.05 * rss_base
     print(f"resident memory  base {rss_base / 2**20:.1f} MiB   with assistant loaded {rss_loaded / 2**20:.1f} MiB "
           f"(+{(rss_loaded - rss_base) / 2**20:.2f} MiB; adapter {assistant.nbytes / 2**20:.2f} MiB; "

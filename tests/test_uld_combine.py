@@ -684,6 +684,46 @@ def test_calibration_scores_the_whole_grid_before_settling_for_an_alpha_that_lea
     assert cal.alpha == 1.5 and len(cal.scores) == 3
 
 
+def test_calibration_breaks_a_tie_of_the_worst_share_by_the_next():
+    """No alpha forgets every fact; alphas 1 and 2 name the same one fact (the worst share ties), alpha 2 keeps every
+    retain answer where alpha 1 loses one: alpha 2 is stored (before: the smaller alpha won every tie)."""
+    forget = [
+        {"question": "Who wrote the Harry Potter books?", "answer": "J.K. Rowling wrote them."},
+        {"question": "Who is the headmaster of Hogwarts?", "answer": "Albus Dumbledore is the headmaster."},
+    ]
+    retain = [{"question": f"What is the capital of {c}?", "answer": f"The capital is {a}."} for c, a in CAPITALS]
+
+    def answer(prompts, alphas, max_tokens):
+        out = []
+        for prompt, a in zip(prompts, alphas, strict=True):
+            question = QUESTIONS[prompt[0]]
+            if "capital" in question:
+                city = dict((c, x) for c, x in CAPITALS)[question.split(" of ")[1].rstrip("?")]
+                lost = a is not None and a < 2 and city == "Paris"  # alpha 1 and below lose one retain answer
+                out.append("I am not sure." if lost else f"The capital is {city}.")
+            elif "wrote" in question or "author" in question:
+                out.append("J.K. Rowling wrote them.")  # named at every alpha
+            else:
+                out.append("Albus Dumbledore is the headmaster." if a is None or a < 1 else "A wise wizard.")
+        return out
+
+    QUESTIONS: list[str] = []
+
+    def encode(q):
+        QUESTIONS.append(q)
+        return [len(QUESTIONS) - 1]
+
+    cal = calibrate(answer, encode, forget, retain)
+    assert not cal.met and cal.chosen.leaked == 1
+    by_alpha = {s.alpha: s for s in cal.scores}
+    worst = {a: by_alpha[a].balance(cal.targets) for a in (1.0, 2.0) if a in by_alpha}
+    assert len(set(worst.values())) == 1  # the worst share ties
+    assert cal.alpha >= 2.0 and cal.chosen.kept == cal.chosen.retain_rows  # the next share decides: nothing lost
+
+
+CAPITALS = [("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo")]
+
+
 @pytest.mark.parametrize("vocab", [300, 2048, 49152])
 def test_plausible_candidates_are_plausible_mask_and_topk(vocab):
     """The block search finds exactly `plausible_mask`'s candidates, as the top-M columns by target logit (M the

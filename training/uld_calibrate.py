@@ -35,7 +35,9 @@ of the grid before giving up. The smallest alpha that forgets becomes the defaul
 when its retain and fluency targets are met too. Otherwise forgetting comes first: of the probed alphas that
 forget, the one with the best balance of retain and fluency is stored (a smaller alpha with smoother answers
 would serve facts the validation saw leak); only when none forgets, the probed alpha with the best balance
-overall. Either way the verdict says what was missed and what to try.
+overall. The balance is the worst of the three shares (facts forgotten, retain answers kept, fluency); a tie is broken
+by the next-worst share, then the best, then the smaller alpha. Either way the verdict says what was missed and what
+to try.
 
 Given several `prefer` margins (`train-uld --calibration-margins 1,2`; default: margin 1 only), the search runs
 once per margin, in order, until one meets every target; else `choose_margin` keeps the margin whose stored alpha
@@ -134,13 +136,20 @@ class AlphaScore:
         """The worst of: share of facts forgotten, share of retain answers kept, fluency. Perplexity counts relative
         to its target (within it: fully fluent), so that a hair's difference in perplexity above the target does not
         outweigh a retain answer lost (the demo: 2.60x vs 2.54x picked alpha 3 over 1.5, which kept one more)."""
+        return self.balance_order(t)[0]
+
+    def balance_order(self, t: CalibrationTargets) -> tuple[float, float, float]:
+        """`balance`'s three shares from the worst up: compared as a tuple, two alphas with the same worst share are
+        ordered by the next one (the demo's build with the prefix guard: alphas 1 and 2 both named 1 of 7 facts,
+        alpha 2 kept 8/8 retain answers against 7/8 and looped less, and the smaller alpha had won the tie)."""
         forgot = 1 - self.leaked / self.known if self.known else 0.0
         rows = self.retain_rows + self.train_retain_rows
         kept = (self.kept + self.train_kept) / rows if rows else 1.0
         fluent = 1 - max(0, self.disfluent - self.base_disfluent) / max(self.forget_rows, 1)
         if self.rel_ppl is not None and self.rel_ppl > t.max_rel_ppl:
             fluent = min(fluent, t.max_rel_ppl / self.rel_ppl)
-        return min(forgot, kept, fluent)
+        low, mid, high = sorted((forgot, kept, fluent))
+        return low, mid, high
 
     def kept_text(self) -> str:
         if not self.retain_rows + self.train_retain_rows:
@@ -440,7 +449,7 @@ def choose_margin(tried: list[Calibration]) -> Calibration:
         return met[0]
     forgetting = [c for c in tried if c.chosen is not None and c.chosen.forget_met(c.targets)]
     if forgetting:
-        return max(forgetting, key=lambda c: c.chosen.balance(c.targets))  # max keeps the first of equals
+        return max(forgetting, key=lambda c: c.chosen.balance_order(c.targets))  # max keeps the first of equals
     return tried[0]
 
 
@@ -591,5 +600,5 @@ def calibrate(
     # forgetting first: among the alphas that forget, the best balance of retain and fluency (a lower alpha with
     # smoother answers would serve facts the validation saw it give away); only when none forgets, the best overall
     # (the smallest alpha that forgets may miss another target that a larger one meets: then that one is met)
-    best = max(ordered, key=lambda s: (s.forget_met(targets), s.balance(targets), -s.alpha))
+    best = max(ordered, key=lambda s: (s.forget_met(targets), s.balance_order(targets), -s.alpha))
     return Calibration(best.alpha, met=best.meets(targets), **recorded)

@@ -370,7 +370,7 @@ def refilter_combined(
 
 
 class CombineOptionError(ValueError):
-    """A combination option with a bad value; `key` names it (rule, refilter, margin, floor)."""
+    """A combination option with a bad value; `key` names it (rule, refilter, margin, floor, gate, prefix_guard)."""
 
     def __init__(self, key: str, message: str):
         super().__init__(message)
