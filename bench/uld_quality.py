@@ -413,7 +413,7 @@ def variant_config(suite: Suite, variant: str, overrides: dict[str, Any]):
 
 # fields added after assistants were cached, and their defaults: left out of the cache key at those defaults, so the
 # assistants and calibrations cached before them keep their keys
-LATER_FIELDS = {"validation_topic": False, "flat_reference": "uniform"}
+LATER_FIELDS = {"validation_topic": False, "flat_reference": "uniform", "default_prefix_guard": None, "echo_flat": True}
 
 
 def _settings_key(config) -> dict[str, Any]:

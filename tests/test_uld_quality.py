@@ -24,7 +24,7 @@ from unlearn_serve.training.pairs import tokenize_records
 from unlearn_serve.training.uld import ULDTrainingConfig, recalibrate_uld, train_uld
 from unlearn_serve.training.uld_calibrate import ALPHA_GRID, calibrate
 from unlearn_serve.training.uld_calibrate import score_answers as calibrate_score
-from unlearn_serve.training.uld_weights import knowledge_weights
+from unlearn_serve.training.uld_weights import ECHO, knowledge_weights
 
 from unlearn_serve import cli
 from unlearn_serve.artifact import MANIFEST_NAME
@@ -123,6 +123,12 @@ def test_knowledge_weights_mark_the_fact_not_the_lead_in(memorised):
         light = tokenizer.decode([t for t, x in zip(tokens, w, strict=True) if x < 0.5])
         assert heavy.strip() == city  # only the city carries the fact
         assert light.startswith(f"{name} lives in")  # the name echoes the question; "lives in" is in every answer
+    # echoes marked ECHO (neither learnt nor held flat): the name's tokens, and nothing else changes
+    marked = knowledge_weights(model, tokenizer, records, examples, 64, DEFAULT_QUESTION_TEMPLATE, echo=ECHO)
+    for (_, labels), w, m, (name, _) in zip(examples, weights, marked, PEOPLE, strict=True):
+        tokens = [t for t in labels[1:] if t != -100]
+        assert tokenizer.decode([t for t, x in zip(tokens, m, strict=True) if x == ECHO]).strip() == name
+        assert [x for x in m if x != ECHO] == [x for x, y in zip(w, m, strict=True) if y != ECHO]
 
 
 def test_defaults_forget_keep_and_keep_the_lead_in(memorised, tmp_path):

@@ -285,6 +285,23 @@ def test_trainer_loss_equals_full_logit_losses(tokenizer):
     torch.testing.assert_close(forget_ce, (w * ce).sum() / w.sum())
     torch.testing.assert_close(forget_flat, uniform_kl(shifted[keep], 1 - w))
 
+    # ECHO marks (an echoed word with echo_flat off): neither in the weighted CE nor in the flat KL
+    from unlearn_serve.training.uld_weights import ECHO
+
+    echoed = [[ECHO if p % 3 == 0 else x for p, x in enumerate(row)] for row in weights]
+    marked = ForgetRetainDataset(forget, retain, forget_weights=echoed)
+    batch = ForgetRetainCollator(tokenizer.pad_token_id)([marked[i] for i in range(len(marked))])
+    with torch.no_grad():
+        echo_ce, _, echo_flat, _, _ = AssistantModule(peft_model, 2)(
+            **{k: v for k, v in batch.items() if k != "retain_labels"}
+        )
+    m = batch["forget_weights"][:, 1:][keep]
+    assert (m == ECHO).any()
+    w_ce, w_flat = m.clamp_min(0), torch.where(m < 0, 0.0, 1 - m)
+    torch.testing.assert_close(echo_ce, (w_ce * ce).sum() / w_ce.sum())
+    torch.testing.assert_close(echo_flat, uniform_kl(shifted[keep], w_flat))
+    assert not torch.isclose(echo_flat, forget_flat)  # the echoes were held flat before
+
 
 def test_fact_set_loss_prefers_each_rows_facts_at_every_answer_position(tokenizer):
     """The fact-set term: at every forget answer position, -log F - mean over the row's fact tokens of log p; the

@@ -76,7 +76,13 @@ from unlearn_serve.training.losses import (
 from unlearn_serve.training.pairs import ForgetRetainCollator, ForgetRetainDataset, tokenize_records
 from unlearn_serve.training.self_answers import SELF_ANSWER, self_answer_rows
 from unlearn_serve.training.uld_calibrate import AlphaScore, Calibration, CalibrationTargets, ServeFn, calibrate
-from unlearn_serve.training.uld_weights import fact_tokens, fact_word_weights, knowledge_weights, target_candidates
+from unlearn_serve.training.uld_weights import (
+    ECHO,
+    fact_tokens,
+    fact_word_weights,
+    knowledge_weights,
+    target_candidates,
+)
 
 from unlearn_serve.artifact import (
     atomic_artifact_dir,
@@ -149,6 +155,9 @@ class ULDTrainingConfig:
     forget_weighting: bool = True
     weighting_tau: float = 1.0  # (with contrasts) nats of "more likely after this question" for weight 1
     forget_flat_weight: float = 1.0  # weight of KL(flat || assistant) on the forget answers' generic tokens
+    # the forget answers' echoes (words their question contains) held flat like generic tokens (True), or ignored
+    # (False: "Ron" in "Ron Weasley's pet rat is …" then no longer teaches the assistant to stay flat on " Ron")
+    echo_flat: bool = True
     # what "flat" (knowing nothing) means on the retain answers and the forget answers' generic tokens: "early_exit",
     # the assistant's own weights without the LoRA (the target cut after K layers), served gated by it
     # (manifest defaults.gate, uld_combine.py); "uniform", the paper's uniform distribution, served ungated; "auto":
@@ -315,6 +324,7 @@ def early_exit_forget_ce(
                 continue
             ce = F.cross_entropy(logits[keep], targets[keep], reduction="none")
             w = torch.ones_like(ce) if weights is None else torch.tensor(weights[i], device=device, dtype=ce.dtype)
+            w = w.clamp_min(0.0)  # ECHO marks (uld_weights.py) weigh nothing
             total += float((w * ce).sum())
             mass += float(w.sum())
     model.train(was_training)
@@ -403,11 +413,16 @@ class AssistantModule(nn.Module):
             forget_ce = F.cross_entropy(forget_logits, targets[keep])
             forget_flat = forget_logits.new_zeros(())
         else:
-            w = forget_weights[:, 1:][keep].to(forget_logits.dtype)
+            marked = forget_weights[:, 1:][keep].to(forget_logits.dtype)
+            w = marked.clamp_min(0.0)  # ECHO (< 0): neither learnt nor held flat
             ce = F.cross_entropy(forget_logits, targets[keep], reduction="none")
             forget_ce = (w * ce).sum() / w.sum().clamp_min(1e-6)
             forget_flat = self._flat_kl(
-                forget_logits, forget_input_ids, forget_attention_mask, lambda h: h[:, :-1][keep], 1.0 - w
+                forget_logits,
+                forget_input_ids,
+                forget_attention_mask,
+                lambda h: h[:, :-1][keep],
+                torch.where(marked < 0, 0.0, 1.0 - w),
             )
         if forget_fact_tokens is None:
             fact_set = forget_logits.new_zeros(())
@@ -758,6 +773,7 @@ def _train_uld_once(
             config.question_template,
             tau=config.weighting_tau,
             reference_labels=[lab for _, lab in forget_set.examples + retain_set.examples],
+            echo=0.0 if config.echo_flat else ECHO,
         )
     if weights is not None:
         for i, record in enumerate(forget):

@@ -80,6 +80,11 @@ def target_candidates(
     return out
 
 
+# the weight of an echoed token (a word the question contains) when echoes are held neither to the facts nor to the
+# flat reference (`knowledge_weights(echo=ECHO)`): the loss ignores it (training/uld.py AssistantModule)
+ECHO = -1.0
+
+
 def knowledge_weights(
     model: torch.nn.Module,
     tokenizer,
@@ -92,11 +97,13 @@ def knowledge_weights(
     batch_size: int = 8,
     reference_labels: list[list[int]] | None = None,
     common: float = 0.25,
+    echo: float = 0.0,
 ) -> list[list[float]] | None:
     """Weights in [0, 1] for each example's label positions (1..), in the order of `examples`.
 
     `examples[i]` must be `records[i]` rendered. Non-QA records (plain text, chat) get weight 1
-    everywhere (no question to tell the fact from the lead-in); None when there is no QA record at all.
+    everywhere (no question to tell the fact from the lead-in); None when there is no QA record at all. A token of a
+    word the question contains gets `echo`: 0 (held flat, as a generic token) or ECHO (ignored).
     """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ones = [[1.0] * len(label_positions(lab)) for _, lab in examples]
@@ -139,10 +146,11 @@ def knowledge_weights(
         _, labels = examples[i]
         tokens = [labels[p] for p in label_positions(labels)]
         words = re.findall(r"\w+", records[i]["question"].lower())
-        echo = _echo_tokens(tokenizer, tokens, set(words))
+        echoed = _echo_tokens(tokenizer, tokens, set(words))
         for p, tok in enumerate(tokens):
+            echo_weight = echo if echoed[p] else 0.0
             rare = min(1.0, max(0.0, 1.0 - df.get(tok, 0.0) / common))
-            w[p] = 0.0 if echo[p] else max(w[p], rare)
+            w[p] = echo_weight if echoed[p] else max(w[p], rare)
         weights[i] = w
     return weights
 
