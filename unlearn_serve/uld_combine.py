@@ -70,6 +70,13 @@ A K-layer assistant is itself a crude language model that also prefers the likel
 answers on a real model (SmolLM2: 44% of forget-answer tokens changed, 15% of general ones; gated: 2%,
 docs/uld.md). The early exit costs no extra layers: the target rows compute its hidden state anyway.
 
+Prefix guard (`prefix_guard`, `prefer` only; manifest `defaults.prefix_guard`: true for new artifacts, absent = off).
+The penalty lowers a remembered token (" Row" of "J.K. Rowling"); the target's next choice is often a token that begins
+the same word ("R": SmolLM2 wrote "J.K.R.A.M."). With the guard, every candidate whose text begins a penalised
+candidate's text (token_prefixes.py) takes that penalty too (`close_over_prefixes`), so the word is not spelt out by
+its first letters instead. On candidate columns a sorted-key lookup per (candidate, candidate) pair; on the whole
+vocabulary the PREFIX_GUARD_TOP most penalised candidates pass theirs on through a per-token prefix table.
+
 A rule (and refilter) is passed as a bool (the same for every row) or a [R] bool tensor (True = `prefer` /
 refilter on), so a batch mixing them needs no host sync and no loop over rows.
 """
