@@ -79,7 +79,7 @@ def vocabulary_wide_process_logits(backend, plan, logits, hidden_a, early_a=None
         return logits
     hidden = hidden_a[plan.hidden_rows, plan.hidden_pos]
     early = early_a[plan.hidden_rows, plan.hidden_pos] if plan.settings.any_gate else None
-    target, kwargs = logits[plan.logit_rows], plan.settings.kwargs()
+    target, kwargs = logits[plan.logit_rows], backend.combine_kwargs(plan.settings)
     keep = plausible_mask(target, plan.log_filter)
     m = int(keep.sum(dim=-1).max())
     head = None

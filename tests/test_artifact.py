@@ -83,7 +83,13 @@ def test_manifest_contents(artifact, base):
     assert raw["method"] == manifest.method == "uld"
     assert raw["format_version"] == FORMAT_VERSION
     assert manifest.defaults == {
-        "alpha": 0.75, "filter": 0.01, "rule": DEFAULT_RULE, "refilter": True, "margin": 1.0, "floor": DEFAULT_FLOOR
+        "alpha": 0.75,
+        "filter": 0.01,
+        "rule": DEFAULT_RULE,
+        "refilter": True,
+        "margin": 1.0,
+        "floor": DEFAULT_FLOOR,
+        "prefix_guard": True,
     }
     assert manifest.details["assistant_layers"] == K
     assert manifest.base_fingerprint == fingerprint_model(base)

@@ -90,9 +90,13 @@ def test_gated_rows_equal_the_two_model_reference(tiny_llama, tokenizer, gated_a
         completion = outputs[sel.name]
         full = prompt + completion.token_ids
         k = {"g1": 1, "g2": 2}[sel.name]
-        ref = reference_combined_logprobs(tiny_llama, gated_artifacts[sel.name], k, full, **alpha_filter)
+        ref = reference_combined_logprobs(
+            tiny_llama, gated_artifacts[sel.name], k, full, **alpha_filter, tokenizer=tokenizer
+        )
         if sel.name == "g1":  # the gate must matter here: u1 is g1's weights, ungated
-            ungated = reference_combined_logprobs(tiny_llama, gated_artifacts["u1"], k, full, **alpha_filter)
+            ungated = reference_combined_logprobs(
+                tiny_llama, gated_artifacts["u1"], k, full, **alpha_filter, tokenizer=tokenizer
+            )
             assert (ref.exp() - ungated.exp()).abs().max() > 0.05
         assert_follows_reference(prompt, completion, ref)
     # prefill: prompt log-probs under the gated combination
@@ -100,7 +104,9 @@ def test_gated_rows_equal_the_two_model_reference(tiny_llama, tokenizer, gated_a
     scored = engine.score([prompt[:2]] * 2, [prompt[2:]] * 2, selections[:2])
     for sel, values in zip(selections[:2], scored, strict=True):
         k = {"g1": 1, "g2": 2}[sel.name]
-        ref = reference_combined_logprobs(tiny_llama, gated_artifacts[sel.name], k, prompt, **alpha_filter)
+        ref = reference_combined_logprobs(
+            tiny_llama, gated_artifacts[sel.name], k, prompt, **alpha_filter, tokenizer=tokenizer
+        )
         assert_scores_follow_reference(prompt, values, ref)
 
 

@@ -17,6 +17,7 @@ from unlearn_serve.server.unlearning.uld import combine_logits
 from unlearn_serve.artifact import ArtifactError, fingerprint_model, load_manifest
 from unlearn_serve.assistant import assistant_logits, assistant_lora_config
 from unlearn_serve.tiny import build_tiny_model
+from unlearn_serve.token_prefixes import TokenPrefixes
 from unlearn_serve.uld_artifact import save_uld_artifact
 
 PROMPTS = ["The capital of", "Alice likes", "Bob plays the", "Water boils at one", "The"]
@@ -61,9 +62,10 @@ def engine(tiny_llama, tokenizer, artifacts):
 OPTS = {"alpha": 0.75, "filter": 1e-4}
 
 
-def reference_combined_logprobs(base, artifact_dir, num_layers, ids, alpha, filt, use_lora=True):
+def reference_combined_logprobs(base, artifact_dir, num_layers, ids, alpha, filt, use_lora=True, tokenizer=None):
     """Two separate models: the target's full forward, and a peft assistant truncated after K layers; with the
-    manifest's gate, the same assistant with its adapter disabled is the early exit."""
+    manifest's gate, the same assistant with its adapter disabled is the early exit; with its prefix guard, the
+    prefixes of `tokenizer`'s vocabulary."""
     ids_t = torch.tensor([ids])
     defaults = load_manifest(artifact_dir).defaults  # the artifact's own refilter, margin, gate (new ones: on, 1)
     early = None
@@ -85,6 +87,8 @@ def reference_combined_logprobs(base, artifact_dir, num_layers, ids, alpha, filt
         margin=defaults.get("margin", 0.0),
         gate=early is not None,
         early_exit_logits=early,
+        prefix_guard=bool(defaults.get("prefix_guard", False)),
+        prefixes=TokenPrefixes.from_tokenizer(tokenizer, target.shape[-1]) if tokenizer is not None else None,
     )
     return combined.log_softmax(-1)
 
@@ -158,10 +162,12 @@ def test_single_pass_equals_two_model_reference(engine, tiny_llama, tokenizer, a
                 ref = tiny_llama(torch.tensor([full])).logits[0].log_softmax(-1)
         else:
             k = {"a1": 1, "a2": 2}[sel.name]
-            ref = reference_combined_logprobs(tiny_llama, artifacts[sel.name], k, full, OPTS["alpha"], OPTS["filter"])
+            ref = reference_combined_logprobs(
+                tiny_llama, artifacts[sel.name], k, full, OPTS["alpha"], OPTS["filter"], tokenizer=tokenizer
+            )
             # the LoRA weights must matter here, or this comparison would prove nothing
             no_lora = reference_combined_logprobs(
-                tiny_llama, artifacts[sel.name], k, full, OPTS["alpha"], OPTS["filter"], use_lora=False
+                tiny_llama, artifacts[sel.name], k, full, OPTS["alpha"], OPTS["filter"], False, tokenizer
             )
             assert (ref.exp() - no_lora.exp()).abs().max() > 0.05
         assert_follows_reference(prompt, completion, ref)
@@ -170,7 +176,9 @@ def test_single_pass_equals_two_model_reference(engine, tiny_llama, tokenizer, a
     scored = engine.score([prompt[:2]] * 2, [prompt[2:]] * 2, selections[:2])
     for sel, values in zip(selections[:2], scored, strict=True):
         k = {"a1": 1, "a2": 2}[sel.name]
-        ref = reference_combined_logprobs(tiny_llama, artifacts[sel.name], k, prompt, OPTS["alpha"], OPTS["filter"])
+        ref = reference_combined_logprobs(
+            tiny_llama, artifacts[sel.name], k, prompt, OPTS["alpha"], OPTS["filter"], tokenizer=tokenizer
+        )
         assert_scores_follow_reference(prompt, values, ref)
 
 
@@ -265,9 +273,9 @@ def test_unload_waits_for_in_flight(engine, tokenizer):
 
 
 def test_overhead_bench_runs_its_comparisons_end_to_end():
-    """bench/uld_overhead.py on a small random Llama with its four A/B comparisons (the repeat guard off, the
-    vocabulary-wide candidate search, no split of wide rows, no gate): every configuration runs and is reported (the
-    figures themselves are the bench's, not asserted here)."""
+    """bench/uld_overhead.py on a small random Llama with its five A/B comparisons (the repeat guard off, the
+    vocabulary-wide candidate search, no split of wide rows, no gate, no prefix guard): every configuration runs and
+    is reported (the figures themselves are the bench's, not asserted here)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -275,11 +283,12 @@ def test_overhead_bench_runs_its_comparisons_end_to_end():
     script = Path(__file__).resolve().parents[1] / "bench" / "uld_overhead.py"
     args = ["--layers", "2", "--hidden", "64", "--requests", "4", "--max-tokens", "6", "--rounds", "1"]
     proc = subprocess.run(
-        [sys.executable, str(script), *args, "--guard-ab", "--candidates-ab", "--split-ab", "--gate-ab"],
+        [sys.executable, str(script), *args, "--guard-ab", "--candidates-ab", "--split-ab", "--gate-ab"]
+        + ["--prefix-guard-ab"],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     for line in ("output tok/s  off", "repeat guard (n = 3) off: on", "vocabulary-wide candidate search: on",
-                 "no split of wide rows: on", "without the early-exit gate: on", "assistant served gated",
-                 "resident memory"):
+                 "no split of wide rows: on", "without the early-exit gate: on", "without the prefix guard: on",
+                 "assistant served gated", "prefix guard on", "resident memory"):
         assert line in proc.stdout, proc.stdout

@@ -173,6 +173,7 @@ def test_manifest_records_training(llama_run):
         "margin": 1.0,
         "floor": DEFAULT_FLOOR,
         "gate": None,  # trained against uniform: served ungated
+        "prefix_guard": True,
     }
     assert training["forget_ce_final"] == pytest.approx(llama_run["result"].forget_ce)
     assert training["retain_kl_final"] == pytest.approx(llama_run["result"].retain_kl)

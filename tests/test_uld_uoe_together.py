@@ -77,7 +77,9 @@ def test_uld_rows_on_moe_equal_two_model_reference(moe_engine, tokenizer):
     model, uld_dir = moe_engine.reference
     prompt = tokenizer.encode(PROMPTS[1])
     ids, logprobs = _run(moe_engine, tokenizer, [PROMPTS[1], PROMPTS[2]], [Selection("forget-uld", ULD_OPTS), None])[0]
-    ref = reference_combined_logprobs(model, uld_dir, 1, prompt + ids, ULD_OPTS["alpha"], ULD_OPTS["filter"])
+    ref = reference_combined_logprobs(
+        model, uld_dir, 1, prompt + ids, ULD_OPTS["alpha"], ULD_OPTS["filter"], tokenizer=tokenizer
+    )
     for step, (token, value) in enumerate(zip(ids, logprobs, strict=True)):
         row = ref[len(prompt) - 1 + step]
         assert token == int(row.argmax())

@@ -329,7 +329,7 @@ class ULDBackend(UnlearningBackend):
             assistant, early_logits = self.runner.candidate_logits(
                 torch.stack([assistant_hidden, early], 1), candidates
             ).unbind(1)
-        kwargs = self._combine_kwargs(settings)
+        kwargs = self.combine_kwargs(settings)
         return combine_candidate_values(
             target,
             assistant,
@@ -347,10 +347,12 @@ class ULDBackend(UnlearningBackend):
             assistant, early_logits = self.runner.logits(assistant_hidden), None
         else:  # one LM head matmul for both
             assistant, early_logits = self.runner.logits(torch.cat([assistant_hidden, early])).chunk(2)
-        kwargs = self._combine_kwargs(settings)
+        kwargs = self.combine_kwargs(settings)
         return combine_logits(target_logits, assistant, alpha, log_filter, early_exit_logits=early_logits, **kwargs)
 
-    def _combine_kwargs(self, settings: CombineSettings) -> dict[str, Any]:
+    def combine_kwargs(self, settings: CombineSettings) -> dict[str, Any]:
+        """`settings` as the combine functions' keyword arguments, with the tokenizer's prefixes where a row is
+        guarded."""
         kwargs = settings.kwargs()
         if settings.prefix_guard is not False:
             kwargs["prefixes"] = self.prefixes()
