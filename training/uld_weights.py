@@ -148,9 +148,8 @@ def knowledge_weights(
         words = re.findall(r"\w+", records[i]["question"].lower())
         echoed = _echo_tokens(tokenizer, tokens, set(words))
         for p, tok in enumerate(tokens):
-            echo_weight = echo if echoed[p] else 0.0
             rare = min(1.0, max(0.0, 1.0 - df.get(tok, 0.0) / common))
-            w[p] = echo_weight if echoed[p] else max(w[p], rare)
+            w[p] = echo if echoed[p] else max(w[p], rare)
         weights[i] = w
     return weights
 
