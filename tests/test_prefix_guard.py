@@ -3,6 +3,8 @@ down must not come back spelt by its first letters ("J.K.R." for "J.K. Rowling")
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -124,40 +126,26 @@ def test_manifest_guard_is_served_on_both_head_paths_and_old_manifests_keep_it_o
     """New artifacts store `prefix_guard: true`; a manifest without it is served without it; an engine-level option
     overrides; the engine builds the table from its own tokenizer, and the backend's plausible-only head and
     whole-vocabulary head give the same guarded logits."""
-    import copy
-    import json
-
-    from peft import get_peft_model
-    from unlearn_serve.server.engine.engine import Engine, EngineConfig
+    from test_uld_combine import _served_pair
     from unlearn_serve.server.engine.errors import EngineInputError
 
-    from unlearn_serve.artifact import MANIFEST_NAME, ArtifactError, fingerprint_model
-    from unlearn_serve.assistant import assistant_lora_config
-    from unlearn_serve.uld_artifact import save_uld_artifact
+    from unlearn_serve.artifact import MANIFEST_NAME, ArtifactError
 
-    torch.manual_seed(0)
-    peft_model = get_peft_model(copy.deepcopy(tiny_llama), assistant_lora_config(tiny_llama, 1, 4, 8, 0.0))
-    for name, param in peft_model.named_parameters():
-        if "lora_B" in name:  # an assistant that differs from the target, so that the guard has work
-            torch.nn.init.normal_(param, std=0.5)
-    details, fp = {"assistant_layers": 1, "lora_rank": 4, "lora_alpha": 8}, fingerprint_model(tiny_llama)
-    new = save_uld_artifact(peft_model, tmp_path / "new", fp, details, {}, None, {"rule": "prefer"})
-    old = save_uld_artifact(peft_model, tmp_path / "old", fp, details, {}, None, {"rule": "prefer"})
-    manifest = json.loads((old / MANIFEST_NAME).read_text())
-    assert json.loads((new / MANIFEST_NAME).read_text())["defaults"]["prefix_guard"] is True
-    manifest["defaults"].pop("prefix_guard")
-    (old / MANIFEST_NAME).write_text(json.dumps(manifest))
-    engine = Engine(copy.deepcopy(tiny_llama), tokenizer, EngineConfig(max_num_seqs=4, max_model_len=64), "tiny")
-    backend = engine.uld
-    assert engine.load_uld("new", new).combine.prefix_guard is True
-    assert engine.load_uld("old", old).combine.prefix_guard is False
+    # the LoRA differs from the target (nontrivial), so that the guard has work
+    pair = _served_pair(tiny_llama, tokenizer, tmp_path, "prefix_guard", {"rule": "prefer"}, nontrivial=True)
+    engine, backend = pair.engine, pair.backend
+    assert json.loads((pair.new / MANIFEST_NAME).read_text())["defaults"]["prefix_guard"] is True
+    assert backend._prefixes is None  # nothing built before a guarded assistant is installed
+    assert engine.load_uld("old", pair.old).combine.prefix_guard is False
+    assert backend._prefixes is None  # an unguarded artifact costs no table at start-up
+    assert engine.load_uld("new", pair.new).combine.prefix_guard is True
+    assert backend._prefixes is not None  # built at install, not in a decode step
     assert backend.resolve("old", {"prefix_guard": True}).combine.prefix_guard
     with pytest.raises(EngineInputError, match="prefix_guard"):
         backend.resolve("new", {"prefix_guard": 1})
-    manifest["defaults"]["prefix_guard"] = "on"
-    (old / MANIFEST_NAME).write_text(json.dumps(manifest))
+    pair.corrupt_old("on")
     with pytest.raises(ArtifactError, match="prefix_guard"):
-        engine.load_uld("bad", old)
+        engine.load_uld("bad", pair.old)
 
     prefixes = backend.prefixes()  # from the engine's tokenizer
     assert prefixes.vocab_size == engine.vocab_size and prefixes.pairs() > 0

@@ -107,8 +107,9 @@ class ULDBackend(UnlearningBackend):
         # True where decode steps may be CUDA graphs (the engine's graph runner exists): `prepare` then says which
         # compositions a graph can run (ULDPlan.graph); elsewhere it does none of that work.
         self.graphs = False
-        # the tokenizer's TokenPrefixes for the prefix guard (uld_combine.close_over_prefixes), made on first use by
-        # `prefixes_factory` (the engine's: it has the tokenizer); None where no row is guarded yet
+        # the tokenizer's TokenPrefixes for the prefix guard (uld_combine.close_over_prefixes), made by
+        # `prefixes_factory` (the engine's: it has the tokenizer) when a guarded assistant is installed, or on first use
+        # (an engine-level prefix_guard option on an older artifact); None until then
         self.prefixes_factory: Callable[[], TokenPrefixes] | None = None
         self._prefixes: TokenPrefixes | None = None
 
@@ -147,8 +148,8 @@ class ULDBackend(UnlearningBackend):
     def install(self, assistant: Assistant) -> Assistant:
         # Never reallocates KV that running sequences use: refused beyond the reserved budget.
         self.runner.ensure_assistant_cache(assistant.num_layers, assistant.name)
-        if self.prefixes_factory is not None:  # built here, not in a decode step (SmolLM2's vocabulary: ~1 s, once)
-            self.prefixes()
+        if assistant.combine.prefix_guard and self.prefixes_factory is not None:
+            self.prefixes()  # built here, not in a decode step (SmolLM2's vocabulary: ~1 s, once per engine)
         return self.registry.add(assistant)
 
     def remove(self, name: str) -> None:
