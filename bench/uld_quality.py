@@ -498,9 +498,11 @@ def evaluate(
     min_keep: int | None,
     settings: list[tuple[str | None, float | None, float | None, float | None]],
     no_repeat_substitution: int | None = None,
+    uld_options: dict[str, Any] | None = None,
 ):
     """One row per (rule, alpha, margin, filter) of `settings`; None = the artifact's default.
-    `no_repeat_substitution`: the repeat guard's n-gram size (EngineConfig's; None: its default)."""
+    `no_repeat_substitution`: the repeat guard's n-gram size (EngineConfig's; None: its default). `uld_options`:
+    engine-level combination options for every row (as `unlearn-serve eval --uld-options`)."""
     import importlib
 
     from unlearn_serve.server.engine.engine import Engine, EngineConfig
@@ -569,7 +571,7 @@ def evaluate(
         for rule, alpha, margin, filter_ in settings:
             options = ({} if alpha is None else {"alpha": alpha}) | ({} if rule is None else {"rule": rule})
             options |= ({} if margin is None else {"margin": margin}) | ({} if filter_ is None else {"filter": filter_})
-            sel = Selection("forget", options)
+            sel = Selection("forget", dict(uld_options or {}) | options)
             completions = served(sel)
             got = [c.text for c in completions]
             forget_answers = got[: 2 * nf]
@@ -689,6 +691,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--retrain", action="store_true", help="ignore cached assistants")
     parser.add_argument(
+        "--uld-options",
+        default="",
+        metavar="KEY=VALUE[,KEY=VALUE]",
+        help="serve every row with these combination options instead of the manifest's (e.g. finish_words=true)",
+    )
+    parser.add_argument(
         "--artifact",
         type=Path,
         help="score this trained assistant (e.g. the demo's) instead of training one; one model, one variant",
@@ -723,6 +731,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(f"--set {exc}")
     label = "".join(f" {k}={v}" for k, v in overrides.items())
+    uld_options: dict[str, Any] = {}
+    if args.uld_options:
+        from unlearn_serve.evaluation.runner import options_label, parse_uld_options
+
+        try:
+            uld_options = parse_uld_options([args.uld_options])[0]
+        except ValueError as exc:
+            parser.error(f"--uld-options {exc}")
+        label += " " + options_label(uld_options)
 
     import torch
 
@@ -788,6 +805,7 @@ def main(argv: list[str] | None = None) -> int:
                 VARIANTS[variant]["min_keep"],
                 settings,
                 no_repeat_substitution=args.no_repeat_substitution,
+                uld_options=uld_options,
             )
             for r in rows:
                 r.update(model=suite.name, variant=variant + label, train_s=seconds, checks=args.checks, base=variant)

@@ -612,7 +612,8 @@ def test_combine_settings_of_rows_are_python_values_when_rows_agree_and_tensors_
     mixed = CombineSettings.of_rows([served, legacy], [0.0, 0.01], "cpu")
     assert mixed.prefer.tolist() == [True, False] and mixed.refilter.tolist() == [True, False]
     assert mixed.margin.tolist() == [1.0, 0.0] and mixed.floor.tolist() == [10.0, float("inf")]
-    expected = {"prefer": True, "refilter": False, "margin": 0.0, "floor": None, "gate": False, "prefix_guard": False}
+    expected = {"prefer": True, "refilter": False, "margin": 0.0, "floor": None, "gate": False, "prefix_guard": False,
+                "finish_words": False}
     assert CombineSettings(prefer=True).kwargs() == expected
     for key, bad in (("rule", "sideways"), ("refilter", 1), ("margin", -1), ("floor", float("inf"))):
         with pytest.raises(CombineOptionError) as caught:

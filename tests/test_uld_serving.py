@@ -64,8 +64,8 @@ OPTS = {"alpha": 0.75, "filter": 1e-4}
 
 def reference_combined_logprobs(base, artifact_dir, num_layers, ids, alpha, filt, use_lora=True, tokenizer=None):
     """Two separate models: the target's full forward, and a peft assistant truncated after K layers; with the
-    manifest's gate, the same assistant with its adapter disabled is the early exit; with its prefix guard, the
-    prefixes of `tokenizer`'s vocabulary."""
+    manifest's gate, the same assistant with its adapter disabled is the early exit; with its prefix guard (or
+    finish_words), the prefixes of `tokenizer`'s vocabulary."""
     ids_t = torch.tensor([ids])
     defaults = load_manifest(artifact_dir).defaults  # the artifact's own refilter, margin, gate (new ones: on, 1)
     early = None
@@ -75,7 +75,7 @@ def reference_combined_logprobs(base, artifact_dir, num_layers, ids, alpha, filt
         with peft_model.disable_adapter():
             no_lora = assistant_logits(peft_model, ids_t, None, num_layers)[0]
         assistant = assistant_logits(peft_model, ids_t, None, num_layers)[0] if use_lora else no_lora
-        if defaults.get("gate") is not None:
+        if defaults.get("gate") is not None or defaults.get("finish_words"):
             early = no_lora
     log_filter = torch.full((len(ids),), math.log(filt))
     combined = combine_logits(
@@ -85,10 +85,12 @@ def reference_combined_logprobs(base, artifact_dir, num_layers, ids, alpha, filt
         log_filter,
         refilter=defaults.get("refilter", False),
         margin=defaults.get("margin", 0.0),
-        gate=early is not None,
+        gate=defaults.get("gate") is not None,
         early_exit_logits=early,
         prefix_guard=bool(defaults.get("prefix_guard", False)),
         prefixes=TokenPrefixes.from_tokenizer(tokenizer, target.shape[-1]) if tokenizer is not None else None,
+        finish_words=bool(defaults.get("finish_words", False)),
+        previous_ids=torch.tensor(ids),  # row i's logits follow token ids[i]
     )
     return combined.log_softmax(-1)
 

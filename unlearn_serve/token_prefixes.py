@@ -9,6 +9,12 @@ candidate that candidate's penalty too.
 "Begins": the token's text without leading whitespace, case-folded, is a non-empty prefix of (or equal to) the other
 token's, and both start with a letter or digit (so "." never inherits from "..."). Computed once per tokenizer from
 its decoded vocabulary: SmolLM2's 49,152 tokens take about a second.
+
+Word pieces (the `finish_words` option, uld_combine.py `finish_words`): per token, whether its text *starts* inside a
+word (its first character is a letter or digit: no leading space or punctuation, so it continues a word when it follows
+a letter) and whether it *ends* inside one (its last character is a letter or digit). Read from each token's surface
+text, the leading space included (sentencepiece tokenizers drop it when a token is decoded alone, so the text is the
+token decoded after a letter, minus that letter).
 """
 
 from __future__ import annotations
@@ -26,15 +32,33 @@ def normalized_text(text: str) -> str:
     return norm if norm[:1].isalnum() else ""
 
 
+_ANCHOR = "a"
+
+
+def surface_text(tokenizer: Any, token_id: int) -> str:
+    """Token `token_id`'s text as it reads inside a text, its leading space kept: decoded after a letter token, that
+    letter's text removed (a sentencepiece tokenizer decodes "▁Hugo" alone as "Hugo"). Falls back to the token decoded
+    alone when the tokenizer has no single-letter token."""
+    anchor = tokenizer.convert_tokens_to_ids(_ANCHOR)
+    if not isinstance(anchor, int) or anchor == getattr(tokenizer, "unk_token_id", None):
+        return tokenizer.decode([token_id])
+    head = tokenizer.decode([anchor])
+    both = tokenizer.decode([anchor, token_id])
+    return both[len(head) :] if both.startswith(head) else tokenizer.decode([token_id])
+
+
 @dataclass(frozen=True)
 class TokenPrefixes:
     """`pair_keys`: sorted int64 keys `prefix_id * vocab_size + token_id`, one per pair where the first token's text
     begins the second's (different ids); `table`: [vocab_size, L] each token's prefix tokens, padded with
-    `vocab_size` (a column that is dropped)."""
+    `vocab_size` (a column that is dropped). `starts_in_word` / `ends_in_word`: [vocab_size] bool, the token's surface
+    text begins / ends with a letter or digit (module docstring); all False where the texts were not given."""
 
     vocab_size: int
     pair_keys: torch.Tensor
     table: torch.Tensor
+    starts_in_word: torch.Tensor | None = None
+    ends_in_word: torch.Tensor | None = None
 
     @classmethod
     def from_texts(cls, texts: list[str], vocab_size: int | None = None) -> TokenPrefixes:
@@ -60,7 +84,10 @@ class TokenPrefixes:
                 table[token, : len(prefixes)] = torch.tensor(prefixes, dtype=torch.long)
                 keys.extend(p * size + token for p in prefixes)
         pair_keys = torch.tensor(sorted(keys), dtype=torch.long) if keys else torch.full((1,), -1, dtype=torch.long)
-        return cls(size, pair_keys, table)
+        surface = list(texts[:size]) + [""] * (size - len(texts[:size]))
+        starts = torch.tensor([t[:1].isalnum() for t in surface], dtype=torch.bool)
+        ends = torch.tensor([t[-1:].isalnum() for t in surface], dtype=torch.bool)
+        return cls(size, pair_keys, table, starts, ends)
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, vocab_size: int) -> TokenPrefixes:
@@ -68,11 +95,20 @@ class TokenPrefixes:
         tokenizer's. Special tokens never take part."""
         special = set(getattr(tokenizer, "all_special_ids", []) or [])
         n = min(len(tokenizer), int(vocab_size))
-        texts = ["" if i in special else tokenizer.decode([i]) for i in range(n)]
+        texts = ["" if i in special else surface_text(tokenizer, i) for i in range(n)]
         return cls.from_texts(texts + [""] * (int(vocab_size) - n), vocab_size)
 
     def to(self, device: torch.device | str) -> TokenPrefixes:
-        return TokenPrefixes(self.vocab_size, self.pair_keys.to(device), self.table.to(device))
+        def move(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.to(device)
+
+        return TokenPrefixes(
+            self.vocab_size,
+            self.pair_keys.to(device),
+            self.table.to(device),
+            move(self.starts_in_word),
+            move(self.ends_in_word),
+        )
 
     def pairs(self) -> int:
         return int((self.pair_keys >= 0).sum())

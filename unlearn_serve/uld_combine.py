@@ -77,6 +77,15 @@ candidate's text (token_prefixes.py) takes that penalty too (`close_over_prefixe
 its first letters instead. On candidate columns a sorted-key lookup per (candidate, candidate) pair; on the whole
 vocabulary the PREFIX_GUARD_TOP most penalised candidates pass theirs on through a per-token prefix table.
 
+Finishing words (`finish_words`, manifest `defaults.finish_words`; `finish_begun_words`). Where the row's last token
+ends inside a word (its text ends with a letter or digit), a candidate that continues that word (its text starts with
+a letter or digit, no space) takes no penalty unless the LoRA learnt it (the assistant prefers it by more than its
+early exit does, the gate's test): a word begun under the unlearning is finished as the target would finish it. A
+K-layer assistant knows how words end ("Victor Hu" -> "go") in any context, and where it was never made flat (general
+knowledge outside the retain set) subtracting that broke the words of retain answers ("Victor Hual Oracade", "Leo
+Tolster": TOFU full's real-author and world-fact answers, docs/benchmarks.md). An ending the LoRA learnt (" Hog" +
+"warts", a fact spelt in pieces by a small vocabulary) keeps its penalty. Needs the early exit's logits, as the gate.
+
 A rule (and refilter) is passed as a bool (the same for every row) or a [R] bool tensor (True = `prefer` /
 refilter on), so a batch mixing them needs no host sync and no loop over rows.
 """
@@ -110,6 +119,8 @@ ULD_GATES = ("early_exit",)
 # penalised candidates pass their penalty on to the tokens that begin them (`close_over_prefixes`)
 DEFAULT_PREFIX_GUARD = True
 PREFIX_GUARD_TOP = 8
+# new artifacts (manifest defaults `finish_words`); older manifests: off
+DEFAULT_FINISH_WORDS = False
 
 
 def is_floor(value: object) -> bool:
@@ -266,7 +277,7 @@ def assistant_penalty(
             penalty = torch.where(prefer[:, None], penalty, a)
     if gate is False or early_exit is None:
         return penalty
-    learnt = _preferred(a - early_exit.float(), keep, margin) > 0
+    learnt = learnt_preference(a, early_exit, keep, margin)
     if gate is not True:
         learnt |= ~gate[:, None]
     return penalty * learnt
@@ -328,6 +339,62 @@ def close_over_prefixes(
     return closed
 
 
+def finish_begun_words(
+    penalty: torch.Tensor,
+    prefixes: TokenPrefixes,
+    previous_ids: torch.Tensor,
+    token_ids: torch.Tensor | None = None,
+    finish: bool | torch.Tensor = True,
+    learnt: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`penalty` [R, N] with 0 for every candidate that continues a word the row's last token (`previous_ids` [R])
+    ended inside of (module docstring), except where `learnt` [R, N] (the LoRA's own preference) is True. `token_ids`
+    [R, N]: the columns' ids (None: the whole vocabulary). `finish`: a bool for every row or [R] (False rows
+    unchanged). Tensor-only."""
+    if finish is False:
+        return penalty
+    if prefixes.starts_in_word is None or prefixes.ends_in_word is None:
+        raise ValueError("finish_words needs the tokens' word pieces (TokenPrefixes.from_tokenizer)")
+    inside = prefixes.ends_in_word[previous_ids]
+    if finish is not True:
+        inside = inside & finish
+    if token_ids is None:
+        continues = prefixes.starts_in_word[None, : penalty.shape[-1]]
+    else:
+        continues = prefixes.starts_in_word[token_ids]
+    exempt = inside[:, None] & continues
+    if learnt is not None:
+        exempt &= ~learnt
+    return penalty.masked_fill(exempt, 0.0)
+
+
+def learnt_preference(
+    assistant: torch.Tensor, early_exit: torch.Tensor, keep: torch.Tensor, margin: float | torch.Tensor
+) -> torch.Tensor:
+    """[R, N] bool: the assistant prefers the candidate by more than `margin` over what its early exit (the same K
+    layers without the LoRA) prefers: what the LoRA learnt (the gate's test)."""
+    return _preferred(assistant.float() - early_exit.float(), keep, margin) > 0
+
+
+def _finished(
+    penalty: torch.Tensor,
+    finish: bool | torch.Tensor,
+    prefixes: TokenPrefixes | None,
+    previous_ids: torch.Tensor | None,
+    token_ids: torch.Tensor | None,
+    assistant: torch.Tensor,
+    early_exit: torch.Tensor | None,
+    keep: torch.Tensor,
+    margin: float | torch.Tensor,
+) -> torch.Tensor:
+    if finish is False:
+        return penalty
+    if prefixes is None or previous_ids is None or early_exit is None:
+        raise ValueError("finish_words needs the tokenizer's prefixes, each row's previous token and the early exit")
+    learnt = learnt_preference(assistant, early_exit, keep, margin)
+    return finish_begun_words(penalty, prefixes, previous_ids, token_ids, finish, learnt)
+
+
 def floor_combined(
     combined: torch.Tensor,
     target: torch.Tensor,
@@ -377,7 +444,8 @@ def refilter_combined(
 
 
 class CombineOptionError(ValueError):
-    """A combination option with a bad value; `key` names it (rule, refilter, margin, floor, gate, prefix_guard)."""
+    """A combination option with a bad value; `key` names it (rule, refilter, margin, floor, gate, prefix_guard,
+    finish_words)."""
 
     def __init__(self, key: str, message: str):
         super().__init__(message)
@@ -395,9 +463,11 @@ class CombineOptions:
     floor: float | None = None  # None: off
     gate: str | None = None  # None: off; "early_exit" (ULD_GATES)
     prefix_guard: bool = False  # `prefer` only: candidates that begin a penalised one's text share its penalty
+    finish_words: bool = False  # a word begun is finished without penalty (module docstring)
 
     def updated(self, values: Mapping[str, Any]) -> CombineOptions:
-        """These options with those `values` names (rule, refilter, margin, floor, gate, prefix_guard) replaced, each
+        """These options with those `values` names (rule, refilter, margin, floor, gate, prefix_guard, finish_words)
+        replaced, each
         checked: a bad one raises CombineOptionError naming it. Other keys are ignored."""
         rule, refilter = values.get("rule", self.rule), values.get("refilter", self.refilter)
         margin, floor = values.get("margin", self.margin), values.get("floor", self.floor)
@@ -405,6 +475,7 @@ class CombineOptions:
         # with it is an error)
         gate = values.get("gate", self.gate if rule == "prefer" else None)
         prefix_guard = values.get("prefix_guard", self.prefix_guard)
+        finish = values.get("finish_words", self.finish_words)
         if rule not in ULD_RULES:
             raise CombineOptionError("rule", f"must be one of: {', '.join(ULD_RULES)} (got {rule!r})")
         if not isinstance(refilter, bool):
@@ -419,8 +490,10 @@ class CombineOptions:
             raise CombineOptionError("gate", f"needs the prefer rule (got rule {rule!r})")
         if not isinstance(prefix_guard, bool):
             raise CombineOptionError("prefix_guard", f"must be true or false (got {prefix_guard!r})")
+        if not isinstance(finish, bool):
+            raise CombineOptionError("finish_words", f"must be true or false (got {finish!r})")
         floor = None if floor is None else float(floor)
-        return CombineOptions(rule, refilter, float(margin), floor, gate, prefix_guard)
+        return CombineOptions(rule, refilter, float(margin), floor, gate, prefix_guard, finish)
 
     def served_floor(self, filter_value: float) -> float | None:
         """The floor a row needs, or None where it cannot change the output: off, `difference`, or the refilter on
@@ -445,6 +518,7 @@ class CombineSettings:
     floor: float | torch.Tensor | None = None
     gate: bool | torch.Tensor = False
     prefix_guard: bool | torch.Tensor = False  # True = the prefix guard (`prefer` rows only)
+    finish_words: bool | torch.Tensor = False  # True = words begun are finished without penalty
 
     @classmethod
     def of_rows(
@@ -465,6 +539,7 @@ class CombineSettings:
             else per_row([math.inf if f is None else f for f in floors], torch.float32),
             per_row([o.gate is not None for o in rows], torch.bool),
             per_row([o.prefix_guard and o.rule == "prefer" for o in rows], torch.bool),
+            per_row([o.finish_words for o in rows], torch.bool),
         )
 
     def rows(self, index: torch.Tensor) -> CombineSettings:
@@ -480,6 +555,7 @@ class CombineSettings:
             pick(self.floor),
             pick(self.gate),
             pick(self.prefix_guard),
+            pick(self.finish_words),
         )
 
     @property
@@ -496,7 +572,19 @@ class CombineSettings:
             "floor": self.floor,
             "gate": self.gate,
             "prefix_guard": self.prefix_guard,
+            "finish_words": self.finish_words,
         }
+
+    @property
+    def needs_early_exit(self) -> bool:
+        """Whether the step needs the early exits: a gated row, or one that finishes words (both read what the LoRA
+        learnt)."""
+        return self.gate is not False or self.finish_words is not False
+
+    @property
+    def needs_previous_ids(self) -> bool:
+        """Whether any row finishes words (the combination then needs each row's previous token)."""
+        return self.finish_words is not False
 
 
 def combine_logits(
@@ -514,17 +602,23 @@ def combine_logits(
     early_exit_logits: torch.Tensor | None = None,
     prefix_guard: bool | torch.Tensor = False,
     prefixes: TokenPrefixes | None = None,
+    finish_words: bool | torch.Tensor = False,
+    previous_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ULD's combination for [R, V] rows: target - alpha * penalty on the candidate set, -inf elsewhere.
 
     Implausible tokens get -inf, so subtracting the assistant never promotes them; with `refilter`, the
     candidates the subtraction demoted below the winner or pushed below max + ln(filter) get -inf too
     (`refilter_combined`). Gated rows (`gate`) need the target's `early_exit_logits` [R, V]; guarded rows
-    (`prefix_guard`) the tokenizer's `prefixes`.
+    (`prefix_guard`) the tokenizer's `prefixes`; rows that finish words (`finish_words`) the prefixes and each row's
+    `previous_ids` [R] (the token the row's logits follow) and the `early_exit_logits`.
     """
     keep = plausible_mask(target_logits, log_filter, min_keep)
     penalty = assistant_penalty(assistant_logits, keep, prefer, margin, early_exit_logits, gate)
     penalty = _guarded(penalty, keep, prefix_guard, prefixes, None)
+    penalty = _finished(
+        penalty, finish_words, prefixes, previous_ids, None, assistant_logits, early_exit_logits, keep, margin
+    )
     combined = target_logits.float() - alpha[:, None] * penalty
     combined = floor_combined(combined, target_logits, penalty, keep, floor, prefer)
     return refilter_combined(combined.masked_fill(~keep, float("-inf")), target_logits, log_filter, refilter)
@@ -569,17 +663,31 @@ def combine_candidate_values(
     prefix_guard: bool | torch.Tensor = False,
     prefixes: TokenPrefixes | None = None,
     token_ids: torch.Tensor | None = None,
+    finish_words: bool | torch.Tensor = False,
+    previous_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The combined logits on [R, M] candidate columns only (`combine_on_candidates` without the scatter back to the
     vocabulary): target's and assistant's logits on them, `kept` [R, M] which of them are the row's candidates (the
     others end at -inf). `refilter` needs the rows' `log_filter` (the same as `plausible_mask`'s); gated rows need
     the early exit's logits on the same columns; guarded rows (`prefix_guard`) the `prefixes` and the columns'
-    `token_ids` [R, M]."""
+    `token_ids` [R, M]; rows that finish words the prefixes, the `token_ids`, each row's `previous_ids` [R] and
+    the early exit's logits."""
     on_candidates = target_candidate_logits.float()
     penalty = assistant_penalty(assistant_candidate_logits, kept, prefer, margin, early_exit_logits, gate)
-    if prefix_guard is not False and token_ids is None:
-        raise ValueError("the prefix guard needs the candidates' token ids")
+    if (prefix_guard is not False or finish_words is not False) and token_ids is None:
+        raise ValueError("the prefix guard and finish_words need the candidates' token ids")
     penalty = _guarded(penalty, kept, prefix_guard, prefixes, token_ids)
+    penalty = _finished(
+        penalty,
+        finish_words,
+        prefixes,
+        previous_ids,
+        token_ids,
+        assistant_candidate_logits,
+        early_exit_logits,
+        kept,
+        margin,
+    )
     values = on_candidates - alpha[:, None] * penalty
     values = floor_combined(values, on_candidates, penalty, kept, floor, prefer)
     values = values.masked_fill(~kept, float("-inf"))

@@ -87,6 +87,11 @@ class ULDPlan:
     settings: CombineSettings = field(default_factory=CombineSettings)  # rule, refilter, margin, floor of the rows
     every_row: bool = False  # logit_rows is every logits row, in order (all unlearned): no row gather or scatter
     graph: ULDGraphInputs | None = None  # decode: the step may be a CUDA graph replay (None: it must run eagerly)
+    # rows that finish words (settings.finish_words): the forward batch whose input ids hold each logit row's previous
+    # token, at (token_rows, hidden_pos): read when the logits are processed (a decode step's ids are chained on the
+    # device), None when no row needs them
+    inputs: Any = None
+    token_rows: torch.Tensor | None = None
 
 
 def log_filter(filters: torch.Tensor) -> torch.Tensor:
@@ -148,7 +153,7 @@ class ULDBackend(UnlearningBackend):
     def install(self, assistant: Assistant) -> Assistant:
         # Never reallocates KV that running sequences use: refused beyond the reserved budget.
         self.runner.ensure_assistant_cache(assistant.num_layers, assistant.name)
-        if assistant.combine.prefix_guard and self.prefixes_factory is not None:
+        if (assistant.combine.prefix_guard or assistant.combine.finish_words) and self.prefixes_factory is not None:
             self.prefixes()  # built here, not in a decode step (SmolLM2's vocabulary: ~1 s, once per engine)
         return self.registry.add(assistant)
 
@@ -192,7 +197,7 @@ class ULDBackend(UnlearningBackend):
             return torch.tensor(values, device=dev, dtype=dtype)
 
         settings = CombineSettings.of_rows(combine, filt, dev)
-        if settings.any_gate:  # each assistant row's early exit is its target row's hidden state
+        if settings.needs_early_exit:  # each assistant row's early exit is its target row's hidden state
             batch.early_exit_source = t(rows.assistant_source())
 
         graph = None
@@ -208,6 +213,7 @@ class ULDBackend(UnlearningBackend):
                 mask = adapter_columns_mask(layout, t(slots), self.runner.dtype)
             graph = ULDGraphInputs(next(iter(by_k)), mask, layout.version, batch.early_exit_source)
 
+        finishing = settings.needs_previous_ids  # the assistant rows' input ids are their target rows' tokens
         return ULDPlan(
             t(logit_rows),
             t(hidden_rows),
@@ -217,6 +223,8 @@ class ULDBackend(UnlearningBackend):
             settings,
             every_row=logit_rows == list(range(len(rows.logit_rows))),
             graph=graph,
+            inputs=batch if finishing else None,
+            token_rows=t([n_target + r for r in hidden_rows]) if finishing else None,
         )
 
     def process_logits(
@@ -227,14 +235,17 @@ class ULDBackend(UnlearningBackend):
             return logits
         hidden = assistant_hidden[plan.hidden_rows, plan.hidden_pos]
         early = None
-        if plan.settings.any_gate:  # `prepare` asked the forward for the early exits
+        if plan.settings.needs_early_exit:  # `prepare` asked the forward for the early exits
             if early_exit_hidden is None:
                 raise ValueError("a gated ULD row needs the early exits (ForwardBatch.early_exit_source)")
             early = early_exit_hidden[plan.hidden_rows, plan.hidden_pos]
+        previous = None
+        if plan.inputs is not None:
+            previous = plan.inputs.input_ids[plan.token_rows, plan.hidden_pos]
         rows, every_row = plan.logit_rows, plan.every_row
         target = logits if every_row else logits.index_select(0, rows)
         # every part is computed before the first write: `target` may be `logits` itself
-        parts = self._combined(target, hidden, plan.alpha, plan.log_filter, plan.settings, early)
+        parts = self._combined(target, hidden, plan.alpha, plan.log_filter, plan.settings, early, previous)
         for part_rows, candidates, values in parts:
             values = values.to(logits.dtype)
             if part_rows is None and every_row:  # the usual case: no row gather or scatter
@@ -259,12 +270,15 @@ class ULDBackend(UnlearningBackend):
         log_filter: torch.Tensor,
         settings: CombineSettings,
         early_exit_hidden: torch.Tensor | None = None,
+        previous_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """ULD logits for [S] unlearned rows: target - alpha * penalty(assistant) on the target's plausible tokens,
         combined as `settings` say (rule, margin, floor, refilter, gate: uld_combine.py), as a new [S, V] tensor.
-        Gated rows need the early exit's [S, H] hidden states."""
+        Gated rows need the early exit's [S, H] hidden states; rows that finish words their `previous_ids` [S]."""
         out = torch.full_like(target_logits.float(), float("-inf"))
-        parts = self._combined(target_logits, assistant_hidden, alpha, log_filter, settings, early_exit_hidden)
+        parts = self._combined(
+            target_logits, assistant_hidden, alpha, log_filter, settings, early_exit_hidden, previous_ids
+        )
         for part_rows, candidates, values in parts:
             dest = torch.arange(out.shape[0], device=out.device) if part_rows is None else part_rows
             if candidates is None:
@@ -281,6 +295,7 @@ class ULDBackend(UnlearningBackend):
         log_filter: torch.Tensor,
         settings: CombineSettings,
         early_exit_hidden: torch.Tensor | None = None,
+        previous_ids: torch.Tensor | None = None,
     ) -> list[tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]]:
         """`combine`'s values in one or two parts (part rows, candidates, values): rows None = all S rows; candidates
         [s, M] token ids with values their [s, M] combined logits (every other token is -inf), or None with values
@@ -292,8 +307,9 @@ class ULDBackend(UnlearningBackend):
         blocks of the vocabulary (a flat distribution), are a second part, so that one such row does not send the batch
         to the whole vocabulary (random prompts: most decode steps of SmolLM2's overhead bench had one): a few of them
         get the head on their own candidates (as many head rows in all as the first part may use), more take the whole
-        vocabulary. Gated rows (`settings.gate`) score the early exit's `early_exit_hidden` on the same columns."""
-        every_row = (target_logits, assistant_hidden, alpha, log_filter, settings, early_exit_hidden)
+        vocabulary. Gated rows (`settings.gate`) score the early exit's `early_exit_hidden` on the same columns; rows
+        that finish words (`settings.finish_words`) need `previous_ids`."""
+        every_row = (target_logits, assistant_hidden, alpha, log_filter, settings, early_exit_hidden, previous_ids)
         found = None
         if not self.sync_free and self.runner.candidate_logits_supported:
             found = split_plausible_candidates(target_logits, log_filter, ULD_MAX_CANDIDATES)
@@ -315,15 +331,15 @@ class ULDBackend(UnlearningBackend):
 
     def _on_candidates(self, found: CandidateSplit, args: tuple) -> torch.Tensor:
         """[s, M] combined logits of the rows `found` keeps, on the plausible-only head: `args` are `_combined`'s
-        (target logits, assistant hidden, alpha, log filter, settings, early exit hidden) for the rows `found`
-        indexes."""
-        target_logits, assistant_hidden, alpha, log_filter, settings, early = args
+        (target logits, assistant hidden, alpha, log filter, settings, early exit hidden, previous ids) for the rows
+        `found` indexes."""
+        target_logits, assistant_hidden, alpha, log_filter, settings, early, previous = args
         candidates, rows = found.token_ids, found.rows
         if rows is None:
             target = target_logits.gather(-1, candidates)
         else:
             target = target_logits[rows[:, None], candidates]  # [s, M] only: no copy of the rows' logits
-            assistant_hidden, alpha, log_filter, settings, early = _row_args(rows, *args[1:])
+            assistant_hidden, alpha, log_filter, settings, early, previous = _row_args(rows, *args[1:])
         if early is None:
             assistant, early_logits = self.runner.candidate_logits(assistant_hidden, candidates), None
         else:  # both on the same candidates: the head's rows gathered once
@@ -339,29 +355,40 @@ class ULDBackend(UnlearningBackend):
             log_filter=log_filter,
             early_exit_logits=early_logits,
             token_ids=candidates,
+            previous_ids=previous,
             **kwargs,
         )
 
-    def _on_vocabulary(self, target_logits, assistant_hidden, alpha, log_filter, settings, early) -> torch.Tensor:
+    def _on_vocabulary(
+        self, target_logits, assistant_hidden, alpha, log_filter, settings, early, previous=None
+    ) -> torch.Tensor:
         """The whole-vocabulary combination: the assistant's head (and the early exit's) on every token."""
         if early is None:
             assistant, early_logits = self.runner.logits(assistant_hidden), None
         else:  # one LM head matmul for both
             assistant, early_logits = self.runner.logits(torch.cat([assistant_hidden, early])).chunk(2)
         kwargs = self.combine_kwargs(settings)
-        return combine_logits(target_logits, assistant, alpha, log_filter, early_exit_logits=early_logits, **kwargs)
+        return combine_logits(
+            target_logits, assistant, alpha, log_filter, early_exit_logits=early_logits, previous_ids=previous, **kwargs
+        )
 
     def combine_kwargs(self, settings: CombineSettings) -> dict[str, Any]:
         """`settings` as the combine functions' keyword arguments, with the tokenizer's prefixes where a row is
-        guarded."""
+        guarded or finishes words."""
         kwargs = settings.kwargs()
-        if settings.prefix_guard is not False:
+        if settings.prefix_guard is not False or settings.finish_words is not False:
             kwargs["prefixes"] = self.prefixes()
         return kwargs
 
 
 def _row_args(
-    rows: torch.Tensor, assistant_hidden, alpha, log_filter, settings: CombineSettings, early_exit_hidden
+    rows: torch.Tensor,
+    assistant_hidden,
+    alpha,
+    log_filter,
+    settings: CombineSettings,
+    early_exit_hidden,
+    previous_ids=None,
 ) -> tuple:
     """`_combined`'s per-row arguments after the target logits, for `rows` only."""
     return (
@@ -370,6 +397,7 @@ def _row_args(
         log_filter.index_select(0, rows),
         settings.rows(rows),
         None if early_exit_hidden is None else early_exit_hidden.index_select(0, rows),
+        None if previous_ids is None else previous_ids.index_select(0, rows),
     )
 
 
