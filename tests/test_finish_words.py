@@ -116,7 +116,7 @@ def test_a_word_begun_is_finished_without_penalty_on_both_paths():
 
 
 def test_options_validate_finish_words_and_settings_carry_it_per_row():
-    opts = CombineOptions().updated(FINISH)
+    opts = CombineOptions(rule="prefer").updated(FINISH)
     assert opts.finish_words is True and CombineOptions().finish_words is False
     with pytest.raises(CombineOptionError) as caught:
         CombineOptions().updated({"finish_words": "yes"})
@@ -134,6 +134,8 @@ def test_options_validate_finish_words_and_settings_carry_it_per_row():
             previous_ids=previous,
         )
     assert CombineSettings.of_rows([opts], [0.01], "cpu").needs_early_exit
+    # the `difference` rule subtracts the whole logit vector: nothing to exempt there
+    assert not CombineSettings.of_rows([opts.updated({"rule": "difference"})], [0.01], "cpu").needs_early_exit
 
 
 @pytest.fixture(scope="module")

@@ -35,16 +35,24 @@ def normalized_text(text: str) -> str:
 _ANCHOR = "a"
 
 
-def surface_text(tokenizer: Any, token_id: int) -> str:
-    """Token `token_id`'s text as it reads inside a text, its leading space kept: decoded after a letter token, that
-    letter's text removed (a sentencepiece tokenizer decodes "▁Hugo" alone as "Hugo"). Falls back to the token decoded
-    alone when the tokenizer has no single-letter token."""
+def surface_texts(tokenizer: Any, token_ids: range | list[int]) -> list[str]:
+    """Each token's text as it reads inside a text, its leading space kept: decoded after a letter token, that
+    letter's text removed (a sentencepiece tokenizer decodes "▁Hugo" alone as "Hugo"). A tokenizer without a
+    single-letter token: each token decoded alone."""
     anchor = tokenizer.convert_tokens_to_ids(_ANCHOR)
     if not isinstance(anchor, int) or anchor == getattr(tokenizer, "unk_token_id", None):
-        return tokenizer.decode([token_id])
+        return [tokenizer.decode([i]) for i in token_ids]
     head = tokenizer.decode([anchor])
-    both = tokenizer.decode([anchor, token_id])
-    return both[len(head) :] if both.startswith(head) else tokenizer.decode([token_id])
+    texts = []
+    for i in token_ids:
+        both = tokenizer.decode([anchor, i])
+        texts.append(both[len(head) :] if both.startswith(head) else tokenizer.decode([i]))
+    return texts
+
+
+def surface_text(tokenizer: Any, token_id: int) -> str:
+    """One token's `surface_texts`."""
+    return surface_texts(tokenizer, [token_id])[0]
 
 
 @dataclass(frozen=True)
@@ -95,7 +103,7 @@ class TokenPrefixes:
         tokenizer's. Special tokens never take part."""
         special = set(getattr(tokenizer, "all_special_ids", []) or [])
         n = min(len(tokenizer), int(vocab_size))
-        texts = ["" if i in special else surface_text(tokenizer, i) for i in range(n)]
+        texts = ["" if i in special else t for i, t in zip(range(n), surface_texts(tokenizer, range(n)), strict=True)]
         return cls.from_texts(texts + [""] * (int(vocab_size) - n), vocab_size)
 
     def to(self, device: torch.device | str) -> TokenPrefixes:

@@ -463,7 +463,7 @@ class CombineOptions:
     floor: float | None = None  # None: off
     gate: str | None = None  # None: off; "early_exit" (ULD_GATES)
     prefix_guard: bool = False  # `prefer` only: candidates that begin a penalised one's text share its penalty
-    finish_words: bool = False  # a word begun is finished without penalty (module docstring)
+    finish_words: bool = False  # `prefer` only: a word begun is finished without penalty (module docstring)
 
     def updated(self, values: Mapping[str, Any]) -> CombineOptions:
         """These options with those `values` names (rule, refilter, margin, floor, gate, prefix_guard, finish_words)
@@ -518,7 +518,7 @@ class CombineSettings:
     floor: float | torch.Tensor | None = None
     gate: bool | torch.Tensor = False
     prefix_guard: bool | torch.Tensor = False  # True = the prefix guard (`prefer` rows only)
-    finish_words: bool | torch.Tensor = False  # True = words begun are finished without penalty
+    finish_words: bool | torch.Tensor = False  # True = words begun are finished without penalty (`prefer` rows only)
 
     @classmethod
     def of_rows(
@@ -539,7 +539,7 @@ class CombineSettings:
             else per_row([math.inf if f is None else f for f in floors], torch.float32),
             per_row([o.gate is not None for o in rows], torch.bool),
             per_row([o.prefix_guard and o.rule == "prefer" for o in rows], torch.bool),
-            per_row([o.finish_words for o in rows], torch.bool),
+            per_row([o.finish_words and o.rule == "prefer" for o in rows], torch.bool),
         )
 
     def rows(self, index: torch.Tensor) -> CombineSettings:
