@@ -9,7 +9,6 @@ import torch
 from test_uld_serving import (
     OPTS,
     assert_follows_reference,
-    assert_scores_follow_reference,
     make_random_assistant,
     reference_combined_logprobs,
 )
@@ -140,49 +139,64 @@ def test_options_validate_finish_words_and_settings_carry_it_per_row():
 
 @pytest.fixture(scope="module")
 def finishing_artifacts(tiny_llama, tmp_path_factory):
+    """The same weights with and without the option; the LoRA adds nothing (B = 0), so the assistant is its early exit:
+    nothing is learnt, and every word ending the crude K-layer LM predicts is exempt where a generated word goes on."""
+    from safetensors.torch import load_file, save_file
+
     root = tmp_path_factory.mktemp("finish")
-    return {
-        "f1": make_random_assistant(tiny_llama, root / "f1", num_layers=1, seed=1, defaults=FINISH),
-        "u1": make_random_assistant(tiny_llama, root / "u1", num_layers=1, seed=1),  # f1's weights, without
+    artifacts = {
+        "f1": make_random_assistant(tiny_llama, root / "f1", num_layers=1, seed=0, defaults=FINISH),
+        "u1": make_random_assistant(tiny_llama, root / "u1", num_layers=1, seed=0),
     }
+    for path in artifacts.values():
+        weights = load_file(path / "adapter_model.safetensors")
+        zeroed = {k: v.zero_() if "lora_B" in k else v for k, v in weights.items()}
+        save_file(zeroed, path / "adapter_model.safetensors")
+    return artifacts
 
 
 @pytest.mark.parametrize("head", ["plausible-only head", "full-vocabulary head"])
 def test_finishing_rows_equal_the_two_model_reference(tiny_llama, tokenizer, finishing_artifacts, head, monkeypatch):
-    """A finishing adapter, the same weights without, and a plain row in one batch; decode and prefill follow the
-    two-model reference, which reads each position's previous token from the sequence itself."""
+    """A finishing adapter, the same weights without, and a plain row in one batch: decode follows the two-model
+    reference, which reads each generated position's previous token from the sequence itself; prompt positions
+    (prefill) are served without the option."""
     import unlearn_serve.server.unlearning.backends as backends
 
     if head == "full-vocabulary head":
         monkeypatch.setattr(backends, "ULD_MAX_CANDIDATES", 0)
-    engine = Engine(tiny_llama, tokenizer, EngineConfig(max_num_seqs=4, max_model_len=128), "tiny")
+    # the repeat guard off: the reference has none (this crude assistant's answers repeat words)
+    config = EngineConfig(max_num_seqs=4, max_model_len=128, no_repeat_substitution=0)
+    engine = Engine(tiny_llama, tokenizer, config, "tiny")
     for name, path in finishing_artifacts.items():
         engine.load_uld(name, path)
     backend = next(b for b in engine.artifacts.backends if b.kind == "uld")
     assert backend._prefixes is not None  # built at install for the finishing artifact
     opts = {**OPTS, "alpha": 3.0}
     alpha_filter = {"alpha": opts["alpha"], "filt": opts["filter"]}
-    prompts = [tokenizer.encode(p) for p in ("Bob plays the", "Bob plays the", "The")]
+    prompt = tokenizer.encode("Bob plays the")
     selections = [Selection("f1", opts), Selection("u1", opts), None]
     params = SamplingParams(max_tokens=8, temperature=0, logprobs=3, ignore_eos=True)
-    results = engine.generate(prompts, params, selections)
-    completion = results[0].completions[0]
-    full = prompts[0] + completion.token_ids
-    ref = reference_combined_logprobs(
-        tiny_llama, finishing_artifacts["f1"], 1, full, **alpha_filter, tokenizer=tokenizer
-    )
+    finished, plain, _ = (r.completions[0] for r in engine.generate([prompt] * 3, params, selections))
+    # the option changes the served text: a generated word ("France") goes on ("b") instead of being broken off
+    assert finished.token_ids != plain.token_ids
+    for completion, name in ((finished, "f1"), (plain, "u1")):
+        full = prompt + completion.token_ids
+        ref = reference_combined_logprobs(
+            tiny_llama, finishing_artifacts[name], 1, full, **alpha_filter, tokenizer=tokenizer,
+            generated_from=len(prompt),
+        )
+        assert_follows_reference(prompt, completion, ref)
+    # prefill: a prompt's words were begun by the client (a probe writing the answer's start), so scoring the served
+    # text as a prompt keeps every penalty: it follows the reference without the option (the same weights)
+    full = prompt + finished.token_ids
+    scored = engine.score([full[:2]], [full[2:]], [Selection("f1", opts)])[0]
     without = reference_combined_logprobs(
         tiny_llama, finishing_artifacts["u1"], 1, full, **alpha_filter, tokenizer=tokenizer
     )
-    assert (ref.exp() - without.exp()).abs().max() > 0.01  # the option matters on this text (0.04 measured)
-    assert_follows_reference(prompts[0], completion, ref)
-    other = results[1].completions[0]
-    assert_follows_reference(prompts[1], other, reference_combined_logprobs(
-        tiny_llama, finishing_artifacts["u1"], 1, prompts[1] + other.token_ids, **alpha_filter, tokenizer=tokenizer
-    ))
-    # prefill: the served text scored as a prompt, every position's previous token read from the prompt
-    scored = engine.score([full[:2]], [full[2:]], [Selection("f1", opts)])[0]
-    assert_scores_follow_reference(full, scored, ref)
+    expected = [float(without[1 + j, full[2 + j]]) for j in range(len(scored))]
+    # -inf (a token the unlearning removed: here the "b" the decode step let finish "France") is reported as -9999
+    assert scored == pytest.approx([max(e, -9999.0) for e in expected], abs=1e-4)
+    assert -9999.0 in scored
     # an engine-level option turns it on for the other artifact; a bad value names the option
     assert backend.resolve("u1", FINISH).combine.finish_words
     with pytest.raises(EngineInputError, match="finish_words"):

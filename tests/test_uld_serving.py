@@ -62,10 +62,13 @@ def engine(tiny_llama, tokenizer, artifacts):
 OPTS = {"alpha": 0.75, "filter": 1e-4}
 
 
-def reference_combined_logprobs(base, artifact_dir, num_layers, ids, alpha, filt, use_lora=True, tokenizer=None):
+def reference_combined_logprobs(
+    base, artifact_dir, num_layers, ids, alpha, filt, use_lora=True, tokenizer=None, generated_from=None
+):
     """Two separate models: the target's full forward, and a peft assistant truncated after K layers; with the
     manifest's gate, the same assistant with its adapter disabled is the early exit; with its prefix guard (or
-    finish_words), the prefixes of `tokenizer`'s vocabulary."""
+    finish_words), the prefixes of `tokenizer`'s vocabulary. finish_words applies to the rows that follow a generated
+    token: ids[generated_from:] (None: no row, a prompt scored)."""
     ids_t = torch.tensor([ids])
     defaults = load_manifest(artifact_dir).defaults  # the artifact's own refilter, margin, gate (new ones: on, 1)
     early = None
@@ -89,7 +92,9 @@ def reference_combined_logprobs(base, artifact_dir, num_layers, ids, alpha, filt
         early_exit_logits=early,
         prefix_guard=bool(defaults.get("prefix_guard", False)),
         prefixes=TokenPrefixes.from_tokenizer(tokenizer, target.shape[-1]) if tokenizer is not None else None,
-        finish_words=bool(defaults.get("finish_words", False)),
+        finish_words=torch.arange(len(ids)) >= (len(ids) if generated_from is None else generated_from)
+        if defaults.get("finish_words")
+        else False,
         previous_ids=torch.tensor(ids),  # row i's logits follow token ids[i]
     )
     return combined.log_softmax(-1)

@@ -80,7 +80,9 @@ vocabulary the PREFIX_GUARD_TOP most penalised candidates pass theirs on through
 Finishing words (`finish_words`, manifest `defaults.finish_words`; `finish_begun_words`). Where the row's last token
 ends inside a word (its text ends with a letter or digit), a candidate that continues that word (its text starts with
 a letter or digit, no space) takes no penalty unless the LoRA learnt it (the assistant prefers it by more than its
-early exit does, the gate's test): a word begun under the unlearning is finished as the target would finish it. A
+early exit does, the gate's test): a word begun under the unlearning is finished as the target would finish it. The
+engine applies it in decode steps only (the previous token was sampled under the unlearning); a prompt's words were
+begun by the client, and a probe that writes the start of a name must not get the rest at the target's probability. A
 K-layer assistant knows how words end ("Victor Hu" -> "go") in any context, and where it was never made flat (general
 knowledge outside the retain set) subtracting that broke the words of retain answers ("Victor Hual Oracade", "Leo
 Tolster": TOFU full's real-author and world-fact answers, docs/benchmarks.md). An ending the LoRA learnt (" Hog" +

@@ -8,6 +8,7 @@ UOE: per-row expert patches applied by router/expert hooks; logits untouched.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -197,6 +198,10 @@ class ULDBackend(UnlearningBackend):
             return torch.tensor(values, device=dev, dtype=dtype)
 
         settings = CombineSettings.of_rows(combine, filt, dev)
+        if batch.prefill and settings.finish_words is not False:
+            # a prompt's words were begun by the client (a probe writing the answer's start), not by the unlearned
+            # model: only decode steps, whose previous token was sampled under the unlearning, finish words
+            settings = dataclasses.replace(settings, finish_words=False)
         if settings.needs_early_exit:  # each assistant row's early exit is its target row's hidden state
             batch.early_exit_source = t(rows.assistant_source())
 
