@@ -147,6 +147,12 @@ def main() -> None:
         help="also time the unlearned and mixed loads without the prefix guard (the engine option prefix_guard=false), "
         "interleaved in the same rounds (what the guard's prefix lookups cost)",
     )
+    parser.add_argument(
+        "--finish-words-ab",
+        action="store_true",
+        help="also time the unlearned and mixed loads with the engine option finish_words flipped, interleaved in the "
+        "same rounds (what finishing words costs: the early exit's head call and a gather per unlearned row)",
+    )
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per configuration (best kept)")
     args = parser.parse_args()
     if args.threads:
@@ -205,6 +211,8 @@ def main() -> None:
             runs |= {"on, ungated": [], "mixed, ungated": []}
         if args.prefix_guard_ab:
             runs |= {"on, no prefix guard": [], "mixed, no prefix guard": []}
+        if args.finish_words_ab:
+            runs |= {"on, finish_words flipped": [], "mixed, finish_words flipped": []}
         from unlearn_serve.server.unlearning import backends
 
         split = backends.split_plausible_candidates
@@ -240,6 +248,12 @@ def main() -> None:
                 unguarded = Selection("forget", {"prefix_guard": False})
                 runs["on, no prefix guard"].append(tok_s([unguarded] * n))
                 runs["mixed, no prefix guard"].append(tok_s([unguarded if i % 2 else None for i in range(n)]))
+            if args.finish_words_ab:
+                from unlearn_serve.server.engine.sequence import Selection
+
+                flipped = Selection("forget", {"finish_words": not assistant.combine.finish_words})
+                runs["on, finish_words flipped"].append(tok_s([flipped] * n))
+                runs["mixed, finish_words flipped"].append(tok_s([flipped if i % 2 else None for i in range(n)]))
             if args.split_ab:
                 backends.split_plausible_candidates = no_split
                 runs["on, no split"].append(tok_s(["forget"] * n))
@@ -284,7 +298,15 @@ def main() -> None:
             f"({mixed / best['off']:.2f}x); the guard's cost: on {best['on'] / on:.3f}x, mixed "
             f"{best['mixed'] / mixed:.3f}x of its throughput without it"
         )
+    if args.finish_words_ab:
+        on, mixed = best["on, finish_words flipped"], best["mixed, finish_words flipped"]
+        print(
+            f"finish_words {'off' if assistant.combine.finish_words else 'on'}: on {on:.1f} ({on / best['off']:.2f}x)"
+            f"   mixed 50/50 {mixed:.1f} ({mixed / best['off']:.2f}x); served / flipped: on {best['on'] / on:.3f}x, "
+            f"mixed {best['mixed'] / mixed:.3f}x"
+        )
     print(f"assistant served {'gated by the early exit' if assistant.combine.gate else 'ungated'}")
+    print(f"finish_words {'on' if assistant.combine.finish_words else 'off'}")
     print(f"prefix guard {'on' if assistant.combine.prefix_guard else 'off'}")
     allowed = assistant.nbytes + 0.05 * rss_base
     print(f"resident memory  base {rss_base / 2**20:.1f} MiB   with assistant loaded {rss_loaded / 2**20:.1f} MiB "

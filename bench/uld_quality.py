@@ -413,7 +413,13 @@ def variant_config(suite: Suite, variant: str, overrides: dict[str, Any]):
 
 # fields added after assistants were cached, and their defaults: left out of the cache key at those defaults, so the
 # assistants and calibrations cached before them keep their keys
-LATER_FIELDS = {"validation_topic": False, "flat_reference": "uniform", "default_prefix_guard": None, "echo_flat": True}
+LATER_FIELDS = {
+    "validation_topic": False,
+    "flat_reference": "uniform",
+    "default_prefix_guard": None,
+    "echo_flat": True,
+    "default_finish_words": None,
+}
 
 
 def _settings_key(config) -> dict[str, Any]:
@@ -442,6 +448,8 @@ def train_cached(
     h.update(f"{uld_combine.DEFAULT_RULE} {uld_combine.DEFAULT_MARGIN}".encode())
     if uld_combine.DEFAULT_PREFIX_GUARD:  # calibrated with the prefix guard (builds from before keep their key)
         h.update(b" prefix_guard")
+    if uld_combine.DEFAULT_FINISH_WORDS:  # calibrated finishing words
+        h.update(b" finish_words")
     if config.flat_reference != "uniform":  # may be calibrated gated (an ungated artifact keeps its key)
         h.update(f" gate {config.flat_reference}".encode())
     out = CACHE / f"{suite.name}-{h.hexdigest()[:12]}"  # variants that train alike share one assistant
@@ -479,6 +487,8 @@ def recalibrate_cached(
         h.update(json.dumps(part, sort_keys=True, default=str).encode())
     if uld_combine.DEFAULT_PREFIX_GUARD:
         h.update(b" prefix_guard")
+    if uld_combine.DEFAULT_FINISH_WORDS:
+        h.update(b" finish_words")
     out = CACHE / f"recalibrated-{suite.name}-{variant}-{h.hexdigest()[:12]}"
     if (out / "unlearning.json").is_file() and not fresh:
         return out

@@ -21,7 +21,7 @@ from unlearn_serve.artifact import (
 from unlearn_serve.assistant import assistant_logits, assistant_lora_config
 from unlearn_serve.tiny import build_tiny_model
 from unlearn_serve.uld_artifact import load_uld_artifact, save_uld_artifact
-from unlearn_serve.uld_combine import DEFAULT_FLOOR, DEFAULT_RULE
+from unlearn_serve.uld_combine import DEFAULT_FINISH_WORDS, DEFAULT_FLOOR, DEFAULT_RULE
 
 K = 2
 ARTIFACT_FILES = {"adapter_model.safetensors", "adapter_config.json", MANIFEST_NAME}
@@ -90,6 +90,7 @@ def test_manifest_contents(artifact, base):
         "margin": 1.0,
         "floor": DEFAULT_FLOOR,
         "prefix_guard": True,
+        "finish_words": DEFAULT_FINISH_WORDS,
     }
     assert manifest.details["assistant_layers"] == K
     assert manifest.base_fingerprint == fingerprint_model(base)

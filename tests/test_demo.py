@@ -66,8 +66,15 @@ def test_cache_key_changes_with_base_data_and_settings(tmp_path: Path, monkeypat
     monkeypatch.setattr(uld_combine, "DEFAULT_PREFIX_GUARD", not uld_combine.DEFAULT_PREFIX_GUARD)
     assert key != demo.cache_key(base, [forget, retain], training)
     monkeypatch.undo()
+    monkeypatch.setattr(uld_combine, "DEFAULT_FINISH_WORDS", not uld_combine.DEFAULT_FINISH_WORDS)  # finishing words
+    assert key != demo.cache_key(base, [forget, retain], training)
+    monkeypatch.undo()
     guard_off = {"default_prefix_guard": False}
     monkeypatch.setattr(demo.DemoTraining, "uld_settings", lambda self: {**settings(self), **guard_off})
+    assert key != demo.cache_key(base, [forget, retain], training)
+    monkeypatch.undo()
+    finish_off = {"default_finish_words": not uld_combine.DEFAULT_FINISH_WORDS}
+    monkeypatch.setattr(demo.DemoTraining, "uld_settings", lambda self: {**settings(self), **finish_off})
     assert key != demo.cache_key(base, [forget, retain], training)
     monkeypatch.undo()
     retain.write_text('{"question": "q2", "answer": "changed"}\n')

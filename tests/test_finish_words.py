@@ -146,7 +146,7 @@ def finishing_artifacts(tiny_llama, tmp_path_factory):
     root = tmp_path_factory.mktemp("finish")
     artifacts = {
         "f1": make_random_assistant(tiny_llama, root / "f1", num_layers=1, seed=0, defaults=FINISH),
-        "u1": make_random_assistant(tiny_llama, root / "u1", num_layers=1, seed=0),
+        "u1": make_random_assistant(tiny_llama, root / "u1", num_layers=1, seed=0, defaults={"finish_words": False}),
     }
     for path in artifacts.values():
         weights = load_file(path / "adapter_model.safetensors")

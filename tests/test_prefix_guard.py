@@ -132,7 +132,9 @@ def test_manifest_guard_is_served_on_both_head_paths_and_old_manifests_keep_it_o
     from unlearn_serve.artifact import MANIFEST_NAME, ArtifactError
 
     # the LoRA differs from the target (nontrivial), so that the guard has work
-    pair = _served_pair(tiny_llama, tokenizer, tmp_path, "prefix_guard", {"rule": "prefer"}, nontrivial=True)
+    # (the old artifact without finish_words either, which reads the same table)
+    old = {"finish_words": False}
+    pair = _served_pair(tiny_llama, tokenizer, tmp_path, "prefix_guard", {"rule": "prefer"}, old, nontrivial=True)
     engine, backend = pair.engine, pair.backend
     assert json.loads((pair.new / MANIFEST_NAME).read_text())["defaults"]["prefix_guard"] is True
     assert backend._prefixes is None  # nothing built before a guarded assistant is installed

@@ -22,7 +22,7 @@ from unlearn_serve.artifact import MANIFEST_NAME, file_sha256, fingerprint_model
 from unlearn_serve.assistant import assistant_logits, assistant_lora_config, default_assistant_layers
 from unlearn_serve.tiny import build_tiny_model
 from unlearn_serve.uld_artifact import load_uld_artifact
-from unlearn_serve.uld_combine import DEFAULT_FLOOR, DEFAULT_RULE
+from unlearn_serve.uld_combine import DEFAULT_FINISH_WORDS, DEFAULT_FLOOR, DEFAULT_RULE
 
 FORGET = [
     {
@@ -174,6 +174,7 @@ def test_manifest_records_training(llama_run):
         "floor": DEFAULT_FLOOR,
         "gate": None,  # trained against uniform: served ungated
         "prefix_guard": True,
+        "finish_words": DEFAULT_FINISH_WORDS,
     }
     assert training["forget_ce_final"] == pytest.approx(llama_run["result"].forget_ce)
     assert training["retain_kl_final"] == pytest.approx(llama_run["result"].retain_kl)
@@ -535,7 +536,7 @@ def test_cli_trains_end_to_end(tiny_llama_dir, tmp_path, capsys):
     argv += ["--out", str(out), "--layers", "1", "--lora-rank", "4", "--min-steps", "3", "--epochs", "1"]
     argv += ["--batch-size", "2", "--grad-accum", "1", "--no-progress", "--seed", "1"]
     settings = ["--default-alpha", "0.4", "--default-margin", "0.5", "--default-floor", "5", "--fact-set-weight", "0.5"]
-    settings += ["--validation-max-tokens", "12", "--topic", "--no-prefix-guard"]
+    settings += ["--validation-max-tokens", "12", "--topic", "--no-prefix-guard", "--no-finish-words"]
     assert cli.main([*argv, *settings]) == 0
     stdout = capsys.readouterr().out
     assert "forget CE" in stdout and "retain KL" in stdout and str(out) in stdout
@@ -552,6 +553,7 @@ def test_cli_trains_end_to_end(tiny_llama_dir, tmp_path, capsys):
     assert manifest["training"]["seed"] == 1 and manifest["details"]["assistant_layers"] == 1
     defaults = {"alpha": 0.4, "filter": 0.01, "rule": DEFAULT_RULE, "refilter": True, "margin": 0.5, "floor": 5.0}
     defaults["prefix_guard"] = False  # --no-prefix-guard (new artifacts: true, tests/test_prefix_guard.py)
+    defaults["finish_words"] = False  # --no-finish-words (tests/test_finish_words.py)
     # --flat-reference auto (the default) chose by the early exit's CE, recorded; the gate follows the choice
     chosen = manifest["training"]["flat_reference"]
     assert chosen in ("early_exit", "uniform") and isinstance(manifest["training"]["early_exit_forget_ce"], float)

@@ -103,7 +103,7 @@ from unlearn_serve.assistant import (
 )
 from unlearn_serve.errors import TrainingError
 from unlearn_serve.uld_artifact import save_uld_artifact
-from unlearn_serve.uld_combine import DEFAULT_PREFIX_GUARD
+from unlearn_serve.uld_combine import DEFAULT_FINISH_WORDS, DEFAULT_PREFIX_GUARD
 
 RUN_FILE = "uld_run.json"  # in the checkpoint dir: what a --resume must match
 
@@ -151,6 +151,7 @@ class ULDTrainingConfig:
     calibration_margins: tuple[float, ...] | None = None
     default_floor: float | None = None  # the penalty's floor; None: uld_combine.DEFAULT_FLOOR; inf: off
     default_prefix_guard: bool | None = None  # the prefix guard; None: uld_combine.DEFAULT_PREFIX_GUARD
+    default_finish_words: bool | None = None  # finishing words; None: uld_combine.DEFAULT_FINISH_WORDS
     # forget CE weighted towards knowledge-carrying tokens, flat elsewhere (training/uld_weights.py)
     forget_weighting: bool = True
     weighting_tau: float = 1.0  # (with contrasts) nats of "more likely after this question" for weight 1
@@ -225,6 +226,7 @@ class ULDTrainingConfig:
             "margin": self.default_margin,
             "floor": self.default_floor,
             "prefix_guard": self.default_prefix_guard,
+            "finish_words": self.default_finish_words,
         }
         chosen = {k: v for k, v in values.items() if v is not None}
         if chosen.get("floor") == float("inf"):
@@ -1181,6 +1183,7 @@ def _calibrate(
                 "margin": _served_margin(config),
                 "gate": config.served_gate(),
                 "prefix_guard": _served_prefix_guard(config),
+                "finish_words": _served_finish_words(config),
             },
         )
         answer = serve(base, tokenizer, draft)
@@ -1191,6 +1194,12 @@ def _served_prefix_guard(config: ULDTrainingConfig) -> bool:
     """The prefix guard the calibration's draft (and a recalibrated artifact) is served with: --no-prefix-guard, else
     today's default (uld_combine.DEFAULT_PREFIX_GUARD)."""
     return DEFAULT_PREFIX_GUARD if config.default_prefix_guard is None else config.default_prefix_guard
+
+
+def _served_finish_words(config: ULDTrainingConfig) -> bool:
+    """Finishing words as the calibration's draft (and a recalibrated artifact) is served: --no-finish-words, else
+    today's default (uld_combine.DEFAULT_FINISH_WORDS)."""
+    return DEFAULT_FINISH_WORDS if config.default_finish_words is None else config.default_finish_words
 
 
 def recalibrate_uld(
@@ -1231,6 +1240,7 @@ def recalibrate_uld(
             "margin": _served_margin(config),
             "floor": _served_floor(config),
             "prefix_guard": _served_prefix_guard(config),
+            "finish_words": _served_finish_words(config),
         }
         save_manifest(manifest, tmp)
         answer = serve(shared_copy(model), tokenizer, tmp)

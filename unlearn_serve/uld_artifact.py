@@ -26,6 +26,7 @@ from unlearn_serve.artifact import (
 )
 from unlearn_serve.assistant import unwrap_causal_lm
 from unlearn_serve.uld_combine import (
+    DEFAULT_FINISH_WORDS,
     DEFAULT_FLOOR,
     DEFAULT_MARGIN,
     DEFAULT_PREFIX_GUARD,
@@ -38,6 +39,8 @@ from unlearn_serve.uld_combine import (
 # margin: what the `prefer` rule ignores of the assistant's preference (uld_combine.py); without it: 0
 # floor: how far below the best unpenalised candidate the penalty may push (uld_combine.py); null or absent: off
 # prefix_guard: candidates that begin a penalised one's text share its penalty (uld_combine.py); absent: off
+# finish_words: a word the unlearned answer began is finished without penalty unless learnt (uld_combine.py); absent:
+# off
 ULD_DEFAULTS = {
     "alpha": 0.75,
     "filter": 0.01,
@@ -46,6 +49,7 @@ ULD_DEFAULTS = {
     "margin": DEFAULT_MARGIN,
     "floor": DEFAULT_FLOOR,
     "prefix_guard": DEFAULT_PREFIX_GUARD,
+    "finish_words": DEFAULT_FINISH_WORDS,
 }
 # peft's saved key layout: adapter name stripped, `base_model.model.` prefix kept.
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")

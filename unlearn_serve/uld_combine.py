@@ -121,8 +121,9 @@ ULD_GATES = ("early_exit",)
 # penalised candidates pass their penalty on to the tokens that begin them (`close_over_prefixes`)
 DEFAULT_PREFIX_GUARD = True
 PREFIX_GUARD_TOP = 8
-# new artifacts (manifest defaults `finish_words`); older manifests: off
-DEFAULT_FINISH_WORDS = False
+# new artifacts (manifest defaults `finish_words`, since 2026-12-05); older manifests: off. Chosen by bench/tofu.py and
+# bench/uld_quality.py (docs/uld.md 2i)
+DEFAULT_FINISH_WORDS = True
 
 
 def is_floor(value: object) -> bool:

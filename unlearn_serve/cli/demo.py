@@ -112,7 +112,7 @@ def artifact_name(topic: str) -> str:
 
 
 # ULDTrainingConfig fields newer than recipe 11's cache keys
-ADDED_FIELDS = frozenset({"calibration_margins", "default_prefix_guard"})
+ADDED_FIELDS = frozenset({"calibration_margins", "default_prefix_guard", "default_finish_words"})
 
 
 def cache_key(base_fingerprint: dict[str, Any], data_files: list[Path], training: DemoTraining) -> str:
@@ -136,6 +136,8 @@ def cache_key(base_fingerprint: dict[str, Any], data_files: list[Path], training
         h.update(f" floor {uld_combine.DEFAULT_FLOOR}".encode())
     if uld_combine.DEFAULT_PREFIX_GUARD:  # calibrated with the prefix guard: a new calibration
         h.update(b" prefix_guard")
+    if uld_combine.DEFAULT_FINISH_WORDS:  # calibrated finishing words: a new calibration
+        h.update(b" finish_words")
     if uld_combine.CALIBRATION_MARGINS != (uld_combine.DEFAULT_MARGIN,):
         h.update(f" margins {list(uld_combine.CALIBRATION_MARGINS)}".encode())
     return h.hexdigest()[:16]

@@ -87,6 +87,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "one's is penalised too, so a fact pushed down is not spelt by its first letters; docs/uld.md)",
     )
     parser.add_argument(
+        "--no-finish-words",
+        dest="default_finish_words",
+        action="store_const",
+        const=False,
+        help="store finish_words false in the manifest (default: true: a word the unlearned answer began is finished "
+        "as the target would, unless the LoRA learnt its ending; docs/uld.md)",
+    )
+    parser.add_argument(
         "--no-forget-weighting",
         dest="forget_weighting",
         action="store_false",
@@ -215,6 +223,7 @@ def run(args: argparse.Namespace) -> int:
         calibration_margins=calibration_margins,
         default_floor=default_floor,
         default_prefix_guard=args.default_prefix_guard,
+        default_finish_words=args.default_finish_words,
         forget_weighting=args.forget_weighting,
         flat_reference=args.flat_reference,
         **optional,
