@@ -449,7 +449,7 @@ def train_cached(
     if uld_combine.DEFAULT_PREFIX_GUARD:  # calibrated with the prefix guard (builds from before keep their key)
         h.update(b" prefix_guard")
     if uld_combine.DEFAULT_FINISH_WORDS:  # calibrated finishing words
-        h.update(b" finish_words")
+        h.update(b" finish_words, chosen by the calibration")
     if config.flat_reference != "uniform":  # may be calibrated gated (an ungated artifact keeps its key)
         h.update(f" gate {config.flat_reference}".encode())
     out = CACHE / f"{suite.name}-{h.hexdigest()[:12]}"  # variants that train alike share one assistant
@@ -488,7 +488,7 @@ def recalibrate_cached(
     if uld_combine.DEFAULT_PREFIX_GUARD:
         h.update(b" prefix_guard")
     if uld_combine.DEFAULT_FINISH_WORDS:
-        h.update(b" finish_words")
+        h.update(b" finish_words, chosen by the calibration")
     out = CACHE / f"recalibrated-{suite.name}-{variant}-{h.hexdigest()[:12]}"
     if (out / "unlearning.json").is_file() and not fresh:
         return out

@@ -468,6 +468,47 @@ def test_calibration_chooses_the_margin_that_meets_the_targets():
     assert cal.verdict().endswith(": names facts)]")
 
 
+def test_calibration_keeps_finishing_words_unless_off_forgets_more():
+    """train-uld's draft finishes words (uld_combine.py); when that misses a target the same calibration runs without
+    it, sharing the base model's answers, and off is kept only when it does better on forgetting (TOFU quick: on
+    names facts at every alpha, off forgets). The verdict, the manifest record and the stored defaults say which."""
+    from unlearn_serve.training.uld import calibrated_defaults
+    from unlearn_serve.training.uld_calibrate import WithOptions, choose_finish_words
+
+    def served(leak_on: float, leak_off: float, lose_on: float = 99):
+        calls: list = []
+        # one stand-in server; its per-"margin" thresholds stand for finishing words on ("margin" 0) and off (1)
+        encode, inner = _fake_answers(99, 99, calls, by_margin={0.0: (leak_on, lose_on), 1.0: (leak_off, 99)})
+        seen: list = []
+
+        def answer(prompts, alphas, max_tokens, margin=None, options=None):
+            seen.append(options)
+            finishing = (options or {}).get("finish_words") is not False
+            if all(a is None for a in alphas):  # the base model: no options
+                return inner(prompts, alphas, max_tokens)
+            return inner(prompts, alphas, max_tokens, margin=0.0 if finishing else 1.0)
+
+        shared: dict = {}
+        cal_on = calibrate(WithOptions(answer, {}, shared), encode, FORGET, RETAIN[:3])
+        cal_off = calibrate(WithOptions(answer, {"finish_words": False}, shared), encode, FORGET, RETAIN[:3])
+        return choose_finish_words(cal_on, cal_off), calls, seen
+
+    # on names facts at every alpha, off forgets from alpha 1: off, and the base model was asked once for both
+    cal, calls, seen = served(99, 1.0)
+    assert cal.finish_words is False and cal.met and cal.alpha == 1.0
+    assert sum(c == [] for c in calls) == 1 and {"finish_words": False} in seen and {} in seen
+    assert cal.verdict().endswith("[finishing words: on (alpha 0.25: names facts), off (alpha 1: targets met) -> off]")
+    assert calibrated_defaults(cal)["finish_words"] is False
+    record = cal.to_manifest()
+    assert record["finish_words"] is False and len(record["finish_words_tried"]) == 2
+    assert all("answers" not in c for c in record["finish_words_tried"])
+    # both forget, on keeps the retain answers and off does not: on; neither forgets, equally: on (the default)
+    cal, _, _ = served(1.0, 1.0, lose_on=99)
+    assert cal.finish_words is True and calibrated_defaults(cal)["finish_words"] is True
+    cal, _, _ = served(99, 99)
+    assert cal.finish_words is True and not cal.met
+
+
 def test_the_draft_is_served_at_the_margin_the_calibration_records():
     """A single calibrated margin is the one the draft is served at (else the verdict and the manifest would name a
     margin the answers never saw); --default-margin is the only margin; `difference` has none."""

@@ -75,7 +75,15 @@ from unlearn_serve.training.losses import (
 )
 from unlearn_serve.training.pairs import ForgetRetainCollator, ForgetRetainDataset, tokenize_records
 from unlearn_serve.training.self_answers import SELF_ANSWER, self_answer_rows
-from unlearn_serve.training.uld_calibrate import AlphaScore, Calibration, CalibrationTargets, ServeFn, calibrate
+from unlearn_serve.training.uld_calibrate import (
+    AlphaScore,
+    Calibration,
+    CalibrationTargets,
+    ServeFn,
+    WithOptions,
+    calibrate,
+    choose_finish_words,
+)
 from unlearn_serve.training.uld_weights import (
     ECHO,
     fact_tokens,
@@ -1114,6 +1122,8 @@ def _served_floor(config: ULDTrainingConfig) -> float | None:
 def calibrated_defaults(calibration: Calibration) -> dict[str, Any]:
     """The serving defaults a calibration picked (the margin only when it chose one)."""
     picked = {"alpha": calibration.alpha, "filter": calibration.filter, "rule": calibration.rule}
+    if calibration.finish_words is not None:  # it compared finishing words on and off
+        picked["finish_words"] = calibration.finish_words
     return picked | ({} if calibration.margin is None else {"margin": calibration.margin})
 
 
@@ -1130,24 +1140,37 @@ def _calibrate_answers(
     from unlearn_serve.training.data import encode_prompt
 
     filter_value, rule, probes = settings
-    return calibrate(
-        answer,
-        lambda q: encode_prompt(tokenizer, q, config.question_template),
-        forget_records,
-        validation_retain,
-        filter_value=filter_value,
-        targets=config.calibration_targets(),
-        max_forget=config.validation_max_forget,
-        max_tokens=config.validation_max_tokens,
-        probes_per_round=probes,
-        seed=config.seed,
-        train_retain_rows=train_retain,
-        rule=rule,
-        rephrase=config.validation_rephrase,
-        trained_rephrasings=config.question_variants if config.augment else 0,
-        margins=_calibration_margins(config, rule),
-        topic=config.validation_topic,
-    )
+
+    def run(answer_fn) -> Calibration | None:
+        return calibrate(
+            answer_fn,
+            lambda q: encode_prompt(tokenizer, q, config.question_template),
+            forget_records,
+            validation_retain,
+            filter_value=filter_value,
+            targets=config.calibration_targets(),
+            max_forget=config.validation_max_forget,
+            max_tokens=config.validation_max_tokens,
+            probes_per_round=probes,
+            seed=config.seed,
+            train_retain_rows=train_retain,
+            rule=rule,
+            rephrase=config.validation_rephrase,
+            trained_rephrasings=config.question_variants if config.augment else 0,
+            margins=_calibration_margins(config, rule),
+            topic=config.validation_topic,
+        )
+
+    if not (_served_finish_words(config) and rule == "prefer"):
+        return run(answer)
+    # the draft finishes words; when that misses a target, the same calibration without it decides
+    # (uld_calibrate.choose_finish_words)
+    shared: dict[Any, Any] = {}
+    on = run(WithOptions(answer, {}, shared))
+    if on is None or on.met:
+        return on if on is None else replace(on, finish_words=True)
+    off = run(WithOptions(answer, {"finish_words": False}, shared))
+    return on if off is None else choose_finish_words(on, off)
 
 
 def _calibrate(

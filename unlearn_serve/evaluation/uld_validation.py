@@ -2,7 +2,8 @@
 
 `serve_with_engine` is the `serve` function `train_uld` takes (training/uld_calibrate.py): an Engine on
 the base model with the draft artifact loaded, greedy answers with `unlearning` chosen per prompt
-(`{"alpha": a}`, and `{"margin": m}` when the calibration chooses the margin, override the draft's defaults), all
+(`{"alpha": a}`, `{"margin": m}` when the calibration chooses the margin, and `options` such as `{"finish_words":
+false}` when it compares them, override the draft's defaults), all
 prompts of a call decoded as one batch. Its `nll`
 scores answer text under the base model (unlearn_serve/evaluation/fluency.py, the harness's definition),
 for the relative-perplexity check.
@@ -28,11 +29,15 @@ def serve_with_engine(model: Any, tokenizer: Any, artifact: Path, max_num_seqs: 
     engine.load_uld(ARTIFACT_NAME, artifact)
 
     def answer(
-        prompts: list[list[int]], alphas: list[float | None], max_tokens: int, margin: float | None = None
+        prompts: list[list[int]],
+        alphas: list[float | None],
+        max_tokens: int,
+        margin: float | None = None,
+        options: dict[str, Any] | None = None,
     ) -> list[str]:
         if not prompts:
             return []
-        served = {} if margin is None else {"margin": margin}
+        served = dict(options or {}) | ({} if margin is None else {"margin": margin})
         selections = [None if a is None else Selection(ARTIFACT_NAME, {"alpha": a, **served}) for a in alphas]
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
         return [r.completions[0].text for r in engine.generate(prompts, params, selections)]
