@@ -136,7 +136,7 @@ def cache_key(base_fingerprint: dict[str, Any], data_files: list[Path], training
         h.update(f" floor {uld_combine.DEFAULT_FLOOR}".encode())
     if uld_combine.DEFAULT_PREFIX_GUARD:  # calibrated with the prefix guard: a new calibration
         h.update(b" prefix_guard")
-    if uld_combine.DEFAULT_FINISH_WORDS:  # calibrated with finishing words (on or off, as it chooses): a new calibration
+    if uld_combine.DEFAULT_FINISH_WORDS:  # calibrated with finishing words (on or off, as it chooses)
         h.update(b" finish_words, chosen by the calibration")
     if uld_combine.CALIBRATION_MARGINS != (uld_combine.DEFAULT_MARGIN,):
         h.update(f" margins {list(uld_combine.CALIBRATION_MARGINS)}".encode())
