@@ -227,7 +227,7 @@ class Calibration:
         )
         if len(self.finish_words_tried) > 1:
             both = ", ".join(
-                f"{'on' if i == 0 else 'off'} {c.margin_summary()}" for i, c in enumerate(self.finish_words_tried)
+                f"{'on' if i == 0 else 'off'} ({c.outcome_summary()})" for i, c in enumerate(self.finish_words_tried)
             )
             tried += f" [finishing words: {both} -> {'on' if self.finish_words else 'off'}]"
         if self.met:
@@ -271,10 +271,13 @@ class Calibration:
 
     def margin_summary(self) -> str:
         """"2 (alpha 3: forgets, not met)": this calibration's outcome, for the verdict of one that tried margins."""
+        return f"{self.margin:g} ({self.outcome_summary()})"
+
+    def outcome_summary(self) -> str:
+        """"alpha 3: forgets, not met": the stored alpha and whether it met the targets or at least forgets."""
         s, t = self.chosen, self.targets
         outcome = "targets met" if self.met else "forgets, not met" if s and s.forget_met(t) else "names facts"
-        margin = "" if self.margin is None else f"{self.margin:g} "
-        return f"{margin}(alpha {self.alpha:g}: {outcome})"
+        return f"alpha {self.alpha:g}: {outcome}"
 
     def to_manifest(self) -> dict[str, Any]:
         tried = (
