@@ -58,8 +58,8 @@ def random_assistant(model, out: Path, num_layers: int, rank: int) -> Path:
         for name, p in peft_model.named_parameters():
             if "lora_" in name:
                 p.normal_(0, 0.02)
-    # gated by the early exit and with the prefix guard, as train-uld's artifacts are by default (`--gate-ab` /
-    # `--prefix-guard-ab` time them without)
+    # gated by the early exit, with the prefix guard and finishing words, as train-uld's artifacts are by default
+    # (`--gate-ab` / `--prefix-guard-ab` / `--finish-words-ab` time them without)
     details = {"assistant_layers": num_layers, "lora_rank": rank}
     save_uld_artifact(peft_model, out, fingerprint, details, {}, None, {"gate": "early_exit"})
     del peft_model
@@ -78,8 +78,9 @@ def vocabulary_wide_process_logits(backend, plan, logits, hidden_a, early_a=None
     if plan is None:
         return logits
     hidden = hidden_a[plan.hidden_rows, plan.hidden_pos]
-    early = early_a[plan.hidden_rows, plan.hidden_pos] if plan.settings.any_gate else None
-    target, kwargs = logits[plan.logit_rows], backend.combine_kwargs(plan.settings)
+    early = early_a[plan.hidden_rows, plan.hidden_pos] if plan.settings.needs_early_exit else None
+    previous = None if plan.inputs is None else plan.inputs.input_ids[plan.token_rows, plan.hidden_pos]
+    target, kwargs = logits[plan.logit_rows], backend.combine_kwargs(plan.settings) | {"previous_ids": previous}
     keep = plausible_mask(target, plan.log_filter)
     m = int(keep.sum(dim=-1).max())
     head = None

@@ -90,13 +90,10 @@ def test_gated_rows_equal_the_two_model_reference(tiny_llama, tokenizer, gated_a
         completion = outputs[sel.name]
         full = prompt + completion.token_ids
         k = {"g1": 1, "g2": 2}[sel.name]
-        ref = reference_combined_logprobs(
-            tiny_llama, gated_artifacts[sel.name], k, full, **alpha_filter, tokenizer=tokenizer
-        )
+        decode = {"tokenizer": tokenizer, "generated_from": len(prompt)}  # finishing words act past the prompt
+        ref = reference_combined_logprobs(tiny_llama, gated_artifacts[sel.name], k, full, **alpha_filter, **decode)
         if sel.name == "g1":  # the gate must matter here: u1 is g1's weights, ungated
-            ungated = reference_combined_logprobs(
-                tiny_llama, gated_artifacts["u1"], k, full, **alpha_filter, tokenizer=tokenizer
-            )
+            ungated = reference_combined_logprobs(tiny_llama, gated_artifacts["u1"], k, full, **alpha_filter, **decode)
             assert (ref.exp() - ungated.exp()).abs().max() > 0.05
         assert_follows_reference(prompt, completion, ref)
     # prefill: prompt log-probs under the gated combination

@@ -78,7 +78,8 @@ def test_uld_rows_on_moe_equal_two_model_reference(moe_engine, tokenizer):
     prompt = tokenizer.encode(PROMPTS[1])
     ids, logprobs = _run(moe_engine, tokenizer, [PROMPTS[1], PROMPTS[2]], [Selection("forget-uld", ULD_OPTS), None])[0]
     ref = reference_combined_logprobs(
-        model, uld_dir, 1, prompt + ids, ULD_OPTS["alpha"], ULD_OPTS["filter"], tokenizer=tokenizer
+        model, uld_dir, 1, prompt + ids, ULD_OPTS["alpha"], ULD_OPTS["filter"], tokenizer=tokenizer,
+        generated_from=len(prompt),
     )
     for step, (token, value) in enumerate(zip(ids, logprobs, strict=True)):
         row = ref[len(prompt) - 1 + step]
