@@ -431,38 +431,13 @@ def _qa_rows(rows: list[Any]) -> list[dict[str, Any]]:
     ]
 
 
-class AtMargin:
-    """`answer` serving every unlearned prompt at one `prefer` margin. What no margin changes is computed once and
-    shared between margins through `shared`: the base model's answers and the base's score of its own answers."""
+class SharedBase:
+    """`answer` with what no serving setting changes asked once and shared through `shared` between the calibrations
+    that compare settings: the base model's answers and the base's score of its own answers. Subclasses say how an
+    unlearned prompt is served (`_unlearned`)."""
 
-    def __init__(self, answer: AnswerFn, margin: float, shared: dict[Any, Any]):
-        self.answer, self.margin, self.shared = answer, margin, shared
-        if hasattr(answer, "nll"):
-            self.nll = self._shared_nll
-
-    def __call__(self, prompts: list[list[int]], alphas: list[float | None], max_tokens: int) -> list[str]:
-        if all(a is None for a in alphas):
-            key = ("base", tuple(map(tuple, prompts)), max_tokens)
-            if key not in self.shared:
-                self.shared[key] = self.answer(prompts, alphas, max_tokens)
-            return self.shared[key]
-        return self.answer(prompts, alphas, max_tokens, margin=self.margin)
-
-    def _shared_nll(self, texts: list[str]) -> float:
-        # the base answers' score (the relative perplexity's denominator) is asked again by every margin
-        key = ("nll", tuple(texts))
-        if key not in self.shared:
-            self.shared[key] = self.answer.nll(texts)  # type: ignore[attr-defined]
-        return self.shared[key]
-
-
-class WithOptions:
-    """`answer` serving every unlearned prompt with more serving `options` (`{"finish_words": False}`); the base
-    model's answers and the base's score of its own answers are shared through `shared` with the calibration that
-    served without them (they do not depend on the options)."""
-
-    def __init__(self, answer: AnswerFn, options: dict[str, Any], shared: dict[Any, Any]):
-        self.answer, self.options, self.shared = answer, options, shared
+    def __init__(self, answer: AnswerFn, shared: dict[Any, Any]):
+        self.answer, self.shared = answer, shared
         if hasattr(answer, "nll"):
             self.nll = self._shared_nll
 
@@ -474,14 +449,43 @@ class WithOptions:
             if key not in self.shared:
                 self.shared[key] = self.answer(prompts, alphas, max_tokens)
             return self.shared[key]
-        extra: dict[str, Any] = {} if margin is None else {"margin": margin}
-        return self.answer(prompts, alphas, max_tokens, options=self.options, **extra)  # type: ignore[call-arg]
+        return self._unlearned(prompts, alphas, max_tokens, margin)
+
+    def _unlearned(
+        self, prompts: list[list[int]], alphas: list[float | None], max_tokens: int, margin: float | None
+    ) -> list[str]:
+        raise NotImplementedError
 
     def _shared_nll(self, texts: list[str]) -> float:
+        # the base answers' score (the relative perplexity's denominator) is asked again by every setting
         key = ("nll", tuple(texts))
         if key not in self.shared:
             self.shared[key] = self.answer.nll(texts)  # type: ignore[attr-defined]
         return self.shared[key]
+
+
+class AtMargin(SharedBase):
+    """`answer` serving every unlearned prompt at one `prefer` margin (`choose_margin`)."""
+
+    def __init__(self, answer: AnswerFn, margin: float, shared: dict[Any, Any]):
+        super().__init__(answer, shared)
+        self.margin = margin
+
+    def _unlearned(self, prompts, alphas, max_tokens, margin):
+        return self.answer(prompts, alphas, max_tokens, margin=self.margin)
+
+
+class WithOptions(SharedBase):
+    """`answer` serving every unlearned prompt with more serving `options` (`{"finish_words": False}`:
+    `choose_finish_words`); a margin asked by an `AtMargin` around it is passed on."""
+
+    def __init__(self, answer: AnswerFn, options: dict[str, Any], shared: dict[Any, Any]):
+        super().__init__(answer, shared)
+        self.options = options
+
+    def _unlearned(self, prompts, alphas, max_tokens, margin):
+        extra: dict[str, Any] = {} if margin is None else {"margin": margin}
+        return self.answer(prompts, alphas, max_tokens, options=self.options, **extra)  # type: ignore[call-arg]
 
 
 def choose_finish_words(on: Calibration, off: Calibration) -> Calibration:
