@@ -272,40 +272,26 @@ def main() -> None:
     print(f"per CPU second  off {best_cpu['off']:.1f}   on {best_cpu['on']:.1f} "
           f"({best_cpu['on'] / best_cpu['off']:.2f}x)   mixed 50/50 {best_cpu['mixed']:.1f} "
           f"({best_cpu['mixed'] / best_cpu['off']:.2f}x)   (best of {args.rounds} rounds)")
+    def report(variant: str, label: str, ratio: str, suffix: str = "") -> None:
+        """One A/B line: the variant's unlearned and mixed throughput, and the served configuration's over it."""
+        on, mixed = best[f"on, {variant}"], best[f"mixed, {variant}"]
+        print(f"{label}: on {on:.1f} ({on / best['off']:.2f}x)   mixed 50/50 {mixed:.1f} ({mixed / best['off']:.2f}x); "
+              f"{ratio}: on {best['on'] / on:.3f}x, mixed {best['mixed'] / mixed:.3f}x{suffix}")
+
+    without = " of its throughput without it"
     if args.guard_ab:
-        on, mixed = best["on, guard off"], best["mixed, guard off"]
-        print(f"repeat guard (n = {guard_n}) off: on {on:.1f} ({on / best['off']:.2f}x)   mixed 50/50 {mixed:.1f} "
-              f"({mixed / best['off']:.2f}x); the guard's cost: on {best['on'] / on:.3f}x, mixed "
-              f"{best['mixed'] / mixed:.3f}x of its throughput without it")
+        report("guard off", f"repeat guard (n = {guard_n}) off", "the guard's cost", without)
     if args.candidates_ab:
-        on, mixed = best["on, vocabulary-wide"], best["mixed, vocabulary-wide"]
-        print(f"vocabulary-wide candidate search: on {on:.1f} ({on / best['off']:.2f}x)   mixed 50/50 {mixed:.1f} "
-              f"({mixed / best['off']:.2f}x); the block search's gain: on {best['on'] / on:.3f}x, mixed "
-              f"{best['mixed'] / mixed:.3f}x")
+        report("vocabulary-wide", "vocabulary-wide candidate search", "the block search's gain")
     if args.split_ab:
-        on, mixed = best["on, no split"], best["mixed, no split"]
-        print(f"no split of wide rows: on {on:.1f} ({on / best['off']:.2f}x)   mixed 50/50 {mixed:.1f} "
-              f"({mixed / best['off']:.2f}x); the split's gain: on {best['on'] / on:.3f}x, mixed "
-              f"{best['mixed'] / mixed:.3f}x")
+        report("no split", "no split of wide rows", "the split's gain")
     if args.gate_ab:
-        on, mixed = best["on, ungated"], best["mixed, ungated"]
-        print(f"without the early-exit gate: on {on:.1f} ({on / best['off']:.2f}x)   mixed 50/50 {mixed:.1f} "
-              f"({mixed / best['off']:.2f}x); the gate's cost: on {best['on'] / on:.3f}x, mixed "
-              f"{best['mixed'] / mixed:.3f}x of its throughput without it")
+        report("ungated", "without the early-exit gate", "the gate's cost", without)
     if args.prefix_guard_ab:
-        on, mixed = best["on, no prefix guard"], best["mixed, no prefix guard"]
-        print(
-            f"without the prefix guard: on {on:.1f} ({on / best['off']:.2f}x)   mixed 50/50 {mixed:.1f} "
-            f"({mixed / best['off']:.2f}x); the guard's cost: on {best['on'] / on:.3f}x, mixed "
-            f"{best['mixed'] / mixed:.3f}x of its throughput without it"
-        )
+        report("no prefix guard", "without the prefix guard", "the guard's cost", without)
     if args.finish_words_ab:
-        on, mixed = best["on, finish_words flipped"], best["mixed, finish_words flipped"]
-        print(
-            f"finish_words {'off' if assistant.combine.finish_words else 'on'}: on {on:.1f} ({on / best['off']:.2f}x)"
-            f"   mixed 50/50 {mixed:.1f} ({mixed / best['off']:.2f}x); served / flipped: on {best['on'] / on:.3f}x, "
-            f"mixed {best['mixed'] / mixed:.3f}x"
-        )
+        flipped = "off" if assistant.combine.finish_words else "on"
+        report("finish_words flipped", f"finish_words {flipped}", "served / flipped")
     print(f"assistant served {'gated by the early exit' if assistant.combine.gate else 'ungated'}")
     print(f"finish_words {'on' if assistant.combine.finish_words else 'off'}")
     print(f"prefix guard {'on' if assistant.combine.prefix_guard else 'off'}")

@@ -201,3 +201,22 @@ def test_finishing_rows_equal_the_two_model_reference(tiny_llama, tokenizer, fin
     assert backend.resolve("u1", FINISH).combine.finish_words
     with pytest.raises(EngineInputError, match="finish_words"):
         backend.resolve("f1", {"finish_words": 1})
+
+
+def test_a_gated_row_that_finishes_words_reads_what_the_lora_learnt_once(monkeypatch):
+    """The gate and finishing words read the same test (a median per row): computed once per combination, and the
+    gate's per-row OR does not leak into what finishing words reads."""
+    import unlearn_serve.uld_combine as uld_combine
+
+    calls = []
+    original = uld_combine.learnt_preference
+    monkeypatch.setattr(uld_combine, "learnt_preference", lambda *a: calls.append(1) or original(*a))
+    prefixes = TokenPrefixes.from_texts(TEXTS)
+    target, assistant, previous, early = _rows()
+    alpha, lf = torch.tensor([2.0, 2.0]), torch.log(torch.full((2,), 1e-3))
+    kwargs = dict(prefer=True, margin=1.0, prefixes=prefixes, previous_ids=previous, early_exit_logits=early)
+    both = combine_logits(target, assistant, alpha, lf, finish_words=True, gate=torch.tensor([False, True]), **kwargs)
+    assert len(calls) == 1
+    # row 0 ungated: its penalty on "go" is exempt only by finishing words (a word begun), as without the gate
+    alone = combine_logits(target, assistant, alpha, lf, finish_words=True, **kwargs)
+    assert torch.equal(both[0], alone[0])

@@ -262,13 +262,15 @@ def assistant_penalty(
     margin: float | torch.Tensor = 0.0,
     early_exit: torch.Tensor | None = None,
     gate: bool | torch.Tensor = False,
+    learnt: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """What alpha multiplies, per [R, N] column: the assistant's logit (`difference`), or how far it lies more than
     `margin` above the assistant's median over the row's candidates `keep` (`prefer`: 0 for the candidates it does
     not prefer by more than the margin). `margin`: a float for every row or [R].
 
     `gate` (a bool for every row or [R]) with `early_exit` (the target's early-exit logits on the same columns): the
-    penalty only where the assistant prefers a candidate by more than the early exit does (module docstring).
+    penalty only where the assistant prefers a candidate by more than the early exit does (module docstring);
+    `learnt`: that test already computed (`learnt_preference`), so a caller that also finishes words runs it once.
 
     Values outside `keep` are irrelevant (the caller masks them to -inf)."""
     a = assistant.float()
@@ -280,9 +282,10 @@ def assistant_penalty(
             penalty = torch.where(prefer[:, None], penalty, a)
     if gate is False or early_exit is None:
         return penalty
-    learnt = learnt_preference(a, early_exit, keep, margin)
+    if learnt is None:
+        learnt = learnt_preference(a, early_exit, keep, margin)
     if gate is not True:
-        learnt |= ~gate[:, None]
+        learnt = learnt | ~gate[:, None]  # not in place: the caller may share `learnt` with finishing words
     return penalty * learnt
 
 
@@ -385,17 +388,27 @@ def _finished(
     prefixes: TokenPrefixes | None,
     previous_ids: torch.Tensor | None,
     token_ids: torch.Tensor | None,
+    learnt: torch.Tensor | None,
+) -> torch.Tensor:
+    if finish is False:
+        return penalty
+    if prefixes is None or previous_ids is None or learnt is None:
+        raise ValueError("finish_words needs the tokenizer's prefixes, each row's previous token and the early exit")
+    return finish_begun_words(penalty, prefixes, previous_ids, token_ids, finish, learnt)
+
+
+def _learnt_once(
     assistant: torch.Tensor,
     early_exit: torch.Tensor | None,
     keep: torch.Tensor,
     margin: float | torch.Tensor,
-) -> torch.Tensor:
-    if finish is False:
-        return penalty
-    if prefixes is None or previous_ids is None or early_exit is None:
-        raise ValueError("finish_words needs the tokenizer's prefixes, each row's previous token and the early exit")
-    learnt = learnt_preference(assistant, early_exit, keep, margin)
-    return finish_begun_words(penalty, prefixes, previous_ids, token_ids, finish, learnt)
+    gate: bool | torch.Tensor,
+    finish: bool | torch.Tensor,
+) -> torch.Tensor | None:
+    """`learnt_preference` when the gate or finishing words read it (one median per row for both), else None."""
+    if early_exit is None or (gate is False and finish is False):
+        return None
+    return learnt_preference(assistant, early_exit, keep, margin)
 
 
 def floor_combined(
@@ -617,11 +630,10 @@ def combine_logits(
     `previous_ids` [R] (the token the row's logits follow) and the `early_exit_logits`.
     """
     keep = plausible_mask(target_logits, log_filter, min_keep)
-    penalty = assistant_penalty(assistant_logits, keep, prefer, margin, early_exit_logits, gate)
+    learnt = _learnt_once(assistant_logits, early_exit_logits, keep, margin, gate, finish_words)
+    penalty = assistant_penalty(assistant_logits, keep, prefer, margin, early_exit_logits, gate, learnt)
     penalty = _guarded(penalty, keep, prefix_guard, prefixes, None)
-    penalty = _finished(
-        penalty, finish_words, prefixes, previous_ids, None, assistant_logits, early_exit_logits, keep, margin
-    )
+    penalty = _finished(penalty, finish_words, prefixes, previous_ids, None, learnt)
     combined = target_logits.float() - alpha[:, None] * penalty
     combined = floor_combined(combined, target_logits, penalty, keep, floor, prefer)
     return refilter_combined(combined.masked_fill(~keep, float("-inf")), target_logits, log_filter, refilter)
@@ -676,21 +688,12 @@ def combine_candidate_values(
     `token_ids` [R, M]; rows that finish words the prefixes, the `token_ids`, each row's `previous_ids` [R] and
     the early exit's logits."""
     on_candidates = target_candidate_logits.float()
-    penalty = assistant_penalty(assistant_candidate_logits, kept, prefer, margin, early_exit_logits, gate)
+    learnt = _learnt_once(assistant_candidate_logits, early_exit_logits, kept, margin, gate, finish_words)
+    penalty = assistant_penalty(assistant_candidate_logits, kept, prefer, margin, early_exit_logits, gate, learnt)
     if (prefix_guard is not False or finish_words is not False) and token_ids is None:
         raise ValueError("the prefix guard and finish_words need the candidates' token ids")
     penalty = _guarded(penalty, kept, prefix_guard, prefixes, token_ids)
-    penalty = _finished(
-        penalty,
-        finish_words,
-        prefixes,
-        previous_ids,
-        token_ids,
-        assistant_candidate_logits,
-        early_exit_logits,
-        kept,
-        margin,
-    )
+    penalty = _finished(penalty, finish_words, prefixes, previous_ids, token_ids, learnt)
     values = on_candidates - alpha[:, None] * penalty
     values = floor_combined(values, on_candidates, penalty, kept, floor, prefer)
     values = values.masked_fill(~kept, float("-inf"))
