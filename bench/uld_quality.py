@@ -509,9 +509,12 @@ def evaluate(
     settings: list[tuple[str | None, float | None, float | None, float | None]],
     no_repeat_substitution: int | None = None,
     uld_options: dict[str, Any] | None = None,
+    repeat_guard_after_substitution: bool = True,
 ):
     """One row per (rule, alpha, margin, filter) of `settings`; None = the artifact's default.
-    `no_repeat_substitution`: the repeat guard's n-gram size (EngineConfig's; None: its default). `uld_options`:
+    `no_repeat_substitution`: the repeat guard's n-gram size (EngineConfig's; None: its default), guarding every
+    position after the answer's first substitution or (`repeat_guard_after_substitution` False) the substitutions
+    only. `uld_options`:
     engine-level combination options for every row (as `unlearn-serve eval --uld-options`)."""
     import importlib
 
@@ -541,7 +544,12 @@ def evaluate(
             for k, v in patched.items():
                 setattr(mod, k, v)
     try:
-        config = EngineConfig(max_num_seqs=32, max_model_len=512, no_repeat_substitution=no_repeat_substitution)
+        config = EngineConfig(
+            max_num_seqs=32,
+            max_model_len=512,
+            no_repeat_substitution=no_repeat_substitution,
+            repeat_guard_after_substitution=repeat_guard_after_substitution,
+        )
         engine = Engine(model, tokenizer, config, "base")
         assistant = engine.load_uld("forget", artifact)
         questions = [c.question for c in suite.forget_checks]
@@ -731,6 +739,13 @@ def main(argv: list[str] | None = None) -> int:
         help="serve with this repeat-guard n-gram size (EngineConfig.no_repeat_substitution; 0 = off; default: the "
         "engine's)",
     )
+    parser.add_argument(
+        "--repeat-guard-scope",
+        choices=("answer", "substitutions"),
+        default="answer",
+        help="the repeat guard guards every position after an answer's first substitution (answer, the engine's "
+        "default) or the substituted positions only (EngineConfig.repeat_guard_after_substitution)",
+    )
     parser.add_argument("--show-answers", action="store_true", help="print every answer (base | unlearned)")
     parser.add_argument("--json", type=Path, help="also write all rows (answers included) to this file")
     args = parser.parse_args(argv)
@@ -816,6 +831,7 @@ def main(argv: list[str] | None = None) -> int:
                 settings,
                 no_repeat_substitution=args.no_repeat_substitution,
                 uld_options=uld_options,
+                repeat_guard_after_substitution=args.repeat_guard_scope == "answer",
             )
             for r in rows:
                 r.update(model=suite.name, variant=variant + label, train_s=seconds, checks=args.checks, base=variant)

@@ -1,5 +1,6 @@
 """The repeat guard: where the unlearning replaced the target's best token, the substitute never completes an n-gram
-the answer already holds; every other token, and every answer without unlearning, is untouched."""
+the answer already holds, and (the engine's default) from there on neither does any later token of that answer; every
+answer the unlearning never changed, and every answer without unlearning, is untouched."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from test_uld_serving import make_random_assistant
 from unlearn_serve.server.engine.engine import Engine, EngineConfig
-from unlearn_serve.server.engine.repeat_guard import guard_substitutions, repeat_completions
+from unlearn_serve.server.engine.repeat_guard import guard_substitutions, repeat_completions, substituted_rows
 from unlearn_serve.server.engine.sampler import row_argmax
 from unlearn_serve.server.engine.sampling_params import SamplingParams
 
@@ -33,6 +34,15 @@ def test_repeat_completions_lists_the_tokens_that_would_repeat_an_ngram():
     assert _banned(history, lengths, 8) == [set()] * 4  # longer than the history
 
 
+def test_repeat_completions_bans_a_third_copy_of_one_token():
+    """ "fantasy fantasy" must not become "fantasy fantasy fantasy" (a loop by `has_loop`) although no trigram repeats
+    yet; one copy, or two apart, is no run."""
+    history = [[4, 9, 9, 0, 0, 0], [9, 9, 4, 0, 0, 0], [9, 0, 0, 0, 0, 0], [7, 7, 7, 7, 0, 0]]
+    lengths = [3, 3, 1, 2]  # row 3: only "7 7" is real
+    assert _banned(history, lengths, 3) == [{9}, set(), set(), {7}]
+    assert _banned(history, lengths, 2)[0] == {9}
+
+
 def test_the_guard_acts_only_where_the_unlearning_changed_the_winner():
     inf = float("inf")
     logits = torch.tensor([[0.0, 3.0, 2.0, 1.0], [0.0, 3.0, 2.0, 1.0], [0.0, 3.0, -inf, -inf], [0.0, 3.0, 2.0, 1.0]])
@@ -46,6 +56,23 @@ def test_the_guard_acts_only_where_the_unlearning_changed_the_winner():
     assert guarded[1].argmax() == 2 and guarded[1, 1] == -inf  # the repeat removed, the next one wins
     assert torch.equal(guarded[2], logits[2])  # every finite candidate would repeat: the row keeps its logits
     assert torch.equal(guarded[3], guarded[1])
+
+
+def test_a_diverged_row_is_guarded_at_every_later_position():
+    """`diverged`: a row the unlearning changed earlier is guarded though its winner is now the target's own; the
+    state is updated in place with this step's substitutions, and a row never changed stays untouched."""
+    inf = float("-inf")
+    logits = torch.tensor([[0.0, 3.0, 2.0], [0.0, 3.0, 2.0], [0.0, 3.0, 2.0]])
+    target_best = torch.tensor([1, 1, 0])  # rows 0, 1: the target's own winner; row 2: substituted now
+    followers = torch.tensor([[1], [1], [1]])
+    repeats = torch.tensor([[True], [True], [True]])
+    diverged = torch.tensor([True, False, False])
+    guarded = guard_substitutions(logits.clone(), target_best, followers, repeats, diverged)
+    assert guarded[0, 1] == inf and guarded[0].argmax() == 2  # changed before: the target's own repeat is removed
+    assert torch.equal(guarded[1], logits[1])  # never changed: the target's own answer
+    assert guarded[2, 1] == inf
+    assert diverged.tolist() == [True, False, True]
+    assert substituted_rows(logits, target_best).tolist() == [False, False, True]
 
 
 @pytest.mark.parametrize("vocab", [512, 1000, 49152])
@@ -78,10 +105,31 @@ def strong_assistant(tiny_llama, tmp_path_factory):
     return make_random_assistant(tiny_llama, tmp_path_factory.mktemp("guard") / "a", 2, seed=0, defaults=defaults)
 
 
-def _serve(model, tokenizer, artifact, n: int, selection):
-    engine = Engine(
-        copy.deepcopy(model), tokenizer, EngineConfig(max_model_len=96, max_num_seqs=8, no_repeat_substitution=n)
+def _repeats_after_first_substitution(trace, n: int) -> int:
+    """Positions after the answer's first substitution (itself included) whose n-gram already occurs earlier in the
+    answer, or that write one token a third time in a row."""
+    tokens, count = trace.tokens, 0
+    first = next((i for i, changed in enumerate(trace.substituted) if changed), len(tokens))
+    for i in range(first, len(tokens)):
+        gram = tokens[i - n + 1 : i + 1]
+        repeat = i >= n - 1 and any(tokens[j : j + n] == gram for j in range(i - n + 1))
+        count += repeat or (i >= 2 and tokens[i] == tokens[i - 1] == tokens[i - 2])
+    return count
+
+
+@pytest.fixture(scope="module")
+def weak_assistant(tiny_llama, tmp_path_factory):
+    """A random assistant subtracted lightly (alpha 3): it changes four of the six answers, at a few positions, and the
+    tiny target then repeats itself on its own."""
+    defaults = {"alpha": 3.0, "rule": "difference", "refilter": False}
+    return make_random_assistant(tiny_llama, tmp_path_factory.mktemp("weak") / "a", 2, seed=0, defaults=defaults)
+
+
+def _serve(model, tokenizer, artifact, n: int, selection, after_substitution: bool = True):
+    config = EngineConfig(
+        max_model_len=96, max_num_seqs=8, no_repeat_substitution=n, repeat_guard_after_substitution=after_substitution
     )
+    engine = Engine(copy.deepcopy(model), tokenizer, config)
     engine.load_uld("a", artifact)
     prompts = [engine.encode_prompt(p) for p in PROMPTS]
     results = engine.generate(prompts, SamplingParams(max_tokens=40, temperature=0.0), selection)
@@ -98,6 +146,25 @@ def test_served_substitutions_never_repeat_an_ngram(tiny_llama, tokenizer, stron
         repeats[size] = sum(_substituted_repeats(t, n) for t in traces)
     assert repeats[0] > 0  # without the guard the substitutes repeat the answer (so the check below can fail)
     assert repeats[n] == 0
+
+
+def test_after_the_first_substitution_no_position_repeats(tiny_llama, tokenizer, weak_assistant):
+    """The engine's default reach: once the unlearning changed an answer, no later token (the target's own choices
+    included) repeats an n-gram or writes a token a third time in a row; with the reach limited to the substituted
+    positions the target's own repeats remain (so the check can fail). Answers never changed are the target's."""
+    counts, changed = {}, {}
+    for after in (False, True):
+        engine, prompts, completions = _serve(tiny_llama, tokenizer, weak_assistant, 3, "a", after)
+        traces = trace_served(engine, prompts, completions)
+        counts[after] = sum(_repeats_after_first_substitution(t, 3) for t in traces)
+        changed[after] = [any(t.substituted) for t in traces]
+    assert counts[False] > 0 and counts[True] == 0
+    plain = [c.token_ids for c in _serve(tiny_llama, tokenizer, weak_assistant, 0, None)[2]]
+    served = [c.token_ids for c in _serve(tiny_llama, tokenizer, weak_assistant, 3, "a")[2]]
+    assert not all(changed[True]) and any(changed[True])
+    for was_changed, got, own in zip(changed[True], served, plain, strict=True):
+        if not was_changed:
+            assert got == own
 
 
 def test_answers_without_unlearning_are_untouched(tiny_llama, tokenizer, strong_assistant):

@@ -509,6 +509,52 @@ def test_calibration_keeps_finishing_words_unless_off_forgets_more():
     assert cal.finish_words is True and not cal.met
 
 
+def test_an_ungated_draft_is_served_gated_only_when_that_meets_every_target(monkeypatch):
+    """A uniform-reference draft (served ungated) that misses a target is calibrated again gated by the early exit
+    (finishing words decided inside each), sharing the base's answers; the gate is stored only when the gated
+    calibration meets every target and the ungated does not. A gated draft, a met one, or `calibration_gate=False`
+    never asks gated."""
+    from unlearn_serve.training import data
+    from unlearn_serve.training.uld import _calibrate_answers, calibrated_defaults
+
+    def served(ungated: tuple[float, float], gated: tuple[float, float], draft_gate=None, **overrides):
+        calls: list = []
+        # the stand-in's per-"margin" thresholds stand for ungated (0) and gated (1), finishing words alike
+        encode, inner = _fake_answers(99, 99, calls, by_margin={0.0: ungated, 1.0: gated})
+        monkeypatch.setattr(data, "encode_prompt", lambda tokenizer, q, template=None: encode(q))
+        seen: list = []
+
+        def answer(prompts, alphas, max_tokens, margin=None, options=None):
+            seen.append(dict(options or {}))
+            if all(a is None for a in alphas):
+                return inner(prompts, alphas, max_tokens)
+            return inner(prompts, alphas, max_tokens, margin=1.0 if (options or {}).get("gate") else 0.0)
+
+        config = ULDTrainingConfig(**overrides)
+        cal = _calibrate_answers(answer, None, FORGET, RETAIN[:3], None, config, (0.01, "prefer", 1), draft_gate)
+        return cal, calls, seen
+
+    # ungated names facts at every alpha (finishing words on, then off); gated forgets from alpha 1: gated
+    cal, calls, seen = served((99, 99), (1.0, 99))
+    assert cal.gate == "early_exit" and cal.met and cal.alpha == 1.0 and cal.finish_words is True
+    assert sum(c == [] for c in calls) == 1  # the base model asked once for all three calibrations
+    assert {"gate": "early_exit"} in seen and {"finish_words": False} in seen
+    assert calibrated_defaults(cal)["gate"] == "early_exit"
+    assert cal.verdict().endswith("[early-exit gate: off (alpha 0.25: names facts), on (alpha 1: targets met) -> on]")
+    record = cal.to_manifest()
+    assert record["gate"] == "early_exit" and len(record["gate_tried"]) == 2
+    assert all("answers" not in c for c in record["gate_tried"])
+    # gated forgets but loses retain answers, ungated names facts: neither meets, ungated stays (stored: compared)
+    cal, _, _ = served((99, 99), (1.0, 0.5))
+    assert cal.gate is None and not cal.met and len(cal.gate_tried) == 2
+    assert "gate" in calibrated_defaults(cal) and calibrated_defaults(cal)["gate"] is None
+    # ungated meets: gated never asked; a gated draft, or the comparison turned off: never either
+    never = (((1.0, 99), {}), ((99, 99), {"draft_gate": "early_exit"}), ((99, 99), {"calibration_gate": False}))
+    for ungated, kwargs in never:
+        cal, _, seen = served(ungated, (1.0, 99), **kwargs)
+        assert not any("gate" in o for o in seen) and cal.gate_tried == [] and "gate" not in calibrated_defaults(cal)
+
+
 def test_the_draft_is_served_at_the_margin_the_calibration_records():
     """A single calibrated margin is the one the draft is served at (else the verdict and the manifest would name a
     margin the answers never saw); --default-margin is the only margin; `difference` has none."""

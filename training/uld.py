@@ -83,6 +83,7 @@ from unlearn_serve.training.uld_calibrate import (
     WithOptions,
     calibrate,
     choose_finish_words,
+    choose_gate,
 )
 from unlearn_serve.training.uld_weights import (
     ECHO,
@@ -160,6 +161,9 @@ class ULDTrainingConfig:
     default_floor: float | None = None  # the penalty's floor; None: uld_combine.DEFAULT_FLOOR; inf: off
     default_prefix_guard: bool | None = None  # the prefix guard; None: uld_combine.DEFAULT_PREFIX_GUARD
     default_finish_words: bool | None = None  # finishing words; None: uld_combine.DEFAULT_FINISH_WORDS
+    # an ungated (uniform-reference) build that misses a calibration target is calibrated gated by the early exit too,
+    # and served gated when that meets every target (uld_calibrate.choose_gate)
+    calibration_gate: bool = True
     # forget CE weighted towards knowledge-carrying tokens, flat elsewhere (training/uld_weights.py)
     forget_weighting: bool = True
     weighting_tau: float = 1.0  # (with contrasts) nats of "more likely after this question" for weight 1
@@ -1026,6 +1030,8 @@ def _train_uld_once(
             # explicit --default-alpha / --default-filter win over the calibrated values
             calibrated = calibrated_defaults(calibration)
             defaults = {**calibrated, **defaults}
+            if "gate" in calibrated:  # the calibration gated an ungated build (`choose_gate`)
+                defaults["gate"] = calibrated["gate"]
     if trainer.args.should_save:
         save_uld_artifact(peft_model, out, base_fingerprint, details, summary, state, defaults)
         if not keep_checkpoints:
@@ -1124,6 +1130,8 @@ def calibrated_defaults(calibration: Calibration) -> dict[str, Any]:
     picked = {"alpha": calibration.alpha, "filter": calibration.filter, "rule": calibration.rule}
     if calibration.finish_words is not None:  # it compared finishing words on and off
         picked["finish_words"] = calibration.finish_words
+    if calibration.gate_tried:  # it compared an ungated draft with and without the early-exit gate
+        picked["gate"] = calibration.gate
     return picked | ({} if calibration.margin is None else {"margin": calibration.margin})
 
 
@@ -1135,8 +1143,10 @@ def _calibrate_answers(
     train_retain: list[dict[str, Any]] | None,
     config: ULDTrainingConfig,
     settings: tuple[float, str, int],
+    draft_gate: str | None,
 ) -> Calibration | None:
-    """`calibrate` on a served draft's answer function, with `config`'s targets and sizes."""
+    """`calibrate` on a served draft's answer function, with `config`'s targets and sizes; `draft_gate`: the gate the
+    draft is served with (an ungated one may be calibrated gated too: `choose_gate`)."""
     from unlearn_serve.training.data import encode_prompt
 
     filter_value, rule, probes = settings
@@ -1161,16 +1171,25 @@ def _calibrate_answers(
             topic=config.validation_topic,
         )
 
-    if not (_served_finish_words(config) and rule == "prefer"):
-        return run(answer)
-    # the draft finishes words; when that misses a target, the same calibration without it decides
-    # (uld_calibrate.choose_finish_words)
     shared: dict[Any, Any] = {}
-    on = run(WithOptions(answer, {}, shared))
-    if on is None or on.met:
-        return on if on is None else replace(on, finish_words=True)
-    off = run(WithOptions(answer, {"finish_words": False}, shared))
-    return on if off is None else choose_finish_words(on, off)
+
+    def with_finish_words(options: dict[str, Any]) -> Calibration | None:
+        if not (_served_finish_words(config) and rule == "prefer"):
+            return run(WithOptions(answer, options, shared))
+        # the draft finishes words; when that misses a target, the same calibration without it decides
+        # (uld_calibrate.choose_finish_words)
+        on = run(WithOptions(answer, options, shared))
+        if on is None or on.met:
+            return on if on is None else replace(on, finish_words=True)
+        off = run(WithOptions(answer, options | {"finish_words": False}, shared))
+        return on if off is None else choose_finish_words(on, off)
+
+    ungated = with_finish_words({})
+    if ungated is None or ungated.met or draft_gate is not None or rule != "prefer" or not config.calibration_gate:
+        return ungated
+    # an ungated draft that misses a target: the same calibration gated by the early exit (uld_calibrate.choose_gate)
+    gated = with_finish_words({"gate": "early_exit"})
+    return ungated if gated is None else choose_gate(ungated, gated)
 
 
 def _calibrate(
@@ -1210,7 +1229,9 @@ def _calibrate(
             },
         )
         answer = serve(base, tokenizer, draft)
-        return _calibrate_answers(answer, tokenizer, forget_records, validation_retain, train_retain, config, settings)
+        return _calibrate_answers(
+            answer, tokenizer, forget_records, validation_retain, train_retain, config, settings, config.served_gate()
+        )
 
 
 def _served_prefix_guard(config: ULDTrainingConfig) -> bool:
@@ -1254,10 +1275,17 @@ def recalibrate_uld(
         for f in source.iterdir():
             if f.is_file():
                 shutil.copy2(f, tmp / f.name)
+        # the gate the weights were trained for (an earlier calibration may have gated a uniform build:
+        # `choose_gate` decides again); manifests without the training's flat reference keep theirs
+        trained_for = manifest.training.get("flat_reference")
+        gate = manifest.defaults.get("gate")
+        if trained_for is not None:
+            gate = "early_exit" if trained_for == "early_exit" and rule == "prefer" else None
         # today's margin, floor and prefix guard too: a manifest without them was calibrated for margin 0, no floor
         # and no guard
         manifest.defaults = {
             **manifest.defaults,
+            "gate": gate,
             "filter": filter_value,
             "rule": rule,
             "margin": _served_margin(config),
@@ -1268,7 +1296,14 @@ def recalibrate_uld(
         save_manifest(manifest, tmp)
         answer = serve(shared_copy(model), tokenizer, tmp)
         calibration = _calibrate_answers(
-            answer, tokenizer, forget_records, validation_retain, train_retain, config, settings
+            answer,
+            tokenizer,
+            forget_records,
+            validation_retain,
+            train_retain,
+            config,
+            settings,
+            gate,
         )
         if calibration is not None:
             calibrated = calibrated_defaults(calibration)

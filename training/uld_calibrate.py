@@ -196,6 +196,10 @@ class Calibration:
     # compared on and off (`choose_finish_words`): both calibrations, on first
     finish_words: bool | None = None
     finish_words_tried: list[Calibration] = field(default_factory=list)
+    # the gate (uld_combine.py) the calibration chose for an ungated draft (`choose_gate`): "early_exit" or None, and
+    # both calibrations, ungated first; empty when it did not compare
+    gate: str | None = None
+    gate_tried: list[Calibration] = field(default_factory=list)
 
     @property
     def chosen(self) -> AlphaScore | None:
@@ -230,6 +234,9 @@ class Calibration:
                 f"{'on' if i == 0 else 'off'} ({c.outcome_summary()})" for i, c in enumerate(self.finish_words_tried)
             )
             tried += f" [finishing words: {both} -> {'on' if self.finish_words else 'off'}]"
+        if len(self.gate_tried) > 1:
+            ungated, gated = (c.outcome_summary() for c in self.gate_tried)
+            tried += f" [early-exit gate: off ({ungated}), on ({gated}) -> {'on' if self.gate else 'off'}]"
         if self.met:
             return line + ": targets met" + tried
         hints = []
@@ -287,6 +294,9 @@ class Calibration:
         )
         if len(self.finish_words_tried) > 1:
             tried["finish_words_tried"] = [_without_answers(c.to_manifest()) for c in self.finish_words_tried]
+        if len(self.gate_tried) > 1:
+            tried["gate"] = self.gate
+            tried["gate_tried"] = [_without_answers(c.to_manifest()) for c in self.gate_tried]
         return tried | {
             "finish_words": self.finish_words,
             "alpha": self.alpha,
@@ -510,6 +520,18 @@ def choose_finish_words(on: Calibration, off: Calibration) -> Calibration:
         elif not forgets_on and s_on is not None and s_off is not None and s_off.leaked < s_on.leaked:
             chosen = off
     return replace(chosen, finish_words=chosen is on, finish_words_tried=[on, off])
+
+
+def choose_gate(ungated: Calibration, gated: Calibration) -> Calibration:
+    """The early-exit gate on an ungated draft (a uniform-reference assistant), from one calibration each: on only
+    when that meets every target and ungated does not. Why: a K-layer assistant trained against uniform also prefers
+    the likely next word on the forget topic ("The", "of", "is"); ungated, alpha times that is subtracted too, and on
+    SmolLM2 41% of the forget answers' tokens changed (perplexity 2.3x the base's answers); gated, only what the LoRA
+    learnt over the early exit is subtracted (1.6-1.8x). Only when every target is met, because where the early exit
+    already knows the facts (TOFU's 4-layer target at K = 2) the gate closes on them: its greedy answers may still look
+    forgotten while their probabilities are not (TOFU full: forget quality 2e-26 gated, docs/benchmarks.md 30)."""
+    chosen = gated if gated.met and not ungated.met else ungated
+    return replace(chosen, gate="early_exit" if chosen is gated else None, gate_tried=[ungated, gated])
 
 
 def choose_margin(tried: list[Calibration]) -> Calibration:

@@ -52,6 +52,7 @@ from unlearn_serve.server.engine.repeat_guard import (
     DEFAULT_NO_REPEAT_NGRAM,
     guard_substitutions,
     repeat_completions,
+    substituted_rows,
 )
 from unlearn_serve.server.engine.sampler import SamplingBatch, apply_penalties, gather_logprobs, row_argmax, sample
 from unlearn_serve.server.engine.sampling_params import SamplingParams, SamplingParamsError
@@ -104,6 +105,11 @@ class EngineConfig:
     # n-gram size: where the unlearning replaced the target's best token, candidates that would repeat an n-gram of
     # the answer are removed (server/engine/repeat_guard.py). 0: off; None: DEFAULT_NO_REPEAT_NGRAM.
     no_repeat_substitution: int | None = None
+    # The repeat guard's reach: from the first position where the unlearning changed an answer on, every later position
+    # of that answer (True), or only the changed positions themselves (False). A small target steered off the fact it
+    # wanted to write often loops on its own a few tokens later ("a fantasy fantasy fantasy ..."); an answer the
+    # unlearning never changed is the target's own either way (repeat_guard.py).
+    repeat_guard_after_substitution: bool = True
     # Asynchronous output processing: a decode step is launched before the previous step's tokens are read back and
     # processed (detokenised, stop rules), so the host's work overlaps the device's. None: on CUDA only (on CPU the
     # host does the device's work itself: nothing to overlap). Outputs then come one step later.
@@ -203,6 +209,8 @@ class Engine:
         self._guard_n = 0
         self._history = torch.zeros(m, 0, dtype=torch.int32, device=self.device)
         self._history_len = torch.zeros(m, dtype=torch.long, device=self.device)
+        # per slot: the unlearning changed this answer at some position (the guard's reach, EngineConfig)
+        self._diverged = torch.zeros(m, dtype=torch.bool, device=self.device)
         n = self.config.no_repeat_substitution
         self.set_no_repeat_substitution(DEFAULT_NO_REPEAT_NGRAM if n is None else n)
 
@@ -454,6 +462,10 @@ class Engine:
         layout = self.builder.prefill(seqs)
         hidden_t, hidden_a, early_a = self.runner.forward(layout.batch, self.assistants.rows)
         logits = self.runner.logits(hidden_t[layout.logit_rows, layout.logit_pos])
+        last_index = torch.tensor(layout.last_index, device=dev)
+        guarded = self._guarded(layout.plans)
+        if guarded:
+            target_best = row_argmax(logits[last_index])
         for backend, plan in layout.plans:
             logits = backend.process_logits(plan, logits, hidden_a, early_a)
         for i, seq in enumerate(seqs):
@@ -463,7 +475,7 @@ class Engine:
                 start, end = layout.spans[i]
                 request.prompt_logprobs = prompt_logprobs(logits[start:end], request.prompt_token_ids, k)
 
-        last = logits[torch.tensor(layout.last_index, device=dev)]
+        last = logits[last_index]
         params = [s.request.params for s in seqs]
         sampling = SamplingBatch.build(params, [s.generator for s in seqs], self.vocab_size, dev)
         slots = torch.tensor([s.slot for s in seqs], device=dev)
@@ -477,9 +489,10 @@ class Engine:
         tokens = sample(processed, sampling)
         if sampling.any_penalty:
             self._output_counts[slots, tokens] += 1
-        if self._guarded(layout.plans):
+        if guarded:
             self._history[slots, 0] = tokens.to(self._history.dtype)
             self._history_len[slots] = 1
+            self._diverged[slots] = substituted_rows(last, target_best)
         want = [i for i, s in enumerate(seqs) if s.request.params.logprobs is not None]
         entries = self._token_logprobs(last, tokens, want, [seqs[i].request.params.logprobs for i in want])
         for i, (seq, token) in enumerate(zip(seqs, tokens.tolist(), strict=True)):
@@ -640,7 +653,8 @@ class Engine:
         if guard:
             history = self._history[:n, :guard_width]
             followers, repeats = repeat_completions(history, self._history_len[:n], self._guard_n)
-            logits = guard_substitutions(logits, target_best, followers, repeats)
+            diverged = self._diverged[:n] if self.config.repeat_guard_after_substitution else None
+            logits = guard_substitutions(logits, target_best, followers, repeats, diverged)
         sampling = state.sampling
         processed = apply_penalties(logits, sampling, self._prompt_mask[:n], self._output_counts[:n])
         tokens = sample(processed, sampling)

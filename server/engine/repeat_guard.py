@@ -48,21 +48,44 @@ def repeat_completions(history: torch.Tensor, lengths: torch.Tensor, n: int) -> 
     # a window counts when it lies inside the output and its context is a real one (length >= n - 1)
     start = torch.arange(windows.shape[1], device=history.device)
     repeats &= (start[None, :] + n <= lengths[:, None]) & (lengths[:, None] >= n - 1)
-    return windows[..., n - 1].long(), repeats
+    followers = windows[..., n - 1].long()
+    if n > 1:
+        # a third copy of one token in a row ("fantasy fantasy fantasy"): no n-gram repeats yet for n > 2, but the
+        # answer loops (training/leak.py `has_loop`); the answer's last token is banned where it already ends twice
+        last_two = history.gather(1, (lengths[:, None] - 2 + torch.arange(2, device=history.device)).clamp_min(0))
+        twice = (last_two[:, :1] == last_two[:, 1:]) & (lengths[:, None] >= 2)
+        followers = torch.cat([followers, last_two[:, 1:].long()], dim=1)
+        repeats = torch.cat([repeats, twice], dim=1)
+    return followers, repeats
+
+
+def substituted_rows(logits: torch.Tensor, target_best: torch.Tensor) -> torch.Tensor:
+    """[R] bool: the target's own best token `target_best` [R] no longer wins in the unlearned [R, V] `logits` (a tie
+    with the winner counts as kept)."""
+    return logits.gather(1, target_best[:, None]).squeeze(1) < logits.amax(dim=-1)
 
 
 def guard_substitutions(
-    logits: torch.Tensor, target_best: torch.Tensor, followers: torch.Tensor, repeats: torch.Tensor
+    logits: torch.Tensor,
+    target_best: torch.Tensor,
+    followers: torch.Tensor,
+    repeats: torch.Tensor,
+    diverged: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """In place: -inf for the repeating `followers` (`repeat_completions`) of the rows whose winner in the [R, V]
     unlearned `logits` is not the target's own best token `target_best` [R]; a row that would be left without a
     finite logit keeps its logits. Returns `logits`.
 
+    `diverged` ([R] bool, updated in place): the rows whose answer the unlearning already changed at an earlier
+    position; they are guarded at every position, the target's own choices included (module docstring).
+
     Two `amax` reads of [R, V] and writes of [R, W] only: the guard runs every decode step."""
+    substituted = substituted_rows(logits, target_best)
+    if diverged is not None:
+        diverged |= substituted
+        substituted = diverged
     if followers.shape[1] == 0:
         return logits
-    # the target's own token no longer wins (a tie with the winner counts as kept)
-    substituted = logits.gather(1, target_best[:, None]).squeeze(1) < logits.amax(dim=-1)
     banned = repeats & substituted[:, None]
     original = logits.gather(1, followers)
     # amin with +inf / -inf: a token banned by any of its windows ends at -inf (no last-write-wins between windows)
