@@ -125,6 +125,12 @@ def main() -> None:
         "rounds (what the guard costs, free of run-to-run drift)",
     )
     parser.add_argument(
+        "--guard-scope-ab",
+        action="store_true",
+        help="also time the unlearned and mixed loads with the repeat guard on the substituted positions only (not "
+        "every position after an answer's first substitution), interleaved in the same rounds",
+    )
+    parser.add_argument(
         "--candidates-ab",
         action="store_true",
         help="also time the unlearned and mixed loads with the vocabulary-wide candidate search the engine used before "
@@ -204,6 +210,8 @@ def main() -> None:
         guard_n = engine.no_repeat_substitution
         if args.guard_ab:
             runs |= {"on, guard off": [], "mixed, guard off": []}
+        if args.guard_scope_ab:
+            runs |= {"on, substitutions only": [], "mixed, substitutions only": []}
         if args.candidates_ab:
             runs |= {"on, vocabulary-wide": [], "mixed, vocabulary-wide": []}
         if args.split_ab:
@@ -232,6 +240,11 @@ def main() -> None:
                 runs["on, guard off"].append(tok_s(["forget"] * n))
                 runs["mixed, guard off"].append(tok_s(["forget" if i % 2 else None for i in range(n)]))
                 engine.set_no_repeat_substitution(guard_n)
+            if args.guard_scope_ab:
+                engine.config.repeat_guard_after_substitution = False  # read each step; no sequence runs now
+                runs["on, substitutions only"].append(tok_s(["forget"] * n))
+                runs["mixed, substitutions only"].append(tok_s(["forget" if i % 2 else None for i in range(n)]))
+                engine.config.repeat_guard_after_substitution = True
             if args.candidates_ab:
                 engine.uld.process_logits = types.MethodType(vocabulary_wide_process_logits, engine.uld)
                 runs["on, vocabulary-wide"].append(tok_s(["forget"] * n))
@@ -281,6 +294,8 @@ def main() -> None:
     without = " of its throughput without it"
     if args.guard_ab:
         report("guard off", f"repeat guard (n = {guard_n}) off", "the guard's cost", without)
+    if args.guard_scope_ab:
+        report("substitutions only", "repeat guard on substituted positions only", "every later position's cost")
     if args.candidates_ab:
         report("vocabulary-wide", "vocabulary-wide candidate search", "the block search's gain")
     if args.split_ab:

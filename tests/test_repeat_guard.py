@@ -193,3 +193,18 @@ def test_switching_the_guard_between_requests(tiny_llama, tokenizer, strong_assi
     engine.step()  # admitted: it runs now
     with pytest.raises(RuntimeError, match="while no sequence runs"):
         engine.set_no_repeat_substitution(0)
+
+
+def test_the_serve_flag_sets_the_guards_reach(tiny_llama_dir):
+    import argparse
+
+    from unlearn_serve.cli.serve import build_engine, configure
+
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    base = ["--model", str(tiny_llama_dir), "--device", "cpu", "--max-model-len", "64", "--max-num-seqs", "2"]
+    assert build_engine(parser.parse_args(base)).config.repeat_guard_after_substitution is True
+    limited = build_engine(parser.parse_args([*base, "--repeat-guard-scope", "substitutions"]))
+    assert limited.config.repeat_guard_after_substitution is False
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--repeat-guard-scope", "everywhere"])

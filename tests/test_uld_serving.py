@@ -281,8 +281,9 @@ def test_unload_waits_for_in_flight(engine, tokenizer):
 
 
 def test_overhead_bench_runs_its_comparisons_end_to_end():
-    """bench/uld_overhead.py on a small random Llama with its six A/B comparisons (the repeat guard off, the
-    vocabulary-wide candidate search, no split of wide rows, no gate, no prefix guard, finishing words flipped): every
+    """bench/uld_overhead.py on a small random Llama with its seven A/B comparisons (the repeat guard off or on the
+    substituted positions only, the vocabulary-wide candidate search, no split of wide rows, no gate, no prefix guard,
+    finishing words flipped): every
     configuration runs and is reported (the figures themselves are the bench's, not asserted here)."""
     import subprocess
     import sys
@@ -292,12 +293,12 @@ def test_overhead_bench_runs_its_comparisons_end_to_end():
     args = ["--layers", "2", "--hidden", "64", "--requests", "4", "--max-tokens", "6", "--rounds", "1"]
     proc = subprocess.run(
         [sys.executable, str(script), *args, "--guard-ab", "--candidates-ab", "--split-ab", "--gate-ab"]
-        + ["--prefix-guard-ab", "--finish-words-ab"],
+        + ["--prefix-guard-ab", "--finish-words-ab", "--guard-scope-ab"],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     for line in ("output tok/s  off", "repeat guard (n = 3) off: on", "vocabulary-wide candidate search: on",
                  "no split of wide rows: on", "without the early-exit gate: on", "without the prefix guard: on",
                  "assistant served gated", "prefix guard on", "finish_words off: on", "finish_words on",
-                 "resident memory"):
+                 "repeat guard on substituted positions only: on", "resident memory"):
         assert line in proc.stdout, proc.stdout

@@ -537,6 +537,7 @@ def test_cli_trains_end_to_end(tiny_llama_dir, tmp_path, capsys):
     argv += ["--batch-size", "2", "--grad-accum", "1", "--no-progress", "--seed", "1"]
     settings = ["--default-alpha", "0.4", "--default-margin", "0.5", "--default-floor", "5", "--fact-set-weight", "0.5"]
     settings += ["--validation-max-tokens", "12", "--topic", "--no-prefix-guard", "--no-finish-words"]
+    settings += ["--no-calibration-gate"]
     assert cli.main([*argv, *settings]) == 0
     stdout = capsys.readouterr().out
     assert "forget CE" in stdout and "retain KL" in stdout and str(out) in stdout
@@ -551,6 +552,9 @@ def test_cli_trains_end_to_end(tiny_llama_dir, tmp_path, capsys):
     data = manifest["training"]["data"]
     assert data["forget"]["sha256"] == file_sha256(forget) and data["retain"]["records"] == 3
     assert manifest["training"]["seed"] == 1 and manifest["details"]["assistant_layers"] == 1
+    # --no-calibration-gate: a uniform build stays ungated whatever its calibration finds (uld_calibrate.choose_gate)
+    assert manifest["training"]["calibration_gate"] is False
+    assert "gate_tried" not in manifest["training"]["calibration"]
     defaults = {"alpha": 0.4, "filter": 0.01, "rule": DEFAULT_RULE, "refilter": True, "margin": 0.5, "floor": 5.0}
     defaults["prefix_guard"] = False  # --no-prefix-guard (new artifacts: true, tests/test_prefix_guard.py)
     defaults["finish_words"] = False  # --no-finish-words (tests/test_finish_words.py)

@@ -949,6 +949,7 @@ def _train_uld_once(
             "retain_kl_averaging": "token mean over the retain batch's answer tokens (no prompt, no padding)",
             "retain_weight": config.retain_weight,
             "flat_reference": config.flat_reference,
+            "calibration_gate": config.calibration_gate,
             "early_exit_forget_ce": early_ce,
             "learning_rate": config.learning_rate,
             "warmup_ratio": config.warmup_ratio,

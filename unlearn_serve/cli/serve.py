@@ -68,6 +68,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="where unlearning replaces the model's own next token, never with one that repeats an N-gram of the "
         "answer (0 = off; default: the engine's, 3; docs/uld.md)",
     )
+    parser.add_argument(
+        "--repeat-guard-scope",
+        choices=("answer", "substitutions"),
+        default="answer",
+        help="where the repeat guard acts: every position of an answer from the first one the unlearning changed "
+        "(answer, the default) or only the changed positions (substitutions); docs/uld.md",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(
@@ -128,6 +135,7 @@ def build_engine(args: argparse.Namespace):
         enforce_eager=args.enforce_eager,
         async_output=args.async_output,
         no_repeat_substitution=args.no_repeat_substitution,
+        repeat_guard_after_substitution=args.repeat_guard_scope == "answer",
     )
     engine = Engine(model, tokenizer, config, model_name=args.served_model_name or args.model)
     for name, path in parse_named_dirs(args.uld, "--uld"):

@@ -95,6 +95,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "as the target would, unless the LoRA learnt its ending; docs/uld.md)",
     )
     parser.add_argument(
+        "--no-calibration-gate",
+        dest="calibration_gate",
+        action="store_false",
+        help="never serve a uniform-reference build gated by the early exit (default: when the ungated calibration "
+        "misses a target and the gated one meets every target, the manifest stores gate early_exit; docs/uld.md)",
+    )
+    parser.add_argument(
         "--no-forget-weighting",
         dest="forget_weighting",
         action="store_false",
@@ -224,6 +231,7 @@ def run(args: argparse.Namespace) -> int:
         default_floor=default_floor,
         default_prefix_guard=args.default_prefix_guard,
         default_finish_words=args.default_finish_words,
+        calibration_gate=args.calibration_gate,
         forget_weighting=args.forget_weighting,
         flat_reference=args.flat_reference,
         **optional,
