@@ -13,6 +13,7 @@ from unlearn_serve.server.engine.engine import Engine, EngineConfig
 from unlearn_serve.server.engine.repeat_guard import guard_substitutions, repeat_completions, substituted_rows
 from unlearn_serve.server.engine.sampler import row_argmax
 from unlearn_serve.server.engine.sampling_params import SamplingParams
+from unlearn_serve.server.engine.sequence import Selection
 
 from unlearn_serve.evaluation.trace import trace_served
 
@@ -208,3 +209,28 @@ def test_the_serve_flag_sets_the_guards_reach(tiny_llama_dir):
     assert limited.config.repeat_guard_after_substitution is False
     with pytest.raises(SystemExit):
         parser.parse_args([*base, "--repeat-guard-scope", "everywhere"])
+
+
+def test_a_plain_answer_in_a_slot_an_unlearned_one_diverged_in_is_untouched(tiny_llama, tokenizer, strong_assistant):
+    """Slot state must not leak between sequences: an unlearned answer marks its slot diverged; a plain request later
+    prefilled into that slot in a batch without unlearned rows (no guard there), then decoded next to an unlearned
+    row (the guard on), is still the target's own answer (which repeats itself: the check can fail)."""
+    from unlearn_serve.server.engine.sequence import Request
+
+    engine, prompts, _ = _serve(tiny_llama, tokenizer, strong_assistant, 3, "a")  # every answer changed: slots diverged
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)  # long plain answers that loop
+    reference = _serve(tiny_llama, tokenizer, strong_assistant, 3, None)[0]
+    plain = [r.completions[0].token_ids for r in reference.generate(prompts, params, None)]
+    assert all(len(set(p)) < len(p) // 2 for p in plain)
+    for i, prompt in enumerate(prompts):
+        got: list[int] = []
+        ids = [engine.new_request_id() for _ in range(2)]
+        engine.add_request(Request(ids[0], prompt, params))
+        outputs = engine.step()  # prefilled alone: a batch without unlearned rows
+        engine.add_request(Request(ids[1], prompts[(i + 1) % len(prompts)], params, Selection("a")))
+        while engine.has_work():
+            outputs += engine.step()
+        for out in outputs:
+            if out.request_id == ids[0]:
+                got += out.outputs[0].token_ids
+        assert got == plain[i], i

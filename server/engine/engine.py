@@ -493,6 +493,8 @@ class Engine:
             self._history[slots, 0] = tokens.to(self._history.dtype)
             self._history_len[slots] = 1
             self._diverged[slots] = substituted_rows(last, target_best)
+        else:  # a slot's last sequence may have diverged; these rows may later decode in a guarded batch
+            self._diverged[slots] = False
         want = [i for i, s in enumerate(seqs) if s.request.params.logprobs is not None]
         entries = self._token_logprobs(last, tokens, want, [seqs[i].request.params.logprobs for i in want])
         for i, (seq, token) in enumerate(zip(seqs, tokens.tolist(), strict=True)):
