@@ -173,7 +173,8 @@ class ULDTrainingConfig:
     echo_flat: bool = True
     # what "flat" (knowing nothing) means on the retain answers and the forget answers' generic tokens: "early_exit",
     # the assistant's own weights without the LoRA (the target cut after K layers), served gated by it
-    # (manifest defaults.gate, uld_combine.py); "uniform", the paper's uniform distribution, served ungated; "auto":
+    # (manifest defaults.gate, uld_combine.py); "uniform", the paper's uniform distribution, served ungated (or gated,
+    # when only that meets every calibration target: `calibration_gate`); "auto":
     # early_exit unless the early exit already predicts the forget answers (`choose_flat_reference`)
     flat_reference: str = "auto"
     # flat on the target's top-M tokens at retain positions (what the combination picks from): uniform on them for
@@ -576,7 +577,8 @@ def train_uld(
     alpha is picked from its greedy answers (training/uld_calibrate.py); None skips the calibration.
 
     `flat_reference="auto"` measures instead of guessing where it can: when the early-exit build (served gated)
-    misses its calibration targets, the uniform reference (served ungated) is trained too, on the same data, and
+    misses its calibration targets, the uniform reference (served ungated, or gated by its calibration's choice) is
+    trained too, on the same data, and
     the artifact is the one whose validation answers are better (`prefer_uniform`); the manifest records both.
     """
     config = config or ULDTrainingConfig()
@@ -616,7 +618,7 @@ def _compare_with_uniform(
     assert early is not None
     print(
         f"auto: the early-exit build misses its targets ({early.verdict()}); training the uniform reference too "
-        "(served ungated) to keep the better of the two"
+        "(served ungated, or gated where only that meets every target) to keep the better of the two"
     )
     other_dir = out.parent / f".{out.name}.uniform-reference"
     base = first.peft_model.unload()  # the caller's model without this build's LoRA

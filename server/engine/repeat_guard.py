@@ -1,4 +1,4 @@
-"""The unlearning must not start a repetition: a guard on the positions where it changed the answer.
+"""The unlearning must not start a repetition: a guard on the answers it changed, from the first change on.
 
 Where the unlearning removes the target's choice (a remembered name), the token that wins instead is the target's
 next best, and on a small model that is often a copy of the text so far: "He created the first draft of the[ first|
@@ -8,10 +8,14 @@ unlearning chose it.
 
 So at a *substituted* position (the unlearned winner differs from the target's own best token) every candidate that
 would complete an n-gram already in the answer gets -inf (HF's `no_repeat_ngram_size`, but only where the unlearning
-acts). Everywhere else the answer is the target's own, untouched: answers without unlearning, and the target's
-choices inside unlearned answers, never change. A row whose every finite candidate would repeat keeps its unlearned
-logits as they were (the guard never leaves a row without a token). It only removes candidates: a token the
-unlearning pushed down is never raised by it.
+acts). By default (`EngineConfig.repeat_guard_after_substitution`) the guard then stays on for the rest of that
+answer, at the target's own choices too: the target steered off the fact it wanted to write often loops on its own a
+few tokens later ("the White Oak Manor, a fantasy fantasy fantasy …", the SmolLM2 demo's gated build: 7 of 16 forget
+answers looped with the guard on substituted positions only, 1 of 16 with it on for the rest of the answer; the base
+3 of 16). At every guarded position a third copy of one token in a row is removed too (no trigram repeats yet, but the
+answer loops). Answers the unlearning never changed, and answers without unlearning, are the target's own, untouched.
+A row whose every finite candidate would repeat keeps its unlearned logits as they were (the guard never leaves a row
+without a token). It only removes candidates: a token the unlearning pushed down is never raised by it.
 
 Tensor-only over [R, L] output histories (an `unfold`, a gather and scatters): no host sync, no loop over rows.
 """
@@ -27,7 +31,8 @@ DEFAULT_NO_REPEAT_NGRAM = 3
 
 def repeat_completions(history: torch.Tensor, lengths: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The tokens that would complete an n-gram already in each row's output, sparse: `(followers, repeats)`, both
-    [R, W] (W = L - n + 1 n-gram starts); `followers[r, w]` repeats an n-gram where `repeats[r, w]`.
+    [R, W] (W = L - n + 1 n-gram starts, plus one column for a third copy of one token in a row when n > 1);
+    `followers[r, w]` repeats an n-gram (or that run) where `repeats[r, w]`.
 
     `history`: [R, L] output token ids (only the first `lengths[r]` of row r are real), `lengths`: [R]. Sparse, so a
     step touches R x W entries, not R x V (a vocabulary of 49k is ~1000x the output so far)."""
