@@ -231,47 +231,39 @@ def main() -> None:
             found = split(*call_args, **(call_kwargs | {"spread_blocks": None}))
             return None if found is not None and found.rest_rows is not None else found
 
+        from unlearn_serve.server.engine.sequence import Selection
+
+        def time_variant(variant: str, selection: str | Selection = "forget") -> None:
+            """One round of the unlearned and the 50/50 mixed load, served with `selection`, under `variant`."""
+            runs[f"on, {variant}"].append(tok_s([selection] * n))
+            runs[f"mixed, {variant}"].append(tok_s([selection if i % 2 else None for i in range(n)]))
+
         for _ in range(args.rounds):
             runs["off"].append(tok_s([None] * n))
             runs["on"].append(tok_s(["forget"] * n))
             runs["mixed"].append(tok_s(["forget" if i % 2 else None for i in range(n)]))
             if args.guard_ab:
                 engine.set_no_repeat_substitution(0)
-                runs["on, guard off"].append(tok_s(["forget"] * n))
-                runs["mixed, guard off"].append(tok_s(["forget" if i % 2 else None for i in range(n)]))
+                time_variant("guard off")
                 engine.set_no_repeat_substitution(guard_n)
             if args.guard_scope_ab:
                 engine.config.repeat_guard_after_substitution = False  # read each step; no sequence runs now
-                runs["on, substitutions only"].append(tok_s(["forget"] * n))
-                runs["mixed, substitutions only"].append(tok_s(["forget" if i % 2 else None for i in range(n)]))
+                time_variant("substitutions only")
                 engine.config.repeat_guard_after_substitution = True
             if args.candidates_ab:
                 engine.uld.process_logits = types.MethodType(vocabulary_wide_process_logits, engine.uld)
-                runs["on, vocabulary-wide"].append(tok_s(["forget"] * n))
-                runs["mixed, vocabulary-wide"].append(tok_s(["forget" if i % 2 else None for i in range(n)]))
+                time_variant("vocabulary-wide")
                 del engine.uld.process_logits  # the class's own again
             if args.gate_ab:
-                from unlearn_serve.server.engine.sequence import Selection
-
-                ungated = Selection("forget", {"gate": None})
-                runs["on, ungated"].append(tok_s([ungated] * n))
-                runs["mixed, ungated"].append(tok_s([ungated if i % 2 else None for i in range(n)]))
+                time_variant("ungated", Selection("forget", {"gate": None}))
             if args.prefix_guard_ab:
-                from unlearn_serve.server.engine.sequence import Selection
-
-                unguarded = Selection("forget", {"prefix_guard": False})
-                runs["on, no prefix guard"].append(tok_s([unguarded] * n))
-                runs["mixed, no prefix guard"].append(tok_s([unguarded if i % 2 else None for i in range(n)]))
+                time_variant("no prefix guard", Selection("forget", {"prefix_guard": False}))
             if args.finish_words_ab:
-                from unlearn_serve.server.engine.sequence import Selection
-
                 flipped = Selection("forget", {"finish_words": not assistant.combine.finish_words})
-                runs["on, finish_words flipped"].append(tok_s([flipped] * n))
-                runs["mixed, finish_words flipped"].append(tok_s([flipped if i % 2 else None for i in range(n)]))
+                time_variant("finish_words flipped", flipped)
             if args.split_ab:
                 backends.split_plausible_candidates = no_split
-                runs["on, no split"].append(tok_s(["forget"] * n))
-                runs["mixed, no split"].append(tok_s(["forget" if i % 2 else None for i in range(n)]))
+                time_variant("no split")
                 backends.split_plausible_candidates = split
         best = {name: max(v[0] for v in values) for name, values in runs.items()}
         best_cpu = {name: max(v[1] for v in values) for name, values in runs.items()}

@@ -248,18 +248,17 @@ class ULDTrainingConfig:
 
     def trained_defaults(self) -> dict[str, Any]:
         """The serving defaults a new artifact is written with: the explicit ones and the gate its training needs
-        (a recalibration keeps the artifact's gate: that follows the weights, not today's config)."""
+        (the calibration may gate a uniform build: `choose_gate`)."""
         return self.serving_defaults() | {"gate": self.served_gate()}
 
     def served_gate(self) -> str | None:
-        """The combination's gate for what this config trains: the early exit the assistant was trained flat
-        against, under the `prefer` rule (the gate needs it); None otherwise."""
+        """The combination's gate for what this config trains (`trained_gate`)."""
         from unlearn_serve.uld_combine import DEFAULT_RULE
 
-        prefer = (self.default_rule or DEFAULT_RULE) == "prefer"
         if self.flat_reference == "auto":
             raise ValueError("flat_reference 'auto' is resolved by train_uld before the artifact is written")
-        return "early_exit" if self.flat_reference == "early_exit" and prefer else None
+        return trained_gate(self.flat_reference, self.default_rule or DEFAULT_RULE)
+
 
     def calibration_targets(self) -> CalibrationTargets:
         return CalibrationTargets(
@@ -294,6 +293,13 @@ class ULDTrainingConfig:
             "validation_min_retain",
         }
         return {k: v for k, v in asdict(self).items() if k not in ignore}
+
+
+def trained_gate(flat_reference: str, rule: str) -> str | None:
+    """The gate an assistant trained against `flat_reference` is drafted with: the early exit it was trained flat
+    against, under the `prefer` rule (the gate needs it); None otherwise (the calibration may still gate a uniform
+    build: `choose_gate`)."""
+    return "early_exit" if flat_reference == "early_exit" and rule == "prefer" else None
 
 
 @dataclass
@@ -1030,11 +1036,9 @@ def _train_uld_once(
         )
         summary["calibration"] = None if calibration is None else calibration.to_manifest()
         if calibration is not None:
-            # explicit --default-alpha / --default-filter win over the calibrated values
-            calibrated = calibrated_defaults(calibration)
-            defaults = {**calibrated, **defaults}
-            if "gate" in calibrated:  # the calibration gated an ungated build (`choose_gate`)
-                defaults["gate"] = calibrated["gate"]
+            # explicit --default-alpha / --default-filter win over the calibrated values, and the calibration's gate
+            # (`choose_gate`) over the one the training implies
+            defaults = {**defaults, **calibrated_defaults(calibration), **config.serving_defaults()}
     if trainer.args.should_save:
         save_uld_artifact(peft_model, out, base_fingerprint, details, summary, state, defaults)
         if not keep_checkpoints:
@@ -1281,9 +1285,7 @@ def recalibrate_uld(
         # the gate the weights were trained for (an earlier calibration may have gated a uniform build:
         # `choose_gate` decides again); manifests without the training's flat reference keep theirs
         trained_for = manifest.training.get("flat_reference")
-        gate = manifest.defaults.get("gate")
-        if trained_for is not None:
-            gate = "early_exit" if trained_for == "early_exit" and rule == "prefer" else None
+        gate = manifest.defaults.get("gate") if trained_for is None else trained_gate(trained_for, rule)
         # today's margin, floor and prefix guard too: a manifest without them was calibrated for margin 0, no floor
         # and no guard
         manifest.defaults = {
