@@ -419,6 +419,7 @@ LATER_FIELDS = {
     "default_prefix_guard": None,
     "echo_flat": True,
     "default_finish_words": None,
+    "restarts": 0,
 }
 
 

@@ -958,6 +958,85 @@ def test_auto_trains_one_build_when_the_first_meets_its_targets_or_runs_on_sever
     )
 
 
+def test_restarts_train_the_next_seeds_until_a_build_meets_its_targets(monkeypatch, tmp_path, capsys):
+    """`restarts`: while the kept build misses its calibration targets, the next seed is trained (its whole `auto`
+    build), up to `restarts` more times; it stops at the first build that meets them, and a met first build or a
+    multi-process run never restarts."""
+    from pathlib import Path
+
+    from unlearn_serve.training import uld
+
+    def calibration(leak_below: float):
+        encode, answer = _fake_answers(leak_below, 99, [])
+        return calibrate(answer, encode, FORGET, RETAIN[:3])
+
+    misses, meets = calibration(99), calibration(1.0)
+    met_from_seed = 0
+    seeds: list[int] = []
+
+    def fake_build(model, tokenizer, forget, retain, out_dir, config, *rest, **options):
+        seeds.append(config.seed)
+        verdict = meets if config.seed >= met_from_seed else misses
+        return uld.ULDResult(Path(out_dir), model, 1, 0.1, 0.0, 0.0, {"flat_reference": "uniform"}, calibration=verdict)
+
+    def fake_keep(first, second, keep_second, out, other_dir, record):
+        kept = second if keep_second else first
+        kept.training = {**kept.training, "kept_dir": str(second.out_dir if keep_second else first.out_dir)}
+        return kept
+
+    class _Unloaded:
+        def unload(self):
+            return None
+
+    monkeypatch.setattr(uld, "_train_uld_once", fake_build)
+    monkeypatch.setattr(uld, "_keep_build", fake_keep)
+    monkeypatch.setattr(uld, "world_size_from_env", lambda: 1)
+    config = ULDTrainingConfig(flat_reference="uniform", restarts=3, seed=5)
+    for met_from_seed, trained, kept_seed in ((7, [5, 6, 7], 7), (5, [5], None), (99, [5, 6, 7, 8], 5)):
+        seeds.clear()
+        result = train_uld(_Unloaded(), None, FORGET, RETAIN, tmp_path / "a", config, serve=lambda *a: None)
+        assert seeds == trained
+        if kept_seed is None:  # met at once: no record
+            assert "restarts_tried" not in result.training
+            continue
+        tried = result.training["restarts_tried"]
+        assert [r["seed"] for r in tried] == trained and [r["met"] for r in tried][-1] == (met_from_seed < 99)
+        # none met: every restart's build is no better than seed 5's (a tie keeps the earlier one)
+        assert result.training["restart_kept_seed"] == kept_seed
+        assert result.calibration is (meets if met_from_seed < 99 else misses)
+    out = capsys.readouterr().out
+    assert "restart 1 of 3: the kept build misses its targets" in out and "training again with seed 6" in out
+    monkeypatch.setattr(uld, "world_size_from_env", lambda: 2)
+    met_from_seed, seeds[:] = 99, []
+    train_uld(_Unloaded(), None, FORGET, RETAIN, tmp_path / "a", config, serve=lambda *a: None)
+    assert seeds == [5] and "multi-process runs do not restart" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("keep_second", [True, False])
+def test_restart_keeps_one_build_at_out_with_the_record(memorised, tmp_path, monkeypatch, keep_second):
+    """A real restart on the tiny model (every build misses an unreachable perplexity target): the kept build is the
+    artifact at `out` (its own seed in its training section, both seeds in `restarts_tried`), the other build's
+    directory is gone, and the returned model carries the kept adapter."""
+    from safetensors.torch import load_file
+    from unlearn_serve.training import uld
+
+    monkeypatch.setattr(uld, "prefer_second", lambda first, second, *names: (keep_second, "forced by the test"))
+    model, tokenizer, _ = memorised
+    config = _config(min_steps=30, target_max_rel_ppl=1e-6, flat_reference="early_exit", restarts=1)
+    out = tmp_path / "a"
+    result = train_uld(copy.deepcopy(model), tokenizer, FORGET, RETAIN, out, config, serve=serve_with_engine)
+    training = json.loads((out / MANIFEST_NAME).read_text())["training"]
+    kept_seed = 1 if keep_second else 0
+    assert [r["seed"] for r in training["restarts_tried"]] == [0, 1]
+    assert [r["met"] for r in training["restarts_tried"]] == [False, False]
+    assert training["restart_kept_seed"] == kept_seed and training["seed"] == kept_seed
+    assert result.training["restarts_tried"] == training["restarts_tried"] and result.out_dir == out.resolve()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    stored = load_file(out / "adapter_model.safetensors")
+    live = {k.replace(".default", ""): v for k, v in result.peft_model.state_dict().items() if "lora_" in k}
+    assert live.keys() == stored.keys() and all(torch.equal(live[k], stored[k]) for k in stored)
+
+
 class _PerBuild(TrainerCallback):
     """Counts the optimizer steps of each training run (build); raises at step `crash_at` of build `crash_in`."""
 

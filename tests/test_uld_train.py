@@ -537,9 +537,11 @@ def test_cli_trains_end_to_end(tiny_llama_dir, tmp_path, capsys):
     argv += ["--batch-size", "2", "--grad-accum", "1", "--no-progress", "--seed", "1"]
     settings = ["--default-alpha", "0.4", "--default-margin", "0.5", "--default-floor", "5", "--fact-set-weight", "0.5"]
     settings += ["--validation-max-tokens", "12", "--topic", "--no-prefix-guard", "--no-finish-words"]
-    settings += ["--no-calibration-gate"]
+    settings += ["--no-calibration-gate", "--restarts", "1"]
     assert cli.main([*argv, *settings]) == 0
     stdout = capsys.readouterr().out
+    # --restarts: these rows name no fact the base model knows, so no seed could pass: no restart, said so
+    assert "restarts: not tried: the calibration could not check forgetting" in stdout and "restart 1" not in stdout
     assert "forget CE" in stdout and "retain KL" in stdout and str(out) in stdout
     assert "fact-set loss:" in stdout
     assert "so the fact-set loss changes nothing" in stdout  # these three rows hold no fact token: said so

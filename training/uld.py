@@ -164,6 +164,9 @@ class ULDTrainingConfig:
     # an ungated (uniform-reference) build that misses a calibration target is calibrated gated by the early exit too,
     # and served gated when that meets every target (uld_calibrate.choose_gate)
     calibration_gate: bool = True
+    # restarts with the next seeds (seed + 1, seed + 2, …) while the kept build misses its calibration targets; the
+    # build whose validation answers are best is kept (`prefer_second`), the first that meets every target at once
+    restarts: int = 0
     # forget CE weighted towards knowledge-carrying tokens, flat elsewhere (training/uld_weights.py)
     forget_weighting: bool = True
     weighting_tau: float = 1.0  # (with contrasts) nats of "more likely after this question" for weight 1
@@ -259,7 +262,6 @@ class ULDTrainingConfig:
             raise ValueError("flat_reference 'auto' is resolved by train_uld before the artifact is written")
         return trained_gate(self.flat_reference, self.default_rule or DEFAULT_RULE)
 
-
     def calibration_targets(self) -> CalibrationTargets:
         return CalibrationTargets(
             self.target_max_leak,
@@ -291,6 +293,7 @@ class ULDTrainingConfig:
             "default_floor",
             "target_max_rel_ppl",
             "validation_min_retain",
+            "restarts",
         }
         return {k: v for k, v in asdict(self).items() if k not in ignore}
 
@@ -590,10 +593,40 @@ def train_uld(
     config = config or ULDTrainingConfig()
     args = (tokenizer, forget_records, retain_records)
     out = Path(out_dir).resolve()
+    result = _train_uld_auto(model, *args, out, config, data_files, callbacks, serve)
+    for restart in range(1, config.restarts + 1):
+        if result.calibration is None or result.calibration.met:
+            break
+        if result.calibration.chosen is None or not result.calibration.chosen.known:
+            print("restarts: not tried: the calibration could not check forgetting, which another seed does not change")
+            break
+        if world_size_from_env() != 1:
+            print(
+                "restarts: multi-process runs do not restart (only the main process calibrates): run again with --seed"
+            )
+            break
+        result = _restart(result, restart, out, config, args, data_files, callbacks, serve)
+    return result
+
+
+def _train_uld_auto(
+    model: nn.Module,
+    tokenizer,
+    forget_records: list[dict[str, Any]],
+    retain_records: list[dict[str, Any]],
+    out: Path,
+    config: ULDTrainingConfig,
+    data_files: dict[str, str | Path] | None,
+    callbacks: list[TrainerCallback] | None,
+    serve: ServeFn | None,
+) -> ULDResult:
+    """One seed's build: the chosen flat reference, or with `auto` the early-exit build and, when it misses its
+    targets, the uniform one too (`_compare_with_uniform`)."""
+    args = (tokenizer, forget_records, retain_records)
     # auto may train a second build: until it is done, the first build's resume checkpoints stay (one process only)
     single_process = world_size_from_env() == 1
     keep = config.flat_reference == "auto" and single_process
-    first = _train_uld_once(model, *args, out_dir, config, data_files, callbacks, serve, keep_checkpoints=keep)
+    first = _train_uld_once(model, *args, out, config, data_files, callbacks, serve, keep_checkpoints=keep)
     result = first
     if needs_uniform_build(config, first):
         if not single_process:
@@ -645,22 +678,66 @@ def _compare_with_uniform(
         "uniform": _comparison_entry(second),
     }
     print(f"auto: kept the {'uniform' if keep_uniform else 'early-exit'} build: {why}")
-    kept = second if keep_uniform else first
-    _finish_artifact(other_dir if keep_uniform else out, out, comparison)
+    kept = _keep_build(first, second, keep_uniform, out, other_dir, {"flat_reference_compared": comparison})
+    kept.training["flat_reference_compared"] = comparison
+    return kept
+
+
+def _restart(
+    result: ULDResult,
+    restart: int,
+    out: Path,
+    config: ULDTrainingConfig,
+    args: tuple,
+    data_files: dict[str, str | Path] | None,
+    callbacks: list[TrainerCallback] | None,
+    serve: ServeFn | None,
+) -> ULDResult:
+    """`restarts`: one more build (with `auto`, up to both references) on the next seed, and the better of it and
+    the build kept so far (`prefer_second`). A crash in here leaves the kept build at `out`."""
+    previous = result.calibration
+    assert previous is not None
+    seed = config.seed + restart
+    print(
+        f"restart {restart} of {config.restarts}: the kept build misses its targets ({previous.verdict()}); "
+        f"training again with seed {seed}"
+    )
+    other_dir = out.parent / f".{out.name}.restart-{restart}"
+    base = result.peft_model.unload()  # the caller's model without the kept build's LoRA
+    second = _train_uld_auto(
+        base, *args, other_dir, replace(config, seed=seed, restarts=0), data_files, callbacks, serve
+    )
+    keep_new, why = prefer_second(previous, second.calibration, f"the seed-{seed} build", "the build kept so far")
+    tried = result.training.get("restarts_tried") or [{"seed": config.seed, **_comparison_entry(result)}]
+    tried = [*tried, {"seed": seed, **_comparison_entry(second)}]
+    kept_seed = seed if keep_new else result.training.get("restart_kept_seed", config.seed)
+    record = {"restarts_tried": tried, "restart_kept_seed": kept_seed}
+    print(f"restart {restart}: kept {'the seed-' + str(seed) if keep_new else 'the earlier'} build: {why}")
+    kept = _keep_build(result, second, keep_new, out, other_dir, record)
+    kept.training.update(record)
+    return kept
+
+
+def _keep_build(
+    first: ULDResult, second: ULDResult, keep_second: bool, out: Path, other_dir: Path, record: dict[str, Any]
+) -> ULDResult:
+    """Of two builds (the first written at `out`, the second at `other_dir`), write the kept one to `out` with `record`
+    in its manifest's training section; the other build's directory and epoch snapshots go. The caller's model (now
+    under the second build's LoRA) is returned carrying the kept adapter."""
+    kept = second if keep_second else first
+    _finish_artifact(other_dir if keep_second else out, out, record)
     shutil.rmtree(other_dir, ignore_errors=True)
     # --save-every-epoch: the epoch snapshots are the kept build's, under the output's name
-    dropped = first.epoch_dirs if keep_uniform else second.epoch_dirs
-    for path in dropped:
+    for path in first.epoch_dirs if keep_second else second.epoch_dirs:
         shutil.rmtree(path, ignore_errors=True)
-    if keep_uniform:
+    if keep_second:
         second.epoch_dirs = [
             path.rename(epoch_dir_for(out, int(path.name.rsplit("-", 1)[1]))) for path in second.epoch_dirs
         ]
-    kept.training["flat_reference_compared"] = comparison
     kept.out_dir = out
-    if keep_uniform:
+    if keep_second:
         return kept
-    # the early-exit build is kept: its LoRA back on the caller's model (the uniform one's removed)
+    # the first build is kept: its LoRA back on the caller's model (the second one's removed)
     from peft import PeftModel
 
     kept.peft_model = PeftModel.from_pretrained(second.peft_model.unload(), str(out))
@@ -676,20 +753,28 @@ def needs_uniform_build(config: ULDTrainingConfig, result: ULDResult) -> bool:
 
 
 def prefer_uniform(early: Calibration, uniform: Calibration | None) -> tuple[bool, str]:
-    """Whether `auto` keeps the uniform build over the early-exit one whose calibration missed its targets, and why.
-    The uniform build wins when it meets every target, or when its chosen alpha does better in this order: forgets
-    the facts (the targets' leak), then names fewer of them (a build that forgets nothing must not win on retain
-    answers it keeps by not unlearning: TOFU quick with `retain_candidates`, docs/benchmarks.md section 28), then
-    keeps more retain answers. Fluency does not decide: TOFU full's early-exit
-    build was the more fluent (2.15x against 6.46x) and kept 12/16 retain answers (the uniform one 15/16): 0.852x the
-    target's utility against 0.977x (docs/uld.md 2g). On a tie the early-exit build (the more fluent) stays."""
-    if uniform is None or uniform.chosen is None:
-        return False, "the uniform build was not calibrated"
-    if uniform.met:
-        return True, f"it meets every target ({uniform.verdict()})"
-    a, b = early.chosen, uniform.chosen
+    """Whether `auto` keeps the uniform build over the early-exit one whose calibration missed its targets, and why
+    (`prefer_second`). Fluency does not decide: TOFU full's early-exit build was the more fluent (2.15x against
+    6.46x) and kept 12/16 retain answers (the uniform one 15/16): 0.852x the target's utility against 0.977x
+    (docs/uld.md 2g). On a tie the early-exit build (the more fluent) stays."""
+    return prefer_second(early, uniform, "the uniform build", "the early-exit build")
+
+
+def prefer_second(
+    first: Calibration, second: Calibration | None, second_name: str, first_name: str
+) -> tuple[bool, str]:
+    """Whether a second build is kept over a first whose calibration missed its targets, and why. The second wins
+    when it meets every target, or when its chosen alpha does better in this order: forgets the facts (the targets'
+    leak), then names fewer of them (a build that forgets nothing must not win on retain answers it keeps by not
+    unlearning: TOFU quick with `retain_candidates`, docs/benchmarks.md section 28), then keeps more retain answers.
+    On a tie the first stays."""
+    if second is None or second.chosen is None:
+        return False, f"{second_name} was not calibrated"
+    if second.met:
+        return True, f"it meets every target ({second.verdict()})"
+    a, b = first.chosen, second.chosen
     if a is None:
-        return True, "the early-exit build had no calibrated alpha"
+        return True, f"{first_name} had no calibrated alpha"
 
     def key(score: AlphaScore, targets: CalibrationTargets) -> tuple[bool, float, float]:
         rows = score.retain_rows + score.train_retain_rows
@@ -697,20 +782,20 @@ def prefer_uniform(early: Calibration, uniform: Calibration | None) -> tuple[boo
         named = 0.0 if forgets or not score.known else score.leaked / score.known
         return forgets, -named, (score.kept + score.train_kept) / rows if rows else 1.0
 
-    ka, kb = key(a, early.targets), key(b, uniform.targets)
+    ka, kb = key(a, first.targets), key(b, second.targets)
     if kb[0] and not ka[0]:
         return True, (
             f"neither meets every target; it forgets the validation facts ({b.leaked}/{b.known} still named) where "
-            f"the early-exit build does not ({a.leaked}/{a.known})"
+            f"{first_name} does not ({a.leaked}/{a.known})"
         )
     if kb[:2] > ka[:2]:
         return True, (
             f"neither meets every target; it names fewer validation facts ({b.leaked}/{b.known} still named against "
-            f"the early-exit build's {a.leaked}/{a.known})"
+            f"{first_name}'s {a.leaked}/{a.known})"
         )
     if kb > ka:
-        return True, f"neither meets every target; it {b.kept_text()} where the early-exit build {a.kept_text()}"
-    return False, f"neither meets every target; the uniform build is no better ({uniform.verdict()})"
+        return True, f"neither meets every target; it {b.kept_text()} where {first_name} {a.kept_text()}"
+    return False, f"neither meets every target; {second_name} is no better ({second.verdict()})"
 
 
 def _comparison_entry(result: ULDResult) -> dict[str, Any]:
@@ -723,13 +808,13 @@ def _comparison_entry(result: ULDResult) -> dict[str, Any]:
     }
 
 
-def _finish_artifact(source: Path, out: Path, comparison: dict[str, Any]) -> None:
-    """Write the kept build (`source`: out itself or the other build's dir) to `out` atomically, its manifest
-    recording the comparison."""
+def _finish_artifact(source: Path, out: Path, record: dict[str, Any]) -> None:
+    """Write the kept build (`source`: out itself or the other build's dir) to `out` atomically, its manifest's
+    training section recording the comparison (`record`)."""
     with atomic_artifact_dir(out) as tmp:
         shutil.copytree(source, tmp, dirs_exist_ok=True)
         manifest = load_manifest(tmp)
-        manifest.training = {**manifest.training, "flat_reference_compared": comparison}
+        manifest.training = {**manifest.training, **record}
         save_manifest(manifest, tmp)
 
 

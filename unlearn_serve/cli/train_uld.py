@@ -27,6 +27,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=256, help="tokens per example (truncated on the right)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--restarts",
+        type=int,
+        default=0,
+        choices=range(0, 10),
+        metavar="N",
+        help="when the kept build misses its calibration targets, train again with the next seed (--seed + 1, …), "
+        "up to N more times, and keep the build whose validation answers are best (default 0; docs/uld.md)",
+    )
+    parser.add_argument(
         "--question-template",
         default=DEFAULT_QUESTION_TEMPLATE,
         help="QA prompt when the tokenizer has no chat template (default: %(default)r)",
@@ -232,6 +241,7 @@ def run(args: argparse.Namespace) -> int:
         default_prefix_guard=args.default_prefix_guard,
         default_finish_words=args.default_finish_words,
         calibration_gate=args.calibration_gate,
+        restarts=args.restarts,
         forget_weighting=args.forget_weighting,
         flat_reference=args.flat_reference,
         **optional,
@@ -262,6 +272,10 @@ def run(args: argparse.Namespace) -> int:
         times = " + ".join(f"{compared[k]['wall_time_s']:.1f}s" for k in ("early_exit", "uniform"))
         kept = "uniform" if compared["kept"] == "uniform" else "early-exit"
         print(f"auto: trained both flat references ({times}); kept the {kept} build: {compared['why']}")
+    tried = t.get("restarts_tried")
+    if tried:
+        seeds = ", ".join(f"{r['seed']} ({'met' if r['met'] else 'missed'}, {r['wall_time_s']:.0f}s)" for r in tried)
+        print(f"restarts: trained seeds {seeds}; kept seed {t['restart_kept_seed']}")
     for path in result.epoch_dirs:
         print(f"wrote {path}")
     print(f"wrote {result.out_dir}")
