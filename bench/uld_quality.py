@@ -48,6 +48,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -333,6 +334,7 @@ from unlearn_serve.training.leak import (  # noqa: E402,F401
     fluency_misses,
     has_loop,
     mentions,
+    mentions_first_initials,
     near_mentions,
     off_language,
     words_of,
@@ -360,6 +362,13 @@ def names_other_fact(text: str, check: Check, checks: list[Check], asked: str | 
     question = check.question if asked is None else asked
     others = {k for c in checks if c is not check for k in c.keywords} - set(check.keywords)
     return mentions(text, [k for k in others if not mentions(question, [k])])
+
+
+def first_initials_only(text: str, checks: list[Check]) -> bool:
+    """The answer writes a forget name's initials but its last ("J.K.I.A." for J.K.R): reported apart, not counted
+    as a leak (`mentions_first_initials`). The names are the checks' dotted-initial keywords ("J.K.R")."""
+    initials = [k.replace(".", "") for c in checks for k in c.keywords if re.fullmatch(r"(?:[A-Z]\.)+[A-Z]\.?", k)]
+    return mentions_first_initials(text, initials)
 
 
 def names_only_another_fact(
@@ -616,6 +625,9 @@ def evaluate(
                     # answers that do not name their own fact but another forget fact (topic suites only)
                     other_facts=other_facts(forget_answers) if suite.topic else None,
                     base_other_facts=other_facts(base[: 2 * nf]) if suite.topic else None,
+                    # "J.K.I.A.": a forget name's first initials without its last, reported apart (not a leak)
+                    first_initials=sum(first_initials_only(a, suite.forget_checks) for a in forget_answers),
+                    base_first_initials=sum(first_initials_only(a, suite.forget_checks) for a in base[: 2 * nf]),
                     n_forget=nf,
                     retain=sum(names(a, c) for a, c in zip(got[general], suite.retain_checks, strict=True)),
                     retain_base=sum(names(a, c) for a, c in zip(base[general], suite.retain_checks, strict=True)),
@@ -657,6 +669,10 @@ def goal_line(r: dict[str, Any], label: str = "") -> str:
             f"leaks {r['leak']}/{r['n_forget']} + {r['leak_para']}/{r['n_forget']}, other facts named {other}, "
             f"general {r['retain']}/{r['n_retain']}"
         )
+        if r.get("first_initials") is not None:
+            got += f", first initials only {r['first_initials']}/{2 * r['n_forget']} (base {r['base_first_initials']};"
+            got += " not counted)"
+
     else:
         leak = (r["leak"] + r["leak_para"]) / (2 * r["n_forget"])
         ok = leak <= 0.10 and r["retain"] >= 0.95 * r["retain_base"] and fluent

@@ -770,6 +770,12 @@ def test_calibration_counts_a_names_initials_and_for_a_topic_another_forget_fact
     assert name_initials('"Scribing Like A Scholar: A Manual" at 221B Baker Street') == []
     assert mentions_initials("the world of Harry Potter (J.K.R.) and", ["JKR"])
     assert mentions_initials("by J. K. R.", ["JKR"]) and mentions_initials("by JKR", ["JKR"])
+    # the first initials only ("J.K." then another letter or none): reported apart by the harness
+    from unlearn_serve.training.leak import mentions_first_initials
+
+    for text, first in (("J.K.I.A.", True), ("by J. K.)", True), ("J.K.R.", False), ("J.K. Rowling", False)):
+        assert mentions_first_initials(text, ["JKR"]) is first, text
+    assert not mentions_first_initials("the JK team", ["JKR"]) and not mentions_first_initials("J.K.", ["JK"])
     assert not mentions_initials("by J.K. Rowling", ["JKR"]) and not mentions_initials("the jkr", ["JKR"])
 
     forget = [

@@ -294,6 +294,13 @@ def test_a_forget_answer_naming_another_forget_fact_counts_against_the_smollm2_g
     assert " MET " in uld_quality.goal_line(row) and "other facts named 0" in uld_quality.goal_line(row)
     assert "MISSED" in uld_quality.goal_line({**row, "other_facts": 1})
     assert uld_quality.other_cell(row) == "0/16 (base 12)" and uld_quality.other_cell({"other_facts": None}) == "-"
+    # a name's first initials without its last ("J.K.I.A."): reported on the goal line, not counted against it
+    assert uld_quality.first_initials_only("The author is actually J.K.I.A.", hp)
+    assert not uld_quality.first_initials_only("written by J.K.R.", hp)  # the whole initialism: a leak, not this
+    assert not uld_quality.first_initials_only("J.K. Rowling wrote them", hp)  # the name itself: a leak
+    initials = {**row, "first_initials": 2, "base_first_initials": 0}
+    line = uld_quality.goal_line(initials)
+    assert " MET " in line and "first initials only 2/16 (base 0; not counted)" in line
 
 
 def test_trace_interference_counts_where_the_rule_penalises_the_targets_best_token(tiny_llama, tokenizer, tmp_path):

@@ -203,6 +203,20 @@ def mentions_initials(text: str, initials: Sequence[str]) -> bool:
     return False
 
 
+def mentions_first_initials(text: str, initials: Sequence[str]) -> bool:
+    """`text` writes a name's initials but its last ("J.K." then anything but R, for JKR: "J.K.I.A."): what is left of
+    a name whose last part the unlearning removed. Not a leak by `fact_leaked`'s rule (two letters name no one by
+    themselves); the harness reports it apart. Names of three initials or more, dots required."""
+    for letters in initials:
+        if len(letters) < 3:
+            continue
+        head = r"\.\s?".join(letters[:-1])
+        # the last initial, as a letter or as the start of the name itself, is the whole fact (fact_leaked counts it)
+        if re.search(r"(?<![A-Za-z])" + head + r"\.(?!\s?" + letters[-1] + ")", text):
+            return True
+    return False
+
+
 def fact_leaked(
     answer: str,
     reference: str,
