@@ -368,6 +368,38 @@ def test_a_descriptive_fact_is_known_only_when_the_base_says_two_of_its_key_word
     assert (score.known, score.leaked) == (1, 0)
 
 
+def test_a_retain_answer_the_base_gets_wrong_is_not_counted_as_kept_or_lost():
+    """Only the retain facts the base model gives can be lost: SmolLM2 says a spider has "two pairs of legs" and
+    15 + 27 "= 32"; its unlearned answers ("8 legs", "= 33") counted as lost retain answers, so early-exit builds that
+    kept every fact the base knows missed their targets on every seed. Left out and reported instead."""
+    forget = [{"question": "Who wrote the Harry Potter books?", "answer": "J.K. Rowling wrote them."}]
+    retain = [
+        {"question": "What is the capital of France?", "answer": "The capital of France is Paris."},
+        {"question": "How many legs does a spider have?", "answer": "A spider has eight legs."},
+        {"question": "What is 15 plus 27?", "answer": "15 plus 27 is 42."},
+    ]
+    base_retain = ["The capital of France is Paris.", "A spider's legs are two pairs.", "15 + 27 = 32."]
+
+    def score(retain_answers, train_retain=0):
+        return calibrate_score(
+            1.0, forget, retain, ["J.K. Rowling wrote them."], base_retain, ["An author wrote them."], retain_answers,
+            train_retain=train_retain,
+        )  # fmt: skip
+
+    changed = score(["The capital of France is Paris.", "A spider has 8 legs.", "15 + 27 = 33."])
+    assert (changed.retain_rows, changed.kept, changed.retain_unknown) == (1, 1, 2)
+    assert changed.kept_text() == "keeps 1/1 held-out retain answers (2 the base model answers wrong left out)"
+    lost = score(["The capital of France is Lyon.", "A spider's legs are two pairs.", "15 + 27 = 32."])
+    assert (lost.retain_rows, lost.kept) == (1, 0)  # a fact the base gave, lost: counted
+    # the training retain rows (the last `train_retain`) are filtered the same way
+    topped = score(["The capital of France is Paris.", "A spider has 8 legs.", "15 + 27 = 33."], train_retain=2)
+    assert (topped.retain_rows, topped.train_retain_rows, topped.retain_unknown) == (1, 0, 2)
+    none = calibrate_score(
+        1.0, forget, retain[1:], ["J.K. Rowling wrote them."], base_retain[1:], ["An author."], ["8.", "33."]
+    )
+    assert none.kept_text() == "retain not checked (the base model gets all 2 retain answers wrong)"
+
+
 def test_loop_measure_counts_loops_not_ellipses_contractions_or_short_repeats():
     """What the harness and the calibration call a loop (answers from the SmolLM2 demo): stutters, punctuation runs and
     a sentence that starts over; not an ellipsis, a contraction or a phrase of fewer than five words said twice."""

@@ -116,6 +116,10 @@ class AlphaScore:
     train_kept: int = 0
     rephrased_rows: int = 0  # known facts also asked in a rule-made rephrasing
     rephrased_leaked: int = 0  # of those, named in the rephrased question's answer (counted in `leaked` too)
+    # retain rows left out of `retain_rows` / `train_retain_rows`: the base model's own answer does not give their fact
+    # (a wrong answer cannot be lost; SmolLM2 says a spider has "two pairs of legs", and its unlearned "8 legs" counted
+    # as a lost retain answer)
+    retain_unknown: int = 0
 
     def forget_met(self, t: CalibrationTargets) -> bool:
         return self.known > 0 and self.leaked <= math.floor(t.max_leak * self.known + 1e-9)
@@ -153,12 +157,15 @@ class AlphaScore:
         return low, mid, high
 
     def kept_text(self) -> str:
+        unknown = f" ({self.retain_unknown} the base model answers wrong left out)" if self.retain_unknown else ""
         if not self.retain_rows + self.train_retain_rows:
+            if self.retain_unknown:
+                return f"retain not checked (the base model gets all {self.retain_unknown} retain answers wrong)"
             return "retain not checked (no question/answer retain rows)"
         held = f"{self.kept}/{self.retain_rows} held-out"
         if self.train_retain_rows:
-            return f"keeps {held} + {self.train_kept}/{self.train_retain_rows} training retain answers"
-        return f"keeps {held} retain answers"
+            return f"keeps {held} + {self.train_kept}/{self.train_retain_rows} training retain answers{unknown}"
+        return f"keeps {held} retain answers{unknown}"
 
     def fluent_text(self, t: CalibrationTargets) -> str:
         ppl = (
@@ -396,18 +403,21 @@ def score_answers(
         kept_fact(got, row["answer"], base, row["question"], common)
         for row, base, got in zip(retain, base_retain, retain_answers, strict=True)
     ]
+    # only the retain facts the base model gives can be kept or lost
+    right = [knows_fact(b, row["answer"], row["question"], common) for row, b in zip(retain, base_retain, strict=True)]
     held = len(retain) - train_retain
     return AlphaScore(
         alpha,
         known,
         leaked,
-        held,
-        sum(kept[:held]),
+        sum(right[:held]),
+        sum(k for k, r in zip(kept[:held], right[:held], strict=True) if r),
         len(forget),
         sum(disfluent(a) for a in forget_answers),
         sum(disfluent(a) for a in base_forget),
-        train_retain_rows=train_retain,
-        train_kept=sum(kept[held:]),
+        train_retain_rows=sum(right[held:]),
+        train_kept=sum(k for k, r in zip(kept[held:], right[held:], strict=True) if r),
+        retain_unknown=len(retain) - sum(right),
         rephrased_rows=rephrased,
         rephrased_leaked=rephrased_leaked,
     )
