@@ -46,6 +46,10 @@ class DemoTraining:
     fact_set_weight: float = 1.0
     # the calibration's answers as long as the demo's: a list names its items late ("1. Ron" after ~40 tokens)
     validation_max_tokens: int = 48
+    # a build that misses its calibration targets is trained again on the next seed, up to twice (train-uld
+    # --restarts): the same recipe's seeds differ by a fact or two on this data (docs/benchmarks.md section 32), and a
+    # fresh environment may train a given seed differently
+    restarts: int = 2
     # Serving default written to the artifact; None: train-uld's calibration picks it on a held-out
     # slice of the retain set and the forget rows (docs/uld.md), as for any other assistant.
     default_alpha: float | None = None
@@ -61,8 +65,10 @@ class DemoTraining:
     # descriptive fact known to the base only when its answer says two of its key words. 11: the calibration also asks
     # each forget question in a rule-made rephrasing, and scores the whole grid when the bisection finds no alpha
     # that forgets (the stored alpha may change; the weights do not). 12: the assistant trained flat against the
-    # target's early exit and served gated by it (train-uld's default since 2026-12-04; docs/uld.md 2g).
-    recipe: int = 12
+    # target's early exit and served gated by it (train-uld's default since 2026-12-04; docs/uld.md 2g). 13: restarts
+    # on the next seeds while the kept build misses its targets, and retain answers the base gets wrong left out of
+    # the calibration's retain count (2026-12-05, twenty-third session).
+    recipe: int = 13
 
     def uld_settings(self) -> dict:
         """These settings as `ULDTrainingConfig` fields (the demo and bench/uld_quality.py train the same way)."""
@@ -81,6 +87,7 @@ class DemoTraining:
             default_alpha=self.default_alpha,
             fact_set_weight=self.fact_set_weight,
             validation_max_tokens=self.validation_max_tokens,
+            restarts=self.restarts,
         )
 
 
@@ -189,6 +196,10 @@ def ensure_assistant(
         serve=serve_with_engine,
     )
     print(f"trained in {time.monotonic() - started:.0f}s (torch threads: {_threads()})")
+    tried = result.training.get("restarts_tried")
+    if tried:
+        seeds = ", ".join(f"{r['seed']} ({'met' if r['met'] else 'missed'})" for r in tried)
+        print(f"restarts: trained seeds {seeds}; kept seed {result.training['restart_kept_seed']}")
     if result.calibration is not None:
         print(f"verdict: {result.calibration.verdict()}")
     return out
