@@ -429,6 +429,7 @@ LATER_FIELDS = {
     "echo_flat": True,
     "default_finish_words": None,
     "restarts": 0,
+    "validation_seed": None,
 }
 
 

@@ -1068,6 +1068,12 @@ def test_restart_keeps_one_build_at_out_with_the_record(memorised, tmp_path, mon
     assert [r["seed"] for r in training["restarts_tried"]] == [0, 1]
     assert [r["met"] for r in training["restarts_tried"]] == [False, False]
     assert training["restart_kept_seed"] == kept_seed and training["seed"] == kept_seed
+    # every seed is judged on the first seed's held-out rows (none of them trained on by any seed)
+    from unlearn_serve.training.uld import split_validation
+
+    held_out = [r["question"] for r in split_validation(RETAIN, config)[1]]
+    assert training["validation_seed"] == 0 and training["calibration"]["retain_questions"] == held_out
+    assert [r["question"] for r in split_validation(RETAIN, replace(config, seed=1))[1]] != held_out  # else: vacuous
     assert result.training["restarts_tried"] == training["restarts_tried"] and result.out_dir == out.resolve()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
     stored = load_file(out / "adapter_model.safetensors")

@@ -167,6 +167,9 @@ class ULDTrainingConfig:
     # restarts with the next seeds (seed + 1, seed + 2, …) while the kept build misses its calibration targets; the
     # build whose validation answers are best is kept (`prefer_second`), the first that meets every target at once
     restarts: int = 0
+    # seeds the held-out validation slice and the validation forget rows (None: `seed`); a restart keeps the first
+    # seed's, so every seed is judged on the same held-out rows, none of which any of them trained on
+    validation_seed: int | None = None
     # forget CE weighted towards knowledge-carrying tokens, flat elsewhere (training/uld_weights.py)
     forget_weighting: bool = True
     weighting_tau: float = 1.0  # (with contrasts) nats of "more likely after this question" for weight 1
@@ -261,6 +264,10 @@ class ULDTrainingConfig:
         if self.flat_reference == "auto":
             raise ValueError("flat_reference 'auto' is resolved by train_uld before the artifact is written")
         return trained_gate(self.flat_reference, self.default_rule or DEFAULT_RULE)
+
+    def split_seed(self) -> int:
+        """The seed of the validation slice and rows (`validation_seed`, else `seed`)."""
+        return self.seed if self.validation_seed is None else self.validation_seed
 
     def calibration_targets(self) -> CalibrationTargets:
         return CalibrationTargets(
@@ -705,7 +712,13 @@ def _restart(
     other_dir = out.parent / f".{out.name}.restart-{restart}"
     base = result.peft_model.unload()  # the caller's model without the kept build's LoRA
     second = _train_uld_auto(
-        base, *args, other_dir, replace(config, seed=seed, restarts=0), data_files, callbacks, serve
+        base,
+        *args,
+        other_dir,
+        replace(config, seed=seed, restarts=0, validation_seed=config.split_seed()),
+        data_files,
+        callbacks,
+        serve,
     )
     keep_new, why = prefer_second(previous, second.calibration, f"the seed-{seed} build", "the build kept so far")
     tried = result.training.get("restarts_tried") or [{"seed": config.seed, **_comparison_entry(result)}]
@@ -1052,6 +1065,7 @@ def _train_uld_once(
             "effective_batch": config.batch_size * config.grad_accum * trainer.args.world_size,
             "max_length": config.max_length,
             "seed": config.seed,
+            "validation_seed": config.split_seed(),
             "augment": config.augment,
             "data": data_info,
         }
@@ -1162,7 +1176,7 @@ def split_validation(
     order = list(range(len(retain_records)))
     import random
 
-    random.Random(config.seed).shuffle(order)
+    random.Random(config.split_seed()).shuffle(order)
     held = set(order[:n])
     return [r for i, r in enumerate(retain_records) if i not in held], [retain_records[i] for i in sorted(held)]
 
@@ -1254,7 +1268,7 @@ def _calibrate_answers(
             max_forget=config.validation_max_forget,
             max_tokens=config.validation_max_tokens,
             probes_per_round=probes,
-            seed=config.seed,
+            seed=config.split_seed(),
             train_retain_rows=train_retain,
             rule=rule,
             rephrase=config.validation_rephrase,

@@ -119,7 +119,7 @@ def artifact_name(topic: str) -> str:
 
 
 # ULDTrainingConfig fields newer than recipe 11's cache keys
-ADDED_FIELDS = frozenset({"calibration_margins", "default_prefix_guard", "default_finish_words"})
+ADDED_FIELDS = frozenset({"calibration_margins", "default_prefix_guard", "default_finish_words", "validation_seed"})
 
 
 def cache_key(base_fingerprint: dict[str, Any], data_files: list[Path], training: DemoTraining) -> str:
