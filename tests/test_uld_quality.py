@@ -1076,6 +1076,9 @@ def test_restart_keeps_one_build_at_out_with_the_record(memorised, tmp_path, mon
     assert [r["question"] for r in split_validation(RETAIN, replace(config, seed=1))[1]] != held_out  # else: vacuous
     assert result.training["restarts_tried"] == training["restarts_tried"] and result.out_dir == out.resolve()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    line = uld.restarts_summary(training)
+    assert line.startswith("restarts: trained seeds 0 (missed, ") and line.endswith(f"; kept seed {kept_seed}")
+    assert uld.restarts_summary({"seed": 0}) is None
     stored = load_file(out / "adapter_model.safetensors")
     live = {k.replace(".default", ""): v for k, v in result.peft_model.state_dict().items() if "lora_" in k}
     assert live.keys() == stored.keys() and all(torch.equal(live[k], stored[k]) for k in stored)

@@ -731,6 +731,16 @@ def _restart(
     return kept
 
 
+def restarts_summary(training: dict[str, Any]) -> str | None:
+    """One line on the seeds a `restarts` run trained (the manifest's training section), for the CLI and the demo;
+    None when no restart ran."""
+    tried = training.get("restarts_tried")
+    if not tried:
+        return None
+    seeds = ", ".join(f"{r['seed']} ({'met' if r['met'] else 'missed'}, {r['wall_time_s']:.0f}s)" for r in tried)
+    return f"restarts: trained seeds {seeds}; kept seed {training['restart_kept_seed']}"
+
+
 def _keep_build(
     first: ULDResult, second: ULDResult, keep_second: bool, out: Path, other_dir: Path, record: dict[str, Any]
 ) -> ULDResult:

@@ -172,7 +172,7 @@ def ensure_assistant(
     from unlearn_serve.evaluation.uld_validation import serve_with_engine
     from unlearn_serve.loading import load_model_and_tokenizer
     from unlearn_serve.training.data import load_records
-    from unlearn_serve.training.uld import ULDTrainingConfig, train_uld
+    from unlearn_serve.training.uld import ULDTrainingConfig, restarts_summary, train_uld
 
     forget_path, retain_path = (data_file(n) for n in TOPICS[topic])
     # Training injects LoRA into the model in place, so it gets its own copy (loading takes ~1 s).
@@ -196,10 +196,8 @@ def ensure_assistant(
         serve=serve_with_engine,
     )
     print(f"trained in {time.monotonic() - started:.0f}s (torch threads: {_threads()})")
-    tried = result.training.get("restarts_tried")
-    if tried:
-        seeds = ", ".join(f"{r['seed']} ({'met' if r['met'] else 'missed'})" for r in tried)
-        print(f"restarts: trained seeds {seeds}; kept seed {result.training['restart_kept_seed']}")
+    if (restarts := restarts_summary(result.training)) is not None:
+        print(restarts)
     if result.calibration is not None:
         print(f"verdict: {result.calibration.verdict()}")
     return out

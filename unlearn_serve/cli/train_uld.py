@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     from unlearn_serve.evaluation.uld_validation import serve_with_engine
     from unlearn_serve.loading import load_model_and_tokenizer
     from unlearn_serve.training.data import load_records
-    from unlearn_serve.training.uld import ULDTrainingConfig, gated_retain_hint, train_uld
+    from unlearn_serve.training.uld import ULDTrainingConfig, gated_retain_hint, restarts_summary, train_uld
 
     for flag in ("epochs", "batch_size", "grad_accum", "max_length", "lora_rank"):
         if getattr(args, flag) < 1:
@@ -272,10 +272,8 @@ def run(args: argparse.Namespace) -> int:
         times = " + ".join(f"{compared[k]['wall_time_s']:.1f}s" for k in ("early_exit", "uniform"))
         kept = "uniform" if compared["kept"] == "uniform" else "early-exit"
         print(f"auto: trained both flat references ({times}); kept the {kept} build: {compared['why']}")
-    tried = t.get("restarts_tried")
-    if tried:
-        seeds = ", ".join(f"{r['seed']} ({'met' if r['met'] else 'missed'}, {r['wall_time_s']:.0f}s)" for r in tried)
-        print(f"restarts: trained seeds {seeds}; kept seed {t['restart_kept_seed']}")
+    if (restarts := restarts_summary(t)) is not None:
+        print(restarts)
     for path in result.epoch_dirs:
         print(f"wrote {path}")
     print(f"wrote {result.out_dir}")
