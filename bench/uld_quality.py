@@ -673,7 +673,6 @@ def goal_line(r: dict[str, Any], label: str = "") -> str:
         if r.get("first_initials") is not None:
             got += f", first initials only {r['first_initials']}/{2 * r['n_forget']} (base {r['base_first_initials']};"
             got += " not counted)"
-
     else:
         leak = (r["leak"] + r["leak_para"]) / (2 * r["n_forget"])
         ok = leak <= 0.10 and r["retain"] >= 0.95 * r["retain_base"] and fluent

@@ -1048,6 +1048,8 @@ def test_restarts_train_the_next_seeds_until_a_build_meets_its_targets(monkeypat
     met_from_seed, seeds[:] = 99, []
     train_uld(_Unloaded(), None, FORGET, RETAIN, tmp_path / "a", config, serve=lambda *a: None)
     assert seeds == [5] and "multi-process runs do not restart" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="restarts must be 0 or more"):
+        ULDTrainingConfig(restarts=-1)
 
 
 @pytest.mark.parametrize("keep_second", [True, False])

@@ -233,6 +233,8 @@ class ULDTrainingConfig:
         return out
 
     def __post_init__(self) -> None:
+        if self.restarts < 0:
+            raise ValueError(f"restarts must be 0 or more (got {self.restarts})")
         if self.flat_reference not in FLAT_REFERENCES:
             choices = ", ".join(FLAT_REFERENCES)
             raise ValueError(f"flat_reference must be one of: {choices} (got {self.flat_reference!r})")
@@ -596,11 +598,13 @@ def train_uld(
     misses its calibration targets, the uniform reference (served ungated, or gated by its calibration's choice) is
     trained too, on the same data, and
     the artifact is the one whose validation answers are better (`prefer_uniform`); the manifest records both.
+    `config.restarts` > 0: while the kept build misses its targets, the next seed's whole build is trained and the
+    better of the two kept (`_restart`), every seed judged on the first seed's held-out rows.
     """
     config = config or ULDTrainingConfig()
     args = (tokenizer, forget_records, retain_records)
     out = Path(out_dir).resolve()
-    result = _train_uld_auto(model, *args, out, config, data_files, callbacks, serve)
+    result = _train_uld_auto(model, args, out, config, data_files, callbacks, serve)
     for restart in range(1, config.restarts + 1):
         if result.calibration is None or result.calibration.met:
             break
@@ -618,18 +622,16 @@ def train_uld(
 
 def _train_uld_auto(
     model: nn.Module,
-    tokenizer,
-    forget_records: list[dict[str, Any]],
-    retain_records: list[dict[str, Any]],
+    args: tuple,
     out: Path,
     config: ULDTrainingConfig,
     data_files: dict[str, str | Path] | None,
     callbacks: list[TrainerCallback] | None,
     serve: ServeFn | None,
 ) -> ULDResult:
-    """One seed's build: the chosen flat reference, or with `auto` the early-exit build and, when it misses its
-    targets, the uniform one too (`_compare_with_uniform`)."""
-    args = (tokenizer, forget_records, retain_records)
+    """One seed's build (`args`: tokenizer, forget and retain records, as `train_uld` takes them): the chosen flat
+    reference, or with `auto` the early-exit build and, when it misses its targets, the uniform one too
+    (`_compare_with_uniform`)."""
     # auto may train a second build: until it is done, the first build's resume checkpoints stay (one process only)
     single_process = world_size_from_env() == 1
     keep = config.flat_reference == "auto" and single_process
@@ -713,7 +715,7 @@ def _restart(
     base = result.peft_model.unload()  # the caller's model without the kept build's LoRA
     second = _train_uld_auto(
         base,
-        *args,
+        args,
         other_dir,
         replace(config, seed=seed, restarts=0, validation_seed=config.split_seed()),
         data_files,
