@@ -452,10 +452,46 @@ def test_alpha_search_probes_few_alphas_and_picks_the_smallest_that_forgets():
     encode, answer = _fake_answers(1.0, 99, [], loop_from=1.0, loop_until=1.5)
     cal = calibrate(answer, encode, FORGET, RETAIN[:3])
     assert cal.alpha == 1.5 and cal.met and cal.verdict().endswith("targets met")
-    # facts named at every alpha: not met, train longer
+    # facts named at every alpha: not met, train longer; the alphas tie, and the largest is stored (it subtracts
+    # the most of what the validation cannot tell apart)
     encode, answer = _fake_answers(99, 99, [])
     cal = calibrate(answer, encode, FORGET, RETAIN[:3])
     assert not cal.met and "train longer" in cal.verdict() and cal.chosen.leaked == 2
+    assert cal.alpha == max(ALPHA_GRID)
+    # ... but not past the alphas that keep the retain answers: the largest of those tied at the best balance
+    encode, answer = _fake_answers(99, 3.0, [])
+    cal = calibrate(answer, encode, FORGET, RETAIN[:3])
+    assert not cal.met and cal.alpha == 2.0 and cal.chosen.kept == 3
+
+
+def test_calibration_checks_fluency_on_the_rephrased_questions_too():
+    """The relative perplexity is measured on each wording: the answers to the rephrased forget questions against
+    the base's answers to those; answers improbable there miss the fluency target although the trained wording's
+    are fine, and the verdict and the manifest say so."""
+    from unlearn_serve.training.uld_calibrate import untrained_rephrasing
+
+    encode, answer = _fake_answers(1.0, 99, [])
+    rephrased = {encode(untrained_rephrasing(r["question"]))[0] for r in FORGET}
+
+    def mumbling(prompts, alphas, max_tokens, margin=None):
+        out = answer(prompts, alphas, max_tokens, margin=margin)
+        # unlearned answers to the rephrasings only: improbable under the base
+        marked = zip(out, prompts, alphas, strict=True)
+        return [o + " Mumble." if a is not None and p[0] in rephrased else o for o, p, a in marked]
+
+    mumbling.nll = lambda texts: sum(3.0 if "Mumble" in t else 1.0 for t in texts) / len(texts)
+    cal = calibrate(mumbling, encode, FORGET, RETAIN[:3])
+    s = cal.chosen
+    assert s.rel_ppl == pytest.approx(1.0) and s.rel_ppl_rephrased == pytest.approx(math.exp(2.0))
+    assert not cal.met and s.forget_met(cal.targets) and s.kept_met(cal.targets)
+    assert "NOT fluent" in cal.verdict() and "perplexity 1.00x the base's answers, rephrased 7.39x" in cal.verdict()
+    record = cal.to_manifest()
+    assert [x["rel_ppl_rephrased"] for x in record["scores"] if x["alpha"] == cal.alpha] == [s.rel_ppl_rephrased]
+    # the base's answers to the rephrasings are stored with its others
+    assert set(record["rephrased_questions"]) <= set(record["answers"]["base"])
+    # asked as written only: the trained wording's perplexity decides, and it is fine
+    cal = calibrate(mumbling, encode, FORGET, RETAIN[:3], rephrase=False)
+    assert cal.met and cal.chosen.rel_ppl_rephrased is None
 
 
 def test_calibration_chooses_the_margin_that_meets_the_targets():
@@ -529,7 +565,7 @@ def test_calibration_keeps_finishing_words_unless_off_forgets_more():
     cal, calls, seen = served(99, 1.0)
     assert cal.finish_words is False and cal.met and cal.alpha == 1.0
     assert sum(c == [] for c in calls) == 1 and {"finish_words": False} in seen and {} in seen
-    assert cal.verdict().endswith("[finishing words: on (alpha 0.25: names facts), off (alpha 1: targets met) -> off]")
+    assert cal.verdict().endswith("[finishing words: on (alpha 4: names facts), off (alpha 1: targets met) -> off]")
     assert calibrated_defaults(cal)["finish_words"] is False
     record = cal.to_manifest()
     assert record["finish_words"] is False and len(record["finish_words_tried"]) == 2
@@ -572,7 +608,7 @@ def test_an_ungated_draft_is_served_gated_only_when_that_meets_every_target(monk
     assert sum(c == [] for c in calls) == 1  # the base model asked once for all three calibrations
     assert {"gate": "early_exit"} in seen and {"finish_words": False} in seen
     assert calibrated_defaults(cal)["gate"] == "early_exit"
-    assert cal.verdict().endswith("[early-exit gate: off (alpha 0.25: names facts), on (alpha 1: targets met) -> on]")
+    assert cal.verdict().endswith("[early-exit gate: off (alpha 4: names facts), on (alpha 1: targets met) -> on]")
     record = cal.to_manifest()
     assert record["gate"] == "early_exit" and len(record["gate_tried"]) == 2
     assert all("answers" not in c for c in record["gate_tried"])
@@ -617,6 +653,20 @@ def test_recalibrate_keeps_the_weights_and_reproduces_the_trained_calibration(me
     ).calibration
     again = recalibrate_uld(model, tokenizer, tmp_path / "a", FORGET, RETAIN, tmp_path / "b", config, serve_with_engine)
     assert again.verdict() == trained.verdict() and again.rule == "difference"
+    # called with another seed (a restarted build's, or a caller's default), the held-out slice is still the
+    # training's: the manifest's validation seed decides
+    from unlearn_serve.training.uld import split_validation
+
+    held = split_validation(RETAIN, config, True)[1]
+    other = next(
+        dataclasses.replace(config, seed=config.seed + k)
+        for k in range(1, 50)
+        if split_validation(RETAIN, dataclasses.replace(config, seed=config.seed + k), True)[1] != held
+    )
+    reseeded = recalibrate_uld(
+        model, tokenizer, tmp_path / "a", FORGET, RETAIN, tmp_path / "s", other, serve_with_engine
+    )
+    assert reseeded.retain_questions == trained.retain_questions and reseeded.verdict() == trained.verdict()
     # an artifact written before the margin and the floor existed gets today's (its manifest has neither)
     path = tmp_path / "a" / MANIFEST_NAME
     old = json.loads(path.read_text())

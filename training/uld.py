@@ -1377,7 +1377,8 @@ def recalibrate_uld(
     """Calibrate a trained artifact again (e.g. under another combination rule) without retraining it.
 
     `model` is the base model; `forget_records` / `retain_records` and `config` must be the ones it was trained
-    with, so that the held-out retain slice is the same (`split_validation`, seeded). Writes a copy of the
+    with; the held-out retain slice is the training's (`split_validation`, seeded by the manifest's
+    `training.validation_seed`, else `training.seed`, when recorded: a restarted build's). Writes a copy of the
     artifact to `out_dir` with the new defaults (alpha, filter, rule, today's margin and floor) and
     `training.calibration`; the weights are
     copied unchanged. An explicit `config.default_alpha` / `default_filter` still wins, as in `train_uld`.
@@ -1385,6 +1386,12 @@ def recalibrate_uld(
     source = Path(artifact)
     manifest = load_manifest(source)
     check_fingerprint(manifest, fingerprint_model(model), str(source), "the base model")
+    # the held-out slice the training used, whatever seed `config` carries: a restarted build (`restarts`) was
+    # trained on seed + k but validated on the first seed's slice, recorded as `validation_seed`
+    recorded = manifest.training.get("validation_seed")
+    recorded = manifest.training.get("seed") if recorded is None else recorded
+    if isinstance(recorded, int) and recorded != config.split_seed():
+        config = replace(config, validation_seed=recorded)
     train_retain, validation_retain = split_validation(retain_records, config, True)
     settings = _served_settings(config, model)
     filter_value, rule, _ = settings

@@ -25,7 +25,8 @@ the draft loaded; training/ never imports the server) for greedy answers, `unlea
   harness's measures); the target is at most `max_extra_disfluent` of the answers more than the base's.
   When the answer function can score text (`nll`, the serving Engine's: unlearn_serve/evaluation/
   fluency.py, the harness's definition), the forget answers' perplexity under the base model, relative
-  to the base's own answers, must also be at most `max_rel_ppl`.
+  to the base's own answers, must also be at most `max_rel_ppl`: on the answers to the forget questions as
+  written and on those to their rephrasings (against the base's answers to the rephrasings), each.
 
 Alphas are probed by a k-ary search for the smallest alpha on the grid whose forget answers meet the
 leak target (leaks fall as alpha grows): `probes_per_round` alphas per batch, 1 on CPU (bisection: 3
@@ -36,8 +37,9 @@ when its retain and fluency targets are met too. Otherwise forgetting comes firs
 forget, the one with the best balance of retain and fluency is stored (a smaller alpha with smoother answers
 would serve facts the validation saw leak); only when none forgets, the probed alpha with the best balance
 overall. The balance is the worst of the three shares (facts forgotten, retain answers kept, fluency); a tie is broken
-by the next-worst share, then the best, then the smaller alpha. Either way the verdict says what was missed and what
-to try.
+by the next-worst share, then the best, then the smaller alpha among alphas that forget and the larger among alphas
+that do not (the validation cannot tell them apart, and the larger subtracts more). Either way the verdict says what
+was missed and what to try.
 
 Given several `prefer` margins (`train-uld --calibration-margins 1,2`; default: margin 1 only), the search runs
 once per margin, in order, until one meets every target; else `choose_margin` keeps the margin whose stored alpha
@@ -112,6 +114,11 @@ class AlphaScore:
     disfluent: int  # forget answers that loop or leave the language
     base_disfluent: int
     rel_ppl: float | None = None  # forget answers' perplexity under the base / the base answers'; None: not measured
+    # the same for the answers to the rephrased forget questions, against the base's answers to those; None: not asked.
+    # Fluency must hold on both wordings, as forgetting must: on the trained wording the assistant's subtraction is
+    # the one it learnt, on another it is not (SmolLM2, twenty-fourth session: a build at 1.99x on the trained
+    # questions was 2.16x on the rephrased ones and 2.79x on the harness's own questions)
+    rel_ppl_rephrased: float | None = None
     train_retain_rows: int = 0  # training retain rows that topped up the held-out ones (trained on: the easier check)
     train_kept: int = 0
     rephrased_rows: int = 0  # known facts also asked in a rule-made rephrasing
@@ -128,8 +135,15 @@ class AlphaScore:
         rows = self.retain_rows + self.train_retain_rows
         return self.kept + self.train_kept >= math.ceil(t.min_kept * rows - 1e-9)
 
+    @property
+    def worst_rel_ppl(self) -> float | None:
+        """The larger of the two wordings' relative perplexities (None: not measured)."""
+        measured = [p for p in (self.rel_ppl, self.rel_ppl_rephrased) if p is not None]
+        return max(measured) if measured else None
+
     def fluent_met(self, t: CalibrationTargets) -> bool:
-        ppl_ok = self.rel_ppl is None or self.rel_ppl <= t.max_rel_ppl
+        ppl = self.worst_rel_ppl
+        ppl_ok = ppl is None or ppl <= t.max_rel_ppl
         return ppl_ok and self.disfluent <= self.base_disfluent + math.floor(
             t.max_extra_disfluent * self.forget_rows + 1e-9
         )
@@ -151,8 +165,9 @@ class AlphaScore:
         rows = self.retain_rows + self.train_retain_rows
         kept = (self.kept + self.train_kept) / rows if rows else 1.0
         fluent = 1 - max(0, self.disfluent - self.base_disfluent) / max(self.forget_rows, 1)
-        if self.rel_ppl is not None and self.rel_ppl > t.max_rel_ppl:
-            fluent = min(fluent, t.max_rel_ppl / self.rel_ppl)
+        ppl = self.worst_rel_ppl
+        if ppl is not None and ppl > t.max_rel_ppl:
+            fluent = min(fluent, t.max_rel_ppl / ppl)
         low, mid, high = sorted((forgot, kept, fluent))
         return low, mid, high
 
@@ -171,7 +186,9 @@ class AlphaScore:
         ppl = (
             ""
             if self.rel_ppl is None
-            else f"; perplexity {self.rel_ppl:.2f}x the base's answers, target <= {t.max_rel_ppl:g}x"
+            else f"; perplexity {self.rel_ppl:.2f}x the base's answers"
+            + ("" if self.rel_ppl_rephrased is None else f", rephrased {self.rel_ppl_rephrased:.2f}x")
+            + f", target <= {t.max_rel_ppl:g}x"
         )
         return (
             f"{'fluent' if self.fluent_met(t) else 'NOT fluent'} ({self.disfluent}/{self.forget_rows} forget "
@@ -632,6 +649,11 @@ def calibrate(
         "base": dict(zip([r["question"] for r in forget + retain], base_forget + base_retain, strict=True))
     }
     base_nll = nll(base_forget) if nll is not None else None
+    # the base's own answers to the rephrasings: the denominator of their relative perplexity (only when measured)
+    base_again = answer([encode(q) for q in asked_again], [None] * na, max_tokens) if nll is not None and na else []
+    if base_again:
+        answers["base"].update(zip(asked_again, base_again, strict=True))
+    base_again_nll = nll(base_again) if base_again else None
     scores: dict[int, AlphaScore] = {}
     lo, hi = 0, len(grid)  # smallest index meeting the forget target lies in [lo, hi]; hi = none
 
@@ -659,6 +681,8 @@ def calibrate(
             )
             if nll is not None:
                 scores[i].rel_ppl = relative_perplexity(nll(block[:nf]), base_nll)
+                if base_again_nll is not None:
+                    scores[i].rel_ppl_rephrased = relative_perplexity(nll(block[nf : nf + na]), base_again_nll)
 
     if any(named):
         while lo < hi:
@@ -704,6 +728,13 @@ def calibrate(
         return Calibration(grid[hi], met=True, **recorded)
     # forgetting first: among the alphas that forget, the best balance of retain and fluency (a lower alpha with
     # smoother answers would serve facts the validation saw it give away); only when none forgets, the best overall
-    # (the smallest alpha that forgets may miss another target that a larger one meets: then that one is met)
-    best = max(ordered, key=lambda s: (s.forget_met(targets), s.balance_order(targets), -s.alpha))
+    # (the smallest alpha that forgets may miss another target that a larger one meets: then that one is met). A tie
+    # goes to the smaller alpha among alphas that forget (more only costs fluency), to the larger among alphas that
+    # do not: the validation cannot tell them apart, and the larger subtracts more of what the assistant learnt
+    # (SmolLM2, seed 3: alphas 1, 3 and 4 each named the same 1 of 7 facts; the harness found another fact at 1 and
+    # none at 3 or 4)
+    best = max(
+        ordered,
+        key=lambda s: (s.forget_met(targets), s.balance_order(targets), -s.alpha if s.forget_met(targets) else s.alpha),
+    )
     return Calibration(best.alpha, met=best.meets(targets), **recorded)
