@@ -85,13 +85,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  held-out retain answers kept: {s.kept}/{s.retain_rows}")
     disfluent = f"{s.disfluent}/{s.forget_rows} (target: {s.base_disfluent})"
     print(f"  forget answers that loop or leave the language: {disfluent}")
-    print(f"  perplexity of its forget answers under the target, relative to the target's own: {s.rel_ppl:.2f}x")
+    again = "" if s.rel_ppl_rephrased is None else f" (rephrased questions: {s.rel_ppl_rephrased:.2f}x)"
+    print(f"  perplexity of its forget answers under the target, relative to the target's own: {s.rel_ppl:.2f}x{again}")
     t = result.targets
+    ppl_over = s.worst_rel_ppl is not None and s.worst_rel_ppl > t.max_rel_ppl
+    loops_over = not s.fluent_met(t) and not ppl_over
     if not s.fluent_met(t) or not s.forget_met(t):
         print(
             "  the calibration would NOT accept this model's answers: "
             + "; ".join(
-                ([f"perplexity {s.rel_ppl:.2f}x > {t.max_rel_ppl:g}x"] if not s.fluent_met(t) else [])
+                ([f"perplexity {s.worst_rel_ppl:.2f}x > {t.max_rel_ppl:g}x"] if ppl_over else [])
+                + ([f"{s.disfluent} answers loop or leave the language"] if loops_over else [])
                 + ([f"{s.leaked} fact(s) named"] if not s.forget_met(t) else [])
             )
             + " (where the calibration and TOFU's reference disagree)"
