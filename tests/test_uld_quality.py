@@ -1069,7 +1069,8 @@ def test_restarts_train_the_next_seeds_until_a_build_meets_its_targets(monkeypat
 
     def fake_keep(first, second, keep_second, out, other_dir, record):
         kept = second if keep_second else first
-        kept.training = {**kept.training, "kept_dir": str(second.out_dir if keep_second else first.out_dir)}
+        # as the real one: the record lands in the kept build's training section
+        kept.training = {**kept.training, **record, "kept_dir": str(second.out_dir if keep_second else first.out_dir)}
         return kept
 
     class _Unloaded:

@@ -687,9 +687,7 @@ def _compare_with_uniform(
         "uniform": _comparison_entry(second),
     }
     print(f"auto: kept the {'uniform' if keep_uniform else 'early-exit'} build: {why}")
-    kept = _keep_build(first, second, keep_uniform, out, other_dir, {"flat_reference_compared": comparison})
-    kept.training["flat_reference_compared"] = comparison
-    return kept
+    return _keep_build(first, second, keep_uniform, out, other_dir, {"flat_reference_compared": comparison})
 
 
 def _restart(
@@ -728,9 +726,7 @@ def _restart(
     kept_seed = seed if keep_new else result.training.get("restart_kept_seed", config.seed)
     record = {"restarts_tried": tried, "restart_kept_seed": kept_seed}
     print(f"restart {restart}: kept {'the seed-' + str(seed) if keep_new else 'the earlier'} build: {why}")
-    kept = _keep_build(result, second, keep_new, out, other_dir, record)
-    kept.training.update(record)
-    return kept
+    return _keep_build(result, second, keep_new, out, other_dir, record)
 
 
 def restarts_summary(training: dict[str, Any]) -> str | None:
@@ -747,10 +743,11 @@ def _keep_build(
     first: ULDResult, second: ULDResult, keep_second: bool, out: Path, other_dir: Path, record: dict[str, Any]
 ) -> ULDResult:
     """Of two builds (the first written at `out`, the second at `other_dir`), write the kept one to `out` with `record`
-    in its manifest's training section; the other build's directory and epoch snapshots go. The caller's model (now
-    under the second build's LoRA) is returned carrying the kept adapter."""
+    in its manifest's training section (and in the returned result's); the other build's directory and epoch
+    snapshots go. The caller's model (now under the second build's LoRA) is returned carrying the kept adapter."""
     kept = second if keep_second else first
     _finish_artifact(other_dir if keep_second else out, out, record)
+    kept.training.update(record)
     shutil.rmtree(other_dir, ignore_errors=True)
     # --save-every-epoch: the epoch snapshots are the kept build's, under the output's name
     for path in first.epoch_dirs if keep_second else second.epoch_dirs:
